@@ -1,0 +1,65 @@
+/* Element-wise tensor kernels: fill and copy (with f32 <-> f16 conversion)
+ * over up to four dimensions with arbitrary strides, so that views of any
+ * block of a parent tensor can be filled and copied in place.
+ *
+ * Shapes are padded to four dimensions on the left; strides and offsets are
+ * in elements.  Half values are read and written through vload_half and
+ * vstore_half_rte, which need no cl_khr_fp16 support. */
+
+inline ulong element_offset(ulong i, uint4 shape, ulong4 stride)
+{
+    ulong i3 = i % shape.w;
+    i /= shape.w;
+    ulong i2 = i % shape.z;
+    i /= shape.z;
+    ulong i1 = i % shape.y;
+    ulong i0 = i / shape.y;
+    return i0 * stride.x + i1 * stride.y + i2 * stride.z + i3 * stride.w;
+}
+
+#define LOAD_f32(p, i) ((p)[i])
+#define LOAD_f16(p, i) vload_half((i), (p))
+#define LOAD_i32(p, i) ((p)[i])
+#define STORE_f32(v, p, i) ((p)[i] = (v))
+#define STORE_f16(v, p, i) vstore_half_rte((v), (i), (p))
+#define STORE_i32(v, p, i) ((p)[i] = (v))
+#define TYPE_f32 float
+#define TYPE_f16 half
+#define TYPE_i32 int
+
+#define DEFINE_FILL(T, VT)                                                    \
+    __kernel void fill_##T(__global TYPE_##T *dst, ulong dst_offset,          \
+                           ulong4 dst_stride, uint4 shape, ulong count,       \
+                           VT value)                                          \
+    {                                                                         \
+        ulong i = get_global_id(0);                                           \
+        if (i >= count)                                                       \
+            return;                                                           \
+        STORE_##T(value, dst, dst_offset + element_offset(i, shape,           \
+                                                          dst_stride));       \
+    }
+
+DEFINE_FILL(f32, float)
+DEFINE_FILL(f16, float)
+DEFINE_FILL(i32, int)
+
+#define DEFINE_COPY(D, S)                                                     \
+    __kernel void copy_##D##_##S(__global TYPE_##D *dst, ulong dst_offset,    \
+                                 ulong4 dst_stride,                           \
+                                 __global const TYPE_##S *src,                \
+                                 ulong src_offset, ulong4 src_stride,         \
+                                 uint4 shape, ulong count)                    \
+    {                                                                         \
+        ulong i = get_global_id(0);                                           \
+        if (i >= count)                                                       \
+            return;                                                           \
+        STORE_##D(LOAD_##S(src, src_offset +                                  \
+                                    element_offset(i, shape, src_stride)),    \
+                  dst, dst_offset + element_offset(i, shape, dst_stride));    \
+    }
+
+DEFINE_COPY(f32, f32)
+DEFINE_COPY(f32, f16)
+DEFINE_COPY(f16, f32)
+DEFINE_COPY(f16, f16)
+DEFINE_COPY(i32, i32)

@@ -1,0 +1,310 @@
+/*
+ * atmoe: mixtures of LoRA experts on any OpenCL device.
+ *
+ * This is the library's only public header.  Every object is an opaque
+ * handle created by an atmoe_<object>_new() (or similar) function and released
+ * by the matching atmoe_<object>_free(); every function that can fail returns
+ * an atmoe_status, and the detail of the last failure is available from
+ * atmoe_errmsg().
+ *
+ * Thread safety:
+ *  - The device list, atmoe_strerror(), atmoe_status_name() and
+ *    atmoe_log_set() may be used from any thread at any time.
+ *  - Several contexts may exist at once and may be used from different threads
+ *    concurrently.  One context, and every tensor created from it, must be used
+ *    by one thread at a time: the caller serialises access to a context.
+ *  - Error messages of calls made without a context are kept per thread.
+ *
+ * Ownership: a function that returns a handle through an out pointer gives
+ * the caller one reference, released with the matching _free().  A tensor
+ * view keeps the storage of its parent alive, so a parent may be freed
+ * before its views.  A context must outlive every tensor created from it.
+ *
+ * ABI: the library follows libtool's -version-info rules and exports the
+ * atmoe_ symbols declared here and nothing else.  Public structs
+ * (atmoe_device_info, atmoe_cache_stats) change only with the major version.
+ */
+#ifndef ATMOE_H
+#define ATMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) && defined(ATMOE_BUILDING_LIBRARY)
+#define ATMOE_API __attribute__((visibility("default")))
+#else
+#define ATMOE_API
+#endif
+
+#define ATMOE_VERSION_MAJOR 0
+#define ATMOE_VERSION_MINOR 1
+#define ATMOE_VERSION_PATCH 0
+
+/* Returns the version of the library that is linked, as "MAJOR.MINOR.PATCH". */
+ATMOE_API const char *atmoe_version(void);
+
+/* ------------------------------------------------------------------------ */
+/* Status codes                                                              */
+/* ------------------------------------------------------------------------ */
+
+/* X(name, description): the one list behind the enum, atmoe_strerror() and
+ * atmoe_status_name().  New codes are appended, never renumbered. */
+#define ATMOE_STATUS_MAP(X)                                                   \
+    X(OK, "success")                                                          \
+    X(INVALID_ARGUMENT, "invalid argument")                                   \
+    X(NULL_POINTER, "a required pointer argument is NULL")                    \
+    X(SHAPE_MISMATCH, "tensor shapes do not agree")                           \
+    X(DTYPE_MISMATCH, "tensor data type is not supported here")               \
+    X(OUT_OF_RANGE, "an index or size is out of range")                       \
+    X(HOST_OUT_OF_MEMORY, "host memory allocation failed")                    \
+    X(DEVICE_OUT_OF_MEMORY, "device memory allocation failed")                \
+    X(NO_DEVICE, "no OpenCL device is available")                             \
+    X(DEVICE_NOT_FOUND, "no OpenCL device matches the selection")             \
+    X(OPENCL_ERROR, "an OpenCL call failed")                                  \
+    X(BUILD_FAILED, "an OpenCL program failed to build")                      \
+    X(BLAS_ERROR, "a CLBlast call failed")                                    \
+    X(IO_ERROR, "a file could not be read or written")                        \
+    X(FORMAT_ERROR, "a file or string is malformed")                          \
+    X(NOT_SUPPORTED, "the operation is not supported on this device")         \
+    X(WRONG_CONTEXT, "objects belong to different contexts")                  \
+    X(NUMERIC_ERROR, "a result differs from its reference")
+
+typedef enum atmoe_status {
+#define ATMOE_STATUS_ENUM_(name, text) ATMOE_STATUS_##name,
+    ATMOE_STATUS_MAP(ATMOE_STATUS_ENUM_)
+#undef ATMOE_STATUS_ENUM_
+    ATMOE_STATUS_COUNT_
+} atmoe_status;
+
+/* A short English description of a status ("device memory allocation
+ * failed"); never NULL, also for values outside the list. */
+ATMOE_API const char *atmoe_strerror(atmoe_status status);
+
+/* The status's name without the prefix ("DEVICE_OUT_OF_MEMORY"). */
+ATMOE_API const char *atmoe_status_name(atmoe_status status);
+
+typedef struct atmoe_context atmoe_context;
+typedef struct atmoe_tensor atmoe_tensor;
+
+/* The detail of the last failed call on ctx: which argument, which shape,
+ * the OpenCL error name, the program build log.  With ctx NULL, the detail of
+ * the last failed call made on this thread without a context (device
+ * enumeration, atmoe_context_new).  Never NULL; "" when nothing has failed.
+ * The string stays valid until the next call on the same context (or thread). */
+ATMOE_API const char *atmoe_errmsg(const atmoe_context *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* Logging                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef enum atmoe_log_level {
+    ATMOE_LOG_DEBUG,
+    ATMOE_LOG_INFO,
+    ATMOE_LOG_WARNING,
+    ATMOE_LOG_ERROR
+} atmoe_log_level;
+
+typedef void (*atmoe_log_fn)(atmoe_log_level level, const char *message,
+                             void *user);
+
+/* The library never writes to stdout or stderr.  Messages at min_level and
+ * above go to fn (which may be called from any thread that uses the library,
+ * and must not call back into it); fn NULL switches logging off, the
+ * default. */
+ATMOE_API atmoe_status atmoe_log_set(atmoe_log_fn fn, void *user,
+                                     atmoe_log_level min_level);
+
+/* ------------------------------------------------------------------------ */
+/* Devices                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef enum atmoe_vendor {
+    ATMOE_VENDOR_OTHER,
+    ATMOE_VENDOR_AMD,
+    ATMOE_VENDOR_INTEL,
+    ATMOE_VENDOR_NVIDIA,
+    ATMOE_VENDOR_POCL /* PoCL's CPU device and other PoCL drivers */
+} atmoe_vendor;
+
+typedef enum atmoe_device_type {
+    ATMOE_DEVICE_TYPE_OTHER,
+    ATMOE_DEVICE_TYPE_CPU,
+    ATMOE_DEVICE_TYPE_GPU,
+    ATMOE_DEVICE_TYPE_ACCELERATOR
+} atmoe_device_type;
+
+typedef struct atmoe_device_info {
+    size_t index;               /* position in the library's device list */
+    char name[256];             /* normalised: PoCL's "pthread-" dropped */
+    char raw_name[256];         /* CL_DEVICE_NAME as the driver reports it */
+    char vendor_name[256];      /* CL_DEVICE_VENDOR */
+    char platform_name[256];    /* CL_PLATFORM_NAME */
+    char platform_version[256]; /* CL_PLATFORM_VERSION */
+    char driver_version[128];   /* CL_DRIVER_VERSION */
+    atmoe_vendor vendor;
+    atmoe_device_type type;
+    unsigned compute_units;
+    uint64_t global_mem_bytes;
+    uint64_t max_alloc_bytes;
+    uint64_t local_mem_bytes;
+    size_t max_work_group_size;
+    int fp16; /* cl_khr_fp16 arithmetic (fp16 storage works everywhere) */
+    int fp64; /* cl_khr_fp64 */
+} atmoe_device_info;
+
+/* Names for the enums: "AMD", "Intel", "NVIDIA", "PoCL", "other";
+ * "CPU", "GPU", "accelerator", "other". */
+ATMOE_API const char *atmoe_vendor_name(atmoe_vendor vendor);
+ATMOE_API const char *atmoe_device_type_name(atmoe_device_type type);
+
+/* Number of OpenCL devices over every platform.  *count is 0 (and the status
+ * OK) when the ICD loader finds no platform. */
+ATMOE_API atmoe_status atmoe_device_count(size_t *count);
+
+/* Describes device number index (0 <= index < atmoe_device_count()). */
+ATMOE_API atmoe_status atmoe_device_get_info(size_t index,
+                                             atmoe_device_info *info);
+
+/* Finds the device a selection string names:
+ *   "default" or ""  the default device (see atmoe_device_default)
+ *   "0", "1", ...    a position in the device list
+ *   "gpu", "cpu", "accelerator"   the first device of that type
+ *   "name:TEXT"      the first device whose name contains TEXT
+ *   anything else    the first device whose name, vendor or platform
+ *                    contains it (case-insensitive)
+ * ATMOE_STATUS_DEVICE_NOT_FOUND when nothing matches. */
+ATMOE_API atmoe_status atmoe_device_find(const char *selection,
+                                         size_t *index);
+
+/* The default device: the one ATMOE_DEVICE names when that variable is set
+ * (a selection string as above; a selection that matches nothing is an
+ * error, not a silent fallback), else the first GPU, else the first CPU,
+ * else the first device. */
+ATMOE_API atmoe_status atmoe_device_default(size_t *index);
+
+/* ------------------------------------------------------------------------ */
+/* Contexts                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Creates a context on the device a selection string names (NULL means
+ * "default"): an OpenCL context, an in-order profiling queue, a program
+ * cache in memory and on disk.  The disk cache lives in ATMOE_CACHE_DIR,
+ * else $XDG_CACHE_HOME/atmoe, else $HOME/.cache/atmoe; a directory that
+ * cannot be used turns the disk cache off (logged), it is not an error. */
+ATMOE_API atmoe_status atmoe_context_new(atmoe_context **ctx,
+                                         const char *device);
+
+/* Releases the context and every OpenCL object it holds.  NULL is a no-op. */
+ATMOE_API void atmoe_context_free(atmoe_context *ctx);
+
+ATMOE_API atmoe_status atmoe_context_get_device(const atmoe_context *ctx,
+                                                atmoe_device_info *info);
+
+/* Uses dir for the on-disk program cache from now on; NULL switches the
+ * disk cache off.  An unusable directory switches it off too, and the call
+ * returns ATMOE_STATUS_IO_ERROR saying why (the context stays usable). */
+ATMOE_API atmoe_status atmoe_context_set_cache_dir(atmoe_context *ctx,
+                                                   const char *dir);
+
+/* Waits until every command enqueued on the context has completed. */
+ATMOE_API atmoe_status atmoe_context_finish(atmoe_context *ctx);
+
+typedef struct atmoe_cache_stats {
+    uint64_t memory_hits;   /* programs found already built in this context */
+    uint64_t disk_hits;     /* programs loaded from a cached binary */
+    uint64_t builds;        /* programs compiled from source */
+    uint64_t disk_writes;   /* binaries stored in the disk cache */
+    uint64_t disk_rejected; /* cache files found corrupt or foreign */
+    int disk_enabled;       /* whether the disk cache is in use */
+    char dir[512];          /* the disk cache directory ("" when off) */
+} atmoe_cache_stats;
+
+ATMOE_API atmoe_status atmoe_context_get_cache_stats(const atmoe_context *ctx,
+                                                     atmoe_cache_stats *stats);
+
+/* Runs the library's own kernels and a CLBlast GEMM on the context's device
+ * on random data and compares them with a float64 host reference.
+ * ATMOE_STATUS_NUMERIC_ERROR (with the worst element in atmoe_errmsg) when a
+ * result is off; *max_rel_err (may be NULL) receives the largest relative
+ * error seen. */
+ATMOE_API atmoe_status atmoe_context_selfcheck(atmoe_context *ctx,
+                                               double *max_rel_err);
+
+/* ------------------------------------------------------------------------ */
+/* Tensors                                                                   */
+/* ------------------------------------------------------------------------ */
+
+#define ATMOE_MAX_DIMS 4
+
+typedef enum atmoe_dtype {
+    ATMOE_DTYPE_F32,
+    ATMOE_DTYPE_F16, /* storage only: arithmetic is always at least fp32 */
+    ATMOE_DTYPE_I32
+} atmoe_dtype;
+
+/* "f32", "f16", "i32"; NULL for a value outside the enum. */
+ATMOE_API const char *atmoe_dtype_name(atmoe_dtype dtype);
+/* Bytes per element; 0 for a value outside the enum. */
+ATMOE_API size_t atmoe_dtype_size(atmoe_dtype dtype);
+
+/* A new dense row-major tensor of ndim (1..ATMOE_MAX_DIMS) dimensions, in
+ * device memory, contents undefined.  Every dimension must be at least 1.
+ * ATMOE_STATUS_DEVICE_OUT_OF_MEMORY when the device cannot hold it. */
+ATMOE_API atmoe_status atmoe_tensor_new(atmoe_context *ctx, atmoe_dtype dtype,
+                                        int ndim, const size_t *shape,
+                                        atmoe_tensor **tensor);
+
+/* A view of the block of parent that starts at start[] and spans shape[],
+ * both of parent's rank.  It shares parent's storage and strides, so a view
+ * of a view is fine, and writing through a view changes the parent. */
+ATMOE_API atmoe_status atmoe_tensor_view(atmoe_tensor *parent,
+                                         const size_t *start,
+                                         const size_t *shape,
+                                         atmoe_tensor **view);
+
+/* A view of a contiguous tensor with another shape of the same number of
+ * elements (ATMOE_STATUS_INVALID_ARGUMENT for a non-contiguous view). */
+ATMOE_API atmoe_status atmoe_tensor_reshape(atmoe_tensor *tensor, int ndim,
+                                            const size_t *shape,
+                                            atmoe_tensor **view);
+
+/* Releases a tensor or view.  NULL is a no-op. */
+ATMOE_API void atmoe_tensor_free(atmoe_tensor *tensor);
+
+ATMOE_API atmoe_status atmoe_tensor_get_shape(const atmoe_tensor *tensor,
+                                              int *ndim, size_t *shape);
+ATMOE_API atmoe_status atmoe_tensor_get_dtype(const atmoe_tensor *tensor,
+                                              atmoe_dtype *dtype);
+/* Number of elements. */
+ATMOE_API atmoe_status atmoe_tensor_get_count(const atmoe_tensor *tensor,
+                                              size_t *count);
+
+/* Copies host memory into the tensor (or view).  src holds the tensor's
+ * elements densely in row-major order in the tensor's dtype; bytes must
+ * equal count x dtype size.  Blocks until the data is on the device. */
+ATMOE_API atmoe_status atmoe_tensor_write(atmoe_tensor *tensor,
+                                          const void *src, size_t bytes);
+
+/* Copies the tensor (or view) into dense row-major host memory; waits for
+ * every command enqueued before it. */
+ATMOE_API atmoe_status atmoe_tensor_read(const atmoe_tensor *tensor,
+                                         void *dst, size_t bytes);
+
+/* Sets every element to value (converted to the tensor's dtype). */
+ATMOE_API atmoe_status atmoe_tensor_fill(atmoe_tensor *tensor, double value);
+
+/* dst = src, element by element, for tensors (or views) of the same shape;
+ * converts between f32 and f16 (round to nearest even).  Runs on the
+ * device; does not wait. */
+ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
+                                         const atmoe_tensor *src);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ATMOE_H */

@@ -1,0 +1,114 @@
+#include <config.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "context.h"
+#include "log.h"
+#include "program.h"
+
+char *atm_context_errbuf(const atmoe_context *ctx)
+{
+    /* The message is the one mutable part of a context that const-taking
+     * getters may still set when they fail. */
+    return (char *)ctx->errmsg;
+}
+
+ATMOE_API const char *atmoe_version(void)
+{
+    return PACKAGE_VERSION;
+}
+
+ATMOE_API atmoe_status atmoe_context_new(atmoe_context **out,
+                                         const char *device)
+{
+    ATM_CHECK_NULL(NULL, out);
+    *out = NULL;
+
+    size_t index;
+    atmoe_status st = atmoe_device_find(device ? device : "default", &index);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    const atm_device *dev = NULL;
+    st = atm_device_lookup(index, &dev);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+
+    atmoe_context *ctx = calloc(1, sizeof *ctx);
+    if (ctx == NULL)
+        return atm_fail(NULL, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "atmoe_context_new: out of host memory");
+    ctx->device = dev;
+
+    cl_int err;
+    cl_context_properties props[] = {
+        CL_CONTEXT_PLATFORM, (cl_context_properties)dev->platform, 0};
+    ctx->cl = clCreateContext(props, 1, &dev->id, NULL, NULL, &err);
+    if (err != CL_SUCCESS) {
+        st = atm_fail_cl(NULL, err, "clCreateContext");
+        goto fail;
+    }
+    /* clCreateCommandQueue is deprecated in OpenCL 2.0 but is the call
+     * every 1.2 driver has, which is what this library targets. */
+    ctx->queue = clCreateCommandQueue(ctx->cl, dev->id,
+                                      CL_QUEUE_PROFILING_ENABLE, &err);
+    if (err != CL_SUCCESS) {
+        st = atm_fail_cl(NULL, err, "clCreateCommandQueue");
+        goto fail;
+    }
+    cl_uint align_bits = 0;
+    clGetDeviceInfo(dev->id, CL_DEVICE_MEM_BASE_ADDR_ALIGN, sizeof align_bits,
+                    &align_bits, NULL);
+    ctx->base_align = align_bits >= 8 ? align_bits / 8 : 1;
+
+    atm_cache_init(ctx);
+    atm_log(ATMOE_LOG_INFO, "context on device %zu: %s (%s)", index,
+            dev->info.name, dev->info.platform_name);
+    *out = ctx;
+    return ATMOE_STATUS_OK;
+
+fail:
+    atmoe_context_free(ctx);
+    return st;
+}
+
+ATMOE_API void atmoe_context_free(atmoe_context *ctx)
+{
+    if (ctx == NULL)
+        return;
+    if (ctx->queue)
+        clFinish(ctx->queue);
+    atm_programs_release(ctx);
+    if (ctx->queue)
+        clReleaseCommandQueue(ctx->queue);
+    if (ctx->cl)
+        clReleaseContext(ctx->cl);
+    free(ctx);
+}
+
+ATMOE_API atmoe_status atmoe_context_get_device(const atmoe_context *ctx,
+                                                atmoe_device_info *info)
+{
+    ATM_CHECK_NULL(NULL, ctx);
+    ATM_CHECK_NULL(ctx, info);
+    *info = ctx->device->info;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_context_finish(atmoe_context *ctx)
+{
+    ATM_CHECK_NULL(NULL, ctx);
+    cl_int err = clFinish(ctx->queue);
+    if (err != CL_SUCCESS)
+        return atm_fail_cl(ctx, err, "clFinish");
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_context_get_cache_stats(const atmoe_context *ctx,
+                                                     atmoe_cache_stats *stats)
+{
+    ATM_CHECK_NULL(NULL, ctx);
+    ATM_CHECK_NULL(ctx, stats);
+    *stats = ctx->cache;
+    return ATMOE_STATUS_OK;
+}

@@ -1,0 +1,38 @@
+/* The context: one device, its OpenCL context and queue, the program cache
+ * and the last error message. */
+#ifndef ATMOE_CONTEXT_H
+#define ATMOE_CONTEXT_H
+
+#include <limits.h>
+
+#include "device.h"
+
+typedef struct atm_program_entry {
+    char *name;    /* the .cl file's base name, "tensor" */
+    char *options; /* build options */
+    cl_program program;
+} atm_program_entry;
+
+typedef struct atm_kernel_entry {
+    cl_program program;
+    char *name;
+    cl_kernel kernel;
+} atm_kernel_entry;
+
+struct atmoe_context {
+    const atm_device *device;
+    cl_context cl;
+    cl_command_queue queue;
+
+    atm_program_entry *programs;
+    size_t program_count, program_capacity;
+    atm_kernel_entry *kernels;
+    size_t kernel_count, kernel_capacity;
+
+    atmoe_cache_stats cache;
+    size_t base_align; /* bytes; CL_DEVICE_MEM_BASE_ADDR_ALIGN */
+
+    char errmsg[ATM_ERRMSG_SIZE];
+};
+
+#endif
