@@ -303,6 +303,219 @@ ATMOE_API atmoe_status atmoe_tensor_fill(atmoe_tensor *tensor, double value);
 ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
                                          const atmoe_tensor *src);
 
+/* ------------------------------------------------------------------------ */
+/* Compute graphs                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* A graph is built as metadata (inputs, parameters, constants, operations),
+ * planned once (an order, the liveness of every intermediate, one device
+ * arena in which intermediates share memory), then computed many times with
+ * no allocation.  A node is named by an atmoe_node, its position in the
+ * graph; ATMOE_NODE_NONE stands for an absent optional operand.
+ *
+ * Shapes are inferred when a node is added; a mismatch fails there, with the
+ * operation, the operand and both shapes in atmoe_errmsg().  Inputs may be
+ * declared batched: their first dimension is the largest batch the plan
+ * holds, and atmoe_graph_compute() may run any smaller batch without
+ * planning again.  Nodes derived from a batched input are batched along the
+ * same dimension.
+ *
+ * A graph belongs to its context and, like it, is used by one thread at a
+ * time.  Adding nodes after planning discards the plan. */
+typedef int atmoe_node;
+#define ATMOE_NODE_NONE (-1)
+
+typedef struct atmoe_graph atmoe_graph;
+
+ATMOE_API atmoe_status atmoe_graph_new(atmoe_context *ctx, atmoe_graph **graph);
+/* Releases the graph, its arena and its constants.  NULL is a no-op. */
+ATMOE_API void atmoe_graph_free(atmoe_graph *graph);
+
+/* An input that atmoe_graph_set_input() fills before each compute.  With
+ * batched non-zero, shape[0] is the largest batch. */
+ATMOE_API atmoe_status atmoe_graph_input(atmoe_graph *graph, const char *name,
+                                         atmoe_dtype dtype, int ndim,
+                                         const size_t *shape, int batched,
+                                         atmoe_node *node);
+/* A parameter: a tensor of the caller's that persists between computes
+ * (weights).  The graph keeps the tensor's storage alive; the caller may
+ * update its contents between computes, and may free its handle. */
+ATMOE_API atmoe_status atmoe_graph_parameter(atmoe_graph *graph,
+                                             const char *name,
+                                             atmoe_tensor *tensor,
+                                             atmoe_node *node);
+/* A constant: data copied to the device now, owned by the graph. */
+ATMOE_API atmoe_status atmoe_graph_constant(atmoe_graph *graph,
+                                            const char *name,
+                                            atmoe_dtype dtype, int ndim,
+                                            const size_t *shape,
+                                            const void *data,
+                                            atmoe_node *node);
+
+/* Flags of atmoe_graph_matmul. */
+#define ATMOE_MATMUL_TRANSPOSE_A 1u
+#define ATMOE_MATMUL_TRANSPOSE_B 2u
+
+/* out = op(a) op(b) (+ bias broadcast over rows), through CLBlast, for
+ * 2-D f32 a and b; bias is a 1-D node of op(b)'s column count or
+ * ATMOE_NODE_NONE.  A linear layer y = x W^T + b is
+ * matmul(x, W, b, ATMOE_MATMUL_TRANSPOSE_B). */
+ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *graph, atmoe_node a,
+                                          atmoe_node b, atmoe_node bias,
+                                          unsigned flags, atmoe_node *out);
+
+/* Element-wise a + b and a * b; b is broadcast where its dimensions are 1
+ * or missing on the left (numpy's rule, result of a's shape). */
+ATMOE_API atmoe_status atmoe_graph_add(atmoe_graph *graph, atmoe_node a,
+                                       atmoe_node b, atmoe_node *out);
+ATMOE_API atmoe_status atmoe_graph_mul(atmoe_graph *graph, atmoe_node a,
+                                       atmoe_node b, atmoe_node *out);
+/* out = alpha * x. */
+ATMOE_API atmoe_status atmoe_graph_scale(atmoe_graph *graph, atmoe_node x,
+                                         float alpha, atmoe_node *out);
+ATMOE_API atmoe_status atmoe_graph_silu(atmoe_graph *graph, atmoe_node x,
+                                        atmoe_node *out);
+/* GELU, the exact form x * Phi(x) (erf). */
+ATMOE_API atmoe_status atmoe_graph_gelu(atmoe_graph *graph, atmoe_node x,
+                                        atmoe_node *out);
+ATMOE_API atmoe_status atmoe_graph_sigmoid(atmoe_graph *graph, atmoe_node x,
+                                           atmoe_node *out);
+
+/* Numerically stable softmax along dimension dim (negative counts from the
+ * end: -1 is the last). */
+ATMOE_API atmoe_status atmoe_graph_softmax(atmoe_graph *graph, atmoe_node x,
+                                           int dim, atmoe_node *out);
+/* The k largest values along dim, in descending order, and their indices
+ * (an i32 node); ties keep the lower index first.  Either output pointer
+ * may be NULL when not wanted. */
+ATMOE_API atmoe_status atmoe_graph_topk(atmoe_graph *graph, atmoe_node x,
+                                        int k, int dim, atmoe_node *values,
+                                        atmoe_node *indices);
+/* RMSNorm and LayerNorm over the last dimension; weight (and bias) are 1-D
+ * of that length or ATMOE_NODE_NONE. */
+ATMOE_API atmoe_status atmoe_graph_rmsnorm(atmoe_graph *graph, atmoe_node x,
+                                           atmoe_node weight, float eps,
+                                           atmoe_node *out);
+ATMOE_API atmoe_status atmoe_graph_layernorm(atmoe_graph *graph, atmoe_node x,
+                                             atmoe_node weight,
+                                             atmoe_node bias, float eps,
+                                             atmoe_node *out);
+/* Mean over dimension dim, which is removed from the shape (mean pooling
+ * of a sequence: x [B, S, D], dim 1 -> [B, D]). */
+ATMOE_API atmoe_status atmoe_graph_mean(atmoe_graph *graph, atmoe_node x,
+                                        int dim, atmoe_node *out);
+/* x / max(||x||_2, eps) along dimension dim. */
+ATMOE_API atmoe_status atmoe_graph_l2norm(atmoe_graph *graph, atmoe_node x,
+                                          int dim, float eps, atmoe_node *out);
+/* out[i, ...] = table[indices[i], ...]: rows of a table picked by a 1-D i32
+ * index node.  An index outside the table gives a zero row. */
+ATMOE_API atmoe_status atmoe_graph_gather_rows(atmoe_graph *graph,
+                                               atmoe_node table,
+                                               atmoe_node indices,
+                                               atmoe_node *out);
+/* out = dst with out[indices[i], ...] += src[i, ...] (repeated indices add
+ * up; an index outside dst is skipped). */
+ATMOE_API atmoe_status atmoe_graph_scatter_add_rows(atmoe_graph *graph,
+                                                    atmoe_node dst,
+                                                    atmoe_node indices,
+                                                    atmoe_node src,
+                                                    atmoe_node *out);
+/* The same elements in another shape of the same count (no copy). */
+ATMOE_API atmoe_status atmoe_graph_reshape(atmoe_graph *graph, atmoe_node x,
+                                           int ndim, const size_t *shape,
+                                           atmoe_node *out);
+/* The block of x that starts at start[] and spans shape[] (x's rank). */
+ATMOE_API atmoe_status atmoe_graph_view(atmoe_graph *graph, atmoe_node x,
+                                        const size_t *start,
+                                        const size_t *shape, atmoe_node *out);
+/* x with dimensions dim0 and dim1 exchanged. */
+ATMOE_API atmoe_status atmoe_graph_transpose(atmoe_graph *graph, atmoe_node x,
+                                             int dim0, int dim1,
+                                             atmoe_node *out);
+/* a and b joined along dim; every other dimension must agree. */
+ATMOE_API atmoe_status atmoe_graph_concat(atmoe_graph *graph, atmoe_node a,
+                                          atmoe_node b, int dim,
+                                          atmoe_node *out);
+
+/* Names a node (names are unique in a graph) and finds a node by name. */
+ATMOE_API atmoe_status atmoe_graph_set_name(atmoe_graph *graph,
+                                            atmoe_node node, const char *name);
+ATMOE_API atmoe_status atmoe_graph_find(const atmoe_graph *graph,
+                                        const char *name, atmoe_node *node);
+/* Shape and dtype of a node as planned (the largest batch). */
+ATMOE_API atmoe_status atmoe_graph_get_shape(const atmoe_graph *graph,
+                                             atmoe_node node, int *ndim,
+                                             size_t *shape,
+                                             atmoe_dtype *dtype);
+
+/* Marks a node as an output: kept after compute for atmoe_graph_read().
+ * Nodes that no output needs are not computed. */
+ATMOE_API atmoe_status atmoe_graph_output(atmoe_graph *graph, atmoe_node node);
+
+/* Flags of atmoe_graph_plan. */
+#define ATMOE_PLAN_NO_REUSE 1u  /* every intermediate gets its own memory */
+#define ATMOE_PLAN_NO_INPLACE 2u /* never write an operation's result over
+                                    an operand */
+
+/* Plans the graph: order, liveness, buffer reuse (best fit, in place where
+ * an operation allows it), one device arena, kernels built. */
+ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *graph, unsigned flags);
+
+typedef struct atmoe_graph_memory {
+    uint64_t arena_bytes;        /* device memory the plan allocated */
+    uint64_t intermediate_bytes; /* the sum of every intermediate's size */
+    uint64_t pinned_bytes;       /* inputs and outputs (in the arena) */
+    size_t nodes_computed;       /* nodes an output needs */
+} atmoe_graph_memory;
+
+ATMOE_API atmoe_status atmoe_graph_get_memory(const atmoe_graph *graph,
+                                              atmoe_graph_memory *memory);
+
+/* Copies host data into an input: rows is the batch for a batched input
+ * (at most the planned one; bytes must match that many rows), else 0. */
+ATMOE_API atmoe_status atmoe_graph_set_input(atmoe_graph *graph,
+                                             atmoe_node input,
+                                             const void *data, size_t bytes,
+                                             size_t rows);
+
+/* Enqueues every planned node for a batch of `batch` rows (0: the planned
+ * batch).  Does not wait; atmoe_graph_read() waits for the result. */
+ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *graph, size_t batch);
+
+/* Copies an output of the last compute (its rows of that batch) to host
+ * memory in dense row-major order. */
+ATMOE_API atmoe_status atmoe_graph_read(atmoe_graph *graph, atmoe_node node,
+                                        void *data, size_t bytes);
+
+/* Per-node timing.  When on, each compute records an event per node;
+ * atmoe_graph_get_profile() waits for the last compute and reports node i of
+ * the computed order (0 <= i < nodes_computed). */
+ATMOE_API atmoe_status atmoe_graph_set_profiling(atmoe_graph *graph, int on);
+
+typedef struct atmoe_node_profile {
+    atmoe_node node;
+    char name[64];
+    const char *op;  /* "matmul", "softmax", ... (static storage) */
+    double ms;       /* device time of the node's commands */
+    uint64_t bytes;  /* bytes it reads and writes, counted once */
+    uint64_t flops;  /* floating-point operations */
+} atmoe_node_profile;
+
+ATMOE_API atmoe_status atmoe_graph_get_profile(atmoe_graph *graph, size_t i,
+                                               atmoe_node_profile *profile);
+
+typedef enum atmoe_dump_format {
+    ATMOE_DUMP_TEXT,
+    ATMOE_DUMP_DOT
+} atmoe_dump_format;
+
+/* Writes the graph (nodes, shapes, and where planned, arena offsets and
+ * memory) to path as text or Graphviz dot, atomically. */
+ATMOE_API atmoe_status atmoe_graph_dump(const atmoe_graph *graph,
+                                        const char *path,
+                                        atmoe_dump_format format);
+
+
 #ifdef __cplusplus
 }
 #endif

@@ -379,13 +379,13 @@ static atmoe_status layout_of(const atmoe_tensor *t, layout4 *l)
     return ATMOE_STATUS_OK;
 }
 
-static atmoe_status launch_1d(atmoe_context *ctx, cl_kernel k, size_t count,
-                              const char *name)
+atmoe_status atm_launch_1d(atmoe_context *ctx, cl_kernel k, size_t count,
+                           const char *name, cl_event *event)
 {
     size_t local = 64;
     size_t global = (count + local - 1) / local * local;
     cl_int err = clEnqueueNDRangeKernel(ctx->queue, k, 1, NULL, &global,
-                                        &local, 0, NULL, NULL);
+                                        &local, 0, NULL, event);
     if (err != CL_SUCCESS) {
         char what[96];
         snprintf(what, sizeof what, "clEnqueueNDRangeKernel(%s)", name);
@@ -428,7 +428,7 @@ ATMOE_API atmoe_status atmoe_tensor_fill(atmoe_tensor *tensor, double value)
     if (err != CL_SUCCESS)
         return atm_fail(ctx, ATMOE_STATUS_OPENCL_ERROR,
                         "clSetKernelArg(%s) failed", name);
-    return launch_1d(ctx, k, count, name);
+    return atm_launch_1d(ctx, k, count, name, NULL);
 }
 
 ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
@@ -453,6 +453,13 @@ ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
                         "atmoe_tensor_copy: cannot convert %s to %s",
                         atmoe_dtype_name(src->dtype),
                         atmoe_dtype_name(dst->dtype));
+    return atm_tensor_copy(dst, src, NULL);
+}
+
+atmoe_status atm_tensor_copy(const atmoe_tensor *dst, const atmoe_tensor *src,
+                             cl_event *event)
+{
+    atmoe_context *ctx = dst->ctx;
     char name[32];
     snprintf(name, sizeof name, "copy_%s_%s", atmoe_dtype_name(dst->dtype),
              atmoe_dtype_name(src->dtype));
@@ -477,5 +484,5 @@ ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
     if (err != CL_SUCCESS)
         return atm_fail(ctx, ATMOE_STATUS_OPENCL_ERROR,
                         "clSetKernelArg(%s) failed", name);
-    return launch_1d(ctx, k, count, name);
+    return atm_launch_1d(ctx, k, count, name, event);
 }

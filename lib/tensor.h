@@ -21,4 +21,14 @@ int atm_tensor_is_contiguous(const atmoe_tensor *t);
 const char *atm_shape_string(int ndim, const size_t *shape, char *buf,
                              size_t size);
 
+/* dst = src for checked operands of the same shape (see atmoe_tensor_copy);
+ * event (may be NULL) receives the kernel's event. */
+atmoe_status atm_tensor_copy(const atmoe_tensor *dst, const atmoe_tensor *src,
+                             cl_event *event);
+
+/* Enqueues a 1-D kernel over count work-items (rounded up to whole groups;
+ * kernels check their bound). */
+atmoe_status atm_launch_1d(atmoe_context *ctx, cl_kernel k, size_t count,
+                           const char *name, cl_event *event);
+
 #endif

@@ -1,0 +1,116 @@
+/* Compute graphs: nodes as metadata (graph.c), the memory plan
+ * (graph_plan.c) and the executor (graph_compute.c). */
+#ifndef ATMOE_GRAPH_H
+#define ATMOE_GRAPH_H
+
+#include "tensor.h"
+
+#define ATM_NODE_NAME_SIZE 64
+#define ATM_MAX_SRC 3
+
+typedef enum atm_op {
+    ATM_OP_INPUT,
+    ATM_OP_PARAMETER,
+    ATM_OP_CONSTANT,
+    ATM_OP_MATMUL,
+    ATM_OP_ADD,
+    ATM_OP_MUL,
+    ATM_OP_SCALE,
+    ATM_OP_SILU,
+    ATM_OP_GELU,
+    ATM_OP_SIGMOID,
+    ATM_OP_SOFTMAX,
+    ATM_OP_TOPK,
+    ATM_OP_TOPK_INDICES,
+    ATM_OP_RMSNORM,
+    ATM_OP_LAYERNORM,
+    ATM_OP_MEAN,
+    ATM_OP_L2NORM,
+    ATM_OP_GATHER_ROWS,
+    ATM_OP_SCATTER_ADD_ROWS,
+    ATM_OP_RESHAPE,
+    ATM_OP_VIEW,
+    ATM_OP_TRANSPOSE,
+    ATM_OP_CONCAT,
+    ATM_OP_COUNT_
+} atm_op;
+
+typedef struct atm_node {
+    atm_op op;
+    char name[ATM_NODE_NAME_SIZE];
+    atmoe_dtype dtype;
+    int ndim;
+    size_t shape[ATMOE_MAX_DIMS]; /* at the planned (largest) batch */
+    int batch_dim;                /* -1: not batched */
+    size_t batch_factor;          /* shape[batch_dim] / planned batch */
+    int src[ATM_MAX_SRC];         /* ATMOE_NODE_NONE when absent */
+    int nsrc;
+
+    /* Operation parameters. */
+    unsigned flags; /* matmul transposes */
+    float alpha;    /* scale */
+    float eps;      /* norms */
+    int dim, dim1;  /* reductions, transpose, concat */
+    int k;          /* topk */
+    int partner;    /* topk: its indices node; indices: its topk */
+    size_t start[ATMOE_MAX_DIMS]; /* view */
+
+    atmoe_tensor *storage; /* parameters and constants */
+    int is_output;
+
+    /* The plan. */
+    int needed;
+    int owner;     /* node whose memory this one uses (itself, or the
+                      source of a reshape or of an in-place operation) */
+    int last_use;  /* position in the order of the last reader of this
+                      node's memory (owners only) */
+    int pinned;
+    size_t bytes;  /* at the planned batch */
+    size_t offset; /* in the arena, bytes */
+
+    /* Computing. */
+    size_t rows_set;    /* inputs: rows of the last set_input (1 when not
+                           batched); 0 before the first */
+    atmoe_tensor rt;    /* the node's tensor at the computed batch */
+    cl_event event;     /* profiling: the node's first command */
+    cl_event event_last; /* and its last, when it has several */
+} atm_node;
+
+struct atmoe_graph {
+    atmoe_context *ctx;
+    atm_node *nodes;
+    size_t count, capacity;
+    size_t max_batch; /* planned batch of batched inputs; 0: none yet */
+
+    int planned;
+    unsigned plan_flags;
+    int *order;
+    size_t order_count;
+    cl_mem arena;
+    atmoe_graph_memory memory;
+
+    size_t batch;       /* of the last compute; 0 before the first */
+    int profiling;
+};
+
+/* The operation's name for messages, dumps and profiles. */
+const char *atm_op_name(atm_op op);
+/* Whether op may write its result over its first operand's memory. */
+int atm_op_inplace(atm_op op);
+
+/* Validates a node id for graph g (message set on failure). */
+atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
+                                  const char *fn, const char *operand);
+
+void atm_graph_unplan(atmoe_graph *g);
+
+/* Runs node n (its sources already ran) with the runtime tensors set. */
+atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
+                          cl_event *last);
+/* Kernels that node n will use, built ahead of the first compute. */
+atmoe_status atm_node_prepare(atmoe_graph *g, const atm_node *n);
+/* Bytes moved and FLOPs of node n at its runtime shapes. */
+void atm_node_cost(const atmoe_graph *g, const atm_node *n, uint64_t *bytes,
+                   uint64_t *flops);
+
+#endif
