@@ -226,6 +226,16 @@ typedef struct atmoe_cache_stats {
 ATMOE_API atmoe_status atmoe_context_get_cache_stats(const atmoe_context *ctx,
                                                      atmoe_cache_stats *stats);
 
+typedef struct atmoe_memory_stats {
+    uint64_t allocations;     /* device buffers the context has created */
+    uint64_t allocated_bytes; /* their total size */
+} atmoe_memory_stats;
+
+/* Counts the device allocations made through the context (tensors, graph
+ * arenas), so that a caller can check that a loop allocates nothing. */
+ATMOE_API atmoe_status atmoe_context_get_memory_stats(
+    const atmoe_context *ctx, atmoe_memory_stats *stats);
+
 /* Runs the library's own kernels and a CLBlast GEMM on the context's device
  * on random data and compares them with a float64 host reference.
  * ATMOE_STATUS_NUMERIC_ERROR (with the worst element in atmoe_errmsg) when a

@@ -1,5 +1,6 @@
 #include <config.h>
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -110,5 +111,37 @@ ATMOE_API atmoe_status atmoe_context_get_cache_stats(const atmoe_context *ctx,
     ATM_CHECK_NULL(NULL, ctx);
     ATM_CHECK_NULL(ctx, stats);
     *stats = ctx->cache;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_context_get_memory_stats(
+    const atmoe_context *ctx, atmoe_memory_stats *stats)
+{
+    ATM_CHECK_NULL(NULL, ctx);
+    ATM_CHECK_NULL(ctx, stats);
+    *stats = ctx->memory;
+    return ATMOE_STATUS_OK;
+}
+
+atmoe_status atm_buffer_new(atmoe_context *ctx, size_t bytes, cl_mem *buffer,
+                            const char *what)
+{
+    const atmoe_device_info *dev = &ctx->device->info;
+    if (bytes > dev->max_alloc_bytes)
+        return atm_fail(ctx, ATMOE_STATUS_DEVICE_OUT_OF_MEMORY,
+                        "%s: %zu bytes is more than one allocation on %s may "
+                        "hold (%llu bytes)", what, bytes, dev->name,
+                        (unsigned long long)dev->max_alloc_bytes);
+    cl_int err;
+    *buffer = clCreateBuffer(ctx->cl, CL_MEM_READ_WRITE, bytes, NULL, &err);
+    if (err != CL_SUCCESS) {
+        *buffer = NULL;
+        atmoe_status st = atm_fail_cl(ctx, err, "clCreateBuffer");
+        char detail[256];
+        snprintf(detail, sizeof detail, "%s", atmoe_errmsg(ctx));
+        return atm_fail(ctx, st, "%s: %zu bytes: %s", what, bytes, detail);
+    }
+    ctx->memory.allocations++;
+    ctx->memory.allocated_bytes += bytes;
     return ATMOE_STATUS_OK;
 }

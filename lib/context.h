@@ -30,9 +30,15 @@ struct atmoe_context {
     size_t kernel_count, kernel_capacity;
 
     atmoe_cache_stats cache;
+    atmoe_memory_stats memory;
     size_t base_align; /* bytes; CL_DEVICE_MEM_BASE_ADDR_ALIGN */
 
     char errmsg[ATM_ERRMSG_SIZE];
 };
+
+/* Creates a read-write device buffer and counts it in ctx->memory; `what`
+ * names the caller in the error message. */
+atmoe_status atm_buffer_new(atmoe_context *ctx, size_t bytes, cl_mem *buffer,
+                            const char *what);
 
 #endif

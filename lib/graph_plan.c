@@ -297,21 +297,8 @@ ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *g, unsigned flags)
 
     atmoe_status st = assign_memory(g, flags);
     if (st == ATMOE_STATUS_OK && g->memory.arena_bytes > 0) {
-        const atmoe_device_info *dev = &g->ctx->device->info;
-        if (g->memory.arena_bytes > dev->max_alloc_bytes) {
-            st = atm_fail(g->ctx, ATMOE_STATUS_DEVICE_OUT_OF_MEMORY,
-                          "atmoe_graph_plan: the plan needs an arena of %llu "
-                          "bytes, more than one allocation on %s may hold "
-                          "(%llu)",
-                          (unsigned long long)g->memory.arena_bytes, dev->name,
-                          (unsigned long long)dev->max_alloc_bytes);
-        } else {
-            cl_int err;
-            g->arena = clCreateBuffer(g->ctx->cl, CL_MEM_READ_WRITE,
-                                      g->memory.arena_bytes, NULL, &err);
-            if (err != CL_SUCCESS)
-                st = atm_fail_cl(g->ctx, err, "atmoe_graph_plan: clCreateBuffer");
-        }
+        st = atm_buffer_new(g->ctx, g->memory.arena_bytes, &g->arena,
+                            "atmoe_graph_plan: the arena");
     }
     /* Build every kernel now, so that computing allocates nothing. */
     for (size_t k = 0; st == ATMOE_STATUS_OK && k < g->order_count; k++)

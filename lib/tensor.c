@@ -110,31 +110,17 @@ ATMOE_API atmoe_status atmoe_tensor_new(atmoe_context *ctx, atmoe_dtype dtype,
         return st;
 
     size_t bytes = count * esize;
-    char sbuf[128];
-    const atmoe_device_info *dev = &ctx->device->info;
-    if (bytes > dev->max_alloc_bytes)
-        return atm_fail(ctx, ATMOE_STATUS_DEVICE_OUT_OF_MEMORY,
-                        "atmoe_tensor_new: %s %s needs %zu bytes, more than "
-                        "the largest allocation %s allows (%llu bytes)",
-                        atmoe_dtype_name(dtype),
-                        atm_shape_string(ndim, shape, sbuf, sizeof sbuf),
-                        bytes, dev->name,
-                        (unsigned long long)dev->max_alloc_bytes);
-
     atmoe_tensor *t = tensor_alloc(ctx, __func__);
     if (t == NULL)
         return ATMOE_STATUS_HOST_OUT_OF_MEMORY;
-    cl_int err;
-    t->buffer = clCreateBuffer(ctx->cl, CL_MEM_READ_WRITE, bytes, NULL, &err);
-    if (err != CL_SUCCESS) {
+    char what[160], sbuf[128];
+    snprintf(what, sizeof what, "atmoe_tensor_new: %s %s",
+             atmoe_dtype_name(dtype),
+             atm_shape_string(ndim, shape, sbuf, sizeof sbuf));
+    st = atm_buffer_new(ctx, bytes, &t->buffer, what);
+    if (st != ATMOE_STATUS_OK) {
         free(t);
-        st = atm_fail_cl(ctx, err, "clCreateBuffer");
-        char detail[256];
-        snprintf(detail, sizeof detail, "%s", atmoe_errmsg(ctx));
-        return atm_fail(ctx, st, "atmoe_tensor_new: %s %s (%zu bytes): %s",
-                        atmoe_dtype_name(dtype),
-                        atm_shape_string(ndim, shape, sbuf, sizeof sbuf),
-                        bytes, detail);
+        return st;
     }
     t->ctx = ctx;
     t->dtype = dtype;
