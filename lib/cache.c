@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "file.h"
 #include "log.h"
 #include "program.h"
 
@@ -182,9 +183,8 @@ unsigned char *atm_cache_load(atmoe_context *ctx, const char *name,
 void atm_cache_store(atmoe_context *ctx, const char *name, const char *key,
                      const unsigned char *binary, size_t size)
 {
-    char path[PATH_MAX + 64], tmp[PATH_MAX + 64];
+    char path[PATH_MAX + 64], tmp[PATH_MAX + 80];
     entry_path(ctx, name, key, path, sizeof path);
-    snprintf(tmp, sizeof tmp, "%s/.%s.XXXXXX", ctx->cache.dir, name);
 
     cache_header h;
     memcpy(h.magic, CACHE_MAGIC, sizeof h.magic);
@@ -193,15 +193,8 @@ void atm_cache_store(atmoe_context *ctx, const char *name, const char *key,
     h.binary_size = size;
     h.binary_hash = atm_hash64(binary, size);
 
-    /* Written under a temporary name and renamed, so that a reader (another
-     * process sharing the cache) never sees a half-written file. */
-    int fd = mkstemp(tmp);
-    FILE *f = fd >= 0 ? fdopen(fd, "wb") : NULL;
+    FILE *f = atm_file_begin(path, tmp, sizeof tmp);
     if (f == NULL) {
-        if (fd >= 0) {
-            close(fd);
-            unlink(tmp);
-        }
         atm_log(ATMOE_LOG_WARNING, "cannot write to the program cache %s: %s",
                 ctx->cache.dir, strerror(errno));
         return;
@@ -209,11 +202,9 @@ void atm_cache_store(atmoe_context *ctx, const char *name, const char *key,
     int ok = fwrite(&h, sizeof h, 1, f) == 1 &&
              fwrite(key, 1, h.key_size, f) == h.key_size &&
              fwrite(binary, 1, size, f) == size;
-    ok = (fclose(f) == 0) && ok;
-    if (!ok || rename(tmp, path) != 0) {
+    if (atm_file_commit(f, tmp, path, ok) != 0) {
         atm_log(ATMOE_LOG_WARNING, "cannot store %s in the program cache: %s",
                 name, strerror(errno));
-        unlink(tmp);
         return;
     }
     ctx->cache.disk_writes++;

@@ -5,8 +5,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
+#include "file.h"
 #include "graph.h"
 #include "log.h"
 
@@ -1050,32 +1050,18 @@ ATMOE_API atmoe_status atmoe_graph_dump(const atmoe_graph *g, const char *path,
                         "atmoe_graph_dump: format %d is not an "
                         "atmoe_dump_format", (int)format);
     char tmp[PATH_MAX];
-    if (snprintf(tmp, sizeof tmp, "%s.XXXXXX", path) >= (int)sizeof tmp)
-        return atm_fail(g->ctx, ATMOE_STATUS_IO_ERROR,
-                        "atmoe_graph_dump: path too long");
-    int fd = mkstemp(tmp);
-    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
-    if (f == NULL) {
-        int e = errno;
-        if (fd >= 0) {
-            close(fd);
-            unlink(tmp);
-        }
+    FILE *f = atm_file_begin(path, tmp, sizeof tmp);
+    if (f == NULL)
         return atm_fail(g->ctx, ATMOE_STATUS_IO_ERROR,
                         "atmoe_graph_dump: cannot write next to %s: %s", path,
-                        strerror(e));
-    }
+                        strerror(errno));
     if (format == ATMOE_DUMP_TEXT)
         dump_text(g, f);
     else
         dump_dot(g, f);
-    int failed = ferror(f);
-    if (fclose(f) != 0 || failed || rename(tmp, path) != 0) {
-        int e = errno;
-        unlink(tmp);
+    if (atm_file_commit(f, tmp, path, 1) != 0)
         return atm_fail(g->ctx, ATMOE_STATUS_IO_ERROR,
                         "atmoe_graph_dump: writing %s failed: %s", path,
-                        strerror(e));
-    }
+                        strerror(errno));
     return ATMOE_STATUS_OK;
 }

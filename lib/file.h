@@ -1,0 +1,18 @@
+/* Files written whole or not at all: a temporary file beside the target,
+ * renamed over it once complete, so that no reader (another process
+ * sharing a cache, a user's viewer) ever sees a half-written file. */
+#ifndef ATMOE_FILE_H
+#define ATMOE_FILE_H
+
+#include <stdio.h>
+
+/* Opens a new temporary file beside path (its name goes to tmp, of
+ * tmp_size bytes).  NULL with errno set on failure. */
+FILE *atm_file_begin(const char *path, char *tmp, size_t tmp_size);
+
+/* Closes f and renames tmp over path; ok says whether everything written
+ * to f went well.  On any failure the temporary file is removed and -1
+ * returned with errno set. */
+int atm_file_commit(FILE *f, const char *tmp, const char *path, int ok);
+
+#endif
