@@ -389,6 +389,11 @@ ATMOE_API atmoe_status atmoe_tensor_fill(atmoe_tensor *tensor, double value)
     if (isnan(value) && tensor->dtype == ATMOE_DTYPE_I32)
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "atmoe_tensor_fill: NaN cannot fill an i32 tensor");
+    if (tensor->dtype == ATMOE_DTYPE_I32 &&
+        !(value >= INT32_MIN && value <= INT32_MAX))
+        return atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                        "atmoe_tensor_fill: %g does not fit an i32 tensor",
+                        value);
     char name[16];
     snprintf(name, sizeof name, "fill_%s", atmoe_dtype_name(tensor->dtype));
     cl_kernel k;
