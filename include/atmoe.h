@@ -175,8 +175,10 @@ ATMOE_API atmoe_status atmoe_device_get_info(size_t index,
  *   "gpu", "cpu", "accelerator"   the first device of that type
  *   "name:TEXT"      the first device whose name contains TEXT
  *   anything else    the first device whose name, vendor or platform
- *                    contains it (case-insensitive)
- * ATMOE_STATUS_DEVICE_NOT_FOUND when nothing matches. */
+ *                    contains it, or the vendor's class name ("PoCL",
+ *                    "NVIDIA", ...), case-insensitively
+ * ATMOE_STATUS_DEVICE_NOT_FOUND when nothing matches, ATMOE_STATUS_NO_DEVICE
+ * when there is no device at all. */
 ATMOE_API atmoe_status atmoe_device_find(const char *selection,
                                          size_t *index);
 
@@ -192,9 +194,10 @@ ATMOE_API atmoe_status atmoe_device_default(size_t *index);
 
 /* Creates a context on the device a selection string names (NULL means
  * "default"): an OpenCL context, an in-order profiling queue, a program
- * cache in memory and on disk.  The disk cache lives in ATMOE_CACHE_DIR,
- * else $XDG_CACHE_HOME/atmoe, else $HOME/.cache/atmoe; a directory that
- * cannot be used turns the disk cache off (logged), it is not an error. */
+ * cache in memory and on disk.  The disk cache lives in ATMOE_CACHE_DIR
+ * (set but empty: no disk cache), else $XDG_CACHE_HOME/atmoe (when that is
+ * an absolute path), else $HOME/.cache/atmoe; a directory that cannot be
+ * used turns the disk cache off (logged), it is not an error. */
 ATMOE_API atmoe_status atmoe_context_new(atmoe_context **ctx,
                                          const char *device);
 
@@ -304,12 +307,16 @@ ATMOE_API atmoe_status atmoe_tensor_write(atmoe_tensor *tensor,
 ATMOE_API atmoe_status atmoe_tensor_read(const atmoe_tensor *tensor,
                                          void *dst, size_t bytes);
 
-/* Sets every element to value (converted to the tensor's dtype). */
+/* Sets every element to value: for f32 rounded to a float, for f16 rounded
+ * to a float and then to the nearest half, for i32 truncated toward zero
+ * (ATMOE_STATUS_INVALID_ARGUMENT for NaN, ATMOE_STATUS_OUT_OF_RANGE outside
+ * the int32 range). */
 ATMOE_API atmoe_status atmoe_tensor_fill(atmoe_tensor *tensor, double value);
 
 /* dst = src, element by element, for tensors (or views) of the same shape;
- * converts between f32 and f16 (round to nearest even).  Runs on the
- * device; does not wait. */
+ * converts between f32 and f16 (round to nearest even).  dst and src must
+ * not overlap (two views of one tensor may).  Runs on the device; does not
+ * wait. */
 ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
                                          const atmoe_tensor *src);
 

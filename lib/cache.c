@@ -85,6 +85,8 @@ ATMOE_API atmoe_status atmoe_context_set_cache_dir(atmoe_context *ctx,
     }
     if (strlen(dir) >= sizeof ctx->cache.dir - 32) {
         disable(ctx);
+        atm_log(ATMOE_LOG_WARNING, "program cache directory name too long; "
+                "disk cache off");
         return atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
                         "cache directory name is too long (%zu bytes); "
                         "disk cache off", strlen(dir));

@@ -65,6 +65,8 @@ int atm_op_inplace(atm_op op)
 
 ATMOE_API atmoe_status atmoe_graph_new(atmoe_context *ctx, atmoe_graph **graph)
 {
+    if (graph)
+        *graph = NULL;
     ATM_CHECK_NULL(NULL, ctx);
     ATM_CHECK_NULL(ctx, graph);
     atmoe_graph *g = calloc(1, sizeof *g);

@@ -95,9 +95,10 @@ ATMOE_API atmoe_status atmoe_tensor_new(atmoe_context *ctx, atmoe_dtype dtype,
                                         int ndim, const size_t *shape,
                                         atmoe_tensor **tensor)
 {
+    if (tensor)
+        *tensor = NULL;
     ATM_CHECK_NULL(NULL, ctx);
     ATM_CHECK_NULL(ctx, tensor);
-    *tensor = NULL;
     ATM_CHECK_NULL(ctx, shape);
     size_t esize = atmoe_dtype_size(dtype);
     if (esize == 0)
@@ -150,10 +151,11 @@ ATMOE_API atmoe_status atmoe_tensor_view(atmoe_tensor *parent,
                                          const size_t *shape,
                                          atmoe_tensor **view)
 {
+    if (view)
+        *view = NULL;
     ATM_CHECK_NULL(NULL, parent);
     atmoe_context *ctx = parent->ctx;
     ATM_CHECK_NULL(ctx, view);
-    *view = NULL;
     ATM_CHECK_NULL(ctx, start);
     ATM_CHECK_NULL(ctx, shape);
     char pbuf[128], sbuf[128];
@@ -184,10 +186,11 @@ ATMOE_API atmoe_status atmoe_tensor_reshape(atmoe_tensor *tensor, int ndim,
                                             const size_t *shape,
                                             atmoe_tensor **view)
 {
+    if (view)
+        *view = NULL;
     ATM_CHECK_NULL(NULL, tensor);
     atmoe_context *ctx = tensor->ctx;
     ATM_CHECK_NULL(ctx, view);
-    *view = NULL;
     ATM_CHECK_NULL(ctx, shape);
     size_t count;
     atmoe_status st = check_shape(ctx, __func__, ndim, shape, &count);

@@ -92,6 +92,10 @@ static int cmd_selfcheck(int argc, char **argv)
 
 static int cmd_version(int argc, char **argv)
 {
+    if (argc > 1) {
+        fprintf(stderr, "atmoe version: unexpected argument '%s'\n", argv[1]);
+        return 2;
+    }
     printf("atmoe %s\n", atmoe_version());
     return 0;
 }
