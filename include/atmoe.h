@@ -91,9 +91,11 @@ typedef struct atmoe_context atmoe_context;
 typedef struct atmoe_tensor atmoe_tensor;
 
 /* The detail of the last failed call on ctx: which argument, which shape,
- * the OpenCL error name, the program build log.  With ctx NULL, the detail of
- * the last failed call made on this thread without a context (device
- * enumeration, atmoe_context_new).  Never NULL; "" when nothing has failed.
+ * the OpenCL error name, the program build log.  With ctx NULL, the detail
+ * of the last failed call made on this thread without a context (device
+ * enumeration, atmoe_context_new, any call whose context, tensor or graph
+ * argument was NULL).  Never NULL; "" when nothing has failed; a success
+ * does not clear it.
  * The string stays valid until the next call on the same context (or thread). */
 ATMOE_API const char *atmoe_errmsg(const atmoe_context *ctx);
 
