@@ -116,7 +116,8 @@ typedef void (*atmoe_log_fn)(atmoe_log_level level, const char *message,
 /* The library never writes to stdout or stderr.  Messages at min_level and
  * above go to fn (which may be called from any thread that uses the library,
  * and must not call back into it); fn NULL switches logging off, the
- * default. */
+ * default.  A message being delivered while the callback is replaced may
+ * still reach the old callback once. */
 ATMOE_API atmoe_status atmoe_log_set(atmoe_log_fn fn, void *user,
                                      atmoe_log_level min_level);
 
@@ -175,7 +176,8 @@ ATMOE_API atmoe_status atmoe_device_get_info(size_t index,
  *   "default" or ""  the default device (see atmoe_device_default)
  *   "0", "1", ...    a position in the device list
  *   "gpu", "cpu", "accelerator"   the first device of that type
- *   "name:TEXT"      the first device whose name contains TEXT
+ *   "name:TEXT"      the first device whose name (as the driver reports
+ *                    it, CL_DEVICE_NAME) contains TEXT
  *   anything else    the first device whose name, vendor or platform
  *                    contains it, or the vendor's class name ("PoCL",
  *                    "NVIDIA", ...), case-insensitively

@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "context.h"
 #include "log.h"
@@ -63,6 +64,16 @@ ATMOE_API atmoe_status atmoe_context_new(atmoe_context **out,
     ctx->base_align = align_bits >= 8 ? align_bits / 8 : 1;
 
     atm_cache_init(ctx);
+    /* Read once, so that every program of the context comes from the same
+     * place whatever the environment does later. */
+    const char *kdir = getenv("ATMOE_KERNEL_DIR");
+    if (kdir && *kdir) {
+        snprintf(ctx->kernel_dir, sizeof ctx->kernel_dir, "%s", kdir);
+        struct stat sb;
+        if (stat(kdir, &sb) != 0 || !S_ISDIR(sb.st_mode))
+            atm_log(ATMOE_LOG_WARNING, "ATMOE_KERNEL_DIR=%s is not a "
+                    "directory; using the embedded kernels", kdir);
+    }
     atm_log(ATMOE_LOG_INFO, "context on device %zu: %s (%s)", index,
             dev->info.name, dev->info.platform_name);
     *out = ctx;

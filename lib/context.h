@@ -30,6 +30,8 @@ struct atmoe_context {
     size_t kernel_count, kernel_capacity;
 
     atmoe_cache_stats cache;
+    char kernel_dir[PATH_MAX]; /* ATMOE_KERNEL_DIR when the context was
+                                  made; "" for the embedded sources */
     atmoe_memory_stats memory;
     size_t base_align; /* bytes; CL_DEVICE_MEM_BASE_ADDR_ALIGN */
 

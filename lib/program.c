@@ -58,8 +58,8 @@ out:
 atmoe_status atm_source_get(atmoe_context *ctx, const char *name, char **text,
                             size_t *size)
 {
-    const char *dir = getenv("ATMOE_KERNEL_DIR");
-    if (dir && *dir) {
+    const char *dir = ctx->kernel_dir;
+    if (*dir) {
         char path[PATH_MAX];
         snprintf(path, sizeof path, "%s/%s.cl", dir, name);
         atmoe_status st = read_override(ctx, path, text, size);
