@@ -385,8 +385,10 @@ ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *graph, atmoe_node a,
                                           atmoe_node b, atmoe_node bias,
                                           unsigned flags, atmoe_node *out);
 
-/* Element-wise a + b and a * b; b is broadcast where its dimensions are 1
- * or missing on the left (numpy's rule, result of a's shape). */
+/* Element-wise a + b and a * b with numpy's broadcasting: shapes are
+ * aligned on the right, and a dimension of 1 (or a missing one) stretches
+ * to the other operand's.  Operations that compute take f32 operands;
+ * atmoe_graph_cast converts f16 storage first. */
 ATMOE_API atmoe_status atmoe_graph_add(atmoe_graph *graph, atmoe_node a,
                                        atmoe_node b, atmoe_node *out);
 ATMOE_API atmoe_status atmoe_graph_mul(atmoe_graph *graph, atmoe_node a,
@@ -396,7 +398,8 @@ ATMOE_API atmoe_status atmoe_graph_scale(atmoe_graph *graph, atmoe_node x,
                                          float alpha, atmoe_node *out);
 ATMOE_API atmoe_status atmoe_graph_silu(atmoe_graph *graph, atmoe_node x,
                                         atmoe_node *out);
-/* GELU, the exact form x * Phi(x) (erf). */
+/* GELU, the exact form x * Phi(x), computed as x/2 * erfc(-x/sqrt 2) so
+ * that it stays accurate for negative x. */
 ATMOE_API atmoe_status atmoe_graph_gelu(atmoe_graph *graph, atmoe_node x,
                                         atmoe_node *out);
 ATMOE_API atmoe_status atmoe_graph_sigmoid(atmoe_graph *graph, atmoe_node x,
@@ -457,6 +460,10 @@ ATMOE_API atmoe_status atmoe_graph_transpose(atmoe_graph *graph, atmoe_node x,
 ATMOE_API atmoe_status atmoe_graph_concat(atmoe_graph *graph, atmoe_node a,
                                           atmoe_node b, int dim,
                                           atmoe_node *out);
+/* x converted to dtype: f32 and f16 into each other (round to nearest
+ * even), i32 into itself. */
+ATMOE_API atmoe_status atmoe_graph_cast(atmoe_graph *graph, atmoe_node x,
+                                        atmoe_dtype dtype, atmoe_node *out);
 
 /* Names a node (names are unique in a graph) and finds a node by name. */
 ATMOE_API atmoe_status atmoe_graph_set_name(atmoe_graph *graph,

@@ -34,6 +34,7 @@ static const char *const op_names[ATM_OP_COUNT_] = {
     [ATM_OP_VIEW] = "view",
     [ATM_OP_TRANSPOSE] = "transpose",
     [ATM_OP_CONCAT] = "concat",
+    [ATM_OP_CAST] = "cast",
 };
 
 const char *atm_op_name(atm_op op)
@@ -108,11 +109,20 @@ static const char *node_desc(const atm_node *n, char *buf, size_t size)
     return buf;
 }
 
+/* The node named name, or ATMOE_NODE_NONE; sets no message. */
+static atmoe_node lookup(const atmoe_graph *g, const char *name)
+{
+    for (size_t i = 0; i < g->count; i++)
+        if (strcmp(g->nodes[i].name, name) == 0)
+            return (atmoe_node)i;
+    return ATMOE_NODE_NONE;
+}
+
 static atmoe_status name_taken(const atmoe_graph *g, const char *name,
                                const char *fn)
 {
-    atmoe_node found;
-    if (atmoe_graph_find(g, name, &found) == ATMOE_STATUS_OK)
+    atmoe_node found = lookup(g, name);
+    if (found != ATMOE_NODE_NONE)
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: the name '%s' is taken by node %d", fn, name,
                         found);
@@ -297,14 +307,17 @@ static atmoe_status get_node(const atmoe_graph *g, atmoe_node id,
     return st;
 }
 
-static atmoe_status want_float(const atmoe_graph *g, const char *fn,
+static atmoe_status want_f32(const atmoe_graph *g, const char *fn,
                                const char *operand, const atm_node *n)
 {
     char d[160];
-    if (n->dtype == ATMOE_DTYPE_I32)
+    if (n->dtype != ATMOE_DTYPE_F32)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
-                        "%s: operand %s is %s; it must be f32 or f16", fn,
-                        operand, node_desc(n, d, sizeof d));
+                        "%s: operand %s is %s; it must be f32%s", fn, operand,
+                        node_desc(n, d, sizeof d),
+                        n->dtype == ATMOE_DTYPE_F16
+                            ? " (atmoe_graph_cast converts f16 to f32)"
+                            : "");
     return ATMOE_STATUS_OK;
 }
 
@@ -321,9 +334,6 @@ static atmoe_status resolve_dim(const atmoe_graph *g, const char *fn,
     return ATMOE_STATUS_OK;
 }
 
-/* Output dtype of a float operation: f32, whatever the storage of the
- * operands, since arithmetic is at least fp32 and results are consumed at
- * that precision. */
 static void unary_proto(atm_node *p, atm_op op, const atm_node *x,
                         atmoe_node xid)
 {
@@ -340,7 +350,7 @@ static atmoe_status unary(atmoe_graph *g, atm_op op, atmoe_node x,
     const atm_node *xn;
     atmoe_status st = get_node(g, x, fn, "x", &xn);
     if (st == ATMOE_STATUS_OK)
-        st = want_float(g, fn, "x", xn);
+        st = want_f32(g, fn, "x", xn);
     if (st == ATMOE_STATUS_OK)
         unary_proto(p, op, xn, x);
     return st;
@@ -441,7 +451,7 @@ static atmoe_status binary(atmoe_graph *g, atm_op op, atmoe_node a,
     atmoe_status st;
     if ((st = get_node(g, a, fn, "a", &an)) ||
         (st = get_node(g, b, fn, "b", &bn)) ||
-        (st = want_float(g, fn, "a", an)) || (st = want_float(g, fn, "b", bn)))
+        (st = want_f32(g, fn, "a", an)) || (st = want_f32(g, fn, "b", bn)))
         return st;
     int nd = an->ndim > bn->ndim ? an->ndim : bn->ndim;
     size_t shape[ATMOE_MAX_DIMS];
@@ -621,7 +631,7 @@ static atmoe_status norm(atmoe_graph *g, atm_op op, atmoe_node x,
             continue;
         const atm_node *wn;
         if ((st = get_node(g, opt[i], fn, what[i], &wn)) ||
-            (st = want_float(g, fn, what[i], wn)))
+            (st = want_f32(g, fn, what[i], wn)))
             return st;
         if (wn->ndim != 1 || wn->shape[0] != len || wn->batch_dim >= 0)
             return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
@@ -695,7 +705,7 @@ ATMOE_API atmoe_status atmoe_graph_gather_rows(atmoe_graph *g,
     atmoe_status st;
     if ((st = get_node(g, table, fn, "table", &tn)) ||
         (st = get_node(g, indices, fn, "indices", &in)) ||
-        (st = want_float(g, fn, "table", tn)))
+        (st = want_f32(g, fn, "table", tn)))
         return st;
     char d[160];
     if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1)
@@ -731,8 +741,8 @@ ATMOE_API atmoe_status atmoe_graph_scatter_add_rows(atmoe_graph *g,
     if ((st = get_node(g, dst, fn, "dst", &dn)) ||
         (st = get_node(g, indices, fn, "indices", &in)) ||
         (st = get_node(g, src, fn, "src", &sn)) ||
-        (st = want_float(g, fn, "dst", dn)) ||
-        (st = want_float(g, fn, "src", sn)))
+        (st = want_f32(g, fn, "dst", dn)) ||
+        (st = want_f32(g, fn, "src", sn)))
         return st;
     char d[160], e[160];
     if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1)
@@ -904,6 +914,31 @@ ATMOE_API atmoe_status atmoe_graph_concat(atmoe_graph *g, atmoe_node a,
     return finish(g, &p, fn, out);
 }
 
+ATMOE_API atmoe_status atmoe_graph_cast(atmoe_graph *g, atmoe_node x,
+                                        atmoe_dtype dtype, atmoe_node *out)
+{
+    ATM_CHECK_NULL(NULL, g);
+    const char *fn = __func__;
+    const atm_node *xn;
+    atmoe_status st = get_node(g, x, fn, "x", &xn);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    char d[160];
+    if (atmoe_dtype_size(dtype) == 0 ||
+        (dtype == ATMOE_DTYPE_I32) != (xn->dtype == ATMOE_DTYPE_I32))
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: cannot convert %s to dtype %d (f32 and f16 "
+                        "convert into each other, i32 into itself)", fn,
+                        node_desc(xn, d, sizeof d), (int)dtype);
+    atm_node p;
+    proto_init(&p, ATM_OP_CAST, dtype, xn->ndim, xn->shape);
+    p.batch_dim = xn->batch_dim;
+    p.batch_factor = xn->batch_factor;
+    p.src[0] = x;
+    p.nsrc = 1;
+    return finish(g, &p, fn, out);
+}
+
 /* ---------------------------------------------------------------- names */
 
 ATMOE_API atmoe_status atmoe_graph_set_name(atmoe_graph *g, atmoe_node node,
@@ -918,8 +953,8 @@ ATMOE_API atmoe_status atmoe_graph_set_name(atmoe_graph *g, atmoe_node node,
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: a name has 1 to %d bytes", __func__,
                         ATM_NODE_NAME_SIZE - 1);
-    atmoe_node found;
-    if (atmoe_graph_find(g, name, &found) == ATMOE_STATUS_OK && found != node)
+    atmoe_node found = lookup(g, name);
+    if (found != ATMOE_NODE_NONE && found != node)
         return name_taken(g, name, __func__);
     snprintf(g->nodes[node].name, ATM_NODE_NAME_SIZE, "%s", name);
     return ATMOE_STATUS_OK;
@@ -931,13 +966,11 @@ ATMOE_API atmoe_status atmoe_graph_find(const atmoe_graph *g, const char *name,
     ATM_CHECK_NULL(NULL, g);
     ATM_CHECK_NULL(g->ctx, name);
     ATM_CHECK_NULL(g->ctx, node);
-    for (size_t i = 0; i < g->count; i++)
-        if (strcmp(g->nodes[i].name, name) == 0) {
-            *node = (atmoe_node)i;
-            return ATMOE_STATUS_OK;
-        }
-    return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                    "atmoe_graph_find: no node is named '%s'", name);
+    *node = lookup(g, name);
+    if (*node == ATMOE_NODE_NONE)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "atmoe_graph_find: no node is named '%s'", name);
+    return ATMOE_STATUS_OK;
 }
 
 ATMOE_API atmoe_status atmoe_graph_get_shape(const atmoe_graph *g,

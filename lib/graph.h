@@ -32,6 +32,7 @@ typedef enum atm_op {
     ATM_OP_VIEW,
     ATM_OP_TRANSPOSE,
     ATM_OP_CONCAT,
+    ATM_OP_CAST,
     ATM_OP_COUNT_
 } atm_op;
 

@@ -29,10 +29,15 @@ static void set_runtime(atmoe_graph *g, atm_node *n, size_t batch)
     const atm_node *owner = &g->nodes[n->owner];
     memset(t, 0, sizeof *t);
     t->ctx = g->ctx;
-    t->buffer = g->arena;
     t->dtype = n->dtype;
     t->ndim = n->ndim;
-    t->offset = owner->offset / atmoe_dtype_size(n->dtype);
+    if (owner->storage) { /* a reshape of a parameter or constant */
+        t->buffer = owner->storage->buffer;
+        t->offset = owner->storage->offset;
+    } else {
+        t->buffer = g->arena;
+        t->offset = owner->offset / atmoe_dtype_size(n->dtype);
+    }
     memcpy(t->shape, n->shape, sizeof t->shape);
     if (n->batch_dim >= 0)
         t->shape[n->batch_dim] = batch * n->batch_factor;

@@ -3,6 +3,7 @@
  * that are dense at the computed batch. */
 #include <config.h>
 
+#include <stdio.h>
 #include <string.h>
 
 #include "blas.h"
@@ -33,19 +34,20 @@ static const struct {
 /* Operations that move data with the tensor copy kernel. */
 static int uses_copy(atm_op op)
 {
-    return op == ATM_OP_VIEW || op == ATM_OP_TRANSPOSE ||
+    return op == ATM_OP_VIEW || op == ATM_OP_TRANSPOSE || op == ATM_OP_CAST ||
            op == ATM_OP_CONCAT || op == ATM_OP_SCATTER_ADD_ROWS ||
            op == ATM_OP_MATMUL;
 }
 
-static const char *copy_kernel_name(atmoe_dtype d)
+/* The copy kernel node n runs: from its first operand's dtype to its own
+ * (a matmul's bias copy is f32 to f32). */
+static void copy_kernel_name(const atmoe_graph *g, const atm_node *n,
+                             char *name, size_t size)
 {
-    switch (d) {
-    case ATMOE_DTYPE_F16: return "copy_f16_f16";
-    case ATMOE_DTYPE_I32: return "copy_i32_i32";
-    case ATMOE_DTYPE_F32: break;
-    }
-    return "copy_f32_f32";
+    atmoe_dtype from = n->op == ATM_OP_MATMUL ? ATMOE_DTYPE_F32
+                                              : g->nodes[n->src[0]].dtype;
+    snprintf(name, size, "copy_%s_%s", atmoe_dtype_name(n->dtype),
+             atmoe_dtype_name(from));
 }
 
 atmoe_status atm_node_prepare(atmoe_graph *g, const atm_node *n)
@@ -55,9 +57,11 @@ atmoe_status atm_node_prepare(atmoe_graph *g, const atm_node *n)
     if (op_kernels[n->op].program)
         st = atm_kernel_get(g->ctx, op_kernels[n->op].program, "",
                             op_kernels[n->op].kernel, &k);
-    if (st == ATMOE_STATUS_OK && uses_copy(n->op))
-        st = atm_kernel_get(g->ctx, "tensor", "", copy_kernel_name(n->dtype),
-                            &k);
+    if (st == ATMOE_STATUS_OK && uses_copy(n->op)) {
+        char name[32];
+        copy_kernel_name(g, n, name, sizeof name);
+        st = atm_kernel_get(g->ctx, "tensor", "", name, &k);
+    }
     return st;
 }
 
@@ -337,6 +341,9 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
         }
         return atm_tensor_copy(out, &block, ev);
     }
+
+    case ATM_OP_CAST:
+        return atm_tensor_copy(out, x, ev);
 
     case ATM_OP_TRANSPOSE: {
         /* Reading x with its two strides exchanged is the transpose. */

@@ -60,7 +60,7 @@ atmoe_status atm_source_get(atmoe_context *ctx, const char *name, char **text,
 {
     const char *dir = ctx->kernel_dir;
     if (*dir) {
-        char path[PATH_MAX];
+        char path[PATH_MAX + 64];
         snprintf(path, sizeof path, "%s/%s.cl", dir, name);
         atmoe_status st = read_override(ctx, path, text, size);
         if (st == ATMOE_STATUS_OK) {
