@@ -544,6 +544,114 @@ ATMOE_API atmoe_status atmoe_graph_dump(const atmoe_graph *graph,
                                         atmoe_dump_format format);
 
 
+/* ------------------------------------------------------------------------ */
+/* Expert sets, routers and the fused mixture                                */
+/* ------------------------------------------------------------------------ */
+
+/* An expert set stacks LoRA experts of one layer and module: expert e has
+ * A_e [r_e, d_in], B_e [d_out, r_e] and scale s_e = alpha / r_e (or
+ * alpha / sqrt(r_e) with ATMOE_EXPERT_RSLORA), and belongs to a group.
+ * Ranks may differ; nothing is padded.  An optional general LoRA (B_p A_p,
+ * s_p) mixes in with weight 1 - lambda (SPEC section 3).
+ *
+ * A set is filled, then used: the first router or mixture that uses it
+ * seals it (its device copy is made then), and adding to a sealed set
+ * fails.  Routers and graphs keep the set alive: free it whenever. */
+typedef struct atmoe_experts atmoe_experts;
+
+#define ATMOE_EXPERT_RSLORA 1u /* scale alpha / sqrt(rank) */
+
+ATMOE_API atmoe_status atmoe_experts_new(atmoe_context *ctx, size_t d_in,
+                                         size_t d_out, atmoe_experts **set);
+ATMOE_API void atmoe_experts_free(atmoe_experts *set);
+
+/* Appends an expert to group (0, 1, ...; groups are numbered densely as
+ * they are used).  A is [rank, d_in] and B is [d_out, rank], row-major f32
+ * host arrays, copied.  *index (may be NULL) receives the expert's
+ * position, the column of the router's w output that holds its weight. */
+ATMOE_API atmoe_status atmoe_experts_add(atmoe_experts *set, int group,
+                                         size_t rank, const float *a,
+                                         const float *b, float alpha,
+                                         unsigned flags, int *index);
+
+/* Sets the general LoRA, mixed as lambda * (experts) + (1 - lambda) *
+ * general; lambda in [0, 1]. */
+ATMOE_API atmoe_status atmoe_experts_set_general(atmoe_experts *set,
+                                                 size_t rank, const float *a,
+                                                 const float *b, float alpha,
+                                                 unsigned flags, float lambda);
+
+typedef struct atmoe_experts_info {
+    size_t d_in, d_out;
+    size_t experts;     /* count, without the general LoRA */
+    size_t groups;
+    size_t max_group;   /* experts in the largest group (M_max) */
+    size_t total_rank;  /* R: sum of ranks, general LoRA included */
+    int has_general;
+    float lambda;
+} atmoe_experts_info;
+
+ATMOE_API atmoe_status atmoe_experts_get_info(const atmoe_experts *set,
+                                              atmoe_experts_info *info);
+
+/* The grouped router of AT-MoE (SPEC section 3). */
+typedef struct atmoe_router atmoe_router;
+
+typedef enum atmoe_router_form {
+    ATMOE_ROUTER_PROJECTED, /* within-group logits h W_D, W_D [d_in, G*M_max] */
+    ATMOE_ROUTER_SCALED     /* within-group logits a[g] V_D[g,m], V_D [G, M_max] */
+} atmoe_router_form;
+
+/* A router over the groups and experts of set.  Temperatures must be > 0;
+ * top_k_groups and top_k_experts of 0 keep all. */
+ATMOE_API atmoe_status atmoe_router_new(atmoe_experts *set,
+                                        atmoe_router_form form, float tau_g,
+                                        float tau_d, int top_k_groups,
+                                        int top_k_experts,
+                                        atmoe_router **router);
+ATMOE_API void atmoe_router_free(atmoe_router *router);
+
+/* Control, effective from the next compute: a masked group or expert gets
+ * weight 0 and the others share its mass (expert -1 means the whole
+ * group); a fixed weight overrides the router for a group (expert -1) or
+ * an expert, the free ones sharing what is left; NaN frees it again.
+ * Fixed groups are always kept and do not count towards top-k. */
+ATMOE_API atmoe_status atmoe_router_set_mask(atmoe_router *router, int group,
+                                             int expert, int enabled);
+ATMOE_API atmoe_status atmoe_router_set_fixed(atmoe_router *router, int group,
+                                              int expert, float weight);
+
+/* Adds the router to a graph: h [rows, d_in] (token hidden states, or one
+ * pooled vector per sequence), w_g [d_in, G], and w_d [d_in, G*M_max]
+ * (projected form) or v_d [G, M_max] (scaled form).  Outputs (any may be
+ * NULL): a [rows, G] group weights, d [rows, G*M_max] within-group weights
+ * (slot g*M_max + m), w [rows, E] final expert weights in expert order:
+ * mark them as outputs to trace the router. */
+ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *graph, atmoe_node h,
+                                          atmoe_router *router,
+                                          atmoe_node w_g, atmoe_node w_d,
+                                          atmoe_node *a, atmoe_node *d,
+                                          atmoe_node *w);
+
+typedef enum atmoe_mix {
+    ATMOE_MIX_BLOCK,    /* gates [rows, E]: z_e = lambda w_e s_e u_e */
+    ATMOE_MIX_DIAGONAL, /* gates [rows, R]: z_i = g_i s_e(i) u_i */
+    ATMOE_MIX_DENSE     /* gates [rows, r1*r2]: z = G^T u (one expert) */
+} atmoe_mix;
+
+/* y = x W0^T (+ bias) + c * B_all M(gates) A_all x: the fused shrink ->
+ * mix -> expand over the experts of set.  x [T, d_in]; w0 [d_out, d_in];
+ * bias [d_out] or ATMOE_NODE_NONE; gates as the mix says, one row per
+ * token, or one row per sequence with gate_index [T] (i32) naming each
+ * token's row (per-sequence routing; one-hot rows serve one adapter per
+ * sequence); gate_index ATMOE_NODE_NONE means row t for token t. */
+ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *graph, atmoe_node x,
+                                           atmoe_node w0, atmoe_node bias,
+                                           atmoe_experts *set,
+                                           atmoe_mix mix, atmoe_node gates,
+                                           atmoe_node gate_index, float c,
+                                           atmoe_node *y);
+
 #ifdef __cplusplus
 }
 #endif

@@ -23,7 +23,7 @@ static const char *const op_names[ATM_OP_COUNT_] = {
     [ATM_OP_SIGMOID] = "sigmoid",
     [ATM_OP_SOFTMAX] = "softmax",
     [ATM_OP_TOPK] = "topk",
-    [ATM_OP_TOPK_INDICES] = "topk_indices",
+    [ATM_OP_SECONDARY] = "secondary",
     [ATM_OP_RMSNORM] = "rmsnorm",
     [ATM_OP_LAYERNORM] = "layernorm",
     [ATM_OP_MEAN] = "mean",
@@ -35,6 +35,8 @@ static const char *const op_names[ATM_OP_COUNT_] = {
     [ATM_OP_TRANSPOSE] = "transpose",
     [ATM_OP_CONCAT] = "concat",
     [ATM_OP_CAST] = "cast",
+    [ATM_OP_ROUTER] = "router",
+    [ATM_OP_MIXTURE] = "mixture",
 };
 
 const char *atm_op_name(atm_op op)
@@ -84,8 +86,11 @@ ATMOE_API void atmoe_graph_free(atmoe_graph *g)
     if (g == NULL)
         return;
     atm_graph_unplan(g);
-    for (size_t i = 0; i < g->count; i++)
+    for (size_t i = 0; i < g->count; i++) {
         atmoe_tensor_free(g->nodes[i].storage);
+        atmoe_router_free(g->nodes[i].router);
+        atmoe_experts_free(g->nodes[i].experts);
+    }
     free(g->nodes);
     free(g);
 }
@@ -100,7 +105,7 @@ atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
     return ATMOE_STATUS_OK;
 }
 
-static const char *node_desc(const atm_node *n, char *buf, size_t size)
+const char *atm_node_desc(const atm_node *n, char *buf, size_t size)
 {
     char shape[96];
     snprintf(buf, size, "'%s' (%s %s %s)", n->name, atm_op_name(n->op),
@@ -130,8 +135,9 @@ static atmoe_status name_taken(const atmoe_graph *g, const char *name,
 }
 
 /* Appends a node of op with the given result; fills in a default name. */
-static atmoe_status push(atmoe_graph *g, const atm_node *proto,
-                         const char *name, const char *fn, atmoe_node *out)
+atmoe_status atm_graph_push(atmoe_graph *g, const atm_node *proto,
+                            const char *name, const char *fn,
+                            atmoe_node *out)
 {
     if (name && strlen(name) >= ATM_NODE_NAME_SIZE)
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
@@ -159,13 +165,13 @@ static atmoe_status push(atmoe_graph *g, const atm_node *proto,
     else
         snprintf(n->name, sizeof n->name, "%s_%zu", atm_op_name(n->op),
                  g->count);
-    n->partner = ATMOE_NODE_NONE;
+    n->co[0] = n->co[1] = ATMOE_NODE_NONE;
     *out = (atmoe_node)g->count++;
     return ATMOE_STATUS_OK;
 }
 
-static void proto_init(atm_node *p, atm_op op, atmoe_dtype dtype, int ndim,
-                       const size_t *shape)
+void atm_node_init(atm_node *p, atm_op op, atmoe_dtype dtype, int ndim,
+                   const size_t *shape)
 {
     memset(p, 0, sizeof *p);
     p->op = op;
@@ -218,12 +224,12 @@ ATMOE_API atmoe_status atmoe_graph_input(atmoe_graph *g, const char *name,
                         "graph's batch %zu (every batched input shares one)",
                         name ? name : "", shape[0], g->max_batch);
     atm_node p;
-    proto_init(&p, ATM_OP_INPUT, dtype, ndim, shape);
+    atm_node_init(&p, ATM_OP_INPUT, dtype, ndim, shape);
     if (batched) {
         p.batch_dim = 0;
         p.batch_factor = 1;
     }
-    st = push(g, &p, name, __func__, node);
+    st = atm_graph_push(g, &p, name, __func__, node);
     if (st == ATMOE_STATUS_OK && batched)
         g->max_batch = shape[0];
     return st;
@@ -234,8 +240,8 @@ static atmoe_status add_storage(atmoe_graph *g, atm_op op, const char *name,
                                 atmoe_node *node)
 {
     atm_node p;
-    proto_init(&p, op, t->dtype, t->ndim, t->shape);
-    atmoe_status st = push(g, &p, name, fn, node);
+    atm_node_init(&p, op, t->dtype, t->ndim, t->shape);
+    atmoe_status st = atm_graph_push(g, &p, name, fn, node);
     if (st != ATMOE_STATUS_OK)
         return st;
     g->nodes[*node].storage = t;
@@ -297,9 +303,9 @@ ATMOE_API atmoe_status atmoe_graph_constant(atmoe_graph *g, const char *name,
 
 /* ---------------------------------------------------------------- checks */
 
-static atmoe_status get_node(const atmoe_graph *g, atmoe_node id,
-                             const char *fn, const char *operand,
-                             const atm_node **n)
+atmoe_status atm_graph_get_node(const atmoe_graph *g, atmoe_node id,
+                                const char *fn, const char *operand,
+                                const atm_node **n)
 {
     atmoe_status st = atm_graph_check_node(g, id, fn, operand);
     if (st == ATMOE_STATUS_OK)
@@ -314,7 +320,7 @@ static atmoe_status want_f32(const atmoe_graph *g, const char *fn,
     if (n->dtype != ATMOE_DTYPE_F32)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: operand %s is %s; it must be f32%s", fn, operand,
-                        node_desc(n, d, sizeof d),
+                        atm_node_desc(n, d, sizeof d),
                         n->dtype == ATMOE_DTYPE_F16
                             ? " (atmoe_graph_cast converts f16 to f32)"
                             : "");
@@ -329,7 +335,7 @@ static atmoe_status resolve_dim(const atmoe_graph *g, const char *fn,
     if (d < 0 || d >= n->ndim)
         return atm_fail(g->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: dimension %d is out of range for %s", fn, dim,
-                        node_desc(n, buf, sizeof buf));
+                        atm_node_desc(n, buf, sizeof buf));
     *out = d;
     return ATMOE_STATUS_OK;
 }
@@ -337,7 +343,7 @@ static atmoe_status resolve_dim(const atmoe_graph *g, const char *fn,
 static void unary_proto(atm_node *p, atm_op op, const atm_node *x,
                         atmoe_node xid)
 {
-    proto_init(p, op, ATMOE_DTYPE_F32, x->ndim, x->shape);
+    atm_node_init(p, op, ATMOE_DTYPE_F32, x->ndim, x->shape);
     p->batch_dim = x->batch_dim;
     p->batch_factor = x->batch_factor;
     p->src[0] = xid;
@@ -348,7 +354,7 @@ static atmoe_status unary(atmoe_graph *g, atm_op op, atmoe_node x,
                           const char *fn, atm_node *p)
 {
     const atm_node *xn;
-    atmoe_status st = get_node(g, x, fn, "x", &xn);
+    atmoe_status st = atm_graph_get_node(g, x, fn, "x", &xn);
     if (st == ATMOE_STATUS_OK)
         st = want_f32(g, fn, "x", xn);
     if (st == ATMOE_STATUS_OK)
@@ -362,7 +368,7 @@ static atmoe_status finish(atmoe_graph *g, const atm_node *p, const char *fn,
     if (out == NULL)
         return atm_fail(g->ctx, ATMOE_STATUS_NULL_POINTER,
                         "%s: argument 'out' is NULL", fn);
-    return push(g, p, NULL, fn, out);
+    return atm_graph_push(g, p, NULL, fn, out);
 }
 
 /* ---------------------------------------------------------------- ops */
@@ -375,9 +381,9 @@ ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *g, atmoe_node a,
     const char *fn = "atmoe_graph_matmul";
     const atm_node *an, *bn, *cn = NULL;
     atmoe_status st;
-    if ((st = get_node(g, a, fn, "a", &an)) ||
-        (st = get_node(g, b, fn, "b", &bn)) ||
-        (bias != ATMOE_NODE_NONE && (st = get_node(g, bias, fn, "bias", &cn))))
+    if ((st = atm_graph_get_node(g, a, fn, "a", &an)) ||
+        (st = atm_graph_get_node(g, b, fn, "b", &bn)) ||
+        (bias != ATMOE_NODE_NONE && (st = atm_graph_get_node(g, bias, fn, "bias", &cn))))
         return st;
     if (flags & ~(ATMOE_MATMUL_TRANSPOSE_A | ATMOE_MATMUL_TRANSPOSE_B))
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
@@ -387,13 +393,13 @@ ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *g, atmoe_node a,
         (cn && cn->dtype != ATMOE_DTYPE_F32))
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: operands must be f32: a is %s, b is %s", fn,
-                        node_desc(an, da, sizeof da),
-                        node_desc(bn, db, sizeof db));
+                        atm_node_desc(an, da, sizeof da),
+                        atm_node_desc(bn, db, sizeof db));
     if (an->ndim != 2 || bn->ndim != 2)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: a and b must be 2-D: a is %s, b is %s", fn,
-                        node_desc(an, da, sizeof da),
-                        node_desc(bn, db, sizeof db));
+                        atm_node_desc(an, da, sizeof da),
+                        atm_node_desc(bn, db, sizeof db));
     int ta = !!(flags & ATMOE_MATMUL_TRANSPOSE_A);
     int tb = !!(flags & ATMOE_MATMUL_TRANSPOSE_B);
     size_t m = an->shape[ta], ka = an->shape[!ta];
@@ -402,26 +408,26 @@ ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *g, atmoe_node a,
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: inner dimensions differ: op(a) is [%zu, %zu] "
                         "from a %s, op(b) is [%zu, %zu] from b %s", fn, m, ka,
-                        node_desc(an, da, sizeof da), kb, n,
-                        node_desc(bn, db, sizeof db));
+                        atm_node_desc(an, da, sizeof da), kb, n,
+                        atm_node_desc(bn, db, sizeof db));
     int a_batch_k = an->batch_dim >= 0 && an->batch_dim == !ta;
     int b_batch_k = bn->batch_dim >= 0 && bn->batch_dim == tb;
     if (a_batch_k != b_batch_k)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: the inner dimension is batched in one operand "
                         "only: a is %s, b is %s", fn,
-                        node_desc(an, da, sizeof da),
-                        node_desc(bn, db, sizeof db));
+                        atm_node_desc(an, da, sizeof da),
+                        atm_node_desc(bn, db, sizeof db));
     if (cn && (cn->ndim != 1 || cn->shape[0] != n))
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: bias must be [%zu], it is %s", fn, n,
-                        node_desc(cn, da, sizeof da));
+                        atm_node_desc(cn, da, sizeof da));
     if (cn && cn->batch_dim >= 0)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: bias must not be batched", fn);
     size_t shape[2] = {m, n};
     atm_node p;
-    proto_init(&p, ATM_OP_MATMUL, ATMOE_DTYPE_F32, 2, shape);
+    atm_node_init(&p, ATM_OP_MATMUL, ATMOE_DTYPE_F32, 2, shape);
     if (an->batch_dim == ta && an->batch_dim >= 0) {
         p.batch_dim = 0;
         p.batch_factor = an->batch_factor;
@@ -449,8 +455,8 @@ static atmoe_status binary(atmoe_graph *g, atm_op op, atmoe_node a,
     ATM_CHECK_NULL(NULL, g);
     const atm_node *an, *bn;
     atmoe_status st;
-    if ((st = get_node(g, a, fn, "a", &an)) ||
-        (st = get_node(g, b, fn, "b", &bn)) ||
+    if ((st = atm_graph_get_node(g, a, fn, "a", &an)) ||
+        (st = atm_graph_get_node(g, b, fn, "b", &bn)) ||
         (st = want_f32(g, fn, "a", an)) || (st = want_f32(g, fn, "b", bn)))
         return st;
     int nd = an->ndim > bn->ndim ? an->ndim : bn->ndim;
@@ -468,23 +474,23 @@ static atmoe_status binary(atmoe_graph *g, atm_op op, atmoe_node a,
         if (ea != eb && ea != 1 && eb != 1)
             return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                             "%s: shapes do not broadcast: a is %s, b is %s",
-                            fn, node_desc(an, da, sizeof da),
-                            node_desc(bn, db, sizeof db));
+                            fn, atm_node_desc(an, da, sizeof da),
+                            atm_node_desc(bn, db, sizeof db));
         /* A batched dimension must meet its twin or a broadcast 1: its
          * extent changes at run time. */
         if ((ba && !bb && eb != 1) || (bb && !ba && ea != 1) ||
             (ba && bb && an->batch_factor != bn->batch_factor))
             return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                             "%s: a batched dimension meets a fixed one: a is "
-                            "%s, b is %s", fn, node_desc(an, da, sizeof da),
-                            node_desc(bn, db, sizeof db));
+                            "%s, b is %s", fn, atm_node_desc(an, da, sizeof da),
+                            atm_node_desc(bn, db, sizeof db));
         if (ba || bb) {
             batch_dim = i;
             factor = ba ? an->batch_factor : bn->batch_factor;
         }
         shape[i] = ea > eb ? ea : eb;
     }
-    proto_init(&p, op, ATMOE_DTYPE_F32, nd, shape);
+    atm_node_init(&p, op, ATMOE_DTYPE_F32, nd, shape);
     p.batch_dim = batch_dim;
     p.batch_factor = factor;
     p.src[0] = a;
@@ -577,27 +583,32 @@ ATMOE_API atmoe_status atmoe_graph_topk(atmoe_graph *g, atmoe_node x, int k,
     if (p.dim == xn->batch_dim)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: dimension %d of %s is the batch", fn, dim,
-                        node_desc(xn, d, sizeof d));
+                        atm_node_desc(xn, d, sizeof d));
     if (k < 1 || (size_t)k > xn->shape[p.dim])
         return atm_fail(g->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: k is %d, must be 1 to %zu for %s", fn, k,
-                        xn->shape[p.dim], node_desc(xn, d, sizeof d));
+                        xn->shape[p.dim], atm_node_desc(xn, d, sizeof d));
     p.k = k;
     p.shape[p.dim] = (size_t)k;
     atmoe_node v, ix;
-    if ((st = push(g, &p, NULL, fn, &v)) != ATMOE_STATUS_OK)
+    if ((st = atm_graph_push(g, &p, NULL, fn, &v)) != ATMOE_STATUS_OK)
         return st;
     atm_node q = g->nodes[v];
-    q.op = ATM_OP_TOPK_INDICES;
+    q.op = ATM_OP_SECONDARY;
     q.dtype = ATMOE_DTYPE_I32;
     q.src[0] = v;
     q.nsrc = 1;
-    if ((st = push(g, &q, NULL, fn, &ix)) != ATMOE_STATUS_OK) {
+    /* "<values>.indices" when that fits and is free, else a default. */
+    char name[ATM_NODE_NAME_SIZE + 16];
+    snprintf(name, sizeof name, "%s.indices", g->nodes[v].name);
+    int usable = strlen(name) < ATM_NODE_NAME_SIZE &&
+                 lookup(g, name) == ATMOE_NODE_NONE;
+    if ((st = atm_graph_push(g, &q, usable ? name : NULL, fn, &ix)) !=
+        ATMOE_STATUS_OK) {
         g->count--; /* drop the values node: the pair goes in whole */
         return st;
     }
-    g->nodes[v].partner = ix;
-    g->nodes[ix].partner = v;
+    g->nodes[v].co[0] = ix;
     if (values)
         *values = v;
     if (indices)
@@ -620,7 +631,7 @@ static atmoe_status norm(atmoe_graph *g, atm_op op, atmoe_node x,
     if (xn->batch_dim == xn->ndim - 1)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: the last dimension of %s is the batch", fn,
-                        node_desc(xn, d, sizeof d));
+                        atm_node_desc(xn, d, sizeof d));
     if (!(eps >= 0))
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: eps must be >= 0, it is %g", fn, eps);
@@ -630,14 +641,14 @@ static atmoe_status norm(atmoe_graph *g, atm_op op, atmoe_node x,
         if (opt[i] == ATMOE_NODE_NONE)
             continue;
         const atm_node *wn;
-        if ((st = get_node(g, opt[i], fn, what[i], &wn)) ||
+        if ((st = atm_graph_get_node(g, opt[i], fn, what[i], &wn)) ||
             (st = want_f32(g, fn, what[i], wn)))
             return st;
         if (wn->ndim != 1 || wn->shape[0] != len || wn->batch_dim >= 0)
             return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                             "%s: %s must be [%zu] to match x %s; it is %s", fn,
-                            what[i], len, node_desc(xn, d, sizeof d),
-                            node_desc(wn, e, sizeof e));
+                            what[i], len, atm_node_desc(xn, d, sizeof d),
+                            atm_node_desc(wn, e, sizeof e));
     }
     p.src[1] = weight;
     p.src[2] = bias;
@@ -703,17 +714,17 @@ ATMOE_API atmoe_status atmoe_graph_gather_rows(atmoe_graph *g,
     const char *fn = __func__;
     const atm_node *tn, *in;
     atmoe_status st;
-    if ((st = get_node(g, table, fn, "table", &tn)) ||
-        (st = get_node(g, indices, fn, "indices", &in)) ||
+    if ((st = atm_graph_get_node(g, table, fn, "table", &tn)) ||
+        (st = atm_graph_get_node(g, indices, fn, "indices", &in)) ||
         (st = want_f32(g, fn, "table", tn)))
         return st;
     char d[160];
     if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: indices must be a 1-D i32 node; it is %s", fn,
-                        node_desc(in, d, sizeof d));
+                        atm_node_desc(in, d, sizeof d));
     atm_node p;
-    proto_init(&p, ATM_OP_GATHER_ROWS, ATMOE_DTYPE_F32, tn->ndim, tn->shape);
+    atm_node_init(&p, ATM_OP_GATHER_ROWS, ATMOE_DTYPE_F32, tn->ndim, tn->shape);
     p.shape[0] = in->shape[0];
     if (in->batch_dim == 0) {
         p.batch_dim = 0;
@@ -738,9 +749,9 @@ ATMOE_API atmoe_status atmoe_graph_scatter_add_rows(atmoe_graph *g,
     const char *fn = __func__;
     const atm_node *dn, *in, *sn;
     atmoe_status st;
-    if ((st = get_node(g, dst, fn, "dst", &dn)) ||
-        (st = get_node(g, indices, fn, "indices", &in)) ||
-        (st = get_node(g, src, fn, "src", &sn)) ||
+    if ((st = atm_graph_get_node(g, dst, fn, "dst", &dn)) ||
+        (st = atm_graph_get_node(g, indices, fn, "indices", &in)) ||
+        (st = atm_graph_get_node(g, src, fn, "src", &sn)) ||
         (st = want_f32(g, fn, "dst", dn)) ||
         (st = want_f32(g, fn, "src", sn)))
         return st;
@@ -748,7 +759,7 @@ ATMOE_API atmoe_status atmoe_graph_scatter_add_rows(atmoe_graph *g,
     if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: indices must be a 1-D i32 node; it is %s", fn,
-                        node_desc(in, d, sizeof d));
+                        atm_node_desc(in, d, sizeof d));
     int same = sn->ndim == dn->ndim && sn->shape[0] == in->shape[0];
     for (int i = 1; same && i < dn->ndim; i++)
         same = sn->shape[i] == dn->shape[i];
@@ -758,7 +769,7 @@ ATMOE_API atmoe_status atmoe_graph_scatter_add_rows(atmoe_graph *g,
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: src must have one row per index and dst's row "
                         "shape: dst is %s, src is %s, %zu indices", fn,
-                        node_desc(dn, d, sizeof d), node_desc(sn, e, sizeof e),
+                        atm_node_desc(dn, d, sizeof d), atm_node_desc(sn, e, sizeof e),
                         in->shape[0]);
     atm_node p;
     unary_proto(&p, ATM_OP_SCATTER_ADD_ROWS, dn, dst);
@@ -776,7 +787,7 @@ ATMOE_API atmoe_status atmoe_graph_reshape(atmoe_graph *g, atmoe_node x,
     const char *fn = __func__;
     ATM_CHECK_NULL(g->ctx, shape);
     const atm_node *xn;
-    atmoe_status st = get_node(g, x, fn, "x", &xn);
+    atmoe_status st = atm_graph_get_node(g, x, fn, "x", &xn);
     if (st == ATMOE_STATUS_OK)
         st = check_shape_args(g, fn, xn->dtype, ndim, shape);
     if (st != ATMOE_STATUS_OK)
@@ -790,10 +801,10 @@ ATMOE_API atmoe_status atmoe_graph_reshape(atmoe_graph *g, atmoe_node x,
     if (nx != ny)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: %s has %zu elements, the shape %s has %zu", fn,
-                        node_desc(xn, d, sizeof d), nx,
+                        atm_node_desc(xn, d, sizeof d), nx,
                         atm_shape_string(ndim, shape, s, sizeof s), ny);
     atm_node p;
-    proto_init(&p, ATM_OP_RESHAPE, xn->dtype, ndim, shape);
+    atm_node_init(&p, ATM_OP_RESHAPE, xn->dtype, ndim, shape);
     if (xn->batch_dim >= 0) {
         /* The batch must stay the outermost dimension, for the rows of a
          * smaller batch to stay where a dense layout puts them. */
@@ -801,7 +812,7 @@ ATMOE_API atmoe_status atmoe_graph_reshape(atmoe_graph *g, atmoe_node x,
             return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                             "%s: %s is batched; the new shape %s must keep "
                             "the batch as a multiple of %zu in its first "
-                            "dimension", fn, node_desc(xn, d, sizeof d),
+                            "dimension", fn, atm_node_desc(xn, d, sizeof d),
                             atm_shape_string(ndim, shape, s, sizeof s),
                             g->max_batch);
         p.batch_dim = 0;
@@ -821,7 +832,7 @@ ATMOE_API atmoe_status atmoe_graph_view(atmoe_graph *g, atmoe_node x,
     ATM_CHECK_NULL(g->ctx, start);
     ATM_CHECK_NULL(g->ctx, shape);
     const atm_node *xn;
-    atmoe_status st = get_node(g, x, fn, "x", &xn);
+    atmoe_status st = atm_graph_get_node(g, x, fn, "x", &xn);
     if (st != ATMOE_STATUS_OK)
         return st;
     char d[160], s[96];
@@ -832,15 +843,15 @@ ATMOE_API atmoe_status atmoe_graph_view(atmoe_graph *g, atmoe_node x,
                             "%s: a block of shape %s at %zu in dimension %d "
                             "does not fit in %s", fn,
                             atm_shape_string(xn->ndim, shape, s, sizeof s),
-                            start[i], i, node_desc(xn, d, sizeof d));
+                            start[i], i, atm_node_desc(xn, d, sizeof d));
         if (i == xn->batch_dim && (start[i] != 0 || shape[i] != xn->shape[i]))
             return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                             "%s: dimension %d of %s is the batch; a view "
                             "must keep all of it", fn, i,
-                            node_desc(xn, d, sizeof d));
+                            atm_node_desc(xn, d, sizeof d));
     }
     atm_node p;
-    proto_init(&p, ATM_OP_VIEW, xn->dtype, xn->ndim, shape);
+    atm_node_init(&p, ATM_OP_VIEW, xn->dtype, xn->ndim, shape);
     p.batch_dim = xn->batch_dim;
     p.batch_factor = xn->batch_factor;
     memcpy(p.start, start, (size_t)xn->ndim * sizeof *start);
@@ -858,12 +869,12 @@ ATMOE_API atmoe_status atmoe_graph_transpose(atmoe_graph *g, atmoe_node x,
     const atm_node *xn;
     int d0, d1;
     atmoe_status st;
-    if ((st = get_node(g, x, fn, "x", &xn)) ||
+    if ((st = atm_graph_get_node(g, x, fn, "x", &xn)) ||
         (st = resolve_dim(g, fn, xn, dim0, &d0)) ||
         (st = resolve_dim(g, fn, xn, dim1, &d1)))
         return st;
     atm_node p;
-    proto_init(&p, ATM_OP_TRANSPOSE, xn->dtype, xn->ndim, xn->shape);
+    atm_node_init(&p, ATM_OP_TRANSPOSE, xn->dtype, xn->ndim, xn->shape);
     p.shape[d0] = xn->shape[d1];
     p.shape[d1] = xn->shape[d0];
     p.batch_dim = xn->batch_dim == d0   ? d1
@@ -886,8 +897,8 @@ ATMOE_API atmoe_status atmoe_graph_concat(atmoe_graph *g, atmoe_node a,
     const atm_node *an, *bn;
     int d;
     atmoe_status st;
-    if ((st = get_node(g, a, fn, "a", &an)) ||
-        (st = get_node(g, b, fn, "b", &bn)) ||
+    if ((st = atm_graph_get_node(g, a, fn, "a", &an)) ||
+        (st = atm_graph_get_node(g, b, fn, "b", &bn)) ||
         (st = resolve_dim(g, fn, an, dim, &d)))
         return st;
     char da[160], db[160];
@@ -900,10 +911,10 @@ ATMOE_API atmoe_status atmoe_graph_concat(atmoe_graph *g, atmoe_node a,
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: a %s and b %s do not join along dimension %d "
                         "(dtypes, batch and every other dimension must "
-                        "agree)", fn, node_desc(an, da, sizeof da),
-                        node_desc(bn, db, sizeof db), dim);
+                        "agree)", fn, atm_node_desc(an, da, sizeof da),
+                        atm_node_desc(bn, db, sizeof db), dim);
     atm_node p;
-    proto_init(&p, ATM_OP_CONCAT, an->dtype, an->ndim, an->shape);
+    atm_node_init(&p, ATM_OP_CONCAT, an->dtype, an->ndim, an->shape);
     p.shape[d] = an->shape[d] + bn->shape[d];
     p.batch_dim = an->batch_dim;
     p.batch_factor = an->batch_factor;
@@ -920,7 +931,7 @@ ATMOE_API atmoe_status atmoe_graph_cast(atmoe_graph *g, atmoe_node x,
     ATM_CHECK_NULL(NULL, g);
     const char *fn = __func__;
     const atm_node *xn;
-    atmoe_status st = get_node(g, x, fn, "x", &xn);
+    atmoe_status st = atm_graph_get_node(g, x, fn, "x", &xn);
     if (st != ATMOE_STATUS_OK)
         return st;
     char d[160];
@@ -929,9 +940,9 @@ ATMOE_API atmoe_status atmoe_graph_cast(atmoe_graph *g, atmoe_node x,
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: cannot convert %s to dtype %d (f32 and f16 "
                         "convert into each other, i32 into itself)", fn,
-                        node_desc(xn, d, sizeof d), (int)dtype);
+                        atm_node_desc(xn, d, sizeof d), (int)dtype);
     atm_node p;
-    proto_init(&p, ATM_OP_CAST, dtype, xn->ndim, xn->shape);
+    atm_node_init(&p, ATM_OP_CAST, dtype, xn->ndim, xn->shape);
     p.batch_dim = xn->batch_dim;
     p.batch_factor = xn->batch_factor;
     p.src[0] = x;

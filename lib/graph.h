@@ -6,7 +6,7 @@
 #include "tensor.h"
 
 #define ATM_NODE_NAME_SIZE 64
-#define ATM_MAX_SRC 3
+#define ATM_MAX_SRC 5
 
 typedef enum atm_op {
     ATM_OP_INPUT,
@@ -21,7 +21,7 @@ typedef enum atm_op {
     ATM_OP_SIGMOID,
     ATM_OP_SOFTMAX,
     ATM_OP_TOPK,
-    ATM_OP_TOPK_INDICES,
+    ATM_OP_SECONDARY, /* a second output, written by its source's kernel */
     ATM_OP_RMSNORM,
     ATM_OP_LAYERNORM,
     ATM_OP_MEAN,
@@ -33,6 +33,8 @@ typedef enum atm_op {
     ATM_OP_TRANSPOSE,
     ATM_OP_CONCAT,
     ATM_OP_CAST,
+    ATM_OP_ROUTER,
+    ATM_OP_MIXTURE,
     ATM_OP_COUNT_
 } atm_op;
 
@@ -53,7 +55,12 @@ typedef struct atm_node {
     float eps;      /* norms */
     int dim, dim1;  /* reductions, transpose, concat */
     int k;          /* topk */
-    int partner;    /* topk: its indices node; indices: its topk */
+    int co[2];      /* secondary outputs (topk: indices; router: a, d) */
+    size_t work_bytes; /* scratch the operation needs while it runs */
+    size_t work_offset;
+    atmoe_router *router;  /* ROUTER (a reference) */
+    atmoe_experts *experts; /* MIXTURE (a reference) */
+    atmoe_mix mix;
     size_t start[ATMOE_MAX_DIMS]; /* view */
 
     atmoe_tensor *storage; /* parameters and constants */
@@ -104,6 +111,28 @@ atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
                                   const char *fn, const char *operand);
 
 void atm_graph_unplan(atmoe_graph *g);
+
+/* Building blocks for operations defined outside graph.c. */
+void atm_node_init(atm_node *p, atm_op op, atmoe_dtype dtype, int ndim,
+                   const size_t *shape);
+/* Appends a copy of proto, named name (NULL or "": a default name). */
+atmoe_status atm_graph_push(atmoe_graph *g, const atm_node *proto,
+                            const char *name, const char *fn,
+                            atmoe_node *out);
+atmoe_status atm_graph_get_node(const atmoe_graph *g, atmoe_node id,
+                                const char *fn, const char *operand,
+                                const atm_node **n);
+/* "'name' (op dtype [shape])", for messages. */
+const char *atm_node_desc(const atm_node *n, char *buf, size_t size);
+
+/* Operations defined beside their objects (router.c, mixture.c). */
+atmoe_status atm_router_node_prepare(atmoe_graph *g, const atm_node *n);
+atmoe_status atm_router_node_run(atmoe_graph *g, atm_node *n, cl_event *ev);
+atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n);
+atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
+                                  cl_event *first, cl_event *last);
+void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,
+                           uint64_t *bytes, uint64_t *flops);
 
 /* Runs node n (its sources already ran) with the runtime tensors set. */
 atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,

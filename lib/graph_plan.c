@@ -146,8 +146,10 @@ static size_t mark_needed(atmoe_graph *g)
     size_t count = 0;
     for (size_t i = 0; i < g->count; i++) {
         atm_node *n = &g->nodes[i];
-        if (n->op == ATM_OP_TOPK && n->needed)
-            g->nodes[n->partner].needed = 1; /* topk writes it anyway */
+        /* A kernel writes all its outputs, needed or not. */
+        for (int j = 0; j < 2; j++)
+            if (n->needed && n->co[j] != ATMOE_NODE_NONE)
+                g->nodes[n->co[j]].needed = 1;
         count += n->needed;
     }
     return count;
@@ -218,8 +220,8 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
         mem->intermediate_bytes += round_up(n->bytes, al.align);
         if (n->pinned)
             mem->pinned_bytes += round_up(n->bytes, al.align);
-        if (n->op == ATM_OP_TOPK_INDICES)
-            goto release; /* placed with its topk */
+        if (n->op == ATM_OP_SECONDARY)
+            goto release; /* placed with the node that writes it */
 
         /* In place: the first operand's memory, when this node is its last
          * reader, holds enough, and is ours to overwrite. */
@@ -241,9 +243,19 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
         } else {
             n->offset = take(&al, n->bytes);
         }
-        if (n->op == ATM_OP_TOPK && g->nodes[n->partner].needed) {
-            atm_node *ix = &g->nodes[n->partner];
-            ix->offset = take(&al, ix->bytes);
+        for (int j = 0; j < 2; j++)
+            if (n->co[j] != ATMOE_NODE_NONE) {
+                atm_node *co = &g->nodes[n->co[j]];
+                co->offset = take(&al, co->bytes);
+            }
+        /* Scratch lives for this step only. */
+        if (n->work_bytes) {
+            n->work_offset = take(&al, n->work_bytes);
+            if (!give(&al, n->work_offset, n->work_bytes)) {
+                st = atm_fail(g->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                              "atmoe_graph_plan: out of host memory");
+                break;
+            }
         }
 
     release:

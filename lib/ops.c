@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "blas.h"
+#include "experts.h"
 #include "graph.h"
 #include "log.h"
 #include "program.h"
@@ -52,6 +53,10 @@ static void copy_kernel_name(const atmoe_graph *g, const atm_node *n,
 
 atmoe_status atm_node_prepare(atmoe_graph *g, const atm_node *n)
 {
+    if (n->op == ATM_OP_ROUTER)
+        return atm_router_node_prepare(g, n);
+    if (n->op == ATM_OP_MIXTURE)
+        return atm_mixture_node_prepare(g, n);
     cl_kernel k;
     atmoe_status st = ATMOE_STATUS_OK;
     if (op_kernels[n->op].program)
@@ -223,11 +228,17 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
     case ATM_OP_PARAMETER:
     case ATM_OP_CONSTANT:
     case ATM_OP_RESHAPE:
-    case ATM_OP_TOPK_INDICES:
+    case ATM_OP_SECONDARY:
         return ATMOE_STATUS_OK; /* nothing to compute */
 
     case ATM_OP_MATMUL:
         return run_matmul(g, n, first, last);
+
+    case ATM_OP_ROUTER:
+        return atm_router_node_run(g, n, ev);
+
+    case ATM_OP_MIXTURE:
+        return atm_mixture_node_run(g, n, first, last);
 
     case ATM_OP_ADD:
     case ATM_OP_MUL: {
@@ -270,7 +281,7 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
         return launch(g, n, &a, outer * inner, ev);
 
     case ATM_OP_TOPK: {
-        atm_node *ix = &g->nodes[n->partner];
+        atm_node *ix = &g->nodes[n->co[0]];
         /* The kernel writes both; the planner places the indices whenever
          * topk runs, needed or not. */
         split3(x, n->dim, &outer, &len, &inner);
@@ -421,11 +432,23 @@ void atm_node_cost(const atmoe_graph *g, const atm_node *n, uint64_t *bytes,
     case ATM_OP_SCATTER_ADD_ROWS:
         *flops = atm_tensor_count(src_rt(g, n, 2));
         break;
+    case ATM_OP_MIXTURE:
+        atm_mixture_node_cost(g, n, bytes, flops);
+        break;
+    case ATM_OP_ROUTER: {
+        const atmoe_tensor *h = src_rt(g, n, 0), *d = src_rt(g, n, 2);
+        *flops = 2 * atm_tensor_count(h) * (uint64_t)(n->router->form ==
+                                                       ATMOE_ROUTER_PROJECTED
+                                                   ? d->shape[1]
+                                                   : 0) +
+                 2 * atm_tensor_count(h) * n->router->set->groups;
+        break;
+    }
     default:
         break;
     }
     if (n->op == ATM_OP_RESHAPE || n->op == ATM_OP_INPUT ||
         n->op == ATM_OP_PARAMETER || n->op == ATM_OP_CONSTANT ||
-        n->op == ATM_OP_TOPK_INDICES)
+        n->op == ATM_OP_SECONDARY)
         *bytes = 0;
 }

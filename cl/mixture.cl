@@ -1,0 +1,58 @@
+/* The mix step of shrink -> mix -> expand (SPEC section 2): z = M(x) u for
+ * the rank channels of the stacked experts, one work-item per element.
+ *
+ * u and z are [T, R] (fp32 whatever the weights' storage).  Channel r
+ * belongs to expert chan_expert[r] (-1: the general LoRA) and carries
+ * chan_scale[r] = s_e * lambda (or s_p * (1 - lambda)).  Gates have one row
+ * per token, or one row per sequence with gate_index naming each token's
+ * row. */
+
+inline ulong gate_row(__global const int *gate_index, int has_index, ulong t)
+{
+    return has_index ? (ulong)gate_index[t] : t;
+}
+
+/* Block-diagonal: one gate per expert, gates [rows, E]. */
+__kernel void mix_block(__global float *z, ulong z_offset,
+                        __global const float *u, ulong u_offset,
+                        __global const float *gates, ulong gates_offset,
+                        ulong n_experts, __global const int *gate_index,
+                        ulong gate_index_offset, int has_index,
+                        __global const int *chan_expert,
+                        __global const float *chan_scale, ulong tokens,
+                        ulong rank)
+{
+    ulong i = get_global_id(0);
+    if (i >= tokens * rank)
+        return;
+    ulong t = i / rank, r = i % rank;
+    int e = chan_expert[r];
+    float gate = 1.0f;
+    if (e >= 0)
+        gate = gates[gates_offset +
+                     gate_row(gate_index + gate_index_offset, has_index, t) *
+                         n_experts +
+                     (ulong)e];
+    z[z_offset + i] = u[u_offset + i] * chan_scale[r] * gate;
+}
+
+/* Diagonal: one gate per rank channel, gates [rows, R]. */
+__kernel void mix_diagonal(__global float *z, ulong z_offset,
+                           __global const float *u, ulong u_offset,
+                           __global const float *gates, ulong gates_offset,
+                           ulong unused, __global const int *gate_index,
+                           ulong gate_index_offset, int has_index,
+                           __global const int *chan_expert,
+                           __global const float *chan_scale, ulong tokens,
+                           ulong rank)
+{
+    ulong i = get_global_id(0);
+    if (i >= tokens * rank)
+        return;
+    ulong t = i / rank, r = i % rank;
+    float gate = gates[gates_offset +
+                       gate_row(gate_index + gate_index_offset, has_index, t) *
+                           rank +
+                       r];
+    z[z_offset + i] = u[u_offset + i] * chan_scale[r] * gate;
+}

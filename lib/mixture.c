@@ -1,0 +1,242 @@
+/* The fused mixture node: y = x W0^T (+ bias) + c * B_all M(gates) A_all x
+ * (SPEC section 2), as a base GEMM, a shrink GEMM over the stacked experts,
+ * one mix kernel and an expand GEMM accumulating onto the base. */
+#include <config.h>
+
+#include <stdio.h>
+#include <string.h>
+
+#include "blas.h"
+#include "experts.h"
+#include "graph.h"
+#include "log.h"
+#include "program.h"
+
+static const char *mix_name(atmoe_mix mix)
+{
+    return mix == ATMOE_MIX_BLOCK ? "mix_block" : "mix_diagonal";
+}
+
+ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
+                                           atmoe_node w0, atmoe_node bias,
+                                           atmoe_experts *set, atmoe_mix mix,
+                                           atmoe_node gates,
+                                           atmoe_node gate_index, float c,
+                                           atmoe_node *y)
+{
+    const char *fn = __func__;
+    ATM_CHECK_NULL(NULL, g);
+    ATM_CHECK_NULL(g->ctx, set);
+    ATM_CHECK_NULL(g->ctx, y);
+    if (set->ctx != g->ctx)
+        return atm_fail(g->ctx, ATMOE_STATUS_WRONG_CONTEXT,
+                        "%s: the expert set belongs to another context", fn);
+    if (mix == ATMOE_MIX_DENSE)
+        return atm_fail(g->ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                        "%s: the dense (T-REX) mix is not implemented yet",
+                        fn);
+    if (mix != ATMOE_MIX_BLOCK && mix != ATMOE_MIX_DIAGONAL)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: mix %d is not an atmoe_mix", fn, (int)mix);
+    const atm_node *xn, *wn, *gn, *bn = NULL, *in = NULL;
+    atmoe_status st;
+    if ((st = atm_graph_get_node(g, x, fn, "x", &xn)) ||
+        (st = atm_graph_get_node(g, w0, fn, "w0", &wn)) ||
+        (st = atm_graph_get_node(g, gates, fn, "gates", &gn)) ||
+        (bias != ATMOE_NODE_NONE &&
+         (st = atm_graph_get_node(g, bias, fn, "bias", &bn))) ||
+        (gate_index != ATMOE_NODE_NONE &&
+         (st = atm_graph_get_node(g, gate_index, fn, "gate_index", &in))))
+        return st;
+    if ((st = atm_experts_seal(set)) != ATMOE_STATUS_OK)
+        return st;
+
+    char b1[160], b2[160];
+    size_t d_in = set->d_in, d_out = set->d_out;
+    size_t E = set->count - (size_t)set->has_general;
+    size_t width = mix == ATMOE_MIX_BLOCK ? E : set->total_rank;
+    if (xn->dtype != ATMOE_DTYPE_F32 || wn->dtype != ATMOE_DTYPE_F32 ||
+        gn->dtype != ATMOE_DTYPE_F32 || (bn && bn->dtype != ATMOE_DTYPE_F32))
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: x, w0, bias and gates must be f32", fn);
+    if (xn->ndim != 2 || xn->shape[1] != d_in || xn->batch_dim > 0)
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: x must be [T, %zu] (d_in of the expert set); it "
+                        "is %s", fn, d_in, atm_node_desc(xn, b1, sizeof b1));
+    if (wn->ndim != 2 || wn->shape[0] != d_out || wn->shape[1] != d_in ||
+        wn->batch_dim >= 0)
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: w0 must be [%zu, %zu] (d_out, d_in of the expert "
+                        "set); it is %s", fn, d_out, d_in,
+                        atm_node_desc(wn, b1, sizeof b1));
+    if (bn && (bn->ndim != 1 || bn->shape[0] != d_out || bn->batch_dim >= 0))
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: bias must be [%zu]; it is %s", fn, d_out,
+                        atm_node_desc(bn, b1, sizeof b1));
+    if (gn->ndim != 2 || gn->shape[1] != width)
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: gates must be [rows, %zu] (%s); it is %s", fn,
+                        width,
+                        mix == ATMOE_MIX_BLOCK ? "one per expert"
+                                               : "one per rank channel",
+                        atm_node_desc(gn, b1, sizeof b1));
+    if (in) {
+        if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1 ||
+            in->shape[0] != xn->shape[0] || in->batch_dim != xn->batch_dim)
+            return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                            "%s: gate_index must be i32 [%zu], batched like "
+                            "x %s; it is %s", fn, xn->shape[0],
+                            atm_node_desc(xn, b1, sizeof b1),
+                            atm_node_desc(in, b2, sizeof b2));
+    } else if (gn->shape[0] != xn->shape[0] ||
+               gn->batch_dim != xn->batch_dim) {
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: without gate_index, gates need one row per token "
+                        "of x %s; they are %s", fn,
+                        atm_node_desc(xn, b1, sizeof b1),
+                        atm_node_desc(gn, b2, sizeof b2));
+    }
+
+    size_t shape[2] = {xn->shape[0], d_out};
+    atm_node p;
+    atm_node_init(&p, ATM_OP_MIXTURE, ATMOE_DTYPE_F32, 2, shape);
+    p.batch_dim = xn->batch_dim;
+    p.batch_factor = xn->batch_factor;
+    p.src[0] = x;
+    p.src[1] = w0;
+    p.src[2] = bias;
+    p.src[3] = gates;
+    p.src[4] = gate_index;
+    p.nsrc = 5;
+    p.mix = mix;
+    p.alpha = c;
+    /* u and z, [T, R] each, live while the node runs. */
+    p.work_bytes = 2 * xn->shape[0] * set->total_rank * sizeof(float);
+    atmoe_node id;
+    if ((st = atm_graph_push(g, &p, NULL, fn, &id)) != ATMOE_STATUS_OK)
+        return st;
+    g->nodes[id].experts = set;
+    atm_experts_retain(set);
+    *y = id;
+    return ATMOE_STATUS_OK;
+}
+
+atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n)
+{
+    cl_kernel k;
+    atmoe_status st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix),
+                                     &k);
+    if (st == ATMOE_STATUS_OK && n->src[2] != ATMOE_NODE_NONE)
+        st = atm_kernel_get(g->ctx, "tensor", "", "copy_f32_f32", &k);
+    return st;
+}
+
+static atmoe_status gemm(atmoe_graph *g, int trans_b, size_t m, size_t n,
+                         size_t k, float alpha, const atmoe_tensor *a,
+                         const atmoe_tensor *b, size_t b_ld, float beta,
+                         cl_mem c, size_t c_offset, cl_event *ev)
+{
+    CLBlastStatusCode bs = CLBlastSgemm(
+        CLBlastLayoutRowMajor, CLBlastTransposeNo,
+        trans_b ? CLBlastTransposeYes : CLBlastTransposeNo, m, n, k, alpha,
+        a->buffer, a->offset, k, b->buffer, b->offset, b_ld, beta, c, c_offset,
+        n, &g->ctx->queue, ev);
+    return bs == CLBlastSuccess ? ATMOE_STATUS_OK
+                                : atm_fail_blas(g->ctx, bs, "CLBlastSgemm");
+}
+
+atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
+                                  cl_event *first, cl_event *last)
+{
+    const atmoe_experts *set = n->experts;
+    const atmoe_tensor *x = &g->nodes[n->src[0]].rt;
+    const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
+    const atmoe_tensor *bias =
+        n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt : NULL;
+    const atmoe_tensor *gates = &g->nodes[n->src[3]].rt;
+    const atmoe_tensor *index =
+        n->src[4] != ATMOE_NODE_NONE ? &g->nodes[n->src[4]].rt : NULL;
+    atmoe_tensor *y = &n->rt;
+    size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
+    size_t R = set->total_rank;
+    atmoe_status st;
+
+    /* Base: y = bias (broadcast) then y += x W0^T. */
+    float beta = 0.0f;
+    if (bias) {
+        atmoe_tensor rows = *bias;
+        rows.ndim = 2;
+        rows.shape[0] = T;
+        rows.shape[1] = d_out;
+        rows.stride[0] = 0;
+        rows.stride[1] = 1;
+        if ((st = atm_tensor_copy(y, &rows, first)) != ATMOE_STATUS_OK)
+            return st;
+        first = NULL;
+        beta = 1.0f;
+    }
+    if ((st = gemm(g, 1, T, d_out, d_in, 1.0f, x, w0, d_in, beta, y->buffer,
+                   y->offset, first)) != ATMOE_STATUS_OK)
+        return st;
+
+    /* Shrink: u = x A_all^T, [T, R], in the node's scratch. */
+    size_t u_off = n->work_offset / sizeof(float), z_off = u_off + T * R;
+    atmoe_tensor u = *y;
+    u.offset = u_off;
+    if ((st = gemm(g, 1, T, R, d_in, 1.0f, x, set->a, d_in, 0.0f, g->arena,
+                   u_off, NULL)) != ATMOE_STATUS_OK)
+        return st;
+
+    /* Mix: z = M(gates) u. */
+    cl_kernel k;
+    if ((st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix), &k)) !=
+        ATMOE_STATUS_OK)
+        return st;
+    cl_ulong zo = z_off, uo = u_off, go = gates->offset,
+             io = index ? index->offset : 0, width = gates->shape[1], t = T,
+             r = R;
+    cl_int has_index = index != NULL;
+    cl_mem index_buf = index ? index->buffer : gates->buffer;
+    cl_uint i = 0;
+    cl_int err = 0;
+#define MARG(v) (err |= clSetKernelArg(k, i++, sizeof(v), &(v)))
+    MARG(g->arena);
+    MARG(zo);
+    MARG(g->arena);
+    MARG(uo);
+    MARG(gates->buffer);
+    MARG(go);
+    MARG(width);
+    MARG(index_buf);
+    MARG(io);
+    MARG(has_index);
+    MARG(set->chan_expert->buffer);
+    MARG(set->chan_scale->buffer);
+    MARG(t);
+    MARG(r);
+#undef MARG
+    if (err != CL_SUCCESS)
+        return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
+                        "clSetKernelArg(%s) failed", mix_name(n->mix));
+    if ((st = atm_launch_1d(g->ctx, k, T * R, mix_name(n->mix), NULL)) !=
+        ATMOE_STATUS_OK)
+        return st;
+
+    /* Expand: y += c z B_all^T, with B stored transposed [R, d_out]. */
+    atmoe_tensor z = u;
+    z.offset = z_off;
+    return gemm(g, 0, T, d_out, R, n->alpha, &z, set->bt, d_out, 1.0f,
+                y->buffer, y->offset, last);
+}
+
+void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,
+                           uint64_t *bytes, uint64_t *flops)
+{
+    const atmoe_experts *set = n->experts;
+    uint64_t T = g->nodes[n->src[0]].rt.shape[0];
+    uint64_t din = set->d_in, dout = set->d_out, R = set->total_rank;
+    *flops = 2 * T * dout * din + 2 * T * R * (din + dout) + T * R;
+    /* Weights once, activations in and out, gates. */
+    *bytes = 4 * (dout * din + R * (din + dout) + T * (din + dout) +
+                  T * g->nodes[n->src[3]].rt.shape[1]);
+}
