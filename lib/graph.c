@@ -44,6 +44,11 @@ const char *atm_op_name(atm_op op)
     return (unsigned)op < ATM_OP_COUNT_ ? op_names[op] : "?";
 }
 
+const char *atm_node_op_name(const atm_node *n)
+{
+    return n->label ? n->label : atm_op_name(n->op);
+}
+
 /* Element-wise operations and row-wise ones whose work-items read each
  * element before writing it, and never read another's afterwards. */
 int atm_op_inplace(atm_op op)
@@ -108,7 +113,7 @@ atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
 const char *atm_node_desc(const atm_node *n, char *buf, size_t size)
 {
     char shape[96];
-    snprintf(buf, size, "'%s' (%s %s %s)", n->name, atm_op_name(n->op),
+    snprintf(buf, size, "'%s' (%s %s %s)", n->name, atm_node_op_name(n),
              atmoe_dtype_name(n->dtype),
              atm_shape_string(n->ndim, n->shape, shape, sizeof shape));
     return buf;
@@ -160,11 +165,16 @@ atmoe_status atm_graph_push(atmoe_graph *g, const atm_node *proto,
     atm_graph_unplan(g);
     atm_node *n = &g->nodes[g->count];
     *n = *proto;
-    if (name && *name)
+    if (name && *name) {
         snprintf(n->name, sizeof n->name, "%s", name);
-    else
-        snprintf(n->name, sizeof n->name, "%s_%zu", atm_op_name(n->op),
+    } else {
+        /* "<op>_<id>", with a suffix when a caller's name took it. */
+        snprintf(n->name, sizeof n->name, "%s_%zu", atm_node_op_name(n),
                  g->count);
+        for (int k = 1; lookup(g, n->name) != ATMOE_NODE_NONE; k++)
+            snprintf(n->name, sizeof n->name, "%s_%zu_%d",
+                     atm_node_op_name(n), g->count, k);
+    }
     n->co[0] = n->co[1] = ATMOE_NODE_NONE;
     *out = (atmoe_node)g->count++;
     return ATMOE_STATUS_OK;
@@ -389,8 +399,11 @@ ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *g, atmoe_node a,
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: unknown flags 0x%x", fn, flags);
     char da[160], db[160];
-    if (an->dtype != ATMOE_DTYPE_F32 || bn->dtype != ATMOE_DTYPE_F32 ||
-        (cn && cn->dtype != ATMOE_DTYPE_F32))
+    if (cn && cn->dtype != ATMOE_DTYPE_F32)
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: bias must be f32, it is %s", fn,
+                        atm_node_desc(cn, da, sizeof da));
+    if (an->dtype != ATMOE_DTYPE_F32 || bn->dtype != ATMOE_DTYPE_F32)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: operands must be f32: a is %s, b is %s", fn,
                         atm_node_desc(an, da, sizeof da),
@@ -452,7 +465,9 @@ ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *g, atmoe_node a,
 static atmoe_status binary(atmoe_graph *g, atm_op op, atmoe_node a,
                            atmoe_node b, const char *fn, atmoe_node *out)
 {
-    ATM_CHECK_NULL(NULL, g);
+    if (g == NULL)
+        return atm_fail(NULL, ATMOE_STATUS_NULL_POINTER,
+                        "%s: argument 'graph' is NULL", fn);
     const atm_node *an, *bn;
     atmoe_status st;
     if ((st = atm_graph_get_node(g, a, fn, "a", &an)) ||
@@ -595,6 +610,7 @@ ATMOE_API atmoe_status atmoe_graph_topk(atmoe_graph *g, atmoe_node x, int k,
         return st;
     atm_node q = g->nodes[v];
     q.op = ATM_OP_SECONDARY;
+    q.label = "topk_indices";
     q.dtype = ATMOE_DTYPE_I32;
     q.src[0] = v;
     q.nsrc = 1;
@@ -620,7 +636,9 @@ static atmoe_status norm(atmoe_graph *g, atm_op op, atmoe_node x,
                          atmoe_node weight, atmoe_node bias, float eps,
                          const char *fn, atmoe_node *out)
 {
-    ATM_CHECK_NULL(NULL, g);
+    if (g == NULL)
+        return atm_fail(NULL, ATMOE_STATUS_NULL_POINTER,
+                        "%s: argument 'graph' is NULL", fn);
     atm_node p;
     atmoe_status st = unary(g, op, x, fn, &p);
     if (st != ATMOE_STATUS_OK)
@@ -1030,7 +1048,7 @@ static void dump_text(const atmoe_graph *g, FILE *f)
     fputc('\n', f);
     for (size_t i = 0; i < g->count; i++) {
         const atm_node *n = &g->nodes[i];
-        fprintf(f, "%4zu %-20s %-16s %s %-20s", i, n->name, atm_op_name(n->op),
+        fprintf(f, "%4zu %-20s %-16s %s %-20s", i, n->name, atm_node_op_name(n),
                 atmoe_dtype_name(n->dtype),
                 atm_shape_string(n->ndim, n->shape, s, sizeof s));
         for (int j = 0; j < n->nsrc; j++)
@@ -1068,7 +1086,7 @@ static void dump_dot(const atmoe_graph *g, FILE *f)
                             : (g->planned && !n->needed) ? "white"
                                                          : "lightyellow";
         fprintf(f, "  n%zu [style=filled, fillcolor=%s, label=\"{%s|%s %s %s",
-                i, color, n->name, atm_op_name(n->op),
+                i, color, n->name, atm_node_op_name(n),
                 atmoe_dtype_name(n->dtype),
                 atm_shape_string(n->ndim, n->shape, s, sizeof s));
         if (g->planned && n->needed && n->storage == NULL &&

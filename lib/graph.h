@@ -56,6 +56,8 @@ typedef struct atm_node {
     int dim, dim1;  /* reductions, transpose, concat */
     int k;          /* topk */
     int co[2];      /* secondary outputs (topk: indices; router: a, d) */
+    const char *label; /* secondary outputs: what they hold, for dumps and
+                          profiles ("topk_indices"); static storage */
     size_t work_bytes; /* scratch the operation needs while it runs */
     size_t work_offset;
     atmoe_router *router;  /* ROUTER (a reference) */
@@ -103,6 +105,8 @@ struct atmoe_graph {
 
 /* The operation's name for messages, dumps and profiles. */
 const char *atm_op_name(atm_op op);
+/* The same for a node: a secondary output's label, else its op's name. */
+const char *atm_node_op_name(const atm_node *n);
 /* Whether op may write its result over its first operand's memory. */
 int atm_op_inplace(atm_op op);
 

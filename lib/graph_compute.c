@@ -83,6 +83,13 @@ ATMOE_API atmoe_status atmoe_graph_set_input(atmoe_graph *g, atmoe_node input,
         return atm_fail(g->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: input '%s' is batched: rows must be 1 to %zu, "
                         "not %zu", __func__, n->name, g->max_batch, rows);
+    size_t want = atmoe_dtype_size(n->dtype);
+    for (int i = 0; i < n->ndim; i++)
+        want *= i == n->batch_dim ? rows * n->batch_factor : n->shape[i];
+    if (bytes != want)
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: input '%s' takes %zu bytes for %zu rows, not "
+                        "%zu", __func__, n->name, want, rows, bytes);
     if (!n->needed) {
         n->rows_set = rows ? rows : 1;
         return ATMOE_STATUS_OK; /* no output reads it */
@@ -178,6 +185,11 @@ ATMOE_API atmoe_status atmoe_graph_read(atmoe_graph *g, atmoe_node node,
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: nothing computed since the graph was planned",
                         __func__);
+    size_t want = atm_tensor_count(&n->rt) * atmoe_dtype_size(n->dtype);
+    if (bytes != want)
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: output '%s' holds %zu bytes at batch %zu, not "
+                        "%zu", __func__, n->name, want, g->batch, bytes);
     return atmoe_tensor_read(&n->rt, data, bytes);
 }
 
@@ -217,7 +229,7 @@ ATMOE_API atmoe_status atmoe_graph_get_profile(atmoe_graph *g, size_t i,
     memset(profile, 0, sizeof *profile);
     profile->node = g->order[i];
     snprintf(profile->name, sizeof profile->name, "%s", n->name);
-    profile->op = atm_op_name(n->op);
+    profile->op = atm_node_op_name(n);
     atm_node_cost(g, n, &profile->bytes, &profile->flops);
     if (n->event) {
         cl_event end = n->event_last ? n->event_last : n->event;

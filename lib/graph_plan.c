@@ -248,10 +248,13 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
                 atm_node *co = &g->nodes[n->co[j]];
                 co->offset = take(&al, co->bytes);
             }
-        /* Scratch lives for this step only. */
+        /* Scratch lives for this step only (for all of the plan with
+         * NO_REUSE). */
         if (n->work_bytes) {
+            mem->intermediate_bytes += round_up(n->work_bytes, al.align);
             n->work_offset = take(&al, n->work_bytes);
-            if (!give(&al, n->work_offset, n->work_bytes)) {
+            if (!(flags & ATMOE_PLAN_NO_REUSE) &&
+                !give(&al, n->work_offset, n->work_bytes)) {
                 st = atm_fail(g->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                               "atmoe_graph_plan: out of host memory");
                 break;

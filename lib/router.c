@@ -282,12 +282,14 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
         return st;
     atm_node q = p;
     q.op = ATM_OP_SECONDARY;
+    q.label = "router_groups";
     q.src[0] = wid;
     q.src[1] = q.src[2] = ATMOE_NODE_NONE;
     q.nsrc = 1;
     memcpy(q.shape, shape_a, sizeof shape_a);
     if ((st = atm_graph_push(g, &q, NULL, fn, &aid)) == ATMOE_STATUS_OK) {
         memcpy(q.shape, shape_d, sizeof shape_d);
+        q.label = "router_within";
         st = atm_graph_push(g, &q, NULL, fn, &did);
     }
     if (st != ATMOE_STATUS_OK) {
