@@ -56,3 +56,29 @@ __kernel void mix_diagonal(__global float *z, ulong z_offset,
                        r];
     z[z_offset + i] = u[u_offset + i] * chan_scale[r] * gate;
 }
+
+/* Dense (T-REX mix-and-match): z[t, j] = sum_i G[i, j] u[t, i] with
+ * G = gates row reshaped to [r1, r2] row-major; here rank is r1 and
+ * width r2, and the work-items cover [T, r2]. */
+__kernel void mix_dense(__global float *z, ulong z_offset,
+                        __global const float *u, ulong u_offset,
+                        __global const float *gates, ulong gates_offset,
+                        ulong width, __global const int *gate_index,
+                        ulong gate_index_offset, int has_index,
+                        __global const int *chan_expert,
+                        __global const float *chan_scale, ulong tokens,
+                        ulong rank)
+{
+    ulong i = get_global_id(0);
+    if (i >= tokens * width)
+        return;
+    ulong t = i / width, j = i % width;
+    __global const float *row =
+        gates + gates_offset +
+        gate_row(gate_index + gate_index_offset, has_index, t) * rank * width;
+    __global const float *ut = u + u_offset + t * rank;
+    float acc = 0.0f;
+    for (ulong r = 0; r < rank; r++)
+        acc += row[r * width + j] * ut[r];
+    z[z_offset + i] = acc;
+}

@@ -581,12 +581,22 @@ ATMOE_API atmoe_status atmoe_experts_set_general(atmoe_experts *set,
                                                  const float *b, float alpha,
                                                  unsigned flags, float lambda);
 
+/* Makes an empty set a T-REX mix-and-match adapter (SPEC section 4): down
+ * vectors A [r1, d_in] and up vectors B [d_out, r2], whose r1*r2 rank-1
+ * experts the ATMOE_MIX_DENSE mixture combines with per-token gates
+ * G [r1, r2].  Such a set takes no other expert. */
+ATMOE_API atmoe_status atmoe_experts_set_dense(atmoe_experts *set, size_t r1,
+                                               const float *a, size_t r2,
+                                               const float *b);
+
 typedef struct atmoe_experts_info {
     size_t d_in, d_out;
     size_t experts;     /* count, without the general LoRA */
     size_t groups;
     size_t max_group;   /* experts in the largest group (M_max) */
-    size_t total_rank;  /* R: sum of ranks, general LoRA included */
+    size_t total_rank;  /* R: sum of ranks, general LoRA included (r1 for
+                           a dense set) */
+    size_t dense_r2;    /* r2 of a dense set, 0 otherwise */
     int has_general;
     float lambda;
 } atmoe_experts_info;
@@ -636,7 +646,7 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *graph, atmoe_node h,
 typedef enum atmoe_mix {
     ATMOE_MIX_BLOCK,    /* gates [rows, E]: z_e = lambda w_e s_e u_e */
     ATMOE_MIX_DIAGONAL, /* gates [rows, R]: z_i = g_i s_e(i) u_i */
-    ATMOE_MIX_DENSE     /* gates [rows, r1*r2]: z = G^T u (one expert) */
+    ATMOE_MIX_DENSE     /* gates [rows, r1*r2]: z = G^T u (a dense set) */
 } atmoe_mix;
 
 /* y = x W0^T (+ bias) + c * B_all M(gates) A_all x: the fused shrink ->

@@ -62,6 +62,10 @@ static atmoe_status check_lora(atmoe_experts *set, const char *fn,
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: the expert set is in use by a router or a graph "
                         "and can no longer change; build a new set", fn);
+    if (set->dense_r2)
+        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: the set holds a dense (T-REX) adapter and takes "
+                        "nothing else", fn);
     if (rank == 0 || rank > set->d_in || rank > set->d_out)
         return atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: rank %zu must be 1 to min(d_in %zu, d_out %zu)",
@@ -183,6 +187,46 @@ ATMOE_API atmoe_status atmoe_experts_set_general(atmoe_experts *set,
     return ATMOE_STATUS_OK;
 }
 
+ATMOE_API atmoe_status atmoe_experts_set_dense(atmoe_experts *set, size_t r1,
+                                               const float *a, size_t r2,
+                                               const float *b)
+{
+    const char *fn = __func__;
+    ATM_CHECK_NULL(NULL, set);
+    atmoe_status st = check_lora(set, fn, r1, a, b, 1.0f);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    if (set->count > 0)
+        return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: the set has experts already; a dense adapter "
+                        "needs a set of its own", fn);
+    if (r2 == 0 || r2 > set->d_out)
+        return atm_fail(set->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: r2 %zu must be 1 to d_out %zu", fn, r2,
+                        set->d_out);
+    if ((st = grow(set, fn)) != ATMOE_STATUS_OK)
+        return st;
+    float *na = malloc(r1 * set->d_in * sizeof *na);
+    float *nb = malloc(r2 * set->d_out * sizeof *nb);
+    if (na == NULL || nb == NULL) {
+        free(na);
+        free(nb);
+        return atm_fail(set->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "%s: out of host memory", fn);
+    }
+    memcpy(na, a, r1 * set->d_in * sizeof *a);
+    for (size_t r = 0; r < r2; r++)
+        for (size_t j = 0; j < set->d_out; j++)
+            nb[r * set->d_out + j] = b[j * r2 + r];
+    set->a_host = na;
+    set->bt_host = nb;
+    set->total_rank = r1;
+    set->dense_r2 = r2;
+    set->experts[set->count++] = (atm_expert){0, 0, r1, 0, 1.0f};
+    set->groups = set->max_group = 1;
+    return ATMOE_STATUS_OK;
+}
+
 ATMOE_API atmoe_status atmoe_experts_get_info(const atmoe_experts *set,
                                               atmoe_experts_info *info)
 {
@@ -194,6 +238,7 @@ ATMOE_API atmoe_status atmoe_experts_get_info(const atmoe_experts *set,
     info->groups = set->groups;
     info->max_group = set->max_group;
     info->total_rank = set->total_rank;
+    info->dense_r2 = set->dense_r2;
     info->has_general = set->has_general;
     info->lambda = set->lambda;
     return ATMOE_STATUS_OK;
@@ -237,9 +282,10 @@ atmoe_status atm_experts_seal(atmoe_experts *set)
                 e->scale * (general ? 1.0f - set->lambda : set->lambda);
         }
     }
+    size_t up = set->dense_r2 ? set->dense_r2 : R;
     if ((st = upload(ctx, ATMOE_DTYPE_F32, R, set->d_in, set->a_host,
                      &set->a)) ||
-        (st = upload(ctx, ATMOE_DTYPE_F32, R, set->d_out, set->bt_host,
+        (st = upload(ctx, ATMOE_DTYPE_F32, up, set->d_out, set->bt_host,
                      &set->bt)) ||
         (st = upload(ctx, ATMOE_DTYPE_I32, R, 0, chan_e, &set->chan_expert)) ||
         (st = upload(ctx, ATMOE_DTYPE_F32, R, 0, chan_s, &set->chan_scale)))

@@ -25,6 +25,7 @@ struct atmoe_experts {
     float *a_host;  /* [total_rank, d_in] until sealed */
     float *bt_host; /* [total_rank, d_out]: B transposed, so that the
                        expand reads rank rows of length d_out */
+    size_t dense_r2; /* a dense (T-REX) set: the up vectors' count */
     int sealed;
     atmoe_tensor *a;   /* device copies, made when sealed */
     atmoe_tensor *bt;

@@ -14,7 +14,12 @@
 
 static const char *mix_name(atmoe_mix mix)
 {
-    return mix == ATMOE_MIX_BLOCK ? "mix_block" : "mix_diagonal";
+    switch (mix) {
+    case ATMOE_MIX_BLOCK: return "mix_block";
+    case ATMOE_MIX_DIAGONAL: return "mix_diagonal";
+    case ATMOE_MIX_DENSE: break;
+    }
+    return "mix_dense";
 }
 
 ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
@@ -31,13 +36,15 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     if (set->ctx != g->ctx)
         return atm_fail(g->ctx, ATMOE_STATUS_WRONG_CONTEXT,
                         "%s: the expert set belongs to another context", fn);
-    if (mix == ATMOE_MIX_DENSE)
-        return atm_fail(g->ctx, ATMOE_STATUS_NOT_SUPPORTED,
-                        "%s: the dense (T-REX) mix is not implemented yet",
-                        fn);
-    if (mix != ATMOE_MIX_BLOCK && mix != ATMOE_MIX_DIAGONAL)
+    if (mix != ATMOE_MIX_BLOCK && mix != ATMOE_MIX_DIAGONAL &&
+        mix != ATMOE_MIX_DENSE)
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: mix %d is not an atmoe_mix", fn, (int)mix);
+    if ((mix == ATMOE_MIX_DENSE) != (set->dense_r2 != 0))
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: the dense mix takes a dense set "
+                        "(atmoe_experts_set_dense), and a dense set only the "
+                        "dense mix", fn);
     const atm_node *xn, *wn, *gn, *bn = NULL, *in = NULL;
     atmoe_status st;
     if ((st = atm_graph_get_node(g, x, fn, "x", &xn)) ||
@@ -54,7 +61,9 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     char b1[160], b2[160];
     size_t d_in = set->d_in, d_out = set->d_out;
     size_t E = set->count - (size_t)set->has_general;
-    size_t width = mix == ATMOE_MIX_BLOCK ? E : set->total_rank;
+    size_t width = mix == ATMOE_MIX_BLOCK      ? E
+                   : mix == ATMOE_MIX_DIAGONAL ? set->total_rank
+                                               : set->total_rank * set->dense_r2;
     if (xn->dtype != ATMOE_DTYPE_F32 || wn->dtype != ATMOE_DTYPE_F32 ||
         gn->dtype != ATMOE_DTYPE_F32 || (bn && bn->dtype != ATMOE_DTYPE_F32))
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
@@ -77,8 +86,9 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: gates must be [rows, %zu] (%s); it is %s", fn,
                         width,
-                        mix == ATMOE_MIX_BLOCK ? "one per expert"
-                                               : "one per rank channel",
+                        mix == ATMOE_MIX_BLOCK      ? "one per expert"
+                        : mix == ATMOE_MIX_DIAGONAL ? "one per rank channel"
+                                                    : "r1 x r2 per row",
                         atm_node_desc(gn, b1, sizeof b1));
     if (in) {
         if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1 ||
@@ -110,8 +120,10 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     p.nsrc = 5;
     p.mix = mix;
     p.alpha = c;
-    /* u and z, [T, R] each, live while the node runs. */
-    p.work_bytes = 2 * xn->shape[0] * set->total_rank * sizeof(float);
+    /* u [T, R] and z [T, R] (or [T, r2] for the dense mix) live while
+     * the node runs. */
+    size_t z_width = set->dense_r2 ? set->dense_r2 : set->total_rank;
+    p.work_bytes = xn->shape[0] * (set->total_rank + z_width) * sizeof(float);
     atmoe_node id;
     if ((st = atm_graph_push(g, &p, NULL, fn, &id)) != ATMOE_STATUS_OK)
         return st;
@@ -192,8 +204,10 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     if ((st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix), &k)) !=
         ATMOE_STATUS_OK)
         return st;
+    /* The dense mix's width argument is r2; the others' the gates'. */
     cl_ulong zo = z_off, uo = u_off, go = gates->offset,
-             io = index ? index->offset : 0, width = gates->shape[1], t = T,
+             io = index ? index->offset : 0,
+             width = set->dense_r2 ? set->dense_r2 : gates->shape[1], t = T,
              r = R;
     cl_int has_index = index != NULL;
     cl_mem index_buf = index ? index->buffer : gates->buffer;
@@ -218,14 +232,15 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     if (err != CL_SUCCESS)
         return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
                         "clSetKernelArg(%s) failed", mix_name(n->mix));
-    if ((st = atm_launch_1d(g->ctx, k, T * R, mix_name(n->mix), NULL)) !=
-        ATMOE_STATUS_OK)
+    size_t z_width = set->dense_r2 ? set->dense_r2 : R;
+    if ((st = atm_launch_1d(g->ctx, k, T * z_width, mix_name(n->mix),
+                            NULL)) != ATMOE_STATUS_OK)
         return st;
 
-    /* Expand: y += c z B_all^T, with B stored transposed [R, d_out]. */
+    /* Expand: y += c z B_all^T, with B stored transposed [z_width, d_out]. */
     atmoe_tensor z = u;
     z.offset = z_off;
-    return gemm(g, 0, T, d_out, R, n->alpha, &z, set->bt, d_out, 1.0f,
+    return gemm(g, 0, T, d_out, z_width, n->alpha, &z, set->bt, d_out, 1.0f,
                 y->buffer, y->offset, last);
 }
 
@@ -235,8 +250,10 @@ void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,
     const atmoe_experts *set = n->experts;
     uint64_t T = g->nodes[n->src[0]].rt.shape[0];
     uint64_t din = set->d_in, dout = set->d_out, R = set->total_rank;
-    *flops = 2 * T * dout * din + 2 * T * R * (din + dout) + T * R;
+    uint64_t Z = set->dense_r2 ? set->dense_r2 : R;
+    *flops = 2 * T * dout * din + 2 * T * (R * din + Z * dout) +
+             (set->dense_r2 ? 2 * T * R * Z : T * R);
     /* Weights once, activations in and out, gates. */
-    *bytes = 4 * (dout * din + R * (din + dout) + T * (din + dout) +
+    *bytes = 4 * (dout * din + R * din + Z * dout + T * (din + dout) +
                   T * g->nodes[n->src[3]].rt.shape[1]);
 }

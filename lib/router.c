@@ -53,6 +53,10 @@ ATMOE_API atmoe_status atmoe_router_new(atmoe_experts *set,
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: temperatures must be finite and > 0 (tau_g %g, "
                         "tau_d %g)", fn, tau_g, tau_d);
+    if (set->dense_r2)
+        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: a dense (T-REX) set has no groups to route; its "
+                        "gates come from the graph", fn);
     atmoe_status st = atm_experts_seal(set);
     if (st != ATMOE_STATUS_OK)
         return st;
