@@ -5,11 +5,13 @@
  * belongs to expert chan_expert[r] (-1: the general LoRA) and carries
  * chan_scale[r] = s_e * lambda (or s_p * (1 - lambda)).  Gates have one row
  * per token, or one row per sequence with gate_index naming each token's
- * row. */
+ * row, or one row for all tokens. */
 
+/* has_index: 0 one gate row per token, 1 gate_index names the row, 2 one
+ * row for every token. */
 inline ulong gate_row(__global const int *gate_index, int has_index, ulong t)
 {
-    return has_index ? (ulong)gate_index[t] : t;
+    return has_index == 1 ? (ulong)gate_index[t] : has_index == 2 ? 0 : t;
 }
 
 /* Block-diagonal: one gate per expert, gates [rows, E]. */
@@ -81,4 +83,34 @@ __kernel void mix_dense(__global float *z, ulong z_offset,
     for (ulong r = 0; r < rank; r++)
         acc += row[r * width + j] * ut[r];
     z[z_offset + i] = acc;
+}
+
+/* The merge path: when every token has the same gates (one gate row), the
+ * mixture folds into the base weight, W' = W0 + c B_all M A_all, and the
+ * layer is one GEMM.  This kernel makes M A_all: a = A_all [R, d_in] and
+ * the out rows are [z_width, d_in] (z_width = R, or r2 for the dense mix).
+ * mix: 0 block, 1 diagonal, 2 dense; gates is the single gate row. */
+__kernel void fold_gates(__global float *out, ulong out_offset,
+                         __global const float *a, __global const float *gates,
+                         ulong gates_offset, int mix,
+                         __global const int *chan_expert,
+                         __global const float *chan_scale, ulong d_in,
+                         ulong rank, ulong z_width)
+{
+    ulong i = get_global_id(0);
+    if (i >= z_width * d_in)
+        return;
+    ulong j = i / d_in, k = i % d_in;
+    gates += gates_offset;
+    float v;
+    if (mix == 2) {
+        v = 0.0f;
+        for (ulong r = 0; r < rank; r++)
+            v += gates[r * z_width + j] * a[r * d_in + k];
+    } else {
+        int e = chan_expert[j];
+        float gate = mix == 1 ? gates[j] : (e >= 0 ? gates[e] : 1.0f);
+        v = a[j * d_in + k] * chan_scale[j] * gate;
+    }
+    out[out_offset + i] = v;
 }

@@ -654,13 +654,32 @@ typedef enum atmoe_mix {
  * bias [d_out] or ATMOE_NODE_NONE; gates as the mix says, one row per
  * token, or one row per sequence with gate_index [T] (i32) naming each
  * token's row (per-sequence routing; one-hot rows serve one adapter per
- * sequence); gate_index ATMOE_NODE_NONE means row t for token t. */
+ * sequence), or a single row that every token uses (gate_index
+ * ATMOE_NODE_NONE).  With a single row the mixture may instead be merged
+ * into the base weight, W' = W0 + c B_all M A_all, and run as one GEMM:
+ * see atmoe_graph_mixture_set_merge. */
 ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *graph, atmoe_node x,
                                            atmoe_node w0, atmoe_node bias,
                                            atmoe_experts *set,
                                            atmoe_mix mix, atmoe_node gates,
                                            atmoe_node gate_index, float c,
                                            atmoe_node *y);
+
+typedef enum atmoe_merge {
+    ATMOE_MERGE_AUTO,   /* merge when it costs fewer FLOPs at the batch run */
+    ATMOE_MERGE_NEVER,
+    ATMOE_MERGE_ALWAYS
+} atmoe_merge;
+
+/* Chooses the merge path of a mixture node whose gates have a single row.
+ * AUTO merges a batch of T tokens when T (R d_in + Z d_out) exceeds
+ * (Z + 1) d_in d_out (Z = R, or r2 for the dense mix): the FLOPs of the
+ * unmerged shrink and expand against those of folding the experts into a
+ * copy of W0.  Both paths give the same result within rounding.  The plan
+ * reserves the merged weight's memory when merging is possible. */
+ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *graph,
+                                                     atmoe_node mixture,
+                                                     atmoe_merge mode);
 
 #ifdef __cplusplus
 }

@@ -63,6 +63,7 @@ typedef struct atm_node {
     atmoe_router *router;  /* ROUTER (a reference) */
     atmoe_experts *experts; /* MIXTURE (a reference) */
     atmoe_mix mix;
+    atmoe_merge merge;
     size_t start[ATMOE_MAX_DIMS]; /* view */
 
     atmoe_tensor *storage; /* parameters and constants */

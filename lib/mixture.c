@@ -22,6 +22,46 @@ static const char *mix_name(atmoe_mix mix)
     return "mix_dense";
 }
 
+/* Whether every token uses the same (single) gate row. */
+static int mergeable(const atmoe_graph *g, const atm_node *n)
+{
+    const atm_node *gates = &g->nodes[n->src[3]];
+    return n->src[4] == ATMOE_NODE_NONE && gates->shape[0] == 1 &&
+           gates->batch_dim < 0;
+}
+
+static size_t z_width(const atmoe_experts *set)
+{
+    return set->dense_r2 ? set->dense_r2 : set->total_rank;
+}
+
+/* Whether a batch of T tokens runs merged (see atmoe_graph_mixture_set_merge
+ * for the cost rule). */
+static int runs_merged(const atmoe_graph *g, const atm_node *n, size_t T)
+{
+    if (!mergeable(g, n) || n->merge == ATMOE_MERGE_NEVER)
+        return 0;
+    if (n->merge == ATMOE_MERGE_ALWAYS)
+        return 1;
+    const atmoe_experts *set = n->experts;
+    double din = (double)set->d_in, dout = (double)set->d_out;
+    double R = (double)set->total_rank, Z = (double)z_width(set);
+    return (double)T * (R * din + Z * dout) > (Z + 1.0) * din * dout;
+}
+
+/* Scratch while the node runs: u [T, R] and z [T, Z] unmerged; the folded
+ * experts [Z, d_in] and W' [d_out, d_in] merged. */
+static size_t work_bytes(const atmoe_graph *g, const atm_node *n)
+{
+    const atmoe_experts *set = n->experts;
+    size_t T = g->nodes[n->src[0]].shape[0];
+    size_t unmerged = T * (set->total_rank + z_width(set));
+    size_t merged = 0;
+    if (runs_merged(g, n, T)) /* then smaller batches may too */
+        merged = (z_width(set) + set->d_out) * set->d_in;
+    return (unmerged > merged ? unmerged : merged) * sizeof(float);
+}
+
 ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
                                            atmoe_node w0, atmoe_node bias,
                                            atmoe_experts *set, atmoe_mix mix,
@@ -90,6 +130,7 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
                         : mix == ATMOE_MIX_DIAGONAL ? "one per rank channel"
                                                     : "r1 x r2 per row",
                         atm_node_desc(gn, b1, sizeof b1));
+    int broadcast = in == NULL && gn->shape[0] == 1 && gn->batch_dim < 0;
     if (in) {
         if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1 ||
             in->shape[0] != xn->shape[0] || in->batch_dim != xn->batch_dim)
@@ -98,11 +139,11 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
                             "x %s; it is %s", fn, xn->shape[0],
                             atm_node_desc(xn, b1, sizeof b1),
                             atm_node_desc(in, b2, sizeof b2));
-    } else if (gn->shape[0] != xn->shape[0] ||
-               gn->batch_dim != xn->batch_dim) {
+    } else if (!broadcast && (gn->shape[0] != xn->shape[0] ||
+                              gn->batch_dim != xn->batch_dim)) {
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: without gate_index, gates need one row per token "
-                        "of x %s; they are %s", fn,
+                        "of x %s, or a single row; they are %s", fn,
                         atm_node_desc(xn, b1, sizeof b1),
                         atm_node_desc(gn, b2, sizeof b2));
     }
@@ -120,16 +161,44 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     p.nsrc = 5;
     p.mix = mix;
     p.alpha = c;
-    /* u [T, R] and z [T, R] (or [T, r2] for the dense mix) live while
-     * the node runs. */
-    size_t z_width = set->dense_r2 ? set->dense_r2 : set->total_rank;
-    p.work_bytes = xn->shape[0] * (set->total_rank + z_width) * sizeof(float);
+    p.merge = ATMOE_MERGE_AUTO;
+    p.experts = set;
+    p.work_bytes = work_bytes(g, &p);
     atmoe_node id;
     if ((st = atm_graph_push(g, &p, NULL, fn, &id)) != ATMOE_STATUS_OK)
         return st;
-    g->nodes[id].experts = set;
     atm_experts_retain(set);
     *y = id;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
+                                                     atmoe_node mixture,
+                                                     atmoe_merge mode)
+{
+    const char *fn = __func__;
+    ATM_CHECK_NULL(NULL, g);
+    atmoe_status st = atm_graph_check_node(g, mixture, fn, "mixture");
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    atm_node *n = &g->nodes[mixture];
+    if (n->op != ATM_OP_MIXTURE)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: node '%s' is a %s, not a mixture", fn, n->name,
+                        atm_node_op_name(n));
+    if (mode != ATMOE_MERGE_AUTO && mode != ATMOE_MERGE_NEVER &&
+        mode != ATMOE_MERGE_ALWAYS)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: mode %d is not an atmoe_merge", fn, (int)mode);
+    if (mode == ATMOE_MERGE_ALWAYS && !mergeable(g, n))
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: '%s' has gates per token or per sequence; only "
+                        "a single gate row can be merged", fn, n->name);
+    if (n->merge != mode) {
+        atm_graph_unplan(g);
+        n->merge = mode;
+        n->work_bytes = work_bytes(g, n);
+    }
     return ATMOE_STATUS_OK;
 }
 
@@ -138,7 +207,9 @@ atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n)
     cl_kernel k;
     atmoe_status st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix),
                                      &k);
-    if (st == ATMOE_STATUS_OK && n->src[2] != ATMOE_NODE_NONE)
+    if (st == ATMOE_STATUS_OK && mergeable(g, n))
+        st = atm_kernel_get(g->ctx, "mixture", "", "fold_gates", &k);
+    if (st == ATMOE_STATUS_OK && (n->src[2] != ATMOE_NODE_NONE || mergeable(g, n)))
         st = atm_kernel_get(g->ctx, "tensor", "", "copy_f32_f32", &k);
     return st;
 }
@@ -157,6 +228,76 @@ static atmoe_status gemm(atmoe_graph *g, int trans_b, size_t m, size_t n,
                                 : atm_fail_blas(g->ctx, bs, "CLBlastSgemm");
 }
 
+/* y = bias; y += x W'^T with W' = W0 + c B_all M A_all made in scratch. */
+static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
+                               cl_event *last)
+{
+    const atmoe_experts *set = n->experts;
+    const atmoe_tensor *x = &g->nodes[n->src[0]].rt;
+    const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
+    const atmoe_tensor *bias =
+        n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt : NULL;
+    const atmoe_tensor *gates = &g->nodes[n->src[3]].rt;
+    atmoe_tensor *y = &n->rt;
+    size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
+    size_t R = set->total_rank, Z = z_width(set);
+    atmoe_status st;
+
+    /* Folded experts M A_all [Z, d_in], then W' [d_out, d_in] after them. */
+    size_t fold_off = n->work_offset / sizeof(float);
+    atmoe_tensor w = *w0;
+    w.buffer = g->arena;
+    w.offset = fold_off + Z * d_in;
+    cl_kernel k;
+    if ((st = atm_kernel_get(g->ctx, "mixture", "", "fold_gates", &k)) !=
+        ATMOE_STATUS_OK)
+        return st;
+    cl_ulong fo = fold_off, go = gates->offset, din = d_in, r = R, z = Z;
+    cl_int mix = n->mix == ATMOE_MIX_BLOCK ? 0 : n->mix == ATMOE_MIX_DIAGONAL ? 1 : 2;
+    cl_uint i = 0;
+    cl_int err = 0;
+#define FARG(v) (err |= clSetKernelArg(k, i++, sizeof(v), &(v)))
+    FARG(g->arena);
+    FARG(fo);
+    FARG(set->a->buffer);
+    FARG(gates->buffer);
+    FARG(go);
+    FARG(mix);
+    FARG(set->chan_expert->buffer);
+    FARG(set->chan_scale->buffer);
+    FARG(din);
+    FARG(r);
+    FARG(z);
+#undef FARG
+    if (err != CL_SUCCESS)
+        return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
+                        "clSetKernelArg(fold_gates) failed");
+    if ((st = atm_launch_1d(g->ctx, k, Z * d_in, "fold_gates", first)) ||
+        (st = atm_tensor_copy(&w, w0, NULL)))
+        return st;
+    CLBlastStatusCode bs = CLBlastSgemm(
+        CLBlastLayoutRowMajor, CLBlastTransposeYes, CLBlastTransposeNo, d_out,
+        d_in, Z, n->alpha, set->bt->buffer, set->bt->offset, d_out, g->arena,
+        fold_off, d_in, 1.0f, g->arena, w.offset, d_in, &g->ctx->queue, NULL);
+    if (bs != CLBlastSuccess)
+        return atm_fail_blas(g->ctx, bs, "CLBlastSgemm (merging the experts)");
+
+    float beta = 0.0f;
+    if (bias) {
+        atmoe_tensor rows = *bias;
+        rows.ndim = 2;
+        rows.shape[0] = T;
+        rows.shape[1] = d_out;
+        rows.stride[0] = 0;
+        rows.stride[1] = 1;
+        if ((st = atm_tensor_copy(y, &rows, NULL)) != ATMOE_STATUS_OK)
+            return st;
+        beta = 1.0f;
+    }
+    return gemm(g, 1, T, d_out, d_in, 1.0f, x, &w, d_in, beta, y->buffer,
+                y->offset, last);
+}
+
 atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
                                   cl_event *first, cl_event *last)
 {
@@ -172,6 +313,9 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
     size_t R = set->total_rank;
     atmoe_status st;
+
+    if (runs_merged(g, n, T))
+        return run_merged(g, n, first, last);
 
     /* Base: y = bias (broadcast) then y += x W0^T. */
     float beta = 0.0f;
@@ -209,7 +353,7 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
              io = index ? index->offset : 0,
              width = set->dense_r2 ? set->dense_r2 : gates->shape[1], t = T,
              r = R;
-    cl_int has_index = index != NULL;
+    cl_int has_index = index ? 1 : mergeable(g, n) ? 2 : 0;
     cl_mem index_buf = index ? index->buffer : gates->buffer;
     cl_uint i = 0;
     cl_int err = 0;
