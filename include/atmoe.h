@@ -665,6 +665,41 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *graph, atmoe_node x,
                                            atmoe_node gate_index, float c,
                                            atmoe_node *y);
 
+/* An AT-MoE layer: the router in front of the fused mixture, over one base
+ * projection.  Fill every field (ATMOE_NODE_NONE for absent nodes). */
+typedef struct atmoe_layer {
+    atmoe_node w0;           /* [d_out, d_in] base weight */
+    atmoe_node bias;         /* [d_out] or ATMOE_NODE_NONE */
+    atmoe_experts *experts;
+    atmoe_router *router;
+    atmoe_node w_g, w_d;     /* router weights (w_d or v_d by its form) */
+    atmoe_node router_input; /* ATMOE_NODE_NONE routes each token by its
+                                hidden state; else [S, d_in], one row per
+                                sequence (a pooled instruction embedding) */
+    atmoe_node gate_index;   /* with router_input: i32 [T], each token's
+                                sequence */
+    float c;                 /* gate on the experts' sum, 1 for AT-MoE */
+} atmoe_layer;
+
+/* The router's outputs of one layer, for interpretability (see
+ * atmoe_graph_router); mark them as outputs to read them. */
+typedef struct atmoe_layer_trace {
+    atmoe_node a, d, w;
+} atmoe_layer_trace;
+
+/* Adds one layer: y = mixture(x) routed by the layer's router. */
+ATMOE_API atmoe_status atmoe_graph_moe_layer(atmoe_graph *graph, atmoe_node x,
+                                             const atmoe_layer *layer,
+                                             atmoe_node *y,
+                                             atmoe_layer_trace *trace);
+
+/* Adds n layers, each fed by the one before (d_out of a layer is d_in of
+ * the next); traces (may be NULL) receives n entries. */
+ATMOE_API atmoe_status atmoe_graph_moe_stack(atmoe_graph *graph, atmoe_node x,
+                                             const atmoe_layer *layers,
+                                             size_t n, atmoe_node *y,
+                                             atmoe_layer_trace *traces);
+
 typedef enum atmoe_merge {
     ATMOE_MERGE_AUTO,   /* merge when it costs fewer FLOPs at the batch run */
     ATMOE_MERGE_NEVER,

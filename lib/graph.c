@@ -86,16 +86,22 @@ ATMOE_API atmoe_status atmoe_graph_new(atmoe_context *ctx, atmoe_graph **graph)
     return ATMOE_STATUS_OK;
 }
 
+void atm_graph_truncate(atmoe_graph *g, size_t count)
+{
+    while (g->count > count) {
+        atm_node *n = &g->nodes[--g->count];
+        atmoe_tensor_free(n->storage);
+        atmoe_router_free(n->router);
+        atmoe_experts_free(n->experts);
+    }
+}
+
 ATMOE_API void atmoe_graph_free(atmoe_graph *g)
 {
     if (g == NULL)
         return;
     atm_graph_unplan(g);
-    for (size_t i = 0; i < g->count; i++) {
-        atmoe_tensor_free(g->nodes[i].storage);
-        atmoe_router_free(g->nodes[i].router);
-        atmoe_experts_free(g->nodes[i].experts);
-    }
+    atm_graph_truncate(g, 0);
     free(g->nodes);
     free(g);
 }
@@ -621,7 +627,7 @@ ATMOE_API atmoe_status atmoe_graph_topk(atmoe_graph *g, atmoe_node x, int k,
                  lookup(g, name) == ATMOE_NODE_NONE;
     if ((st = atm_graph_push(g, &q, usable ? name : NULL, fn, &ix)) !=
         ATMOE_STATUS_OK) {
-        g->count--; /* drop the values node: the pair goes in whole */
+        atm_graph_truncate(g, (size_t)v); /* the pair goes in whole */
         return st;
     }
     g->nodes[v].co[0] = ix;

@@ -116,6 +116,9 @@ atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
                                   const char *fn, const char *operand);
 
 void atm_graph_unplan(atmoe_graph *g);
+/* Drops the nodes from count on, releasing what they hold: an operation
+ * that adds several nodes adds all or none. */
+void atm_graph_truncate(atmoe_graph *g, size_t count);
 
 /* Building blocks for operations defined outside graph.c. */
 void atm_node_init(atm_node *p, atm_op op, atmoe_dtype dtype, int ndim,

@@ -297,7 +297,7 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
         st = atm_graph_push(g, &q, NULL, fn, &did);
     }
     if (st != ATMOE_STATUS_OK) {
-        g->count = mark; /* the three go in together or not at all */
+        atm_graph_truncate(g, mark); /* the three go in together or not */
         return st;
     }
     g->nodes[wid].co[0] = aid;
