@@ -239,7 +239,9 @@ typedef struct atmoe_memory_stats {
 } atmoe_memory_stats;
 
 /* Counts the device allocations made through the context (tensors, graph
- * arenas), so that a caller can check that a loop allocates nothing. */
+ * arenas) since it was created; the counts only grow.  A caller can check
+ * that a loop allocates nothing.  CLBlast's own temporary buffers are not
+ * counted. */
 ATMOE_API atmoe_status atmoe_context_get_memory_stats(
     const atmoe_context *ctx, atmoe_memory_stats *stats);
 
@@ -448,7 +450,8 @@ ATMOE_API atmoe_status atmoe_graph_scatter_add_rows(atmoe_graph *graph,
 ATMOE_API atmoe_status atmoe_graph_reshape(atmoe_graph *graph, atmoe_node x,
                                            int ndim, const size_t *shape,
                                            atmoe_node *out);
-/* The block of x that starts at start[] and spans shape[] (x's rank). */
+/* A copy of the block of x that starts at start[] and spans shape[] (x's
+ * rank). */
 ATMOE_API atmoe_status atmoe_graph_view(atmoe_graph *graph, atmoe_node x,
                                         const size_t *start,
                                         const size_t *shape, atmoe_node *out);
@@ -491,7 +494,10 @@ ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *graph, unsigned flags);
 
 typedef struct atmoe_graph_memory {
     uint64_t arena_bytes;        /* device memory the plan allocated */
-    uint64_t intermediate_bytes; /* the sum of every intermediate's size */
+    uint64_t intermediate_bytes; /* the sum of the sizes of everything the
+                                    arena holds (inputs, intermediates,
+                                    outputs, scratch), each aligned: what
+                                    the plan would take without reuse */
     uint64_t pinned_bytes;       /* inputs and outputs (in the arena) */
     size_t nodes_computed;       /* nodes an output needs */
 } atmoe_graph_memory;
@@ -516,8 +522,9 @@ ATMOE_API atmoe_status atmoe_graph_read(atmoe_graph *graph, atmoe_node node,
                                         void *data, size_t bytes);
 
 /* Per-node timing.  When on, each compute records an event per node;
- * atmoe_graph_get_profile() waits for the last compute and reports node i of
- * the computed order (0 <= i < nodes_computed). */
+ * atmoe_graph_get_profile() then waits for node i of the computed order
+ * (0 <= i < nodes_computed) and reports its time; with profiling off it
+ * reports costs only, with ms 0, and does not wait. */
 ATMOE_API atmoe_status atmoe_graph_set_profiling(atmoe_graph *graph, int on);
 
 typedef struct atmoe_node_profile {

@@ -505,6 +505,12 @@ static atmoe_status binary(atmoe_graph *g, atm_op op, atmoe_node a,
                             "%s: a batched dimension meets a fixed one: a is "
                             "%s, b is %s", fn, atm_node_desc(an, da, sizeof da),
                             atm_node_desc(bn, db, sizeof db));
+        if ((ba || bb) && batch_dim >= 0)
+            return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                            "%s: a and b are batched in different "
+                            "dimensions: a is %s, b is %s", fn,
+                            atm_node_desc(an, da, sizeof da),
+                            atm_node_desc(bn, db, sizeof db));
         if (ba || bb) {
             batch_dim = i;
             factor = ba ? an->batch_factor : bn->batch_factor;
@@ -747,6 +753,11 @@ ATMOE_API atmoe_status atmoe_graph_gather_rows(atmoe_graph *g,
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: indices must be a 1-D i32 node; it is %s", fn,
                         atm_node_desc(in, d, sizeof d));
+    if (in->batch_dim >= 0 && tn->batch_dim > 0)
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: the indices and the table %s are both batched; "
+                        "the result can follow only one batch", fn,
+                        atm_node_desc(tn, d, sizeof d));
     atm_node p;
     atm_node_init(&p, ATM_OP_GATHER_ROWS, ATMOE_DTYPE_F32, tn->ndim, tn->shape);
     p.shape[0] = in->shape[0];
@@ -787,7 +798,10 @@ ATMOE_API atmoe_status atmoe_graph_scatter_add_rows(atmoe_graph *g,
     int same = sn->ndim == dn->ndim && sn->shape[0] == in->shape[0];
     for (int i = 1; same && i < dn->ndim; i++)
         same = sn->shape[i] == dn->shape[i];
+    /* src's rows follow the indices; a batch elsewhere in src must be
+     * dst's batch too. */
     if (!same || (in->batch_dim >= 0) != (sn->batch_dim == 0) ||
+        (sn->batch_dim > 0 && sn->batch_dim != dn->batch_dim) ||
         (dn->batch_dim >= 0 && dn->batch_dim != 0 &&
          dn->batch_dim != sn->batch_dim))
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,

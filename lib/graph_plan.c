@@ -211,6 +211,15 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
             g->nodes[n->owner].pinned = 1;
     }
 
+    /* Inputs first: they hold data from set_input until the compute that
+     * reads them, so no intermediate that runs before their first reader
+     * may share their memory. */
+    for (size_t k = 0; k < g->order_count; k++) {
+        atm_node *n = &g->nodes[g->order[k]];
+        if (n->op == ATM_OP_INPUT)
+            n->offset = take(&al, n->bytes);
+    }
+
     atmoe_status st = ATMOE_STATUS_OK;
     for (size_t k = 0; k < g->order_count; k++) {
         int id = g->order[k];
@@ -220,8 +229,8 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
         mem->intermediate_bytes += round_up(n->bytes, al.align);
         if (n->pinned)
             mem->pinned_bytes += round_up(n->bytes, al.align);
-        if (n->op == ATM_OP_SECONDARY)
-            goto release; /* placed with the node that writes it */
+        if (n->op == ATM_OP_SECONDARY || n->op == ATM_OP_INPUT)
+            goto release; /* placed already, or with the node writing it */
 
         /* In place: the first operand's memory, when this node is its last
          * reader, holds enough, and is ours to overwrite. */
