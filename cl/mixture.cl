@@ -8,10 +8,16 @@
  * row, or one row for all tokens. */
 
 /* has_index: 0 one gate row per token, 1 gate_index names the row, 2 one
- * row for every token. */
-inline ulong gate_row(__global const int *gate_index, int has_index, ulong t)
+ * row for every token.  An index outside [0, gate_rows) gives gate_rows,
+ * which callers treat as "no gates": the token gets the base projection
+ * (and the general LoRA) only. */
+inline ulong gate_row(__global const int *gate_index, int has_index, ulong t,
+                      ulong gate_rows)
 {
-    return has_index == 1 ? (ulong)gate_index[t] : has_index == 2 ? 0 : t;
+    if (has_index != 1)
+        return has_index == 2 ? 0 : t;
+    int i = gate_index[t];
+    return i >= 0 && (ulong)i < gate_rows ? (ulong)i : gate_rows;
 }
 
 /* Block-diagonal: one gate per expert, gates [rows, E]. */
@@ -22,19 +28,20 @@ __kernel void mix_block(__global float *z, ulong z_offset,
                         ulong gate_index_offset, int has_index,
                         __global const int *chan_expert,
                         __global const float *chan_scale, ulong tokens,
-                        ulong rank)
+                        ulong rank, ulong gate_rows)
 {
     ulong i = get_global_id(0);
     if (i >= tokens * rank)
         return;
     ulong t = i / rank, r = i % rank;
     int e = chan_expert[r];
+    ulong row = gate_row(gate_index + gate_index_offset, has_index, t,
+                         gate_rows);
     float gate = 1.0f;
     if (e >= 0)
-        gate = gates[gates_offset +
-                     gate_row(gate_index + gate_index_offset, has_index, t) *
-                         n_experts +
-                     (ulong)e];
+        gate = row < gate_rows
+                   ? gates[gates_offset + row * n_experts + (ulong)e]
+                   : 0.0f;
     z[z_offset + i] = u[u_offset + i] * chan_scale[r] * gate;
 }
 
@@ -46,16 +53,15 @@ __kernel void mix_diagonal(__global float *z, ulong z_offset,
                            ulong gate_index_offset, int has_index,
                            __global const int *chan_expert,
                            __global const float *chan_scale, ulong tokens,
-                           ulong rank)
+                           ulong rank, ulong gate_rows)
 {
     ulong i = get_global_id(0);
     if (i >= tokens * rank)
         return;
     ulong t = i / rank, r = i % rank;
-    float gate = gates[gates_offset +
-                       gate_row(gate_index + gate_index_offset, has_index, t) *
-                           rank +
-                       r];
+    ulong row = gate_row(gate_index + gate_index_offset, has_index, t,
+                         gate_rows);
+    float gate = row < gate_rows ? gates[gates_offset + row * rank + r] : 0.0f;
     z[z_offset + i] = u[u_offset + i] * chan_scale[r] * gate;
 }
 
@@ -69,19 +75,20 @@ __kernel void mix_dense(__global float *z, ulong z_offset,
                         ulong gate_index_offset, int has_index,
                         __global const int *chan_expert,
                         __global const float *chan_scale, ulong tokens,
-                        ulong rank)
+                        ulong rank, ulong gate_rows)
 {
     ulong i = get_global_id(0);
     if (i >= tokens * width)
         return;
     ulong t = i / width, j = i % width;
-    __global const float *row =
-        gates + gates_offset +
-        gate_row(gate_index + gate_index_offset, has_index, t) * rank * width;
-    __global const float *ut = u + u_offset + t * rank;
+    ulong g = gate_row(gate_index + gate_index_offset, has_index, t, gate_rows);
     float acc = 0.0f;
-    for (ulong r = 0; r < rank; r++)
-        acc += row[r * width + j] * ut[r];
+    if (g < gate_rows) {
+        __global const float *row = gates + gates_offset + g * rank * width;
+        __global const float *ut = u + u_offset + t * rank;
+        for (ulong r = 0; r < rank; r++)
+            acc += row[r * width + j] * ut[r];
+    }
     z[z_offset + i] = acc;
 }
 

@@ -500,6 +500,8 @@ typedef struct atmoe_graph_memory {
                                     the plan would take without reuse */
     uint64_t pinned_bytes;       /* inputs and outputs (in the arena) */
     size_t nodes_computed;       /* nodes an output needs */
+    uint64_t gemm_scratch_bytes; /* CLBlast's scratch for padded or
+                                    transposed GEMM operands */
 } atmoe_graph_memory;
 
 ATMOE_API atmoe_status atmoe_graph_get_memory(const atmoe_graph *graph,
@@ -662,7 +664,8 @@ typedef enum atmoe_mix {
  * token, or one row per sequence with gate_index [T] (i32) naming each
  * token's row (per-sequence routing; one-hot rows serve one adapter per
  * sequence), or a single row that every token uses (gate_index
- * ATMOE_NODE_NONE).  With a single row the mixture may instead be merged
+ * ATMOE_NODE_NONE).  A token whose gate_index is outside the gate rows gets
+ * no expert (only the base projection and the general LoRA).  With a single row the mixture may instead be merged
  * into the base weight, W' = W0 + c B_all M A_all, and run as one GEMM:
  * see atmoe_graph_mixture_set_merge. */
 ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *graph, atmoe_node x,

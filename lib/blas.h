@@ -11,4 +11,20 @@
 atmoe_status atm_fail_blas(const atmoe_context *ctx, CLBlastStatusCode code,
                            const char *what);
 
+/* One row-major SGEMM: C = alpha op(A) op(B) + beta C (offsets and leading
+ * dimensions in elements). */
+typedef struct atm_gemm {
+    int trans_a, trans_b;
+    size_t m, n, k;
+    float alpha, beta;
+    cl_mem a, b, c;
+    size_t a_offset, a_ld, b_offset, b_ld, c_offset, c_ld;
+} atm_gemm;
+
+/* Runs p through CLBlast, in temp when it holds the scratch CLBlast needs
+ * (else CLBlast allocates its own); *temp_need (may be NULL) receives that
+ * need in bytes.  Serialised over the process. */
+atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p, cl_mem temp,
+                       size_t temp_bytes, size_t *temp_need, cl_event *event);
+
 #endif

@@ -101,6 +101,12 @@ struct atmoe_graph {
     atmoe_graph_memory memory;
 
     size_t batch;       /* of the last compute; 0 before the first */
+    /* CLBlast's scratch for GEMMs that pad or transpose their operands,
+     * sized at planning by a pass over the plan at the largest batch, so
+     * that computing allocates nothing. */
+    cl_mem gemm_temp;
+    size_t gemm_temp_bytes;
+    int sizing; /* the planning pass is running */
     int profiling;
 };
 
@@ -133,6 +139,12 @@ atmoe_status atm_graph_get_node(const atmoe_graph *g, atmoe_node id,
 /* "'name' (op dtype [shape])", for messages. */
 const char *atm_node_desc(const atm_node *n, char *buf, size_t size);
 
+/* atm_sgemm with the graph's GEMM scratch; while sizing, records the
+ * scratch it needs. */
+struct atm_gemm;
+atmoe_status atm_graph_sgemm(atmoe_graph *g, const struct atm_gemm *p,
+                             cl_event *event);
+
 /* Operations defined beside their objects (router.c, mixture.c). */
 atmoe_status atm_router_node_prepare(atmoe_graph *g, const atm_node *n);
 atmoe_status atm_router_node_run(atmoe_graph *g, atm_node *n, cl_event *ev);
@@ -142,6 +154,8 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
 void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,
                            uint64_t *bytes, uint64_t *flops);
 
+/* Sets node n's runtime tensor (rt) for a batch. */
+void atm_node_set_runtime(atmoe_graph *g, atm_node *n, size_t batch);
 /* Runs node n (its sources already ran) with the runtime tensors set. */
 atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
                           cl_event *last);

@@ -19,7 +19,7 @@ static atmoe_status need_plan(const atmoe_graph *g, const char *fn)
 
 /* The node's tensor at a batch: dense, in the arena at its owner's offset,
  * or the storage of a parameter or constant. */
-static void set_runtime(atmoe_graph *g, atm_node *n, size_t batch)
+void atm_node_set_runtime(atmoe_graph *g, atm_node *n, size_t batch)
 {
     atmoe_tensor *t = &n->rt;
     if (n->storage) {
@@ -94,7 +94,7 @@ ATMOE_API atmoe_status atmoe_graph_set_input(atmoe_graph *g, atmoe_node input,
         n->rows_set = rows ? rows : 1;
         return ATMOE_STATUS_OK; /* no output reads it */
     }
-    set_runtime(g, n, rows);
+    atm_node_set_runtime(g, n, rows);
     st = atmoe_tensor_write(&n->rt, data, bytes);
     if (st == ATMOE_STATUS_OK)
         n->rows_set = rows ? rows : 1;
@@ -146,7 +146,7 @@ ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *g, size_t batch)
 
     release_events(g);
     for (size_t k = 0; k < g->order_count; k++)
-        set_runtime(g, &g->nodes[g->order[k]], batch);
+        atm_node_set_runtime(g, &g->nodes[g->order[k]], batch);
     g->batch = 0;
     for (size_t k = 0; k < g->order_count; k++) {
         atm_node *n = &g->nodes[g->order[k]];

@@ -111,7 +111,10 @@ void atm_graph_unplan(atmoe_graph *g)
     }
     if (g->arena)
         clReleaseMemObject(g->arena);
-    g->arena = NULL;
+    if (g->gemm_temp)
+        clReleaseMemObject(g->gemm_temp);
+    g->arena = g->gemm_temp = NULL;
+    g->gemm_temp_bytes = 0;
     free(g->order);
     g->order = NULL;
     g->order_count = 0;
@@ -296,6 +299,40 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
     return st;
 }
 
+/* Runs the nodes that call CLBlast once at the largest batch, on a zeroed
+ * arena, to learn the GEMM scratch they need (and to have CLBlast compile
+ * its kernels now rather than in the first compute). */
+static atmoe_status size_gemm_scratch(atmoe_graph *g)
+{
+    if (g->arena) {
+        cl_float zero = 0.0f;
+        cl_int err = clEnqueueFillBuffer(g->ctx->queue, g->arena, &zero,
+                                         sizeof zero, 0,
+                                         g->memory.arena_bytes, 0, NULL, NULL);
+        if (err != CL_SUCCESS)
+            return atm_fail_cl(g->ctx, err, "atmoe_graph_plan: clEnqueueFillBuffer");
+    }
+    size_t batch = g->max_batch ? g->max_batch : 1;
+    for (size_t k = 0; k < g->order_count; k++)
+        atm_node_set_runtime(g, &g->nodes[g->order[k]], batch);
+    atmoe_status st = ATMOE_STATUS_OK;
+    g->sizing = 1;
+    for (size_t k = 0; st == ATMOE_STATUS_OK && k < g->order_count; k++) {
+        atm_node *n = &g->nodes[g->order[k]];
+        if (n->op == ATM_OP_MATMUL || n->op == ATM_OP_MIXTURE)
+            st = atm_node_run(g, n, NULL, NULL);
+    }
+    g->sizing = 0;
+    cl_int err = clFinish(g->ctx->queue);
+    if (st == ATMOE_STATUS_OK && err != CL_SUCCESS)
+        st = atm_fail_cl(g->ctx, err, "atmoe_graph_plan: clFinish");
+    if (st == ATMOE_STATUS_OK && g->gemm_temp_bytes > 0)
+        st = atm_buffer_new(g->ctx, g->gemm_temp_bytes, &g->gemm_temp,
+                            "atmoe_graph_plan: GEMM scratch");
+    g->memory.gemm_scratch_bytes = g->gemm_temp_bytes;
+    return st;
+}
+
 ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *g, unsigned flags)
 {
     ATM_CHECK_NULL(NULL, g);
@@ -327,6 +364,8 @@ ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *g, unsigned flags)
     /* Build every kernel now, so that computing allocates nothing. */
     for (size_t k = 0; st == ATMOE_STATUS_OK && k < g->order_count; k++)
         st = atm_node_prepare(g, &g->nodes[g->order[k]]);
+    if (st == ATMOE_STATUS_OK)
+        st = size_gemm_scratch(g);
     if (st != ATMOE_STATUS_OK) {
         atm_graph_unplan(g);
         return st;

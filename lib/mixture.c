@@ -219,13 +219,9 @@ static atmoe_status gemm(atmoe_graph *g, int trans_b, size_t m, size_t n,
                          const atmoe_tensor *b, size_t b_ld, float beta,
                          cl_mem c, size_t c_offset, cl_event *ev)
 {
-    CLBlastStatusCode bs = CLBlastSgemm(
-        CLBlastLayoutRowMajor, CLBlastTransposeNo,
-        trans_b ? CLBlastTransposeYes : CLBlastTransposeNo, m, n, k, alpha,
-        a->buffer, a->offset, k, b->buffer, b->offset, b_ld, beta, c, c_offset,
-        n, &g->ctx->queue, ev);
-    return bs == CLBlastSuccess ? ATMOE_STATUS_OK
-                                : atm_fail_blas(g->ctx, bs, "CLBlastSgemm");
+    atm_gemm p = {0, trans_b, m, n, k, alpha, beta, a->buffer, b->buffer,
+                  c, a->offset, k, b->offset, b_ld, c_offset, n};
+    return atm_graph_sgemm(g, &p, ev);
 }
 
 /* y = bias; y += x W'^T with W' = W0 + c B_all M A_all made in scratch. */
@@ -275,12 +271,11 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     if ((st = atm_launch_1d(g->ctx, k, Z * d_in, "fold_gates", first)) ||
         (st = atm_tensor_copy(&w, w0, NULL)))
         return st;
-    CLBlastStatusCode bs = CLBlastSgemm(
-        CLBlastLayoutRowMajor, CLBlastTransposeYes, CLBlastTransposeNo, d_out,
-        d_in, Z, n->alpha, set->bt->buffer, set->bt->offset, d_out, g->arena,
-        fold_off, d_in, 1.0f, g->arena, w.offset, d_in, &g->ctx->queue, NULL);
-    if (bs != CLBlastSuccess)
-        return atm_fail_blas(g->ctx, bs, "CLBlastSgemm (merging the experts)");
+    atm_gemm merge = {1, 0, d_out, d_in, Z, n->alpha, 1.0f,
+                      set->bt->buffer, g->arena, g->arena, set->bt->offset,
+                      d_out, fold_off, d_in, w.offset, d_in};
+    if ((st = atm_graph_sgemm(g, &merge, NULL)) != ATMOE_STATUS_OK)
+        return st;
 
     float beta = 0.0f;
     if (bias) {
@@ -314,8 +309,13 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     size_t R = set->total_rank;
     atmoe_status st;
 
-    if (runs_merged(g, n, T))
-        return run_merged(g, n, first, last);
+    if (runs_merged(g, n, T)) {
+        st = run_merged(g, n, first, last);
+        /* The sizing pass goes on to the unmerged GEMMs: smaller batches
+         * run them. */
+        if (st != ATMOE_STATUS_OK || !g->sizing)
+            return st;
+    }
 
     /* Base: y = bias (broadcast) then y += x W0^T. */
     float beta = 0.0f;
@@ -352,7 +352,7 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     cl_ulong zo = z_off, uo = u_off, go = gates->offset,
              io = index ? index->offset : 0,
              width = set->dense_r2 ? set->dense_r2 : gates->shape[1], t = T,
-             r = R;
+             r = R, gate_rows = gates->shape[0];
     cl_int has_index = index ? 1 : mergeable(g, n) ? 2 : 0;
     cl_mem index_buf = index ? index->buffer : gates->buffer;
     cl_uint i = 0;
@@ -372,6 +372,7 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     MARG(set->chan_scale->buffer);
     MARG(t);
     MARG(r);
+    MARG(gate_rows);
 #undef MARG
     if (err != CL_SUCCESS)
         return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,

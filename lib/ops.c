@@ -190,14 +190,10 @@ static atmoe_status run_matmul(atmoe_graph *g, atm_node *n, cl_event *first,
     /* Without a bias the GEMM is the node's first command, with one its
      * last. */
     cl_event *target = first ? first : last;
-    CLBlastStatusCode bs = CLBlastSgemm(
-        CLBlastLayoutRowMajor, ta ? CLBlastTransposeYes : CLBlastTransposeNo,
-        tb ? CLBlastTransposeYes : CLBlastTransposeNo, m, cols, k, 1.0f,
-        a->buffer, a->offset, a->shape[1], b->buffer, b->offset, b->shape[1],
-        beta, c->buffer, c->offset, cols, &g->ctx->queue, target);
-    if (bs != CLBlastSuccess)
-        return atm_fail_blas(g->ctx, bs, "CLBlastSgemm");
-    return ATMOE_STATUS_OK;
+    atm_gemm p = {ta, tb, m, cols, k, 1.0f, beta, a->buffer, b->buffer,
+                  c->buffer, a->offset, a->shape[1], b->offset, b->shape[1],
+                  c->offset, cols};
+    return atm_graph_sgemm(g, &p, target);
 }
 
 /* Copies src (any strides) into the block of dst that starts at start. */

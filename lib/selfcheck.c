@@ -98,15 +98,10 @@ static atmoe_status check_gemm(atmoe_context *ctx, uint64_t *rng,
         (st = atmoe_tensor_write(b, hb, sizeof(float) * K * N)) ||
         (st = atmoe_tensor_fill(c, NAN)))
         goto out;
-    CLBlastStatusCode bs = CLBlastSgemm(
-        CLBlastLayoutRowMajor, CLBlastTransposeNo, CLBlastTransposeNo, M, N, K,
-        1.0f, a->buffer, a->offset, K, b->buffer, b->offset, N, 0.0f,
-        c->buffer, c->offset, N, &ctx->queue, NULL);
-    if (bs != CLBlastSuccess) {
-        st = atm_fail_blas(ctx, bs, "CLBlastSgemm");
-        goto out;
-    }
-    if ((st = atmoe_tensor_read(c, hc, sizeof(float) * M * N)))
+    atm_gemm p = {0, 0, M, N, K, 1.0f, 0.0f, a->buffer, b->buffer,
+                  c->buffer, a->offset, K, b->offset, N, c->offset, N};
+    if ((st = atm_sgemm(ctx, &p, NULL, 0, NULL, NULL)) ||
+        (st = atmoe_tensor_read(c, hc, sizeof(float) * M * N)))
         goto out;
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
