@@ -64,8 +64,10 @@ inline void masked_softmax(float *x, const int *keep, int n, float tau)
         x[i] = keep[i] ? exp(x[i] / tau - m) : 0.0f;
         sum += x[i];
     }
+    /* NaN logits make NaN weights: the trace shows them, rather than a
+     * silent zero. */
     for (int i = 0; i < n; i++)
-        x[i] = sum > 0.0f ? x[i] / sum : 0.0f;
+        x[i] = sum > 0.0f || isnan(sum) ? x[i] / sum : 0.0f;
 }
 
 /* Sets fixed entries (fixed[i] not NaN) to their value, clears the ones
@@ -91,7 +93,8 @@ inline void apply_fixed(float *v, const int *keep, __global const float *fixed,
         else if (!isnan(fixed[i]))
             v[i] = fixed[i];
         else
-            v[i] = free_sum > 0.0f ? v[i] * room / free_sum : 0.0f;
+            v[i] = free_sum > 0.0f || isnan(free_sum) ? v[i] * room / free_sum
+                                                      : 0.0f;
     }
 }
 

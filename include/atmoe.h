@@ -645,7 +645,8 @@ ATMOE_API atmoe_status atmoe_router_set_fixed(atmoe_router *router, int group,
  * (projected form) or v_d [G, M_max] (scaled form).  Outputs (any may be
  * NULL): a [rows, G] group weights, d [rows, G*M_max] within-group weights
  * (slot g*M_max + m), w [rows, E] final expert weights in expert order:
- * mark them as outputs to trace the router. */
+ * mark them as outputs to trace the router.  NaN in the router weights is
+ * not detected: it gives NaN weights, which the trace shows. */
 ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *graph, atmoe_node h,
                                           atmoe_router *router,
                                           atmoe_node w_g, atmoe_node w_d,
@@ -665,7 +666,10 @@ typedef enum atmoe_mix {
  * token's row (per-sequence routing; one-hot rows serve one adapter per
  * sequence), or a single row that every token uses (gate_index
  * ATMOE_NODE_NONE).  A token whose gate_index is outside the gate rows gets
- * no expert (only the base projection and the general LoRA).  With a single row the mixture may instead be merged
+ * no gated channel: the base projection, and with the block mix the
+ * general LoRA.  Rank channels are stacked in the order the experts (and
+ * the general LoRA) were added; the diagonal mix gates every channel, the
+ * general LoRA's included.  With a single row the mixture may instead be merged
  * into the base weight, W' = W0 + c B_all M A_all, and run as one GEMM:
  * see atmoe_graph_mixture_set_merge. */
 ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *graph, atmoe_node x,

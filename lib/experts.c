@@ -56,8 +56,9 @@ static atmoe_status check_lora(atmoe_experts *set, const char *fn,
                                float alpha)
 {
     atmoe_context *ctx = set->ctx;
-    ATM_CHECK_NULL(ctx, a);
-    ATM_CHECK_NULL(ctx, b);
+    if (a == NULL || b == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_NULL_POINTER,
+                        "%s: argument '%s' is NULL", fn, a ? "b" : "a");
     if (set->sealed)
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: the expert set is in use by a router or a graph "

@@ -3,6 +3,7 @@
  * one mix kernel and an expand GEMM accumulating onto the base. */
 #include <config.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -95,8 +96,6 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
         (gate_index != ATMOE_NODE_NONE &&
          (st = atm_graph_get_node(g, gate_index, fn, "gate_index", &in))))
         return st;
-    if ((st = atm_experts_seal(set)) != ATMOE_STATUS_OK)
-        return st;
 
     char b1[160], b2[160];
     size_t d_in = set->d_in, d_out = set->d_out;
@@ -131,8 +130,15 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
                                                     : "r1 x r2 per row",
                         atm_node_desc(gn, b1, sizeof b1));
     int broadcast = in == NULL && gn->shape[0] == 1 && gn->batch_dim < 0;
+    if (in && in->dtype != ATMOE_DTYPE_I32)
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: gate_index must be i32; it is %s", fn,
+                        atm_node_desc(in, b1, sizeof b1));
+    if (!isfinite(c))
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: c is %g", fn, c);
     if (in) {
-        if (in->dtype != ATMOE_DTYPE_I32 || in->ndim != 1 ||
+        if (in->ndim != 1 ||
             in->shape[0] != xn->shape[0] || in->batch_dim != xn->batch_dim)
             return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                             "%s: gate_index must be i32 [%zu], batched like "
@@ -164,6 +170,10 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     p.merge = ATMOE_MERGE_AUTO;
     p.experts = set;
     p.work_bytes = work_bytes(g, &p);
+    /* Sealed only once the node is known to be right: a refused call
+     * leaves the set open. */
+    if ((st = atm_experts_seal(set)) != ATMOE_STATUS_OK)
+        return st;
     atmoe_node id;
     if ((st = atm_graph_push(g, &p, NULL, fn, &id)) != ATMOE_STATUS_OK)
         return st;

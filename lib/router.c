@@ -57,9 +57,6 @@ ATMOE_API atmoe_status atmoe_router_new(atmoe_experts *set,
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: a dense (T-REX) set has no groups to route; its "
                         "gates come from the graph", fn);
-    atmoe_status st = atm_experts_seal(set);
-    if (st != ATMOE_STATUS_OK)
-        return st;
     size_t G = set->groups, M = set->max_group;
     size_t E = set->count - (size_t)set->has_general;
     if (top_k_groups < 0 || (size_t)top_k_groups > G || top_k_experts < 0 ||
@@ -68,6 +65,11 @@ ATMOE_API atmoe_status atmoe_router_new(atmoe_experts *set,
                         "%s: top_k_groups %d must be 0 to %zu and "
                         "top_k_experts %d 0 to %zu (0 keeps all)", fn,
                         top_k_groups, G, top_k_experts, M);
+    /* Sealed only once everything is known to be right: a refused call
+     * leaves the set open. */
+    atmoe_status st = atm_experts_seal(set);
+    if (st != ATMOE_STATUS_OK)
+        return st;
 
     atmoe_router *r = calloc(1, sizeof *r);
     if (r == NULL)
