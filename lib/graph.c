@@ -168,7 +168,6 @@ atmoe_status atm_graph_push(atmoe_graph *g, const atm_node *proto,
         g->nodes = p;
         g->capacity = cap;
     }
-    atm_graph_unplan(g);
     atm_node *n = &g->nodes[g->count];
     *n = *proto;
     if (name && *name) {
@@ -1061,7 +1060,7 @@ static void dump_text(const atmoe_graph *g, FILE *f)
     fprintf(f, "graph: %zu nodes", g->count);
     if (g->max_batch)
         fprintf(f, ", batch %zu", g->max_batch);
-    if (g->planned)
+    if (atm_graph_is_planned(g))
         fprintf(f, ", %zu computed, arena %llu bytes (intermediates %llu)",
                 g->order_count, (unsigned long long)g->memory.arena_bytes,
                 (unsigned long long)g->memory.intermediate_bytes);
@@ -1078,7 +1077,7 @@ static void dump_text(const atmoe_graph *g, FILE *f)
             fprintf(f, " batch@%d", n->batch_dim);
         if (n->is_output)
             fprintf(f, " output");
-        if (g->planned && n->needed) {
+        if (atm_graph_is_planned(g) && n->needed) {
             if (n->storage)
                 fprintf(f, " [own storage]");
             else if (n->owner != (int)i)
@@ -1086,7 +1085,7 @@ static void dump_text(const atmoe_graph *g, FILE *f)
             else
                 fprintf(f, " [arena %zu +%zu%s]", n->offset, n->bytes,
                         n->pinned ? " pinned" : "");
-        } else if (g->planned) {
+        } else if (atm_graph_is_planned(g)) {
             fprintf(f, " [not needed]");
         }
         fputc('\n', f);
@@ -1103,13 +1102,13 @@ static void dump_dot(const atmoe_graph *g, FILE *f)
         const char *color = n->op == ATM_OP_INPUT       ? "lightblue"
                             : n->storage != NULL        ? "lightgrey"
                             : n->is_output              ? "palegreen"
-                            : (g->planned && !n->needed) ? "white"
+                            : (atm_graph_is_planned(g) && !n->needed) ? "white"
                                                          : "lightyellow";
         fprintf(f, "  n%zu [style=filled, fillcolor=%s, label=\"{%s|%s %s %s",
                 i, color, n->name, atm_node_op_name(n),
                 atmoe_dtype_name(n->dtype),
                 atm_shape_string(n->ndim, n->shape, s, sizeof s));
-        if (g->planned && n->needed && n->storage == NULL &&
+        if (atm_graph_is_planned(g) && n->needed && n->storage == NULL &&
             n->owner == (int)i)
             fprintf(f, "|arena %zu +%zu", n->offset, n->bytes);
         fprintf(f, "}\"];\n");
@@ -1117,7 +1116,7 @@ static void dump_dot(const atmoe_graph *g, FILE *f)
             if (n->src[j] != ATMOE_NODE_NONE)
                 fprintf(f, "  n%d -> n%zu;\n", n->src[j], i);
     }
-    if (g->planned)
+    if (atm_graph_is_planned(g))
         fprintf(f, "  label=\"arena %llu bytes, intermediates %llu bytes\";\n",
                 (unsigned long long)g->memory.arena_bytes,
                 (unsigned long long)g->memory.intermediate_bytes);

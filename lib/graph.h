@@ -94,6 +94,9 @@ struct atmoe_graph {
     size_t max_batch; /* planned batch of batched inputs; 0: none yet */
 
     int planned;
+    size_t planned_count; /* nodes when planned: a plan holds while no node
+                             is added (a refused operation's nodes come out
+                             again, and the plan with them holds) */
     unsigned plan_flags;
     int *order;
     size_t order_count;
@@ -122,6 +125,8 @@ atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
                                   const char *fn, const char *operand);
 
 void atm_graph_unplan(atmoe_graph *g);
+/* Whether the plan is current: made, and no node added since. */
+int atm_graph_is_planned(const atmoe_graph *g);
 /* Drops the nodes from count on, releasing what they hold: an operation
  * that adds several nodes adds all or none. */
 void atm_graph_truncate(atmoe_graph *g, size_t count);

@@ -11,7 +11,7 @@
 
 static atmoe_status need_plan(const atmoe_graph *g, const char *fn)
 {
-    if (!g->planned)
+    if (!atm_graph_is_planned(g))
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: the graph is not planned (atmoe_graph_plan)", fn);
     return ATMOE_STATUS_OK;

@@ -96,6 +96,11 @@ static int give(allocator *al, size_t offset, size_t size)
     return 1;
 }
 
+int atm_graph_is_planned(const atmoe_graph *g)
+{
+    return g->planned && g->count == g->planned_count;
+}
+
 void atm_graph_unplan(atmoe_graph *g)
 {
     if (!g->planned)
@@ -353,6 +358,7 @@ ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *g, unsigned flags)
         if (g->nodes[i].needed)
             g->order[g->order_count++] = (int)i;
     g->memory.nodes_computed = g->order_count;
+    g->planned_count = g->count;
     g->planned = 1; /* so that a failure below unplans what was made */
     g->plan_flags = flags;
 
@@ -382,7 +388,7 @@ ATMOE_API atmoe_status atmoe_graph_get_memory(const atmoe_graph *g,
 {
     ATM_CHECK_NULL(NULL, g);
     ATM_CHECK_NULL(g->ctx, memory);
-    if (!g->planned)
+    if (!atm_graph_is_planned(g))
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "atmoe_graph_get_memory: the graph is not planned");
     *memory = g->memory;

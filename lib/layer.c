@@ -3,6 +3,8 @@
 #include <config.h>
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "experts.h"
 #include "graph.h"
@@ -59,10 +61,16 @@ ATMOE_API atmoe_status atmoe_graph_moe_stack(atmoe_graph *g, atmoe_node x,
                         "atmoe_graph_moe_stack: no layer");
     atmoe_node h = x;
     size_t mark = g->count;
+    /* Traces reach the caller only when every layer went in. */
+    atmoe_layer_trace *t = traces ? malloc(n * sizeof *t) : NULL;
+    if (traces && t == NULL)
+        return atm_fail(g->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "atmoe_graph_moe_stack: out of host memory");
     for (size_t l = 0; l < n; l++) {
         atmoe_status st = atmoe_graph_moe_layer(g, h, &layers[l], &h,
-                                                traces ? &traces[l] : NULL);
+                                                t ? &t[l] : NULL);
         if (st != ATMOE_STATUS_OK) {
+            free(t);
             char detail[ATM_ERRMSG_SIZE / 2];
             snprintf(detail, sizeof detail, "%s", atmoe_errmsg(g->ctx));
             atm_graph_truncate(g, mark);
@@ -70,6 +78,9 @@ ATMOE_API atmoe_status atmoe_graph_moe_stack(atmoe_graph *g, atmoe_node x,
                             l, detail);
         }
     }
+    if (t)
+        memcpy(traces, t, n * sizeof *t);
+    free(t);
     *y = h;
     return ATMOE_STATUS_OK;
 }
