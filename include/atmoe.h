@@ -634,7 +634,11 @@ ATMOE_API void atmoe_router_free(atmoe_router *router);
  * weight 0 and the others share its mass (expert -1 means the whole
  * group); a fixed weight overrides the router for a group (expert -1) or
  * an expert, the free ones sharing what is left; NaN frees it again.
- * Fixed groups are always kept and do not count towards top-k. */
+ * expert is the position within the group (the order of atmoe_experts_add
+ * calls for that group), not the set-wide index.  The fixed weights of the
+ * groups, or of one group's experts, may add up to at most 1 (a call that
+ * would pass it is refused and changes nothing).  A mask wins over a fixed
+ * weight.  Fixed groups are always kept and do not count towards top-k. */
 ATMOE_API atmoe_status atmoe_router_set_mask(atmoe_router *router, int group,
                                              int expert, int enabled);
 ATMOE_API atmoe_status atmoe_router_set_fixed(atmoe_router *router, int group,
@@ -692,7 +696,8 @@ typedef struct atmoe_layer {
                                 sequence (a pooled instruction embedding) */
     atmoe_node gate_index;   /* with router_input: i32 [T], each token's
                                 sequence */
-    float c;                 /* gate on the experts' sum, 1 for AT-MoE */
+    float c;                 /* gate on the adapters' sum (experts and
+                                general LoRA), 1 for AT-MoE */
 } atmoe_layer;
 
 /* The router's outputs of one layer, for interpretability (see

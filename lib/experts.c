@@ -171,6 +171,9 @@ ATMOE_API atmoe_status atmoe_experts_set_general(atmoe_experts *set,
     atmoe_status st = check_lora(set, fn, rank, a, b, alpha);
     if (st != ATMOE_STATUS_OK)
         return st;
+    if (flags & ~ATMOE_EXPERT_RSLORA)
+        return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: unknown flags 0x%x", fn, flags);
     if (!(lambda >= 0.0f && lambda <= 1.0f))
         return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: lambda is %g, must be in [0, 1]", fn, lambda);
