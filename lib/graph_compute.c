@@ -150,8 +150,18 @@ ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *g, size_t batch)
     g->batch = 0;
     for (size_t k = 0; k < g->order_count; k++) {
         atm_node *n = &g->nodes[g->order[k]];
-        st = atm_node_run(g, n, g->profiling ? &n->event : NULL,
-                          g->profiling ? &n->event_last : NULL);
+        cl_event *first = g->profiling ? &n->event : NULL;
+        if (g->profiling &&
+            (n->op == ATM_OP_MATMUL || n->op == ATM_OP_MIXTURE)) {
+            /* CLBlast's event is its last kernel's, and a GEMM may run
+             * several (padding, transposing): a marker opens the node. */
+            cl_int err = clEnqueueMarkerWithWaitList(g->ctx->queue, 0, NULL,
+                                                     &n->event);
+            if (err != CL_SUCCESS)
+                return atm_fail_cl(g->ctx, err, "clEnqueueMarkerWithWaitList");
+            first = NULL;
+        }
+        st = atm_node_run(g, n, first, g->profiling ? &n->event_last : NULL);
         if (st != ATMOE_STATUS_OK) {
             char detail[ATM_ERRMSG_SIZE / 2];
             snprintf(detail, sizeof detail, "%s", atmoe_errmsg(g->ctx));

@@ -1,0 +1,2029 @@
+/* atmoe-bench: the canonical workloads of SPEC section 6 on each device,
+ * measured against that device's own ceilings.
+ *
+ * For every device it first measures the ceilings with micro-kernels of its
+ * own (bench/ceilings.cl, read at run time): global-memory read bandwidth,
+ * the FP32 FMA rate, the launch cost of a kernel and host-device transfer
+ * bandwidth, plus the SGEMM rate the library reaches through CLBlast.  Then
+ * it runs each workload in up to three variants:
+ *
+ *   fused     the library's AT-MoE layer (atmoe_graph_moe_layer): the
+ *             grouped router kernel, then the fused mixture
+ *   unfused   what a user without the mixture would write with the same
+ *             graph API: a CLBlast GEMM for the base, two GEMMs per expert
+ *             (shrink and expand), scale, mul and add for the gating, and the
+ *             router as matmul and softmax nodes
+ *   merged    one gate row for every token (per-sequence routing from a
+ *             pooled embedding), the experts folded into the base weight on
+ *             every compute (atmoe_graph_mixture_set_merge ALWAYS)
+ *
+ * Each run is timed by the wall clock around atmoe_graph_compute() and
+ * atmoe_context_finish(), over --reps repetitions after --warmup ones; the
+ * FLOPs and bytes of a workload are counted analytically (see count_work),
+ * so GFLOP/s and GB/s are rates of the same useful work for every variant.
+ * Before it is timed, each unfused and merged run is checked against a
+ * reference that computes the same thing another way.
+ *
+ * Only the public API of include/atmoe.h is used, plus plain OpenCL for the
+ * ceiling micro-kernels. */
+#define _POSIX_C_SOURCE 200809L
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <CL/cl.h>
+#include <jansson.h>
+
+#include "atmoe.h"
+
+#ifndef ATMOE_BENCH_DATADIR
+#define ATMOE_BENCH_DATADIR ""
+#endif
+
+#define PROGRAM "atmoe-bench"
+#define CEILINGS_FILE "ceilings.cl"
+
+/* Exit statuses. */
+#define EXIT_RUNTIME 1
+#define EXIT_USAGE 2
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                             */
+/* ------------------------------------------------------------------------ */
+
+static char errbuf[2048]; /* the detail of the last failure */
+
+static int set_error(const char *fmt, ...)
+    __attribute__((format(printf, 1, 2)));
+static int set_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(errbuf, sizeof errbuf, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+/* Records a failed library call with the library's own detail. */
+static int lib_error(const atmoe_context *ctx, atmoe_status st,
+                     const char *what)
+{
+    const char *detail = atmoe_errmsg(ctx);
+    return set_error("%s: %s%s%s", what, atmoe_strerror(st),
+                     *detail ? ": " : "", detail);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Sorts v and returns its median. */
+static double median(double *v, size_t n)
+{
+    qsort(v, n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* splitmix64: deterministic weights, the same on every machine. */
+static uint64_t rng_next(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* n floats uniform in [-scale, scale). */
+static void fill_uniform(float *p, size_t n, float scale, uint64_t *state)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = scale * (float)((double)(rng_next(state) >> 11) * 0x1.0p-52 - 1.0);
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size);
+    if (p == NULL) {
+        fprintf(stderr, PROGRAM ": out of host memory\n");
+        exit(EXIT_RUNTIME);
+    }
+    return p;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Workloads (SPEC section 6)                                                */
+/* ------------------------------------------------------------------------ */
+
+typedef struct workload_def {
+    const char *name;
+    int implemented;
+    const char *summary;
+} workload_def;
+
+static const workload_def workloads[] = {
+    {"decode", 1, "T = 1, 4, 16; 8 experts in 4 groups, rank 16"},
+    {"prefill", 1, "T = 512; 8 experts in 4 groups, rank 16"},
+    {"mor1e", 0, "T = 512; T-REX rank-1 experts, r1 = 4, r2 = 8"},
+    {"many-experts", 1,
+     "T = 64; 64 experts in 8 groups, top-2 groups, ranks 8 to 64"},
+    {"train-step", 0, "T = 256, d = 2048; forward, backward and AdamW"},
+};
+#define N_WORKLOADS (sizeof workloads / sizeof workloads[0])
+
+typedef enum variant {
+    VARIANT_FUSED,
+    VARIANT_UNFUSED,
+    VARIANT_MERGED,
+    N_VARIANTS
+} variant;
+
+static const char *const variant_names[N_VARIANTS] = {"fused", "unfused",
+                                                      "merged"};
+
+/* A workload's shapes at one scale. */
+typedef struct wl_shape {
+    const char *name;
+    size_t d;           /* d_in = d_out */
+    size_t n_T, T[3];   /* token counts, one run each */
+    size_t groups, per_group;
+    int mixed_ranks;    /* ranks 8..64 mixed, else 16 for every expert */
+    int top_k_groups;   /* 0 keeps all */
+} wl_shape;
+
+static const float TAU = 1.0f; /* both router temperatures */
+static const float MIX_C = 1.0f; /* AT-MoE's gate on the experts' sum */
+
+static wl_shape make_shape(const char *name, int full)
+{
+    wl_shape s = {name, full ? 4096 : 1024, 1, {0, 0, 0}, 4, 2, 0, 0};
+    if (strcmp(name, "decode") == 0) {
+        s.n_T = 3;
+        s.T[0] = 1;
+        s.T[1] = 4;
+        s.T[2] = 16;
+    } else if (strcmp(name, "prefill") == 0) {
+        s.T[0] = 512;
+    } else { /* many-experts */
+        s.T[0] = 64;
+        s.groups = 8;
+        s.per_group = 8;
+        s.mixed_ranks = 1;
+        s.top_k_groups = 2;
+    }
+    return s;
+}
+
+/* Expert e of group e / per_group; mixed ranks cycle through 8, 16, 32 and
+ * 64, shifted by the group so that every group holds every rank. */
+static size_t expert_rank(const wl_shape *s, size_t e)
+{
+    static const size_t cycle[4] = {8, 16, 32, 64};
+    return s->mixed_ranks ? cycle[(e + e / s->per_group) % 4] : 16;
+}
+
+/* One workload's weights, on the host and on the device. */
+typedef struct wl_data {
+    wl_shape s;
+    size_t E, R, T_max;
+    size_t *rank;
+    float *w0, *wg, *wd, *x, *h;
+    float **a, **b;
+    atmoe_tensor *tw0, *twg, *twd, **ta, **tb;
+    atmoe_experts *set;
+    atmoe_router *router;
+} wl_data;
+
+static void wl_free(wl_data *w)
+{
+    for (size_t e = 0; e < w->E; e++) {
+        if (w->a)
+            free(w->a[e]);
+        if (w->b)
+            free(w->b[e]);
+        if (w->ta)
+            atmoe_tensor_free(w->ta[e]);
+        if (w->tb)
+            atmoe_tensor_free(w->tb[e]);
+    }
+    free(w->a);
+    free(w->b);
+    free(w->ta);
+    free(w->tb);
+    free(w->rank);
+    free(w->w0);
+    free(w->wg);
+    free(w->wd);
+    free(w->x);
+    free(w->h);
+    atmoe_tensor_free(w->tw0);
+    atmoe_tensor_free(w->twg);
+    atmoe_tensor_free(w->twd);
+    atmoe_router_free(w->router);
+    atmoe_experts_free(w->set);
+    memset(w, 0, sizeof *w);
+}
+
+static int upload(atmoe_context *ctx, size_t rows, size_t cols,
+                  const float *data, atmoe_tensor **t)
+{
+    size_t shape[2] = {rows, cols};
+    atmoe_status st = atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 2, shape, t);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_write(*t, data, rows * cols * sizeof(float));
+    return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "uploading weights");
+}
+
+/* Random weights with a fixed seed per workload: W0 and A ~ U(+-1/sqrt d),
+ * B ~ U(+-1/sqrt r) (non-zero, so that the experts change the result), the
+ * router's W_G and W_D ~ U(+-1/sqrt d), x and h ~ U(+-1). */
+static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
+                   wl_data *w)
+{
+    memset(w, 0, sizeof *w);
+    w->s = *s;
+    size_t d = s->d, G = s->groups, M = s->per_group;
+    w->E = G * M;
+    w->T_max = s->T[s->n_T - 1];
+    w->rank = xcalloc(w->E, sizeof *w->rank);
+    w->a = xcalloc(w->E, sizeof *w->a);
+    w->b = xcalloc(w->E, sizeof *w->b);
+    w->ta = xcalloc(w->E, sizeof *w->ta);
+    w->tb = xcalloc(w->E, sizeof *w->tb);
+    w->w0 = xcalloc(d * d, sizeof(float));
+    w->wg = xcalloc(d * G, sizeof(float));
+    w->wd = xcalloc(d * G * M, sizeof(float));
+    w->x = xcalloc(w->T_max * d, sizeof(float));
+    w->h = xcalloc(d, sizeof(float));
+    uint64_t state = seed;
+    float sd = 1.0f / sqrtf((float)d);
+    fill_uniform(w->w0, d * d, sd, &state);
+    fill_uniform(w->wg, d * G, sd, &state);
+    fill_uniform(w->wd, d * G * M, sd, &state);
+    fill_uniform(w->x, w->T_max * d, 1.0f, &state);
+    fill_uniform(w->h, d, 1.0f, &state);
+
+    atmoe_status st = atmoe_experts_new(ctx, d, d, &w->set);
+    if (st != ATMOE_STATUS_OK)
+        return lib_error(ctx, st, "creating the expert set");
+    for (size_t e = 0; e < w->E; e++) {
+        size_t r = w->rank[e] = expert_rank(s, e);
+        w->R += r;
+        w->a[e] = xcalloc(r * d, sizeof(float));
+        w->b[e] = xcalloc(d * r, sizeof(float));
+        fill_uniform(w->a[e], r * d, sd, &state);
+        fill_uniform(w->b[e], d * r, 1.0f / sqrtf((float)r), &state);
+        /* Experts go in group by group, so that expert e is slot
+         * (e / M) * M + e % M of the router, the layout the unfused router
+         * builds with plain reshapes. */
+        st = atmoe_experts_add(w->set, (int)(e / M), r, w->a[e], w->b[e],
+                               2.0f * (float)r, 0, NULL);
+        if (st != ATMOE_STATUS_OK)
+            return lib_error(ctx, st, "adding an expert");
+        if (upload(ctx, r, d, w->a[e], &w->ta[e]) ||
+            upload(ctx, d, r, w->b[e], &w->tb[e]))
+            return -1;
+    }
+    st = atmoe_router_new(w->set, ATMOE_ROUTER_PROJECTED, TAU, TAU,
+                          s->top_k_groups, 0, &w->router);
+    if (st != ATMOE_STATUS_OK)
+        return lib_error(ctx, st, "creating the router");
+    if (upload(ctx, d, d, w->w0, &w->tw0) || upload(ctx, d, G, w->wg, &w->twg) ||
+        upload(ctx, d, G * M, w->wd, &w->twd))
+        return -1;
+    return 0;
+}
+
+/* The work of one run, counted from the shapes (not from what a variant
+ * happens to execute), so that every variant is rated on the same work.
+ * With d_in, d_out, T tokens, E experts of total rank R in G groups of M,
+ * and router_rows the rows the router sees (T per token; 1 for the merged
+ * variant's per-sequence row):
+ *
+ *   FLOPs = 2 T d_in d_out                   base projection x W0^T
+ *         + 2 T R (d_in + d_out)             shrink A_all x and expand B_all z
+ *         + T R                              the gating of the R channels
+ *         + 2 router_rows d_in G (1 + M)     router logits h W_G and h W_D
+ *   (the router's softmaxes, O(rows G M), are left out)
+ *
+ *   bytes = 4 (d_out d_in                    W0, read once
+ *            + R (d_in + d_out)              every A_e and B_e, read once
+ *            + d_in G (1 + M)                W_G and W_D, read once
+ *            + T (d_in + d_out)              x read, y written
+ *            + router_rows E                 gates written
+ *            + (merged ? d_in : 0))          the pooled router input
+ *
+ * This is the least traffic any implementation needs (every weight read
+ * once, no intermediate leaving the chip), the bound the roofline takes. */
+static void count_work(const wl_data *w, size_t T, variant v, double *flops,
+                       double *bytes)
+{
+    double d_in = (double)w->s.d, d_out = (double)w->s.d, t = (double)T;
+    double R = (double)w->R, E = (double)w->E;
+    double G = (double)w->s.groups, M = (double)w->s.per_group;
+    double rows = v == VARIANT_MERGED ? 1.0 : t;
+    *flops = 2.0 * t * d_in * d_out + 2.0 * t * R * (d_in + d_out) + t * R +
+             2.0 * rows * d_in * G * (1.0 + M);
+    *bytes = 4.0 * (d_out * d_in + R * (d_in + d_out) + d_in * G * (1.0 + M) +
+                    t * (d_in + d_out) + rows * E +
+                    (v == VARIANT_MERGED ? d_in : 0.0));
+}
+
+/* ------------------------------------------------------------------------ */
+/* The variants as graphs                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct built {
+    atmoe_graph *g;
+    atmoe_node x, h, y; /* h: ATMOE_NODE_NONE unless merged */
+} built;
+
+#define TRY(call)                                                            \
+    do {                                                                     \
+        if ((st = (call)) != ATMOE_STATUS_OK)                                \
+            goto fail;                                                       \
+    } while (0)
+
+static atmoe_status add_weights(atmoe_graph *g, const wl_data *w,
+                                atmoe_node *w0, atmoe_node *wg,
+                                atmoe_node *wd)
+{
+    atmoe_status st = atmoe_graph_parameter(g, "w0", w->tw0, w0);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_graph_parameter(g, "w_g", w->twg, wg);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_graph_parameter(g, "w_d", w->twd, wd);
+    return st;
+}
+
+/* fused: the AT-MoE layer, each token routed by its own hidden state. */
+static atmoe_status build_fused(atmoe_graph *g, const wl_data *w, size_t T,
+                                built *b)
+{
+    atmoe_status st;
+    size_t xs[2] = {T, w->s.d};
+    atmoe_layer layer = {ATMOE_NODE_NONE, ATMOE_NODE_NONE, w->set, w->router,
+                         ATMOE_NODE_NONE, ATMOE_NODE_NONE, ATMOE_NODE_NONE,
+                         ATMOE_NODE_NONE, MIX_C};
+    TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
+    TRY(add_weights(g, w, &layer.w0, &layer.w_g, &layer.w_d));
+    TRY(atmoe_graph_moe_layer(g, b->x, &layer, &b->y, NULL));
+fail:
+    return st;
+}
+
+/* merged: one router row (a pooled embedding h) gates every token; the
+ * mixture folds the experts into W0 (mode ALWAYS), or, as the reference
+ * the merged run is checked against, runs them unmerged (NEVER). */
+static atmoe_status build_merged(atmoe_graph *g, const wl_data *w, size_t T,
+                                 atmoe_merge mode, built *b)
+{
+    atmoe_status st;
+    size_t xs[2] = {T, w->s.d}, hs[2] = {1, w->s.d};
+    atmoe_node w0, wg, wd, gates;
+    TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
+    TRY(atmoe_graph_input(g, "h", ATMOE_DTYPE_F32, 2, hs, 0, &b->h));
+    TRY(add_weights(g, w, &w0, &wg, &wd));
+    TRY(atmoe_graph_router(g, b->h, w->router, wg, wd, NULL, NULL, &gates));
+    TRY(atmoe_graph_mixture(g, b->x, w0, ATMOE_NODE_NONE, w->set,
+                            ATMOE_MIX_BLOCK, gates, ATMOE_NODE_NONE, MIX_C,
+                            &b->y));
+    TRY(atmoe_graph_mixture_set_merge(g, b->y, mode));
+fail:
+    return st;
+}
+
+/* A logit offset that no softmax survives, yet exact in sums with 0. */
+#define MASKED_LOGIT 1e30f
+
+/* unfused: the same layer from plain graph operations, as a user of a
+ * GEMM library would write it.
+ *
+ *   a = softmax(x W_G / tau_g)       top-k groups: the other groups' logits
+ *                                    pushed to -1e30 before the softmax
+ *   d = softmax(reshape(x W_D, T, G, M) / tau_d, last dim)
+ *   w = reshape(a[:, :, None] * d, T, E)
+ *   y = x W0^T + sum_e ((x A_e^T) * (c s_e w[:, e])) B_e^T
+ *
+ * Top-k with only these operations: topk gives each token's k group
+ * indices; gathering rows of the identity makes them one-hot rows, and a
+ * GEMM with k stacked identities scaled by 1e30 sums them into a
+ * [T, G] mask of 1e30 (kept) and 0, from which -1e30 is subtracted.  Every
+ * step is exact, so the kept logits are untouched. */
+static atmoe_status build_unfused(atmoe_graph *g, const wl_data *w, size_t T,
+                                  built *b)
+{
+    atmoe_status st;
+    const size_t d = w->s.d, G = w->s.groups, M = w->s.per_group, E = w->E;
+    const size_t k = (size_t)w->s.top_k_groups;
+    size_t xs[2] = {T, d};
+    atmoe_node w0, wg, wd, lg, ld, a, dw, gates, y;
+    float *eye = NULL, *stack = NULL, *neg = NULL;
+    TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
+    TRY(add_weights(g, w, &w0, &wg, &wd));
+
+    TRY(atmoe_graph_matmul(g, b->x, wg, ATMOE_NODE_NONE, 0, &lg));
+    if (TAU != 1.0f)
+        TRY(atmoe_graph_scale(g, lg, 1.0f / TAU, &lg));
+    if (k > 0) {
+        atmoe_node idx, flat, onehot, sel, eye_n, stack_n, neg_n, mask, off;
+        eye = xcalloc(G * G, sizeof *eye);
+        stack = xcalloc(k * G * G, sizeof *stack);
+        neg = xcalloc(G, sizeof *neg);
+        for (size_t i = 0; i < G; i++) {
+            eye[i * G + i] = 1.0f;
+            neg[i] = -MASKED_LOGIT;
+            for (size_t j = 0; j < k; j++)
+                stack[(j * G + i) * G + i] = MASKED_LOGIT;
+        }
+        size_t es[2] = {G, G}, ss[2] = {k * G, G}, ns[1] = {G};
+        size_t fs[1] = {T * k}, os[2] = {T, k * G};
+        TRY(atmoe_graph_topk(g, lg, (int)k, -1, NULL, &idx));
+        TRY(atmoe_graph_reshape(g, idx, 1, fs, &flat));
+        TRY(atmoe_graph_constant(g, "eye", ATMOE_DTYPE_F32, 2, es, eye,
+                                 &eye_n));
+        TRY(atmoe_graph_gather_rows(g, eye_n, flat, &onehot));
+        TRY(atmoe_graph_reshape(g, onehot, 2, os, &sel));
+        TRY(atmoe_graph_constant(g, "stack", ATMOE_DTYPE_F32, 2, ss, stack,
+                                 &stack_n));
+        TRY(atmoe_graph_matmul(g, sel, stack_n, ATMOE_NODE_NONE, 0, &mask));
+        TRY(atmoe_graph_constant(g, "neg", ATMOE_DTYPE_F32, 1, ns, neg,
+                                 &neg_n));
+        TRY(atmoe_graph_add(g, mask, neg_n, &off));
+        TRY(atmoe_graph_add(g, lg, off, &lg));
+    }
+    TRY(atmoe_graph_softmax(g, lg, -1, &a));
+
+    size_t s3[3] = {T, G, M}, a3[3] = {T, G, 1}, s2[2] = {T, E};
+    TRY(atmoe_graph_matmul(g, b->x, wd, ATMOE_NODE_NONE, 0, &ld));
+    if (TAU != 1.0f)
+        TRY(atmoe_graph_scale(g, ld, 1.0f / TAU, &ld));
+    TRY(atmoe_graph_reshape(g, ld, 3, s3, &ld));
+    TRY(atmoe_graph_softmax(g, ld, -1, &dw));
+    TRY(atmoe_graph_reshape(g, a, 3, a3, &a));
+    TRY(atmoe_graph_mul(g, a, dw, &gates));
+    TRY(atmoe_graph_reshape(g, gates, 2, s2, &gates));
+
+    TRY(atmoe_graph_matmul(g, b->x, w0, ATMOE_NODE_NONE,
+                           ATMOE_MATMUL_TRANSPOSE_B, &y));
+    for (size_t e = 0; e < E; e++) {
+        char name[32];
+        atmoe_node ae, be, gate, u, z, ye;
+        size_t start[2] = {0, e}, one[2] = {T, 1};
+        float s_e = 2.0f; /* alpha / r with alpha = 2 r */
+        snprintf(name, sizeof name, "a%zu", e);
+        TRY(atmoe_graph_parameter(g, name, w->ta[e], &ae));
+        snprintf(name, sizeof name, "b%zu", e);
+        TRY(atmoe_graph_parameter(g, name, w->tb[e], &be));
+        TRY(atmoe_graph_view(g, gates, start, one, &gate));
+        TRY(atmoe_graph_scale(g, gate, MIX_C * s_e, &gate));
+        TRY(atmoe_graph_matmul(g, b->x, ae, ATMOE_NODE_NONE,
+                               ATMOE_MATMUL_TRANSPOSE_B, &u));
+        TRY(atmoe_graph_mul(g, u, gate, &z));
+        TRY(atmoe_graph_matmul(g, z, be, ATMOE_NODE_NONE,
+                               ATMOE_MATMUL_TRANSPOSE_B, &ye));
+        TRY(atmoe_graph_add(g, y, ye, &y));
+    }
+    b->y = y;
+fail:
+    free(eye);
+    free(stack);
+    free(neg);
+    return st;
+}
+
+/* Builds and plans one variant's graph.  merge picks the merged variant's
+ * path (ALWAYS for the timed run, NEVER for its reference). */
+static int build(atmoe_context *ctx, const wl_data *w, size_t T, variant v,
+                 atmoe_merge merge, built *b)
+{
+    memset(b, 0, sizeof *b);
+    b->h = ATMOE_NODE_NONE;
+    atmoe_status st = atmoe_graph_new(ctx, &b->g);
+    if (st != ATMOE_STATUS_OK)
+        return lib_error(ctx, st, "creating a graph");
+    switch (v) {
+    case VARIANT_FUSED: st = build_fused(b->g, w, T, b); break;
+    case VARIANT_UNFUSED: st = build_unfused(b->g, w, T, b); break;
+    default: st = build_merged(b->g, w, T, merge, b); break;
+    }
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_graph_output(b->g, b->y);
+    if (st != ATMOE_STATUS_OK) {
+        lib_error(ctx, st, "building the graph");
+        atmoe_graph_free(b->g);
+        b->g = NULL;
+        return -1;
+    }
+    if ((st = atmoe_graph_plan(b->g, 0)) != ATMOE_STATUS_OK) {
+        lib_error(ctx, st, "planning the graph");
+        atmoe_graph_free(b->g);
+        b->g = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+static int set_inputs(atmoe_context *ctx, const wl_data *w, size_t T,
+                      const built *b)
+{
+    atmoe_status st = atmoe_graph_set_input(
+        b->g, b->x, w->x, T * w->s.d * sizeof(float), 0);
+    if (st == ATMOE_STATUS_OK && b->h != ATMOE_NODE_NONE)
+        st = atmoe_graph_set_input(b->g, b->h, w->h, w->s.d * sizeof(float),
+                                   0);
+    return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "setting inputs");
+}
+
+static int compute_once(atmoe_context *ctx, atmoe_graph *g)
+{
+    atmoe_status st = atmoe_graph_compute(g, 0);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_context_finish(ctx);
+    return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "computing");
+}
+
+static int read_output(atmoe_context *ctx, const built *b, float *y,
+                       size_t count)
+{
+    atmoe_status st = atmoe_graph_read(b->g, b->y, y, count * sizeof(float));
+    return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "reading y");
+}
+
+/* max |y - ref| / max |ref|: a norm-wise difference that does not blow up
+ * on outputs near zero. */
+static double rel_diff(const float *y, const float *ref, size_t n)
+{
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double diff = fabs((double)y[i] - (double)ref[i]);
+        if (!(diff <= num)) /* catches NaN too */
+            num = isnan(diff) ? INFINITY : diff;
+        if (fabs((double)ref[i]) > den)
+            den = fabs((double)ref[i]);
+    }
+    return den > 0.0 ? num / den : num;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Results                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct result {
+    const char *workload;
+    const char *scale;
+    variant variant;
+    size_t T, d_in, d_out, experts, rank, total_rank;
+    double median_ms, min_ms, max_ms;
+    double flops, bytes, gflops, gbs, roofline;
+    double ratio_to_fused; /* median / fused median (NaN without fused) */
+    double max_rel_diff;   /* against the reference (NaN for fused) */
+} result;
+
+typedef struct ceilings {
+    double read_gbs, read_mib, cache_mib;
+    double gflops;
+    int fma_vec;
+    double gemm_gflops;
+    size_t gemm_n;
+    double launch_us, sync_us;
+    double h2d_gbs, d2h_gbs;
+    double transfer_mib;
+} ceilings;
+
+typedef struct device_run {
+    atmoe_device_info info;
+    ceilings c;
+    result *results;
+    size_t n, cap;
+    int ok;       /* ceilings measured: the device has a report */
+    int failures; /* runs that failed */
+} device_run;
+
+static result *push_result(device_run *d)
+{
+    if (d->n == d->cap) {
+        d->cap = d->cap ? 2 * d->cap : 16;
+        result *r = realloc(d->results, d->cap * sizeof *r);
+        if (r == NULL) {
+            fprintf(stderr, PROGRAM ": out of host memory\n");
+            exit(EXIT_RUNTIME);
+        }
+        d->results = r;
+    }
+    memset(&d->results[d->n], 0, sizeof d->results[0]);
+    return &d->results[d->n++];
+}
+
+/* ------------------------------------------------------------------------ */
+/* Options                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct options {
+    const char *device;
+    int selected[N_WORKLOADS];
+    int full;
+    int reps, warmup;
+    const char *json, *csv;
+} options;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+        "usage: " PROGRAM " [OPTIONS]\n"
+        "\n"
+        "Runs the canonical workloads of the AT-MoE layer on a device and\n"
+        "compares them with the device's own ceilings (read bandwidth, FP32\n"
+        "FMA rate, launch cost), measured first by micro-kernels.\n"
+        "\n"
+        "options:\n"
+        "  --device D           a device selection (an index, gpu, cpu, or\n"
+        "                       part of a name), or \"all\" for every device\n"
+        "                       side by side; default: the default device\n"
+        "  --workload W[,W...]  workloads to run (default: decode, prefill,\n"
+        "                       many-experts)\n"
+        "  --scale small|full   d = 1024 (default) or d = 4096 as in the SPEC\n"
+        "  --reps N             timed repetitions per run (default 5)\n"
+        "  --warmup N           untimed repetitions before them (default 2)\n"
+        "  --json FILE          write the results as JSON (atomically)\n"
+        "  --csv FILE           write the results as CSV (atomically)\n"
+        "  --list-devices       list the OpenCL devices and exit\n"
+        "  --check-json FILE    check that FILE holds every field of the JSON\n"
+        "                       contract and exit (0 when it does)\n"
+        "  --help               show this text\n"
+        "\n"
+        "workloads:\n");
+    for (size_t i = 0; i < N_WORKLOADS; i++)
+        fprintf(f, "  %-13s %s%s\n", workloads[i].name, workloads[i].summary,
+                workloads[i].implemented ? "" : " (not implemented yet)");
+    fprintf(f,
+        "\n"
+        "variants: fused (atmoe_graph_moe_layer), unfused (a GEMM per base\n"
+        "and per expert, the router from matmul and softmax nodes), merged\n"
+        "(one gate row per sequence, experts folded into W0 every compute).\n"
+        "\n"
+        "environment: ATMOE_BENCH_DATADIR, the directory of " CEILINGS_FILE
+        "\n(default " ATMOE_BENCH_DATADIR "); ATMOE_DEVICE, the default "
+        "device.\n"
+        "\n"
+        "exit status: 0 success, 1 a run or an output failed, 2 usage.\n");
+}
+
+static int parse_count(const char *opt, const char *text, int min, int *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(text, &end, 10);
+    if (errno || end == text || *end || v < min || v > 1000000) {
+        fprintf(stderr, PROGRAM ": %s wants a whole number >= %d, not '%s'\n",
+                opt, min, text);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_workloads(const char *list, int *selected)
+{
+    memset(selected, 0, N_WORKLOADS * sizeof *selected);
+    char *copy = strdup(list);
+    if (copy == NULL)
+        return -1;
+    int rc = 0, any = 0;
+    char *save = NULL;
+    for (char *t = strtok_r(copy, ",", &save); t;
+         t = strtok_r(NULL, ",", &save)) {
+        size_t i = 0;
+        while (i < N_WORKLOADS && strcmp(t, workloads[i].name) != 0)
+            i++;
+        if (i == N_WORKLOADS) {
+            fprintf(stderr, PROGRAM ": unknown workload '%s' (known:", t);
+            for (size_t j = 0; j < N_WORKLOADS; j++)
+                fprintf(stderr, " %s", workloads[j].name);
+            fprintf(stderr, ")\n");
+            rc = -1;
+            break;
+        }
+        selected[i] = 1;
+        any = 1;
+    }
+    if (rc == 0 && !any) {
+        fprintf(stderr, PROGRAM ": --workload needs at least one name\n");
+        rc = -1;
+    }
+    free(copy);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Output files, written atomically                                          */
+/* ------------------------------------------------------------------------ */
+
+static mode_t file_mode = 0644; /* 0666 less the umask, set in main */
+
+typedef int (*writer_fn)(FILE *f, void *arg);
+
+/* Writes path through a temporary file in the same directory and a rename,
+ * so that a reader never sees half a file.  fn NULL only checks that the
+ * file could be written (the temporary file is removed). */
+static int write_atomic(const char *path, writer_fn fn, void *arg)
+{
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
+        return set_error("%s is a directory", path);
+    size_t len = strlen(path);
+    char *tmp = xcalloc(len + 16, 1);
+    snprintf(tmp, len + 16, "%s.tmp-XXXXXX", path);
+    int fd = mkstemp(tmp);
+    if (fd < 0) {
+        set_error("cannot create a file beside %s: %s", path,
+                  strerror(errno));
+        free(tmp);
+        return -1;
+    }
+    FILE *f = fdopen(fd, "w");
+    if (f == NULL) {
+        set_error("%s: %s", tmp, strerror(errno));
+        close(fd);
+        unlink(tmp);
+        free(tmp);
+        return -1;
+    }
+    int rc = 0;
+    if (fn == NULL) {
+        fclose(f);
+        unlink(tmp);
+        free(tmp);
+        return 0;
+    }
+    if (fchmod(fd, file_mode) != 0 || fn(f, arg) != 0 || fflush(f) != 0 ||
+        ferror(f) || fsync(fd) != 0)
+        rc = set_error("writing %s: %s", path,
+                       errno ? strerror(errno) : "write error");
+    if (fclose(f) != 0 && rc == 0)
+        rc = set_error("writing %s: %s", path, strerror(errno));
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = set_error("renaming %s to %s: %s", tmp, path, strerror(errno));
+    if (rc != 0)
+        unlink(tmp);
+    free(tmp);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Ceilings: our own micro-kernels on plain OpenCL                           */
+/* ------------------------------------------------------------------------ */
+
+static const char *cl_error_name(cl_int err)
+{
+    switch (err) {
+    case CL_DEVICE_NOT_FOUND: return "CL_DEVICE_NOT_FOUND";
+    case CL_MEM_OBJECT_ALLOCATION_FAILURE:
+        return "CL_MEM_OBJECT_ALLOCATION_FAILURE";
+    case CL_OUT_OF_RESOURCES: return "CL_OUT_OF_RESOURCES";
+    case CL_OUT_OF_HOST_MEMORY: return "CL_OUT_OF_HOST_MEMORY";
+    case CL_BUILD_PROGRAM_FAILURE: return "CL_BUILD_PROGRAM_FAILURE";
+    case CL_INVALID_VALUE: return "CL_INVALID_VALUE";
+    case CL_INVALID_BUFFER_SIZE: return "CL_INVALID_BUFFER_SIZE";
+    case CL_INVALID_WORK_GROUP_SIZE: return "CL_INVALID_WORK_GROUP_SIZE";
+    case CL_INVALID_KERNEL_ARGS: return "CL_INVALID_KERNEL_ARGS";
+    default: return "an OpenCL error";
+    }
+}
+
+static int cl_fail(cl_int err, const char *what)
+{
+    return set_error("%s failed: %s (%d)", what, cl_error_name(err),
+                     (int)err);
+}
+
+/* The cl_device_id behind the library's device index.  The library does
+ * not hand out its OpenCL handles, so we walk platforms and devices in its
+ * order and check that the name agrees. */
+static int find_cl_device(const atmoe_device_info *info, cl_device_id *out)
+{
+    cl_platform_id platforms[16];
+    cl_uint nplat = 0;
+    cl_int err = clGetPlatformIDs(16, platforms, &nplat);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "clGetPlatformIDs");
+    size_t index = 0;
+    for (cl_uint p = 0; p < nplat && p < 16; p++) {
+        cl_device_id ids[64];
+        cl_uint n = 0;
+        if (clGetDeviceIDs(platforms[p], CL_DEVICE_TYPE_ALL, 64, ids, &n) !=
+            CL_SUCCESS)
+            continue;
+        for (cl_uint i = 0; i < n && i < 64; i++, index++) {
+            if (index != info->index)
+                continue;
+            char name[256] = "";
+            clGetDeviceInfo(ids[i], CL_DEVICE_NAME, sizeof name - 1, name,
+                            NULL);
+            if (strcmp(name, info->raw_name) != 0)
+                return set_error("OpenCL device %zu is '%s', the library's "
+                                 "is '%s'", index, name, info->raw_name);
+            *out = ids[i];
+            return 0;
+        }
+    }
+    return set_error("OpenCL device %zu not found", info->index);
+}
+
+static int readable(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (f)
+        fclose(f);
+    return f != NULL;
+}
+
+/* Finds ceilings.cl: $ATMOE_BENCH_DATADIR when set, else the installed data
+ * directory, else beside the executable (or one level up, past libtool's
+ * .libs). */
+static char *load_ceilings_source(void)
+{
+    char cand[4][PATH_MAX + 64];
+    int n = 0;
+    const char *env = getenv("ATMOE_BENCH_DATADIR");
+    if (env && *env) {
+        snprintf(cand[n++], sizeof cand[0], "%s/%s", env, CEILINGS_FILE);
+    } else {
+        if (*ATMOE_BENCH_DATADIR)
+            snprintf(cand[n++], sizeof cand[0], "%s/%s", ATMOE_BENCH_DATADIR,
+                     CEILINGS_FILE);
+        char exe[PATH_MAX];
+        ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        if (len > 0) {
+            exe[len] = '\0';
+            char *slash = strrchr(exe, '/');
+            if (slash) {
+                *slash = '\0';
+                snprintf(cand[n++], sizeof cand[0], "%s/%s", exe, CEILINGS_FILE);
+                snprintf(cand[n++], sizeof cand[0], "%s/../%s", exe, CEILINGS_FILE);
+            }
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        if (!readable(cand[i]))
+            continue;
+        FILE *f = fopen(cand[i], "rb");
+        char *src = NULL;
+        long size;
+        if (f && fseek(f, 0, SEEK_END) == 0 && (size = ftell(f)) >= 0 &&
+            fseek(f, 0, SEEK_SET) == 0) {
+            src = xcalloc((size_t)size + 1, 1);
+            if (fread(src, 1, (size_t)size, f) != (size_t)size) {
+                free(src);
+                src = NULL;
+            }
+        }
+        if (f)
+            fclose(f);
+        if (src)
+            return src;
+        set_error("cannot read %s", cand[i]);
+        return NULL;
+    }
+    char *p = errbuf;
+    size_t left = sizeof errbuf;
+    int w = snprintf(p, left, "the ceiling kernels (%s) are not in", CEILINGS_FILE);
+    for (int i = 0; i < n && w > 0 && (size_t)w < left; i++) {
+        p += w;
+        left -= (size_t)w;
+        w = snprintf(p, left, "%s %s", i ? "," : "", cand[i]);
+    }
+    if (w > 0 && (size_t)w < left)
+        snprintf(p + w, left - (size_t)w,
+                 "; set ATMOE_BENCH_DATADIR to the directory that holds it");
+    return NULL;
+}
+
+typedef struct cl_env {
+    cl_device_id dev;
+    cl_context cx;
+    cl_command_queue q;
+    const char *src;
+} cl_env;
+
+static int build_program(const cl_env *env, const char *flags,
+                         cl_program *out)
+{
+    cl_int err;
+    const char *src = env->src;
+    cl_program p = clCreateProgramWithSource(env->cx, 1, &src, NULL, &err);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "clCreateProgramWithSource");
+    err = clBuildProgram(p, 1, &env->dev, flags, NULL, NULL);
+    if (err != CL_SUCCESS) {
+        char log[1024] = "";
+        clGetProgramBuildInfo(p, env->dev, CL_PROGRAM_BUILD_LOG,
+                              sizeof log - 1, log, NULL);
+        clReleaseProgram(p);
+        return set_error("building " CEILINGS_FILE " (%s) failed: %s",
+                         flags, log);
+    }
+    *out = p;
+    return 0;
+}
+
+/* Runs a kernel and returns its device time in seconds (profiling
+ * events). */
+static int run_timed(const cl_env *env, cl_kernel k, size_t global,
+                     const size_t *local, double *seconds)
+{
+    cl_event ev;
+    cl_int err = clEnqueueNDRangeKernel(env->q, k, 1, NULL, &global, local, 0,
+                                        NULL, &ev);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "clEnqueueNDRangeKernel");
+    err = clWaitForEvents(1, &ev);
+    cl_ulong t0 = 0, t1 = 0;
+    if (err == CL_SUCCESS)
+        err = clGetEventProfilingInfo(ev, CL_PROFILING_COMMAND_START,
+                                      sizeof t0, &t0, NULL);
+    if (err == CL_SUCCESS)
+        err = clGetEventProfilingInfo(ev, CL_PROFILING_COMMAND_END,
+                                      sizeof t1, &t1, NULL);
+    clReleaseEvent(ev);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "timing a kernel");
+    *seconds = 1e-9 * (double)(t1 - t0);
+    return 0;
+}
+
+/* The largest cache in front of the device's memory: the driver's word
+ * for it, or for a CPU device the host's last-level cache (CPU drivers
+ * such as PoCL report none). */
+static uint64_t device_cache_bytes(const cl_env *env,
+                                   const atmoe_device_info *info)
+{
+    cl_ulong cache = 0;
+    clGetDeviceInfo(env->dev, CL_DEVICE_GLOBAL_MEM_CACHE_SIZE, sizeof cache,
+                    &cache, NULL);
+    uint64_t bytes = cache;
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    if (info->type == ATMOE_DEVICE_TYPE_CPU) {
+        long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+        if (l2 > 0 && (uint64_t)l2 > bytes)
+            bytes = (uint64_t)l2;
+        if (l3 > 0 && (uint64_t)l3 > bytes)
+            bytes = (uint64_t)l3;
+    }
+#endif
+    return bytes;
+}
+
+/* Read bandwidth over a buffer of at least 256 MiB and four times the
+ * largest cache, so that it streams from memory (within half the device's
+ * memory and its largest allocation).  Two shapes of the same kernel,
+ * work-groups of 256 (a GPU's coalesced reads) and of 1 (a CPU's streams):
+ * the best of 5 runs of the faster one. */
+static int measure_read(const cl_env *env, const atmoe_device_info *info,
+                        ceilings *c)
+{
+    uint64_t bytes = (uint64_t)256 << 20;
+    uint64_t cache = device_cache_bytes(env, info);
+    if (4 * cache > bytes)
+        bytes = 4 * cache;
+    uint64_t cap = info->max_alloc_bytes;
+    if (info->global_mem_bytes / 2 < cap)
+        cap = info->global_mem_bytes / 2;
+    if (bytes > cap)
+        bytes = cap;
+    size_t locals[2] = {info->max_work_group_size < 256
+                            ? info->max_work_group_size
+                            : 256,
+                        1};
+    size_t groups = 8 * (info->compute_units ? info->compute_units : 1);
+    uint64_t per_group = bytes / 16 / groups;
+    per_group -= per_group % (4 * locals[0]);
+    if (per_group == 0)
+        return set_error("device memory too small for the read test");
+    bytes = per_group * groups * 16;
+
+    cl_int err;
+    int rc = -1;
+    cl_program p = NULL;
+    cl_kernel k = NULL;
+    cl_mem src = clCreateBuffer(env->cx, CL_MEM_READ_ONLY, bytes, NULL, &err);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "clCreateBuffer (read test)");
+    cl_mem out = clCreateBuffer(env->cx, CL_MEM_WRITE_ONLY,
+                                groups * locals[0] * sizeof(float), NULL,
+                                &err);
+    if (err != CL_SUCCESS) {
+        clReleaseMemObject(src);
+        return cl_fail(err, "clCreateBuffer (read test)");
+    }
+    float one = 1.0f;
+    if ((err = clEnqueueFillBuffer(env->q, src, &one, sizeof one, 0, bytes, 0,
+                                   NULL, NULL)) != CL_SUCCESS ||
+        (err = clFinish(env->q)) != CL_SUCCESS) {
+        cl_fail(err, "clEnqueueFillBuffer");
+        goto done;
+    }
+    if (build_program(env, "-DVEC=4", &p))
+        goto done;
+    k = clCreateKernel(p, "read_bandwidth", &err);
+    cl_ulong pg = per_group;
+    if (err != CL_SUCCESS ||
+        (err = clSetKernelArg(k, 0, sizeof src, &src)) != CL_SUCCESS ||
+        (err = clSetKernelArg(k, 1, sizeof pg, &pg)) != CL_SUCCESS ||
+        (err = clSetKernelArg(k, 2, sizeof out, &out)) != CL_SUCCESS) {
+        cl_fail(err, "setting up read_bandwidth");
+        goto done;
+    }
+    /* Probes over a sixteenth of the buffer pick the shape (the wrong one
+     * can be 30 times slower), twice each in turn so that neither gains
+     * from the cache the other filled; then the whole buffer is timed. */
+    double best = INFINITY, t;
+    size_t local = locals[0];
+    cl_ulong probe = per_group / 16 - per_group / 16 % (4 * locals[0]);
+    if (probe > 0 &&
+        (err = clSetKernelArg(k, 1, sizeof probe, &probe)) != CL_SUCCESS) {
+        cl_fail(err, "clSetKernelArg(read_bandwidth)");
+        goto done;
+    }
+    for (int l = 0; l < 4 && probe > 0; l++) {
+        if (run_timed(env, k, groups * locals[l % 2], &locals[l % 2], &t))
+            goto done;
+        if (t < best) {
+            best = t;
+            local = locals[l % 2];
+        }
+    }
+    if ((err = clSetKernelArg(k, 1, sizeof pg, &pg)) != CL_SUCCESS) {
+        cl_fail(err, "clSetKernelArg(read_bandwidth)");
+        goto done;
+    }
+    best = INFINITY;
+    for (int i = 0; i < 6; i++) {
+        if (run_timed(env, k, groups * local, &local, &t))
+            goto done;
+        if (i > 0 && t < best) /* the first run warms up */
+            best = t;
+    }
+    c->read_gbs = (double)bytes / best * 1e-9;
+    c->read_mib = (double)bytes / (1 << 20);
+    c->cache_mib = (double)cache / (1 << 20);
+    rc = 0;
+done:
+    if (k)
+        clReleaseKernel(k);
+    if (p)
+        clReleaseProgram(p);
+    clReleaseMemObject(src);
+    clReleaseMemObject(out);
+    return rc;
+}
+
+/* The FP32 FMA rate: the kernel at every vector width, its iteration count
+ * grown until a run takes 20 ms, the best of 3 runs of the best width. */
+static int measure_fma(const cl_env *env, const atmoe_device_info *info,
+                       ceilings *c)
+{
+    static const int widths[] = {1, 2, 4, 8, 16};
+    size_t global = 2048 * (size_t)(info->compute_units ? info->compute_units
+                                                        : 1);
+    if (global < 8192)
+        global = 8192;
+    cl_int err;
+    cl_mem out = clCreateBuffer(env->cx, CL_MEM_WRITE_ONLY,
+                                global * 16 * sizeof(float), NULL, &err);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "clCreateBuffer (FMA test)");
+    int rc = 0;
+    c->gflops = 0.0;
+    for (size_t wi = 0; wi < sizeof widths / sizeof widths[0] && rc == 0;
+         wi++) {
+        char opts[32];
+        snprintf(opts, sizeof opts, "-DVEC=%d", widths[wi]);
+        cl_program p;
+        if (build_program(env, opts, &p)) {
+            rc = -1;
+            break;
+        }
+        cl_kernel k = clCreateKernel(p, "fma_peak", &err);
+        cl_int iters = 64;
+        float m = 0.9999f, add = 1e-4f;
+        if (err != CL_SUCCESS ||
+            (err = clSetKernelArg(k, 0, sizeof out, &out)) != CL_SUCCESS ||
+            (err = clSetKernelArg(k, 2, sizeof m, &m)) != CL_SUCCESS ||
+            (err = clSetKernelArg(k, 3, sizeof add, &add)) != CL_SUCCESS)
+            rc = cl_fail(err, "setting up fma_peak");
+        double t = 0.0;
+        while (rc == 0) {
+            if ((err = clSetKernelArg(k, 1, sizeof iters, &iters)) !=
+                CL_SUCCESS) {
+                rc = cl_fail(err, "clSetKernelArg(fma_peak)");
+                break;
+            }
+            if ((rc = run_timed(env, k, global, NULL, &t)) != 0)
+                break;
+            if (t >= 0.02 || iters >= (1 << 24))
+                break;
+            double grow = t > 0.0 ? 0.03 / t : 16.0;
+            iters = (cl_int)((double)iters * (grow < 2.0    ? 2.0
+                                              : grow > 16.0 ? 16.0
+                                                            : grow));
+        }
+        for (int r = 0; r < 3 && rc == 0; r++) {
+            if ((rc = run_timed(env, k, global, NULL, &t)) != 0)
+                break;
+            double gf = 16.0 * widths[wi] * (double)iters * (double)global /
+                        t * 1e-9;
+            if (gf > c->gflops) {
+                c->gflops = gf;
+                c->fma_vec = widths[wi];
+            }
+        }
+        if (k)
+            clReleaseKernel(k);
+        clReleaseProgram(p);
+    }
+    clReleaseMemObject(out);
+    return rc;
+}
+
+/* Launch cost of an empty kernel: back to back in a queue (what a graph of
+ * many nodes pays per node) and with a wait after each (what one compute
+ * and finish pays once). */
+static int measure_launch(const cl_env *env, ceilings *c)
+{
+    cl_int err;
+    cl_program p;
+    if (build_program(env, "-DVEC=4", &p))
+        return -1;
+    cl_mem out = clCreateBuffer(env->cx, CL_MEM_WRITE_ONLY, sizeof(float),
+                                NULL, &err);
+    if (err != CL_SUCCESS) {
+        clReleaseProgram(p);
+        return cl_fail(err, "clCreateBuffer (launch test)");
+    }
+    int rc = 0;
+    cl_kernel k = clCreateKernel(p, "empty_kernel", &err);
+    if (err == CL_SUCCESS)
+        err = clSetKernelArg(k, 0, sizeof out, &out);
+    size_t one = 1;
+    const int back_to_back = 500, waited = 100;
+    for (int i = 0; i < 20 && err == CL_SUCCESS; i++)
+        err = clEnqueueNDRangeKernel(env->q, k, 1, NULL, &one, &one, 0, NULL,
+                                     NULL);
+    if (err == CL_SUCCESS)
+        err = clFinish(env->q);
+    double t0 = now_s();
+    for (int i = 0; i < back_to_back && err == CL_SUCCESS; i++)
+        err = clEnqueueNDRangeKernel(env->q, k, 1, NULL, &one, &one, 0, NULL,
+                                     NULL);
+    if (err == CL_SUCCESS)
+        err = clFinish(env->q);
+    double t1 = now_s();
+    for (int i = 0; i < waited && err == CL_SUCCESS; i++) {
+        err = clEnqueueNDRangeKernel(env->q, k, 1, NULL, &one, &one, 0, NULL,
+                                     NULL);
+        if (err == CL_SUCCESS)
+            err = clFinish(env->q);
+    }
+    double t2 = now_s();
+    if (err != CL_SUCCESS)
+        rc = cl_fail(err, "launching empty_kernel");
+    c->launch_us = (t1 - t0) / back_to_back * 1e6;
+    c->sync_us = (t2 - t1) / waited * 1e6;
+    if (k)
+        clReleaseKernel(k);
+    clReleaseMemObject(out);
+    clReleaseProgram(p);
+    return rc;
+}
+
+/* Blocking copies of 64 MiB between ordinary host memory and the device:
+ * the best of 3 each way. */
+static int measure_transfers(const cl_env *env, const atmoe_device_info *info,
+                             ceilings *c)
+{
+    size_t bytes = (size_t)64 << 20;
+    if (bytes > info->max_alloc_bytes / 2)
+        bytes = (size_t)(info->max_alloc_bytes / 2);
+    cl_int err;
+    cl_mem buf = clCreateBuffer(env->cx, CL_MEM_READ_WRITE, bytes, NULL, &err);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "clCreateBuffer (transfer test)");
+    unsigned char *host = xcalloc(bytes, 1);
+    memset(host, 1, bytes);
+    double best_w = INFINITY, best_r = INFINITY;
+    for (int i = 0; i < 4 && err == CL_SUCCESS; i++) {
+        double t0 = now_s();
+        err = clEnqueueWriteBuffer(env->q, buf, CL_TRUE, 0, bytes, host, 0,
+                                   NULL, NULL);
+        double t1 = now_s();
+        if (err == CL_SUCCESS)
+            err = clEnqueueReadBuffer(env->q, buf, CL_TRUE, 0, bytes, host, 0,
+                                      NULL, NULL);
+        double t2 = now_s();
+        if (i > 0 && t1 - t0 < best_w)
+            best_w = t1 - t0;
+        if (i > 0 && t2 - t1 < best_r)
+            best_r = t2 - t1;
+    }
+    free(host);
+    clReleaseMemObject(buf);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "copying between host and device");
+    c->h2d_gbs = (double)bytes / best_w * 1e-9;
+    c->d2h_gbs = (double)bytes / best_r * 1e-9;
+    c->transfer_mib = (double)bytes / (1 << 20);
+    return 0;
+}
+
+/* The SGEMM rate the library reaches (CLBlast behind atmoe_graph_matmul) on
+ * n x n operands: the median of 3 after a warm-up.  Not a ceiling of the
+ * roofline, but it says how far CLBlast is from the FMA rate. */
+static int measure_gemm(atmoe_context *ctx, size_t n, ceilings *c)
+{
+    size_t shape[2] = {n, n};
+    atmoe_tensor *a = NULL, *b = NULL;
+    atmoe_graph *g = NULL;
+    atmoe_node na, nb, y;
+    atmoe_status st = ATMOE_STATUS_OK;
+    int rc = -1;
+    TRY(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 2, shape, &a));
+    TRY(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 2, shape, &b));
+    TRY(atmoe_tensor_fill(a, 0.5));
+    TRY(atmoe_tensor_fill(b, 0.25));
+    TRY(atmoe_graph_new(ctx, &g));
+    TRY(atmoe_graph_parameter(g, "a", a, &na));
+    TRY(atmoe_graph_parameter(g, "b", b, &nb));
+    TRY(atmoe_graph_matmul(g, na, nb, ATMOE_NODE_NONE, 0, &y));
+    TRY(atmoe_graph_output(g, y));
+    TRY(atmoe_graph_plan(g, 0));
+    double t[3];
+    for (int i = 0; i < 4; i++) {
+        double t0 = now_s();
+        TRY(atmoe_graph_compute(g, 0));
+        TRY(atmoe_context_finish(ctx));
+        if (i > 0)
+            t[i - 1] = now_s() - t0;
+    }
+    c->gemm_n = n;
+    c->gemm_gflops = 2.0 * (double)n * (double)n * (double)n /
+                     median(t, 3) * 1e-9;
+    rc = 0;
+fail:
+    if (rc != 0)
+        lib_error(ctx, st, "timing SGEMM");
+    atmoe_graph_free(g);
+    atmoe_tensor_free(a);
+    atmoe_tensor_free(b);
+    return rc;
+}
+
+static int measure_ceilings(atmoe_context *ctx, const atmoe_device_info *info,
+                            const char *src, size_t gemm_n, ceilings *c)
+{
+    cl_env env = {NULL, NULL, NULL, src};
+    cl_int err;
+    memset(c, 0, sizeof *c);
+    if (find_cl_device(info, &env.dev))
+        return -1;
+    env.cx = clCreateContext(NULL, 1, &env.dev, NULL, NULL, &err);
+    if (err != CL_SUCCESS)
+        return cl_fail(err, "clCreateContext");
+    env.q = clCreateCommandQueue(env.cx, env.dev, CL_QUEUE_PROFILING_ENABLE,
+                                 &err);
+    if (err != CL_SUCCESS) {
+        clReleaseContext(env.cx);
+        return cl_fail(err, "clCreateCommandQueue");
+    }
+    int rc = measure_read(&env, info, c);
+    if (rc == 0)
+        rc = measure_fma(&env, info, c);
+    if (rc == 0)
+        rc = measure_launch(&env, c);
+    if (rc == 0)
+        rc = measure_transfers(&env, info, c);
+    clReleaseCommandQueue(env.q);
+    clReleaseContext(env.cx);
+    if (rc == 0)
+        rc = measure_gemm(ctx, gemm_n, c);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Running                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct progress {
+    int on; /* stderr is a terminal */
+    size_t done, total;
+    const char *device;
+} progress;
+
+static void progress_show(const progress *p, const char *workload, size_t T,
+                          variant v, const char *stage)
+{
+    if (!p->on)
+        return;
+    fprintf(stderr, "\r\033[K[%zu/%zu] %s: %s T=%zu %s: %s", p->done + 1,
+            p->total, p->device, workload, T, variant_names[v], stage);
+    fflush(stderr);
+}
+
+static void progress_clear(const progress *p)
+{
+    if (p->on) {
+        fprintf(stderr, "\r\033[K");
+        fflush(stderr);
+    }
+}
+
+/* Times one variant: build, plan, warm up, then reps timed computes, and
+ * compares the output with a reference.  ref (T x d floats) is the fused
+ * variant's output: fused writes it, unfused is checked against it.  The
+ * merged variant routes differently (one row for every token), so it makes
+ * its own reference: the same graph with the merge switched off. */
+static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
+                        variant v, const options *o, progress *prog,
+                        float *ref, double *times, double *diff)
+{
+    size_t count = T * w->s.d;
+    float *y = xcalloc(count, sizeof *y);
+    float *mref = NULL;
+    built b = {NULL, 0, 0, 0};
+    int rc = -1;
+    *diff = NAN;
+    if (v == VARIANT_MERGED) {
+        progress_show(prog, w->s.name, T, v, "reference");
+        mref = xcalloc(count, sizeof *mref);
+        if (build(ctx, w, T, v, ATMOE_MERGE_NEVER, &b) ||
+            set_inputs(ctx, w, T, &b) || compute_once(ctx, b.g) ||
+            read_output(ctx, &b, mref, count))
+            goto done;
+        atmoe_graph_free(b.g);
+        b.g = NULL;
+    }
+    progress_show(prog, w->s.name, T, v, "planning");
+    if (build(ctx, w, T, v, ATMOE_MERGE_ALWAYS, &b) ||
+        set_inputs(ctx, w, T, &b))
+        goto done;
+    for (int i = 0; i < o->warmup; i++) {
+        progress_show(prog, w->s.name, T, v, "warm-up");
+        if (compute_once(ctx, b.g))
+            goto done;
+    }
+    for (int i = 0; i < o->reps; i++) {
+        char stage[48];
+        snprintf(stage, sizeof stage, "rep %d/%d", i + 1, o->reps);
+        progress_show(prog, w->s.name, T, v, stage);
+        double t0 = now_s();
+        if (compute_once(ctx, b.g))
+            goto done;
+        times[i] = now_s() - t0;
+    }
+    if (read_output(ctx, &b, y, count))
+        goto done;
+    if (v == VARIANT_FUSED)
+        memcpy(ref, y, count * sizeof *y);
+    else
+        *diff = rel_diff(y, v == VARIANT_MERGED ? mref : ref, count);
+    rc = 0;
+done:
+    atmoe_graph_free(b.g);
+    free(y);
+    free(mref);
+    return rc;
+}
+
+/* A variant whose output differs from its reference by more than this
+ * (relative to the largest output) is flagged: fp32 GEMMs of d = 4096 in
+ * different orders stay far below it. */
+#define CHECK_TOLERANCE 1e-3
+
+static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
+                         device_run *d, progress *prog)
+{
+    wl_shape s = make_shape(workloads[wi].name, o->full);
+    wl_data w;
+    if (wl_init(ctx, &s, 0x5eed0000u + wi, &w)) {
+        progress_clear(prog);
+        fprintf(stderr, PROGRAM ": %s: %s: %s\n", d->info.name, s.name,
+                errbuf);
+        d->failures++;
+        prog->done += s.n_T * N_VARIANTS;
+        wl_free(&w);
+        return;
+    }
+    double *times = xcalloc((size_t)o->reps, sizeof *times);
+    for (size_t ti = 0; ti < s.n_T; ti++) {
+        size_t T = s.T[ti];
+        float *ref = xcalloc(T * s.d, sizeof *ref);
+        double fused_ms = NAN;
+        for (int v = 0; v < N_VARIANTS; v++, prog->done++) {
+            double diff;
+            if (v == VARIANT_UNFUSED && isnan(fused_ms))
+                continue; /* nothing to check it against */
+            if (time_variant(ctx, &w, T, (variant)v, o, prog, ref, times,
+                             &diff)) {
+                progress_clear(prog);
+                fprintf(stderr, PROGRAM ": %s: %s T=%zu %s: %s\n",
+                        d->info.name, s.name, T, variant_names[v], errbuf);
+                d->failures++;
+                continue;
+            }
+            result *r = push_result(d);
+            r->workload = s.name;
+            r->scale = o->full ? "full" : "small";
+            r->variant = (variant)v;
+            r->T = T;
+            r->d_in = r->d_out = s.d;
+            r->experts = w.E;
+            r->total_rank = w.R;
+            r->rank = (w.R + w.E / 2) / w.E; /* the mean when mixed */
+            r->min_ms = r->max_ms = times[0] * 1e3;
+            for (int i = 1; i < o->reps; i++) {
+                if (times[i] * 1e3 < r->min_ms)
+                    r->min_ms = times[i] * 1e3;
+                if (times[i] * 1e3 > r->max_ms)
+                    r->max_ms = times[i] * 1e3;
+            }
+            r->median_ms = median(times, (size_t)o->reps) * 1e3;
+            count_work(&w, T, (variant)v, &r->flops, &r->bytes);
+            double sec = r->median_ms * 1e-3;
+            r->gflops = r->flops / sec * 1e-9;
+            r->gbs = r->bytes / sec * 1e-9;
+            double bound = fmax(r->flops / (d->c.gflops * 1e9),
+                                r->bytes / (d->c.read_gbs * 1e9));
+            r->roofline = bound / sec;
+            if (v == VARIANT_FUSED)
+                fused_ms = r->median_ms;
+            r->ratio_to_fused = r->median_ms / fused_ms;
+            r->max_rel_diff = diff;
+            if (v != VARIANT_FUSED &&
+                (diff > CHECK_TOLERANCE || isnan(diff))) {
+                progress_clear(prog);
+                fprintf(stderr,
+                        PROGRAM ": %s: %s T=%zu %s differs from its "
+                        "reference by %.2e (relative; tolerance %.0e)\n",
+                        d->info.name, s.name, T, variant_names[v], diff,
+                        CHECK_TOLERANCE);
+                d->failures++;
+            }
+        }
+        free(ref);
+    }
+    free(times);
+    wl_free(&w);
+}
+
+static void run_device(const char *selection, const options *o,
+                       const char *src, device_run *d)
+{
+    memset(d, 0, sizeof *d);
+    atmoe_context *ctx;
+    atmoe_status st = atmoe_context_new(&ctx, selection);
+    if (st != ATMOE_STATUS_OK) {
+        lib_error(NULL, st, "opening the device");
+        fprintf(stderr, PROGRAM ": device '%s': %s\n", selection, errbuf);
+        d->failures++;
+        return;
+    }
+    atmoe_context_get_device(ctx, &d->info);
+    progress prog = {isatty(STDERR_FILENO), 0, 0, d->info.name};
+    for (size_t i = 0; i < N_WORKLOADS; i++)
+        if (o->selected[i] && workloads[i].implemented)
+            prog.total += make_shape(workloads[i].name, o->full).n_T *
+                          N_VARIANTS;
+    if (prog.on) {
+        fprintf(stderr, "%s: measuring the ceilings", d->info.name);
+        fflush(stderr);
+    }
+    if (measure_ceilings(ctx, &d->info, src, o->full ? 2048 : 1024, &d->c)) {
+        progress_clear(&prog);
+        fprintf(stderr, PROGRAM ": %s: ceilings: %s\n", d->info.name, errbuf);
+        d->failures++;
+        atmoe_context_free(ctx);
+        return;
+    }
+    d->ok = 1;
+    for (size_t i = 0; i < N_WORKLOADS; i++)
+        if (o->selected[i] && workloads[i].implemented)
+            run_workload(ctx, o, i, d, &prog);
+    progress_clear(&prog);
+    atmoe_context_free(ctx);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reports                                                                   */
+/* ------------------------------------------------------------------------ */
+
+static void print_ceilings(const device_run *d)
+{
+    const ceilings *c = &d->c;
+    printf("%s (%s %s, %u compute units, %s)\n", d->info.name,
+           atmoe_vendor_name(d->info.vendor),
+           atmoe_device_type_name(d->info.type), d->info.compute_units,
+           d->info.platform_version);
+    printf("  ceilings: read %.1f GB/s (%.0f MiB; cache %.0f MiB), FP32 FMA "
+           "%.1f GFLOP/s (float%d chains),\n            SGEMM %.1f GFLOP/s "
+           "(CLBlast, n = %zu)\n",
+           c->read_gbs, c->read_mib, c->cache_mib, c->gflops, c->fma_vec,
+           c->gemm_gflops, c->gemm_n);
+    printf("            launch %.1f us queued, %.1f us with a wait;\n"
+           "            host to device %.1f GB/s, device to host %.1f GB/s "
+           "(%.0f MiB)\n",
+           c->launch_us, c->sync_us, c->h2d_gbs, c->d2h_gbs,
+           c->transfer_mib);
+}
+
+static void print_results(const device_run *d)
+{
+    if (d->n == 0) {
+        printf("\nno workload ran\n");
+        return;
+    }
+    printf("\n%-12s %-5s %4s %-7s %10s %19s %8s %8s %8s %7s %8s\n",
+           "workload", "scale", "T", "variant", "median ms", "min..max ms",
+           "GFLOP/s", "GB/s", "roofline", "/fused", "check");
+    for (size_t i = 0; i < d->n; i++) {
+        const result *r = &d->results[i];
+        char spread[40], ratio[16], check[16];
+        snprintf(spread, sizeof spread, "%.3f..%.3f", r->min_ms, r->max_ms);
+        if (isnan(r->ratio_to_fused) || r->variant == VARIANT_FUSED)
+            snprintf(ratio, sizeof ratio, "-");
+        else
+            snprintf(ratio, sizeof ratio, "%.2fx", r->ratio_to_fused);
+        if (isnan(r->max_rel_diff))
+            snprintf(check, sizeof check, "-");
+        else
+            snprintf(check, sizeof check, "%.0e%s", r->max_rel_diff,
+                     r->max_rel_diff > CHECK_TOLERANCE ? "!" : "");
+        printf("%-12s %-5s %4zu %-7s %10.3f %19s %8.1f %8.1f %7.1f%% %7s %8s\n",
+               r->workload, r->scale, r->T, variant_names[r->variant],
+               r->median_ms, spread, r->gflops, r->gbs, 100.0 * r->roofline,
+               ratio, check);
+    }
+    printf("\nroofline: the bound max(FLOPs / FMA rate, bytes / read "
+           "bandwidth) over the median time;\n/fused: median time over the "
+           "fused variant's; check: largest difference from the reference,\n"
+           "relative to the largest output (unfused against fused, merged "
+           "against the unmerged mixture).\n");
+}
+
+/* One row per run, one column per device: median ms and roofline. */
+static void print_comparison(const device_run *runs, size_t n)
+{
+    printf("\n%-12s %-5s %4s %-7s", "workload", "scale", "T", "variant");
+    for (size_t j = 0; j < n; j++)
+        if (runs[j].ok)
+            printf(" | %-22.22s", runs[j].info.name);
+    printf("\n");
+    for (size_t j = 0; j < n; j++)
+        if (runs[j].ok) {
+            for (size_t i = 0; i < runs[j].n; i++) {
+                const result *r = &runs[j].results[i];
+                int seen = 0;
+                for (size_t jj = 0; jj < j && !seen; jj++)
+                    for (size_t ii = 0; ii < runs[jj].n && !seen; ii++) {
+                        const result *q = &runs[jj].results[ii];
+                        seen = runs[jj].ok &&
+                               strcmp(q->workload, r->workload) == 0 &&
+                               q->T == r->T && q->variant == r->variant;
+                    }
+                if (seen)
+                    continue;
+                printf("%-12s %-5s %4zu %-7s", r->workload, r->scale, r->T,
+                       variant_names[r->variant]);
+                for (size_t k = 0; k < n; k++) {
+                    if (!runs[k].ok)
+                        continue;
+                    const result *m = NULL;
+                    for (size_t ii = 0; ii < runs[k].n && !m; ii++) {
+                        const result *q = &runs[k].results[ii];
+                        if (strcmp(q->workload, r->workload) == 0 &&
+                            q->T == r->T && q->variant == r->variant)
+                            m = q;
+                    }
+                    if (m)
+                        printf(" | %10.3f ms %6.1f%%", m->median_ms,
+                               100.0 * m->roofline);
+                    else
+                        printf(" | %22s", "-");
+                }
+                printf("\n");
+            }
+        }
+    printf("\n(each cell: median time, and the fraction of that device's "
+           "roofline bound)\n");
+}
+
+/* A finite number, or null (jansson refuses NaN and infinities). */
+static json_t *json_num(double v)
+{
+    return isfinite(v) ? json_real(v) : json_null();
+}
+
+static json_t *device_json(const options *o, const device_run *d)
+{
+    json_t *dev = json_pack(
+        "{s:s, s:s, s:s, s:s, s:s, s:s, s:I}", "name", d->info.name, "vendor",
+        atmoe_vendor_name(d->info.vendor), "type",
+        atmoe_device_type_name(d->info.type), "raw_name", d->info.raw_name,
+        "platform", d->info.platform_version, "driver",
+        d->info.driver_version, "compute_units",
+        (json_int_t)d->info.compute_units);
+    const ceilings *c = &d->c;
+    json_t *ceil = json_pack(
+        "{s:o, s:o, s:o, s:o, s:I, s:o, s:o, s:o, s:o, s:I, s:o}", "read_gbs",
+        json_num(c->read_gbs), "gflops", json_num(c->gflops), "launch_us",
+        json_num(c->launch_us), "sync_us", json_num(c->sync_us), "fma_vec",
+        (json_int_t)c->fma_vec, "gemm_gflops", json_num(c->gemm_gflops),
+        "h2d_gbs", json_num(c->h2d_gbs), "d2h_gbs", json_num(c->d2h_gbs),
+        "read_mib", json_num(c->read_mib), "gemm_n", (json_int_t)c->gemm_n,
+        "cache_mib", json_num(c->cache_mib));
+    json_t *results = json_array();
+    for (size_t i = 0; i < d->n; i++) {
+        const result *r = &d->results[i];
+        json_t *row = json_pack(
+            "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:o, s:o, "
+            "s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}",
+            "workload", r->workload, "scale", r->scale, "variant",
+            variant_names[r->variant], "params", "default", "T",
+            (json_int_t)r->T, "d_in", (json_int_t)r->d_in, "d_out",
+            (json_int_t)r->d_out, "experts", (json_int_t)r->experts, "rank",
+            (json_int_t)r->rank, "total_rank", (json_int_t)r->total_rank,
+            "median_ms", json_num(r->median_ms), "min_ms",
+            json_num(r->min_ms), "max_ms", json_num(r->max_ms), "gflops",
+            json_num(r->gflops), "gbs", json_num(r->gbs), "roofline",
+            json_num(r->roofline), "flops", json_num(r->flops), "bytes",
+            json_num(r->bytes), "ratio_to_fused",
+            json_num(r->variant == VARIANT_FUSED ? NAN : r->ratio_to_fused),
+            "max_rel_diff", json_num(r->max_rel_diff));
+        if (row == NULL || json_array_append_new(results, row) != 0)
+            return NULL;
+    }
+    return json_pack("{s:o, s:o, s:o, s:s, s:i, s:i, s:s}", "device", dev,
+                     "ceilings", ceil, "results", results, "atmoe_version",
+                     atmoe_version(), "reps", o->reps, "warmup", o->warmup,
+                     "scale", o->full ? "full" : "small");
+}
+
+typedef struct report {
+    const options *o;
+    const device_run *runs;
+    size_t n;
+    int all; /* --device all: a list of device objects */
+} report;
+
+static int write_json(FILE *f, void *arg)
+{
+    const report *rep = arg;
+    json_t *root = rep->all ? json_array() : NULL;
+    for (size_t i = 0; i < rep->n; i++) {
+        if (!rep->runs[i].ok)
+            continue;
+        json_t *obj = device_json(rep->o, &rep->runs[i]);
+        if (obj == NULL) {
+            json_decref(root);
+            errno = ENOMEM;
+            return -1;
+        }
+        if (!rep->all) {
+            root = obj;
+            break;
+        }
+        json_array_append_new(root, obj);
+    }
+    if (root == NULL)
+        root = json_object(); /* the only device failed: nothing to say */
+    int rc = json_dumpf(root, f, JSON_INDENT(2) | JSON_REAL_PRECISION(8));
+    json_decref(root);
+    if (rc == 0 && fputc('\n', f) == EOF)
+        rc = -1;
+    return rc;
+}
+
+static void csv_string(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"')
+            fputc('"', f);
+        fputc(*s, f);
+    }
+    fputc('"', f);
+}
+
+static void csv_number(FILE *f, double v)
+{
+    if (isfinite(v))
+        fprintf(f, ",%.8g", v);
+    else
+        fputs(",", f);
+}
+
+static int write_csv(FILE *f, void *arg)
+{
+    const report *rep = arg;
+    fputs("device,vendor,type,workload,scale,variant,params,T,d_in,d_out,"
+          "experts,rank,total_rank,median_ms,min_ms,max_ms,gflops,gbs,"
+          "roofline,ratio_to_fused,max_rel_diff,read_gbs,peak_gflops,"
+          "launch_us\n",
+          f);
+    for (size_t j = 0; j < rep->n; j++) {
+        const device_run *d = &rep->runs[j];
+        for (size_t i = 0; d->ok && i < d->n; i++) {
+            const result *r = &d->results[i];
+            csv_string(f, d->info.name);
+            fputc(',', f);
+            csv_string(f, atmoe_vendor_name(d->info.vendor));
+            fputc(',', f);
+            csv_string(f, atmoe_device_type_name(d->info.type));
+            fprintf(f, ",%s,%s,%s,default,%zu,%zu,%zu,%zu,%zu,%zu",
+                    r->workload, r->scale, variant_names[r->variant], r->T,
+                    r->d_in, r->d_out, r->experts, r->rank, r->total_rank);
+            csv_number(f, r->median_ms);
+            csv_number(f, r->min_ms);
+            csv_number(f, r->max_ms);
+            csv_number(f, r->gflops);
+            csv_number(f, r->gbs);
+            csv_number(f, r->roofline);
+            csv_number(f, r->variant == VARIANT_FUSED ? NAN
+                                                      : r->ratio_to_fused);
+            csv_number(f, r->max_rel_diff);
+            csv_number(f, d->c.read_gbs);
+            csv_number(f, d->c.gflops);
+            csv_number(f, d->c.launch_us);
+            fputc('\n', f);
+        }
+    }
+    return ferror(f) ? -1 : 0;
+}
+
+/* --check-json: every field of the contract, with its type. */
+static int check_fields(json_t *obj, const char *where, const char *const *names,
+                        json_type type, int number)
+{
+    for (size_t i = 0; names[i]; i++) {
+        json_t *v = json_object_get(obj, names[i]);
+        int good = v && (number ? json_is_number(v) : json_typeof(v) == type);
+        if (!good)
+            return set_error("%s: field '%s' is %s", where, names[i],
+                             v ? "of the wrong type" : "missing");
+    }
+    return 0;
+}
+
+static int check_device_object(json_t *obj, size_t index, size_t *results)
+{
+    static const char *const dev_str[] = {"name", "vendor", "type", NULL};
+    static const char *const ceil_num[] = {"read_gbs", "gflops", "launch_us",
+                                           NULL};
+    static const char *const res_str[] = {"workload", "scale", "variant",
+                                          "params", NULL};
+    static const char *const res_int[] = {"T", "d_in", "d_out", "experts",
+                                          "rank", NULL};
+    static const char *const res_num[] = {"median_ms", "min_ms", "max_ms",
+                                          "gflops", "gbs", "roofline", NULL};
+    char where[64];
+    snprintf(where, sizeof where, "device object %zu", index);
+    if (!json_is_object(obj))
+        return set_error("%s is not an object", where);
+    json_t *dev = json_object_get(obj, "device");
+    json_t *ceil = json_object_get(obj, "ceilings");
+    json_t *res = json_object_get(obj, "results");
+    if (!json_is_object(dev) || !json_is_object(ceil) || !json_is_array(res))
+        return set_error("%s: wants objects 'device' and 'ceilings' and a "
+                         "list 'results'", where);
+    if (check_fields(dev, "device", dev_str, JSON_STRING, 0) ||
+        check_fields(ceil, "ceilings", ceil_num, JSON_REAL, 1))
+        return -1;
+    for (size_t i = 0; i < json_array_size(res); i++) {
+        json_t *r = json_array_get(res, i);
+        snprintf(where, sizeof where, "device %zu, result %zu", index, i);
+        if (!json_is_object(r))
+            return set_error("%s is not an object", where);
+        if (check_fields(r, where, res_str, JSON_STRING, 0) ||
+            check_fields(r, where, res_int, JSON_INTEGER, 0) ||
+            check_fields(r, where, res_num, JSON_REAL, 1))
+            return -1;
+    }
+    *results += json_array_size(res);
+    return 0;
+}
+
+static int check_json(const char *path)
+{
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    if (root == NULL) {
+        fprintf(stderr, PROGRAM ": %s: line %d: %s\n", path, jerr.line,
+                jerr.text);
+        return EXIT_RUNTIME;
+    }
+    size_t devices = 0, results = 0;
+    int rc = 0;
+    if (json_is_array(root)) {
+        for (size_t i = 0; i < json_array_size(root) && rc == 0; i++, devices++)
+            rc = check_device_object(json_array_get(root, i), i, &results);
+    } else {
+        rc = check_device_object(root, 0, &results);
+        devices = 1;
+    }
+    json_decref(root);
+    if (rc != 0) {
+        fprintf(stderr, PROGRAM ": %s: %s\n", path, errbuf);
+        return EXIT_RUNTIME;
+    }
+    printf("%s: the JSON contract holds (%zu device%s, %zu results)\n", path,
+           devices, devices == 1 ? "" : "s", results);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Main                                                                      */
+/* ------------------------------------------------------------------------ */
+
+static int list_devices(void)
+{
+    size_t n, def = (size_t)-1;
+    atmoe_status st = atmoe_device_count(&n);
+    if (st != ATMOE_STATUS_OK) {
+        lib_error(NULL, st, "listing devices");
+        fprintf(stderr, PROGRAM ": %s\n", errbuf);
+        return EXIT_RUNTIME;
+    }
+    if (n == 0) {
+        printf("no OpenCL device found\n");
+        return EXIT_RUNTIME;
+    }
+    atmoe_device_default(&def);
+    for (size_t i = 0; i < n; i++) {
+        atmoe_device_info d;
+        if ((st = atmoe_device_get_info(i, &d)) != ATMOE_STATUS_OK) {
+            lib_error(NULL, st, "describing a device");
+            fprintf(stderr, PROGRAM ": %s\n", errbuf);
+            return EXIT_RUNTIME;
+        }
+        printf("%zu%s %s (%s %s, %u compute units, %s)\n", i,
+               i == def ? "*" : " ", d.name, atmoe_vendor_name(d.vendor),
+               atmoe_device_type_name(d.type), d.compute_units,
+               d.platform_version);
+    }
+    printf("* the default device (ATMOE_DEVICE overrides it)\n");
+    return 0;
+}
+
+/* Takes an option's value, from "--opt=value" or the next argument. */
+static const char *opt_value(int argc, char **argv, int *i, const char *name)
+{
+    size_t len = strlen(name);
+    if (strncmp(argv[*i], name, len) != 0)
+        return NULL;
+    if (argv[*i][len] == '=')
+        return argv[*i] + len + 1;
+    if (argv[*i][len] != '\0')
+        return NULL;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, PROGRAM ": %s needs a value\n", name);
+        exit(EXIT_USAGE);
+    }
+    return argv[++*i];
+}
+
+int main(int argc, char **argv)
+{
+    mode_t mask = umask(0);
+    umask(mask);
+    file_mode = 0666 & ~mask;
+
+    options o = {NULL, {0}, 0, 5, 2, NULL, NULL};
+    for (size_t i = 0; i < N_WORKLOADS; i++)
+        o.selected[i] = workloads[i].implemented;
+    const char *v;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (strcmp(a, "--list-devices") == 0) {
+            return list_devices();
+        } else if ((v = opt_value(argc, argv, &i, "--check-json"))) {
+            return check_json(v);
+        } else if ((v = opt_value(argc, argv, &i, "--device"))) {
+            o.device = v;
+        } else if ((v = opt_value(argc, argv, &i, "--workload"))) {
+            if (parse_workloads(v, o.selected))
+                return EXIT_USAGE;
+        } else if ((v = opt_value(argc, argv, &i, "--scale"))) {
+            if (strcmp(v, "small") != 0 && strcmp(v, "full") != 0) {
+                fprintf(stderr, PROGRAM ": --scale is small or full, not "
+                                "'%s'\n", v);
+                return EXIT_USAGE;
+            }
+            o.full = strcmp(v, "full") == 0;
+        } else if ((v = opt_value(argc, argv, &i, "--reps"))) {
+            if (parse_count("--reps", v, 1, &o.reps))
+                return EXIT_USAGE;
+        } else if ((v = opt_value(argc, argv, &i, "--warmup"))) {
+            if (parse_count("--warmup", v, 0, &o.warmup))
+                return EXIT_USAGE;
+        } else if ((v = opt_value(argc, argv, &i, "--json"))) {
+            o.json = v;
+        } else if ((v = opt_value(argc, argv, &i, "--csv"))) {
+            o.csv = v;
+        } else {
+            fprintf(stderr, PROGRAM ": unknown option '%s' (see --help)\n", a);
+            return EXIT_USAGE;
+        }
+    }
+    for (size_t i = 0; i < N_WORKLOADS; i++)
+        if (o.selected[i] && !workloads[i].implemented) {
+            fprintf(stderr, PROGRAM ": workload %s: not implemented yet, "
+                            "skipped\n", workloads[i].name);
+        }
+
+    /* Devices first: a wrong name is a usage error, found before any work. */
+    int all = o.device && strcmp(o.device, "all") == 0;
+    size_t n_dev = 1, index;
+    atmoe_status st;
+    if (all) {
+        st = atmoe_device_count(&n_dev);
+        if (st == ATMOE_STATUS_OK && n_dev == 0)
+            st = ATMOE_STATUS_NO_DEVICE;
+    } else {
+        st = o.device ? atmoe_device_find(o.device, &index)
+                      : atmoe_device_default(&index);
+    }
+    if (st != ATMOE_STATUS_OK) {
+        lib_error(NULL, st, "choosing the device");
+        fprintf(stderr, PROGRAM ": %s\n", errbuf);
+        return st == ATMOE_STATUS_DEVICE_NOT_FOUND ? EXIT_USAGE
+                                                   : EXIT_RUNTIME;
+    }
+    /* Outputs next, so that a long run does not end in a path that cannot
+     * be written. */
+    const char *outs[2] = {o.json, o.csv}, *flags[2] = {"--json", "--csv"};
+    for (int i = 0; i < 2; i++)
+        if (outs[i] && write_atomic(outs[i], NULL, NULL)) {
+            fprintf(stderr, PROGRAM ": %s %s: %s\n", flags[i], outs[i],
+                    errbuf);
+            return EXIT_RUNTIME;
+        }
+    char *src = load_ceilings_source();
+    if (src == NULL) {
+        fprintf(stderr, PROGRAM ": %s\n", errbuf);
+        return EXIT_RUNTIME;
+    }
+
+    device_run *runs = xcalloc(n_dev, sizeof *runs);
+    int failed = 0;
+    for (size_t i = 0; i < n_dev; i++) {
+        char sel[32];
+        snprintf(sel, sizeof sel, "%zu", all ? i : index);
+        run_device(sel, &o, src, &runs[i]);
+        failed |= runs[i].failures > 0;
+        if (runs[i].ok) {
+            if (i > 0)
+                printf("\n");
+            print_ceilings(&runs[i]);
+            if (!all)
+                print_results(&runs[i]);
+            fflush(stdout);
+        }
+    }
+    if (all)
+        print_comparison(runs, n_dev);
+    free(src);
+
+    report rep = {&o, runs, n_dev, all};
+    if (o.json && write_atomic(o.json, write_json, &rep)) {
+        fprintf(stderr, PROGRAM ": --json %s: %s\n", o.json, errbuf);
+        failed = 1;
+    }
+    if (o.csv && write_atomic(o.csv, write_csv, &rep)) {
+        fprintf(stderr, PROGRAM ": --csv %s: %s\n", o.csv, errbuf);
+        failed = 1;
+    }
+    for (size_t i = 0; i < n_dev; i++)
+        free(runs[i].results);
+    free(runs);
+    return failed ? EXIT_RUNTIME : 0;
+}
