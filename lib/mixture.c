@@ -289,13 +289,8 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
 
     float beta = 0.0f;
     if (bias) {
-        atmoe_tensor rows = *bias;
-        rows.ndim = 2;
-        rows.shape[0] = T;
-        rows.shape[1] = d_out;
-        rows.stride[0] = 0;
-        rows.stride[1] = 1;
-        if ((st = atm_tensor_copy(y, &rows, NULL)) != ATMOE_STATUS_OK)
+        if ((st = atm_tensor_broadcast_rows(y, bias, NULL)) !=
+            ATMOE_STATUS_OK)
             return st;
         beta = 1.0f;
     }
@@ -330,13 +325,8 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     /* Base: y = bias (broadcast) then y += x W0^T. */
     float beta = 0.0f;
     if (bias) {
-        atmoe_tensor rows = *bias;
-        rows.ndim = 2;
-        rows.shape[0] = T;
-        rows.shape[1] = d_out;
-        rows.stride[0] = 0;
-        rows.stride[1] = 1;
-        if ((st = atm_tensor_copy(y, &rows, first)) != ATMOE_STATUS_OK)
+        if ((st = atm_tensor_broadcast_rows(y, bias, first)) !=
+            ATMOE_STATUS_OK)
             return st;
         first = NULL;
         beta = 1.0f;

@@ -173,15 +173,9 @@ static atmoe_status run_matmul(atmoe_graph *g, atm_node *n, cl_event *first,
     size_t m = c->shape[0], cols = c->shape[1], k = a->shape[!ta];
     float beta = 0.0f;
     if (bias) {
-        /* The bias is broadcast into C first (a copy whose source row
-         * stride is 0), and the GEMM accumulates onto it with beta = 1. */
-        atmoe_tensor rows = *bias;
-        rows.ndim = 2;
-        rows.shape[0] = m;
-        rows.shape[1] = cols;
-        rows.stride[0] = 0;
-        rows.stride[1] = 1;
-        atmoe_status st = atm_tensor_copy(c, &rows, first);
+        /* The bias goes into C first, and the GEMM accumulates onto it
+         * with beta = 1. */
+        atmoe_status st = atm_tensor_broadcast_rows(c, bias, first);
         if (st != ATMOE_STATUS_OK)
             return st;
         beta = 1.0f;

@@ -480,3 +480,16 @@ atmoe_status atm_tensor_copy(const atmoe_tensor *dst, const atmoe_tensor *src,
                         "clSetKernelArg(%s) failed", name);
     return atm_launch_1d(ctx, k, count, name, event);
 }
+
+atmoe_status atm_tensor_broadcast_rows(const atmoe_tensor *dst,
+                                       const atmoe_tensor *row,
+                                       cl_event *event)
+{
+    atmoe_tensor rows = *row;
+    rows.ndim = 2;
+    rows.shape[0] = dst->shape[0];
+    rows.shape[1] = dst->shape[1];
+    rows.stride[0] = 0;
+    rows.stride[1] = 1;
+    return atm_tensor_copy(dst, &rows, event);
+}

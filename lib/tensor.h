@@ -26,6 +26,12 @@ const char *atm_shape_string(int ndim, const size_t *shape, char *buf,
 atmoe_status atm_tensor_copy(const atmoe_tensor *dst, const atmoe_tensor *src,
                              cl_event *event);
 
+/* Every row of the 2-D dst = the 1-D row (a bias before a GEMM that
+ * accumulates with beta = 1): a copy whose source row stride is 0. */
+atmoe_status atm_tensor_broadcast_rows(const atmoe_tensor *dst,
+                                       const atmoe_tensor *row,
+                                       cl_event *event);
+
 /* Enqueues a 1-D kernel over count work-items (rounded up to whole groups;
  * kernels check their bound). */
 atmoe_status atm_launch_1d(atmoe_context *ctx, cl_kernel k, size_t count,
