@@ -53,7 +53,7 @@ ATMOE_API void atmoe_experts_free(atmoe_experts *set)
 
 static atmoe_status check_lora(atmoe_experts *set, const char *fn,
                                size_t rank, const float *a, const float *b,
-                               float alpha)
+                               float alpha, unsigned flags)
 {
     atmoe_context *ctx = set->ctx;
     if (a == NULL || b == NULL)
@@ -74,6 +74,9 @@ static atmoe_status check_lora(atmoe_experts *set, const char *fn,
     if (!isfinite(alpha))
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: alpha is %g", fn, alpha);
+    if (flags & ~ATMOE_EXPERT_RSLORA)
+        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: unknown flags 0x%x", fn, flags);
     return ATMOE_STATUS_OK;
 }
 
@@ -127,12 +130,9 @@ ATMOE_API atmoe_status atmoe_experts_add(atmoe_experts *set, int group,
 {
     const char *fn = __func__;
     ATM_CHECK_NULL(NULL, set);
-    atmoe_status st = check_lora(set, fn, rank, a, b, alpha);
+    atmoe_status st = check_lora(set, fn, rank, a, b, alpha, flags);
     if (st != ATMOE_STATUS_OK)
         return st;
-    if (flags & ~ATMOE_EXPERT_RSLORA)
-        return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                        "%s: unknown flags 0x%x", fn, flags);
     if (group < 0 || (size_t)group > set->groups)
         return atm_fail(set->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: group %d; groups are numbered densely, so the "
@@ -168,12 +168,9 @@ ATMOE_API atmoe_status atmoe_experts_set_general(atmoe_experts *set,
 {
     const char *fn = __func__;
     ATM_CHECK_NULL(NULL, set);
-    atmoe_status st = check_lora(set, fn, rank, a, b, alpha);
+    atmoe_status st = check_lora(set, fn, rank, a, b, alpha, flags);
     if (st != ATMOE_STATUS_OK)
         return st;
-    if (flags & ~ATMOE_EXPERT_RSLORA)
-        return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                        "%s: unknown flags 0x%x", fn, flags);
     if (!(lambda >= 0.0f && lambda <= 1.0f))
         return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: lambda is %g, must be in [0, 1]", fn, lambda);
@@ -197,7 +194,7 @@ ATMOE_API atmoe_status atmoe_experts_set_dense(atmoe_experts *set, size_t r1,
 {
     const char *fn = __func__;
     ATM_CHECK_NULL(NULL, set);
-    atmoe_status st = check_lora(set, fn, r1, a, b, 1.0f);
+    atmoe_status st = check_lora(set, fn, r1, a, b, 1.0f, 0);
     if (st != ATMOE_STATUS_OK)
         return st;
     if (set->count > 0)

@@ -150,6 +150,25 @@ struct atm_gemm;
 atmoe_status atm_graph_sgemm(atmoe_graph *g, const struct atm_gemm *p,
                              cl_event *event);
 
+/* Kernel arguments, set in order; the first failure is kept and reported
+ * by atm_node_launch, which runs a 1-D kernel for node n. */
+typedef struct atm_args {
+    cl_kernel k;
+    cl_uint next;
+    cl_int err;
+} atm_args;
+
+void atm_arg(atm_args *a, size_t size, const void *value);
+/* A tensor is passed as its buffer and its element offset. */
+void atm_arg_tensor(atm_args *a, const atmoe_tensor *t);
+void atm_arg_buffer(atm_args *a, cl_mem buffer);
+void atm_arg_ulong(atm_args *a, cl_ulong v);
+void atm_arg_int(atm_args *a, cl_int v);
+void atm_arg_float(atm_args *a, cl_float v);
+atmoe_status atm_node_launch(atmoe_graph *g, const atm_node *n, atm_args *a,
+                             const char *kernel, size_t work_items,
+                             cl_event *ev);
+
 /* Operations defined beside their objects (router.c, mixture.c). */
 atmoe_status atm_router_node_prepare(atmoe_graph *g, const atm_node *n);
 atmoe_status atm_router_node_run(atmoe_graph *g, atm_node *n, cl_event *ev);

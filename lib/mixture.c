@@ -258,27 +258,20 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     if ((st = atm_kernel_get(g->ctx, "mixture", "", "fold_gates", &k)) !=
         ATMOE_STATUS_OK)
         return st;
-    cl_ulong fo = fold_off, go = gates->offset, din = d_in, r = R, z = Z;
-    cl_int mix = n->mix == ATMOE_MIX_BLOCK ? 0 : n->mix == ATMOE_MIX_DIAGONAL ? 1 : 2;
-    cl_uint i = 0;
-    cl_int err = 0;
-#define FARG(v) (err |= clSetKernelArg(k, i++, sizeof(v), &(v)))
-    FARG(g->arena);
-    FARG(fo);
-    FARG(set->a->buffer);
-    FARG(gates->buffer);
-    FARG(go);
-    FARG(mix);
-    FARG(set->chan_expert->buffer);
-    FARG(set->chan_scale->buffer);
-    FARG(din);
-    FARG(r);
-    FARG(z);
-#undef FARG
-    if (err != CL_SUCCESS)
-        return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
-                        "clSetKernelArg(fold_gates) failed");
-    if ((st = atm_launch_1d(g->ctx, k, Z * d_in, "fold_gates", first)) ||
+    atm_args args = {k, 0, CL_SUCCESS};
+    atm_arg_buffer(&args, g->arena);
+    atm_arg_ulong(&args, fold_off);
+    atm_arg_buffer(&args, set->a->buffer);
+    atm_arg_tensor(&args, gates);
+    atm_arg_int(&args, n->mix == ATMOE_MIX_BLOCK      ? 0
+                       : n->mix == ATMOE_MIX_DIAGONAL ? 1
+                                                      : 2);
+    atm_arg_buffer(&args, set->chan_expert->buffer);
+    atm_arg_buffer(&args, set->chan_scale->buffer);
+    atm_arg_ulong(&args, d_in);
+    atm_arg_ulong(&args, R);
+    atm_arg_ulong(&args, Z);
+    if ((st = atm_node_launch(g, n, &args, "fold_gates", Z * d_in, first)) ||
         (st = atm_tensor_copy(&w, w0, NULL)))
         return st;
     atm_gemm merge = {1, 0, d_out, d_in, Z, n->alpha, 1.0f,
@@ -348,44 +341,31 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     if ((st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix), &k)) !=
         ATMOE_STATUS_OK)
         return st;
-    /* The dense mix's width argument is r2; the others' the gates'. */
-    cl_ulong zo = z_off, uo = u_off, go = gates->offset,
-             io = index ? index->offset : 0,
-             width = set->dense_r2 ? set->dense_r2 : gates->shape[1], t = T,
-             r = R, gate_rows = gates->shape[0];
-    cl_int has_index = index ? 1 : mergeable(g, n) ? 2 : 0;
-    cl_mem index_buf = index ? index->buffer : gates->buffer;
-    cl_uint i = 0;
-    cl_int err = 0;
-#define MARG(v) (err |= clSetKernelArg(k, i++, sizeof(v), &(v)))
-    MARG(g->arena);
-    MARG(zo);
-    MARG(g->arena);
-    MARG(uo);
-    MARG(gates->buffer);
-    MARG(go);
-    MARG(width);
-    MARG(index_buf);
-    MARG(io);
-    MARG(has_index);
-    MARG(set->chan_expert->buffer);
-    MARG(set->chan_scale->buffer);
-    MARG(t);
-    MARG(r);
-    MARG(gate_rows);
-#undef MARG
-    if (err != CL_SUCCESS)
-        return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
-                        "clSetKernelArg(%s) failed", mix_name(n->mix));
-    size_t z_width = set->dense_r2 ? set->dense_r2 : R;
-    if ((st = atm_launch_1d(g->ctx, k, T * z_width, mix_name(n->mix),
-                            NULL)) != ATMOE_STATUS_OK)
+    /* The dense mix's width argument is r2; the others' the gates'.  The
+     * index buffer is a placeholder when there is no gate_index. */
+    size_t Z = z_width(set);
+    atm_args args = {k, 0, CL_SUCCESS};
+    atm_arg_buffer(&args, g->arena);
+    atm_arg_ulong(&args, z_off);
+    atm_arg_buffer(&args, g->arena);
+    atm_arg_ulong(&args, u_off);
+    atm_arg_tensor(&args, gates);
+    atm_arg_ulong(&args, set->dense_r2 ? set->dense_r2 : gates->shape[1]);
+    atm_arg_tensor(&args, index ? index : gates);
+    atm_arg_int(&args, index ? 1 : mergeable(g, n) ? 2 : 0);
+    atm_arg_buffer(&args, set->chan_expert->buffer);
+    atm_arg_buffer(&args, set->chan_scale->buffer);
+    atm_arg_ulong(&args, T);
+    atm_arg_ulong(&args, R);
+    atm_arg_ulong(&args, gates->shape[0]);
+    if ((st = atm_node_launch(g, n, &args, mix_name(n->mix), T * Z,
+                              NULL)) != ATMOE_STATUS_OK)
         return st;
 
-    /* Expand: y += c z B_all^T, with B stored transposed [z_width, d_out]. */
+    /* Expand: y += c z B_all^T, with B stored transposed [Z, d_out]. */
     atmoe_tensor z = u;
     z.offset = z_off;
-    return gemm(g, 0, T, d_out, z_width, n->alpha, &z, set->bt, d_out, 1.0f,
+    return gemm(g, 0, T, d_out, Z, n->alpha, &z, set->bt, d_out, 1.0f,
                 y->buffer, y->offset, last);
 }
 

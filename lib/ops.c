@@ -70,52 +70,57 @@ atmoe_status atm_node_prepare(atmoe_graph *g, const atm_node *n)
     return st;
 }
 
-/* Kernel arguments, set in order; the first failure is kept. */
-typedef struct args {
-    cl_kernel k;
-    cl_uint next;
-    cl_int err;
-} args;
-
-static void arg(args *a, size_t size, const void *value)
+void atm_arg(atm_args *a, size_t size, const void *value)
 {
     cl_int err = clSetKernelArg(a->k, a->next++, size, value);
     if (a->err == CL_SUCCESS)
         a->err = err;
 }
 
-/* A tensor is passed as its buffer and its element offset. */
-static void arg_tensor(args *a, const atmoe_tensor *t)
+void atm_arg_tensor(atm_args *a, const atmoe_tensor *t)
 {
     cl_ulong off = t->offset;
-    arg(a, sizeof t->buffer, &t->buffer);
-    arg(a, sizeof off, &off);
+    atm_arg(a, sizeof t->buffer, &t->buffer);
+    atm_arg(a, sizeof off, &off);
 }
 
-static void arg_ulong(args *a, cl_ulong v)
+void atm_arg_buffer(atm_args *a, cl_mem buffer)
 {
-    arg(a, sizeof v, &v);
+    atm_arg(a, sizeof buffer, &buffer);
 }
 
-static void arg_int(args *a, cl_int v)
+void atm_arg_ulong(atm_args *a, cl_ulong v)
 {
-    arg(a, sizeof v, &v);
+    atm_arg(a, sizeof v, &v);
 }
 
-static void arg_float(args *a, cl_float v)
+void atm_arg_int(atm_args *a, cl_int v)
 {
-    arg(a, sizeof v, &v);
+    atm_arg(a, sizeof v, &v);
 }
 
-static atmoe_status launch(atmoe_graph *g, const atm_node *n, args *a,
-                           size_t work_items, cl_event *ev)
+void atm_arg_float(atm_args *a, cl_float v)
+{
+    atm_arg(a, sizeof v, &v);
+}
+
+atmoe_status atm_node_launch(atmoe_graph *g, const atm_node *n, atm_args *a,
+                             const char *kernel, size_t work_items,
+                             cl_event *ev)
 {
     if (a->err != CL_SUCCESS)
         return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
-                        "clSetKernelArg for node '%s' (%s) failed: %s (%d)",
-                        n->name, atm_op_name(n->op),
-                        atm_cl_error_name(a->err), (int)a->err);
-    return atm_launch_1d(g->ctx, a->k, work_items, atm_op_name(n->op), ev);
+                        "clSetKernelArg(%s) for node '%s' failed: %s (%d)",
+                        kernel, n->name, atm_cl_error_name(a->err),
+                        (int)a->err);
+    return atm_launch_1d(g->ctx, a->k, work_items, kernel, ev);
+}
+
+/* The graph's own operations name their kernel after the op. */
+static atmoe_status launch(atmoe_graph *g, const atm_node *n, atm_args *a,
+                           size_t work_items, cl_event *ev)
+{
+    return atm_node_launch(g, n, a, atm_op_name(n->op), work_items, ev);
 }
 
 static cl_kernel kernel_of(atmoe_graph *g, atm_op op)
@@ -208,7 +213,7 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
     atmoe_tensor *out = &n->rt;
     const atmoe_tensor *x = src_rt(g, n, 0);
     cl_ulong outer, len, inner;
-    args a = {NULL, 0, CL_SUCCESS};
+    atm_args a = {NULL, 0, CL_SUCCESS};
     if (op_kernels[n->op].program)
         a.k = kernel_of(g, n->op);
     cl_event *ev = first; /* single-kernel nodes: first is also last */
@@ -237,13 +242,13 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
         cl_uint4 shape;
         broadcast4(x, out, &sx, &shape);
         broadcast4(y, out, &sy, &shape);
-        arg_tensor(&a, out);
-        arg_tensor(&a, x);
-        arg(&a, sizeof sx, &sx);
-        arg_tensor(&a, y);
-        arg(&a, sizeof sy, &sy);
-        arg(&a, sizeof shape, &shape);
-        arg_ulong(&a, atm_tensor_count(out));
+        atm_arg_tensor(&a, out);
+        atm_arg_tensor(&a, x);
+        atm_arg(&a, sizeof sx, &sx);
+        atm_arg_tensor(&a, y);
+        atm_arg(&a, sizeof sy, &sy);
+        atm_arg(&a, sizeof shape, &shape);
+        atm_arg_ulong(&a, atm_tensor_count(out));
         return launch(g, n, &a, atm_tensor_count(out), ev);
     }
 
@@ -251,23 +256,23 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
     case ATM_OP_SILU:
     case ATM_OP_GELU:
     case ATM_OP_SIGMOID:
-        arg_tensor(&a, out);
-        arg_tensor(&a, x);
-        arg_ulong(&a, atm_tensor_count(out));
-        arg_float(&a, n->alpha);
+        atm_arg_tensor(&a, out);
+        atm_arg_tensor(&a, x);
+        atm_arg_ulong(&a, atm_tensor_count(out));
+        atm_arg_float(&a, n->alpha);
         return launch(g, n, &a, atm_tensor_count(out), ev);
 
     case ATM_OP_SOFTMAX:
     case ATM_OP_MEAN:
     case ATM_OP_L2NORM:
         split3(x, n->dim, &outer, &len, &inner);
-        arg_tensor(&a, out);
-        arg_tensor(&a, x);
-        arg_ulong(&a, outer);
-        arg_ulong(&a, len);
-        arg_ulong(&a, inner);
+        atm_arg_tensor(&a, out);
+        atm_arg_tensor(&a, x);
+        atm_arg_ulong(&a, outer);
+        atm_arg_ulong(&a, len);
+        atm_arg_ulong(&a, inner);
         if (n->op == ATM_OP_L2NORM)
-            arg_float(&a, n->eps);
+            atm_arg_float(&a, n->eps);
         return launch(g, n, &a, outer * inner, ev);
 
     case ATM_OP_TOPK: {
@@ -275,13 +280,13 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
         /* The kernel writes both; the planner places the indices whenever
          * topk runs, needed or not. */
         split3(x, n->dim, &outer, &len, &inner);
-        arg_tensor(&a, out);
-        arg_tensor(&a, &ix->rt);
-        arg_tensor(&a, x);
-        arg_ulong(&a, outer);
-        arg_ulong(&a, len);
-        arg_ulong(&a, inner);
-        arg_ulong(&a, (cl_ulong)n->k);
+        atm_arg_tensor(&a, out);
+        atm_arg_tensor(&a, &ix->rt);
+        atm_arg_tensor(&a, x);
+        atm_arg_ulong(&a, outer);
+        atm_arg_ulong(&a, len);
+        atm_arg_ulong(&a, inner);
+        atm_arg_ulong(&a, (cl_ulong)n->k);
         return launch(g, n, &a, outer * inner, ev);
     }
 
@@ -289,29 +294,29 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
     case ATM_OP_LAYERNORM: {
         const atmoe_tensor *w = src_rt(g, n, 1), *bias = src_rt(g, n, 2);
         split3(x, x->ndim - 1, &outer, &len, &inner);
-        arg_tensor(&a, out);
-        arg_tensor(&a, x);
-        arg_tensor(&a, w ? w : x);
-        arg_int(&a, w != NULL);
+        atm_arg_tensor(&a, out);
+        atm_arg_tensor(&a, x);
+        atm_arg_tensor(&a, w ? w : x);
+        atm_arg_int(&a, w != NULL);
         if (n->op == ATM_OP_LAYERNORM) {
-            arg_tensor(&a, bias ? bias : x);
-            arg_int(&a, bias != NULL);
+            atm_arg_tensor(&a, bias ? bias : x);
+            atm_arg_int(&a, bias != NULL);
         }
-        arg_ulong(&a, outer);
-        arg_ulong(&a, len);
-        arg_float(&a, n->eps);
+        atm_arg_ulong(&a, outer);
+        atm_arg_ulong(&a, len);
+        atm_arg_float(&a, n->eps);
         return launch(g, n, &a, outer, ev);
     }
 
     case ATM_OP_GATHER_ROWS: {
         const atmoe_tensor *idx = src_rt(g, n, 1);
         cl_ulong row = atm_tensor_count(x) / x->shape[0];
-        arg_tensor(&a, out);
-        arg_tensor(&a, x);
-        arg_tensor(&a, idx);
-        arg_ulong(&a, x->shape[0]);
-        arg_ulong(&a, row);
-        arg_ulong(&a, atm_tensor_count(out));
+        atm_arg_tensor(&a, out);
+        atm_arg_tensor(&a, x);
+        atm_arg_tensor(&a, idx);
+        atm_arg_ulong(&a, x->shape[0]);
+        atm_arg_ulong(&a, row);
+        atm_arg_ulong(&a, atm_tensor_count(out));
         return launch(g, n, &a, atm_tensor_count(out), ev);
     }
 
@@ -325,12 +330,12 @@ atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
             ev = last;
         }
         cl_ulong row = atm_tensor_count(out) / out->shape[0];
-        arg_tensor(&a, out);
-        arg_tensor(&a, idx);
-        arg_tensor(&a, src);
-        arg_ulong(&a, out->shape[0]);
-        arg_ulong(&a, row);
-        arg_ulong(&a, atm_tensor_count(src));
+        atm_arg_tensor(&a, out);
+        atm_arg_tensor(&a, idx);
+        atm_arg_tensor(&a, src);
+        atm_arg_ulong(&a, out->shape[0]);
+        atm_arg_ulong(&a, row);
+        atm_arg_ulong(&a, atm_tensor_count(src));
         return launch(g, n, &a, atm_tensor_count(src), ev);
     }
 

@@ -346,38 +346,28 @@ atmoe_status atm_router_node_run(atmoe_graph *g, atm_node *n, cl_event *ev)
     const atmoe_tensor *a = &g->nodes[n->co[0]].rt;
     const atmoe_tensor *d = &g->nodes[n->co[1]].rt;
     const atmoe_tensor *w = &n->rt;
-    cl_ulong d_in = h->shape[1], ho = h->offset, go = wg->offset,
-             dof = wd->offset, ao = a->offset, doo = d->offset, wo = w->offset;
-    cl_int experts = (cl_int)w->shape[1];
-    cl_uint i = 0;
-    cl_int err = 0;
-#define RARG(v) (err |= clSetKernelArg(k, i++, sizeof(v), &(v)))
-    RARG(h->buffer);
-    RARG(ho);
-    RARG(d_in);
-    RARG(wg->buffer);
-    RARG(go);
-    RARG(wd->buffer);
-    RARG(dof);
-    for (int j = 0; j < 5; j++)
-        RARG(r->dev[j]->buffer);
-    RARG(r->dev[5]->buffer);
-    RARG(experts);
-    RARG(r->tau_g);
-    RARG(r->tau_d);
-    RARG(a->buffer);
-    RARG(ao);
-    RARG(d->buffer);
-    RARG(doo);
-    RARG(w->buffer);
-    RARG(wo);
-#undef RARG
-    if (err != CL_SUCCESS)
+    atm_args args = {k, 0, CL_SUCCESS};
+    atm_arg_tensor(&args, h);
+    atm_arg_ulong(&args, h->shape[1]);
+    atm_arg_tensor(&args, wg);
+    atm_arg_tensor(&args, wd);
+    for (int j = 0; j < 6; j++)
+        atm_arg_buffer(&args, r->dev[j]->buffer);
+    atm_arg_int(&args, (cl_int)w->shape[1]);
+    atm_arg_float(&args, r->tau_g);
+    atm_arg_float(&args, r->tau_d);
+    atm_arg_tensor(&args, a);
+    atm_arg_tensor(&args, d);
+    atm_arg_tensor(&args, w);
+    if (args.err != CL_SUCCESS)
         return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
-                        "clSetKernelArg(grouped_router) failed");
+                        "clSetKernelArg(grouped_router) for node '%s' "
+                        "failed: %s (%d)", n->name,
+                        atm_cl_error_name(args.err), (int)args.err);
+    /* A work-group per row: not atm_node_launch's 1-D geometry. */
     size_t local = ROUTER_WG, global = h->shape[0] * ROUTER_WG;
-    err = clEnqueueNDRangeKernel(g->ctx->queue, k, 1, NULL, &global, &local,
-                                 0, NULL, ev);
+    cl_int err = clEnqueueNDRangeKernel(g->ctx->queue, k, 1, NULL, &global,
+                                        &local, 0, NULL, ev);
     if (err != CL_SUCCESS)
         return atm_fail_cl(g->ctx, err, "clEnqueueNDRangeKernel(grouped_router)");
     return ATMOE_STATUS_OK;
