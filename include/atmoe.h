@@ -71,7 +71,8 @@ ATMOE_API const char *atmoe_version(void);
     X(FORMAT_ERROR, "a file or string is malformed")                          \
     X(NOT_SUPPORTED, "the operation is not supported on this device")         \
     X(WRONG_CONTEXT, "objects belong to different contexts")                  \
-    X(NUMERIC_ERROR, "a result differs from its reference")
+    X(NUMERIC_ERROR, "a result differs from its reference")                \
+    X(NOT_FOUND, "no tensor, key or file of that name")
 
 typedef enum atmoe_status {
 #define ATMOE_STATUS_ENUM_(name, text) ATMOE_STATUS_##name,
@@ -734,6 +735,98 @@ typedef enum atmoe_merge {
 ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *graph,
                                                      atmoe_node mixture,
                                                      atmoe_merge mode);
+
+/* ------------------------------------------------------------------------ */
+/* safetensors files                                                         */
+/* ------------------------------------------------------------------------ */
+
+/* A safetensors file opened for reading: the file is memory-mapped and its
+ * header checked against every rule of the format (header length within
+ * the file and below 100 MB, valid JSON, known dtypes, offsets contiguous
+ * from 0 and inside the file, sizes equal to count x dtype size, no
+ * duplicate names, no shape whose count overflows).  Tensors are listed in
+ * the order of their data in the file. */
+typedef struct atmoe_safetensors atmoe_safetensors;
+
+/* The format's dtypes.  F32, F16, BF16 and F64 convert to f32 on reading. */
+typedef enum atmoe_st_dtype {
+    ATMOE_ST_BOOL,
+    ATMOE_ST_U8,
+    ATMOE_ST_I8,
+    ATMOE_ST_F8_E4M3,
+    ATMOE_ST_F8_E5M2,
+    ATMOE_ST_I16,
+    ATMOE_ST_U16,
+    ATMOE_ST_F16,
+    ATMOE_ST_BF16,
+    ATMOE_ST_I32,
+    ATMOE_ST_U32,
+    ATMOE_ST_F32,
+    ATMOE_ST_I64,
+    ATMOE_ST_U64,
+    ATMOE_ST_F64
+} atmoe_st_dtype;
+
+/* The format's name of a dtype ("BF16"); "?" outside the list. */
+ATMOE_API const char *atmoe_st_dtype_name(atmoe_st_dtype dtype);
+
+#define ATMOE_ST_MAX_DIMS 8
+
+/* One tensor of an open file.  name and data belong to the file and stay
+ * valid until it is closed; data is little-endian, as stored. */
+typedef struct atmoe_st_tensor {
+    const char *name;
+    atmoe_st_dtype dtype;
+    int ndim; /* 0 for a scalar */
+    uint64_t shape[ATMOE_ST_MAX_DIMS];
+    uint64_t count;  /* product of the shape (1 for a scalar) */
+    uint64_t nbytes;
+    const void *data;
+} atmoe_st_tensor;
+
+/* ctx may be NULL; errors then go to the thread's message. */
+ATMOE_API atmoe_status atmoe_safetensors_open(atmoe_context *ctx,
+                                              const char *path,
+                                              atmoe_safetensors **file);
+ATMOE_API void atmoe_safetensors_close(atmoe_safetensors *file);
+ATMOE_API atmoe_status atmoe_safetensors_count(const atmoe_safetensors *file,
+                                               size_t *count);
+ATMOE_API atmoe_status atmoe_safetensors_get(const atmoe_safetensors *file,
+                                             size_t index,
+                                             atmoe_st_tensor *tensor);
+/* ATMOE_STATUS_NOT_FOUND when the file has no tensor of that name. */
+ATMOE_API atmoe_status atmoe_safetensors_find(const atmoe_safetensors *file,
+                                              const char *name,
+                                              atmoe_st_tensor *tensor);
+/* Copies a floating-point tensor into dst as f32; count must equal the
+ * tensor's count. */
+ATMOE_API atmoe_status atmoe_safetensors_read_f32(
+    const atmoe_safetensors *file, const char *name, float *dst,
+    size_t count);
+/* A value of the header's __metadata__ map (NOT_FOUND when absent). */
+ATMOE_API atmoe_status atmoe_safetensors_get_metadata(
+    const atmoe_safetensors *file, const char *key, const char **value);
+
+/* A file being built: tensors and metadata are copied in, then saved at
+ * once, sorted by name and aligned as the reference writer does, through a
+ * temporary file renamed into place. */
+typedef struct atmoe_safetensors_writer atmoe_safetensors_writer;
+
+ATMOE_API atmoe_status atmoe_safetensors_writer_new(
+    atmoe_context *ctx, atmoe_safetensors_writer **writer);
+ATMOE_API void atmoe_safetensors_writer_free(atmoe_safetensors_writer *writer);
+/* Adds raw little-endian data of the given dtype. */
+ATMOE_API atmoe_status atmoe_safetensors_writer_add(
+    atmoe_safetensors_writer *writer, const char *name, atmoe_st_dtype dtype,
+    int ndim, const uint64_t *shape, const void *data);
+/* Adds f32 data stored as F32, F16 or BF16 (rounded to nearest even). */
+ATMOE_API atmoe_status atmoe_safetensors_writer_add_f32(
+    atmoe_safetensors_writer *writer, const char *name, atmoe_st_dtype stored,
+    int ndim, const uint64_t *shape, const float *data);
+ATMOE_API atmoe_status atmoe_safetensors_writer_set_metadata(
+    atmoe_safetensors_writer *writer, const char *key, const char *value);
+ATMOE_API atmoe_status atmoe_safetensors_writer_save(
+    atmoe_safetensors_writer *writer, const char *path);
 
 #ifdef __cplusplus
 }
