@@ -43,6 +43,7 @@ ATMOE_API void atmoe_experts_free(atmoe_experts *set)
         return;
     atmoe_tensor_free(set->a);
     atmoe_tensor_free(set->bt);
+    atmoe_tensor_free(set->b);
     atmoe_tensor_free(set->chan_expert);
     atmoe_tensor_free(set->chan_scale);
     free(set->a_host);
@@ -266,10 +267,12 @@ atmoe_status atm_experts_seal(atmoe_experts *set)
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "the expert set has no expert (atmoe_experts_add)");
     size_t R = set->total_rank;
+    size_t up = set->dense_r2 ? set->dense_r2 : R;
     int *chan_e = malloc(R * sizeof *chan_e);
     float *chan_s = malloc(R * sizeof *chan_s);
+    float *b = malloc(up * set->d_out * sizeof *b);
     atmoe_status st = ATMOE_STATUS_OK;
-    if (chan_e == NULL || chan_s == NULL) {
+    if (chan_e == NULL || chan_s == NULL || b == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       "sealing the expert set: out of host memory");
         goto out;
@@ -283,11 +286,14 @@ atmoe_status atm_experts_seal(atmoe_experts *set)
                 e->scale * (general ? 1.0f - set->lambda : set->lambda);
         }
     }
-    size_t up = set->dense_r2 ? set->dense_r2 : R;
+    for (size_t r = 0; r < up; r++)
+        for (size_t j = 0; j < set->d_out; j++)
+            b[j * up + r] = set->bt_host[r * set->d_out + j];
     if ((st = upload(ctx, ATMOE_DTYPE_F32, R, set->d_in, set->a_host,
                      &set->a)) ||
         (st = upload(ctx, ATMOE_DTYPE_F32, up, set->d_out, set->bt_host,
                      &set->bt)) ||
+        (st = upload(ctx, ATMOE_DTYPE_F32, set->d_out, up, b, &set->b)) ||
         (st = upload(ctx, ATMOE_DTYPE_I32, R, 0, chan_e, &set->chan_expert)) ||
         (st = upload(ctx, ATMOE_DTYPE_F32, R, 0, chan_s, &set->chan_scale)))
         goto out;
@@ -300,10 +306,12 @@ out:
     if (!set->sealed) {
         atmoe_tensor_free(set->a);
         atmoe_tensor_free(set->bt);
+        atmoe_tensor_free(set->b);
         atmoe_tensor_free(set->chan_expert);
         atmoe_tensor_free(set->chan_scale);
-        set->a = set->bt = set->chan_expert = set->chan_scale = NULL;
+        set->a = set->bt = set->b = set->chan_expert = set->chan_scale = NULL;
     }
+    free(b);
     free(chan_e);
     free(chan_s);
     return st;

@@ -168,6 +168,12 @@ void atm_arg_float(atm_args *a, cl_float v);
 atmoe_status atm_node_launch(atmoe_graph *g, const atm_node *n, atm_args *a,
                              const char *kernel, size_t work_items,
                              cl_event *ev);
+/* The same with work-groups of `local` work-items (0: the driver's
+ * choice). */
+atmoe_status atm_node_launch_local(atmoe_graph *g, const atm_node *n,
+                                   atm_args *a, const char *kernel,
+                                   size_t work_items, size_t local,
+                                   cl_event *ev);
 
 /* Operations defined beside their objects (router.c, mixture.c). */
 atmoe_status atm_router_node_prepare(atmoe_graph *g, const atm_node *n);

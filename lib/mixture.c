@@ -23,6 +23,29 @@ static const char *mix_name(atmoe_mix mix)
     return "mix_dense";
 }
 
+/* Batches of up to this many tokens take the decode path (cl/gemv.cl):
+ * reading the weights once bounds them, and a GEMM library's packing and
+ * tiling for reuse only add to that. */
+#define GEMV_MAX_TOKENS 16
+
+/* The gemv tile for T tokens: rows and tokens per work-item.  One token
+ * streams 8 rows; more tokens share each row load, up to a 4 x 4 tile of
+ * float16 sums, which fills half of AVX-512's registers.  Larger tiles
+ * spill; on PoCL 3.1 (2-core AVX-512) 4 x 4 was within 10% of the best
+ * tile at 4 to 16 tokens. */
+static void gemv_tile(size_t T, size_t *rows, size_t *tokens)
+{
+    *rows = T <= 2 ? 8 : 4;
+    *tokens = T <= 2 ? T : 4;
+}
+
+static void gemv_options(size_t T, char *options, size_t size)
+{
+    size_t rows, tokens;
+    gemv_tile(T, &rows, &tokens);
+    snprintf(options, size, "-DROWS=%zu -DTB=%zu", rows, tokens);
+}
+
 /* Whether every token uses the same (single) gate row. */
 static int mergeable(const atmoe_graph *g, const atm_node *n)
 {
@@ -217,6 +240,17 @@ atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n)
     cl_kernel k;
     atmoe_status st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix),
                                      &k);
+    /* Every batch up to the planned one may run: build each tile a batch
+     * of at most GEMV_MAX_TOKENS can use. */
+    static const size_t tile_batches[] = {1, 2, 3};
+    size_t T = g->nodes[n->src[0]].shape[0];
+    for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
+        char options[32];
+        if (tile_batches[i] > T)
+            break;
+        gemv_options(tile_batches[i], options, sizeof options);
+        st = atm_kernel_get(g->ctx, "gemv", options, "gemv", &k);
+    }
     if (st == ATMOE_STATUS_OK && mergeable(g, n))
         st = atm_kernel_get(g->ctx, "mixture", "", "fold_gates", &k);
     if (st == ATMOE_STATUS_OK && (n->src[2] != ATMOE_NODE_NONE || mergeable(g, n)))
@@ -232,6 +266,55 @@ static atmoe_status gemm(atmoe_graph *g, int trans_b, size_t m, size_t n,
     atm_gemm p = {0, trans_b, m, n, k, alpha, beta, a->buffer, b->buffer,
                   c, a->offset, k, b->offset, b_ld, c_offset, n};
     return atm_graph_sgemm(g, &p, ev);
+}
+
+/* One product of the decode path: y [T, rows] = x [T, k] w^T (+ bias)
+ * (+ alpha z b^T with z [T, zw], b [rows, zw]); w and z may lie in the
+ * arena, hence buffers and offsets. */
+typedef struct gemv_call {
+    cl_mem y, w, z;
+    size_t y_offset, w_offset, z_offset;
+    const atmoe_tensor *x, *bias, *b;
+    size_t rows, k, zw;
+    float alpha;
+} gemv_call;
+
+static atmoe_status gemv(atmoe_graph *g, const atm_node *n, size_t T,
+                         const gemv_call *c, cl_event *ev)
+{
+    char options[32];
+    cl_kernel k;
+    gemv_options(T, options, sizeof options);
+    atmoe_status st = atm_kernel_get(g->ctx, "gemv", options, "gemv", &k);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    /* Unused buffers are bound to x: kernels need a valid cl_mem. */
+    const atmoe_tensor *bias = c->bias ? c->bias : c->x;
+    atm_args args = {k, 0, CL_SUCCESS};
+    atm_arg_buffer(&args, c->y);
+    atm_arg_ulong(&args, c->y_offset);
+    atm_arg_tensor(&args, c->x);
+    atm_arg_buffer(&args, c->w);
+    atm_arg_ulong(&args, c->w_offset);
+    atm_arg_ulong(&args, c->rows);
+    atm_arg_ulong(&args, c->k);
+    atm_arg_ulong(&args, T);
+    atm_arg_tensor(&args, bias);
+    atm_arg_int(&args, c->bias != NULL);
+    atm_arg_buffer(&args, c->zw ? c->z : c->x->buffer);
+    atm_arg_ulong(&args, c->z_offset);
+    atm_arg_tensor(&args, c->zw ? c->b : c->x);
+    atm_arg_ulong(&args, c->zw);
+    atm_arg_float(&args, c->alpha);
+    size_t rows_per, tokens_per;
+    gemv_tile(T, &rows_per, &tokens_per);
+    size_t items = (c->rows + rows_per - 1) / rows_per *
+                   ((T + tokens_per - 1) / tokens_per);
+    /* CPU drivers run a work-group's items in a loop; one item per group
+     * lets each core take whole rows.  GPUs choose their own grouping. */
+    size_t local =
+        g->ctx->device->info.type == ATMOE_DEVICE_TYPE_CPU ? 1 : 0;
+    return atm_node_launch_local(g, n, &args, "gemv", items, local, ev);
 }
 
 /* y = bias; y += x W'^T with W' = W0 + c B_all M A_all made in scratch. */
@@ -291,6 +374,64 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
                 y->offset, last);
 }
 
+/* z = M(gates) u for T tokens, u and z in the node's scratch. */
+static atmoe_status mix(atmoe_graph *g, const atm_node *n, size_t T,
+                        size_t u_off, size_t z_off)
+{
+    const atmoe_experts *set = n->experts;
+    const atmoe_tensor *gates = &g->nodes[n->src[3]].rt;
+    const atmoe_tensor *index =
+        n->src[4] != ATMOE_NODE_NONE ? &g->nodes[n->src[4]].rt : NULL;
+    cl_kernel k;
+    atmoe_status st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix),
+                                     &k);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    /* The dense mix's width argument is r2; the others' the gates'.  The
+     * index buffer is a placeholder when there is no gate_index. */
+    atm_args args = {k, 0, CL_SUCCESS};
+    atm_arg_buffer(&args, g->arena);
+    atm_arg_ulong(&args, z_off);
+    atm_arg_buffer(&args, g->arena);
+    atm_arg_ulong(&args, u_off);
+    atm_arg_tensor(&args, gates);
+    atm_arg_ulong(&args, set->dense_r2 ? set->dense_r2 : gates->shape[1]);
+    atm_arg_tensor(&args, index ? index : gates);
+    atm_arg_int(&args, index ? 1 : mergeable(g, n) ? 2 : 0);
+    atm_arg_buffer(&args, set->chan_expert->buffer);
+    atm_arg_buffer(&args, set->chan_scale->buffer);
+    atm_arg_ulong(&args, T);
+    atm_arg_ulong(&args, set->total_rank);
+    atm_arg_ulong(&args, gates->shape[0]);
+    return atm_node_launch(g, n, &args, mix_name(n->mix), T * z_width(set),
+                           NULL);
+}
+
+/* The decode path: u = x A_all^T, z = M u, then y = x W0^T + bias +
+ * c z B_all^T in one pass over W0 and B_all. */
+static atmoe_status run_gemv(atmoe_graph *g, atm_node *n, size_t T,
+                             cl_event *first, cl_event *last)
+{
+    const atmoe_experts *set = n->experts;
+    const atmoe_tensor *x = &g->nodes[n->src[0]].rt;
+    const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
+    size_t u_off = n->work_offset / sizeof(float);
+    size_t z_off = u_off + T * set->total_rank;
+    gemv_call shrink = {g->arena, set->a->buffer, NULL, u_off,
+                        set->a->offset, 0, x, NULL, NULL,
+                        set->total_rank, set->d_in, 0, 0.0f};
+    gemv_call base = {n->rt.buffer, w0->buffer, g->arena, n->rt.offset,
+                      w0->offset, z_off, x,
+                      n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt
+                                                   : NULL,
+                      set->b, set->d_out, set->d_in, z_width(set), n->alpha};
+    atmoe_status st;
+    if ((st = gemv(g, n, T, &shrink, first)) != ATMOE_STATUS_OK ||
+        (st = mix(g, n, T, u_off, z_off)) != ATMOE_STATUS_OK)
+        return st;
+    return gemv(g, n, T, &base, last);
+}
+
 atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
                                   cl_event *first, cl_event *last)
 {
@@ -299,9 +440,6 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
     const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
     const atmoe_tensor *bias =
         n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt : NULL;
-    const atmoe_tensor *gates = &g->nodes[n->src[3]].rt;
-    const atmoe_tensor *index =
-        n->src[4] != ATMOE_NODE_NONE ? &g->nodes[n->src[4]].rt : NULL;
     atmoe_tensor *y = &n->rt;
     size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
     size_t R = set->total_rank;
@@ -314,6 +452,8 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
         if (st != ATMOE_STATUS_OK || !g->sizing)
             return st;
     }
+    if (T <= GEMV_MAX_TOKENS)
+        return run_gemv(g, n, T, first, last);
 
     /* Base: y = bias (broadcast) then y += x W0^T. */
     float beta = 0.0f;
@@ -337,36 +477,14 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
         return st;
 
     /* Mix: z = M(gates) u. */
-    cl_kernel k;
-    if ((st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix), &k)) !=
-        ATMOE_STATUS_OK)
-        return st;
-    /* The dense mix's width argument is r2; the others' the gates'.  The
-     * index buffer is a placeholder when there is no gate_index. */
-    size_t Z = z_width(set);
-    atm_args args = {k, 0, CL_SUCCESS};
-    atm_arg_buffer(&args, g->arena);
-    atm_arg_ulong(&args, z_off);
-    atm_arg_buffer(&args, g->arena);
-    atm_arg_ulong(&args, u_off);
-    atm_arg_tensor(&args, gates);
-    atm_arg_ulong(&args, set->dense_r2 ? set->dense_r2 : gates->shape[1]);
-    atm_arg_tensor(&args, index ? index : gates);
-    atm_arg_int(&args, index ? 1 : mergeable(g, n) ? 2 : 0);
-    atm_arg_buffer(&args, set->chan_expert->buffer);
-    atm_arg_buffer(&args, set->chan_scale->buffer);
-    atm_arg_ulong(&args, T);
-    atm_arg_ulong(&args, R);
-    atm_arg_ulong(&args, gates->shape[0]);
-    if ((st = atm_node_launch(g, n, &args, mix_name(n->mix), T * Z,
-                              NULL)) != ATMOE_STATUS_OK)
+    if ((st = mix(g, n, T, u_off, z_off)) != ATMOE_STATUS_OK)
         return st;
 
     /* Expand: y += c z B_all^T, with B stored transposed [Z, d_out]. */
     atmoe_tensor z = u;
     z.offset = z_off;
-    return gemm(g, 0, T, d_out, Z, n->alpha, &z, set->bt, d_out, 1.0f,
-                y->buffer, y->offset, last);
+    return gemm(g, 0, T, d_out, z_width(set), n->alpha, &z, set->bt, d_out,
+                1.0f, y->buffer, y->offset, last);
 }
 
 void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,

@@ -108,12 +108,20 @@ atmoe_status atm_node_launch(atmoe_graph *g, const atm_node *n, atm_args *a,
                              const char *kernel, size_t work_items,
                              cl_event *ev)
 {
+    return atm_node_launch_local(g, n, a, kernel, work_items, 64, ev);
+}
+
+atmoe_status atm_node_launch_local(atmoe_graph *g, const atm_node *n,
+                                   atm_args *a, const char *kernel,
+                                   size_t work_items, size_t local,
+                                   cl_event *ev)
+{
     if (a->err != CL_SUCCESS)
         return atm_fail(g->ctx, ATMOE_STATUS_OPENCL_ERROR,
                         "clSetKernelArg(%s) for node '%s' failed: %s (%d)",
                         kernel, n->name, atm_cl_error_name(a->err),
                         (int)a->err);
-    return atm_launch_1d(g->ctx, a->k, work_items, kernel, ev);
+    return atm_launch_1d_local(g->ctx, a->k, work_items, local, kernel, ev);
 }
 
 /* The graph's own operations name their kernel after the op. */

@@ -371,10 +371,17 @@ static atmoe_status layout_of(const atmoe_tensor *t, layout4 *l)
 atmoe_status atm_launch_1d(atmoe_context *ctx, cl_kernel k, size_t count,
                            const char *name, cl_event *event)
 {
-    size_t local = 64;
-    size_t global = (count + local - 1) / local * local;
+    return atm_launch_1d_local(ctx, k, count, 64, name, event);
+}
+
+atmoe_status atm_launch_1d_local(atmoe_context *ctx, cl_kernel k,
+                                 size_t count, size_t local, const char *name,
+                                 cl_event *event)
+{
+    size_t global = local ? (count + local - 1) / local * local : count;
     cl_int err = clEnqueueNDRangeKernel(ctx->queue, k, 1, NULL, &global,
-                                        &local, 0, NULL, event);
+                                        local ? &local : NULL, 0, NULL,
+                                        event);
     if (err != CL_SUCCESS) {
         char what[96];
         snprintf(what, sizeof what, "clEnqueueNDRangeKernel(%s)", name);

@@ -36,5 +36,10 @@ atmoe_status atm_tensor_broadcast_rows(const atmoe_tensor *dst,
  * kernels check their bound). */
 atmoe_status atm_launch_1d(atmoe_context *ctx, cl_kernel k, size_t count,
                            const char *name, cl_event *event);
+/* The same with work-groups of `local` work-items; 0 lets the driver
+ * choose (count is then the global size as it is). */
+atmoe_status atm_launch_1d_local(atmoe_context *ctx, cl_kernel k,
+                                 size_t count, size_t local, const char *name,
+                                 cl_event *event);
 
 #endif

@@ -1687,6 +1687,86 @@ START_TEST(test_batched)
 END_TEST
 
 /* ------------------------------------------------------------------------ */
+/* Every batch from 1 to 19: batches of up to 16 tokens take the decode     */
+/* path (cl/gemv.cl, tiles of 1, 2 and 4 tokens), larger ones CLBlast        */
+/* ------------------------------------------------------------------------ */
+
+START_TEST(test_every_batch)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 909);
+    /* d_in 53: three whole float16 blocks and a tail of 5; d_out 37: a
+     * partial last block of rows for tiles of 8 and of 4 rows. */
+    const size_t T = 19, DI = 53, DO = 37;
+    static const unsigned rs[5] = {0, ATMOE_EXPERT_RSLORA, 0, 0, 0};
+    model mb, md;
+    model_s1(&mb, DI, DO, rs);
+    model_s1(&md, DI, DO, NULL);
+    atmoe_experts *sb = model_build(&mb), *sd = model_build(&md);
+    float *w0 = alloc_uniform(DO * DI, -1, 1);
+    float *bias = alloc_uniform(DO, -1, 1);
+    float *row = alloc_uniform(md.R, -1, 1);
+
+    /* Block mix with per-token gates and a bias; diagonal mix with one
+     * gate row for every token and no bias. */
+    atmoe_graph *g;
+    OK(atmoe_graph_new(CTX, &g));
+    atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, T, DI, 1);
+    atmoe_node ng = input2(g, "gates", ATMOE_DTYPE_F32, T, mb.n, 1);
+    atmoe_node nw0 = const2(g, ATMOE_DTYPE_F32, DO, DI, w0);
+    atmoe_node nb = const2(g, ATMOE_DTYPE_F32, DO, 0, bias);
+    atmoe_node nrow = const2(g, ATMOE_DTYPE_F32, 1, md.R, row);
+    atmoe_node yb, yd;
+    OK(atmoe_graph_mixture(g, nx, nw0, nb, sb, ATMOE_MIX_BLOCK, ng,
+                           ATMOE_NODE_NONE, 0.75f, &yb));
+    OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, sd,
+                           ATMOE_MIX_DIAGONAL, nrow, ATMOE_NODE_NONE, -1.5f,
+                           &yd));
+    OK(atmoe_graph_mixture_set_merge(g, yd, ATMOE_MERGE_NEVER));
+    OK(atmoe_graph_output(g, yb));
+    OK(atmoe_graph_output(g, yd));
+    OK(atmoe_graph_plan(g, 0));
+    double *drow = to_double(row, md.R);
+    for (size_t n = 1; n <= T; n++) {
+        float *x = alloc_uniform(n * DI, -1, 1);
+        float *gates = alloc_uniform(n * mb.n, -1, 1);
+        OK(atmoe_graph_set_input(g, nx, x, n * DI * sizeof *x, n));
+        OK(atmoe_graph_set_input(g, ng, gates, n * mb.n * sizeof *gates, n));
+        OK(atmoe_graph_compute(g, n));
+        float *gb = read_out(g, yb, n * DO), *gd = read_out(g, yd, n * DO);
+        double *dg = to_double(gates, n * mb.n);
+        char what[64];
+        snprintf(what, sizeof what, "block, batch %zu", n);
+        check_mixture(what, &mb, x, n, w0, bias, ATMOE_MIX_BLOCK, dg, NULL,
+                      0.75, gb);
+        /* The reference reads a gate row per token: repeat the one row. */
+        double *rows = alloc_d(n * md.R);
+        for (size_t t = 0; t < n; t++)
+            memcpy(rows + t * md.R, drow, md.R * sizeof *rows);
+        snprintf(what, sizeof what, "diagonal single row, batch %zu", n);
+        check_mixture(what, &md, x, n, w0, NULL, ATMOE_MIX_DIAGONAL, rows,
+                      NULL, -1.5, gd);
+        free(rows);
+        free(dg);
+        free(gb);
+        free(gd);
+        free(gates);
+        free(x);
+    }
+    free(drow);
+    atmoe_graph_free(g);
+    atmoe_experts_free(sb);
+    atmoe_experts_free(sd);
+    free(w0);
+    free(bias);
+    free(row);
+    model_free(&mb);
+    model_free(&md);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
 /* Bad input                                                                 */
 /* ------------------------------------------------------------------------ */
 
@@ -2506,6 +2586,7 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_per_sequence);
     tcase_add_test(tc, test_mixture_forms);
     tcase_add_test(tc, test_batched);
+    tcase_add_test(tc, test_every_batch);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
     suite_add_tcase(s, tc);

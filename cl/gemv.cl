@@ -1,0 +1,118 @@
+/* Products for a few tokens (decode): y = x W^T (+ bias) (+ alpha z B^T),
+ * with W [rows, k] and B [rows, zw] row-major, x [tokens, k], z [tokens, zw]
+ * and y [tokens, rows].
+ *
+ * With few tokens the product reads W once and does two FLOPs per weight,
+ * so it is bound by memory bandwidth.  A GEMM library pays for packing and
+ * tiles sized for reuse that is not there; here one work-item owns ROWS
+ * consecutive rows of W and TB tokens, streams its rows once in float16
+ * loads, and keeps a ROWS x TB tile of float16 partial sums in registers.
+ * Work-items never share a reduction: CPU OpenCL compilers vectorise within
+ * a work-item, not across work-items that each run a reduction loop.
+ *
+ * The expand of the mixture (alpha z B^T, zw = the rank channels) is added
+ * in the same pass, so the layer's output is written once.  ROWS and TB
+ * are build options, chosen by the host per token count. */
+
+#ifndef ROWS
+#define ROWS 8
+#endif
+#ifndef TB
+#define TB 1
+#endif
+
+inline float sum16(float16 v)
+{
+    float8 a = v.lo + v.hi;
+    float4 b = a.lo + a.hi;
+    float2 c = b.lo + b.hi;
+    return c.x + c.y;
+}
+
+/* Work-item i covers rows [r*ROWS, r*ROWS + ROWS) and tokens
+ * [t*TB, t*TB + TB) with r = i / token_blocks and t = i % token_blocks:
+ * the work-items that read the same rows run one after another, so all
+ * but the first find them in cache.  Rows and tokens past the end are
+ * read again from the last valid one (so every load is in bounds) and not
+ * stored. */
+__kernel void gemv(__global float *y, ulong y_offset,
+                   __global const float *x, ulong x_offset,
+                   __global const float *w, ulong w_offset, ulong rows,
+                   ulong k, ulong tokens, __global const float *bias,
+                   ulong bias_offset, int has_bias, __global const float *z,
+                   ulong z_offset, __global const float *b, ulong b_offset,
+                   ulong zw, float alpha)
+{
+    ulong token_blocks = (tokens + TB - 1) / TB;
+    ulong i = get_global_id(0);
+    ulong r0 = (i / token_blocks) * ROWS, t0 = (i % token_blocks) * TB;
+    if (r0 >= rows)
+        return;
+
+    ulong wrow[ROWS], xrow[TB];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++)
+        wrow[r] = w_offset + min(r0 + r, rows - 1) * k;
+#pragma unroll
+    for (int t = 0; t < TB; t++)
+        xrow[t] = x_offset + min(t0 + t, tokens - 1) * k;
+
+    float16 acc[ROWS][TB];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < TB; t++)
+            acc[r][t] = (float16)(0.0f);
+
+    ulong blocks = k / 16;
+    for (ulong kb = 0; kb < blocks; kb++) {
+        float16 xv[TB];
+#pragma unroll
+        for (int t = 0; t < TB; t++)
+            xv[t] = vload16(kb, x + xrow[t]);
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            float16 wv = vload16(kb, w + wrow[r]);
+#pragma unroll
+            for (int t = 0; t < TB; t++)
+                acc[r][t] = fma(wv, xv[t], acc[r][t]);
+        }
+    }
+
+    float out[ROWS][TB];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < TB; t++) {
+            float s = sum16(acc[r][t]);
+            for (ulong kk = blocks * 16; kk < k; kk++)
+                s = fma(w[wrow[r] + kk], x[xrow[t] + kk], s);
+            out[r][t] = s;
+        }
+
+    if (zw > 0) {
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            ulong brow = b_offset + min(r0 + r, rows - 1) * zw;
+#pragma unroll
+            for (int t = 0; t < TB; t++) {
+                ulong zrow = z_offset + min(t0 + t, tokens - 1) * zw;
+                float s = 0.0f;
+                for (ulong j = 0; j < zw; j++)
+                    s = fma(b[brow + j], z[zrow + j], s);
+                out[r][t] = fma(alpha, s, out[r][t]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        if (r0 + r >= rows)
+            break;
+        float add = has_bias ? bias[bias_offset + r0 + r] : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TB; t++)
+            if (t0 + t < tokens)
+                y[y_offset + (t0 + t) * rows + r0 + r] = out[r][t] + add;
+    }
+}
