@@ -1,5 +1,7 @@
 #include <config.h>
 
+#include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +21,26 @@ char *atm_context_errbuf(const atmoe_context *ctx)
 ATMOE_API const char *atmoe_version(void)
 {
     return PACKAGE_VERSION;
+}
+
+/* Mixtures of up to this many tokens run cl/linear.cl instead of CLBlast
+ * (lib/mixture.c says why): all of them on CPUs, decode elsewhere.
+ * ATMOE_LINEAR_MAX_TOKENS overrides it, to compare or test both paths. */
+static size_t linear_max_tokens(const atmoe_device_info *info)
+{
+    size_t n = info->type == ATMOE_DEVICE_TYPE_CPU ? SIZE_MAX : 16;
+    const char *env = getenv("ATMOE_LINEAR_MAX_TOKENS");
+    if (env && *env) {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(env, &end, 10);
+        if (*end == '\0' && errno == 0 && env[0] != '-')
+            n = v > SIZE_MAX ? SIZE_MAX : (size_t)v;
+        else
+            atm_log(ATMOE_LOG_WARNING, "ATMOE_LINEAR_MAX_TOKENS=%s is not a "
+                    "token count; using %zu", env, n);
+    }
+    return n;
 }
 
 ATMOE_API atmoe_status atmoe_context_new(atmoe_context **out,
@@ -74,6 +96,7 @@ ATMOE_API atmoe_status atmoe_context_new(atmoe_context **out,
             atm_log(ATMOE_LOG_WARNING, "ATMOE_KERNEL_DIR=%s is not a "
                     "directory; using the embedded kernels", kdir);
     }
+    ctx->linear_max_tokens = linear_max_tokens(&dev->info);
     atm_log(ATMOE_LOG_INFO, "context on device %zu: %s (%s)", index,
             dev->info.name, dev->info.platform_name);
     *out = ctx;

@@ -34,6 +34,7 @@ struct atmoe_context {
                                   made; "" for the embedded sources */
     atmoe_memory_stats memory;
     size_t base_align; /* bytes; CL_DEVICE_MEM_BASE_ADDR_ALIGN */
+    size_t linear_max_tokens; /* see lib/mixture.c */
 
     char errmsg[ATM_ERRMSG_SIZE];
 };

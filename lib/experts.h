@@ -29,9 +29,8 @@ struct atmoe_experts {
     int sealed;
     atmoe_tensor *a;   /* device copies, made when sealed */
     atmoe_tensor *bt;
-    atmoe_tensor *b;   /* B_all [d_out, up] as well: the decode path
-                          (cl/gemv.cl) reads a row of it with each row of
-                          W0 */
+    atmoe_tensor *b;   /* B_all [d_out, up] as well: cl/linear.cl reads a
+                          row of it with each row of W0 */
     atmoe_tensor *chan_expert; /* i32 [R]: expert of each rank channel */
     atmoe_tensor *chan_scale;  /* f32 [R]: its scale, with lambda or
                                   1 - lambda folded in */

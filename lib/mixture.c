@@ -23,27 +23,39 @@ static const char *mix_name(atmoe_mix mix)
     return "mix_dense";
 }
 
-/* Batches of up to this many tokens take the decode path (cl/gemv.cl):
- * reading the weights once bounds them, and a GEMM library's packing and
- * tiling for reuse only add to that. */
-#define GEMV_MAX_TOKENS 16
+/* Which batches run the products of cl/linear.cl rather than CLBlast's
+ * GEMMs (ctx->linear_max_tokens): every batch on a CPU device, where they
+ * ran 4-5 times faster than CLBlast 1.5.3 with its default parameters on
+ * PoCL 3.1 (decode and prefill alike), and batches of up to 16 tokens
+ * elsewhere, where reading the weights once bounds the product and GEMM
+ * tiling only adds to it. */
+static int runs_linear(const atmoe_graph *g, size_t T)
+{
+    return T <= g->ctx->linear_max_tokens;
+}
 
-/* The gemv tile for T tokens: rows and tokens per work-item.  One token
- * streams 8 rows; more tokens share each row load, up to a 4 x 4 tile of
- * float16 sums, which fills half of AVX-512's registers.  Larger tiles
- * spill; on PoCL 3.1 (2-core AVX-512) 4 x 4 was within 10% of the best
- * tile at 4 to 16 tokens. */
-static void gemv_tile(size_t T, size_t *rows, size_t *tokens)
+/* Blocks of SR x ST tiles walked together (see cl/linear.cl): 8 x 8 was
+ * the best of 4 to 64 rows and columns at 64 and 512 tokens on PoCL. */
+#define LINEAR_SR 8
+#define LINEAR_ST 8
+
+/* The tile of T tokens: rows and tokens per work-item.  One token streams
+ * 8 rows; more tokens share each row load, up to a 4 x 4 tile of float16
+ * sums, which fills half of AVX-512's registers.  Larger tiles spill; on
+ * PoCL 3.1 (2-core AVX-512) 4 x 4 was within 10% of the best tile from 4
+ * to 512 tokens. */
+static void linear_tile(size_t T, size_t *rows, size_t *tokens)
 {
     *rows = T <= 2 ? 8 : 4;
     *tokens = T <= 2 ? T : 4;
 }
 
-static void gemv_options(size_t T, char *options, size_t size)
+static void linear_options(size_t T, char *options, size_t size)
 {
     size_t rows, tokens;
-    gemv_tile(T, &rows, &tokens);
-    snprintf(options, size, "-DROWS=%zu -DTB=%zu", rows, tokens);
+    linear_tile(T, &rows, &tokens);
+    snprintf(options, size, "-DROWS=%zu -DTB=%zu -DSR=%d -DST=%d", rows,
+             tokens, LINEAR_SR, LINEAR_ST);
 }
 
 /* Whether every token uses the same (single) gate row. */
@@ -240,16 +252,16 @@ atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n)
     cl_kernel k;
     atmoe_status st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix),
                                      &k);
-    /* Every batch up to the planned one may run: build each tile a batch
-     * of at most GEMV_MAX_TOKENS can use. */
+    /* Every batch up to the planned one may run: build each tile one of
+     * them can use. */
     static const size_t tile_batches[] = {1, 2, 3};
     size_t T = g->nodes[n->src[0]].shape[0];
     for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
-        char options[32];
+        char options[64];
         if (tile_batches[i] > T)
             break;
-        gemv_options(tile_batches[i], options, sizeof options);
-        st = atm_kernel_get(g->ctx, "gemv", options, "gemv", &k);
+        linear_options(tile_batches[i], options, sizeof options);
+        st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
     }
     if (st == ATMOE_STATUS_OK && mergeable(g, n))
         st = atm_kernel_get(g->ctx, "mixture", "", "fold_gates", &k);
@@ -268,24 +280,24 @@ static atmoe_status gemm(atmoe_graph *g, int trans_b, size_t m, size_t n,
     return atm_graph_sgemm(g, &p, ev);
 }
 
-/* One product of the decode path: y [T, rows] = x [T, k] w^T (+ bias)
+/* One product of cl/linear.cl: y [T, rows] = x [T, k] w^T (+ bias)
  * (+ alpha z b^T with z [T, zw], b [rows, zw]); w and z may lie in the
  * arena, hence buffers and offsets. */
-typedef struct gemv_call {
+typedef struct linear_call {
     cl_mem y, w, z;
     size_t y_offset, w_offset, z_offset;
     const atmoe_tensor *x, *bias, *b;
     size_t rows, k, zw;
     float alpha;
-} gemv_call;
+} linear_call;
 
-static atmoe_status gemv(atmoe_graph *g, const atm_node *n, size_t T,
-                         const gemv_call *c, cl_event *ev)
+static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
+                           const linear_call *c, cl_event *ev)
 {
-    char options[32];
+    char options[64];
     cl_kernel k;
-    gemv_options(T, options, sizeof options);
-    atmoe_status st = atm_kernel_get(g->ctx, "gemv", options, "gemv", &k);
+    linear_options(T, options, sizeof options);
+    atmoe_status st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
     if (st != ATMOE_STATUS_OK)
         return st;
     /* Unused buffers are bound to x: kernels need a valid cl_mem. */
@@ -306,15 +318,19 @@ static atmoe_status gemv(atmoe_graph *g, const atm_node *n, size_t T,
     atm_arg_tensor(&args, c->zw ? c->b : c->x);
     atm_arg_ulong(&args, c->zw);
     atm_arg_float(&args, c->alpha);
+    /* Whole blocks of SR x st tiles, as the kernel walks them. */
     size_t rows_per, tokens_per;
-    gemv_tile(T, &rows_per, &tokens_per);
-    size_t items = (c->rows + rows_per - 1) / rows_per *
-                   ((T + tokens_per - 1) / tokens_per);
+    linear_tile(T, &rows_per, &tokens_per);
+    size_t row_tiles = (c->rows + rows_per - 1) / rows_per;
+    size_t token_tiles = (T + tokens_per - 1) / tokens_per;
+    size_t bt = token_tiles < LINEAR_ST ? token_tiles : LINEAR_ST;
+    size_t items = (row_tiles + LINEAR_SR - 1) / LINEAR_SR * LINEAR_SR *
+                   ((token_tiles + bt - 1) / bt * bt);
     /* CPU drivers run a work-group's items in a loop; one item per group
      * lets each core take whole rows.  GPUs choose their own grouping. */
     size_t local =
         g->ctx->device->info.type == ATMOE_DEVICE_TYPE_CPU ? 1 : 0;
-    return atm_node_launch_local(g, n, &args, "gemv", items, local, ev);
+    return atm_node_launch_local(g, n, &args, "linear", items, local, ev);
 }
 
 /* y = bias; y += x W'^T with W' = W0 + c B_all M A_all made in scratch. */
@@ -363,6 +379,11 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     if ((st = atm_graph_sgemm(g, &merge, NULL)) != ATMOE_STATUS_OK)
         return st;
 
+    if (runs_linear(g, T)) {
+        linear_call c = {y->buffer, w.buffer, NULL, y->offset, w.offset, 0,
+                         x, bias, NULL, d_out, d_in, 0, 0.0f};
+        return linear(g, n, T, &c, last);
+    }
     float beta = 0.0f;
     if (bias) {
         if ((st = atm_tensor_broadcast_rows(y, bias, NULL)) !=
@@ -407,9 +428,9 @@ static atmoe_status mix(atmoe_graph *g, const atm_node *n, size_t T,
                            NULL);
 }
 
-/* The decode path: u = x A_all^T, z = M u, then y = x W0^T + bias +
- * c z B_all^T in one pass over W0 and B_all. */
-static atmoe_status run_gemv(atmoe_graph *g, atm_node *n, size_t T,
+/* u = x A_all^T, z = M u, then y = x W0^T + bias + c z B_all^T in one
+ * pass over W0 and B_all. */
+static atmoe_status run_linear(atmoe_graph *g, atm_node *n, size_t T,
                              cl_event *first, cl_event *last)
 {
     const atmoe_experts *set = n->experts;
@@ -417,19 +438,19 @@ static atmoe_status run_gemv(atmoe_graph *g, atm_node *n, size_t T,
     const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
     size_t u_off = n->work_offset / sizeof(float);
     size_t z_off = u_off + T * set->total_rank;
-    gemv_call shrink = {g->arena, set->a->buffer, NULL, u_off,
+    linear_call shrink = {g->arena, set->a->buffer, NULL, u_off,
                         set->a->offset, 0, x, NULL, NULL,
                         set->total_rank, set->d_in, 0, 0.0f};
-    gemv_call base = {n->rt.buffer, w0->buffer, g->arena, n->rt.offset,
+    linear_call base = {n->rt.buffer, w0->buffer, g->arena, n->rt.offset,
                       w0->offset, z_off, x,
                       n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt
                                                    : NULL,
                       set->b, set->d_out, set->d_in, z_width(set), n->alpha};
     atmoe_status st;
-    if ((st = gemv(g, n, T, &shrink, first)) != ATMOE_STATUS_OK ||
+    if ((st = linear(g, n, T, &shrink, first)) != ATMOE_STATUS_OK ||
         (st = mix(g, n, T, u_off, z_off)) != ATMOE_STATUS_OK)
         return st;
-    return gemv(g, n, T, &base, last);
+    return linear(g, n, T, &base, last);
 }
 
 atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
@@ -452,8 +473,8 @@ atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
         if (st != ATMOE_STATUS_OK || !g->sizing)
             return st;
     }
-    if (T <= GEMV_MAX_TOKENS)
-        return run_gemv(g, n, T, first, last);
+    if (runs_linear(g, T))
+        return run_linear(g, n, T, first, last);
 
     /* Base: y = bias (broadcast) then y += x W0^T. */
     float beta = 0.0f;

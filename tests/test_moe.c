@@ -1687,11 +1687,11 @@ START_TEST(test_batched)
 END_TEST
 
 /* ------------------------------------------------------------------------ */
-/* Every batch from 1 to 19: batches of up to 16 tokens take the decode     */
-/* path (cl/gemv.cl, tiles of 1, 2 and 4 tokens), larger ones CLBlast        */
+/* Every batch from 1 to 19, through cl/linear.cl (tiles of 1, 2 and 4       */
+/* tokens) and, with ATMOE_LINEAR_MAX_TOKENS=16, through CLBlast past 16     */
 /* ------------------------------------------------------------------------ */
 
-START_TEST(test_every_batch)
+static void every_batch(void)
 {
     CTX = test_context();
     test_rng_seed(&RNG, 909);
@@ -1708,7 +1708,8 @@ START_TEST(test_every_batch)
     float *row = alloc_uniform(md.R, -1, 1);
 
     /* Block mix with per-token gates and a bias; diagonal mix with one
-     * gate row for every token and no bias. */
+     * gate row for every token, unmerged without a bias and merged with
+     * one. */
     atmoe_graph *g;
     OK(atmoe_graph_new(CTX, &g));
     atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, T, DI, 1);
@@ -1716,15 +1717,19 @@ START_TEST(test_every_batch)
     atmoe_node nw0 = const2(g, ATMOE_DTYPE_F32, DO, DI, w0);
     atmoe_node nb = const2(g, ATMOE_DTYPE_F32, DO, 0, bias);
     atmoe_node nrow = const2(g, ATMOE_DTYPE_F32, 1, md.R, row);
-    atmoe_node yb, yd;
+    atmoe_node yb, yd, ym;
     OK(atmoe_graph_mixture(g, nx, nw0, nb, sb, ATMOE_MIX_BLOCK, ng,
                            ATMOE_NODE_NONE, 0.75f, &yb));
     OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, sd,
                            ATMOE_MIX_DIAGONAL, nrow, ATMOE_NODE_NONE, -1.5f,
                            &yd));
+    OK(atmoe_graph_mixture(g, nx, nw0, nb, sd, ATMOE_MIX_DIAGONAL, nrow,
+                           ATMOE_NODE_NONE, -1.5f, &ym));
     OK(atmoe_graph_mixture_set_merge(g, yd, ATMOE_MERGE_NEVER));
+    OK(atmoe_graph_mixture_set_merge(g, ym, ATMOE_MERGE_ALWAYS));
     OK(atmoe_graph_output(g, yb));
     OK(atmoe_graph_output(g, yd));
+    OK(atmoe_graph_output(g, ym));
     OK(atmoe_graph_plan(g, 0));
     double *drow = to_double(row, md.R);
     for (size_t n = 1; n <= T; n++) {
@@ -1733,7 +1738,8 @@ START_TEST(test_every_batch)
         OK(atmoe_graph_set_input(g, nx, x, n * DI * sizeof *x, n));
         OK(atmoe_graph_set_input(g, ng, gates, n * mb.n * sizeof *gates, n));
         OK(atmoe_graph_compute(g, n));
-        float *gb = read_out(g, yb, n * DO), *gd = read_out(g, yd, n * DO);
+        float *gb = read_out(g, yb, n * DO), *gd = read_out(g, yd, n * DO),
+              *gm = read_out(g, ym, n * DO);
         double *dg = to_double(gates, n * mb.n);
         char what[64];
         snprintf(what, sizeof what, "block, batch %zu", n);
@@ -1746,10 +1752,14 @@ START_TEST(test_every_batch)
         snprintf(what, sizeof what, "diagonal single row, batch %zu", n);
         check_mixture(what, &md, x, n, w0, NULL, ATMOE_MIX_DIAGONAL, rows,
                       NULL, -1.5, gd);
+        snprintf(what, sizeof what, "diagonal merged, batch %zu", n);
+        check_mixture(what, &md, x, n, w0, bias, ATMOE_MIX_DIAGONAL, rows,
+                      NULL, -1.5, gm);
         free(rows);
         free(dg);
         free(gb);
         free(gd);
+        free(gm);
         free(gates);
         free(x);
     }
@@ -1763,6 +1773,20 @@ START_TEST(test_every_batch)
     model_free(&mb);
     model_free(&md);
     atmoe_context_free(CTX);
+}
+
+START_TEST(test_every_batch)
+{
+    every_batch();
+}
+END_TEST
+
+/* The variable is read when the context is made. */
+START_TEST(test_every_batch_clblast)
+{
+    ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
+    every_batch();
+    unsetenv("ATMOE_LINEAR_MAX_TOKENS");
 }
 END_TEST
 
@@ -2587,6 +2611,7 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_mixture_forms);
     tcase_add_test(tc, test_batched);
     tcase_add_test(tc, test_every_batch);
+    tcase_add_test(tc, test_every_batch_clblast);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
     suite_add_tcase(s, tc);

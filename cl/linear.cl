@@ -1,24 +1,31 @@
-/* Products for a few tokens (decode): y = x W^T (+ bias) (+ alpha z B^T),
- * with W [rows, k] and B [rows, zw] row-major, x [tokens, k], z [tokens, zw]
- * and y [tokens, rows].
+/* The base projection of a mixture, with its expand fused in:
+ * y = x W^T (+ bias) (+ alpha z B^T), W [rows, k] and B [rows, zw]
+ * row-major, x [tokens, k], z [tokens, zw], y [tokens, rows].  The shrink
+ * u = x A^T is the same product without the extras.
  *
- * With few tokens the product reads W once and does two FLOPs per weight,
- * so it is bound by memory bandwidth.  A GEMM library pays for packing and
- * tiles sized for reuse that is not there; here one work-item owns ROWS
- * consecutive rows of W and TB tokens, streams its rows once in float16
- * loads, and keeps a ROWS x TB tile of float16 partial sums in registers.
- * Work-items never share a reduction: CPU OpenCL compilers vectorise within
- * a work-item, not across work-items that each run a reduction loop.
+ * One work-item owns ROWS consecutive rows of W and TB tokens, streams its
+ * rows and tokens once in float16 loads, and keeps a ROWS x TB tile of
+ * float16 partial sums in registers.  Work-items never share a reduction:
+ * CPU OpenCL compilers vectorise within a work-item, not across work-items
+ * that each run a reduction loop, and a GEMM library's kernels written for
+ * GPUs run several times slower there.  With few tokens (decode) the
+ * product is bound by reading W once; with many (prefill) the order of the
+ * work-items keeps a block of SR x ST tiles' rows and tokens in cache.
  *
- * The expand of the mixture (alpha z B^T, zw = the rank channels) is added
- * in the same pass, so the layer's output is written once.  ROWS and TB
- * are build options, chosen by the host per token count. */
+ * The expand (zw rank channels) is added in the same pass, so the layer's
+ * output is written once.  ROWS, TB, SR and ST are build options. */
 
 #ifndef ROWS
 #define ROWS 8
 #endif
 #ifndef TB
 #define TB 1
+#endif
+#ifndef SR
+#define SR 8
+#endif
+#ifndef ST
+#define ST 8
 #endif
 
 inline float sum16(float16 v)
@@ -29,13 +36,15 @@ inline float sum16(float16 v)
     return c.x + c.y;
 }
 
-/* Work-item i covers rows [r*ROWS, r*ROWS + ROWS) and tokens
- * [t*TB, t*TB + TB) with r = i / token_blocks and t = i % token_blocks:
- * the work-items that read the same rows run one after another, so all
- * but the first find them in cache.  Rows and tokens past the end are
- * read again from the last valid one (so every load is in bounds) and not
+/* Work-item i covers the rows [rb*ROWS, rb*ROWS + ROWS) and the tokens
+ * [tb*TB, tb*TB + TB).  Consecutive work-items walk a block of SR row tiles
+ * by st token tiles (st = ST, or fewer when there are fewer token tiles),
+ * token tiles fastest, so that the rows and tokens they read are in cache
+ * for all but the first; the host launches whole blocks, and the items
+ * past the end return.  Rows and tokens past the end of a tile are read
+ * again from the last valid one (so every load is in bounds) and not
  * stored. */
-__kernel void gemv(__global float *y, ulong y_offset,
+__kernel void linear(__global float *y, ulong y_offset,
                    __global const float *x, ulong x_offset,
                    __global const float *w, ulong w_offset, ulong rows,
                    ulong k, ulong tokens, __global const float *bias,
@@ -43,10 +52,14 @@ __kernel void gemv(__global float *y, ulong y_offset,
                    ulong z_offset, __global const float *b, ulong b_offset,
                    ulong zw, float alpha)
 {
-    ulong token_blocks = (tokens + TB - 1) / TB;
+    ulong token_tiles = (tokens + TB - 1) / TB;
+    ulong st = min((ulong)ST, token_tiles);
+    ulong blocks_t = (token_tiles + st - 1) / st;
     ulong i = get_global_id(0);
-    ulong r0 = (i / token_blocks) * ROWS, t0 = (i % token_blocks) * TB;
-    if (r0 >= rows)
+    ulong block = i / (SR * st), j = i % (SR * st);
+    ulong r0 = ((block / blocks_t) * SR + j / st) * ROWS;
+    ulong t0 = ((block % blocks_t) * st + j % st) * TB;
+    if (r0 >= rows || t0 >= tokens)
         return;
 
     ulong wrow[ROWS], xrow[TB];
@@ -64,8 +77,8 @@ __kernel void gemv(__global float *y, ulong y_offset,
         for (int t = 0; t < TB; t++)
             acc[r][t] = (float16)(0.0f);
 
-    ulong blocks = k / 16;
-    for (ulong kb = 0; kb < blocks; kb++) {
+    ulong kblocks = k / 16;
+    for (ulong kb = 0; kb < kblocks; kb++) {
         float16 xv[TB];
 #pragma unroll
         for (int t = 0; t < TB; t++)
@@ -85,7 +98,7 @@ __kernel void gemv(__global float *y, ulong y_offset,
 #pragma unroll
         for (int t = 0; t < TB; t++) {
             float s = sum16(acc[r][t]);
-            for (ulong kk = blocks * 16; kk < k; kk++)
+            for (ulong kk = kblocks * 16; kk < k; kk++)
                 s = fma(w[wrow[r] + kk], x[xrow[t] + kk], s);
             out[r][t] = s;
         }
