@@ -36,6 +36,46 @@ inline float sum16(float16 v)
     return c.x + c.y;
 }
 
+/* out[r][t] = the dot product of a's row r and v's row t, n elements from
+ * the element offsets arow[r] and vrow[t]: float16 blocks into a register
+ * tile, then the n % 16 tail. */
+inline void tile_dot(float out[ROWS][TB], __global const float *a,
+                     const ulong arow[ROWS], __global const float *v,
+                     const ulong vrow[TB], ulong n)
+{
+    float16 acc[ROWS][TB];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < TB; t++)
+            acc[r][t] = (float16)(0.0f);
+
+    ulong blocks = n / 16;
+    for (ulong kb = 0; kb < blocks; kb++) {
+        float16 vv[TB];
+#pragma unroll
+        for (int t = 0; t < TB; t++)
+            vv[t] = vload16(kb, v + vrow[t]);
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            float16 av = vload16(kb, a + arow[r]);
+#pragma unroll
+            for (int t = 0; t < TB; t++)
+                acc[r][t] = fma(av, vv[t], acc[r][t]);
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < TB; t++) {
+            float s = sum16(acc[r][t]);
+            for (ulong i = blocks * 16; i < n; i++)
+                s = fma(a[arow[r] + i], v[vrow[t] + i], s);
+            out[r][t] = s;
+        }
+}
+
 /* Work-item i covers the rows [rb*ROWS, rb*ROWS + ROWS) and the tokens
  * [tb*TB, tb*TB + TB).  Consecutive work-items walk a block of SR row tiles
  * by st token tiles (st = ST, or fewer when there are fewer token tiles),
@@ -69,53 +109,24 @@ __kernel void linear(__global float *y, ulong y_offset,
 #pragma unroll
     for (int t = 0; t < TB; t++)
         xrow[t] = x_offset + min(t0 + t, tokens - 1) * k;
-
-    float16 acc[ROWS][TB];
-#pragma unroll
-    for (int r = 0; r < ROWS; r++)
-#pragma unroll
-        for (int t = 0; t < TB; t++)
-            acc[r][t] = (float16)(0.0f);
-
-    ulong kblocks = k / 16;
-    for (ulong kb = 0; kb < kblocks; kb++) {
-        float16 xv[TB];
-#pragma unroll
-        for (int t = 0; t < TB; t++)
-            xv[t] = vload16(kb, x + xrow[t]);
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) {
-            float16 wv = vload16(kb, w + wrow[r]);
-#pragma unroll
-            for (int t = 0; t < TB; t++)
-                acc[r][t] = fma(wv, xv[t], acc[r][t]);
-        }
-    }
-
     float out[ROWS][TB];
-#pragma unroll
-    for (int r = 0; r < ROWS; r++)
-#pragma unroll
-        for (int t = 0; t < TB; t++) {
-            float s = sum16(acc[r][t]);
-            for (ulong kk = kblocks * 16; kk < k; kk++)
-                s = fma(w[wrow[r] + kk], x[xrow[t] + kk], s);
-            out[r][t] = s;
-        }
+    tile_dot(out, w, wrow, x, xrow, k);
 
     if (zw > 0) {
+        ulong brow[ROWS], zrow[TB];
 #pragma unroll
-        for (int r = 0; r < ROWS; r++) {
-            ulong brow = b_offset + min(r0 + r, rows - 1) * zw;
+        for (int r = 0; r < ROWS; r++)
+            brow[r] = b_offset + min(r0 + r, rows - 1) * zw;
 #pragma unroll
-            for (int t = 0; t < TB; t++) {
-                ulong zrow = z_offset + min(t0 + t, tokens - 1) * zw;
-                float s = 0.0f;
-                for (ulong j = 0; j < zw; j++)
-                    s = fma(b[brow + j], z[zrow + j], s);
-                out[r][t] = fma(alpha, s, out[r][t]);
-            }
-        }
+        for (int t = 0; t < TB; t++)
+            zrow[t] = z_offset + min(t0 + t, tokens - 1) * zw;
+        float ex[ROWS][TB];
+        tile_dot(ex, b, brow, z, zrow, zw);
+#pragma unroll
+        for (int r = 0; r < ROWS; r++)
+#pragma unroll
+            for (int t = 0; t < TB; t++)
+                out[r][t] = fma(alpha, ex[r][t], out[r][t]);
     }
 
 #pragma unroll
