@@ -265,8 +265,8 @@ static atmoe_status check_layout(const atmoe_safetensors *f,
     }
     if (start != data_size)
         return atm_fail(f->ctx, ATMOE_STATUS_FORMAT_ERROR,
-                        "%s: %s: %" PRIu64 " bytes of data follow the last "
-                        "tensor's",
+                        "%s: %s: the last %" PRIu64 " bytes of data belong "
+                        "to no tensor",
                         open_fn, f->label, data_size - start);
     return ATMOE_STATUS_OK;
 }
