@@ -366,12 +366,14 @@ ATMOE_API atmoe_status atmoe_safetensors_open(atmoe_context *ctx,
     *file = NULL;
     ATM_CHECK_NULL(ctx, path);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (fd < 0) {
+        int e = errno;
         return atm_fail(ctx,
-                        errno == ENOENT ? ATMOE_STATUS_NOT_FOUND
-                                        : ATMOE_STATUS_IO_ERROR,
+                        e == ENOENT ? ATMOE_STATUS_NOT_FOUND
+                                    : ATMOE_STATUS_IO_ERROR,
                         "%s: cannot open '%s': %s", __func__, path,
-                        strerror(errno));
+                        strerror(e));
+    }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         int e = errno;
