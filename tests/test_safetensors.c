@@ -997,6 +997,20 @@ START_TEST(test_save_failures)
     ck_assert_str_eq(after, before);
     free(after);
 
+    /* A directory the process may not write to (unless it runs as root,
+     * which the write-limit case below covers). */
+    ck_assert_int_eq(mkdir(tmp_path("ro"), 0555), 0);
+    if (access(tmp_path("ro"), W_OK) != 0) {
+        snprintf(path, sizeof path, "%s/ro/x.safetensors", root);
+        ck_assert_fails(atmoe_safetensors_writer_save(w, path), NULL,
+                        ATMOE_STATUS_IO_ERROR);
+        char *ro = list_dir(tmp_path("ro"));
+        ck_assert_str_eq(ro, ". .. ");
+        free(ro);
+    }
+    free(before);
+    before = list_dir(root);
+
     /* A write that fails part way (the file size limit stops it), over an
      * existing file and as a new one. */
     struct rlimit saved, small;
