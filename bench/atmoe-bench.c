@@ -8,7 +8,8 @@
  * it runs each workload in up to three variants:
  *
  *   fused     the library's AT-MoE layer (atmoe_graph_moe_layer): the
- *             grouped router kernel, then the fused mixture
+ *             grouped router kernel, then the fused mixture; for mor1e the
+ *             T-REX router from graph operations, then the dense mixture
  *   unfused   what a user without the mixture would write with the same
  *             graph API: a CLBlast GEMM for the base, two GEMMs per expert
  *             (shrink and expand), scale, mul and add for the gating, and the
@@ -16,6 +17,8 @@
  *   merged    one gate row for every token (per-sequence routing from a
  *             pooled embedding), the experts folded into the base weight on
  *             every compute (atmoe_graph_mixture_set_merge ALWAYS)
+ *
+ * and, with --peer torch, the same work in PyTorch (bench/peer.c).
  *
  * Each run is timed by the wall clock around atmoe_graph_compute() and
  * atmoe_context_finish(), over --reps repetitions after --warmup ones; the
@@ -44,27 +47,21 @@
 #include <jansson.h>
 
 #include "atmoe.h"
+#include "bench.h"
 
 #ifndef ATMOE_BENCH_DATADIR
 #define ATMOE_BENCH_DATADIR ""
 #endif
 
-#define PROGRAM "atmoe-bench"
 #define CEILINGS_FILE "ceilings.cl"
-
-/* Exit statuses. */
-#define EXIT_RUNTIME 1
-#define EXIT_USAGE 2
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                             */
 /* ------------------------------------------------------------------------ */
 
-static char errbuf[2048]; /* the detail of the last failure */
+char errbuf[2048];
 
-static int set_error(const char *fmt, ...)
-    __attribute__((format(printf, 1, 2)));
-static int set_error(const char *fmt, ...)
+int set_error(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -95,8 +92,7 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Sorts v and returns its median. */
-static double median(double *v, size_t n)
+double median(double *v, size_t n)
 {
     qsort(v, n, sizeof *v, cmp_double);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
@@ -118,7 +114,7 @@ static void fill_uniform(float *p, size_t n, float scale, uint64_t *state)
         p[i] = scale * (float)((double)(rng_next(state) >> 11) * 0x1.0p-52 - 1.0);
 }
 
-static void *xcalloc(size_t n, size_t size)
+void *xcalloc(size_t n, size_t size)
 {
     void *p = calloc(n ? n : 1, size);
     if (p == NULL) {
@@ -141,22 +137,15 @@ typedef struct workload_def {
 static const workload_def workloads[] = {
     {"decode", 1, "T = 1, 4, 16; 8 experts in 4 groups, rank 16"},
     {"prefill", 1, "T = 512; 8 experts in 4 groups, rank 16"},
-    {"mor1e", 0, "T = 512; T-REX rank-1 experts, r1 = 4, r2 = 8"},
+    {"mor1e", 1, "T = 512; T-REX rank-1 experts, r1 = 4, r2 = 8 (E = 32)"},
     {"many-experts", 1,
      "T = 64; 64 experts in 8 groups, top-2 groups, ranks 8 to 64"},
     {"train-step", 0, "T = 256, d = 2048; forward, backward and AdamW"},
 };
 #define N_WORKLOADS (sizeof workloads / sizeof workloads[0])
 
-typedef enum variant {
-    VARIANT_FUSED,
-    VARIANT_UNFUSED,
-    VARIANT_MERGED,
-    N_VARIANTS
-} variant;
-
-static const char *const variant_names[N_VARIANTS] = {"fused", "unfused",
-                                                      "merged"};
+const char *const variant_names[N_VARIANTS] = {"fused", "unfused", "merged",
+                                               "torch"};
 
 /* A workload's shapes at one scale. */
 typedef struct wl_shape {
@@ -166,21 +155,35 @@ typedef struct wl_shape {
     size_t groups, per_group;
     int mixed_ranks;    /* ranks 8..64 mixed, else 16 for every expert */
     int top_k_groups;   /* 0 keeps all */
+    size_t r1, r2;      /* a T-REX adapter (mor1e); 0 for AT-MoE */
 } wl_shape;
 
 static const float TAU = 1.0f; /* both router temperatures */
 static const float MIX_C = 1.0f; /* AT-MoE's gate on the experts' sum */
 
-static wl_shape make_shape(const char *name, int full)
+/* T-REX's gate constants k_r and k_s (SPEC section 4, from its reference
+ * code), and its two scalar gate weights, set away from their initial 0 so
+ * that om and c differ (om = sigmoid(0.4), c = sigmoid(-0.3)). */
+static const float TREX_K_R = 32.0f, TREX_K_S = 4.0f;
+static const float TREX_W_OM = 0.004f, TREX_W_C = -0.003f;
+
+static wl_shape make_shape(size_t index, int full)
 {
-    wl_shape s = {name, full ? 4096 : 1024, 1, {0, 0, 0}, 4, 2, 0, 0};
-    if (strcmp(name, "decode") == 0) {
+    wl_shape s = {workloads[index].name, full ? 4096 : 1024, 1, {0, 0, 0},
+                  4, 2, 0, 0, 0, 0};
+    if (strcmp(s.name, "decode") == 0) {
         s.n_T = 3;
         s.T[0] = 1;
         s.T[1] = 4;
         s.T[2] = 16;
-    } else if (strcmp(name, "prefill") == 0) {
+    } else if (strcmp(s.name, "prefill") == 0) {
         s.T[0] = 512;
+    } else if (strcmp(s.name, "mor1e") == 0) {
+        s.T[0] = 512;
+        s.r1 = 4;
+        s.r2 = 8;
+        s.groups = 1;
+        s.per_group = s.r1 * s.r2;
     } else { /* many-experts */
         s.T[0] = 64;
         s.groups = 8;
@@ -199,29 +202,46 @@ static size_t expert_rank(const wl_shape *s, size_t e)
     return s->mixed_ranks ? cycle[(e + e / s->per_group) % 4] : 16;
 }
 
-/* One workload's weights, on the host and on the device. */
+/* One workload's weights, on the host and on the device.
+ *
+ * AT-MoE (every workload but mor1e): E experts, a[e] [r_e, d] and b[e]
+ * [d, r_e] with their tensors ta and tb, and the router's W_G [d, G] and
+ * W_D [d, G*M].
+ *
+ * T-REX (mor1e): the dense adapter A [r1, d] and B [d, r2], also kept as
+ * r1 down vectors a[i] [1, d] and r2 up vectors b[j] [d, 1] for the
+ * unfused variant (expert (i, j) is b[j] a[i]); the router's W_r [E, d];
+ * the intuition score s_b [1, E] of the one sequence; w_om and w_c; and a
+ * bias, as T-REX wraps a linear layer that has one. */
 typedef struct wl_data {
     wl_shape s;
     size_t E, R, T_max;
     size_t *rank;
     float *w0, *wg, *wd, *x, *h;
     float **a, **b;
+    size_t n_a, n_b; /* entries of a and ta, of b and tb */
     atmoe_tensor *tw0, *twg, *twd, **ta, **tb;
+    float *bias, *wr, *sb, *dense_a, *dense_b;
+    atmoe_tensor *tbias, *twr, *twom, *twc;
     atmoe_experts *set;
     atmoe_router *router;
+    uint64_t seed, state;
+    json_t *draws; /* every draw in order: the peer's recipe */
 } wl_data;
 
 static void wl_free(wl_data *w)
 {
-    for (size_t e = 0; e < w->E; e++) {
+    for (size_t i = 0; i < w->n_a; i++) {
         if (w->a)
-            free(w->a[e]);
-        if (w->b)
-            free(w->b[e]);
+            free(w->a[i]);
         if (w->ta)
-            atmoe_tensor_free(w->ta[e]);
+            atmoe_tensor_free(w->ta[i]);
+    }
+    for (size_t i = 0; i < w->n_b; i++) {
+        if (w->b)
+            free(w->b[i]);
         if (w->tb)
-            atmoe_tensor_free(w->tb[e]);
+            atmoe_tensor_free(w->tb[i]);
     }
     free(w->a);
     free(w->b);
@@ -233,63 +253,90 @@ static void wl_free(wl_data *w)
     free(w->wd);
     free(w->x);
     free(w->h);
+    free(w->bias);
+    free(w->wr);
+    free(w->sb);
+    free(w->dense_a);
+    free(w->dense_b);
     atmoe_tensor_free(w->tw0);
     atmoe_tensor_free(w->twg);
     atmoe_tensor_free(w->twd);
+    atmoe_tensor_free(w->tbias);
+    atmoe_tensor_free(w->twr);
+    atmoe_tensor_free(w->twom);
+    atmoe_tensor_free(w->twc);
     atmoe_router_free(w->router);
     atmoe_experts_free(w->set);
+    json_decref(w->draws);
     memset(w, 0, sizeof *w);
+}
+
+static int upload_shape(atmoe_context *ctx, int ndim, const size_t *shape,
+                        const float *data, atmoe_tensor **t)
+{
+    size_t count = 1;
+    for (int i = 0; i < ndim; i++)
+        count *= shape[i];
+    atmoe_status st = atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, ndim, shape, t);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_write(*t, data, count * sizeof(float));
+    return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "uploading weights");
 }
 
 static int upload(atmoe_context *ctx, size_t rows, size_t cols,
                   const float *data, atmoe_tensor **t)
 {
     size_t shape[2] = {rows, cols};
-    atmoe_status st = atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 2, shape, t);
-    if (st == ATMOE_STATUS_OK)
-        st = atmoe_tensor_write(*t, data, rows * cols * sizeof(float));
-    return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "uploading weights");
+    return upload_shape(ctx, 2, shape, data, t);
 }
 
-/* Random weights with a fixed seed per workload: W0 and A ~ U(+-1/sqrt d),
- * B ~ U(+-1/sqrt r) (non-zero, so that the experts change the result), the
- * router's W_G and W_D ~ U(+-1/sqrt d), x and h ~ U(+-1). */
-static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
-                   wl_data *w)
+/* rows x cols floats U(+-scale), the next ones of the workload's stream,
+ * and a record of the draw (name, shape, scale) for the peer, which draws
+ * the same numbers: splitmix64 is a counter, so the k-th number depends on
+ * the seed and k alone. */
+static float *draw(wl_data *w, const char *name, size_t rows, size_t cols,
+                   float scale)
 {
-    memset(w, 0, sizeof *w);
-    w->s = *s;
+    float *p = xcalloc(rows * cols, sizeof *p);
+    fill_uniform(p, rows * cols, scale, &w->state);
+    json_array_append_new(w->draws,
+                          json_pack("{s:s, s:[I, I], s:f}", "name", name,
+                                    "shape", (json_int_t)rows,
+                                    (json_int_t)cols, "scale", (double)scale));
+    return p;
+}
+
+/* Random weights: W0, A and the router's weights ~ U(+-1/sqrt d), B ~
+ * U(+-1/sqrt r) (non-zero, so that the experts change the result), x and
+ * h ~ U(+-1). */
+static int init_atmoe(atmoe_context *ctx, wl_data *w)
+{
+    const wl_shape *s = &w->s;
     size_t d = s->d, G = s->groups, M = s->per_group;
-    w->E = G * M;
-    w->T_max = s->T[s->n_T - 1];
+    w->E = w->n_a = w->n_b = G * M;
     w->rank = xcalloc(w->E, sizeof *w->rank);
     w->a = xcalloc(w->E, sizeof *w->a);
     w->b = xcalloc(w->E, sizeof *w->b);
     w->ta = xcalloc(w->E, sizeof *w->ta);
     w->tb = xcalloc(w->E, sizeof *w->tb);
-    w->w0 = xcalloc(d * d, sizeof(float));
-    w->wg = xcalloc(d * G, sizeof(float));
-    w->wd = xcalloc(d * G * M, sizeof(float));
-    w->x = xcalloc(w->T_max * d, sizeof(float));
-    w->h = xcalloc(d, sizeof(float));
-    uint64_t state = seed;
     float sd = 1.0f / sqrtf((float)d);
-    fill_uniform(w->w0, d * d, sd, &state);
-    fill_uniform(w->wg, d * G, sd, &state);
-    fill_uniform(w->wd, d * G * M, sd, &state);
-    fill_uniform(w->x, w->T_max * d, 1.0f, &state);
-    fill_uniform(w->h, d, 1.0f, &state);
+    w->w0 = draw(w, "w0", d, d, sd);
+    w->wg = draw(w, "w_g", d, G, sd);
+    w->wd = draw(w, "w_d", d, G * M, sd);
+    w->x = draw(w, "x", w->T_max, d, 1.0f);
+    w->h = draw(w, "h", 1, d, 1.0f);
 
     atmoe_status st = atmoe_experts_new(ctx, d, d, &w->set);
     if (st != ATMOE_STATUS_OK)
         return lib_error(ctx, st, "creating the expert set");
     for (size_t e = 0; e < w->E; e++) {
+        char name[32];
         size_t r = w->rank[e] = expert_rank(s, e);
         w->R += r;
-        w->a[e] = xcalloc(r * d, sizeof(float));
-        w->b[e] = xcalloc(d * r, sizeof(float));
-        fill_uniform(w->a[e], r * d, sd, &state);
-        fill_uniform(w->b[e], d * r, 1.0f / sqrtf((float)r), &state);
+        snprintf(name, sizeof name, "a%zu", e);
+        w->a[e] = draw(w, name, r, d, sd);
+        snprintf(name, sizeof name, "b%zu", e);
+        w->b[e] = draw(w, name, d, r, 1.0f / sqrtf((float)r));
         /* Experts go in group by group, so that expert e is slot
          * (e / M) * M + e % M of the router, the layout the unfused router
          * builds with plain reshapes. */
@@ -311,11 +358,76 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
     return 0;
 }
 
+/* T-REX weights: W0, the bias, W_r and A ~ U(+-1/sqrt d), B ~
+ * U(+-1/sqrt r2), x, h and s_b ~ U(+-1) (s_b stands for the cosine
+ * similarities C e_b of SPEC section 4). */
+static int init_trex(atmoe_context *ctx, wl_data *w)
+{
+    const wl_shape *s = &w->s;
+    size_t d = s->d, r1 = s->r1, r2 = s->r2, one = 1;
+    w->E = w->R = r1 * r2; /* rank-1 experts */
+    w->n_a = r1;
+    w->n_b = r2;
+    float sd = 1.0f / sqrtf((float)d);
+    w->w0 = draw(w, "w0", d, d, sd);
+    w->bias = draw(w, "bias", 1, d, sd);
+    w->wr = draw(w, "w_r", w->E, d, sd);
+    w->x = draw(w, "x", w->T_max, d, 1.0f);
+    w->h = draw(w, "h", 1, d, 1.0f);
+    w->sb = draw(w, "s_b", 1, w->E, 1.0f);
+    w->dense_a = draw(w, "a", r1, d, sd);
+    w->dense_b = draw(w, "b", d, r2, 1.0f / sqrtf((float)r2));
+
+    w->a = xcalloc(r1, sizeof *w->a);
+    w->ta = xcalloc(r1, sizeof *w->ta);
+    w->b = xcalloc(r2, sizeof *w->b);
+    w->tb = xcalloc(r2, sizeof *w->tb);
+    for (size_t i = 0; i < r1; i++) {
+        w->a[i] = xcalloc(d, sizeof(float));
+        memcpy(w->a[i], w->dense_a + i * d, d * sizeof(float));
+        if (upload(ctx, 1, d, w->a[i], &w->ta[i]))
+            return -1;
+    }
+    for (size_t j = 0; j < r2; j++) {
+        w->b[j] = xcalloc(d, sizeof(float));
+        for (size_t o = 0; o < d; o++)
+            w->b[j][o] = w->dense_b[o * r2 + j];
+        if (upload(ctx, d, 1, w->b[j], &w->tb[j]))
+            return -1;
+    }
+    atmoe_status st = atmoe_experts_new(ctx, d, d, &w->set);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_experts_set_dense(w->set, r1, w->dense_a, r2, w->dense_b);
+    if (st != ATMOE_STATUS_OK)
+        return lib_error(ctx, st, "creating the T-REX adapter");
+    if (upload(ctx, d, d, w->w0, &w->tw0) ||
+        upload_shape(ctx, 1, &d, w->bias, &w->tbias) ||
+        upload(ctx, w->E, d, w->wr, &w->twr) ||
+        upload_shape(ctx, 1, &one, &TREX_W_OM, &w->twom) ||
+        upload_shape(ctx, 1, &one, &TREX_W_C, &w->twc))
+        return -1;
+    return 0;
+}
+
+/* A workload's weights from a fixed seed per workload. */
+static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
+                   wl_data *w)
+{
+    memset(w, 0, sizeof *w);
+    w->s = *s;
+    w->T_max = s->T[s->n_T - 1];
+    w->seed = w->state = seed;
+    w->draws = json_array();
+    return s->r1 ? init_trex(ctx, w) : init_atmoe(ctx, w);
+}
+
 /* The work of one run, counted from the shapes (not from what a variant
  * happens to execute), so that every variant is rated on the same work.
- * With d_in, d_out, T tokens, E experts of total rank R in G groups of M,
- * and router_rows the rows the router sees (T per token; 1 for the merged
- * variant's per-sequence row):
+ * router_rows is the rows the router sees: T per token; 1 for the merged
+ * variant's per-sequence row.
+ *
+ * AT-MoE, with d_in, d_out, T tokens, E experts of total rank R in G
+ * groups of M:
  *
  *   FLOPs = 2 T d_in d_out                   base projection x W0^T
  *         + 2 T R (d_in + d_out)             shrink A_all x and expand B_all z
@@ -330,6 +442,21 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
  *            + router_rows E                 gates written
  *            + (merged ? d_in : 0))          the pooled router input
  *
+ * T-REX (mor1e), with r1 down and r2 up vectors and E = r1 r2 experts:
+ *
+ *   FLOPs = 2 T d_in d_out + T d_out         base projection and bias
+ *         + 2 T (r1 d_in + r1 r2 + r2 d_out) shrink A x, mix G^T u, expand B z
+ *         + 2 router_rows d_in E             router logits W_r h
+ *         + 4 router_rows E                  k_r om p + k_s (1 - om) s_b, c
+ *   (the softmax left out as above)
+ *
+ *   bytes = 4 (d_out d_in + d_out            W0 and the bias
+ *            + r1 d_in + d_out r2            A and B
+ *            + E d_in + E                    W_r and s_b
+ *            + T (d_in + d_out)              x read, y written
+ *            + router_rows E                 gates written
+ *            + (merged ? d_in : 0))          the pooled router input
+ *
  * This is the least traffic any implementation needs (every weight read
  * once, no intermediate leaving the chip), the bound the roofline takes. */
 static void count_work(const wl_data *w, size_t T, variant v, double *flops,
@@ -339,11 +466,20 @@ static void count_work(const wl_data *w, size_t T, variant v, double *flops,
     double R = (double)w->R, E = (double)w->E;
     double G = (double)w->s.groups, M = (double)w->s.per_group;
     double rows = v == VARIANT_MERGED ? 1.0 : t;
+    double pooled = v == VARIANT_MERGED ? d_in : 0.0;
+    if (w->s.r1) {
+        double r1 = (double)w->s.r1, r2 = (double)w->s.r2;
+        *flops = 2.0 * t * d_in * d_out + t * d_out +
+                 2.0 * t * (r1 * d_in + r1 * r2 + r2 * d_out) +
+                 2.0 * rows * d_in * E + 4.0 * rows * E;
+        *bytes = 4.0 * (d_out * d_in + d_out + r1 * d_in + d_out * r2 +
+                        E * d_in + E + t * (d_in + d_out) + rows * E + pooled);
+        return;
+    }
     *flops = 2.0 * t * d_in * d_out + 2.0 * t * R * (d_in + d_out) + t * R +
              2.0 * rows * d_in * G * (1.0 + M);
     *bytes = 4.0 * (d_out * d_in + R * (d_in + d_out) + d_in * G * (1.0 + M) +
-                    t * (d_in + d_out) + rows * E +
-                    (v == VARIANT_MERGED ? d_in : 0.0));
+                    t * (d_in + d_out) + rows * E + pooled);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -353,6 +489,7 @@ static void count_work(const wl_data *w, size_t T, variant v, double *flops,
 typedef struct built {
     atmoe_graph *g;
     atmoe_node x, h, y; /* h: ATMOE_NODE_NONE unless merged */
+    atmoe_node sb;      /* T-REX's intuition score, else ATMOE_NODE_NONE */
 } built;
 
 #define TRY(call)                                                            \
@@ -509,21 +646,139 @@ fail:
     return st;
 }
 
+/* The T-REX router of SPEC section 4 from graph operations, over router
+ * input h (x per token, or a pooled row per sequence):
+ *
+ *   p     = softmax(h W_r^T)
+ *   om    = sigmoid(100 w_om)         1 - om as sigmoid(-100 w_om)
+ *   g     = k_r om p + k_s (1 - om) s_b
+ *   c     = sigmoid(100 w_c)
+ *   gates = c g
+ *
+ * The main gate c goes into the gates, as atmoe_graph_mixture takes its c
+ * as a number and w_c is a weight of the graph: c B (G^T u) = B ((c G)^T u).
+ * s_b [1, E] is an input, one score per sequence. */
+static atmoe_status build_trex_router(atmoe_graph *g, const wl_data *w,
+                                      atmoe_node h, built *b,
+                                      atmoe_node *gates)
+{
+    atmoe_status st;
+    size_t ss[2] = {1, w->E};
+    atmoe_node wr, wom, wc, logits, p, om, om_c, c, gr, gs, mix;
+    TRY(atmoe_graph_input(g, "s_b", ATMOE_DTYPE_F32, 2, ss, 0, &b->sb));
+    TRY(atmoe_graph_parameter(g, "w_r", w->twr, &wr));
+    TRY(atmoe_graph_parameter(g, "w_om", w->twom, &wom));
+    TRY(atmoe_graph_parameter(g, "w_c", w->twc, &wc));
+    TRY(atmoe_graph_matmul(g, h, wr, ATMOE_NODE_NONE,
+                           ATMOE_MATMUL_TRANSPOSE_B, &logits));
+    TRY(atmoe_graph_softmax(g, logits, -1, &p));
+    TRY(atmoe_graph_scale(g, wom, 100.0f, &om));
+    TRY(atmoe_graph_sigmoid(g, om, &om));
+    TRY(atmoe_graph_scale(g, wom, -100.0f, &om_c));
+    TRY(atmoe_graph_sigmoid(g, om_c, &om_c));
+    TRY(atmoe_graph_mul(g, p, om, &gr));
+    TRY(atmoe_graph_scale(g, gr, TREX_K_R, &gr));
+    TRY(atmoe_graph_mul(g, b->sb, om_c, &gs));
+    TRY(atmoe_graph_scale(g, gs, TREX_K_S, &gs));
+    TRY(atmoe_graph_add(g, gr, gs, &mix));
+    TRY(atmoe_graph_scale(g, wc, 100.0f, &c));
+    TRY(atmoe_graph_sigmoid(g, c, &c));
+    TRY(atmoe_graph_mul(g, mix, c, gates));
+fail:
+    return st;
+}
+
+/* mor1e fused: the router per token, then the dense mixture; merged: the
+ * router on the pooled row h, its single gate row folded into W0 (or not,
+ * for the reference). */
+static atmoe_status build_trex_mixture(atmoe_graph *g, const wl_data *w,
+                                       size_t T, int merged, atmoe_merge mode,
+                                       built *b)
+{
+    atmoe_status st;
+    size_t xs[2] = {T, w->s.d}, hs[2] = {1, w->s.d};
+    atmoe_node w0, bias, gates;
+    TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
+    if (merged)
+        TRY(atmoe_graph_input(g, "h", ATMOE_DTYPE_F32, 2, hs, 0, &b->h));
+    TRY(atmoe_graph_parameter(g, "w0", w->tw0, &w0));
+    TRY(atmoe_graph_parameter(g, "bias", w->tbias, &bias));
+    TRY(build_trex_router(g, w, merged ? b->h : b->x, b, &gates));
+    TRY(atmoe_graph_mixture(g, b->x, w0, bias, w->set, ATMOE_MIX_DENSE, gates,
+                            ATMOE_NODE_NONE, 1.0f, &b->y));
+    if (merged)
+        TRY(atmoe_graph_mixture_set_merge(g, b->y, mode));
+fail:
+    return st;
+}
+
+/* mor1e unfused: the same router, then each of the E = r1 r2 rank-1
+ * experts as a LoRA of its own, as a user holding 32 rank-1 adapters would
+ * run them: expert (i, j) is a shrink GEMM with down vector a_i, a product
+ * with its gate column, an expand GEMM with up vector b_j, and an add.
+ *
+ *   y = x W0^T + bias + sum_(i,j) ((x a_i^T) * gates[:, i r2 + j]) b_j^T */
+static atmoe_status build_trex_unfused(atmoe_graph *g, const wl_data *w,
+                                       size_t T, built *b)
+{
+    atmoe_status st;
+    const size_t r1 = w->s.r1, r2 = w->s.r2;
+    size_t xs[2] = {T, w->s.d};
+    atmoe_node w0, bias, gates, y, *av = xcalloc(r1, sizeof *av),
+                                  *bv = xcalloc(r2, sizeof *bv);
+    TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
+    TRY(atmoe_graph_parameter(g, "w0", w->tw0, &w0));
+    TRY(atmoe_graph_parameter(g, "bias", w->tbias, &bias));
+    TRY(build_trex_router(g, w, b->x, b, &gates));
+    for (size_t i = 0; i < r1; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "a%zu", i);
+        TRY(atmoe_graph_parameter(g, name, w->ta[i], &av[i]));
+    }
+    for (size_t j = 0; j < r2; j++) {
+        char name[32];
+        snprintf(name, sizeof name, "b%zu", j);
+        TRY(atmoe_graph_parameter(g, name, w->tb[j], &bv[j]));
+    }
+    TRY(atmoe_graph_matmul(g, b->x, w0, bias, ATMOE_MATMUL_TRANSPOSE_B, &y));
+    for (size_t e = 0; e < w->E; e++) {
+        atmoe_node gate, u, z, ye;
+        size_t start[2] = {0, e}, one[2] = {T, 1};
+        TRY(atmoe_graph_view(g, gates, start, one, &gate));
+        TRY(atmoe_graph_matmul(g, b->x, av[e / r2], ATMOE_NODE_NONE,
+                               ATMOE_MATMUL_TRANSPOSE_B, &u));
+        TRY(atmoe_graph_mul(g, u, gate, &z));
+        TRY(atmoe_graph_matmul(g, z, bv[e % r2], ATMOE_NODE_NONE,
+                               ATMOE_MATMUL_TRANSPOSE_B, &ye));
+        TRY(atmoe_graph_add(g, y, ye, &y));
+    }
+    b->y = y;
+fail:
+    free(av);
+    free(bv);
+    return st;
+}
+
 /* Builds and plans one variant's graph.  merge picks the merged variant's
  * path (ALWAYS for the timed run, NEVER for its reference). */
 static int build(atmoe_context *ctx, const wl_data *w, size_t T, variant v,
                  atmoe_merge merge, built *b)
 {
     memset(b, 0, sizeof *b);
-    b->h = ATMOE_NODE_NONE;
+    b->h = b->sb = ATMOE_NODE_NONE;
     atmoe_status st = atmoe_graph_new(ctx, &b->g);
     if (st != ATMOE_STATUS_OK)
         return lib_error(ctx, st, "creating a graph");
-    switch (v) {
-    case VARIANT_FUSED: st = build_fused(b->g, w, T, b); break;
-    case VARIANT_UNFUSED: st = build_unfused(b->g, w, T, b); break;
-    default: st = build_merged(b->g, w, T, merge, b); break;
-    }
+    if (w->s.r1 && v == VARIANT_UNFUSED)
+        st = build_trex_unfused(b->g, w, T, b);
+    else if (w->s.r1)
+        st = build_trex_mixture(b->g, w, T, v == VARIANT_MERGED, merge, b);
+    else if (v == VARIANT_FUSED)
+        st = build_fused(b->g, w, T, b);
+    else if (v == VARIANT_UNFUSED)
+        st = build_unfused(b->g, w, T, b);
+    else
+        st = build_merged(b->g, w, T, merge, b);
     if (st == ATMOE_STATUS_OK)
         st = atmoe_graph_output(b->g, b->y);
     if (st != ATMOE_STATUS_OK) {
@@ -549,6 +804,9 @@ static int set_inputs(atmoe_context *ctx, const wl_data *w, size_t T,
     if (st == ATMOE_STATUS_OK && b->h != ATMOE_NODE_NONE)
         st = atmoe_graph_set_input(b->g, b->h, w->h, w->s.d * sizeof(float),
                                    0);
+    if (st == ATMOE_STATUS_OK && b->sb != ATMOE_NODE_NONE)
+        st = atmoe_graph_set_input(b->g, b->sb, w->sb, w->E * sizeof(float),
+                                   0);
     return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "setting inputs");
 }
 
@@ -569,7 +827,7 @@ static int read_output(atmoe_context *ctx, const built *b, float *y,
 
 /* max |y - ref| / max |ref|: a norm-wise difference that does not blow up
  * on outputs near zero. */
-static double rel_diff(const float *y, const float *ref, size_t n)
+double rel_diff(const float *y, const float *ref, size_t n)
 {
     double num = 0.0, den = 0.0;
     for (size_t i = 0; i < n; i++) {
@@ -586,38 +844,7 @@ static double rel_diff(const float *y, const float *ref, size_t n)
 /* Results                                                                   */
 /* ------------------------------------------------------------------------ */
 
-typedef struct result {
-    const char *workload;
-    const char *scale;
-    variant variant;
-    size_t T, d_in, d_out, experts, rank, total_rank;
-    double median_ms, min_ms, max_ms;
-    double flops, bytes, gflops, gbs, roofline;
-    double ratio_to_fused; /* median / fused median (NaN without fused) */
-    double max_rel_diff;   /* against the reference (NaN for fused) */
-} result;
-
-typedef struct ceilings {
-    double read_gbs, read_mib, cache_mib;
-    double gflops;
-    int fma_vec;
-    double gemm_gflops;
-    size_t gemm_n;
-    double launch_us, sync_us;
-    double h2d_gbs, d2h_gbs;
-    double transfer_mib;
-} ceilings;
-
-typedef struct device_run {
-    atmoe_device_info info;
-    ceilings c;
-    result *results;
-    size_t n, cap;
-    int ok;       /* ceilings measured: the device has a report */
-    int failures; /* runs that failed */
-} device_run;
-
-static result *push_result(device_run *d)
+result *push_result(device_run *d)
 {
     if (d->n == d->cap) {
         d->cap = d->cap ? 2 * d->cap : 16;
@@ -642,6 +869,8 @@ typedef struct options {
     int full;
     int reps, warmup;
     const char *json, *csv;
+    int peer;         /* --peer torch */
+    const char *plot; /* --plot FILE */
 } options;
 
 static void usage(FILE *f)
@@ -657,13 +886,17 @@ static void usage(FILE *f)
         "  --device D           a device selection (an index, gpu, cpu, or\n"
         "                       part of a name), or \"all\" for every device\n"
         "                       side by side; default: the default device\n"
-        "  --workload W[,W...]  workloads to run (default: decode, prefill,\n"
-        "                       many-experts)\n"
+        "  --workload W[,W...]  workloads to run (default: all that are\n"
+        "                       available)\n"
         "  --scale small|full   d = 1024 (default) or d = 4096 as in the SPEC\n"
         "  --reps N             timed repetitions per run (default 5)\n"
         "  --warmup N           untimed repetitions before them (default 2)\n"
         "  --json FILE          write the results as JSON (atomically)\n"
         "  --csv FILE           write the results as CSV (atomically)\n"
+        "  --peer torch         also run every workload in PyTorch (the\n"
+        "                       variant torch; needs python3-torch)\n"
+        "  --plot FILE          draw a roofline and bars of the median times\n"
+        "                       into FILE.svg or FILE.png (needs gnuplot)\n"
         "  --list-devices       list the OpenCL devices and exit\n"
         "  --check-json FILE    check that FILE holds every field of the JSON\n"
         "                       contract and exit (0 when it does)\n"
@@ -672,16 +905,22 @@ static void usage(FILE *f)
         "workloads:\n");
     for (size_t i = 0; i < N_WORKLOADS; i++)
         fprintf(f, "  %-13s %s%s\n", workloads[i].name, workloads[i].summary,
-                workloads[i].implemented ? "" : " (not implemented yet)");
+                workloads[i].implemented ? "" : " (not available yet)");
     fprintf(f,
         "\n"
-        "variants: fused (atmoe_graph_moe_layer), unfused (a GEMM per base\n"
-        "and per expert, the router from matmul and softmax nodes), merged\n"
-        "(one gate row per sequence, experts folded into W0 every compute).\n"
+        "variants: fused (atmoe_graph_moe_layer; for mor1e the dense\n"
+        "mixture), unfused (a GEMM per base and two per expert, the router\n"
+        "from matmul and softmax nodes), merged (one gate row per sequence,\n"
+        "experts folded into W0 every compute), torch (--peer torch: the\n"
+        "same layer in PyTorch on the same weights, as many threads as the\n"
+        "device has compute units).\n"
         "\n"
         "environment: ATMOE_BENCH_DATADIR, the directory of " CEILINGS_FILE
-        "\n(default " ATMOE_BENCH_DATADIR "); ATMOE_DEVICE, the default "
-        "device.\n"
+        " and\n" PEER_SCRIPT " (default " ATMOE_BENCH_DATADIR ");\n"
+        "ATMOE_BENCH_PYTHON, the peer's Python (default " DEFAULT_PYTHON ");\n"
+        "ATMOE_BENCH_GNUPLOT, gnuplot (default: gnuplot in PATH);\n"
+        "ATMOE_DEVICE, the default device; POCL_AFFINITY (read, never set:\n"
+        "1 pins PoCL's worker threads to cores).\n"
         "\n"
         "exit status: 0 success, 1 a run or an output failed, 2 usage.\n");
 }
@@ -721,6 +960,13 @@ static int parse_workloads(const char *list, int *selected)
             rc = -1;
             break;
         }
+        if (!workloads[i].implemented) {
+            fprintf(stderr, PROGRAM ": workload %s is not available yet: "
+                    "the library has no backward pass (nor AdamW) to "
+                    "train with\n", t);
+            rc = -1;
+            break;
+        }
         selected[i] = 1;
         any = 1;
     }
@@ -736,7 +982,7 @@ static int parse_workloads(const char *list, int *selected)
 /* Output files, written atomically                                          */
 /* ------------------------------------------------------------------------ */
 
-static mode_t file_mode = 0644; /* 0666 less the umask, set in main */
+mode_t file_mode = 0644;
 
 typedef int (*writer_fn)(FILE *f, void *arg);
 
@@ -855,20 +1101,17 @@ static int readable(const char *path)
     return f != NULL;
 }
 
-/* Finds ceilings.cl: $ATMOE_BENCH_DATADIR when set, else the installed data
- * directory, else beside the executable (or one level up, past libtool's
- * .libs). */
-static char *load_ceilings_source(void)
+char *find_data_file(const char *name)
 {
     char cand[4][PATH_MAX + 64];
     int n = 0;
     const char *env = getenv("ATMOE_BENCH_DATADIR");
     if (env && *env) {
-        snprintf(cand[n++], sizeof cand[0], "%s/%s", env, CEILINGS_FILE);
+        snprintf(cand[n++], sizeof cand[0], "%s/%s", env, name);
     } else {
         if (*ATMOE_BENCH_DATADIR)
             snprintf(cand[n++], sizeof cand[0], "%s/%s", ATMOE_BENCH_DATADIR,
-                     CEILINGS_FILE);
+                     name);
         char exe[PATH_MAX];
         ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
         if (len > 0) {
@@ -876,35 +1119,17 @@ static char *load_ceilings_source(void)
             char *slash = strrchr(exe, '/');
             if (slash) {
                 *slash = '\0';
-                snprintf(cand[n++], sizeof cand[0], "%s/%s", exe, CEILINGS_FILE);
-                snprintf(cand[n++], sizeof cand[0], "%s/../%s", exe, CEILINGS_FILE);
+                snprintf(cand[n++], sizeof cand[0], "%s/%s", exe, name);
+                snprintf(cand[n++], sizeof cand[0], "%s/../%s", exe, name);
             }
         }
     }
-    for (int i = 0; i < n; i++) {
-        if (!readable(cand[i]))
-            continue;
-        FILE *f = fopen(cand[i], "rb");
-        char *src = NULL;
-        long size;
-        if (f && fseek(f, 0, SEEK_END) == 0 && (size = ftell(f)) >= 0 &&
-            fseek(f, 0, SEEK_SET) == 0) {
-            src = xcalloc((size_t)size + 1, 1);
-            if (fread(src, 1, (size_t)size, f) != (size_t)size) {
-                free(src);
-                src = NULL;
-            }
-        }
-        if (f)
-            fclose(f);
-        if (src)
-            return src;
-        set_error("cannot read %s", cand[i]);
-        return NULL;
-    }
+    for (int i = 0; i < n; i++)
+        if (readable(cand[i]))
+            return strdup(cand[i]);
     char *p = errbuf;
     size_t left = sizeof errbuf;
-    int w = snprintf(p, left, "the ceiling kernels (%s) are not in", CEILINGS_FILE);
+    int w = snprintf(p, left, "%s is not in", name);
     for (int i = 0; i < n && w > 0 && (size_t)w < left; i++) {
         p += w;
         left -= (size_t)w;
@@ -914,6 +1139,31 @@ static char *load_ceilings_source(void)
         snprintf(p + w, left - (size_t)w,
                  "; set ATMOE_BENCH_DATADIR to the directory that holds it");
     return NULL;
+}
+
+/* The text of the ceiling kernels, or NULL with errbuf set. */
+static char *load_ceilings_source(void)
+{
+    char *path = find_data_file(CEILINGS_FILE);
+    if (path == NULL)
+        return NULL;
+    FILE *f = fopen(path, "rb");
+    char *src = NULL;
+    long size;
+    if (f && fseek(f, 0, SEEK_END) == 0 && (size = ftell(f)) >= 0 &&
+        fseek(f, 0, SEEK_SET) == 0) {
+        src = xcalloc((size_t)size + 1, 1);
+        if (fread(src, 1, (size_t)size, f) != (size_t)size) {
+            free(src);
+            src = NULL;
+        }
+    }
+    if (f)
+        fclose(f);
+    if (src == NULL)
+        set_error("cannot read %s", path);
+    free(path);
+    return src;
 }
 
 typedef struct cl_env {
@@ -1331,14 +1581,8 @@ static int measure_ceilings(atmoe_context *ctx, const atmoe_device_info *info,
 /* Running                                                                   */
 /* ------------------------------------------------------------------------ */
 
-typedef struct progress {
-    int on; /* stderr is a terminal */
-    size_t done, total;
-    const char *device;
-} progress;
-
-static void progress_show(const progress *p, const char *workload, size_t T,
-                          variant v, const char *stage)
+void progress_show(const progress *p, const char *workload, size_t T,
+                   variant v, const char *stage)
 {
     if (!p->on)
         return;
@@ -1347,7 +1591,7 @@ static void progress_show(const progress *p, const char *workload, size_t T,
     fflush(stderr);
 }
 
-static void progress_clear(const progress *p)
+void progress_clear(const progress *p)
 {
     if (p->on) {
         fprintf(stderr, "\r\033[K");
@@ -1367,7 +1611,7 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
     size_t count = T * w->s.d;
     float *y = xcalloc(count, sizeof *y);
     float *mref = NULL;
-    built b = {NULL, 0, 0, 0};
+    built b = {NULL, 0, 0, 0, 0};
     int rc = -1;
     *diff = NAN;
     if (v == VARIANT_MERGED) {
@@ -1412,31 +1656,68 @@ done:
     return rc;
 }
 
-/* A variant whose output differs from its reference by more than this
- * (relative to the largest output) is flagged: fp32 GEMMs of d = 4096 in
- * different orders stay far below it. */
-#define CHECK_TOLERANCE 1e-3
+void set_rates(result *r, const ceilings *c)
+{
+    double sec = r->median_ms * 1e-3;
+    r->gflops = r->flops / sec * 1e-9;
+    r->gbs = r->bytes / sec * 1e-9;
+    double bound = fmax(r->flops / (c->gflops * 1e9),
+                        r->bytes / (c->read_gbs * 1e9));
+    r->roofline = bound / sec;
+}
+
+/* The variants the library runs; the peer's come after them. */
+#define N_LIB_VARIANTS VARIANT_TORCH
+
+/* The peer's description of a workload: its kind, shapes and constants,
+ * and the seed and draws that make its weights (see draw()); peer_run()
+ * adds the runs. */
+static json_t *peer_workload(const wl_data *w)
+{
+    if (w->s.r1)
+        return json_pack(
+            "{s:s, s:s, s:I, s:I, s:O, s:I, s:I, s:f, s:f, s:f, s:f}", "name",
+            w->s.name, "kind", "trex", "seed", (json_int_t)w->seed, "d",
+            (json_int_t)w->s.d, "draws", w->draws, "r1", (json_int_t)w->s.r1,
+            "r2", (json_int_t)w->s.r2, "k_r", (double)TREX_K_R, "k_s",
+            (double)TREX_K_S, "w_om", (double)TREX_W_OM, "w_c",
+            (double)TREX_W_C);
+    json_t *scales = json_array();
+    for (size_t e = 0; e < w->E; e++) /* alpha / r with alpha = 2 r */
+        json_array_append_new(scales,
+                              json_real((double)(2.0f * (float)w->rank[e] /
+                                                 (float)w->rank[e])));
+    return json_pack(
+        "{s:s, s:s, s:I, s:I, s:O, s:I, s:I, s:i, s:f, s:f, s:f, s:o}",
+        "name", w->s.name, "kind", "atmoe", "seed", (json_int_t)w->seed, "d",
+        (json_int_t)w->s.d, "draws", w->draws, "groups",
+        (json_int_t)w->s.groups, "per_group", (json_int_t)w->s.per_group,
+        "top_k_groups", w->s.top_k_groups, "tau_g", (double)TAU, "tau_d",
+        (double)TAU, "c", (double)MIX_C, "scales", scales);
+}
 
 static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
                          device_run *d, progress *prog)
 {
-    wl_shape s = make_shape(workloads[wi].name, o->full);
+    wl_shape s = make_shape(wi, o->full);
     wl_data w;
     if (wl_init(ctx, &s, 0x5eed0000u + wi, &w)) {
         progress_clear(prog);
         fprintf(stderr, PROGRAM ": %s: %s: %s\n", d->info.name, s.name,
                 errbuf);
         d->failures++;
-        prog->done += s.n_T * N_VARIANTS;
+        prog->done += s.n_T * N_LIB_VARIANTS;
         wl_free(&w);
         return;
     }
+    if (o->peer)
+        json_array_append_new(d->peer_workloads, peer_workload(&w));
     double *times = xcalloc((size_t)o->reps, sizeof *times);
     for (size_t ti = 0; ti < s.n_T; ti++) {
         size_t T = s.T[ti];
         float *ref = xcalloc(T * s.d, sizeof *ref);
         double fused_ms = NAN;
-        for (int v = 0; v < N_VARIANTS; v++, prog->done++) {
+        for (int v = 0; v < N_LIB_VARIANTS; v++, prog->done++) {
             double diff;
             if (v == VARIANT_UNFUSED && isnan(fused_ms))
                 continue; /* nothing to check it against */
@@ -1450,6 +1731,7 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
             }
             result *r = push_result(d);
             r->workload = s.name;
+            r->workload_index = wi;
             r->scale = o->full ? "full" : "small";
             r->variant = (variant)v;
             r->T = T;
@@ -1457,6 +1739,8 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
             r->experts = w.E;
             r->total_rank = w.R;
             r->rank = (w.R + w.E / 2) / w.E; /* the mean when mixed */
+            r->r1 = s.r1;
+            r->r2 = s.r2;
             r->min_ms = r->max_ms = times[0] * 1e3;
             for (int i = 1; i < o->reps; i++) {
                 if (times[i] * 1e3 < r->min_ms)
@@ -1466,14 +1750,12 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
             }
             r->median_ms = median(times, (size_t)o->reps) * 1e3;
             count_work(&w, T, (variant)v, &r->flops, &r->bytes);
-            double sec = r->median_ms * 1e-3;
-            r->gflops = r->flops / sec * 1e-9;
-            r->gbs = r->bytes / sec * 1e-9;
-            double bound = fmax(r->flops / (d->c.gflops * 1e9),
-                                r->bytes / (d->c.read_gbs * 1e9));
-            r->roofline = bound / sec;
-            if (v == VARIANT_FUSED)
+            set_rates(r, &d->c);
+            if (v == VARIANT_FUSED) {
                 fused_ms = r->median_ms;
+                if (o->peer)
+                    peer_keep(d, d->n - 1, ref, T * s.d);
+            }
             r->ratio_to_fused = r->median_ms / fused_ms;
             r->max_rel_diff = diff;
             if (v != VARIANT_FUSED &&
@@ -1493,6 +1775,17 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
     wl_free(&w);
 }
 
+/* Table order: workload, then T, then variant. */
+static int cmp_result(const void *a, const void *b)
+{
+    const result *x = a, *y = b;
+    if (x->workload_index != y->workload_index)
+        return x->workload_index < y->workload_index ? -1 : 1;
+    if (x->T != y->T)
+        return x->T < y->T ? -1 : 1;
+    return (x->variant > y->variant) - (x->variant < y->variant);
+}
+
 static void run_device(const char *selection, const options *o,
                        const char *src, device_run *d)
 {
@@ -1506,11 +1799,12 @@ static void run_device(const char *selection, const options *o,
         return;
     }
     atmoe_context_get_device(ctx, &d->info);
+    d->pocl_affinity = getenv("POCL_AFFINITY");
     progress prog = {isatty(STDERR_FILENO), 0, 0, d->info.name};
     for (size_t i = 0; i < N_WORKLOADS; i++)
-        if (o->selected[i] && workloads[i].implemented)
-            prog.total += make_shape(workloads[i].name, o->full).n_T *
-                          N_VARIANTS;
+        if (o->selected[i])
+            prog.total += make_shape(i, o->full).n_T *
+                          (N_LIB_VARIANTS + (o->peer ? 1 : 0));
     if (prog.on) {
         fprintf(stderr, "%s: measuring the ceilings", d->info.name);
         fflush(stderr);
@@ -1523,11 +1817,18 @@ static void run_device(const char *selection, const options *o,
         return;
     }
     d->ok = 1;
+    if (o->peer)
+        d->peer_workloads = json_array();
     for (size_t i = 0; i < N_WORKLOADS; i++)
-        if (o->selected[i] && workloads[i].implemented)
+        if (o->selected[i])
             run_workload(ctx, o, i, d, &prog);
-    progress_clear(&prog);
+    /* The library's buffers go back before the peer takes its memory. */
     atmoe_context_free(ctx);
+    if (o->peer)
+        peer_run(d, o->reps, o->warmup, &prog);
+    progress_clear(&prog);
+    if (d->n > 1)
+        qsort(d->results, d->n, sizeof *d->results, cmp_result);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1551,6 +1852,26 @@ static void print_ceilings(const device_run *d)
            "(%.0f MiB)\n",
            c->launch_us, c->sync_us, c->h2d_gbs, c->d2h_gbs,
            c->transfer_mib);
+    if (d->info.vendor == ATMOE_VENDOR_POCL) {
+        if (d->pocl_affinity)
+            printf("  PoCL threads: POCL_AFFINITY=%s\n", d->pocl_affinity);
+        else
+            printf("  PoCL threads: POCL_AFFINITY is not set, so PoCL places "
+                   "its worker threads\n                freely "
+                   "(POCL_AFFINITY=1 pins them to cores; see "
+                   "atmoe-bench(1))\n");
+    }
+    json_t *info = d->peer_info;
+    if (info) {
+        const char *torch = json_string_value(json_object_get(info, "torch"));
+        const char *python =
+            json_string_value(json_object_get(info, "python"));
+        const char *blas = json_string_value(json_object_get(info, "blas"));
+        printf("  peer: PyTorch %s (Python %s), %d threads, BLAS %s\n",
+               torch ? torch : "?", python ? python : "?",
+               (int)json_integer_value(json_object_get(info, "threads")),
+               blas ? blas : "?");
+    }
 }
 
 static void print_results(const device_run *d)
@@ -1583,8 +1904,8 @@ static void print_results(const device_run *d)
     printf("\nroofline: the bound max(FLOPs / FMA rate, bytes / read "
            "bandwidth) over the median time;\n/fused: median time over the "
            "fused variant's; check: largest difference from the reference,\n"
-           "relative to the largest output (unfused against fused, merged "
-           "against the unmerged mixture).\n");
+           "relative to the largest output (unfused and torch against fused, "
+           "merged against\nthe unmerged mixture).\n");
 }
 
 /* One row per run, one column per device: median ms and roofline. */
@@ -1634,8 +1955,7 @@ static void print_comparison(const device_run *runs, size_t n)
            "roofline bound)\n");
 }
 
-/* A finite number, or null (jansson refuses NaN and infinities). */
-static json_t *json_num(double v)
+json_t *json_num(double v)
 {
     return isfinite(v) ? json_real(v) : json_null();
 }
@@ -1649,6 +1969,10 @@ static json_t *device_json(const options *o, const device_run *d)
         "platform", d->info.platform_version, "driver",
         d->info.driver_version, "compute_units",
         (json_int_t)d->info.compute_units);
+    if (d->info.vendor == ATMOE_VENDOR_POCL)
+        json_object_set_new(dev, "pocl_affinity",
+                            d->pocl_affinity ? json_string(d->pocl_affinity)
+                                             : json_null());
     const ceilings *c = &d->c;
     json_t *ceil = json_pack(
         "{s:o, s:o, s:o, s:o, s:I, s:o, s:o, s:o, s:o, s:I, s:o}", "read_gbs",
@@ -1676,13 +2000,21 @@ static json_t *device_json(const options *o, const device_run *d)
             json_num(r->bytes), "ratio_to_fused",
             json_num(r->variant == VARIANT_FUSED ? NAN : r->ratio_to_fused),
             "max_rel_diff", json_num(r->max_rel_diff));
+        if (row && r->r1) {
+            json_object_set_new(row, "r1", json_integer((json_int_t)r->r1));
+            json_object_set_new(row, "r2", json_integer((json_int_t)r->r2));
+        }
         if (row == NULL || json_array_append_new(results, row) != 0)
             return NULL;
     }
-    return json_pack("{s:o, s:o, s:o, s:s, s:i, s:i, s:s}", "device", dev,
-                     "ceilings", ceil, "results", results, "atmoe_version",
-                     atmoe_version(), "reps", o->reps, "warmup", o->warmup,
-                     "scale", o->full ? "full" : "small");
+    json_t *obj = json_pack("{s:o, s:o, s:o, s:s, s:i, s:i, s:s}", "device",
+                            dev, "ceilings", ceil, "results", results,
+                            "atmoe_version", atmoe_version(), "reps", o->reps,
+                            "warmup", o->warmup, "scale",
+                            o->full ? "full" : "small");
+    if (obj && d->peer_info)
+        json_object_set(obj, "peer", d->peer_info);
+    return obj;
 }
 
 typedef struct report {
@@ -1914,7 +2246,7 @@ int main(int argc, char **argv)
     umask(mask);
     file_mode = 0666 & ~mask;
 
-    options o = {NULL, {0}, 0, 5, 2, NULL, NULL};
+    options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL};
     for (size_t i = 0; i < N_WORKLOADS; i++)
         o.selected[i] = workloads[i].implemented;
     const char *v;
@@ -1949,16 +2281,27 @@ int main(int argc, char **argv)
             o.json = v;
         } else if ((v = opt_value(argc, argv, &i, "--csv"))) {
             o.csv = v;
+        } else if ((v = opt_value(argc, argv, &i, "--peer"))) {
+            if (strcmp(v, "torch") != 0) {
+                fprintf(stderr, PROGRAM ": --peer knows only 'torch', not "
+                                "'%s'\n", v);
+                return EXIT_USAGE;
+            }
+            o.peer = 1;
+        } else if ((v = opt_value(argc, argv, &i, "--plot"))) {
+            o.plot = v;
         } else {
             fprintf(stderr, PROGRAM ": unknown option '%s' (see --help)\n", a);
             return EXIT_USAGE;
         }
     }
-    for (size_t i = 0; i < N_WORKLOADS; i++)
-        if (o.selected[i] && !workloads[i].implemented) {
-            fprintf(stderr, PROGRAM ": workload %s: not implemented yet, "
-                            "skipped\n", workloads[i].name);
+    if (o.plot) {
+        int rc = plot_check(o.plot);
+        if (rc != 0) {
+            fprintf(stderr, PROGRAM ": --plot %s: %s\n", o.plot, errbuf);
+            return rc;
         }
+    }
 
     /* Devices first: a wrong name is a usage error, found before any work. */
     int all = o.device && strcmp(o.device, "all") == 0;
@@ -1987,6 +2330,10 @@ int main(int argc, char **argv)
                     errbuf);
             return EXIT_RUNTIME;
         }
+    if (o.peer && peer_probe()) {
+        fprintf(stderr, PROGRAM ": --peer torch: %s\n", errbuf);
+        return EXIT_RUNTIME;
+    }
     char *src = load_ceilings_source();
     if (src == NULL) {
         fprintf(stderr, PROGRAM ": %s\n", errbuf);
@@ -2022,8 +2369,15 @@ int main(int argc, char **argv)
         fprintf(stderr, PROGRAM ": --csv %s: %s\n", o.csv, errbuf);
         failed = 1;
     }
-    for (size_t i = 0; i < n_dev; i++)
+    if (o.plot && plot_write(o.plot, runs, n_dev)) {
+        fprintf(stderr, PROGRAM ": --plot %s: %s\n", o.plot, errbuf);
+        failed = 1;
+    }
+    for (size_t i = 0; i < n_dev; i++) {
+        peer_free(&runs[i]);
         free(runs[i].results);
+    }
+    peer_end();
     free(runs);
     return failed ? EXIT_RUNTIME : 0;
 }

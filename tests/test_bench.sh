@@ -1,8 +1,11 @@
 #!/bin/sh
 # atmoe-bench at the small scale with few repetitions: its outputs (the JSON
-# holds every field of the contract, the CSV a row per run) and its errors
-# (unknown workload, unknown device, unwritable output file).  Exit 77 (a
-# skip for automake's harness) when there is no OpenCL device.
+# holds every field of the contract, the CSV a row per run, the plot is an
+# image), the mor1e workload, the PyTorch peer, and its errors (unknown or
+# unavailable workload, unknown device, unwritable output file, a plot
+# without gnuplot, a peer without torch).  Exit 77 (a skip for automake's
+# harness) when there is no OpenCL device.  The parts that need gnuplot or
+# a Python with torch are skipped, with a message, when they are missing.
 set -u
 
 bench=./bench/atmoe-bench
@@ -26,14 +29,50 @@ run() {
     rc=$?
 }
 
+# The same with environment settings first: run_env VAR=VALUE... -- ARGS.
+run_env() {
+    envs=
+    while [ "$1" != "--" ]; do
+        envs="$envs $1"
+        shift
+    done
+    shift
+    # shellcheck disable=SC2086
+    env $envs "$bench" "$@" > "$tmp/out" 2> "$tmp/err"
+    rc=$?
+}
+
+# What the optional parts need.
+if [ -n "${ATMOE_BENCH_GNUPLOT:-}" ] || command -v gnuplot > /dev/null 2>&1
+then
+    have_gnuplot=1
+else
+    have_gnuplot=0
+    echo "SKIP (part): no gnuplot, --plot is only checked for its errors"
+fi
+python=${ATMOE_BENCH_PYTHON:-/usr/bin/python3}
+have_torch=0
+if [ -x "$python" ] &&
+    "$python" -c 'import importlib.util as u, sys
+sys.exit(not (u.find_spec("torch") and u.find_spec("numpy")))' 2> /dev/null
+then
+    have_torch=1
+else
+    echo "SKIP (part): $python has no torch, --peer torch is only checked" \
+        "for its errors"
+fi
+
 if ! "$bench" --list-devices > /dev/null 2>&1; then
     echo "SKIP: no OpenCL device"
     exit 77
 fi
 
-# --- a run, its JSON and its CSV
+# --- a run, its JSON, its CSV and its plot
+plot=
+[ "$have_gnuplot" -eq 1 ] && plot="--plot=$tmp/out.png"
+# shellcheck disable=SC2086
 run --scale small --reps 2 --warmup 1 --workload decode \
-    --json "$tmp/out.json" --csv "$tmp/out.csv"
+    --json "$tmp/out.json" --csv "$tmp/out.csv" $plot
 if [ "$rc" -ne 0 ]; then
     fail "decode run exited $rc"
     cat "$tmp/err"
@@ -65,6 +104,51 @@ head -n 1 "$tmp/out.csv" | grep -q '^device,vendor,type,workload,scale,variant,p
 n=$(grep -c ',decode,small,' "$tmp/out.csv")
 [ "$n" -eq 9 ] || fail "the CSV holds $n decode rows, not 9"
 ls "$tmp" | grep -q '\.tmp-' && fail "a temporary output file was left behind"
+if grep -q '(PoCL ' "$tmp/out"; then
+    grep -q 'POCL_AFFINITY' "$tmp/out" ||
+        fail "the report does not say how PoCL places its threads"
+    grep -q '"pocl_affinity":' "$tmp/out.json" ||
+        fail "the JSON has no pocl_affinity for a PoCL device"
+fi
+if [ "$have_gnuplot" -eq 1 ]; then
+    [ "$(od -An -c -N4 "$tmp/out.png" | tr -d ' ')" = '211PNG' ] ||
+        fail "--plot did not write a PNG image"
+fi
+
+# --- mor1e and, with torch, the PyTorch peer; an SVG plot
+peer=
+[ "$have_torch" -eq 1 ] && peer="--peer=torch"
+plot=
+[ "$have_gnuplot" -eq 1 ] && plot="--plot=$tmp/peer.svg"
+# shellcheck disable=SC2086
+run --scale small --reps 1 --warmup 0 --workload decode,mor1e \
+    --json "$tmp/peer.json" $peer $plot
+if [ "$rc" -ne 0 ]; then
+    fail "the mor1e${peer:+ and peer} run exited $rc"
+    cat "$tmp/err"
+fi
+cat "$tmp/out"
+for v in fused unfused merged; do
+    grep -q "^mor1e  *small  *512 $v " "$tmp/out" ||
+        fail "the table has no mor1e $v row"
+done
+"$bench" --check-json "$tmp/peer.json" || fail "--check-json rejected the JSON"
+grep -q '"r2": 8' "$tmp/peer.json" || fail "the mor1e results have no r2"
+if [ "$have_torch" -eq 1 ]; then
+    for T in 1 4 16; do
+        grep -q "^decode  *small  *$T torch " "$tmp/out" ||
+            fail "the table has no decode T=$T torch row"
+    done
+    grep -q "^mor1e  *small  *512 torch " "$tmp/out" ||
+        fail "the table has no mor1e torch row"
+    n=$(grep -c '"variant": "torch"' "$tmp/peer.json")
+    [ "$n" -eq 4 ] || fail "the JSON holds $n torch results, not 4"
+    grep -q '"peer": {' "$tmp/peer.json" || fail "the JSON has no peer"
+fi
+if [ "$have_gnuplot" -eq 1 ]; then
+    grep -q '<svg' "$tmp/peer.svg" || fail "--plot did not write an SVG image"
+fi
+ls "$tmp" | grep -q '\.tmp-' && fail "a temporary output file was left behind"
 
 # --check-json refuses a file without the contract
 echo '{"device": {}}' > "$tmp/bad.json"
@@ -76,6 +160,40 @@ run --workload no-such-workload
 [ "$rc" -eq 2 ] || fail "an unknown workload exited $rc, not 2"
 grep -q "unknown workload 'no-such-workload'" "$tmp/err" ||
     fail "no message for an unknown workload"
+
+run --workload train-step
+[ "$rc" -eq 2 ] || fail "train-step exited $rc, not 2"
+grep -q "train-step is not available yet" "$tmp/err" ||
+    fail "no 'not available yet' message for train-step"
+
+run --workload decode --plot "$tmp/plot.txt"
+[ "$rc" -eq 2 ] || fail "--plot to a .txt exited $rc, not 2"
+grep -q "FILE.svg or FILE.png" "$tmp/err" ||
+    fail "no message for a --plot name that is neither .svg nor .png"
+
+run_env ATMOE_BENCH_GNUPLOT="$tmp/no-gnuplot" -- --workload decode \
+    --plot "$tmp/none.png"
+[ "$rc" -eq 1 ] || fail "--plot without gnuplot exited $rc, not 1"
+grep -q "no-gnuplot" "$tmp/err" || fail "no message naming the missing gnuplot"
+[ -e "$tmp/none.png" ] && fail "--plot without gnuplot left a file"
+
+run --workload decode --peer tensorflow
+[ "$rc" -eq 2 ] || fail "--peer tensorflow exited $rc, not 2"
+
+run_env ATMOE_BENCH_PYTHON="$tmp/no-python" -- --workload decode --peer torch
+[ "$rc" -eq 1 ] || fail "--peer torch without its Python exited $rc, not 1"
+grep -q "no-python" "$tmp/err" || fail "no message naming the missing Python"
+
+# A Python without its site packages stands for one without torch.
+if [ -x "$python" ]; then
+    printf '#!/bin/sh\nexec "%s" -S "$@"\n' "$python" > "$tmp/python-bare"
+    chmod +x "$tmp/python-bare"
+    run_env ATMOE_BENCH_PYTHON="$tmp/python-bare" -- --workload decode \
+        --peer torch
+    [ "$rc" -eq 1 ] || fail "--peer torch without torch exited $rc, not 1"
+    grep -q "cannot import torch" "$tmp/err" ||
+        fail "no message saying that torch is missing"
+fi
 
 run --device no-such-device-xyz --workload decode
 [ "$rc" -eq 1 ] || [ "$rc" -eq 2 ] ||
