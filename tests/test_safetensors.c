@@ -1,0 +1,1066 @@
+/* safetensors files: reading files built byte by byte here, the f16 and
+ * bf16 conversions against float64 references of the rounding, and the
+ * statuses and messages of every misuse.  No OpenCL device is needed
+ * except where a context's message is checked. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "testutil.h"
+
+/* ------------------------------------------------------------- fixture */
+
+static char root[PATH_MAX]; /* this test's temporary directory */
+
+static void setup(void)
+{
+    test_mkdtemp(root, sizeof root, "safetensors");
+}
+
+static void teardown(void)
+{
+    test_rmdir_r(root);
+}
+
+/* ------------------------------------------------------------- helpers */
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    ck_assert_ptr_nonnull(p);
+    return p;
+}
+
+static const char *tmp_path(const char *name)
+{
+    static char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/%s", root, name);
+    return path;
+}
+
+static void write_bytes(const char *path, const void *bytes, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
+    ck_assert_uint_eq(fwrite(bytes, 1, n, f), n);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+/* A file of the given header text (not padded) and data bytes. */
+static void write_st(const char *path, const char *header, const void *data,
+                     size_t n)
+{
+    size_t h = strlen(header);
+    unsigned char *buf = xmalloc(8 + h + n);
+    for (int i = 0; i < 8; i++)
+        buf[i] = (unsigned char)((uint64_t)h >> (8 * i));
+    memcpy(buf + 8, header, h);
+    if (n)
+        memcpy(buf + 8 + h, data, n);
+    write_bytes(path, buf, 8 + h + n);
+    free(buf);
+}
+
+static void put_le(unsigned char *p, uint64_t v, int bytes)
+{
+    for (int i = 0; i < bytes; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint16_t get_le16(const unsigned char *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
+
+static uint32_t float_bits(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+static float bits_float(uint32_t u)
+{
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* The whole file; *n its size. */
+static unsigned char *read_all(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
+    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+    long size = ftell(f);
+    ck_assert_int_ge(size, 0);
+    rewind(f);
+    unsigned char *buf = xmalloc((size_t)size);
+    ck_assert_uint_eq(fread(buf, 1, (size_t)size, f), (size_t)size);
+    fclose(f);
+    *n = (size_t)size;
+    return buf;
+}
+
+/* The names in root, sorted and joined with spaces: what a failed save
+ * must leave unchanged. */
+static char *list_dir(const char *dir)
+{
+    struct dirent **names;
+    int n = scandir(dir, &names, NULL, alphasort);
+    ck_assert_int_ge(n, 0);
+    size_t size = 1;
+    for (int i = 0; i < n; i++)
+        size += strlen(names[i]->d_name) + 1;
+    char *out = xmalloc(size);
+    out[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        strcat(out, names[i]->d_name);
+        strcat(out, " ");
+        free(names[i]);
+    }
+    free(names);
+    return out;
+}
+
+static atmoe_safetensors *open_ok(const char *path)
+{
+    atmoe_safetensors *f = NULL;
+    ck_assert_status(atmoe_safetensors_open(NULL, path, &f), NULL);
+    ck_assert_ptr_nonnull(f);
+    return f;
+}
+
+/* ------------------------------------------- float64 rounding references */
+
+static double ref_f16_value(uint16_t h)
+{
+    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    double v = exp == 31   ? (man ? NAN : INFINITY)
+               : exp == 0 ? ldexp(man, -24)
+                          : ldexp(man + 1024, exp - 25);
+    return (h & 0x8000) ? -v : v;
+}
+
+static double ref_bf16_value(uint16_t h)
+{
+    int exp = (h >> 7) & 0xff, man = h & 0x7f;
+    double v = exp == 255  ? (man ? NAN : INFINITY)
+               : exp == 0 ? ldexp(man, -133)
+                          : ldexp(man + 128, exp - 134);
+    return (h & 0x8000) ? -v : v;
+}
+
+/* The f16 nearest x, ties to even (x is finite or infinite, not NaN). */
+static uint16_t ref_f16(double x)
+{
+    uint16_t sign = signbit(x) ? 0x8000 : 0;
+    double a = fabs(x);
+    if (a >= 65520.0) /* halfway between 65504 and 2^16, and above */
+        return sign | 0x7c00;
+    int k = -14; /* exponent of the ulp's binade; subnormals share -14 */
+    if (a > 0) {
+        int e;
+        frexp(a, &e);
+        if (e - 1 > k)
+            k = e - 1;
+    }
+    double r = nearbyint(ldexp(a, 10 - k)); /* ties to even */
+    return (uint16_t)(sign | (unsigned)(((k + 14) << 10) + (int)r));
+}
+
+/* The bf16 nearest x, ties to even: 8 significant bits, f32's range. */
+static uint16_t ref_bf16(double x)
+{
+    uint16_t sign = signbit(x) ? 0x8000 : 0;
+    double a = fabs(x);
+    /* halfway between the largest bf16, (2 - 2^-7) 2^127, and 2^128 */
+    if (a >= ldexp(2 - ldexp(1, -8), 127))
+        return sign | 0x7f80;
+    int k = -126;
+    if (a > 0) {
+        int e;
+        frexp(a, &e);
+        if (e - 1 > k)
+            k = e - 1;
+    }
+    double r = nearbyint(ldexp(a, 7 - k));
+    return (uint16_t)(sign | (unsigned)(((k + 126) << 7) + (int)r));
+}
+
+/* got equals the float64 want exactly, NaN matching NaN of the same sign. */
+static void assert_same_value(float got, double want, const char *what,
+                              unsigned pattern)
+{
+    if (isnan(want)) {
+        ck_assert_msg(isnan(got) && !signbit(got) == !signbit(want),
+                      "%s 0x%04x: got %g, want %sNaN", what, pattern, got,
+                      signbit(want) ? "-" : "");
+        return;
+    }
+    ck_assert_msg((double)got == want && !signbit(got) == !signbit(want),
+                  "%s 0x%04x: got %.9g, want %.9g", what, pattern, got, want);
+}
+
+/* ------------------------------------------------------------- reading */
+
+/* One file with every shape rule exercised: a scalar, a zero-size
+ * dimension, odd shapes, and a header whose order differs from the data's
+ * and that is not padded. */
+START_TEST(test_read_basic)
+{
+    const char *hdr =
+        "{\"w\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[0,24]},"
+        "\"__metadata__\":{\"format\":\"pt\",\"note\":\"\\u00e9t\\u00e9\"},"
+        "\"empty\":{\"shape\":[0,5],\"dtype\":\"U8\","
+        "\"data_offsets\":[46,46]},"
+        "\"s\":{\"dtype\":\"I32\",\"shape\":[],\"data_offsets\":[42,46]},"
+        "\"h\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[24,30]},"
+        "\"b\":{\"dtype\":\"BF16\",\"shape\":[1,1,2],"
+        "\"data_offsets\":[30,34]},"
+        "\"d\":{\"dtype\":\"F64\",\"shape\":[1],\"data_offsets\":[34,42]}}";
+    unsigned char data[46];
+    const float w[6] = {1.5f, -2.25f, 0.0f, 3e-8f, -1e30f, 7.0f};
+    for (int i = 0; i < 6; i++)
+        put_le(data + 4 * i, float_bits(w[i]), 4);
+    put_le(data + 24, 0x3c00, 2); /* 1 */
+    put_le(data + 26, 0xc500, 2); /* -5 */
+    put_le(data + 28, 0x0001, 2); /* 2^-24 */
+    put_le(data + 30, 0x3f80, 2); /* 1 */
+    put_le(data + 32, 0xc2f7, 2); /* -123.5 */
+    double dv = -0.1;
+    uint64_t du;
+    memcpy(&du, &dv, sizeof du);
+    put_le(data + 34, du, 8);
+    put_le(data + 42, (uint32_t)-77, 4);
+    const char *path = tmp_path("basic.safetensors");
+    write_st(path, hdr, data, sizeof data);
+
+    atmoe_safetensors *f = open_ok(path);
+    size_t n = 0;
+    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_uint_eq(n, 6);
+
+    /* Listed in the order of their data; ties (the zero-size tensor at the
+     * end) by name. */
+    const char *order[] = {"w", "h", "b", "d", "s", "empty"};
+    atmoe_st_tensor t;
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
+        ck_assert_str_eq(t.name, order[i]);
+    }
+    ck_assert_fails(atmoe_safetensors_get(f, n, &t), NULL,
+                    ATMOE_STATUS_OUT_OF_RANGE);
+
+    ck_assert_status(atmoe_safetensors_find(f, "w", &t), NULL);
+    ck_assert_int_eq(t.dtype, ATMOE_ST_F32);
+    ck_assert_int_eq(t.ndim, 2);
+    ck_assert_uint_eq(t.shape[0], 2);
+    ck_assert_uint_eq(t.shape[1], 3);
+    ck_assert_uint_eq(t.count, 6);
+    ck_assert_uint_eq(t.nbytes, 24);
+    ck_assert_int_eq(memcmp(t.data, data, 24), 0);
+
+    ck_assert_status(atmoe_safetensors_find(f, "s", &t), NULL);
+    ck_assert_int_eq(t.dtype, ATMOE_ST_I32);
+    ck_assert_int_eq(t.ndim, 0);
+    ck_assert_uint_eq(t.count, 1);
+    ck_assert_uint_eq(t.nbytes, 4);
+    ck_assert_int_eq(memcmp(t.data, data + 42, 4), 0);
+
+    ck_assert_status(atmoe_safetensors_find(f, "empty", &t), NULL);
+    ck_assert_int_eq(t.dtype, ATMOE_ST_U8);
+    ck_assert_int_eq(t.ndim, 2);
+    ck_assert_uint_eq(t.shape[0], 0);
+    ck_assert_uint_eq(t.shape[1], 5);
+    ck_assert_uint_eq(t.count, 0);
+    ck_assert_uint_eq(t.nbytes, 0);
+
+    float got[6];
+    test_poison(got, 6);
+    ck_assert_status(atmoe_safetensors_read_f32(f, "w", got, 6), NULL);
+    for (int i = 0; i < 6; i++)
+        ck_assert_uint_eq(float_bits(got[i]), float_bits(w[i]));
+    test_poison(got, 6);
+    ck_assert_status(atmoe_safetensors_read_f32(f, "h", got, 3), NULL);
+    ck_assert(got[0] == 1.0f && got[1] == -5.0f && got[2] == 0x1p-24f);
+    ck_assert_status(atmoe_safetensors_read_f32(f, "b", got, 2), NULL);
+    ck_assert(got[0] == 1.0f && got[1] == -123.5f);
+    ck_assert_status(atmoe_safetensors_read_f32(f, "d", got, 1), NULL);
+    ck_assert(got[0] == (float)-0.1);
+
+    ck_assert_fails(atmoe_safetensors_read_f32(f, "s", got, 1), NULL,
+                    ATMOE_STATUS_DTYPE_MISMATCH);
+    ck_assert_fails(atmoe_safetensors_read_f32(f, "w", got, 5), NULL,
+                    ATMOE_STATUS_SHAPE_MISMATCH);
+    ck_assert_fails(atmoe_safetensors_read_f32(f, "nope", got, 1), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    ck_assert_msg(strstr(atmoe_errmsg(NULL), "nope") != NULL, "message: %s",
+                  atmoe_errmsg(NULL));
+
+    const char *value = NULL;
+    ck_assert_status(atmoe_safetensors_get_metadata(f, "format", &value),
+                     NULL);
+    ck_assert_str_eq(value, "pt");
+    ck_assert_status(atmoe_safetensors_get_metadata(f, "note", &value), NULL);
+    ck_assert_str_eq(value, "\xc3\xa9t\xc3\xa9");
+    ck_assert_fails(atmoe_safetensors_get_metadata(f, "w", &value), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    ck_assert_fails(atmoe_safetensors_find(f, "", &t), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    ck_assert_fails(atmoe_safetensors_find(f, "__metadata__", &t), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+/* The smallest files: no tensors at all, with and without metadata. */
+START_TEST(test_read_empty)
+{
+    const char *path = tmp_path("empty.safetensors");
+    write_st(path, "{}      ", NULL, 0);
+    atmoe_safetensors *f = open_ok(path);
+    size_t n = 99;
+    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_uint_eq(n, 0);
+    atmoe_st_tensor t;
+    ck_assert_fails(atmoe_safetensors_get(f, 0, &t), NULL,
+                    ATMOE_STATUS_OUT_OF_RANGE);
+    ck_assert_fails(atmoe_safetensors_find(f, "x", &t), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    const char *value;
+    ck_assert_fails(atmoe_safetensors_get_metadata(f, "format", &value), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    atmoe_safetensors_close(f);
+
+    /* A null __metadata__ is no metadata, as in the reference reader. */
+    write_st(path, "{\"__metadata__\":null}", NULL, 0);
+    f = open_ok(path);
+    ck_assert_fails(atmoe_safetensors_get_metadata(f, "format", &value), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+/* Every f16 pattern read as f32 equals its exact value; likewise every
+ * bf16 pattern. */
+START_TEST(test_read_all_halves)
+{
+    const char *names[2] = {"F16", "BF16"};
+    for (int kind = 0; kind < 2; kind++) {
+        char header[160];
+        snprintf(header, sizeof header,
+                 "{\"x\":{\"dtype\":\"%s\",\"shape\":[256,256],"
+                 "\"data_offsets\":[0,131072]}}",
+                 names[kind]);
+        unsigned char *data = xmalloc(131072);
+        for (unsigned h = 0; h < 65536; h++)
+            put_le(data + 2 * h, h, 2);
+        const char *path = tmp_path("halves.safetensors");
+        write_st(path, header, data, 131072);
+        free(data);
+
+        atmoe_safetensors *f = open_ok(path);
+        float *got = xmalloc(65536 * sizeof *got);
+        test_poison(got, 65536);
+        ck_assert_status(atmoe_safetensors_read_f32(f, "x", got, 65536),
+                         NULL);
+        for (unsigned h = 0; h < 65536; h++)
+            assert_same_value(got[h],
+                              kind ? ref_bf16_value((uint16_t)h)
+                                   : ref_f16_value((uint16_t)h),
+                              names[kind], h);
+        free(got);
+        atmoe_safetensors_close(f);
+    }
+}
+END_TEST
+
+START_TEST(test_open_errors)
+{
+    atmoe_safetensors *f = (atmoe_safetensors *)&f;
+    ck_assert_fails(atmoe_safetensors_open(NULL, tmp_path("missing"), &f),
+                    NULL, ATMOE_STATUS_NOT_FOUND);
+    ck_assert_ptr_null(f);
+    ck_assert_msg(strstr(atmoe_errmsg(NULL), "missing") != NULL,
+                  "message: %s", atmoe_errmsg(NULL));
+    f = (atmoe_safetensors *)&f;
+    ck_assert_fails(atmoe_safetensors_open(NULL, root, &f), NULL,
+                    ATMOE_STATUS_IO_ERROR);
+    ck_assert_ptr_null(f);
+    ck_assert_fails(atmoe_safetensors_open(NULL, NULL, &f), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_open(NULL, root, NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+
+    /* An empty file is a format error, not an I/O one. */
+    write_bytes(tmp_path("zero.safetensors"), "", 0);
+    ck_assert_fails(
+        atmoe_safetensors_open(NULL, tmp_path("zero.safetensors"), &f), NULL,
+        ATMOE_STATUS_FORMAT_ERROR);
+    ck_assert_ptr_null(f);
+
+    /* A file the process may not read (unless it runs as root). */
+    const char *path = tmp_path("secret.safetensors");
+    write_st(path, "{}", NULL, 0);
+    ck_assert_int_eq(chmod(path, 0), 0);
+    if (access(path, R_OK) != 0)
+        ck_assert_fails(atmoe_safetensors_open(NULL, path, &f), NULL,
+                        ATMOE_STATUS_IO_ERROR);
+}
+END_TEST
+
+START_TEST(test_null_arguments)
+{
+    const char *path = tmp_path("one.safetensors");
+    unsigned char four[4] = {0};
+    write_st(path, "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],"
+                   "\"data_offsets\":[0,4]}}",
+             four, 4);
+    atmoe_safetensors *f = open_ok(path);
+    size_t n;
+    atmoe_st_tensor t;
+    float x;
+    const char *v;
+    ck_assert_fails(atmoe_safetensors_count(NULL, &n), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_count(f, NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_get(NULL, 0, &t), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_get(f, 0, NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_find(NULL, "a", &t), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_find(f, NULL, &t), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_find(f, "a", NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_read_f32(NULL, "a", &x, 1), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_read_f32(f, NULL, &x, 1), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_read_f32(f, "a", NULL, 1), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_get_metadata(NULL, "k", &v), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_get_metadata(f, NULL, &v), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_safetensors_get_metadata(f, "k", NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    atmoe_safetensors_close(f);
+    atmoe_safetensors_close(NULL);
+}
+END_TEST
+
+START_TEST(test_dtype_names)
+{
+    const char *want[] = {"BOOL", "U8",  "I8",  "F8_E4M3", "F8_E5M2",
+                          "I16",  "U16", "F16", "BF16",    "I32",
+                          "U32",  "F32", "I64", "U64",     "F64"};
+    for (int d = ATMOE_ST_BOOL; d <= ATMOE_ST_F64; d++)
+        ck_assert_str_eq(atmoe_st_dtype_name((atmoe_st_dtype)d), want[d]);
+    ck_assert_str_eq(atmoe_st_dtype_name((atmoe_st_dtype)(ATMOE_ST_F64 + 1)),
+                     "?");
+    ck_assert_str_eq(atmoe_st_dtype_name((atmoe_st_dtype)-1), "?");
+}
+END_TEST
+
+/* With a context, messages go to it and name the file and the rule. */
+START_TEST(test_context_message)
+{
+    atmoe_context *ctx = test_context();
+    const char *path = tmp_path("bad.safetensors");
+    write_st(path, "{\"a\":{\"dtype\":\"Q4\",\"shape\":[1],"
+                   "\"data_offsets\":[0,1]}}",
+             "x", 1);
+    atmoe_safetensors *f;
+    ck_assert_fails(atmoe_safetensors_open(ctx, path, &f), ctx,
+                    ATMOE_STATUS_FORMAT_ERROR);
+    const char *msg = atmoe_errmsg(ctx);
+    ck_assert_msg(strstr(msg, path) && strstr(msg, "'a'") &&
+                      strstr(msg, "Q4"),
+                  "message: %s", msg);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+/* ------------------------------------------------------------- writing */
+
+static atmoe_safetensors_writer *writer_ok(void)
+{
+    atmoe_safetensors_writer *w = NULL;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    ck_assert_ptr_nonnull(w);
+    return w;
+}
+
+/* Shapes with a scalar, zero-size dimensions, odd sizes and every rank up
+ * to the largest. */
+static const struct {
+    int ndim;
+    uint64_t shape[ATMOE_ST_MAX_DIMS];
+} shapes[] = {
+    {0, {0}},       {1, {0}},       {3, {3, 0, 2}},
+    {1, {7}},       {2, {3, 5}},    {4, {2, 3, 5, 1}},
+    {ATMOE_ST_MAX_DIMS, {1, 2, 1, 3, 1, 2, 1, 1}},
+};
+enum { N_SHAPES = sizeof shapes / sizeof shapes[0] };
+
+/* The reference writer's place of a dtype (its enum, by alignment). */
+static int ref_rank(atmoe_st_dtype d)
+{
+    static const int rank[] = {
+        [ATMOE_ST_BOOL] = 0,    [ATMOE_ST_U8] = 1,      [ATMOE_ST_I8] = 2,
+        [ATMOE_ST_F8_E5M2] = 3, [ATMOE_ST_F8_E4M3] = 4, [ATMOE_ST_I16] = 5,
+        [ATMOE_ST_U16] = 6,     [ATMOE_ST_F16] = 7,     [ATMOE_ST_BF16] = 8,
+        [ATMOE_ST_I32] = 9,     [ATMOE_ST_U32] = 10,    [ATMOE_ST_F32] = 11,
+        [ATMOE_ST_F64] = 12,    [ATMOE_ST_I64] = 13,    [ATMOE_ST_U64] = 14};
+    return rank[d];
+}
+
+static const unsigned dtype_size[] = {1, 1, 1, 1, 1, 2, 2, 2,
+                                      2, 4, 4, 4, 8, 8, 8};
+
+/* Every dtype in every shape, random bytes, in one file: read back
+ * exactly, in the reference writer's order, aligned, with a padded
+ * header. */
+START_TEST(test_roundtrip_all_dtypes)
+{
+    test_rng rng;
+    test_rng_seed(&rng, 42);
+    atmoe_safetensors_writer *w = writer_ok();
+    enum { N = (ATMOE_ST_F64 + 1) * N_SHAPES };
+    unsigned char *bytes[N];
+    uint64_t nbytes[N];
+    /* Added in an order of their own, so the writer must sort. */
+    for (int k = N - 1; k >= 0; k--) {
+        int d = k / N_SHAPES, s = k % N_SHAPES;
+        uint64_t count = 1;
+        for (int i = 0; i < shapes[s].ndim; i++)
+            count *= shapes[s].shape[i];
+        nbytes[k] = count * dtype_size[d];
+        bytes[k] = xmalloc(nbytes[k]);
+        for (uint64_t i = 0; i < nbytes[k]; i++)
+            bytes[k][i] = (unsigned char)test_uniform(&rng, 0, 256);
+        char name[32];
+        snprintf(name, sizeof name, "t%02d.%s", s,
+                 atmoe_st_dtype_name((atmoe_st_dtype)d));
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, name, (atmoe_st_dtype)d, shapes[s].ndim,
+                             shapes[s].shape, bytes[k]),
+                         NULL);
+    }
+    const char *path = tmp_path("all.safetensors");
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    /* Saved twice: the writer stays usable and the files agree. */
+    const char *again = tmp_path("again.safetensors");
+    ck_assert_status(atmoe_safetensors_writer_save(w, again), NULL);
+    atmoe_safetensors_writer_free(w);
+
+    size_t size, size2;
+    unsigned char *file = read_all(path, &size);
+    unsigned char *file2 = read_all(again, &size2);
+    ck_assert_uint_eq(size, size2);
+    ck_assert_int_eq(memcmp(file, file2, size), 0);
+    uint64_t hlen = 0;
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | file[i];
+    ck_assert_uint_eq(hlen % 8, 0);
+    ck_assert(hlen + 8 <= size);
+    ck_assert_msg(file[8] == '{', "the header starts with %c", file[8]);
+    ck_assert_ptr_null(memchr(file + 8, '\n', hlen));
+
+    atmoe_safetensors *f = open_ok(path);
+    size_t n;
+    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_uint_eq(n, N);
+    atmoe_st_tensor prev = {0};
+    for (size_t i = 0; i < n; i++) {
+        atmoe_st_tensor t;
+        ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
+        int s, d = -1;
+        char dname[16];
+        ck_assert_int_eq(sscanf(t.name, "t%02d.%15s", &s, dname), 2);
+        for (int j = 0; j <= ATMOE_ST_F64; j++)
+            if (!strcmp(dname, atmoe_st_dtype_name((atmoe_st_dtype)j)))
+                d = j;
+        int k = d * N_SHAPES + s;
+        ck_assert_int_eq(t.dtype, d);
+        ck_assert_int_eq(t.ndim, shapes[s].ndim);
+        for (int j = 0; j < t.ndim; j++)
+            ck_assert_uint_eq(t.shape[j], shapes[s].shape[j]);
+        ck_assert_uint_eq(t.nbytes, nbytes[k]);
+        ck_assert_uint_eq(t.count * dtype_size[d], nbytes[k]);
+        ck_assert_int_eq(memcmp(t.data, bytes[k], nbytes[k]), 0);
+        ck_assert_uint_eq((uintptr_t)t.data % dtype_size[d], 0);
+        if (i > 0) {
+            int r = ref_rank(t.dtype), pr = ref_rank(prev.dtype);
+            ck_assert_msg(r < pr || (r == pr && strcmp(prev.name, t.name) < 0),
+                          "'%s' is saved after '%s'", t.name, prev.name);
+        }
+        prev = t;
+    }
+    atmoe_safetensors_close(f);
+    for (int k = 0; k < N; k++)
+        free(bytes[k]);
+    free(file);
+    free(file2);
+}
+END_TEST
+
+/* f32 data stored as F32, F16 and BF16: the stored patterns are the
+ * float64 reference's nearest-even roundings, special values included, and
+ * read back as their exact values. */
+START_TEST(test_roundtrip_f32)
+{
+    enum { N = 4099 };
+    float *x = xmalloc(N * sizeof *x);
+    test_rng rng;
+    test_rng_seed(&rng, 7);
+    const float special[] = {0.0f,           -0.0f,         INFINITY,
+                             -INFINITY,      NAN,           -NAN,
+                             65504.0f,       65519.99f,     65520.0f,
+                             -65520.0f,      0x1p-24f,      0x1p-25f,
+                             0x1.000002p-25f, 0x1.8p-24f,   0x1.4p-24f,
+                             0x1.ffcp-15f,   0x1.ffep-15f,  0x1p-14f,
+                             3.4028235e38f,  -3.4028235e38f, 0x1.fep127f,
+                             0x1p-149f,      0x1.0101p0f,   0x1.0180p0f,
+                             0x1.0080p0f,    1.0f + 0x1p-11f, 1e-45f};
+    int n_special = sizeof special / sizeof special[0];
+    for (int i = 0; i < N; i++) {
+        if (i < n_special) {
+            x[i] = special[i];
+            continue;
+        }
+        /* Random bit patterns cover every binade, subnormals and NaN
+         * payloads; ties appear through the low-bit masks. */
+        uint32_t u = (uint32_t)test_uniform(&rng, 0, 4294967296.0);
+        if (i % 3 == 0)
+            u &= 0xffffe000u | (u & 0x1000u); /* f16 ties and exact */
+        if (i % 3 == 1)
+            u &= 0xffff8000u | (u & 0x8000u); /* bf16 ties and exact */
+        x[i] = bits_float(u);
+    }
+    uint64_t shape[2] = {1, N};
+    atmoe_safetensors_writer *w = writer_ok();
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "f32", ATMOE_ST_F32,
+                                                      2, shape, x),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "f16", ATMOE_ST_F16,
+                                                      2, shape, x),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "bf16",
+                                                      ATMOE_ST_BF16, 2, shape,
+                                                      x),
+                     NULL);
+    const char *path = tmp_path("f32.safetensors");
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+
+    atmoe_safetensors *f = open_ok(path);
+    atmoe_st_tensor t16, tb16, t32;
+    ck_assert_status(atmoe_safetensors_find(f, "f16", &t16), NULL);
+    ck_assert_status(atmoe_safetensors_find(f, "bf16", &tb16), NULL);
+    ck_assert_status(atmoe_safetensors_find(f, "f32", &t32), NULL);
+    ck_assert_int_eq(t16.dtype, ATMOE_ST_F16);
+    ck_assert_int_eq(tb16.dtype, ATMOE_ST_BF16);
+    ck_assert_int_eq(memcmp(t32.data, x, N * sizeof *x), 0);
+    for (int i = 0; i < N; i++) {
+        uint16_t h = get_le16((const unsigned char *)t16.data + 2 * i);
+        uint16_t b = get_le16((const unsigned char *)tb16.data + 2 * i);
+        if (isnan(x[i])) {
+            ck_assert_msg((h & 0x7c00) == 0x7c00 && (h & 0x3ff) &&
+                              !(h & 0x8000) == !signbit(x[i]),
+                          "f16 of NaN 0x%08x is 0x%04x", float_bits(x[i]), h);
+            ck_assert_msg((b & 0x7f80) == 0x7f80 && (b & 0x7f) &&
+                              !(b & 0x8000) == !signbit(x[i]),
+                          "bf16 of NaN 0x%08x is 0x%04x", float_bits(x[i]),
+                          b);
+            continue;
+        }
+        ck_assert_msg(h == ref_f16(x[i]), "f16 of %a (0x%08x): 0x%04x, want "
+                      "0x%04x", x[i], float_bits(x[i]), h, ref_f16(x[i]));
+        ck_assert_msg(b == ref_bf16(x[i]), "bf16 of %a (0x%08x): 0x%04x, "
+                      "want 0x%04x", x[i], float_bits(x[i]), b,
+                      ref_bf16(x[i]));
+    }
+    float *got = xmalloc(N * sizeof *got);
+    const char *names[] = {"f32", "f16", "bf16"};
+    for (int k = 0; k < 3; k++) {
+        test_poison(got, N);
+        ck_assert_status(atmoe_safetensors_read_f32(f, names[k], got, N),
+                         NULL);
+        for (int i = 0; i < N; i++) {
+            double want = isnan(x[i]) ? x[i]
+                          : k == 0    ? x[i]
+                          : k == 1    ? ref_f16_value(ref_f16(x[i]))
+                                      : ref_bf16_value(ref_bf16(x[i]));
+            assert_same_value(got[i], want, names[k], (unsigned)i);
+        }
+    }
+    free(got);
+    free(x);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+/* Metadata: keys sorted in the file whatever the order they were set in, a
+ * key set twice keeps its last value, and no __metadata__ at all unless
+ * one was set. */
+START_TEST(test_metadata)
+{
+    atmoe_safetensors_writer *w = writer_ok();
+    uint8_t one = 1;
+    ck_assert_status(atmoe_safetensors_writer_add(w, "x", ATMOE_ST_U8, 0,
+                                                  NULL, &one),
+                     NULL);
+    const char *path = tmp_path("plain.safetensors");
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    size_t size;
+    unsigned char *file = read_all(path, &size);
+    ck_assert_ptr_null(memmem(file, size, "__metadata__", 12));
+    free(file);
+
+    ck_assert_status(atmoe_safetensors_writer_set_metadata(w, "zeta", "1"),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_set_metadata(w, "alpha", "x"),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_set_metadata(w, "zeta", "2"),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_set_metadata(w, "", ""), NULL);
+    ck_assert_status(atmoe_safetensors_writer_set_metadata(
+                         w, "q\"uote", "line\nbreak \xe2\x82\xac"),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+
+    file = read_all(path, &size);
+    const char *want = "{\"__metadata__\":{\"\":\"\",\"alpha\":\"x\","
+                       "\"q\\\"uote\":\"line\\nbreak \xe2\x82\xac\","
+                       "\"zeta\":\"2\"},\"x\":";
+    ck_assert_msg(size > 8 + strlen(want) &&
+                      memcmp(file + 8, want, strlen(want)) == 0,
+                  "header: %.*s", (int)size - 8, (const char *)file + 8);
+    free(file);
+
+    atmoe_safetensors *f = open_ok(path);
+    const char *v;
+    ck_assert_status(atmoe_safetensors_get_metadata(f, "zeta", &v), NULL);
+    ck_assert_str_eq(v, "2");
+    ck_assert_status(atmoe_safetensors_get_metadata(f, "q\"uote", &v), NULL);
+    ck_assert_str_eq(v, "line\nbreak \xe2\x82\xac");
+    ck_assert_status(atmoe_safetensors_get_metadata(f, "", &v), NULL);
+    ck_assert_str_eq(v, "");
+    ck_assert_fails(atmoe_safetensors_get_metadata(f, "beta", &v), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+/* The byte-exact files the reference implementation's own tests expect for
+ * one f32 tensor (with and without header padding) and for no tensor. */
+START_TEST(test_reference_bytes)
+{
+    static const struct {
+        const char *name;
+        int ndim;
+        uint64_t shape[4];
+        const char *meta;
+        const char *header;
+    } cases[] = {
+        {"attn.0", 3, {1, 2, 3}, NULL,
+         "{\"attn.0\":{\"dtype\":\"F32\",\"shape\":[1,2,3],"
+         "\"data_offsets\":[0,24]}}"},
+        {"attn0", 4, {1, 1, 2, 3}, NULL,
+         "{\"attn0\":{\"dtype\":\"F32\",\"shape\":[1,1,2,3],"
+         "\"data_offsets\":[0,24]}}       "},
+        {NULL, 0, {0}, NULL, "{}      "},
+        {NULL, 0, {0}, "pt",
+         "{\"__metadata__\":{\"framework\":\"pt\"}}     "},
+    };
+    const float data[6] = {0, 1, 2, 3, 4, 5};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        atmoe_safetensors_writer *w = writer_ok();
+        if (cases[c].name)
+            ck_assert_status(atmoe_safetensors_writer_add_f32(
+                                 w, cases[c].name, ATMOE_ST_F32,
+                                 cases[c].ndim, cases[c].shape, data),
+                             NULL);
+        if (cases[c].meta)
+            ck_assert_status(atmoe_safetensors_writer_set_metadata(
+                                 w, "framework", cases[c].meta),
+                             NULL);
+        const char *path = tmp_path("ref.safetensors");
+        ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+        atmoe_safetensors_writer_free(w);
+
+        size_t hlen = strlen(cases[c].header);
+        size_t dlen = cases[c].name ? sizeof data : 0;
+        unsigned char *want = xmalloc(8 + hlen + dlen);
+        put_le(want, hlen, 8);
+        memcpy(want + 8, cases[c].header, hlen);
+        for (size_t i = 0; i < dlen / 4; i++)
+            put_le(want + 8 + hlen + 4 * i, float_bits(data[i]), 4);
+        size_t size;
+        unsigned char *got = read_all(path, &size);
+        ck_assert_msg(size == 8 + hlen + dlen &&
+                          memcmp(got, want, size) == 0,
+                      "case %zu: got %zu bytes: %.*s", c, size,
+                      (int)(size > 8 ? size - 8 : 0),
+                      (const char *)got + 8);
+        free(got);
+        free(want);
+    }
+}
+END_TEST
+
+/* Every misuse of the writer: a clear status, a message, and nothing
+ * added. */
+START_TEST(test_writer_misuse)
+{
+    atmoe_safetensors_writer *w = writer_ok();
+    const uint64_t shape[2] = {2, 3};
+    const float x[6] = {0};
+    const atmoe_status null = ATMOE_STATUS_NULL_POINTER,
+                       inval = ATMOE_STATUS_INVALID_ARGUMENT,
+                       range = ATMOE_STATUS_OUT_OF_RANGE;
+    ck_assert_fails(atmoe_safetensors_writer_new(NULL, NULL), NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_add(NULL, "a", ATMOE_ST_F32, 2,
+                                                 shape, x),
+                    NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, NULL, ATMOE_ST_F32, 2,
+                                                 shape, x),
+                    NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+                                                 NULL, x),
+                    NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+                                                 shape, NULL),
+                    NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "", ATMOE_ST_F32, 2,
+                                                 shape, x),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "__metadata__",
+                                                 ATMOE_ST_F32, 2, shape, x),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "bad\xff", ATMOE_ST_F32,
+                                                 2, shape, x),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "\xed\xa0\x80",
+                                                 ATMOE_ST_F32, 2, shape, x),
+                    NULL, inval); /* a UTF-16 surrogate */
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "\xc0\xaf", ATMOE_ST_F32,
+                                                 2, shape, x),
+                    NULL, inval); /* overlong */
+    ck_assert_fails(atmoe_safetensors_writer_add(
+                        w, "a", (atmoe_st_dtype)(ATMOE_ST_F64 + 1), 2, shape,
+                        x),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", (atmoe_st_dtype)-1,
+                                                 2, shape, x),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, -1,
+                                                 shape, x),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32,
+                                                 ATMOE_ST_MAX_DIMS + 1, shape,
+                                                 x),
+                    NULL, inval);
+    const uint64_t huge[3] = {UINT64_C(1) << 32, UINT64_C(1) << 32, 2};
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_U8, 3, huge,
+                                                 x),
+                    NULL, range);
+    const uint64_t big[1] = {UINT64_C(1) << 62};
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 1, big,
+                                                 x),
+                    NULL, range); /* the bytes overflow */
+    const uint64_t past[2] = {UINT64_C(1) << 63, 0};
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+                                                 past, x),
+                    NULL, range); /* no JSON integer holds the dimension */
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_I32, 2,
+                                                     shape, x),
+                    NULL, ATMOE_STATUS_DTYPE_MISMATCH);
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_F64, 2,
+                                                     shape, x),
+                    NULL, ATMOE_STATUS_DTYPE_MISMATCH);
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(NULL, "a", ATMOE_ST_F32,
+                                                     2, shape, x),
+                    NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, NULL, ATMOE_ST_F32, 2,
+                                                     shape, x),
+                    NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_F16, 2,
+                                                     shape, NULL),
+                    NULL, null);
+
+    /* Duplicates, whichever function added the first. */
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_F16, 2,
+                                                      shape, x),
+                     NULL);
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+                                                 shape, x),
+                    NULL, inval);
+    ck_assert_msg(strstr(atmoe_errmsg(NULL), "'a'"), "message: %s",
+                  atmoe_errmsg(NULL));
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_BF16, 2,
+                                                     shape, x),
+                    NULL, inval);
+    /* Data may be NULL when there are no bytes. */
+    const uint64_t none[1] = {0};
+    ck_assert_status(atmoe_safetensors_writer_add(w, "z", ATMOE_ST_I64, 1,
+                                                  none, NULL),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "z16", ATMOE_ST_F16,
+                                                      1, none, NULL),
+                     NULL);
+
+    ck_assert_fails(atmoe_safetensors_writer_set_metadata(NULL, "k", "v"),
+                    NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_set_metadata(w, NULL, "v"), NULL,
+                    null);
+    ck_assert_fails(atmoe_safetensors_writer_set_metadata(w, "k", NULL), NULL,
+                    null);
+    ck_assert_fails(atmoe_safetensors_writer_set_metadata(w, "k\xfe", "v"),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_set_metadata(w, "k", "\x80"),
+                    NULL, inval);
+    ck_assert_fails(atmoe_safetensors_writer_save(NULL, "x"), NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_save(w, NULL), NULL, null);
+    ck_assert_fails(atmoe_safetensors_writer_save(w, ""), NULL, inval);
+
+    /* Only the three good tensors and no metadata reached the file. */
+    const char *path = tmp_path("misuse.safetensors");
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+    atmoe_safetensors_writer_free(NULL);
+    atmoe_safetensors *f = open_ok(path);
+    size_t n;
+    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_uint_eq(n, 3);
+    atmoe_st_tensor t;
+    ck_assert_status(atmoe_safetensors_find(f, "a", &t), NULL);
+    ck_assert_int_eq(t.dtype, ATMOE_ST_F16);
+    const char *v;
+    ck_assert_fails(atmoe_safetensors_get_metadata(f, "k", &v), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+/* A save that fails leaves the directory as it was: no new file, no
+ * temporary file, and an existing file of that name untouched. */
+START_TEST(test_save_failures)
+{
+    atmoe_safetensors_writer *w = writer_ok();
+    enum { N = 4096 };
+    float *x = xmalloc(N * sizeof *x);
+    for (int i = 0; i < N; i++)
+        x[i] = (float)i;
+    const uint64_t shape[1] = {N};
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "x", ATMOE_ST_F32, 1,
+                                                      shape, x),
+                     NULL);
+    free(x);
+    const char *old = "old contents";
+    write_bytes(tmp_path("keep.safetensors"), old, strlen(old));
+    write_bytes(tmp_path("plain"), "", 0);
+    char *before = list_dir(root);
+
+    char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/missing/x.safetensors", root);
+    ck_assert_fails(atmoe_safetensors_writer_save(w, path), NULL,
+                    ATMOE_STATUS_IO_ERROR);
+    ck_assert_msg(strstr(atmoe_errmsg(NULL), path), "message: %s",
+                  atmoe_errmsg(NULL));
+    snprintf(path, sizeof path, "%s/plain/x.safetensors", root);
+    ck_assert_fails(atmoe_safetensors_writer_save(w, path), NULL,
+                    ATMOE_STATUS_IO_ERROR);
+    /* The rename over a directory fails after the whole file is written. */
+    ck_assert_int_eq(mkdir(tmp_path("dir.safetensors"), 0755), 0);
+    free(before);
+    before = list_dir(root);
+    ck_assert_fails(
+        atmoe_safetensors_writer_save(w, tmp_path("dir.safetensors")), NULL,
+        ATMOE_STATUS_IO_ERROR);
+    char *after = list_dir(root);
+    ck_assert_str_eq(after, before);
+    free(after);
+
+    /* A write that fails part way (the file size limit stops it), over an
+     * existing file and as a new one. */
+    struct rlimit saved, small;
+    ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &saved), 0);
+    small = saved;
+    small.rlim_cur = 1000;
+    void (*handler)(int) = signal(SIGXFSZ, SIG_IGN);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+    atmoe_status st1 =
+        atmoe_safetensors_writer_save(w, tmp_path("keep.safetensors"));
+    atmoe_status st2 =
+        atmoe_safetensors_writer_save(w, tmp_path("new.safetensors"));
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &saved), 0);
+    signal(SIGXFSZ, handler);
+    ck_assert_int_eq(st1, ATMOE_STATUS_IO_ERROR);
+    ck_assert_int_eq(st2, ATMOE_STATUS_IO_ERROR);
+    after = list_dir(root);
+    ck_assert_str_eq(after, before);
+    free(after);
+    free(before);
+    size_t size;
+    unsigned char *kept = read_all(tmp_path("keep.safetensors"), &size);
+    ck_assert_uint_eq(size, strlen(old));
+    ck_assert_int_eq(memcmp(kept, old, size), 0);
+    free(kept);
+
+    /* The same writer then saves. */
+    ck_assert_status(
+        atmoe_safetensors_writer_save(w, tmp_path("keep.safetensors")), NULL);
+    atmoe_safetensors_writer_free(w);
+    atmoe_safetensors *f = open_ok(tmp_path("keep.safetensors"));
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+Suite *safetensors_suite(void);
+Suite *safetensors_suite(void)
+{
+    Suite *s = suite_create("safetensors");
+
+    TCase *tc = tcase_create("read");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_read_basic);
+    tcase_add_test(tc, test_read_empty);
+    tcase_add_test(tc, test_read_all_halves);
+    tcase_add_test(tc, test_open_errors);
+    tcase_add_test(tc, test_null_arguments);
+    tcase_add_test(tc, test_dtype_names);
+    tcase_add_test(tc, test_context_message);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("write");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_roundtrip_all_dtypes);
+    tcase_add_test(tc, test_roundtrip_f32);
+    tcase_add_test(tc, test_metadata);
+    tcase_add_test(tc, test_reference_bytes);
+    tcase_add_test(tc, test_writer_misuse);
+    tcase_add_test(tc, test_save_failures);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return test_run_suite(safetensors_suite());
+}
