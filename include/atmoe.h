@@ -69,7 +69,7 @@ ATMOE_API const char *atmoe_version(void);
     X(BLAS_ERROR, "a CLBlast call failed")                                    \
     X(IO_ERROR, "a file could not be read or written")                        \
     X(FORMAT_ERROR, "a file or string is malformed")                          \
-    X(NOT_SUPPORTED, "the operation is not supported on this device")         \
+    X(NOT_SUPPORTED, "not supported by this device or by the library")       \
     X(WRONG_CONTEXT, "objects belong to different contexts")                  \
     X(NUMERIC_ERROR, "a result differs from its reference")                \
     X(NOT_FOUND, "no tensor, key or file of that name")
@@ -1043,6 +1043,7 @@ typedef struct atmoe_manifest_module {
     atmoe_router_form form;
     float tau_g, tau_d;
     int top_k_groups, top_k_experts;
+    size_t masks, fixed;   /* the router's masks and fixed weights */
     size_t d_in, d_out;    /* once checked, else 0 */
 } atmoe_manifest_module;
 
