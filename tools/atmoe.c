@@ -12,6 +12,7 @@
  * Subcommands are a table, so that train and cluster join it as they are
  * written; options are parsed by one helper that every subcommand shares. */
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -20,6 +21,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "atmoe.h"
 
@@ -492,6 +494,33 @@ static atmoe_status save_node(atmoe_graph *g, atmoe_node node,
     return st;
 }
 
+/* PATH.tmp-PID: beside PATH, so that renaming it is atomic. */
+static char *temp_name(const char *path)
+{
+    size_t n = strlen(path) + 32;
+    char *t = malloc(n);
+    if (t)
+        snprintf(t, n, "%s.tmp-%ld", path, (long)getpid());
+    return t;
+}
+
+/* Renames the saved output (and trace, when from_tr is not NULL) into
+ * place. */
+static int rename_both(const char *from_out, const char *out,
+                       const char *from_tr, const char *tr)
+{
+    const char *from = from_out, *to = out;
+    if (rename(from_out, out) == 0) {
+        if (from_tr == NULL || rename(from_tr, tr) == 0)
+            return EXIT_OK;
+        from = from_tr;
+        to = tr;
+    }
+    fprintf(stderr, "atmoe run: cannot rename %s to %s: %s\n", from, to,
+            strerror(errno));
+    return EXIT_FAILED;
+}
+
 static int run_usage(void)
 {
     fprintf(stderr, "usage: atmoe run MANIFEST --input X.safetensors --output "
@@ -602,12 +631,31 @@ static int cmd_run(int argc, char **argv)
             st = save_node(g, tn[k], tr, name);
         }
     }
-    if (st == ATMOE_STATUS_OK)
-        st = atmoe_safetensors_writer_save(out, output);
+    /* Both files or neither: each is saved beside its place under a
+     * temporary name, and renamed once both are whole. */
+    char *tmp_out = temp_name(output), *tmp_tr = trace ? temp_name(trace) : NULL;
+    if (tmp_out == NULL || (trace && tmp_tr == NULL)) {
+        free(tmp_out);
+        free(tmp_tr);
+        rc = fail(what, ATMOE_STATUS_HOST_OUT_OF_MEMORY, NULL);
+        goto out;
+    }
+    st = atmoe_safetensors_writer_save(out, tmp_out);
     if (st == ATMOE_STATUS_OK && trace)
-        st = atmoe_safetensors_writer_save(tr, trace);
+        st = atmoe_safetensors_writer_save(tr, tmp_tr);
+    if (st == ATMOE_STATUS_OK)
+        rc = rename_both(tmp_out, output, tmp_tr, trace);
+    if (st != ATMOE_STATUS_OK || rc != EXIT_OK) {
+        remove(tmp_out);
+        if (tmp_tr)
+            remove(tmp_tr);
+    }
+    free(tmp_out);
+    free(tmp_tr);
     if (st != ATMOE_STATUS_OK)
         goto fail;
+    if (rc != EXIT_OK)
+        goto out;
     atmoe_device_info d;
     atmoe_context_get_device(ctx, &d);
     printf("ran %zu layer(s), %zu module(s) on %zu token(s) on %s: %.3f ms "
