@@ -831,8 +831,8 @@ ATMOE_API atmoe_status atmoe_safetensors_get_metadata(
     const atmoe_safetensors *file, const char *key, const char **value);
 
 /* A file being built: tensors and metadata are copied in, then saved at
- * once, sorted by name and aligned as the reference writer does, through a
- * temporary file renamed into place. */
+ * once, sorted (by dtype alignment, then name) and aligned as the reference
+ * writer does, through a temporary file renamed into place. */
 typedef struct atmoe_safetensors_writer atmoe_safetensors_writer;
 
 ATMOE_API atmoe_status atmoe_safetensors_writer_new(

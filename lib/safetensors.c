@@ -265,8 +265,8 @@ static atmoe_status check_layout(const atmoe_safetensors *f,
     }
     if (start != data_size)
         return atm_fail(f->ctx, ATMOE_STATUS_FORMAT_ERROR,
-                        "%s: %s: %" PRIu64 " bytes of data follow the last "
-                        "tensor's",
+                        "%s: %s: the last %" PRIu64 " bytes of data belong "
+                        "to no tensor",
                         open_fn, f->label, data_size - start);
     return ATMOE_STATUS_OK;
 }
@@ -366,12 +366,14 @@ ATMOE_API atmoe_status atmoe_safetensors_open(atmoe_context *ctx,
     *file = NULL;
     ATM_CHECK_NULL(ctx, path);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (fd < 0) {
+        int e = errno;
         return atm_fail(ctx,
-                        errno == ENOENT ? ATMOE_STATUS_NOT_FOUND
-                                        : ATMOE_STATUS_IO_ERROR,
+                        e == ENOENT ? ATMOE_STATUS_NOT_FOUND
+                                    : ATMOE_STATUS_IO_ERROR,
                         "%s: cannot open '%s': %s", __func__, path,
-                        strerror(errno));
+                        strerror(e));
+    }
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         int e = errno;

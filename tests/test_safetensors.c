@@ -997,6 +997,20 @@ START_TEST(test_save_failures)
     ck_assert_str_eq(after, before);
     free(after);
 
+    /* A directory the process may not write to (unless it runs as root,
+     * which the write-limit case below covers). */
+    ck_assert_int_eq(mkdir(tmp_path("ro"), 0555), 0);
+    if (access(tmp_path("ro"), W_OK) != 0) {
+        snprintf(path, sizeof path, "%s/ro/x.safetensors", root);
+        ck_assert_fails(atmoe_safetensors_writer_save(w, path), NULL,
+                        ATMOE_STATUS_IO_ERROR);
+        char *ro = list_dir(tmp_path("ro"));
+        ck_assert_str_eq(ro, ". .. ");
+        free(ro);
+    }
+    free(before);
+    before = list_dir(root);
+
     /* A write that fails part way (the file size limit stops it), over an
      * existing file and as a new one. */
     struct rlimit saved, small;
@@ -1032,6 +1046,295 @@ START_TEST(test_save_failures)
 }
 END_TEST
 
+/* ------------------------------------------------ fixtures and corpus */
+
+/* Files made by tests/fixtures/make_fixtures.py: good ones follow the
+ * reference writer's rules, so rewriting what was read must give the same
+ * bytes. */
+static const char *fixture(const char *dir, const char *name)
+{
+    static char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s/%s.safetensors", TEST_SRCDIR, dir,
+             name);
+    return path;
+}
+
+/* Rewrites every tensor of file and the given metadata keys, and compares
+ * the result with the file at path. */
+static void assert_rewrites_same(const atmoe_safetensors *f, const char *path,
+                                 const char *const *keys)
+{
+    atmoe_safetensors_writer *w = writer_ok();
+    size_t n;
+    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    for (size_t i = 0; i < n; i++) {
+        atmoe_st_tensor t;
+        ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
+        ck_assert_status(atmoe_safetensors_writer_add(w, t.name, t.dtype,
+                                                      t.ndim, t.shape,
+                                                      t.data),
+                         NULL);
+    }
+    for (; keys && *keys; keys++) {
+        const char *v;
+        ck_assert_status(atmoe_safetensors_get_metadata(f, *keys, &v), NULL);
+        ck_assert_status(atmoe_safetensors_writer_set_metadata(w, *keys, v),
+                         NULL);
+    }
+    const char *out = tmp_path("rewritten.safetensors");
+    ck_assert_status(atmoe_safetensors_writer_save(w, out), NULL);
+    atmoe_safetensors_writer_free(w);
+    size_t size_a, size_b;
+    unsigned char *a = read_all(path, &size_a);
+    unsigned char *b = read_all(out, &size_b);
+    ck_assert_msg(size_a == size_b && memcmp(a, b, size_a) == 0,
+                  "%s rewritten differs: %zu and %zu bytes", path, size_a,
+                  size_b);
+    free(a);
+    free(b);
+}
+
+/* The tensor's bytes are exactly want (nbytes of them). */
+static void assert_bytes(const atmoe_safetensors *f, const char *name,
+                         atmoe_st_dtype dtype, int ndim,
+                         const uint64_t *shape, const void *want,
+                         size_t nbytes)
+{
+    atmoe_st_tensor t;
+    ck_assert_status(atmoe_safetensors_find(f, name, &t), NULL);
+    ck_assert_msg(t.dtype == dtype, "%s: dtype %s", name,
+                  atmoe_st_dtype_name(t.dtype));
+    ck_assert_int_eq(t.ndim, ndim);
+    for (int i = 0; i < ndim; i++)
+        ck_assert_uint_eq(t.shape[i], shape[i]);
+    ck_assert_uint_eq(t.nbytes, nbytes);
+    ck_assert_msg(memcmp(t.data, want, nbytes) == 0, "%s: wrong bytes", name);
+}
+
+static void assert_floats(const atmoe_safetensors *f, const char *name,
+                          const float *want, size_t n)
+{
+    float got[8];
+    test_poison(got, 8);
+    ck_assert_status(atmoe_safetensors_read_f32(f, name, got, n), NULL);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(float_bits(got[i]) == float_bits(want[i]),
+                      "%s[%zu]: got %a, want %a", name, i, got[i], want[i]);
+}
+
+START_TEST(test_fixture_reference)
+{
+    const char *names[] = {"reference-f32", "reference-padded"};
+    const float want[6] = {0, 1, 2, 3, 4, 5};
+    for (int k = 0; k < 2; k++) {
+        const char *path = fixture("fixtures", names[k]);
+        atmoe_safetensors *f = open_ok(path);
+        size_t n;
+        ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+        ck_assert_uint_eq(n, 1);
+        atmoe_st_tensor t;
+        ck_assert_status(atmoe_safetensors_get(f, 0, &t), NULL);
+        ck_assert_str_eq(t.name, k ? "attn0" : "attn.0");
+        ck_assert_int_eq(t.ndim, 3 + k);
+        ck_assert_uint_eq(t.count, 6);
+        assert_floats(f, t.name, want, 6);
+        assert_rewrites_same(f, path, NULL);
+        atmoe_safetensors_close(f);
+    }
+
+    const char *path = fixture("fixtures", "empty");
+    atmoe_safetensors *f = open_ok(path);
+    assert_rewrites_same(f, path, NULL);
+    atmoe_safetensors_close(f);
+
+    path = fixture("fixtures", "metadata-only");
+    f = open_ok(path);
+    const char *v;
+    ck_assert_status(atmoe_safetensors_get_metadata(f, "framework", &v),
+                     NULL);
+    ck_assert_str_eq(v, "pt");
+    const char *keys[] = {"framework", NULL};
+    assert_rewrites_same(f, path, keys);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+START_TEST(test_fixture_all_dtypes)
+{
+    const char *path = fixture("fixtures", "all-dtypes");
+    atmoe_safetensors *f = open_ok(path);
+    size_t n;
+    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_uint_eq(n, 16);
+
+    const uint8_t b[4] = {1, 0, 0, 1}, u8[5] = {0, 1, 127, 128, 255};
+    const int8_t i8[5] = {-128, -1, 0, 1, 127};
+    const uint8_t e5m2[2] = {0x3c, 0x7b}, e4m3[3] = {0x38, 0xb8, 0x7e};
+    unsigned char buf[16];
+    assert_bytes(f, "bool", ATMOE_ST_BOOL, 2, (uint64_t[]){2, 2}, b, 4);
+    assert_bytes(f, "u8", ATMOE_ST_U8, 1, (uint64_t[]){5}, u8, 5);
+    assert_bytes(f, "i8", ATMOE_ST_I8, 1, (uint64_t[]){5}, i8, 5);
+    assert_bytes(f, "f8_e5m2", ATMOE_ST_F8_E5M2, 1, (uint64_t[]){2}, e5m2, 2);
+    assert_bytes(f, "f8_e4m3", ATMOE_ST_F8_E4M3, 1, (uint64_t[]){3}, e4m3, 3);
+    const int16_t i16[3] = {-32768, -2, 32767};
+    for (int i = 0; i < 3; i++)
+        put_le(buf + 2 * i, (uint16_t)i16[i], 2);
+    assert_bytes(f, "i16", ATMOE_ST_I16, 1, (uint64_t[]){3}, buf, 6);
+    const uint16_t u16[3] = {0, 513, 65535};
+    for (int i = 0; i < 3; i++)
+        put_le(buf + 2 * i, u16[i], 2);
+    assert_bytes(f, "u16", ATMOE_ST_U16, 2, (uint64_t[]){1, 3}, buf, 6);
+    put_le(buf, (uint32_t)-123456789, 4);
+    assert_bytes(f, "i32", ATMOE_ST_I32, 0, NULL, buf, 4);
+    put_le(buf, 0, 4);
+    put_le(buf + 4, 4294967295u, 4);
+    assert_bytes(f, "u32", ATMOE_ST_U32, 1, (uint64_t[]){2}, buf, 8);
+    put_le(buf, UINT64_C(1) << 63, 8);
+    put_le(buf + 8, INT64_MAX, 8);
+    assert_bytes(f, "i64", ATMOE_ST_I64, 1, (uint64_t[]){2}, buf, 16);
+    put_le(buf, UINT64_MAX, 8);
+    assert_bytes(f, "u64", ATMOE_ST_U64, 1, (uint64_t[]){1}, buf, 8);
+    assert_bytes(f, "empty", ATMOE_ST_F32, 2, (uint64_t[]){0, 4}, buf, 0);
+
+    const float f16[6] = {1.0f, -2.5f, 65504.0f, 0x1p-24f, INFINITY, -0.0f};
+    const float bf16[3] = {1.0f, -3.140625f, 0x1p100f};
+    const float f32[4] = {0.5f, -1.25f, 1e-40f, 3.4028234663852886e38f};
+    const float f64[2] = {(float)-0.1, 2.5f};
+    assert_floats(f, "f16", f16, 6);
+    assert_floats(f, "bf16", bf16, 3);
+    assert_floats(f, "f32", f32, 4);
+    assert_floats(f, "f64", f64, 2);
+    assert_floats(f, "empty", NULL, 0);
+
+    const char *v;
+    ck_assert_status(atmoe_safetensors_get_metadata(f, "source", &v), NULL);
+    ck_assert_str_eq(v, "make_fixtures.py");
+    const char *keys[] = {"format", "source", NULL};
+    assert_rewrites_same(f, path, keys);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+/* Older writers: data in name order, so not aligned, and a header in yet
+ * another order, unpadded. */
+START_TEST(test_fixture_legacy)
+{
+    atmoe_safetensors *f = open_ok(fixture("fixtures", "legacy-order"));
+    const char *order[] = {"a", "b", "c"};
+    for (size_t i = 0; i < 3; i++) {
+        atmoe_st_tensor t;
+        ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
+        ck_assert_str_eq(t.name, order[i]);
+    }
+    const uint8_t a[3] = {7, 8, 9};
+    assert_bytes(f, "a", ATMOE_ST_U8, 1, (uint64_t[]){3}, a, 3);
+    assert_floats(f, "b", (const float[]){1.5f, -2.0f}, 2);
+    unsigned char c[2];
+    put_le(c, (uint16_t)-300, 2);
+    assert_bytes(f, "c", ATMOE_ST_I16, 1, (uint64_t[]){1}, c, 2);
+    atmoe_safetensors_close(f);
+}
+END_TEST
+
+/* The malformed corpus, each with the words its message must hold. */
+static const struct {
+    const char *name;
+    atmoe_status status;
+    const char *words;
+} bad_files[] = {
+    {"empty-file", ATMOE_STATUS_FORMAT_ERROR, "too short"},
+    {"short-length", ATMOE_STATUS_FORMAT_ERROR, "too short"},
+    {"truncated-header", ATMOE_STATUS_FORMAT_ERROR, "past the end"},
+    {"length-past-end", ATMOE_STATUS_FORMAT_ERROR, "past the end"},
+    {"length-over-limit", ATMOE_STATUS_FORMAT_ERROR, "limit"},
+    {"length-max", ATMOE_STATUS_FORMAT_ERROR, "limit"},
+    {"empty-header", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"invalid-json", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"invalid-utf8", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"nul-in-header", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"trailing-garbage", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"not-object", ATMOE_STATUS_FORMAT_ERROR, "not a JSON object"},
+    {"header-string", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"deep-nesting", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"duplicate-name", ATMOE_STATUS_FORMAT_ERROR, "duplicate"},
+    {"duplicate-metadata-key", ATMOE_STATUS_FORMAT_ERROR, "duplicate"},
+    {"metadata-not-object", ATMOE_STATUS_FORMAT_ERROR, "__metadata__"},
+    {"metadata-value-number", ATMOE_STATUS_FORMAT_ERROR, "'n'"},
+    {"entry-not-object", ATMOE_STATUS_FORMAT_ERROR, "'a'"},
+    {"missing-dtype", ATMOE_STATUS_FORMAT_ERROR, "dtype is missing"},
+    {"missing-shape", ATMOE_STATUS_FORMAT_ERROR, "shape is missing"},
+    {"missing-offsets", ATMOE_STATUS_FORMAT_ERROR, "data_offsets is missing"},
+    {"dtype-number", ATMOE_STATUS_FORMAT_ERROR, "not a string"},
+    {"unknown-dtype", ATMOE_STATUS_FORMAT_ERROR, "unknown dtype 'F128'"},
+    {"lowercase-dtype", ATMOE_STATUS_FORMAT_ERROR, "unknown dtype 'f32'"},
+    {"shape-not-array", ATMOE_STATUS_FORMAT_ERROR, "not an array"},
+    {"shape-negative", ATMOE_STATUS_FORMAT_ERROR, "dimension 0"},
+    {"shape-real", ATMOE_STATUS_FORMAT_ERROR, "dimension 0"},
+    {"shape-string", ATMOE_STATUS_FORMAT_ERROR, "dimension 0"},
+    {"shape-nine-dims", ATMOE_STATUS_FORMAT_ERROR, "9 dimensions"},
+    {"shape-too-big", ATMOE_STATUS_FORMAT_ERROR, "not valid JSON"},
+    {"shape-overflow", ATMOE_STATUS_FORMAT_ERROR, "overflows"},
+    {"bytes-overflow", ATMOE_STATUS_FORMAT_ERROR, "overflows"},
+    {"offsets-one", ATMOE_STATUS_FORMAT_ERROR, "two non-negative integers"},
+    {"offsets-three", ATMOE_STATUS_FORMAT_ERROR, "two non-negative integers"},
+    {"offsets-negative", ATMOE_STATUS_FORMAT_ERROR,
+     "two non-negative integers"},
+    {"offsets-real", ATMOE_STATUS_FORMAT_ERROR, "two non-negative integers"},
+    {"offsets-reversed", ATMOE_STATUS_FORMAT_ERROR, "end before"},
+    {"size-mismatch", ATMOE_STATUS_FORMAT_ERROR, "needs 8"},
+    {"overlap", ATMOE_STATUS_FORMAT_ERROR, "overlap"},
+    {"gap", ATMOE_STATUS_FORMAT_ERROR, "gap"},
+    {"not-from-zero", ATMOE_STATUS_FORMAT_ERROR, "not 0"},
+    {"offsets-past-end", ATMOE_STATUS_FORMAT_ERROR, "past the end"},
+    {"data-after-end", ATMOE_STATUS_FORMAT_ERROR, "no tensor"},
+    {"data-without-tensors", ATMOE_STATUS_FORMAT_ERROR, "no tensor"},
+};
+enum { N_BAD = sizeof bad_files / sizeof bad_files[0] };
+
+START_TEST(test_bad_file)
+{
+    const char *path = fixture("safetensors-bad", bad_files[_i].name);
+    ck_assert_msg(access(path, R_OK) == 0, "%s is missing", path);
+    atmoe_safetensors *f = (atmoe_safetensors *)&f;
+    atmoe_status st = atmoe_safetensors_open(NULL, path, &f);
+    const char *msg = atmoe_errmsg(NULL);
+    ck_assert_msg(st == bad_files[_i].status, "%s: %s (%s), want %s",
+                  bad_files[_i].name, atmoe_status_name(st), msg,
+                  atmoe_status_name(bad_files[_i].status));
+    ck_assert_ptr_null(f);
+    ck_assert_msg(strstr(msg, path) && strstr(msg, bad_files[_i].words),
+                  "%s: the message does not name the file and '%s': %s",
+                  bad_files[_i].name, bad_files[_i].words, msg);
+}
+END_TEST
+
+/* Every file of the corpus is listed above, so none goes untested. */
+START_TEST(test_bad_corpus_listed)
+{
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s/safetensors-bad", TEST_SRCDIR);
+    struct dirent **names;
+    int n = scandir(dir, &names, NULL, alphasort);
+    ck_assert_msg(n >= 0, "%s: %s", dir, strerror(errno));
+    int files = 0;
+    for (int i = 0; i < n; i++) {
+        const char *name = names[i]->d_name;
+        size_t len = strlen(name);
+        if (len > 12 && !strcmp(name + len - 12, ".safetensors")) {
+            files++;
+            int listed = 0;
+            for (int k = 0; k < N_BAD; k++)
+                listed |= strlen(bad_files[k].name) == len - 12 &&
+                          !strncmp(bad_files[k].name, name, len - 12);
+            ck_assert_msg(listed, "%s is not listed in bad_files", name);
+        }
+        free(names[i]);
+    }
+    free(names);
+    ck_assert_int_eq(files, N_BAD);
+}
+END_TEST
+
 Suite *safetensors_suite(void);
 Suite *safetensors_suite(void)
 {
@@ -1056,6 +1359,15 @@ Suite *safetensors_suite(void)
     tcase_add_test(tc, test_reference_bytes);
     tcase_add_test(tc, test_writer_misuse);
     tcase_add_test(tc, test_save_failures);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("files");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_fixture_reference);
+    tcase_add_test(tc, test_fixture_all_dtypes);
+    tcase_add_test(tc, test_fixture_legacy);
+    tcase_add_loop_test(tc, test_bad_file, 0, N_BAD);
+    tcase_add_test(tc, test_bad_corpus_listed);
     suite_add_tcase(s, tc);
     return s;
 }
