@@ -184,26 +184,26 @@ out:
 /* Opening                                                                   */
 /* ------------------------------------------------------------------------ */
 
-ATMOE_API void atmoe_adapter_free(atmoe_adapter *ad)
+ATMOE_API void atmoe_adapter_free(atmoe_adapter *adapter)
 {
-    if (ad == NULL)
+    if (adapter == NULL)
         return;
-    for (size_t i = 0; i < ad->count; i++) {
-        free(ad->targets[i].module);
-        free(ad->targets[i].a);
-        free(ad->targets[i].b);
+    for (size_t i = 0; i < adapter->count; i++) {
+        free(adapter->targets[i].module);
+        free(adapter->targets[i].a);
+        free(adapter->targets[i].b);
     }
-    free(ad->targets);
-    if (ad->layers_pattern)
-        for (char **p = ad->layers_pattern; *p; p++)
+    free(adapter->targets);
+    if (adapter->layers_pattern)
+        for (char **p = adapter->layers_pattern; *p; p++)
             free(*p);
-    free(ad->layers_pattern);
-    free(ad->what_layers);
-    atmoe_safetensors_close(ad->file);
-    free(ad->dir);
-    free(ad->base_model);
-    free(ad->task_type);
-    free(ad);
+    free(adapter->layers_pattern);
+    free(adapter->what_layers);
+    atmoe_safetensors_close(adapter->file);
+    free(adapter->dir);
+    free(adapter->base_model);
+    free(adapter->task_type);
+    free(adapter);
 }
 
 ATMOE_API atmoe_status atmoe_adapter_new(atmoe_context *ctx,
@@ -780,38 +780,38 @@ ATMOE_API atmoe_status atmoe_adapter_open(atmoe_context *ctx,
 /* Queries                                                                   */
 /* ------------------------------------------------------------------------ */
 
-ATMOE_API atmoe_status atmoe_adapter_get_info(const atmoe_adapter *ad,
+ATMOE_API atmoe_status atmoe_adapter_get_info(const atmoe_adapter *adapter,
                                               atmoe_adapter_info *info)
 {
-    ATM_CHECK_NULL(NULL, ad);
-    ATM_CHECK_NULL(ad->ctx, info);
-    info->targets = ad->count;
-    info->r = ad->r;
-    info->alpha = ad->alpha;
-    info->use_rslora = ad->use_rslora;
-    if (!ad->from_file) {
-        const atm_target *t = ad->count ? &ad->targets[0] : NULL;
+    ATM_CHECK_NULL(NULL, adapter);
+    ATM_CHECK_NULL(adapter->ctx, info);
+    info->targets = adapter->count;
+    info->r = adapter->r;
+    info->alpha = adapter->alpha;
+    info->use_rslora = adapter->use_rslora;
+    if (!adapter->from_file) {
+        const atm_target *t = adapter->count ? &adapter->targets[0] : NULL;
         info->r = t ? t->rank : 0;
         info->alpha = t ? t->alpha : 0.0f;
         info->use_rslora = t ? (t->flags & ATMOE_EXPERT_RSLORA) != 0 : 0;
     }
-    info->fan_in_fan_out = ad->fan_in_fan_out;
-    info->base_model = ad->base_model ? ad->base_model : "";
-    info->dir = ad->dir;
+    info->fan_in_fan_out = adapter->fan_in_fan_out;
+    info->base_model = adapter->base_model ? adapter->base_model : "";
+    info->dir = adapter->dir;
     return ATMOE_STATUS_OK;
 }
 
-ATMOE_API atmoe_status atmoe_adapter_get_target(const atmoe_adapter *ad,
+ATMOE_API atmoe_status atmoe_adapter_get_target(const atmoe_adapter *adapter,
                                                 size_t index,
                                                 atmoe_adapter_target *target)
 {
-    ATM_CHECK_NULL(NULL, ad);
-    ATM_CHECK_NULL(ad->ctx, target);
-    if (index >= ad->count)
-        return atm_fail(ad->ctx, ATMOE_STATUS_OUT_OF_RANGE,
+    ATM_CHECK_NULL(NULL, adapter);
+    ATM_CHECK_NULL(adapter->ctx, target);
+    if (index >= adapter->count)
+        return atm_fail(adapter->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: index %zu; the adapter has %zu target(s)",
-                        __func__, index, ad->count);
-    const atm_target *t = &ad->targets[index];
+                        __func__, index, adapter->count);
+    const atm_target *t = &adapter->targets[index];
     *target = (atmoe_adapter_target){t->module, t->module + t->name_offset,
                                      t->layer,  t->rank,
                                      t->d_in,   t->d_out,
@@ -820,33 +820,33 @@ ATMOE_API atmoe_status atmoe_adapter_get_target(const atmoe_adapter *ad,
     return ATMOE_STATUS_OK;
 }
 
-ATMOE_API atmoe_status atmoe_adapter_find(const atmoe_adapter *ad, int layer,
+ATMOE_API atmoe_status atmoe_adapter_find(const atmoe_adapter *adapter, int layer,
                                           const char *module, size_t *index)
 {
     const char *fn = __func__;
-    ATM_CHECK_NULL(NULL, ad);
-    ATM_CHECK_NULL(ad->ctx, module);
-    ATM_CHECK_NULL(ad->ctx, index);
-    size_t k = strlen(module), found = ad->count;
-    for (size_t i = 0; i < ad->count; i++) {
-        const atm_target *t = &ad->targets[i];
+    ATM_CHECK_NULL(NULL, adapter);
+    ATM_CHECK_NULL(adapter->ctx, module);
+    ATM_CHECK_NULL(adapter->ctx, index);
+    size_t k = strlen(module), found = adapter->count;
+    for (size_t i = 0; i < adapter->count; i++) {
+        const atm_target *t = &adapter->targets[i];
         size_t n = strlen(t->module);
         if (t->layer != layer ||
             !(strcmp(t->module, module) == 0 ||
               (n > k && t->module[n - k - 1] == '.' &&
                strcmp(t->module + n - k, module) == 0)))
             continue;
-        if (found < ad->count)
-            return atm_fail(ad->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+        if (found < adapter->count)
+            return atm_fail(adapter->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                             "%s: \"%s\" in layer %d is ambiguous: %s and %s "
                             "both match; give more of the path", fn, module,
-                            layer, ad->targets[found].module, t->module);
+                            layer, adapter->targets[found].module, t->module);
         found = i;
     }
-    if (found == ad->count)
-        return atm_fail(ad->ctx, ATMOE_STATUS_NOT_FOUND,
+    if (found == adapter->count)
+        return atm_fail(adapter->ctx, ATMOE_STATUS_NOT_FOUND,
                         "%s: the adapter%s%s has no target \"%s\" in %s %d",
-                        fn, *ad->dir ? " in " : "", ad->dir, module,
+                        fn, *adapter->dir ? " in " : "", adapter->dir, module,
                         layer < 0 ? "(no layer)" : "layer", layer);
     *index = found;
     return ATMOE_STATUS_OK;
@@ -870,26 +870,26 @@ static atmoe_status read_target(const atmoe_adapter *ad, const atm_target *t,
     return st;
 }
 
-ATMOE_API atmoe_status atmoe_adapter_read(const atmoe_adapter *ad,
+ATMOE_API atmoe_status atmoe_adapter_read(const atmoe_adapter *adapter,
                                           size_t index, float *a,
                                           size_t a_count, float *b,
                                           size_t b_count)
 {
     const char *fn = __func__;
-    ATM_CHECK_NULL(NULL, ad);
-    if (index >= ad->count)
-        return atm_fail(ad->ctx, ATMOE_STATUS_OUT_OF_RANGE,
+    ATM_CHECK_NULL(NULL, adapter);
+    if (index >= adapter->count)
+        return atm_fail(adapter->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: index %zu; the adapter has %zu target(s)", fn,
-                        index, ad->count);
-    const atm_target *t = &ad->targets[index];
+                        index, adapter->count);
+    const atm_target *t = &adapter->targets[index];
     size_t na = t->rank * t->d_in, nb = t->d_out * t->rank;
     if ((a && a_count != na) || (b && b_count != nb))
-        return atm_fail(ad->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: %s has A [%zu, %zu] and B [%zu, %zu]: %zu and "
                         "%zu elements, not %zu and %zu", fn, t->module,
                         t->rank, t->d_in, t->d_out, t->rank, na, nb, a_count,
                         b_count);
-    return read_target(ad, t, a, b);
+    return read_target(adapter, t, a, b);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -912,32 +912,32 @@ static int valid_module(const char *m)
     return 1;
 }
 
-ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *ad,
+ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *adapter,
                                          const char *module, size_t rank,
                                          size_t d_in, size_t d_out,
                                          const float *a, const float *b,
                                          float alpha, unsigned flags)
 {
     const char *fn = __func__;
-    ATM_CHECK_NULL(NULL, ad);
-    ATM_CHECK_NULL(ad->ctx, module);
-    ATM_CHECK_NULL(ad->ctx, a);
-    ATM_CHECK_NULL(ad->ctx, b);
+    ATM_CHECK_NULL(NULL, adapter);
+    ATM_CHECK_NULL(adapter->ctx, module);
+    ATM_CHECK_NULL(adapter->ctx, a);
+    ATM_CHECK_NULL(adapter->ctx, b);
     if (!valid_module(module))
-        return atm_fail(ad->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: module \"%s\" is not a module path (dotted "
                         "names of letters, digits and _)", fn, module);
     if (rank == 0 || d_in == 0 || d_out == 0 || rank > UINT32_MAX ||
         d_in > UINT32_MAX || d_out > UINT32_MAX ||
         rank > SIZE_MAX / sizeof(float) / (d_in > d_out ? d_in : d_out))
-        return atm_fail(ad->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: rank %zu, d_in %zu and d_out %zu must be 1 to "
                         "2^32-1", fn, rank, d_in, d_out);
     if (!isfinite(alpha))
-        return atm_fail(ad->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: alpha is %g", fn, alpha);
     if (flags & ~ATMOE_EXPERT_RSLORA)
-        return atm_fail(ad->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: unknown flags 0x%x", fn, flags);
     atm_target t = {0};
     t.rank = rank;
@@ -951,15 +951,15 @@ ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *ad,
     t.b = malloc(d_out * rank * sizeof *t.b);
     atmoe_status st = ATMOE_STATUS_OK;
     if (t.module == NULL || t.a == NULL || t.b == NULL)
-        st = oom(ad->ctx, fn);
+        st = oom(adapter->ctx, fn);
     if (st == ATMOE_STATUS_OK)
-        st = layer_of(ad, module, &t.layer, &t.name_offset);
+        st = layer_of(adapter, module, &t.layer, &t.name_offset);
     size_t at = 0;
-    while (at < ad->count && natural_cmp(ad->targets[at].module, module) < 0)
+    while (at < adapter->count && natural_cmp(adapter->targets[at].module, module) < 0)
         at++;
-    int replace = at < ad->count && strcmp(ad->targets[at].module, module) == 0;
+    int replace = at < adapter->count && strcmp(adapter->targets[at].module, module) == 0;
     if (st == ATMOE_STATUS_OK && !replace)
-        st = grow(ad, fn);
+        st = grow(adapter, fn);
     if (st != ATMOE_STATUS_OK) {
         free(t.module);
         free(t.a);
@@ -969,15 +969,15 @@ ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *ad,
     memcpy(t.a, a, rank * d_in * sizeof *t.a);
     memcpy(t.b, b, d_out * rank * sizeof *t.b);
     if (replace) {
-        free(ad->targets[at].module);
-        free(ad->targets[at].a);
-        free(ad->targets[at].b);
+        free(adapter->targets[at].module);
+        free(adapter->targets[at].a);
+        free(adapter->targets[at].b);
     } else {
-        memmove(&ad->targets[at + 1], &ad->targets[at],
-                (ad->count - at) * sizeof *ad->targets);
-        ad->count++;
+        memmove(&adapter->targets[at + 1], &adapter->targets[at],
+                (adapter->count - at) * sizeof *adapter->targets);
+        adapter->count++;
     }
-    ad->targets[at] = t;
+    adapter->targets[at] = t;
     return ATMOE_STATUS_OK;
 }
 
@@ -1096,28 +1096,28 @@ static atmoe_status add_weights(const atmoe_adapter *ad,
     return st;
 }
 
-ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *ad,
+ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
                                           const char *dir,
                                           atmoe_st_dtype dtype)
 {
     const char *fn = __func__;
-    ATM_CHECK_NULL(NULL, ad);
-    ATM_CHECK_NULL(ad->ctx, dir);
+    ATM_CHECK_NULL(NULL, adapter);
+    ATM_CHECK_NULL(adapter->ctx, dir);
     if (dtype != ATMOE_ST_F32 && dtype != ATMOE_ST_F16 &&
         dtype != ATMOE_ST_BF16)
-        return atm_fail(ad->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: weights are stored as F32, F16 or BF16, not %s",
                         fn, atmoe_st_dtype_name(dtype));
-    if (ad->count == 0)
-        return atm_fail(ad->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+    if (adapter->count == 0)
+        return atm_fail(adapter->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: the adapter has no target (atmoe_adapter_set)",
                         fn);
     if (mkdir(dir, 0777) != 0 && errno != EEXIST)
-        return atm_fail(ad->ctx, ATMOE_STATUS_IO_ERROR,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_IO_ERROR,
                         "%s: cannot create %s: %s", fn, dir, strerror(errno));
     struct stat sb;
     if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-        return atm_fail(ad->ctx, ATMOE_STATUS_IO_ERROR,
+        return atm_fail(adapter->ctx, ATMOE_STATUS_IO_ERROR,
                         "%s: %s is not a directory", fn, dir);
     char *cpath = join_path(dir, CONFIG_NAME);
     char *wpath = join_path(dir, WEIGHTS_NAME);
@@ -1128,19 +1128,19 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *ad,
     FILE *f = NULL;
     atmoe_status st = ATMOE_STATUS_OK;
     if (cpath == NULL || wpath == NULL || tmp == NULL)
-        st = oom(ad->ctx, fn);
+        st = oom(adapter->ctx, fn);
     if (st == ATMOE_STATUS_OK)
-        st = build_config(ad, &root);
+        st = build_config(adapter, &root);
     if (st == ATMOE_STATUS_OK)
-        st = atmoe_safetensors_writer_new(ad->ctx, &w);
+        st = atmoe_safetensors_writer_new(adapter->ctx, &w);
     if (st == ATMOE_STATUS_OK)
-        st = add_weights(ad, w, dtype);
+        st = add_weights(adapter, w, dtype);
     /* The config is written first and renamed into place last, so that a
      * failure anywhere leaves the directory as it was, or with new weights
      * under the old config at worst if that last rename fails. */
     if (st == ATMOE_STATUS_OK && (f = atm_file_begin(cpath, tmp, tmp_size)) ==
                                      NULL)
-        st = atm_fail(ad->ctx, ATMOE_STATUS_IO_ERROR,
+        st = atm_fail(adapter->ctx, ATMOE_STATUS_IO_ERROR,
                       "%s: cannot write %s: %s", fn, cpath, strerror(errno));
     if (st == ATMOE_STATUS_OK) {
         int ok = json_dumpf(root, f, JSON_INDENT(2) | JSON_SORT_KEYS |
@@ -1149,12 +1149,12 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *ad,
         if (ok)
             st = atmoe_safetensors_writer_save(w, wpath);
         if (st == ATMOE_STATUS_OK && !ok)
-            st = atm_fail(ad->ctx, ATMOE_STATUS_IO_ERROR,
+            st = atm_fail(adapter->ctx, ATMOE_STATUS_IO_ERROR,
                           "%s: cannot write %s: %s", fn, cpath,
                           strerror(errno ? errno : EIO));
         if (atm_file_commit(f, tmp, cpath, st == ATMOE_STATUS_OK) != 0 &&
             st == ATMOE_STATUS_OK)
-            st = atm_fail(ad->ctx, ATMOE_STATUS_IO_ERROR,
+            st = atm_fail(adapter->ctx, ATMOE_STATUS_IO_ERROR,
                           "%s: cannot write %s: %s", fn, cpath,
                           strerror(errno));
     }
@@ -1172,18 +1172,18 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *ad,
 
 ATMOE_API atmoe_status atmoe_experts_add_adapter(atmoe_experts *set,
                                                  int group,
-                                                 const atmoe_adapter *ad,
+                                                 const atmoe_adapter *adapter,
                                                  size_t index, int *expert)
 {
     const char *fn = __func__;
     ATM_CHECK_NULL(NULL, set);
     atmoe_context *ctx = set->ctx;
-    ATM_CHECK_NULL(ctx, ad);
-    if (index >= ad->count)
+    ATM_CHECK_NULL(ctx, adapter);
+    if (index >= adapter->count)
         return atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: index %zu; the adapter has %zu target(s)", fn,
-                        index, ad->count);
-    const atm_target *t = &ad->targets[index];
+                        index, adapter->count);
+    const atm_target *t = &adapter->targets[index];
     if (t->d_in != set->d_in || t->d_out != set->d_out)
         return atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: %s maps %zu -> %zu features; the set, %zu -> "
@@ -1194,9 +1194,9 @@ ATMOE_API atmoe_status atmoe_experts_add_adapter(atmoe_experts *set,
     atmoe_status st = ATMOE_STATUS_OK;
     if (a == NULL || b == NULL)
         st = oom(ctx, fn);
-    if (st == ATMOE_STATUS_OK && (st = read_target(ad, t, a, b)) &&
-        ad->ctx != ctx)
-        st = atm_fail(ctx, st, "%s", atmoe_errmsg(ad->ctx));
+    if (st == ATMOE_STATUS_OK && (st = read_target(adapter, t, a, b)) &&
+        adapter->ctx != ctx)
+        st = atm_fail(ctx, st, "%s", atmoe_errmsg(adapter->ctx));
     if (st == ATMOE_STATUS_OK)
         st = atmoe_experts_add(set, group, t->rank, a, b, t->alpha, t->flags,
                                expert);

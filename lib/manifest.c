@@ -634,12 +634,12 @@ static void free_ref(atm_mref *r)
     free(r->tensor);
 }
 
-ATMOE_API void atmoe_manifest_free(atmoe_manifest *mf)
+ATMOE_API void atmoe_manifest_free(atmoe_manifest *manifest)
 {
-    if (mf == NULL)
+    if (manifest == NULL)
         return;
-    for (size_t i = 0; i < mf->count; i++) {
-        atm_mmodule *m = &mf->modules[i];
+    for (size_t i = 0; i < manifest->count; i++) {
+        atm_mmodule *m = &manifest->modules[i];
         free(m->where);
         free(m->name);
         free_ref(&m->weight);
@@ -654,18 +654,18 @@ ATMOE_API void atmoe_manifest_free(atmoe_manifest *mf)
         free(m->masks);
         free(m->fixed);
     }
-    free(mf->modules);
-    for (size_t i = 0; i < mf->n_files; i++) {
-        free(mf->files[i].path);
-        atmoe_safetensors_close(mf->files[i].file);
+    free(manifest->modules);
+    for (size_t i = 0; i < manifest->n_files; i++) {
+        free(manifest->files[i].path);
+        atmoe_safetensors_close(manifest->files[i].file);
     }
-    free(mf->files);
-    for (size_t i = 0; i < mf->n_adapters; i++) {
-        free(mf->adapters[i].path);
-        atmoe_adapter_free(mf->adapters[i].adapter);
+    free(manifest->files);
+    for (size_t i = 0; i < manifest->n_adapters; i++) {
+        free(manifest->adapters[i].path);
+        atmoe_adapter_free(manifest->adapters[i].adapter);
     }
-    free(mf->adapters);
-    free(mf);
+    free(manifest->adapters);
+    free(manifest);
 }
 
 ATMOE_API atmoe_status atmoe_manifest_parse(atmoe_context *ctx,
@@ -769,16 +769,16 @@ ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
     return st;
 }
 
-ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *mf,
+ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *manifest,
                                                atmoe_manifest_info *info)
 {
-    ATM_CHECK_NULL(NULL, mf);
-    ATM_CHECK_NULL(mf->ctx, info);
-    info->layers = mf->layers;
-    info->modules = mf->count;
-    info->checked = mf->checked;
-    info->d_in = mf->d_in;
-    info->d_out = mf->d_out;
+    ATM_CHECK_NULL(NULL, manifest);
+    ATM_CHECK_NULL(manifest->ctx, info);
+    info->layers = manifest->layers;
+    info->modules = manifest->count;
+    info->checked = manifest->checked;
+    info->d_in = manifest->d_in;
+    info->d_out = manifest->d_out;
     return ATMOE_STATUS_OK;
 }
 
@@ -788,15 +788,15 @@ static atmoe_manifest_tensor public_ref(const atm_mref *r)
 }
 
 ATMOE_API atmoe_status atmoe_manifest_get_module(
-    const atmoe_manifest *mf, size_t index, atmoe_manifest_module *module)
+    const atmoe_manifest *manifest, size_t index, atmoe_manifest_module *module)
 {
-    ATM_CHECK_NULL(NULL, mf);
-    ATM_CHECK_NULL(mf->ctx, module);
-    if (index >= mf->count)
-        return atm_fail(mf->ctx, ATMOE_STATUS_OUT_OF_RANGE,
+    ATM_CHECK_NULL(NULL, manifest);
+    ATM_CHECK_NULL(manifest->ctx, module);
+    if (index >= manifest->count)
+        return atm_fail(manifest->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: index %zu; the manifest has %zu module(s)",
-                        __func__, index, mf->count);
-    const atm_mmodule *m = &mf->modules[index];
+                        __func__, index, manifest->count);
+    const atm_mmodule *m = &manifest->modules[index];
     *module = (atmoe_manifest_module){
         .layer = m->layer,
         .model_layer = m->model_layer,
@@ -818,26 +818,26 @@ ATMOE_API atmoe_status atmoe_manifest_get_module(
         .top_k_experts = m->top_k_experts,
         .masks = m->n_masks,
         .fixed = m->n_fixed,
-        .d_in = mf->checked ? m->d_in : 0,
-        .d_out = mf->checked ? m->d_out : 0,
+        .d_in = manifest->checked ? m->d_in : 0,
+        .d_out = manifest->checked ? m->d_out : 0,
     };
     return ATMOE_STATUS_OK;
 }
 
 ATMOE_API atmoe_status atmoe_manifest_get_expert(
-    const atmoe_manifest *mf, size_t module, size_t index,
+    const atmoe_manifest *manifest, size_t module, size_t index,
     atmoe_manifest_expert *expert)
 {
     const char *fn = __func__;
-    ATM_CHECK_NULL(NULL, mf);
-    ATM_CHECK_NULL(mf->ctx, expert);
-    if (module >= mf->count)
-        return atm_fail(mf->ctx, ATMOE_STATUS_OUT_OF_RANGE,
+    ATM_CHECK_NULL(NULL, manifest);
+    ATM_CHECK_NULL(manifest->ctx, expert);
+    if (module >= manifest->count)
+        return atm_fail(manifest->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: module %zu; the manifest has %zu", fn, module,
-                        mf->count);
-    const atm_mmodule *m = &mf->modules[module];
+                        manifest->count);
+    const atm_mmodule *m = &manifest->modules[module];
     if (index >= m->count)
-        return atm_fail(mf->ctx, ATMOE_STATUS_OUT_OF_RANGE,
+        return atm_fail(manifest->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: index %zu; module %s has %zu expert(s)%s", fn,
                         index, m->where, m->count - (size_t)m->has_general,
                         m->has_general ? " and a general LoRA" : "");
@@ -845,10 +845,10 @@ ATMOE_API atmoe_status atmoe_manifest_get_expert(
     *expert = (atmoe_manifest_expert){e->group, e->position, e->adapter,
                                       e->layer, e->module, NULL, 0, 0.0f,
                                       0.0f, 0};
-    if (mf->checked) {
+    if (manifest->checked) {
         atmoe_adapter_target t;
         atmoe_status st = atmoe_adapter_get_target(
-            mf->adapters[e->adapter_index].adapter, e->target, &t);
+            manifest->adapters[e->adapter_index].adapter, e->target, &t);
         if (st != ATMOE_STATUS_OK)
             return st;
         expert->target = t.module;

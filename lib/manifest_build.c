@@ -182,29 +182,29 @@ static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
     return ATMOE_STATUS_OK;
 }
 
-ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *mf)
+ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *manifest)
 {
-    ATM_CHECK_NULL(NULL, mf);
-    if (mf->checked)
+    ATM_CHECK_NULL(NULL, manifest);
+    if (manifest->checked)
         return ATMOE_STATUS_OK;
-    for (size_t i = 0; i < mf->count; i++) {
-        atmoe_status st = check_module(mf, &mf->modules[i]);
+    for (size_t i = 0; i < manifest->count; i++) {
+        atmoe_status st = check_module(manifest, &manifest->modules[i]);
         if (st != ATMOE_STATUS_OK)
             return st;
     }
     /* Every module of a layer reads the layer's input: for the first
      * layer the stack's input, as wide as its first module takes; then
      * the previous layer's output module's result. */
-    const atm_mmodule *source = &mf->modules[0];
+    const atm_mmodule *source = &manifest->modules[0];
     size_t width = source->d_in;
     int from_output = 0;
-    for (size_t i = 0; i < mf->count;) {
+    for (size_t i = 0; i < manifest->count;) {
         const atm_mmodule *out = NULL;
-        size_t l = mf->modules[i].layer;
-        for (; i < mf->count && mf->modules[i].layer == l; i++) {
-            const atm_mmodule *m = &mf->modules[i];
+        size_t l = manifest->modules[i].layer;
+        for (; i < manifest->count && manifest->modules[i].layer == l; i++) {
+            const atm_mmodule *m = &manifest->modules[i];
             if (m->d_in != width)
-                return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                return atm_fail(manifest->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                                 "%s: the weight takes %zu features, but %s "
                                 "%s %s %zu", m->where, m->d_in,
                                 from_output ? "the output of" : "the input, as",
@@ -218,9 +218,9 @@ ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *mf)
         width = out->d_out;
         from_output = 1;
     }
-    mf->d_in = mf->modules[0].d_in;
-    mf->d_out = width;
-    mf->checked = 1;
+    manifest->d_in = manifest->modules[0].d_in;
+    manifest->d_out = width;
+    manifest->checked = 1;
     return ATMOE_STATUS_OK;
 }
 
@@ -337,51 +337,51 @@ static atmoe_status add_module(atmoe_manifest *mf, atmoe_graph *g,
     return st;
 }
 
-ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *mf,
-                                            atmoe_graph *g, atmoe_node x,
+ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
+                                            atmoe_graph *graph, atmoe_node x,
                                             atmoe_node router_input,
                                             atmoe_node gate_index,
                                             atmoe_node *outputs,
                                             atmoe_layer_trace *traces,
                                             atmoe_node *y)
 {
-    ATM_CHECK_NULL(NULL, mf);
-    ATM_CHECK_NULL(mf->ctx, g);
-    ATM_CHECK_NULL(g->ctx, y);
-    atmoe_status st = atmoe_manifest_check(mf);
+    ATM_CHECK_NULL(NULL, manifest);
+    ATM_CHECK_NULL(manifest->ctx, graph);
+    ATM_CHECK_NULL(graph->ctx, y);
+    atmoe_status st = atmoe_manifest_check(manifest);
     if (st != ATMOE_STATUS_OK)
-        return g->ctx == mf->ctx
+        return graph->ctx == manifest->ctx
                    ? st
-                   : atm_fail(g->ctx, st, "%s", atmoe_errmsg(mf->ctx));
+                   : atm_fail(graph->ctx, st, "%s", atmoe_errmsg(manifest->ctx));
     /* Outputs and traces reach the caller only when every module went in. */
-    atmoe_node *outs = malloc(mf->count * sizeof *outs);
-    atmoe_layer_trace *ts = malloc(mf->count * sizeof *ts);
+    atmoe_node *outs = malloc(manifest->count * sizeof *outs);
+    atmoe_layer_trace *ts = malloc(manifest->count * sizeof *ts);
     if (outs == NULL || ts == NULL) {
         free(outs);
         free(ts);
-        return oom(g->ctx, "atmoe_manifest_build");
+        return oom(graph->ctx, "atmoe_manifest_build");
     }
-    size_t mark = g->count;
+    size_t mark = graph->count;
     atmoe_node h = x, next = x;
-    for (size_t i = 0; i < mf->count && st == ATMOE_STATUS_OK; i++) {
-        const atm_mmodule *m = &mf->modules[i];
-        if (i > 0 && m->layer != mf->modules[i - 1].layer)
+    for (size_t i = 0; i < manifest->count && st == ATMOE_STATUS_OK; i++) {
+        const atm_mmodule *m = &manifest->modules[i];
+        if (i > 0 && m->layer != manifest->modules[i - 1].layer)
             h = next;
-        st = add_module(mf, g, m, h, router_input, gate_index, &outs[i],
+        st = add_module(manifest, graph, m, h, router_input, gate_index, &outs[i],
                         &ts[i]);
         if (st != ATMOE_STATUS_OK)
-            st = at(g->ctx, st, m->where, "");
+            st = at(graph->ctx, st, m->where, "");
         else if (m->is_output)
             next = outs[i];
     }
     if (st == ATMOE_STATUS_OK && outputs)
-        memcpy(outputs, outs, mf->count * sizeof *outs);
+        memcpy(outputs, outs, manifest->count * sizeof *outs);
     if (st == ATMOE_STATUS_OK && traces)
-        memcpy(traces, ts, mf->count * sizeof *ts);
+        memcpy(traces, ts, manifest->count * sizeof *ts);
     free(outs);
     free(ts);
     if (st != ATMOE_STATUS_OK) {
-        atm_graph_truncate(g, mark);
+        atm_graph_truncate(graph, mark);
         return st;
     }
     *y = next;

@@ -45,9 +45,7 @@ static char FIXTURES[4096];
 
 static void setup(void)
 {
-    const char *src = getenv("srcdir");
-    snprintf(FIXTURES, sizeof FIXTURES, "%s/tests/fixtures",
-             src && *src ? src : ".");
+    snprintf(FIXTURES, sizeof FIXTURES, "%s/fixtures", TEST_SRCDIR);
 }
 
 static void fixture(char *path, size_t size, const char *rel)

@@ -45,9 +45,7 @@ static char PATH_[4200]; /* its manifest.json */
 
 static void setup(void)
 {
-    const char *src = getenv("srcdir");
-    snprintf(DIR_, sizeof DIR_, "%s/tests/fixtures/manifest",
-             src && *src ? src : ".");
+    snprintf(DIR_, sizeof DIR_, "%s/fixtures/manifest", TEST_SRCDIR);
     snprintf(PATH_, sizeof PATH_, "%s/manifest.json", DIR_);
 }
 
