@@ -139,7 +139,7 @@ static atmoe_status layer_of(const atmoe_adapter *ad, const char *module,
     *layer = -1;
     *name_offset = 0;
     size_t n = strlen(module);
-    /* Component starts, ends, walked from the end. */
+    /* The path before a candidate index, which layers_pattern matches. */
     char *prefix = malloc(n + 1);
     if (prefix == NULL)
         return oom(ad->ctx, "reading a module's layer index");

@@ -28,6 +28,12 @@
 /* Exit statuses (atmoe(1)). */
 enum { EXIT_OK = 0, EXIT_FAILED = 1, EXIT_USAGE = 2 };
 
+static int out_of_memory(const char *what)
+{
+    fprintf(stderr, "atmoe: %s: out of host memory\n", what);
+    return EXIT_FAILED;
+}
+
 static int fail(const char *what, atmoe_status st, const atmoe_context *ctx)
 {
     const char *detail = atmoe_errmsg(ctx);
@@ -181,21 +187,21 @@ static int inspect_adapter(const char *path)
     printf("  %zu target(s):\n  %5s  %-44s %4s %6s %6s %8s %10s\n",
            info.targets, "layer", "module", "rank", "d_in", "d_out", "alpha",
            "scale");
-    size_t problems = 0;
-    int rc = EXIT_OK;
-    for (size_t i = 0; i < info.targets && rc == EXIT_OK; i++) {
+    for (size_t i = 0; i < info.targets; i++) {
         atmoe_adapter_target t;
         atmoe_adapter_get_target(ad, i, &t);
         printf("  %5d  %-44s %4zu %6zu %6zu %8g %10g\n", t.layer, t.module,
                t.rank, t.d_in, t.d_out, t.alpha, t.scale);
     }
+    size_t problems = 0;
+    int rc = EXIT_OK;
     for (size_t i = 0; i < info.targets && rc == EXIT_OK; i++) {
         atmoe_adapter_target t;
         atmoe_adapter_get_target(ad, i, &t);
         size_t na = t.rank * t.d_in, nb = t.d_out * t.rank;
         float *a = malloc(na * sizeof *a), *b = malloc(nb * sizeof *b);
         if (a == NULL || b == NULL)
-            rc = fail(path, ATMOE_STATUS_HOST_OUT_OF_MEMORY, NULL);
+            rc = out_of_memory(path);
         else if ((st = atmoe_adapter_read(ad, i, a, na, b, nb)) !=
                  ATMOE_STATUS_OK)
             rc = fail(path, st, NULL);
@@ -251,7 +257,7 @@ static int inspect_safetensors(const char *path)
             continue;
         float *x = malloc((t.count ? t.count : 1) * sizeof *x);
         if (x == NULL)
-            rc = fail(path, ATMOE_STATUS_HOST_OUT_OF_MEMORY, NULL);
+            rc = out_of_memory(path);
         else if ((st = atmoe_safetensors_read_f32(f, t.name, x, t.count)) !=
                  ATMOE_STATUS_OK)
             rc = fail(path, st, NULL);
@@ -440,7 +446,7 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
         }
         if (in->x == NULL || (has_r && (in->router_input == NULL ||
                                         in->gate_index == NULL)))
-            rc = fail(path, ATMOE_STATUS_HOST_OUT_OF_MEMORY, NULL);
+            rc = out_of_memory(path);
     }
     if (rc == EXIT_OK &&
         ((st = atmoe_safetensors_read_f32(f, "x", in->x, in->tokens * d_in)) ||
@@ -468,29 +474,32 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
     return rc;
 }
 
-/* Adds node's [rows, cols] result under name. */
-static atmoe_status save_node(atmoe_graph *g, atmoe_node node,
-                              atmoe_safetensors_writer *w, const char *name)
+/* Elements of a node (its planned shape). */
+static size_t node_count(atmoe_graph *g, atmoe_node node, int *ndim,
+                         uint64_t *shape)
 {
-    int ndim;
-    size_t shape[ATMOE_MAX_DIMS];
-    atmoe_status st = atmoe_graph_get_shape(g, node, &ndim, shape, NULL);
-    if (st != ATMOE_STATUS_OK)
-        return st;
-    size_t count = 1;
-    uint64_t s64[ATMOE_MAX_DIMS];
-    for (int i = 0; i < ndim; i++) {
-        count *= shape[i];
-        s64[i] = shape[i];
+    size_t s[ATMOE_MAX_DIMS], count = 1;
+    if (atmoe_graph_get_shape(g, node, ndim, s, NULL) != ATMOE_STATUS_OK)
+        return 0;
+    for (int i = 0; i < *ndim; i++) {
+        count *= s[i];
+        shape[i] = s[i];
     }
-    float *data = malloc(count * sizeof *data);
-    if (data == NULL)
-        return ATMOE_STATUS_HOST_OUT_OF_MEMORY;
-    st = atmoe_graph_read(g, node, data, count * sizeof *data);
+    return count;
+}
+
+/* Adds node's result under name, through buf (large enough for it). */
+static atmoe_status save_node(atmoe_graph *g, atmoe_node node,
+                              atmoe_safetensors_writer *w, const char *name,
+                              float *buf)
+{
+    int ndim = 0;
+    uint64_t shape[ATMOE_MAX_DIMS];
+    size_t count = node_count(g, node, &ndim, shape);
+    atmoe_status st = atmoe_graph_read(g, node, buf, count * sizeof *buf);
     if (st == ATMOE_STATUS_OK)
-        st = atmoe_safetensors_writer_add_f32(w, name, ATMOE_ST_F32, ndim, s64,
-                                              data);
-    free(data);
+        st = atmoe_safetensors_writer_add_f32(w, name, ATMOE_ST_F32, ndim,
+                                              shape, buf);
     return st;
 }
 
@@ -566,9 +575,10 @@ static int cmd_run(int argc, char **argv)
     atmoe_safetensors_writer *out = NULL, *tr = NULL;
     atmoe_node *ys = malloc(info.modules * sizeof *ys);
     atmoe_layer_trace *ts = malloc(info.modules * sizeof *ts);
+    float *buf = NULL;
     const char *what = "opening the device";
     if (rc == EXIT_OK && (ys == NULL || ts == NULL))
-        rc = fail("atmoe run", ATMOE_STATUS_HOST_OUT_OF_MEMORY, NULL);
+        rc = out_of_memory("atmoe run");
     if (rc != EXIT_OK)
         goto out;
     if ((st = atmoe_context_new(&ctx, device)) != ATMOE_STATUS_OK) {
@@ -614,8 +624,23 @@ static int cmd_run(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t1);
 
     what = "writing the outputs";
+    /* One buffer, for the largest result read back. */
+    size_t largest = 0;
+    for (size_t i = 0; i < info.modules; i++) {
+        const atmoe_node tn[4] = {ys[i], ts[i].a, ts[i].d, ts[i].w};
+        for (int k = 0; k < (trace ? 4 : 1); k++) {
+            int nd;
+            uint64_t sh[ATMOE_MAX_DIMS];
+            size_t n = node_count(g, tn[k], &nd, sh);
+            largest = n > largest ? n : largest;
+        }
+    }
+    if ((buf = malloc(largest * sizeof *buf)) == NULL) {
+        rc = out_of_memory(what);
+        goto out;
+    }
     if ((st = atmoe_safetensors_writer_new(ctx, &out)) ||
-        (st = save_node(g, y, out, "y")) ||
+        (st = save_node(g, y, out, "y", buf)) ||
         (trace && (st = atmoe_safetensors_writer_new(ctx, &tr))))
         goto fail;
     for (size_t i = 0; i < info.modules && st == ATMOE_STATUS_OK; i++) {
@@ -623,12 +648,12 @@ static int cmd_run(int argc, char **argv)
         char name[256];
         atmoe_manifest_get_module(m, i, &mod);
         snprintf(name, sizeof name, "layers.%zu.%s", mod.layer, mod.name);
-        st = save_node(g, ys[i], out, name);
+        st = save_node(g, ys[i], out, name, buf);
         const atmoe_node tn[3] = {ts[i].a, ts[i].d, ts[i].w};
         for (int k = 0; trace && k < 3 && st == ATMOE_STATUS_OK; k++) {
             snprintf(name, sizeof name, "layers.%zu.%s.%c", mod.layer,
                      mod.name, "adw"[k]);
-            st = save_node(g, tn[k], tr, name);
+            st = save_node(g, tn[k], tr, name, buf);
         }
     }
     /* Both files or neither: each is saved beside its place under a
@@ -637,7 +662,7 @@ static int cmd_run(int argc, char **argv)
     if (tmp_out == NULL || (trace && tmp_tr == NULL)) {
         free(tmp_out);
         free(tmp_tr);
-        rc = fail(what, ATMOE_STATUS_HOST_OUT_OF_MEMORY, NULL);
+        rc = out_of_memory(what);
         goto out;
     }
     st = atmoe_safetensors_writer_save(out, tmp_out);
@@ -674,6 +699,7 @@ out:
     atmoe_manifest_free(m);
     free(ys);
     free(ts);
+    free(buf);
     free(in.x);
     free(in.router_input);
     free(in.gate_index);
