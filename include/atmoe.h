@@ -877,7 +877,8 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_save(
  * vector rescales the adapted weight), lora_bias and bias other than
  * "none" (trained biases), modules_to_save (whole modules replaced),
  * embedding targets (lora_embedding_A/B), trainable tokens and layer
- * replication.  fan_in_fan_out describes the base layer (GPT-2's Conv1D
+ * replication (and a few rarer methods: see atmoe_adapter_open(3)).
+ * fan_in_fan_out describes the base layer (GPT-2's Conv1D
  * stores its weight [in, out]); PEFT stores lora_A [r, in] and lora_B
  * [out, r] whatever it says, so the library reads them as they are and
  * reports the flag (see the manifest's "transposed" for the base weight).
@@ -927,7 +928,8 @@ typedef struct atmoe_adapter_target {
     float scale;        /* alpha / rank or alpha / sqrt(rank) */
 } atmoe_adapter_target;
 
-/* Targets are listed in the order of their module paths. */
+/* Targets are listed in the order of their module paths, numbers compared
+ * as numbers (layer 2 before layer 10). */
 ATMOE_API atmoe_status atmoe_adapter_get_target(const atmoe_adapter *adapter,
                                                 size_t index,
                                                 atmoe_adapter_target *target);

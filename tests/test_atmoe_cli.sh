@@ -13,7 +13,8 @@ set -u
 atmoe=./tools/atmoe
 compare=./tests/compare_outputs
 srcdir=${srcdir:-.}
-fx="$srcdir/tests/fixtures"
+# Absolute, as the manifests written below name files by it.
+fx=$(cd "$srcdir/tests/fixtures" && pwd) || exit 99
 m="$fx/manifest"
 
 tmp=$(mktemp -d "${ATMOE_TEST_TMPDIR:-${TMPDIR:-/tmp}}/tmp-cli.XXXXXX") ||
