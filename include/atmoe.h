@@ -69,7 +69,7 @@ ATMOE_API const char *atmoe_version(void);
     X(BLAS_ERROR, "a CLBlast call failed")                                    \
     X(IO_ERROR, "a file could not be read or written")                        \
     X(FORMAT_ERROR, "a file or string is malformed")                          \
-    X(NOT_SUPPORTED, "the operation is not supported on this device")         \
+    X(NOT_SUPPORTED, "not supported by this device or by the library")       \
     X(WRONG_CONTEXT, "objects belong to different contexts")                  \
     X(NUMERIC_ERROR, "a result differs from its reference")                \
     X(NOT_FOUND, "no tensor, key or file of that name")
@@ -614,6 +614,29 @@ typedef struct atmoe_experts_info {
 ATMOE_API atmoe_status atmoe_experts_get_info(const atmoe_experts *set,
                                               atmoe_experts_info *info);
 
+/* One expert of a set, as atmoe_experts_add (or atmoe_experts_set_general)
+ * received it. */
+typedef struct atmoe_expert_info {
+    int group;      /* -1 for the general LoRA */
+    int position;   /* within its group (0 for the general LoRA) */
+    size_t rank;
+    float alpha;
+    unsigned flags; /* ATMOE_EXPERT_RSLORA or 0 */
+    float scale;    /* alpha / rank, or alpha / sqrt(rank) */
+} atmoe_expert_info;
+
+/* Describes expert index (0 <= index < experts; index == experts is the
+ * general LoRA when the set has one) and copies its A [rank, d_in] and
+ * B [d_out, rank] into a and b, from the host copy or, once the set is
+ * sealed, from the device copy.  info, a and b may each be NULL; a and b
+ * must otherwise hold a_count and b_count elements, the products of the
+ * shapes.  Not for dense sets. */
+ATMOE_API atmoe_status atmoe_experts_get_expert(const atmoe_experts *set,
+                                                size_t index,
+                                                atmoe_expert_info *info,
+                                                float *a, size_t a_count,
+                                                float *b, size_t b_count);
+
 /* The grouped router of AT-MoE (SPEC section 3). */
 typedef struct atmoe_router atmoe_router;
 
@@ -827,6 +850,252 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_set_metadata(
     atmoe_safetensors_writer *writer, const char *key, const char *value);
 ATMOE_API atmoe_status atmoe_safetensors_writer_save(
     atmoe_safetensors_writer *writer, const char *path);
+
+/* ------------------------------------------------------------------------ */
+/* PEFT LoRA adapters                                                        */
+/* ------------------------------------------------------------------------ */
+
+/* A PEFT LoRA adapter: a directory holding adapter_config.json and
+ * adapter_model.safetensors, as PEFT's save_pretrained() writes it.  Its
+ * targets are the modules the weights file holds LoRA pairs for: a tensor
+ * "base_model.model.<module>.lora_A.weight" [r, in] and its
+ * "...lora_B.weight" [out, r].  A target's rank and alpha come from r and
+ * lora_alpha, or from the rank_pattern and alpha_pattern entry that matches
+ * the module the way PEFT matches it (the first key, in the file's order,
+ * that matches the whole module path as the regular expression
+ * "(.*\.)?(KEY)"); its scale is alpha / rank, or alpha / sqrt(rank) with
+ * use_rslora.  Pattern keys, a target_modules string and layers_pattern are
+ * Python regular expressions in PEFT; the library reads them as POSIX
+ * extended ones, with \d, \D and (?: understood, and refuses a key that
+ * does not compile (FORMAT_ERROR).
+ *
+ * Opening checks what PEFT would: every weight must belong to a module
+ * that target_modules selects (and exclude_modules, layers_to_transform do
+ * not leave out), with A and B both present and shaped as the rank says.
+ * What the library cannot compute is refused with NOT_SUPPORTED and a
+ * message saying why: peft_type other than LORA, use_dora (a magnitude
+ * vector rescales the adapted weight), lora_bias and bias other than
+ * "none" (trained biases), modules_to_save (whole modules replaced),
+ * embedding targets (lora_embedding_A/B), trainable tokens and layer
+ * replication (and a few rarer methods: see atmoe_adapter_open(3)).
+ * fan_in_fan_out describes the base layer (GPT-2's Conv1D
+ * stores its weight [in, out]); PEFT stores lora_A [r, in] and lora_B
+ * [out, r] whatever it says, so the library reads them as they are and
+ * reports the flag (see the manifest's "transposed" for the base weight).
+ *
+ * A target's layer is the index PEFT's layers_to_transform reads: the
+ * last all-digit component of the module path that has a component after
+ * it and, before it, a component that layers_pattern matches or, without
+ * layers_pattern, two components ("model.layers.3.self_attn.q_proj" is
+ * layer 3, "layers.3.q_proj" has none); -1 when there is none.
+ *
+ * An adapter opened from a directory reads its weights from the file on
+ * demand; atmoe_adapter_new() makes an empty one.  Both take targets from
+ * atmoe_adapter_set() and are written by atmoe_adapter_save().  The
+ * context may be NULL: errors then go to the thread's message.  Strings
+ * an adapter hands out stay valid until it is freed. */
+typedef struct atmoe_adapter atmoe_adapter;
+
+ATMOE_API atmoe_status atmoe_adapter_open(atmoe_context *ctx,
+                                          const char *dir,
+                                          atmoe_adapter **adapter);
+ATMOE_API atmoe_status atmoe_adapter_new(atmoe_context *ctx,
+                                         atmoe_adapter **adapter);
+/* NULL is a no-op. */
+ATMOE_API void atmoe_adapter_free(atmoe_adapter *adapter);
+
+typedef struct atmoe_adapter_info {
+    size_t targets;
+    size_t r;              /* the config's r and lora_alpha (for a new */
+    float alpha;           /* adapter, those of its first target, or 0) */
+    int use_rslora;
+    int fan_in_fan_out;
+    const char *base_model; /* base_model_name_or_path, "" when absent */
+    const char *dir;        /* the directory it was opened from, or "" */
+} atmoe_adapter_info;
+
+ATMOE_API atmoe_status atmoe_adapter_get_info(const atmoe_adapter *adapter,
+                                              atmoe_adapter_info *info);
+
+typedef struct atmoe_adapter_target {
+    const char *module; /* "model.layers.3.self_attn.q_proj" */
+    const char *name;   /* the path after the layer index
+                           ("self_attn.q_proj"), or the whole path */
+    int layer;          /* -1 when the path has no layer index */
+    size_t rank, d_in, d_out;
+    float alpha;
+    unsigned flags;     /* ATMOE_EXPERT_RSLORA or 0 */
+    float scale;        /* alpha / rank or alpha / sqrt(rank) */
+} atmoe_adapter_target;
+
+/* Targets are listed in the order of their module paths, numbers compared
+ * as numbers (layer 2 before layer 10). */
+ATMOE_API atmoe_status atmoe_adapter_get_target(const atmoe_adapter *adapter,
+                                                size_t index,
+                                                atmoe_adapter_target *target);
+
+/* Finds the target of a layer (-1: a module with no layer index) whose
+ * module path is module or ends with "." module ("q_proj",
+ * "self_attn.q_proj", or the whole path).  NOT_FOUND when none does,
+ * INVALID_ARGUMENT naming two when several do. */
+ATMOE_API atmoe_status atmoe_adapter_find(const atmoe_adapter *adapter,
+                                          int layer, const char *module,
+                                          size_t *index);
+
+/* Copies a target's A [rank, d_in] and B [d_out, rank] as f32 (either
+ * pointer may be NULL; counts must equal the shapes' products). */
+ATMOE_API atmoe_status atmoe_adapter_read(const atmoe_adapter *adapter,
+                                          size_t index, float *a,
+                                          size_t a_count, float *b,
+                                          size_t b_count);
+
+/* Adds a target, or replaces the one of the same module path: a
+ * [rank, d_in] and b [d_out, rank] are copied.  module is the path inside
+ * the model, without PEFT's "base_model.model." prefix. */
+ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *adapter,
+                                         const char *module, size_t rank,
+                                         size_t d_in, size_t d_out,
+                                         const float *a, const float *b,
+                                         float alpha, unsigned flags);
+
+/* Writes dir/adapter_model.safetensors (weights stored as dtype: F32, F16
+ * or BF16) and dir/adapter_config.json so that PEFT loads them with
+ * PeftModel.from_pretrained(): peft_type "LORA", target_modules the full
+ * module paths, r and lora_alpha those of the first target, and
+ * rank_pattern and alpha_pattern entries for the targets that differ.
+ * use_rslora is that of the first target; a target scaled the other way
+ * gets the alpha that gives its scale.  dir is created when missing (not
+ * its parents).  Each file is written to a temporary file and renamed;
+ * the config is renamed last, after the weights. */
+ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
+                                          const char *dir,
+                                          atmoe_st_dtype dtype);
+
+/* Appends target index of adapter to group of set as atmoe_experts_add
+ * does, with the target's alpha and scaling; its d_in and d_out must be the
+ * set's. */
+ATMOE_API atmoe_status atmoe_experts_add_adapter(atmoe_experts *set,
+                                                 int group,
+                                                 const atmoe_adapter *adapter,
+                                                 size_t index, int *expert);
+
+/* ------------------------------------------------------------------------ */
+/* Layer manifests                                                           */
+/* ------------------------------------------------------------------------ */
+
+/* A layer manifest (a JSON file; atmoe-manifest(5) describes it) names, for
+ * a stack of layers and the modules of each, the base weight, the adapter
+ * directories that form each group of experts, the general LoRA and lambda,
+ * the router's tensors and options, and c.  Relative paths are resolved
+ * against the manifest's directory.
+ *
+ * Opening parses and checks the JSON only: an unknown key, a wrong type or
+ * a value out of range is a FORMAT_ERROR whose message names the JSON path
+ * ("layers[1].modules.q_proj.router.tau_g: ...").  atmoe_manifest_check()
+ * then opens every file it names and checks every shape;
+ * atmoe_manifest_build() adds the stack to a graph.  The context may be
+ * NULL (errors then go to the thread's message); atmoe_manifest_build
+ * reports to the graph's context.  Strings a manifest hands out stay valid
+ * until it is freed. */
+typedef struct atmoe_manifest atmoe_manifest;
+
+ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
+                                           const char *path,
+                                           atmoe_manifest **manifest);
+/* The same from size bytes of JSON text; relative paths are resolved
+ * against dir (NULL: the current directory). */
+ATMOE_API atmoe_status atmoe_manifest_parse(atmoe_context *ctx,
+                                            const char *text, size_t size,
+                                            const char *dir,
+                                            atmoe_manifest **manifest);
+/* NULL is a no-op. */
+ATMOE_API void atmoe_manifest_free(atmoe_manifest *manifest);
+
+typedef struct atmoe_manifest_info {
+    size_t layers;
+    size_t modules;  /* over all layers */
+    int checked;     /* atmoe_manifest_check() has succeeded */
+    size_t d_in;     /* the stack's input and output widths, once checked */
+    size_t d_out;
+} atmoe_manifest_info;
+
+ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *manifest,
+                                               atmoe_manifest_info *info);
+
+/* A tensor the manifest names. */
+typedef struct atmoe_manifest_tensor {
+    const char *file;   /* resolved path; NULL when the entry is absent */
+    const char *tensor;
+    int transposed;     /* stored [in, out] (a Conv1D weight) */
+} atmoe_manifest_tensor;
+
+/* Module index (0 <= index < modules; layer by layer, modules in the
+ * manifest's order). */
+typedef struct atmoe_manifest_module {
+    size_t layer;          /* position of its layer in the manifest */
+    int model_layer;       /* the layer index adapters are looked up with */
+    const char *name;      /* the module's key ("q_proj") */
+    int is_output;         /* its output feeds the next layer */
+    atmoe_manifest_tensor weight, bias, w_g, w_d; /* w_d is v_d with the
+                                                     scaled form */
+    size_t groups;
+    size_t experts;        /* over all groups, without the general LoRA */
+    int has_general;
+    float lambda, c;
+    atmoe_router_form form;
+    float tau_g, tau_d;
+    int top_k_groups, top_k_experts;
+    size_t masks, fixed;   /* the router's masks and fixed weights */
+    size_t d_in, d_out;    /* once checked, else 0 */
+} atmoe_manifest_module;
+
+ATMOE_API atmoe_status atmoe_manifest_get_module(
+    const atmoe_manifest *manifest, size_t index,
+    atmoe_manifest_module *module);
+
+/* Expert index of a module: groups in order, experts of a group in order
+ * (the column order of the router's w); index == experts is the general
+ * LoRA. */
+typedef struct atmoe_manifest_expert {
+    int group;            /* -1 for the general LoRA */
+    int position;         /* within the group */
+    const char *adapter;  /* resolved directory */
+    int layer;            /* what is looked up in the adapter */
+    const char *module;
+    const char *target;   /* once checked: the adapter's module path, else
+                             NULL */
+    size_t rank;          /* once checked, else 0 */
+    float alpha, scale;
+    unsigned flags;
+} atmoe_manifest_expert;
+
+ATMOE_API atmoe_status atmoe_manifest_get_expert(
+    const atmoe_manifest *manifest, size_t module, size_t index,
+    atmoe_manifest_expert *expert);
+
+/* Opens every file and adapter the manifest names (each once) and checks
+ * every tensor and shape: module widths, biases, adapter targets, router
+ * tensors, and that each layer's output width is the next layer's input
+ * width.  The message names the JSON path and the file.  Files stay open
+ * until the manifest is freed. */
+ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *manifest);
+
+/* Checks the manifest if not done yet, then adds the stack to graph: every
+ * module of a layer reads the layer's input x [T, d_in], and the output
+ * module's result is the next layer's input; *y is the last one's.  Expert
+ * sets, routers (with the manifest's masks and fixed weights), base
+ * weights and router tensors become objects and constants of the graph.
+ * router_input [S, d_in] with gate_index i32 [T], or both
+ * ATMOE_NODE_NONE, as in atmoe_layer.  outputs and traces (either may be
+ * NULL) receive one entry per module, in module order.  On failure the
+ * graph is as it was. */
+ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
+                                            atmoe_graph *graph, atmoe_node x,
+                                            atmoe_node router_input,
+                                            atmoe_node gate_index,
+                                            atmoe_node *outputs,
+                                            atmoe_layer_trace *traces,
+                                            atmoe_node *y);
 
 #ifdef __cplusplus
 }

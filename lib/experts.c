@@ -144,7 +144,8 @@ ATMOE_API atmoe_status atmoe_experts_add(atmoe_experts *set, int group,
     atm_expert general;
     if (set->has_general)
         general = set->experts[--set->count];
-    atm_expert e = {group, 0, rank, 0, lora_scale(rank, alpha, flags)};
+    atm_expert e = {group, 0, rank, 0, lora_scale(rank, alpha, flags), alpha,
+                    flags};
     for (size_t i = 0; i < set->count; i++)
         e.slot += set->experts[i].group == group;
     st = append(set, fn, rank, a, b, &e.offset);
@@ -180,7 +181,8 @@ ATMOE_API atmoe_status atmoe_experts_set_general(atmoe_experts *set,
                         "%s: the set has a general LoRA already", fn);
     if ((st = grow(set, fn)) != ATMOE_STATUS_OK)
         return st;
-    atm_expert e = {-1, 0, rank, 0, lora_scale(rank, alpha, flags)};
+    atm_expert e = {-1, 0, rank, 0, lora_scale(rank, alpha, flags), alpha,
+                    flags};
     if ((st = append(set, fn, rank, a, b, &e.offset)) != ATMOE_STATUS_OK)
         return st;
     set->experts[set->count++] = e;
@@ -224,7 +226,7 @@ ATMOE_API atmoe_status atmoe_experts_set_dense(atmoe_experts *set, size_t r1,
     set->bt_host = nb;
     set->total_rank = r1;
     set->dense_r2 = r2;
-    set->experts[set->count++] = (atm_expert){0, 0, r1, 0, 1.0f};
+    set->experts[set->count++] = (atm_expert){0, 0, r1, 0, 1.0f, 1.0f, 0};
     set->groups = set->max_group = 1;
     return ATMOE_STATUS_OK;
 }
@@ -244,6 +246,70 @@ ATMOE_API atmoe_status atmoe_experts_get_info(const atmoe_experts *set,
     info->has_general = set->has_general;
     info->lambda = set->lambda;
     return ATMOE_STATUS_OK;
+}
+
+/* Copies rows [row0, row0 + rows) of a device matrix of cols columns. */
+static atmoe_status read_rows(atmoe_tensor *t, size_t row0, size_t rows,
+                              size_t cols, float *dst)
+{
+    size_t start[2] = {row0, 0}, shape[2] = {rows, cols};
+    atmoe_tensor *view;
+    atmoe_status st = atmoe_tensor_view(t, start, shape, &view);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_read(view, dst, rows * cols * sizeof *dst);
+    atmoe_tensor_free(view);
+    return st;
+}
+
+ATMOE_API atmoe_status atmoe_experts_get_expert(const atmoe_experts *set,
+                                                size_t index,
+                                                atmoe_expert_info *info,
+                                                float *a, size_t a_count,
+                                                float *b, size_t b_count)
+{
+    const char *fn = __func__;
+    ATM_CHECK_NULL(NULL, set);
+    atmoe_context *ctx = set->ctx;
+    if (set->dense_r2)
+        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: a dense (T-REX) set holds shared vectors, not "
+                        "experts", fn);
+    if (index >= set->count)
+        return atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                        "%s: index %zu; the set has %zu expert(s)%s", fn,
+                        index, set->count - (size_t)set->has_general,
+                        set->has_general ? " and the general LoRA after them"
+                                         : "");
+    const atm_expert *e = &set->experts[index];
+    size_t na = e->rank * set->d_in, nb = set->d_out * e->rank;
+    if ((a && a_count != na) || (b && b_count != nb))
+        return atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: expert %zu has A [%zu, %zu] and B [%zu, %zu]: "
+                        "%zu and %zu elements, not %zu and %zu", fn, index,
+                        e->rank, set->d_in, set->d_out, e->rank, na, nb,
+                        a_count, b_count);
+    float *bt = NULL;
+    if (b && set->sealed && (bt = malloc(nb * sizeof *bt)) == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "%s: out of host memory", fn);
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (a && set->sealed)
+        st = read_rows(set->a, e->offset, e->rank, set->d_in, a);
+    else if (a)
+        memcpy(a, set->a_host + e->offset * set->d_in, na * sizeof *a);
+    if (b && st == ATMOE_STATUS_OK && set->sealed)
+        st = read_rows(set->bt, e->offset, e->rank, set->d_out, bt);
+    /* The set keeps B transposed (rank rows of d_out). */
+    const float *src = bt ? bt : set->bt_host + e->offset * set->d_out;
+    if (b && st == ATMOE_STATUS_OK)
+        for (size_t r = 0; r < e->rank; r++)
+            for (size_t j = 0; j < set->d_out; j++)
+                b[j * e->rank + r] = src[r * set->d_out + j];
+    free(bt);
+    if (st == ATMOE_STATUS_OK && info)
+        *info = (atmoe_expert_info){e->group, e->slot, e->rank, e->alpha,
+                                    e->flags, e->scale};
+    return st;
 }
 
 static atmoe_status upload(atmoe_context *ctx, atmoe_dtype dtype, size_t rows,

@@ -11,6 +11,8 @@ typedef struct atm_expert {
     size_t rank;
     size_t offset; /* first row in the stacked A (and B^T) */
     float scale;   /* alpha / rank or alpha / sqrt(rank) */
+    float alpha;   /* as given, for reading the expert back */
+    unsigned flags;
 } atm_expert;
 
 struct atmoe_experts {

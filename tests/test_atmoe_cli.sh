@@ -1,0 +1,158 @@
+#!/bin/sh
+# atmoe inspect and atmoe run on the fixtures of
+# tests/fixtures/make_adapters.py: what they print, their exit statuses
+# (atmoe(1): 0 success, 1 failure or problems found, 2 usage), the outputs
+# and router trace of run against the float64 reference (through
+# tests/compare_outputs, tolerance 1e-5 of max(1, max |want|) per tensor,
+# as tests/test_manifest.c derives it), and their errors: a missing file, a
+# malformed manifest, an input without x, an unwritable output, usage
+# mistakes.  No failed run may leave an output or a temporary file behind.
+# Exit 77 (a skip for automake's harness) when there is no OpenCL device.
+set -u
+
+atmoe=./tools/atmoe
+compare=./tests/compare_outputs
+srcdir=${srcdir:-.}
+# Absolute, as the manifests written below name files by it.
+fx=$(cd "$srcdir/tests/fixtures" && pwd) || exit 99
+m="$fx/manifest"
+
+tmp=$(mktemp -d "${ATMOE_TEST_TMPDIR:-${TMPDIR:-/tmp}}/tmp-cli.XXXXXX") ||
+    exit 99
+trap 'rm -rf "$tmp"' EXIT INT TERM
+
+failures=0
+fail() {
+    echo "FAIL: $*"
+    failures=$((failures + 1))
+}
+
+# Runs atmoe with stdout and stderr in $tmp/out and $tmp/err; sets rc.
+run() {
+    "$atmoe" "$@" > "$tmp/out" 2> "$tmp/err"
+    rc=$?
+}
+
+# expect STATUS TEXT WHAT: the last run exited STATUS and said TEXT (on
+# stdout or stderr).
+expect() {
+    if [ "$rc" -ne "$1" ]; then
+        fail "$3 exited $rc, not $1"
+        cat "$tmp/out" "$tmp/err"
+    elif ! grep -q -F -e "$2" "$tmp/out" "$tmp/err"; then
+        fail "$3 did not say '$2'"
+        cat "$tmp/out" "$tmp/err"
+    fi
+}
+
+# --- inspect needs no device
+run inspect "$fx/peft/code"
+expect 0 "model.layers.1.self_attn.q_proj" "inspect of an adapter"
+grep -q "^  *1  model.layers.1.self_attn.q_proj  *2  *13  *13  *16  *8$" \
+    "$tmp/out" || fail "inspect does not list q_proj of layer 1 with rank 2, scale 8"
+grep -q "0 problem(s)" "$tmp/out" || fail "inspect found problems in a good adapter"
+run inspect "$fx/peft/gpt2/adapter_config.json"
+expect 0 "fan_in_fan_out true" "inspect of an adapter by its config"
+run inspect "$fx/peft-bad/dora"
+expect 1 "DoRA" "inspect of a DoRA adapter"
+run inspect "$fx/peft-bad/embedding"
+expect 1 "embedding" "inspect of an embedding adapter"
+run inspect "$fx/peft-nan"
+expect 1 "1 non-finite value(s) in lora_B" "inspect of an adapter with a NaN"
+run inspect "$m/base.safetensors"
+expect 0 "transformer.h.0.attn.c_attn.weight" "inspect of a safetensors file"
+grep -q "BF16  *\[13, 13\]" "$tmp/out" || fail "inspect does not show a BF16 [13, 13] tensor"
+run inspect "$m/manifest.json"
+expect 0 "3 layer(s), 5 module(s), 13 -> 10 features" "inspect of the manifest"
+grep -q "general (lambda 0.75)" "$tmp/out" || fail "inspect does not show the general LoRA"
+grep -q "scale 3 (rsLoRA)" "$tmp/out" || fail "inspect does not show rsLoRA scales"
+run inspect "$tmp/missing"
+expect 1 "missing" "inspect of a missing file"
+run inspect
+expect 2 "usage" "inspect without a path"
+
+# A manifest whose files do not fit is described, with the problem.
+cat > "$tmp/misfit.json" <<JSON
+{"version": 1, "weights": "$m/base.safetensors", "layers": [{"modules": {
+  "q_proj": {"weight": "model.layers.0.self_attn.q_proj.weight",
+             "groups": [["$fx/peft/math"], ["$fx/peft/missing"]]}}}]}
+JSON
+run inspect "$tmp/misfit.json"
+expect 1 "problem: NOT_FOUND: layers[0].modules.q_proj.groups[1][0]" \
+    "inspect of a manifest naming a missing adapter"
+printf '{"version": 1, "layers": [{"modules": {"q": {"weight": 3}}}]}' \
+    > "$tmp/bad.json"
+run inspect "$tmp/bad.json"
+expect 1 "layers[0].modules.q.weight" "inspect of a malformed manifest"
+
+# --- run
+if ! "$atmoe" devices > /dev/null 2>&1; then
+    echo "SKIP: no OpenCL device"
+    exit 77
+fi
+
+run run "$m/manifest.json" --input "$m/x.safetensors" \
+    --output "$tmp/y.safetensors" --trace "$tmp/trace.safetensors"
+expect 0 "ran 3 layer(s), 5 module(s) on 5 token(s)" "run"
+"$compare" "$m/expected.safetensors" 1e-5 "$tmp/y.safetensors" \
+    "$tmp/trace.safetensors" || fail "run's outputs differ from the reference"
+run inspect "$tmp/y.safetensors"
+expect 0 "layers.1.v_proj" "inspect of run's output"
+
+run run "$m/manifest.json" --input="$m/x-seq.safetensors" \
+    --output="$tmp/y-seq.safetensors" --trace "$tmp/trace-seq.safetensors"
+expect 0 "on 6 token(s)" "run with one router row per sequence"
+"$compare" "$m/expected-seq.safetensors" 1e-5 "$tmp/y-seq.safetensors" \
+    "$tmp/trace-seq.safetensors" ||
+    fail "run's per-sequence outputs differ from the reference"
+
+# Without --trace only the outputs are written.
+run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/y2.safetensors"
+expect 0 "wrote $tmp/y2.safetensors" "run without a trace"
+cmp -s "$tmp/y.safetensors" "$tmp/y2.safetensors" ||
+    fail "the same run wrote different outputs"
+
+# --- run's errors; none leaves a file
+rm -f "$tmp/out.safetensors"
+run run "$tmp/missing.json" --input "$m/x.safetensors" --output "$tmp/out.safetensors"
+expect 1 "missing.json" "run of a missing manifest"
+run run "$tmp/bad.json" --input "$m/x.safetensors" --output "$tmp/out.safetensors"
+expect 1 "layers[0].modules.q.weight" "run of a malformed manifest"
+run run "$m/manifest.json" --input "$tmp/missing.safetensors" --output "$tmp/out.safetensors"
+expect 1 "missing.safetensors" "run of a missing input"
+run run "$m/manifest.json" --input "$m/router.safetensors" --output "$tmp/out.safetensors"
+expect 1 "x" "run of an input without x"
+run run "$m/manifest.json" --input "$m/base.safetensors" --output "$tmp/out.safetensors"
+expect 1 "no tensor" "run of an input without x"
+[ -e "$tmp/out.safetensors" ] && fail "a failed run wrote its output"
+run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/no/dir/y.safetensors"
+expect 1 "no/dir/y.safetensors" "run to an unwritable output"
+run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/y3.safetensors" \
+    --trace "$tmp/no/dir/t.safetensors"
+expect 1 "no/dir/t.safetensors" "run to an unwritable trace"
+[ -e "$tmp/y3.safetensors" ] && fail "a run whose trace failed wrote its output"
+run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/y3.safetensors" \
+    --device no-such-device-xyz
+expect 1 "no-such-device-xyz" "run on an unknown device"
+[ -e "$tmp/y3.safetensors" ] && [ "$rc" -ne 0 ] && fail "a failed run wrote its output"
+run run "$m/manifest.json" --input "$m/x.safetensors"
+expect 2 "usage" "run without --output"
+run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/y4.safetensors" --frobnicate
+expect 2 "--frobnicate" "run with an unknown option"
+run run "$m/manifest.json" --input
+expect 2 "--input needs a value" "run with a missing value"
+run run a.json b.json --input "$m/x.safetensors" --output "$tmp/y4.safetensors"
+expect 2 "b.json" "run with two manifests"
+ls -a "$tmp" | grep -q '\.safetensors\.' && fail "a temporary output file was left behind"
+
+run frobnicate
+expect 2 "unknown command 'frobnicate'" "an unknown command"
+run --help
+expect 0 "inspect" "the help"
+
+if [ "$failures" -ne 0 ]; then
+    echo "$failures check(s) failed"
+    exit 1
+fi
+echo "atmoe inspect and run: all checks passed"
+exit 0
