@@ -283,11 +283,11 @@ atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
 {
     /* Tuned defines join the options, so that both caches tell a tuned
      * build from another. */
-    char *opts = atm_tuning_build_options(ctx, name, options);
-    if (opts == NULL)
+    char *opts;
+    if (atm_tuning_build_options(ctx, name, options, &opts) != 0)
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "out of host memory building '%s'", name);
-    atmoe_status st = program_get(ctx, name, opts, program);
+    atmoe_status st = program_get(ctx, name, opts ? opts : options, program);
     free(opts);
     return st;
 }

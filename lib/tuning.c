@@ -875,13 +875,16 @@ void atm_tuning_release(atmoe_context *ctx)
     ctx->tuning = NULL;
 }
 
-char *atm_tuning_build_options(const atmoe_context *ctx, const char *name,
-                               const char *options)
+int atm_tuning_build_options(const atmoe_context *ctx, const char *name,
+                             const char *options, char **result)
 {
     json_t *defs = NULL;
+    *result = NULL;
     if (ctx->tuning)
         defs = json_object_get(json_object_get(ctx->tuning->kernels, name),
                                "values");
+    if (json_object_size(defs) == 0)
+        return 0;
     size_t len = strlen(options) + 1;
     const char *key;
     json_t *v;
@@ -891,7 +894,7 @@ char *atm_tuning_build_options(const atmoe_context *ctx, const char *name,
                                                     : sizeof num);
     char *out = malloc(len);
     if (out == NULL)
-        return NULL;
+        return -1;
     size_t at = (size_t)snprintf(out, len, "%s", options);
     json_object_foreach(defs, key, v) {
         const char *val = num;
@@ -904,7 +907,8 @@ char *atm_tuning_build_options(const atmoe_context *ctx, const char *name,
         at += (size_t)snprintf(out + at, len - at, "%s-D%s=%s",
                                at ? " " : "", key, val);
     }
-    return out;
+    *result = out;
+    return 0;
 }
 
 ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,

@@ -33,9 +33,11 @@ void atm_tuning_init(atmoe_context *ctx);
 void atm_tuning_release(atmoe_context *ctx);
 
 /* options followed by the defines of program `name` from the "kernels"
- * section in force for ctx, as a malloc'd string; NULL when out of host
+ * section in force for ctx: *out receives a malloc'd string, or NULL when
+ * the program has no defines and options stand as they are (no allocation
+ * on that path, which every kernel lookup takes).  -1 when out of host
  * memory. */
-char *atm_tuning_build_options(const atmoe_context *ctx, const char *name,
-                               const char *options);
+int atm_tuning_build_options(const atmoe_context *ctx, const char *name,
+                             const char *options, char **out);
 
 #endif
