@@ -255,6 +255,75 @@ ATMOE_API atmoe_status atmoe_context_selfcheck(atmoe_context *ctx,
                                                double *max_rel_err);
 
 /* ------------------------------------------------------------------------ */
+/* Tuning                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Kernel parameters are data.  A tuning database (JSON, described in
+ * atmoe-tune(1), which writes it) holds entries keyed by device name,
+ * vendor, type and driver version, each with parameter sets for CLBlast's
+ * GEMM kernels and defines for the library's own programs.  Two copies are
+ * read: the system one installed with the library (ATMOE_TUNING_SYSTEM_FILE
+ * names another; set but empty: none) and the user's (see
+ * atmoe_tuning_user_path), whose entries replace the system entries of the
+ * same key.  For each kernel the most specific matching entry wins: device
+ * and driver, then the device under any driver, then vendor and type.
+ * atmoe_context_new() applies it unless the environment variable
+ * ATMOE_PARAMS is "default".  A database that cannot be read is logged as a
+ * warning and ignored.
+ *
+ * CLBlast keeps its parameters per OpenCL device for the whole process: a
+ * set applied through one context holds for every context on that device,
+ * now and later, and CLBlast has no way back to its built-in values. */
+
+/* Chooses the parameters of ctx:
+ *   "tuned"    read the databases again and apply the device's entry
+ *   "default"  CLBlast's built-in parameters and no tuned defines
+ *              (ATMOE_STATUS_NOT_SUPPORTED once a CLBlast set has been
+ *              applied to the device in this process)
+ *   "{...}"    an explicit set: a JSON object with "clblast" and "kernels"
+ *              sections as in a database entry, checked like one
+ *              (ATMOE_STATUS_FORMAT_ERROR), and refused whole when the
+ *              device cannot run it (ATMOE_STATUS_NOT_SUPPORTED)
+ * CLBlast kernels that the set does not list keep their parameters.
+ * Programs of the library built before the call keep theirs; the next use
+ * builds them with the new defines. */
+ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
+                                                const char *params);
+
+/* Describes the parameters in force as a JSON object: "mode" ("tuned",
+ * "default" or "custom"), "clblast" (kernel -> match, file, params: what
+ * CLBlast uses on the device, whichever context applied it) and "kernels"
+ * (program -> match, file, defines).  Writes it NUL-terminated to json;
+ * ATMOE_STATUS_OUT_OF_RANGE when it needs more than size bytes.  *needed
+ * (may be NULL) receives the size it needs. */
+ATMOE_API atmoe_status atmoe_context_get_params(const atmoe_context *ctx,
+                                                char *json, size_t size,
+                                                size_t *needed);
+
+/* The path of the user's tuning database: $ATMOE_TUNING_FILE, else
+ * $XDG_DATA_HOME/atmoe/tuning.json (for an absolute XDG_DATA_HOME), else
+ * $HOME/.local/share/atmoe/tuning.json.  ATMOE_STATUS_NOT_FOUND when there
+ * is none (ATMOE_TUNING_FILE set but empty, or no HOME). */
+ATMOE_API atmoe_status atmoe_tuning_user_path(char *path, size_t size);
+
+/* Checks that path holds a tuning database the library accepts:
+ * ATMOE_STATUS_IO_ERROR when it cannot be read, ATMOE_STATUS_FORMAT_ERROR
+ * with the entry and field at fault in atmoe_errmsg(NULL).  *entries (may
+ * be NULL) receives the number of entries. */
+ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries);
+
+/* Stores params (a JSON object as for atmoe_context_set_params, with an
+ * optional free-form "info" object) as the entry of device -- keyed by its
+ * name, vendor, type and driver version -- in the database at path (NULL:
+ * the user's), replacing the entry of the same key and keeping the others.
+ * Missing directories are created; the file is replaced atomically.  An
+ * existing file that is not a valid database is left alone
+ * (ATMOE_STATUS_FORMAT_ERROR). */
+ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
+                                         const atmoe_device_info *device,
+                                         const char *params);
+
+/* ------------------------------------------------------------------------ */
 /* Tensors                                                                   */
 /* ------------------------------------------------------------------------ */
 

@@ -3,6 +3,7 @@
 #include <pthread.h>
 
 #include "blas.h"
+#include "context.h"
 #include "graph.h"
 
 atmoe_status atm_fail_blas(const atmoe_context *ctx, CLBlastStatusCode code,
@@ -49,6 +50,22 @@ atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p,
         *temp_need = need;
     return bs == CLBlastSuccess ? ATMOE_STATUS_OK
                                 : atm_fail_blas(ctx, bs, "CLBlastSgemm");
+}
+
+atmoe_status atm_blas_override(atmoe_context *ctx, const char *kernel,
+                               size_t count, const char **names,
+                               const size_t *values)
+{
+    pthread_mutex_lock(&blas_lock);
+    CLBlastStatusCode bs = CLBlastOverrideParameters(
+        ctx->device->id, kernel, CLBlastPrecisionSingle, count, names, values);
+    pthread_mutex_unlock(&blas_lock);
+    if (bs == CLBlastMissingOverrideParameter)
+        return atm_fail(ctx, ATMOE_STATUS_BLAS_ERROR, "CLBlast wants more "
+                        "parameters for %s than the set has", kernel);
+    return bs == CLBlastSuccess ? ATMOE_STATUS_OK
+                                : atm_fail_blas(ctx, bs,
+                                                "CLBlastOverrideParameters");
 }
 
 atmoe_status atm_graph_sgemm(atmoe_graph *g, const atm_gemm *p,

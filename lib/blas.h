@@ -27,4 +27,11 @@ typedef struct atm_gemm {
 atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p, cl_mem temp,
                        size_t temp_bytes, size_t *temp_need, cl_event *event);
 
+/* Overrides CLBlast's single-precision parameters of kernel on ctx's
+ * device, for the whole process (CLBlastOverrideParameters), under the lock
+ * that serialises every CLBlast call. */
+atmoe_status atm_blas_override(atmoe_context *ctx, const char *kernel,
+                               size_t count, const char **names,
+                               const size_t *values);
+
 #endif

@@ -10,6 +10,7 @@
 #include "context.h"
 #include "log.h"
 #include "program.h"
+#include "tuning.h"
 
 char *atm_context_errbuf(const atmoe_context *ctx)
 {
@@ -97,6 +98,7 @@ ATMOE_API atmoe_status atmoe_context_new(atmoe_context **out,
                     "directory; using the embedded kernels", kdir);
     }
     ctx->linear_max_tokens = linear_max_tokens(&dev->info);
+    atm_tuning_init(ctx);
     atm_log(ATMOE_LOG_INFO, "context on device %zu: %s (%s)", index,
             dev->info.name, dev->info.platform_name);
     *out = ctx;
@@ -114,6 +116,7 @@ ATMOE_API void atmoe_context_free(atmoe_context *ctx)
     if (ctx->queue)
         clFinish(ctx->queue);
     atm_programs_release(ctx);
+    atm_tuning_release(ctx);
     if (ctx->queue)
         clReleaseCommandQueue(ctx->queue);
     if (ctx->cl)

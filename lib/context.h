@@ -13,6 +13,8 @@ typedef struct atm_program_entry {
     cl_program program;
 } atm_program_entry;
 
+struct atm_tuning; /* tuning.c */
+
 typedef struct atm_kernel_entry {
     cl_program program;
     char *name;
@@ -35,6 +37,7 @@ struct atmoe_context {
     atmoe_memory_stats memory;
     size_t base_align; /* bytes; CL_DEVICE_MEM_BASE_ADDR_ALIGN */
     size_t linear_max_tokens; /* see lib/mixture.c */
+    struct atm_tuning *tuning; /* the parameters in force (tuning.h) */
 
     char errmsg[ATM_ERRMSG_SIZE];
 };

@@ -7,6 +7,7 @@
 
 #include "log.h"
 #include "program.h"
+#include "tuning.h"
 
 static char *dup_string(const char *s)
 {
@@ -247,8 +248,8 @@ static int grow(void **array, size_t *capacity, size_t count, size_t elem)
     return 1;
 }
 
-atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
-                             const char *options, cl_program *program)
+static atmoe_status program_get(atmoe_context *ctx, const char *name,
+                                const char *options, cl_program *program)
 {
     for (size_t i = 0; i < ctx->program_count; i++) {
         atm_program_entry *e = &ctx->programs[i];
@@ -275,6 +276,20 @@ atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
     ctx->programs[ctx->program_count++] = e;
     *program = e.program;
     return ATMOE_STATUS_OK;
+}
+
+atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
+                             const char *options, cl_program *program)
+{
+    /* Tuned defines join the options, so that both caches tell a tuned
+     * build from another. */
+    char *opts;
+    if (atm_tuning_build_options(ctx, name, options, &opts) != 0)
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "out of host memory building '%s'", name);
+    atmoe_status st = program_get(ctx, name, opts ? opts : options, program);
+    free(opts);
+    return st;
 }
 
 atmoe_status atm_kernel_get(atmoe_context *ctx, const char *program,

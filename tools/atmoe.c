@@ -7,6 +7,8 @@
  *                                 file or a layer manifest, and its problems
  *   atmoe run MANIFEST --input X --output Y [--trace T] [--device D]
  *                                 apply a manifest's layers to X
+ *   atmoe params [--device D]     print the tuned parameters a context on
+ *                                 the device uses, and where they come from
  *   atmoe version
  *
  * Subcommands are a table, so that train and cluster join it as they are
@@ -703,6 +705,39 @@ out:
     free(in.x);
     free(in.router_input);
     free(in.gate_index);
+static int cmd_params(int argc, char **argv)
+{
+    const char *device = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--device") == 0 && i + 1 < argc)
+            device = argv[++i];
+        else if (strncmp(argv[i], "--device=", 9) == 0)
+            device = argv[i] + 9;
+        else {
+            fprintf(stderr, "atmoe params: unexpected argument '%s'\n",
+                    argv[i]);
+            return 2;
+        }
+    }
+    atmoe_context *ctx;
+    atmoe_status st = atmoe_context_new(&ctx, device);
+    if (st != ATMOE_STATUS_OK)
+        return fail("opening the device", st, NULL);
+    size_t need = 0;
+    char probe[1];
+    atmoe_context_get_params(ctx, probe, sizeof probe, &need);
+    char *text = need ? malloc(need) : NULL;
+    int rc = 0;
+    if (text == NULL)
+        rc = fail("describing the parameters", ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                  NULL);
+    else if ((st = atmoe_context_get_params(ctx, text, need, NULL)) !=
+             ATMOE_STATUS_OK)
+        rc = fail("describing the parameters", st, ctx);
+    else
+        printf("%s\n", text);
+    free(text);
+    atmoe_context_free(ctx);
     return rc;
 }
 
@@ -729,6 +764,8 @@ static const struct command {
     {"run", cmd_run,
      "MANIFEST --input X --output Y [--trace T] [--device D]  apply a "
      "manifest's layers"},
+    {"params", cmd_params,
+     "[--device D]  print the tuned parameters in force (atmoe-tune(1))"},
     {"version", cmd_version, "print the library version"},
 };
 

@@ -1,0 +1,98 @@
+#!/bin/sh
+# atmoe-tune: a short run at the small size into a fresh database, which
+# must then parse and hold one entry for the device; a second run keeps
+# the file valid; --check refuses a malformed file; usage errors.  The
+# seed is fixed so that repeated runs find the candidates compiled in
+# PoCL's kernel cache.  Exit 77 (a skip for automake's harness) when there
+# is no OpenCL device.
+set -u
+
+tune=./bench/atmoe-tune
+atmoe=./tools/atmoe
+
+tmp=$(mktemp -d "${ATMOE_TEST_TMPDIR:-${TMPDIR:-/tmp}}/tmp-tune.XXXXXX") ||
+    exit 99
+trap 'rm -rf "$tmp"' EXIT INT TERM
+
+failures=0
+fail() {
+    echo "FAIL: $*"
+    failures=$((failures + 1))
+}
+
+run() {
+    "$tune" "$@" > "$tmp/out" 2> "$tmp/err"
+    rc=$?
+}
+
+if ! "$atmoe" devices > /dev/null 2>&1; then
+    echo "SKIP: no OpenCL device"
+    exit 77
+fi
+
+db="$tmp/db/tuning.json"
+
+# --- a short run writes an entry that the library accepts
+run --sizes small --budget-s 5 --runs 1 --no-direct --seed 3 --clock cpu \
+    --output "$db"
+cat "$tmp/out"
+if [ "$rc" -ne 0 ]; then
+    fail "the tuner exited $rc"
+    cat "$tmp/err"
+fi
+"$tune" --check "$db" > "$tmp/check" 2>&1 || fail "--check refused the tuner's output"
+grep -q "with 1 entry" "$tmp/check" || fail "the database does not hold one entry"
+grep -q '"atmoe_tuning": 1' "$db" || fail "no format version in the database"
+grep -q '"info"' "$db" || fail "no info in the entry"
+if command -v python3 > /dev/null 2>&1; then
+    python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$db" ||
+        fail "python3 cannot parse the database"
+fi
+ls "$tmp/db" | grep -q '\.json\.' && fail "a temporary file was left behind"
+
+# the entry is the one a context on the device then uses
+ATMOE_TUNING_FILE="$db" "$atmoe" params > "$tmp/params" 2>&1 ||
+    fail "atmoe params failed"
+if grep -q '"Xgemm"' "$db"; then
+    grep -q '"device+driver"' "$tmp/params" ||
+        fail "a context does not use the saved entry"
+fi
+
+# --- --dry-run leaves the file alone
+cp "$db" "$tmp/before"
+run --sizes small --budget-s 0 --runs 1 --no-direct --seed 3 --clock cpu \
+    --output "$db" --dry-run
+[ "$rc" -eq 0 ] || fail "a dry run exited $rc"
+cmp -s "$db" "$tmp/before" || fail "a dry run changed the database"
+
+# --- --check refuses a malformed file and says why
+printf '{"atmoe_tuning": 1, "entries": [{"vendor": "PoCL"}]}\n' > "$tmp/bad.json"
+run --check "$tmp/bad.json"
+[ "$rc" -eq 1 ] || fail "--check of a malformed file exited $rc, not 1"
+grep -q "vendor and a type" "$tmp/err" || fail "no reason for the refusal"
+run --check "$tmp/missing.json"
+[ "$rc" -eq 1 ] || fail "--check of a missing file exited $rc, not 1"
+
+# --- a malformed output database is not overwritten
+run --sizes small --budget-s 0 --runs 1 --no-direct --seed 3 --clock cpu \
+    --output "$tmp/bad.json"
+[ "$rc" -eq 1 ] || fail "saving into a malformed database exited $rc, not 1"
+grep -q '"vendor": "PoCL"}]}' "$tmp/bad.json" ||
+    fail "the malformed database was changed"
+
+# --- usage errors
+run --sizes huge
+[ "$rc" -eq 2 ] || fail "--sizes huge exited $rc, not 2"
+run --runs 0
+[ "$rc" -eq 2 ] || fail "--runs 0 exited $rc, not 2"
+run --clock sundial
+[ "$rc" -eq 2 ] || fail "--clock sundial exited $rc, not 2"
+run --no-such-option
+[ "$rc" -eq 2 ] || fail "an unknown option exited $rc, not 2"
+
+if [ "$failures" -ne 0 ]; then
+    echo "$failures check(s) failed"
+    exit 1
+fi
+echo "atmoe-tune: all checks passed"
+exit 0

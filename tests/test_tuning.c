@@ -1,0 +1,710 @@
+/* Tuning databases: parsing (valid files, malformed ones logged and
+ * ignored), the user copy winning over the system copy, the lookup order
+ * (device and driver, device, vendor and type), the path of the user copy,
+ * saving entries, ATMOE_PARAMS=default, and a GEMM under a non-default
+ * CLBlast parameter set checked against float64 on both of CLBlast's
+ * paths.
+ *
+ * CLBlast's overrides last for the process, so the test that needs
+ * CLBlast's built-in parameters comes first (tests share one process when
+ * CK_FORK=no), and the lookup tests use "kernels" sections only, which stay
+ * within their context. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <jansson.h>
+
+#include "testutil.h"
+
+/* A valid, non-default Xgemm set (CLBlast's GEMMK 0 kernel). */
+#define XGEMM_SET                                                             \
+    "{\"GEMMK\": 0, \"KREG\": 1, \"KWG\": 16, \"KWI\": 2, \"MDIMA\": 8, "     \
+    "\"MDIMC\": 8, \"MWG\": 32, \"NDIMB\": 16, \"NDIMC\": 16, \"NWG\": 64, " \
+    "\"SA\": 1, \"SB\": 0, \"STRM\": 0, \"STRN\": 1, \"VWM\": 2, \"VWN\": 4}"
+#define DIRECT_SET                                                            \
+    "{\"KWID\": 2, \"MDIMAD\": 8, \"MDIMCD\": 8, \"NDIMBD\": 8, "            \
+    "\"NDIMCD\": 8, \"PADA\": 1, \"PADB\": 0, \"VWMD\": 2, \"VWND\": 1, "    \
+    "\"WGD\": 16}"
+
+static char tmpdir[4096];
+static char sys_path[4200], user_path[4200];
+static atmoe_device_info dev;
+
+/* Warnings the library logged, one per line. */
+static char logged[16384];
+
+static void collect(atmoe_log_level level, const char *message, void *user)
+{
+    (void)user;
+    if (level < ATMOE_LOG_WARNING)
+        return;
+    size_t at = strlen(logged);
+    snprintf(logged + at, sizeof logged - at, "%s\n", message);
+}
+
+static void write_file(const char *path, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void write_file(const char *path, const char *fmt, ...)
+{
+    FILE *f = fopen(path, "w");
+    ck_assert_msg(f != NULL, "cannot write %s", path);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(f, fmt, ap);
+    va_end(ap);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+/* Each test gets empty system and user databases of its own, read through
+ * the environment, and the device's identity for writing entries. */
+static void setup(void)
+{
+    test_mkdtemp(tmpdir, sizeof tmpdir, "tuning");
+    snprintf(sys_path, sizeof sys_path, "%s/system.json", tmpdir);
+    snprintf(user_path, sizeof user_path, "%s/user.json", tmpdir);
+    setenv("ATMOE_TUNING_SYSTEM_FILE", sys_path, 1);
+    setenv("ATMOE_TUNING_FILE", user_path, 1);
+    unsetenv("ATMOE_PARAMS");
+    size_t index;
+    ck_assert_status(atmoe_device_default(&index), NULL);
+    ck_assert_status(atmoe_device_get_info(index, &dev), NULL);
+    logged[0] = '\0';
+    ck_assert_status(atmoe_log_set(collect, NULL, ATMOE_LOG_WARNING), NULL);
+}
+
+static void teardown(void)
+{
+    atmoe_log_set(NULL, NULL, ATMOE_LOG_ERROR);
+    unsetenv("ATMOE_PARAMS");
+    test_rmdir_r(tmpdir);
+}
+
+/* The parameters in force on ctx, parsed. */
+static json_t *params_of(atmoe_context *ctx)
+{
+    size_t need = 0;
+    char small[4];
+    ck_assert_fails(atmoe_context_get_params(ctx, small, sizeof small, &need),
+                    ctx, ATMOE_STATUS_OUT_OF_RANGE);
+    ck_assert_uint_gt(need, sizeof small);
+    char *text = malloc(need);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_status(atmoe_context_get_params(ctx, text, need, NULL), ctx);
+    json_error_t je;
+    json_t *p = json_loads(text, 0, &je);
+    ck_assert_msg(p != NULL, "get_params gave no JSON: %s\n%s", je.text, text);
+    free(text);
+    return p;
+}
+
+/* kernels.<program>.defines.<name> in force on ctx, or -1. */
+static long long define_of(atmoe_context *ctx, const char *program,
+                           const char *name, char *match, size_t size)
+{
+    json_t *p = params_of(ctx);
+    json_t *k = json_object_get(json_object_get(p, "kernels"), program);
+    json_t *v = json_object_get(json_object_get(k, "defines"), name);
+    long long out = v ? json_integer_value(v) : -1;
+    if (match)
+        snprintf(match, size, "%s",
+                 k ? json_string_value(json_object_get(k, "match")) : "");
+    json_decref(p);
+    return out;
+}
+
+/* An entry line: key fields then a "kernels" section defining TUNE_PROBE
+ * for program "probe". */
+static void entry(char *out, size_t size, const char *device,
+                  const char *driver, int value)
+{
+    char key[1024] = "";
+    if (device)
+        snprintf(key, sizeof key, "\"device\": \"%s\", ", device);
+    if (driver)
+        snprintf(key + strlen(key), sizeof key - strlen(key),
+                 "\"driver\": \"%s\", ", driver);
+    snprintf(out, size,
+             "{%s\"vendor\": \"%s\", \"type\": \"%s\", \"kernels\": "
+             "{\"probe\": {\"TUNE_PROBE\": %d}}}",
+             key, atmoe_vendor_name(dev.vendor),
+             atmoe_device_type_name(dev.type), value);
+}
+
+/* y = x W^T (+ nothing) for odd shapes through the graph, against float64,
+ * with the output poisoned before it is read. */
+static void check_gemm(atmoe_context *ctx, size_t t, size_t d_in,
+                       size_t d_out)
+{
+    test_rng rng;
+    test_rng_seed(&rng, 1000 + t);
+    float *x = malloc(t * d_in * sizeof *x), *w = malloc(d_out * d_in * sizeof *w);
+    float *y = malloc(t * d_out * sizeof *y);
+    double *ref = malloc(t * d_out * sizeof *ref);
+    ck_assert(x && w && y && ref);
+    test_fill_uniform(&rng, x, t * d_in, -1, 1);
+    test_fill_uniform(&rng, w, d_out * d_in, -1, 1);
+    for (size_t i = 0; i < t; i++)
+        for (size_t j = 0; j < d_out; j++) {
+            double s = 0;
+            for (size_t k = 0; k < d_in; k++)
+                s += (double)x[i * d_in + k] * w[j * d_in + k];
+            ref[i * d_out + j] = s;
+        }
+    atmoe_graph *g;
+    atmoe_node xn, wn, yn;
+    size_t xs[2] = {t, d_in}, ws[2] = {d_out, d_in};
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &xn),
+                     ctx);
+    ck_assert_status(atmoe_graph_constant(g, "w", ATMOE_DTYPE_F32, 2, ws, w,
+                                          &wn), ctx);
+    ck_assert_status(atmoe_graph_matmul(g, xn, wn, ATMOE_NODE_NONE,
+                                        ATMOE_MATMUL_TRANSPOSE_B, &yn), ctx);
+    ck_assert_status(atmoe_graph_output(g, yn), ctx);
+    ck_assert_status(atmoe_graph_plan(g, 0), ctx);
+    ck_assert_status(atmoe_graph_set_input(g, xn, x, t * d_in * sizeof *x, 0),
+                     ctx);
+    ck_assert_status(atmoe_graph_compute(g, 0), ctx);
+    test_poison(y, t * d_out);
+    ck_assert_status(atmoe_graph_read(g, yn, y, t * d_out * sizeof *y), ctx);
+    /* fp32 sums of d_in products of values in [-1, 1]. */
+    double err = test_max_rel_err(y, ref, t * d_out, 1.0);
+    ck_assert_msg(err < 1e-5, "T=%zu %zux%zu: relative error %g", t, d_in,
+                  d_out, err);
+    atmoe_graph_free(g);
+    free(x);
+    free(w);
+    free(y);
+    free(ref);
+}
+
+/* ---------------------------------------------------------------- tests */
+
+START_TEST(test_params_default_env)
+{
+    write_file(user_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [{\"device\": \"%s\", "
+               "\"vendor\": \"%s\", \"type\": \"%s\", \"clblast\": "
+               "{\"Xgemm\": " XGEMM_SET "}}]}\n",
+               dev.name, atmoe_vendor_name(dev.vendor),
+               atmoe_device_type_name(dev.type));
+    setenv("ATMOE_PARAMS", "default", 1);
+    atmoe_context *ctx = test_context();
+    json_t *p = params_of(ctx);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "mode")), "default");
+    ck_assert_uint_eq(json_object_size(json_object_get(p, "clblast")), 0);
+    json_decref(p);
+    /* Nothing was overridden, so asking for the defaults again works. */
+    ck_assert_status(atmoe_context_set_params(ctx, "default"), ctx);
+    check_gemm(ctx, 3, 5, 7);
+    atmoe_context_free(ctx);
+    ck_assert_str_eq(logged, "");
+}
+END_TEST
+
+START_TEST(test_check_valid)
+{
+    char a[2048], b[2048], c[2048];
+    entry(a, sizeof a, NULL, NULL, 1);
+    entry(b, sizeof b, dev.name, NULL, 2);
+    entry(c, sizeof c, dev.name, "some driver", 3);
+    write_file(sys_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [%s, %s, %s, "
+               "{\"vendor\": \"NVIDIA\", \"type\": \"GPU\", \"clblast\": "
+               "{\"Xgemm\": " XGEMM_SET ", \"XgemmDirect\": " DIRECT_SET
+               ", \"GemmRoutine\": {\"XGEMM_MIN_INDIRECT_SIZE\": 512}}, "
+               "\"info\": {\"by\": \"hand\"}}]}\n",
+               a, b, c);
+    size_t n = 0;
+    ck_assert_status(atmoe_tuning_check(sys_path, &n), NULL);
+    ck_assert_uint_eq(n, 4);
+    ck_assert_status(atmoe_tuning_check(sys_path, NULL), NULL);
+
+    write_file(sys_path, "{\"atmoe_tuning\": 1, \"entries\": []}");
+    ck_assert_status(atmoe_tuning_check(sys_path, &n), NULL);
+    ck_assert_uint_eq(n, 0);
+
+    /* The database installed with the library is valid. */
+    const char *srcdir = getenv("srcdir");
+    char shipped[4200];
+    snprintf(shipped, sizeof shipped, "%s/data/tuning.json",
+             srcdir ? srcdir : ".");
+    ck_assert_status(atmoe_tuning_check(shipped, NULL), NULL);
+
+    ck_assert_fails(atmoe_tuning_check(user_path, NULL), NULL,
+                    ATMOE_STATUS_IO_ERROR);
+    ck_assert_fails(atmoe_tuning_check(NULL, NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+}
+END_TEST
+
+/* Malformed databases: refused by atmoe_tuning_check with a message naming
+ * the fault, and ignored with a warning by a context, which still works. */
+START_TEST(test_malformed)
+{
+    static const struct {
+        const char *text, *says;
+    } bad[] = {
+        {"{\"atmoe_tuning\": 1, \"entries\": [", "line"},
+        {"[]", "top level"},
+        {"{\"entries\": []}", "version"},
+        {"{\"atmoe_tuning\": 2, \"entries\": []}", "version 2"},
+        {"{\"atmoe_tuning\": 1, \"entries\": {}}", "entries"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [], \"extra\": 1}", "extra"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"type\": \"CPU\"}]}",
+         "vendor"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"ACME\", "
+         "\"type\": \"CPU\"}]}", "ACME"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"driver\": \"3\"}]}", "driver needs a device"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblas\": {}}]}", "clblas"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\"}, {\"vendor\": \"PoCL\", \"type\": \"CPU\"}]}",
+         "same key"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblast\": {\"Xgemv\": {}}}]}", "Xgemv"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblast\": {\"GemmRoutine\": {}}}]}",
+         "XGEMM_MIN_INDIRECT_SIZE"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblast\": {\"GemmRoutine\": "
+         "{\"XGEMM_MIN_INDIRECT_SIZE\": -1}}}]}", "outside"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblast\": {\"GemmRoutine\": "
+         "{\"XGEMM_MIN_INDIRECT_SIZE\": 1.5}}}]}", "integer"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblast\": {\"Copy\": {\"COPY_DIMX\": 8, "
+         "\"COPY_DIMY\": 8, \"COPY_VW\": 4, \"COPY_WPT\": 1, \"X\": 1}}}]}",
+         "no parameter 'X'"},
+        /* MWG 48 is not a multiple of MDIMC * VWM = 32 */
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblast\": {\"Xgemm\": {\"GEMMK\": 0, "
+         "\"KREG\": 1, \"KWG\": 16, \"KWI\": 2, \"MDIMA\": 8, \"MDIMC\": 8, "
+         "\"MWG\": 48, \"NDIMB\": 16, \"NDIMC\": 16, \"NWG\": 64, \"SA\": 1, "
+         "\"SB\": 0, \"STRM\": 0, \"STRN\": 1, \"VWM\": 4, \"VWN\": 4}}}]}",
+         "MWG (48) is not a multiple of MDIMC*VWM"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": \"1 -DB\"}}}]}",
+         "plain token"},
+        /* GEMMK 1 with unequal tiles: CLBlast 1.5 writes past C */
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"clblast\": {\"Xgemm\": {\"GEMMK\": 1, "
+         "\"KREG\": 4, \"KWG\": 1, \"KWI\": 1, \"MDIMA\": 8, \"MDIMC\": 8, "
+         "\"MWG\": 64, \"NDIMB\": 8, \"NDIMC\": 8, \"NWG\": 128, \"SA\": 0, "
+         "\"SB\": 0, \"STRM\": 0, \"STRN\": 0, \"VWM\": 4, \"VWN\": 4}}}]}",
+         "MWG = NWG"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"2A\": 1}}}]}",
+         "macro name"},
+    };
+    char good[2048];
+    entry(good, sizeof good, dev.name, NULL, 5);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        write_file(user_path, "%s", bad[i].text);
+        ck_assert_fails(atmoe_tuning_check(user_path, NULL), NULL,
+                        ATMOE_STATUS_FORMAT_ERROR);
+        ck_assert_msg(strstr(atmoe_errmsg(NULL), bad[i].says) != NULL,
+                      "case %zu: '%s' does not say '%s'", i,
+                      atmoe_errmsg(NULL), bad[i].says);
+        ck_assert_msg(strstr(atmoe_errmsg(NULL), user_path) != NULL,
+                      "case %zu: the message does not name the file", i);
+    }
+
+    /* A context ignores the bad user copy, warns, and still reads the
+     * system copy and computes. */
+    write_file(sys_path, "{\"atmoe_tuning\": 1, \"entries\": [%s]}", good);
+    write_file(user_path, "%s", bad[16].text); /* the MWG case */
+    logged[0] = '\0';
+    atmoe_context *ctx = test_context();
+    ck_assert_msg(strstr(logged, user_path) && strstr(logged, "ignored"),
+                  "no warning naming the ignored file: '%s'", logged);
+    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), 5);
+    check_gemm(ctx, 3, 5, 7);
+    atmoe_context_free(ctx);
+
+    /* An unreadable path (a directory) is one more malformed file. */
+    write_file(user_path, "{\"atmoe_tuning\": 1, \"entries\": []}");
+    setenv("ATMOE_TUNING_SYSTEM_FILE", tmpdir, 1);
+    logged[0] = '\0';
+    ctx = test_context();
+    ck_assert_msg(strstr(logged, tmpdir) != NULL, "no warning: '%s'", logged);
+    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), -1);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+START_TEST(test_user_wins)
+{
+    char s2[2048], u1[2048];
+    entry(s2, sizeof s2, NULL, NULL, 2);
+    entry(u1, sizeof u1, dev.name, NULL, 7);
+    /* The system's device entry also defines OTHER: the user's entry of the
+     * same key replaces it whole. */
+    write_file(sys_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [{\"device\": \"%s\", "
+               "\"vendor\": \"%s\", \"type\": \"%s\", \"kernels\": "
+               "{\"probe\": {\"TUNE_PROBE\": 1, \"OTHER\": 4}}}, %s]}",
+               dev.name, atmoe_vendor_name(dev.vendor),
+               atmoe_device_type_name(dev.type), s2);
+    write_file(user_path, "{\"atmoe_tuning\": 1, \"entries\": [%s]}", u1);
+    atmoe_context *ctx = test_context();
+    char match[64];
+    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", match,
+                               sizeof match), 7);
+    ck_assert_str_eq(match, "device");
+    ck_assert_int_eq(define_of(ctx, "probe", "OTHER", NULL, 0), -1);
+    json_t *p = params_of(ctx);
+    ck_assert_str_eq(json_string_value(json_object_get(
+                         json_object_get(json_object_get(p, "kernels"),
+                                         "probe"),
+                         "file")),
+                     user_path);
+    json_decref(p);
+    atmoe_context_free(ctx);
+
+    /* Without the user copy, the system's entry is back. */
+    unlink(user_path);
+    ctx = test_context();
+    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), 1);
+    ck_assert_int_eq(define_of(ctx, "probe", "OTHER", NULL, 0), 4);
+    atmoe_context_free(ctx);
+    ck_assert_str_eq(logged, "");
+}
+END_TEST
+
+START_TEST(test_lookup_order)
+{
+    static const struct {
+        int vendor_type, device, other_driver, this_driver, other_device;
+        long long want;
+        const char *match;
+    } cases[] = {
+        {0, 0, 0, 0, 0, -1, ""},
+        {0, 0, 0, 0, 1, -1, ""},
+        {1, 0, 0, 0, 1, 1, "vendor+type"},
+        {1, 1, 0, 0, 1, 2, "device"},
+        {1, 1, 1, 0, 1, 2, "device"},
+        {1, 1, 1, 1, 1, 4, "device+driver"},
+        {0, 0, 0, 1, 0, 4, "device+driver"},
+        {0, 0, 1, 0, 0, -1, ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char list[8192] = "", e[2048];
+        int n = 0;
+#define ADD(cond, dname, drv, value)                                          \
+        if (cond) {                                                           \
+            entry(e, sizeof e, dname, drv, value);                            \
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", \
+                     n++ ? ", " : "", e);                                     \
+        }
+        ADD(cases[i].vendor_type, NULL, NULL, 1);
+        ADD(cases[i].device, dev.name, NULL, 2);
+        ADD(cases[i].other_driver, dev.name, "not this driver", 3);
+        ADD(cases[i].this_driver, dev.name, dev.driver_version, 4);
+        ADD(cases[i].other_device, "not this device", NULL, 5);
+#undef ADD
+        /* Half the cases from the system copy, half from the user's. */
+        write_file(i % 2 ? sys_path : user_path,
+                   "{\"atmoe_tuning\": 1, \"entries\": [%s]}", list);
+        write_file(i % 2 ? user_path : sys_path,
+                   "{\"atmoe_tuning\": 1, \"entries\": []}");
+        atmoe_context *ctx = test_context();
+        char match[64];
+        long long got = define_of(ctx, "probe", "TUNE_PROBE", match,
+                                  sizeof match);
+        ck_assert_msg(got == cases[i].want, "case %zu: TUNE_PROBE = %lld, "
+                      "want %lld", i, got, cases[i].want);
+        ck_assert_msg(strcmp(match, cases[i].match) == 0,
+                      "case %zu: match '%s', want '%s'", i, match,
+                      cases[i].match);
+        /* set_params("tuned") reads the files again. */
+        write_file(user_path, "{\"atmoe_tuning\": 1, \"entries\": []}");
+        write_file(sys_path, "{\"atmoe_tuning\": 1, \"entries\": []}");
+        ck_assert_status(atmoe_context_set_params(ctx, "tuned"), ctx);
+        ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), -1);
+        atmoe_context_free(ctx);
+    }
+    ck_assert_str_eq(logged, "");
+}
+END_TEST
+
+/* A define of the "kernels" section reaches the build of its program: the
+ * program is built again with it, and still computes right. */
+START_TEST(test_kernel_defines_build)
+{
+    write_file(sys_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"%s\", "
+               "\"type\": \"%s\", \"kernels\": {\"tensor\": "
+               "{\"ATMOE_TUNING_TEST_PROBE\": 3}}}]}",
+               atmoe_vendor_name(dev.vendor),
+               atmoe_device_type_name(dev.type));
+    atmoe_context *ctx = test_context();
+    ck_assert_status(atmoe_context_set_cache_dir(ctx, NULL), ctx);
+    size_t shape[1] = {37};
+    float back[37];
+    atmoe_tensor *t;
+    ck_assert_status(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 1, shape, &t),
+                     ctx);
+    ck_assert_status(atmoe_tensor_fill(t, 2.5), ctx);
+    atmoe_cache_stats before, after;
+    ck_assert_status(atmoe_context_get_cache_stats(ctx, &before), ctx);
+    ck_assert_uint_ge(before.builds, 1);
+    ck_assert_status(atmoe_context_set_params(ctx, "{\"kernels\": {}}"), ctx);
+    ck_assert_status(atmoe_tensor_fill(t, 1.5), ctx);
+    ck_assert_status(atmoe_context_get_cache_stats(ctx, &after), ctx);
+    ck_assert_uint_eq(after.builds, before.builds + 1);
+    test_poison(back, 37);
+    ck_assert_status(atmoe_tensor_read(t, back, sizeof back), ctx);
+    for (int i = 0; i < 37; i++)
+        ck_assert_float_eq(back[i], 1.5f);
+    json_t *p = params_of(ctx);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "mode")), "custom");
+    json_decref(p);
+    atmoe_tensor_free(t);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+/* A non-default CLBlast set changes no number: odd shapes on the indirect
+ * path (Xgemm with its pad and transpose kernels) and on the direct path
+ * (XgemmDirect), against float64. */
+START_TEST(test_explicit_set_numerics)
+{
+    atmoe_context *ctx = test_context();
+    /* m n k >= 40^3 runs indirect, smaller ones direct. */
+    ck_assert_status(
+        atmoe_context_set_params(
+            ctx, "{\"clblast\": {\"Xgemm\": " XGEMM_SET ", \"XgemmDirect\": "
+                 DIRECT_SET ", \"GemmRoutine\": "
+                 "{\"XGEMM_MIN_INDIRECT_SIZE\": 40}}}"),
+        ctx);
+    json_t *p = params_of(ctx);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "mode")), "custom");
+    json_t *x = json_object_get(json_object_get(p, "clblast"), "Xgemm");
+    ck_assert_str_eq(json_string_value(json_object_get(x, "match")),
+                     "explicit");
+    ck_assert_int_eq(json_integer_value(json_object_get(
+                         json_object_get(x, "params"), "MWG")), 32);
+    json_decref(p);
+    check_gemm(ctx, 37, 131, 77); /* indirect */
+    check_gemm(ctx, 5, 9, 7);     /* direct */
+    check_gemm(ctx, 70, 33, 65);  /* indirect, every size padded */
+
+    /* The defaults cannot come back in this process. */
+    ck_assert_fails(atmoe_context_set_params(ctx, "default"), ctx,
+                    ATMOE_STATUS_NOT_SUPPORTED);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "Xgemm"));
+    /* A second context on the device reports the same sets in force. */
+    atmoe_context *other = test_context();
+    p = params_of(other);
+    ck_assert_str_eq(json_string_value(json_object_get(p, "mode")), "tuned");
+    ck_assert_ptr_nonnull(json_object_get(json_object_get(p, "clblast"),
+                                          "XgemmDirect"));
+    json_decref(p);
+    atmoe_context_free(other);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+START_TEST(test_set_params_errors)
+{
+    atmoe_context *ctx = test_context();
+    ck_assert_fails(atmoe_context_set_params(NULL, "tuned"), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_context_set_params(ctx, NULL), ctx,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_context_set_params(ctx, "fastest"), ctx,
+                    ATMOE_STATUS_INVALID_ARGUMENT);
+    ck_assert_fails(atmoe_context_set_params(ctx, "{\"clblast\": "), ctx,
+                    ATMOE_STATUS_FORMAT_ERROR);
+    ck_assert_fails(atmoe_context_set_params(ctx, "{\"vendor\": \"PoCL\"}"),
+                    ctx, ATMOE_STATUS_FORMAT_ERROR);
+    ck_assert_fails(atmoe_context_set_params(
+                        ctx, "{\"clblast\": {\"XgemmDirect\": {\"WGD\": 8}}}"),
+                    ctx, ATMOE_STATUS_FORMAT_ERROR);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "KWID"));
+    /* Valid in form, but more local memory than any device here has. */
+    char text[1024];
+    snprintf(text, sizeof text,
+             "{\"clblast\": {\"XgemmDirect\": {\"KWID\": 2, \"MDIMAD\": 8, "
+             "\"MDIMCD\": 8, \"NDIMBD\": 8, \"NDIMCD\": 8, \"PADA\": 0, "
+             "\"PADB\": 0, \"VWMD\": 1, \"VWND\": 1, \"WGD\": %d}}}",
+             8192);
+    ck_assert_fails(atmoe_context_set_params(ctx, text), ctx,
+                    ATMOE_STATUS_NOT_SUPPORTED);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "local memory"));
+    /* Refused sets changed nothing. */
+    json_t *p = params_of(ctx);
+    ck_assert_uint_eq(json_object_size(json_object_get(p, "clblast")), 0);
+    json_decref(p);
+
+    char buf[8];
+    ck_assert_fails(atmoe_context_get_params(NULL, buf, sizeof buf, NULL),
+                    NULL, ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_context_get_params(ctx, NULL, 0, NULL), ctx,
+                    ATMOE_STATUS_NULL_POINTER);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+/* Sets or unsets (value NULL) an environment variable. */
+static void set_env(const char *name, const char *value)
+{
+    if (value)
+        setenv(name, value, 1);
+    else
+        unsetenv(name);
+}
+
+START_TEST(test_user_path)
+{
+    char path[4096], want[4300];
+    char *home = getenv("HOME"), *xdg = getenv("XDG_DATA_HOME");
+    home = home ? strdup(home) : NULL;
+    xdg = xdg ? strdup(xdg) : NULL;
+    setenv("ATMOE_TUNING_FILE", "/somewhere/t.json", 1);
+    ck_assert_status(atmoe_tuning_user_path(path, sizeof path), NULL);
+    ck_assert_str_eq(path, "/somewhere/t.json");
+    ck_assert_fails(atmoe_tuning_user_path(path, 5), NULL,
+                    ATMOE_STATUS_OUT_OF_RANGE);
+    ck_assert_fails(atmoe_tuning_user_path(path, 0), NULL,
+                    ATMOE_STATUS_INVALID_ARGUMENT);
+    ck_assert_fails(atmoe_tuning_user_path(NULL, 10), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+
+    unsetenv("ATMOE_TUNING_FILE");
+    setenv("XDG_DATA_HOME", "/xdg", 1);
+    ck_assert_status(atmoe_tuning_user_path(path, sizeof path), NULL);
+    ck_assert_str_eq(path, "/xdg/atmoe/tuning.json");
+
+    setenv("XDG_DATA_HOME", "relative", 1);
+    setenv("HOME", tmpdir, 1);
+    ck_assert_status(atmoe_tuning_user_path(path, sizeof path), NULL);
+    snprintf(want, sizeof want, "%s/.local/share/atmoe/tuning.json", tmpdir);
+    ck_assert_str_eq(path, want);
+
+    unsetenv("XDG_DATA_HOME");
+    unsetenv("HOME");
+    ck_assert_fails(atmoe_tuning_user_path(path, sizeof path), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    setenv("ATMOE_TUNING_FILE", "", 1);
+    ck_assert_fails(atmoe_tuning_user_path(path, sizeof path), NULL,
+                    ATMOE_STATUS_NOT_FOUND);
+    set_env("HOME", home);
+    set_env("XDG_DATA_HOME", xdg);
+    free(home);
+    free(xdg);
+}
+END_TEST
+
+START_TEST(test_save)
+{
+    char path[4300];
+    snprintf(path, sizeof path, "%s/new/dir/tuning.json", tmpdir);
+    const char *set1 = "{\"kernels\": {\"probe\": {\"TUNE_PROBE\": 1}}, "
+                       "\"info\": {\"by\": \"test\"}}";
+    ck_assert_status(atmoe_tuning_save(path, &dev, set1), NULL);
+    size_t n = 0;
+    ck_assert_status(atmoe_tuning_check(path, &n), NULL);
+    ck_assert_uint_eq(n, 1);
+
+    /* The same device again replaces its entry; another device adds one. */
+    ck_assert_status(atmoe_tuning_save(
+                         path, &dev,
+                         "{\"clblast\": {\"Xgemm\": " XGEMM_SET "}}"),
+                     NULL);
+    atmoe_device_info other = dev;
+    snprintf(other.name, sizeof other.name, "another device");
+    ck_assert_status(atmoe_tuning_save(path, &other, set1), NULL);
+    json_t *root = json_load_file(path, 0, NULL);
+    ck_assert_ptr_nonnull(root);
+    json_t *entries = json_object_get(root, "entries");
+    ck_assert_uint_eq(json_array_size(entries), 2);
+    json_t *e0 = json_array_get(entries, 0);
+    ck_assert_str_eq(json_string_value(json_object_get(e0, "device")),
+                     dev.name);
+    ck_assert_str_eq(json_string_value(json_object_get(e0, "driver")),
+                     dev.driver_version);
+    ck_assert_ptr_nonnull(json_object_get(e0, "clblast"));
+    ck_assert_ptr_null(json_object_get(e0, "kernels"));
+    json_decref(root);
+
+    /* The saved entry is what a context on the device then uses. */
+    setenv("ATMOE_TUNING_FILE", path, 1);
+    ck_assert_status(atmoe_tuning_save(NULL, &dev, set1), NULL);
+    atmoe_context *ctx = test_context();
+    char match[64];
+    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", match,
+                               sizeof match), 1);
+    ck_assert_str_eq(match, "device+driver");
+    atmoe_context_free(ctx);
+
+    /* Refusals leave the file alone. */
+    ck_assert_fails(atmoe_tuning_save(path, &dev, "{\"clblast\": 3}"), NULL,
+                    ATMOE_STATUS_FORMAT_ERROR);
+    ck_assert_fails(atmoe_tuning_save(path, &dev, "{\"device\": \"x\"}"),
+                    NULL, ATMOE_STATUS_FORMAT_ERROR);
+    ck_assert_fails(atmoe_tuning_save(path, NULL, set1), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_fails(atmoe_tuning_save(path, &dev, NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    atmoe_device_info nameless = dev;
+    nameless.name[0] = '\0';
+    ck_assert_fails(atmoe_tuning_save(path, &nameless, set1), NULL,
+                    ATMOE_STATUS_INVALID_ARGUMENT);
+    atmoe_device_info alien = dev;
+    alien.vendor = (atmoe_vendor)99;
+    ck_assert_fails(atmoe_tuning_save(path, &alien, set1), NULL,
+                    ATMOE_STATUS_INVALID_ARGUMENT);
+    write_file(user_path, "not json");
+    ck_assert_fails(atmoe_tuning_save(user_path, &dev, set1), NULL,
+                    ATMOE_STATUS_FORMAT_ERROR);
+    FILE *f = fopen(user_path, "r");
+    char back[16] = "";
+    ck_assert_ptr_nonnull(fgets(back, sizeof back, f));
+    fclose(f);
+    ck_assert_str_eq(back, "not json");
+    snprintf(path, sizeof path, "%s/file/below", user_path);
+    ck_assert_fails(atmoe_tuning_save(path, &dev, set1), NULL,
+                    ATMOE_STATUS_IO_ERROR);
+}
+END_TEST
+
+static Suite *tuning_suite(void)
+{
+    Suite *s = suite_create("tuning");
+    /* First: it needs CLBlast's built-in parameters. */
+    TCase *tc = tcase_create("defaults");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_params_default_env);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("database");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_check_valid);
+    tcase_add_test(tc, test_malformed);
+    tcase_add_test(tc, test_user_wins);
+    tcase_add_test(tc, test_lookup_order);
+    tcase_add_test(tc, test_user_path);
+    tcase_add_test(tc, test_save);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("apply");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_kernel_defines_build);
+    tcase_add_test(tc, test_set_params_errors);
+    tcase_add_test(tc, test_explicit_set_numerics);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return test_run_suite(tuning_suite());
+}
