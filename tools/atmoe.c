@@ -705,6 +705,9 @@ out:
     free(in.x);
     free(in.router_input);
     free(in.gate_index);
+    return rc;
+}
+
 static int cmd_params(int argc, char **argv)
 {
     const char *device = NULL;
