@@ -12,6 +12,7 @@
 #include "graph.h"
 #include "log.h"
 #include "program.h"
+#include "tuning.h"
 
 static const char *mix_name(atmoe_mix mix)
 {
@@ -34,10 +35,17 @@ static int runs_linear(const atmoe_graph *g, size_t T)
     return T <= g->ctx->linear_max_tokens;
 }
 
-/* Blocks of SR x ST tiles walked together (see cl/linear.cl): 8 x 8 was
- * the best of 4 to 64 rows and columns at 64 and 512 tokens on PoCL. */
-#define LINEAR_SR 8
-#define LINEAR_ST 8
+/* Blocks of SR x ST tiles walked together (see cl/linear.cl), from the
+ * "linear" entry of the tuning database when it has them: 8 x 8 was the
+ * best of 4 to 64 at 64 and 512 tokens on PoCL.  The launch size depends
+ * on them, so they are read here and passed as build options. */
+static void linear_blocks(const atmoe_context *ctx, size_t *sr, size_t *st)
+{
+    long r = atm_tuning_kernel_value(ctx, "linear", "SR", 8);
+    long t = atm_tuning_kernel_value(ctx, "linear", "ST", 8);
+    *sr = r >= 1 && r <= 256 ? (size_t)r : 8;
+    *st = t >= 1 && t <= 256 ? (size_t)t : 8;
+}
 
 /* The tile of T tokens: rows and tokens per work-item.  One token streams
  * 8 rows; more tokens share each row load, up to a 4 x 4 tile of float16
@@ -50,12 +58,14 @@ static void linear_tile(size_t T, size_t *rows, size_t *tokens)
     *tokens = T <= 2 ? T : 4;
 }
 
-static void linear_options(size_t T, char *options, size_t size)
+static void linear_options(const atmoe_context *ctx, size_t T,
+                           char *options, size_t size)
 {
-    size_t rows, tokens;
+    size_t rows, tokens, sr, st;
     linear_tile(T, &rows, &tokens);
-    snprintf(options, size, "-DROWS=%zu -DTB=%zu -DSR=%d -DST=%d", rows,
-             tokens, LINEAR_SR, LINEAR_ST);
+    linear_blocks(ctx, &sr, &st);
+    snprintf(options, size, "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu", rows,
+             tokens, sr, st);
 }
 
 /* Whether every token uses the same (single) gate row. */
@@ -260,7 +270,7 @@ atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n)
         char options[64];
         if (tile_batches[i] > T)
             break;
-        linear_options(tile_batches[i], options, sizeof options);
+        linear_options(g->ctx, tile_batches[i], options, sizeof options);
         st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
     }
     if (st == ATMOE_STATUS_OK && mergeable(g, n))
@@ -296,7 +306,7 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
 {
     char options[64];
     cl_kernel k;
-    linear_options(T, options, sizeof options);
+    linear_options(g->ctx, T, options, sizeof options);
     atmoe_status st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
     if (st != ATMOE_STATUS_OK)
         return st;
@@ -323,8 +333,10 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
     linear_tile(T, &rows_per, &tokens_per);
     size_t row_tiles = (c->rows + rows_per - 1) / rows_per;
     size_t token_tiles = (T + tokens_per - 1) / tokens_per;
-    size_t bt = token_tiles < LINEAR_ST ? token_tiles : LINEAR_ST;
-    size_t items = (row_tiles + LINEAR_SR - 1) / LINEAR_SR * LINEAR_SR *
+    size_t block_rows, block_tokens;
+    linear_blocks(g->ctx, &block_rows, &block_tokens);
+    size_t bt = token_tiles < block_tokens ? token_tiles : block_tokens;
+    size_t items = (row_tiles + block_rows - 1) / block_rows * block_rows *
                    ((token_tiles + bt - 1) / bt * bt);
     /* CPU drivers run a work-group's items in a loop; one item per group
      * lets each core take whole rows.  GPUs choose their own grouping. */

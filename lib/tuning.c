@@ -875,6 +875,29 @@ void atm_tuning_release(atmoe_context *ctx)
     ctx->tuning = NULL;
 }
 
+/* Whether options already define macro key (-Dkey=...). */
+static int defines(const char *options, const char *key)
+{
+    size_t n = strlen(key);
+    for (const char *p = strstr(options, "-D"); p; p = strstr(p + 2, "-D"))
+        if ((p == options || p[-1] == ' ') && strncmp(p + 2, key, n) == 0 &&
+            (p[2 + n] == '=' || p[2 + n] == ' ' || p[2 + n] == '\0'))
+            return 1;
+    return 0;
+}
+
+long atm_tuning_kernel_value(const atmoe_context *ctx, const char *program,
+                             const char *key, long fallback)
+{
+    if (ctx->tuning == NULL)
+        return fallback;
+    json_t *v = json_object_get(
+        json_object_get(json_object_get(ctx->tuning->kernels, program),
+                        "values"),
+        key);
+    return json_is_integer(v) ? (long)json_integer_value(v) : fallback;
+}
+
 int atm_tuning_build_options(const atmoe_context *ctx, const char *name,
                              const char *options, char **result)
 {
@@ -897,6 +920,8 @@ int atm_tuning_build_options(const atmoe_context *ctx, const char *name,
         return -1;
     size_t at = (size_t)snprintf(out, len, "%s", options);
     json_object_foreach(defs, key, v) {
+        if (defines(options, key))
+            continue;
         const char *val = num;
         if (json_is_string(v))
             val = json_string_value(v);

@@ -32,8 +32,15 @@ void atm_tuning_init(atmoe_context *ctx);
 /* Releases what atm_tuning_init kept in the context. */
 void atm_tuning_release(atmoe_context *ctx);
 
+/* An integer of program `program`'s defines in the "kernels" section in
+ * force for ctx, or fallback.  Callers whose launch geometry depends on a
+ * define read it here and pass it in their options themselves. */
+long atm_tuning_kernel_value(const atmoe_context *ctx, const char *program,
+                             const char *key, long fallback);
+
 /* options followed by the defines of program `name` from the "kernels"
- * section in force for ctx: *out receives a malloc'd string, or NULL when
+ * section in force for ctx, less those options define already (the
+ * caller's values win): *out receives a malloc'd string, or NULL when
  * the program has no defines and options stand as they are (no allocation
  * on that path, which every kernel lookup takes).  -1 when out of host
  * memory. */

@@ -1691,9 +1691,11 @@ END_TEST
 /* tokens) and, with ATMOE_LINEAR_MAX_TOKENS=16, through CLBlast past 16     */
 /* ------------------------------------------------------------------------ */
 
-static void every_batch(void)
+static void every_batch(const char *params)
 {
     CTX = test_context();
+    if (params)
+        OK(atmoe_context_set_params(CTX, params));
     test_rng_seed(&RNG, 909);
     /* d_in 53: three whole float16 blocks and a tail of 5; d_out 37: a
      * partial last block of rows for tiles of 8 and of 4 rows. */
@@ -1777,7 +1779,16 @@ static void every_batch(void)
 
 START_TEST(test_every_batch)
 {
-    every_batch();
+    every_batch(NULL);
+}
+END_TEST
+
+/* Tuned blocks of 3 x 5 tiles change the launch; the tile, which the host
+ * chooses per batch, stays its own whatever the database says. */
+START_TEST(test_every_batch_tuned_blocks)
+{
+    every_batch("{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 5, "
+                "\"ROWS\": 2}}}");
 }
 END_TEST
 
@@ -1785,7 +1796,7 @@ END_TEST
 START_TEST(test_every_batch_clblast)
 {
     ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
-    every_batch();
+    every_batch(NULL);
     unsetenv("ATMOE_LINEAR_MAX_TOKENS");
 }
 END_TEST
@@ -2612,6 +2623,7 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_batched);
     tcase_add_test(tc, test_every_batch);
     tcase_add_test(tc, test_every_batch_clblast);
+    tcase_add_test(tc, test_every_batch_tuned_blocks);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
     suite_add_tcase(s, tc);
