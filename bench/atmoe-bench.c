@@ -859,6 +859,26 @@ result *push_result(device_run *d)
     return &d->results[d->n++];
 }
 
+/* The mode of the parameters ctx runs with (atmoe_context_get_params),
+ * and whether any tuned set is in force. */
+static int params_mode(const atmoe_context *ctx, char *mode, size_t size)
+{
+    char text[16384];
+    size_t need;
+    snprintf(mode, size, "unknown");
+    if (atmoe_context_get_params(ctx, text, sizeof text, &need) !=
+        ATMOE_STATUS_OK)
+        return 0;
+    json_t *root = json_loads(text, 0, NULL);
+    const char *m = json_string_value(json_object_get(root, "mode"));
+    if (m)
+        snprintf(mode, size, "%s", m);
+    int sets = json_object_size(json_object_get(root, "clblast")) +
+               json_object_size(json_object_get(root, "kernels")) > 0;
+    json_decref(root);
+    return sets;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Options                                                                   */
 /* ------------------------------------------------------------------------ */
@@ -871,6 +891,7 @@ typedef struct options {
     const char *json, *csv;
     int peer;         /* --peer torch */
     const char *plot; /* --plot FILE */
+    const char *params; /* --params tuned|default, or NULL */
 } options;
 
 static void usage(FILE *f)
@@ -897,6 +918,9 @@ static void usage(FILE *f)
         "                       variant torch; needs python3-torch)\n"
         "  --plot FILE          draw a roofline and bars of the median times\n"
         "                       into FILE.svg or FILE.png (needs gnuplot)\n"
+        "  --params tuned|default  the tuning databases' kernel parameters\n"
+        "                       (default) or CLBlast's built-in ones: run\n"
+        "                       once with each to compare them\n"
         "  --list-devices       list the OpenCL devices and exit\n"
         "  --check-json FILE    check that FILE holds every field of the JSON\n"
         "                       contract and exit (0 when it does)\n"
@@ -1800,6 +1824,7 @@ static void run_device(const char *selection, const options *o,
     }
     atmoe_context_get_device(ctx, &d->info);
     d->pocl_affinity = getenv("POCL_AFFINITY");
+    d->tuned_sets = params_mode(ctx, d->params, sizeof d->params);
     progress prog = {isatty(STDERR_FILENO), 0, 0, d->info.name};
     for (size_t i = 0; i < N_WORKLOADS; i++)
         if (o->selected[i])
@@ -1852,6 +1877,14 @@ static void print_ceilings(const device_run *d)
            "(%.0f MiB)\n",
            c->launch_us, c->sync_us, c->h2d_gbs, c->d2h_gbs,
            c->transfer_mib);
+    printf("  parameters: %s%s\n", d->params,
+           strcmp(d->params, "default") == 0
+               ? " (CLBlast's built-in sets; --params tuned for the tuning "
+                 "databases')"
+           : d->tuned_sets ? " (from the tuning databases; --params default "
+                             "for CLBlast's built-in sets)"
+                           : " (but no tuning database has an entry for this "
+                             "device: see atmoe-tune(1))");
     if (d->info.vendor == ATMOE_VENDOR_POCL) {
         if (d->pocl_affinity)
             printf("  PoCL threads: POCL_AFFINITY=%s\n", d->pocl_affinity);
@@ -1989,7 +2022,7 @@ static json_t *device_json(const options *o, const device_run *d)
             "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:o, s:o, "
             "s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}",
             "workload", r->workload, "scale", r->scale, "variant",
-            variant_names[r->variant], "params", "default", "T",
+            variant_names[r->variant], "params", d->params, "T",
             (json_int_t)r->T, "d_in", (json_int_t)r->d_in, "d_out",
             (json_int_t)r->d_out, "experts", (json_int_t)r->experts, "rank",
             (json_int_t)r->rank, "total_rank", (json_int_t)r->total_rank,
@@ -2088,9 +2121,10 @@ static int write_csv(FILE *f, void *arg)
             csv_string(f, atmoe_vendor_name(d->info.vendor));
             fputc(',', f);
             csv_string(f, atmoe_device_type_name(d->info.type));
-            fprintf(f, ",%s,%s,%s,default,%zu,%zu,%zu,%zu,%zu,%zu",
-                    r->workload, r->scale, variant_names[r->variant], r->T,
-                    r->d_in, r->d_out, r->experts, r->rank, r->total_rank);
+            fprintf(f, ",%s,%s,%s,%s,%zu,%zu,%zu,%zu,%zu,%zu",
+                    r->workload, r->scale, variant_names[r->variant],
+                    d->params, r->T, r->d_in, r->d_out, r->experts, r->rank,
+                    r->total_rank);
             csv_number(f, r->median_ms);
             csv_number(f, r->min_ms);
             csv_number(f, r->max_ms);
@@ -2246,7 +2280,7 @@ int main(int argc, char **argv)
     umask(mask);
     file_mode = 0666 & ~mask;
 
-    options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL};
+    options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL, NULL};
     for (size_t i = 0; i < N_WORKLOADS; i++)
         o.selected[i] = workloads[i].implemented;
     const char *v;
@@ -2290,10 +2324,25 @@ int main(int argc, char **argv)
             o.peer = 1;
         } else if ((v = opt_value(argc, argv, &i, "--plot"))) {
             o.plot = v;
+        } else if ((v = opt_value(argc, argv, &i, "--params"))) {
+            if (strcmp(v, "tuned") != 0 && strcmp(v, "default") != 0) {
+                fprintf(stderr, PROGRAM ": --params is tuned or default, "
+                                "not '%s'\n", v);
+                return EXIT_USAGE;
+            }
+            o.params = v;
         } else {
             fprintf(stderr, PROGRAM ": unknown option '%s' (see --help)\n", a);
             return EXIT_USAGE;
         }
+    }
+    /* CLBlast cannot go back to its built-in sets once a context has
+     * applied tuned ones, so the choice is made for the whole process
+     * before the first context. */
+    if (o.params && setenv("ATMOE_PARAMS", o.params, 1) != 0) {
+        fprintf(stderr, PROGRAM ": setting ATMOE_PARAMS: %s\n",
+                strerror(errno));
+        return EXIT_RUNTIME;
     }
     if (o.plot) {
         int rc = plot_check(o.plot);

@@ -80,6 +80,9 @@ typedef struct device_run {
     int ok;       /* ceilings measured: the device has a report */
     int failures; /* runs that failed */
     const char *pocl_affinity; /* POCL_AFFINITY of a PoCL device, or NULL */
+    char params[16];           /* the context's parameters: "tuned",
+                                  "default" or "custom" */
+    int tuned_sets;            /* whether a tuned set is in force */
     /* With --peer: the spec's workloads, one object each, the fused
      * outputs, and what the peer said about itself (NULL before it ran). */
     json_t *peer_workloads;

@@ -180,6 +180,17 @@ grep -q "no-gnuplot" "$tmp/err" || fail "no message naming the missing gnuplot"
 run --workload decode --peer tensorflow
 [ "$rc" -eq 2 ] || fail "--peer tensorflow exited $rc, not 2"
 
+# --- parameters: the run's choice is in every result
+run --workload decode --reps 1 --warmup 0 --params default \
+    --json "$tmp/default.json"
+[ "$rc" -eq 0 ] || fail "--params default exited $rc"
+n=$(grep -c '"params": "default"' "$tmp/default.json")
+[ "$n" -eq 9 ] || fail "$n of 9 results say params default"
+grep -q '"params": "default"' "$tmp/out.json" &&
+    fail "a run without --params labels its results default"
+run --workload decode --params fast
+[ "$rc" -eq 2 ] || fail "--params fast exited $rc, not 2"
+
 run_env ATMOE_BENCH_PYTHON="$tmp/no-python" -- --workload decode --peer torch
 [ "$rc" -eq 1 ] || fail "--peer torch without its Python exited $rc, not 1"
 grep -q "no-python" "$tmp/err" || fail "no message naming the missing Python"
