@@ -24,24 +24,22 @@ ATMOE_API const char *atmoe_version(void)
     return PACKAGE_VERSION;
 }
 
-/* Mixtures of up to this many tokens run cl/linear.cl instead of CLBlast
- * (lib/mixture.c says why): all of them on CPUs, decode elsewhere.
- * ATMOE_LINEAR_MAX_TOKENS overrides it, to compare or test both paths. */
-static size_t linear_max_tokens(const atmoe_device_info *info)
+/* ATMOE_LINEAR_MAX_TOKENS, read once: mixtures of up to this many tokens
+ * run cl/linear.cl instead of CLBlast (lib/mixture.c says why), whatever
+ * the device and its tuning; 0 when unset. */
+static size_t linear_max_tokens(void)
 {
-    size_t n = info->type == ATMOE_DEVICE_TYPE_CPU ? SIZE_MAX : 16;
     const char *env = getenv("ATMOE_LINEAR_MAX_TOKENS");
-    if (env && *env) {
-        char *end;
-        errno = 0;
-        unsigned long long v = strtoull(env, &end, 10);
-        if (*end == '\0' && errno == 0 && env[0] != '-')
-            n = v > SIZE_MAX ? SIZE_MAX : (size_t)v;
-        else
-            atm_log(ATMOE_LOG_WARNING, "ATMOE_LINEAR_MAX_TOKENS=%s is not a "
-                    "token count; using %zu", env, n);
-    }
-    return n;
+    if (env == NULL || *env == '\0')
+        return 0;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(env, &end, 10);
+    if (*end == '\0' && errno == 0 && env[0] != '-' && v > 0)
+        return v > SIZE_MAX ? SIZE_MAX : (size_t)v;
+    atm_log(ATMOE_LOG_WARNING, "ATMOE_LINEAR_MAX_TOKENS=%s is not a token "
+            "count of at least 1; ignored", env);
+    return 0;
 }
 
 ATMOE_API atmoe_status atmoe_context_new(atmoe_context **out,
@@ -97,7 +95,7 @@ ATMOE_API atmoe_status atmoe_context_new(atmoe_context **out,
             atm_log(ATMOE_LOG_WARNING, "ATMOE_KERNEL_DIR=%s is not a "
                     "directory; using the embedded kernels", kdir);
     }
-    ctx->linear_max_tokens = linear_max_tokens(&dev->info);
+    ctx->linear_max_tokens = linear_max_tokens();
     atm_tuning_init(ctx);
     atm_log(ATMOE_LOG_INFO, "context on device %zu: %s (%s)", index,
             dev->info.name, dev->info.platform_name);

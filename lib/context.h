@@ -36,7 +36,8 @@ struct atmoe_context {
                                   made; "" for the embedded sources */
     atmoe_memory_stats memory;
     size_t base_align; /* bytes; CL_DEVICE_MEM_BASE_ADDR_ALIGN */
-    size_t linear_max_tokens; /* see lib/mixture.c */
+    size_t linear_max_tokens; /* ATMOE_LINEAR_MAX_TOKENS, 0 when unset
+                                 (lib/mixture.c) */
     struct atm_tuning *tuning; /* the parameters in force (tuning.h) */
 
     char errmsg[ATM_ERRMSG_SIZE];

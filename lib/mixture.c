@@ -25,14 +25,21 @@ static const char *mix_name(atmoe_mix mix)
 }
 
 /* Which batches run the products of cl/linear.cl rather than CLBlast's
- * GEMMs (ctx->linear_max_tokens): every batch on a CPU device, where they
- * ran 4-5 times faster than CLBlast 1.5.3 with its default parameters on
- * PoCL 3.1 (decode and prefill alike), and batches of up to 16 tokens
- * elsewhere, where reading the weights once bounds the product and GEMM
- * tiling only adds to it. */
+ * GEMMs: up to ATMOE_LINEAR_MAX_TOKENS when it is set, else up to the
+ * tuning database's "linear" MAX_TOKENS, else every batch on a CPU device,
+ * where they ran 4-5 times faster than CLBlast 1.5.3 with its default
+ * parameters on PoCL 3.1 (decode and prefill alike), and batches of up to
+ * 16 tokens elsewhere, where reading the weights once bounds the product
+ * and GEMM tiling only adds to it. */
 static int runs_linear(const atmoe_graph *g, size_t T)
 {
-    return T <= g->ctx->linear_max_tokens;
+    const atmoe_context *ctx = g->ctx;
+    if (ctx->linear_max_tokens)
+        return T <= ctx->linear_max_tokens;
+    long tuned = atm_tuning_kernel_value(ctx, "linear", "MAX_TOKENS", 0);
+    if (tuned > 0)
+        return T <= (unsigned long)tuned;
+    return T <= 16 || ctx->device->info.type == ATMOE_DEVICE_TYPE_CPU;
 }
 
 /* Blocks of SR x ST tiles walked together (see cl/linear.cl), from the

@@ -1783,12 +1783,20 @@ START_TEST(test_every_batch)
 }
 END_TEST
 
-/* Tuned blocks of 3 x 5 tiles change the launch; the tile, which the host
- * chooses per batch, stays its own whatever the database says. */
+/* Tuned blocks of 3 x 3 tiles change the launch (16 tokens make two
+ * blocks of token tiles); the tile, which the host chooses per batch,
+ * stays its own whatever the database says. */
 START_TEST(test_every_batch_tuned_blocks)
 {
-    every_batch("{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 5, "
+    every_batch("{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 3, "
                 "\"ROWS\": 2}}}");
+}
+END_TEST
+
+/* A tuned boundary: CLBlast past 16 tokens, as on a GPU. */
+START_TEST(test_every_batch_tuned_boundary)
+{
+    every_batch("{\"kernels\": {\"linear\": {\"MAX_TOKENS\": 16}}}");
 }
 END_TEST
 
@@ -2624,6 +2632,7 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch);
     tcase_add_test(tc, test_every_batch_clblast);
     tcase_add_test(tc, test_every_batch_tuned_blocks);
+    tcase_add_test(tc, test_every_batch_tuned_boundary);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
     suite_add_tcase(s, tc);
