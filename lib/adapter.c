@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "experts.h"
 #include "file.h"
@@ -88,9 +89,12 @@ static int all_digits(const char *s, size_t n)
 }
 
 /* Module paths in reading order: runs of digits compare as numbers, so
- * layer 2 comes before layer 10. */
+ * layer 2 comes before layer 10.  Names equal as numbers ("m.01" and
+ * "m.1") are then ordered by strcmp, so that only equal names compare
+ * equal. */
 static int natural_cmp(const char *a, const char *b)
 {
+    const char *a0 = a, *b0 = b;
     while (*a && *b) {
         if (isdigit((unsigned char)*a) && isdigit((unsigned char)*b)) {
             while (*a == '0')
@@ -116,7 +120,9 @@ static int natural_cmp(const char *a, const char *b)
             b++;
         }
     }
-    return *a ? 1 : *b ? -1 : 0;
+    if (*a || *b)
+        return *a ? 1 : -1;
+    return strcmp(a0, b0);
 }
 
 static float lora_scale(size_t rank, float alpha, unsigned flags)
@@ -611,7 +617,10 @@ static atmoe_status take_tensor(atmoe_adapter *ad, const char *wpath,
     const char *start = t->name;
     if (strncmp(start, KEY_PREFIX, strlen(KEY_PREFIX)) == 0)
         start += strlen(KEY_PREFIX);
-    size_t len = strlen(start) - strlen(".lora_A.weight");
+    /* The suffix was checked on the whole name, so the part left once
+     * the prefix is gone may be shorter than it. */
+    size_t suffix = strlen(".lora_A.weight");
+    size_t len = strlen(start) > suffix ? strlen(start) - suffix : 0;
     if (len == 0)
         return atm_fail(ad->ctx, ATMOE_STATUS_FORMAT_ERROR,
                         "%s: tensor %s names no module", wpath, t->name);
@@ -707,7 +716,7 @@ static atmoe_status open_into(atmoe_adapter *ad, const char *dir)
         goto out;
     }
     config cf = {.path = cpath};
-    FILE *f = fopen(cpath, "rb");
+    FILE *f = atm_file_open_regular(cpath);
     if (f == NULL) {
         st = atm_fail(ad->ctx,
                       errno == ENOENT ? ATMOE_STATUS_NOT_FOUND
@@ -1112,7 +1121,10 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
         return atm_fail(adapter->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: the adapter has no target (atmoe_adapter_set)",
                         fn);
-    if (mkdir(dir, 0777) != 0 && errno != EEXIST)
+    /* A directory this call makes is removed again when the save fails
+     * (rmdir removes only an empty one). */
+    int made = mkdir(dir, 0777) == 0;
+    if (!made && errno != EEXIST)
         return atm_fail(adapter->ctx, ATMOE_STATUS_IO_ERROR,
                         "%s: cannot create %s: %s", fn, dir, strerror(errno));
     struct stat sb;
@@ -1163,6 +1175,8 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
     free(cpath);
     free(wpath);
     free(tmp);
+    if (st != ATMOE_STATUS_OK && made)
+        rmdir(dir);
     return st;
 }
 

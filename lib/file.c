@@ -1,6 +1,7 @@
 #include <config.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -33,6 +34,10 @@ int atm_file_commit(FILE *f, const char *tmp, const char *path, int ok)
     int e = 0;
     if (ferror(f) || !ok)
         e = errno ? errno : EIO;
+    /* On disk before the rename: after a crash the name holds the old
+     * file or the whole new one, never an empty one. */
+    if (e == 0 && (fflush(f) != 0 || fsync(fileno(f)) != 0))
+        e = errno;
     if (fclose(f) != 0 && e == 0)
         e = errno;
     if (e == 0 && rename(tmp, path) != 0)
@@ -43,4 +48,29 @@ int atm_file_commit(FILE *f, const char *tmp, const char *path, int ok)
         return -1;
     }
     return 0;
+}
+
+FILE *atm_file_open_regular(const char *path)
+{
+    /* O_NONBLOCK: opening a FIFO for reading would wait for a writer. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    struct stat sb;
+    int e = 0;
+    if (fstat(fd, &sb) != 0)
+        e = errno;
+    else if (S_ISDIR(sb.st_mode))
+        e = EISDIR;
+    else if (!S_ISREG(sb.st_mode))
+        e = EINVAL;
+    else if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
+        e = errno;
+    FILE *f = e ? NULL : fdopen(fd, "rb");
+    if (f == NULL) {
+        e = e ? e : errno;
+        close(fd);
+        errno = e;
+    }
+    return f;
 }

@@ -15,4 +15,9 @@ FILE *atm_file_begin(const char *path, char *tmp, size_t tmp_size);
  * returned with errno set. */
 int atm_file_commit(FILE *f, const char *tmp, const char *path, int ok);
 
+/* Opens path for reading if it is a regular file: NULL with errno set
+ * otherwise (EISDIR for a directory, EINVAL for a FIFO, device or
+ * socket), without waiting on a FIFO. */
+FILE *atm_file_open_regular(const char *path);
+
 #endif

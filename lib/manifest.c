@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "file.h"
 #include "json.h"
 #include "log.h"
 #include "manifest.h"
@@ -706,7 +707,7 @@ ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
         *manifest = NULL;
     ATM_CHECK_NULL(ctx, path);
     ATM_CHECK_NULL(ctx, manifest);
-    FILE *f = fopen(path, "rb");
+    FILE *f = atm_file_open_regular(path);
     if (f == NULL)
         return atm_fail(ctx,
                         errno == ENOENT ? ATMOE_STATUS_NOT_FOUND

@@ -366,7 +366,9 @@ ATMOE_API atmoe_status atmoe_safetensors_open(atmoe_context *ctx,
     ATM_CHECK_NULL(ctx, file);
     *file = NULL;
     ATM_CHECK_NULL(ctx, path);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO would otherwise wait for a writer; anything but
+     * a regular file is refused below. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
         int e = errno;
         return atm_fail(ctx,

@@ -515,17 +515,19 @@ static char *temp_name(const char *path)
     return t;
 }
 
-/* Renames the saved output (and trace, when from_tr is not NULL) into
- * place. */
+/* Renames the saved trace (when from_tr is not NULL), then the output,
+ * into place.  Two renames cannot be one step: the output goes last, so
+ * that a failure between them leaves the old output with a new trace,
+ * never a new output with a trace of an older run. */
 static int rename_both(const char *from_out, const char *out,
                        const char *from_tr, const char *tr)
 {
-    const char *from = from_out, *to = out;
-    if (rename(from_out, out) == 0) {
-        if (from_tr == NULL || rename(from_tr, tr) == 0)
+    const char *from = from_tr, *to = tr;
+    if (from_tr == NULL || rename(from_tr, tr) == 0) {
+        if (rename(from_out, out) == 0)
             return EXIT_OK;
-        from = from_tr;
-        to = tr;
+        from = from_out;
+        to = out;
     }
     fprintf(stderr, "atmoe run: cannot rename %s to %s: %s\n", from, to,
             strerror(errno));
