@@ -26,18 +26,7 @@
 
 #define TOL 1e-5
 
-#define FAILS(expr, ctx, want, sub)                                           \
-    do {                                                                      \
-        atmoe_status st_ = (expr);                                            \
-        ck_assert_msg(st_ == (want), "%s -> %s, expected %s (%s)", #expr,     \
-                      atmoe_status_name(st_), atmoe_status_name(want),        \
-                      atmoe_errmsg(ctx));                                     \
-        const char *m_ = atmoe_errmsg(ctx);                                   \
-        ck_assert_msg(strstr(m_, (sub)) != NULL,                              \
-                      "%s: message \"%s\" does not mention \"%s\"", #expr,    \
-                      m_, (sub));                                             \
-    } while (0)
-
+#define FAILS ck_assert_fails_with
 #define OK(expr) ck_assert_status((expr), NULL)
 
 static char DIR_[4096];  /* tests/fixtures/manifest */

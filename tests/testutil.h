@@ -6,6 +6,7 @@
 #include <check.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "atmoe.h"
 
@@ -25,6 +26,20 @@
                       atmoe_status_name(st_), atmoe_status_name(want));       \
         ck_assert_msg(atmoe_errmsg(ctx)[0] != '\0',                           \
                       "%s failed without a message", #expr);                  \
+    } while (0)
+
+/* A failure with the wanted status and a message naming what is wrong
+ * (sub), so that a stale message from an earlier failure cannot pass. */
+#define ck_assert_fails_with(expr, ctx, want, sub)                            \
+    do {                                                                      \
+        atmoe_status st_ = (expr);                                            \
+        ck_assert_msg(st_ == (want), "%s -> %s, expected %s (%s)", #expr,     \
+                      atmoe_status_name(st_), atmoe_status_name(want),        \
+                      atmoe_errmsg(ctx));                                     \
+        const char *m_ = atmoe_errmsg(ctx);                                   \
+        ck_assert_msg(m_[0] != '\0' && strstr(m_, (sub)) != NULL,             \
+                      "%s: message \"%s\" does not mention \"%s\"", #expr,    \
+                      m_, (sub));                                             \
     } while (0)
 
 typedef struct test_rng {
