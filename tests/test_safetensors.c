@@ -47,14 +47,6 @@ static const char *tmp_path(const char *name)
     return path;
 }
 
-static void write_bytes(const char *path, const void *bytes, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
-    ck_assert_uint_eq(fwrite(bytes, 1, n, f), n);
-    ck_assert_int_eq(fclose(f), 0);
-}
-
 /* A file of the given header text (not padded) and data bytes. */
 static void write_st(const char *path, const char *header, const void *data,
                      size_t n)
@@ -66,7 +58,7 @@ static void write_st(const char *path, const char *header, const void *data,
     memcpy(buf + 8, header, h);
     if (n)
         memcpy(buf + 8 + h, data, n);
-    write_bytes(path, buf, 8 + h + n);
+    test_write_file(path, buf, 8 + h + n);
     free(buf);
 }
 
@@ -93,22 +85,6 @@ static float bits_float(uint32_t u)
     float x;
     memcpy(&x, &u, sizeof x);
     return x;
-}
-
-/* The whole file; *n its size. */
-static unsigned char *read_all(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    long size = ftell(f);
-    ck_assert_int_ge(size, 0);
-    rewind(f);
-    unsigned char *buf = xmalloc((size_t)size);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)size, f), (size_t)size);
-    fclose(f);
-    *n = (size_t)size;
-    return buf;
 }
 
 /* The names in root, sorted and joined with spaces: what a failed save
@@ -403,7 +379,7 @@ START_TEST(test_open_errors)
                     ATMOE_STATUS_NULL_POINTER);
 
     /* An empty file is a format error, not an I/O one. */
-    write_bytes(tmp_path("zero.safetensors"), "", 0);
+    test_write_file(tmp_path("zero.safetensors"), "", 0);
     ck_assert_fails(
         atmoe_safetensors_open(NULL, tmp_path("zero.safetensors"), &f), NULL,
         ATMOE_STATUS_FORMAT_ERROR);
@@ -568,8 +544,8 @@ START_TEST(test_roundtrip_all_dtypes)
     atmoe_safetensors_writer_free(w);
 
     size_t size, size2;
-    unsigned char *file = read_all(path, &size);
-    unsigned char *file2 = read_all(again, &size2);
+    unsigned char *file = test_read_file(path, &size);
+    unsigned char *file2 = test_read_file(again, &size2);
     ck_assert_uint_eq(size, size2);
     ck_assert_int_eq(memcmp(file, file2, size), 0);
     uint64_t hlen = 0;
@@ -727,7 +703,7 @@ START_TEST(test_metadata)
     const char *path = tmp_path("plain.safetensors");
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     size_t size;
-    unsigned char *file = read_all(path, &size);
+    unsigned char *file = test_read_file(path, &size);
     ck_assert_ptr_null(memmem(file, size, "__metadata__", 12));
     free(file);
 
@@ -744,7 +720,7 @@ START_TEST(test_metadata)
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     atmoe_safetensors_writer_free(w);
 
-    file = read_all(path, &size);
+    file = test_read_file(path, &size);
     const char *want = "{\"__metadata__\":{\"\":\"\",\"alpha\":\"x\","
                        "\"q\\\"uote\":\"line\\nbreak \xe2\x82\xac\","
                        "\"zeta\":\"2\"},\"x\":";
@@ -812,7 +788,7 @@ START_TEST(test_reference_bytes)
         for (size_t i = 0; i < dlen / 4; i++)
             put_le(want + 8 + hlen + 4 * i, float_bits(data[i]), 4);
         size_t size;
-        unsigned char *got = read_all(path, &size);
+        unsigned char *got = test_read_file(path, &size);
         ck_assert_msg(size == 8 + hlen + dlen &&
                           memcmp(got, want, size) == 0,
                       "case %zu: got %zu bytes: %.*s", c, size,
@@ -973,8 +949,8 @@ START_TEST(test_save_failures)
                      NULL);
     free(x);
     const char *old = "old contents";
-    write_bytes(tmp_path("keep.safetensors"), old, strlen(old));
-    write_bytes(tmp_path("plain"), "", 0);
+    test_write_file(tmp_path("keep.safetensors"), old, strlen(old));
+    test_write_file(tmp_path("plain"), "", 0);
     char *before = list_dir(root);
 
     char path[PATH_MAX + 64];
@@ -1032,7 +1008,7 @@ START_TEST(test_save_failures)
     free(after);
     free(before);
     size_t size;
-    unsigned char *kept = read_all(tmp_path("keep.safetensors"), &size);
+    unsigned char *kept = test_read_file(tmp_path("keep.safetensors"), &size);
     ck_assert_uint_eq(size, strlen(old));
     ck_assert_int_eq(memcmp(kept, old, size), 0);
     free(kept);
@@ -1085,8 +1061,8 @@ static void assert_rewrites_same(const atmoe_safetensors *f, const char *path,
     ck_assert_status(atmoe_safetensors_writer_save(w, out), NULL);
     atmoe_safetensors_writer_free(w);
     size_t size_a, size_b;
-    unsigned char *a = read_all(path, &size_a);
-    unsigned char *b = read_all(out, &size_b);
+    unsigned char *a = test_read_file(path, &size_a);
+    unsigned char *b = test_read_file(out, &size_b);
     ck_assert_msg(size_a == size_b && memcmp(a, b, size_a) == 0,
                   "%s rewritten differs: %zu and %zu bytes", path, size_a,
                   size_b);

@@ -60,6 +60,13 @@ void test_poison(float *x, size_t n);
 double test_max_rel_err(const float *got, const double *want, size_t n,
                         double floor);
 
+/* The whole file at path, with a NUL after its last byte so that a text
+ * file reads as a string; its size in *size unless size is NULL.  The
+ * caller frees it. */
+void *test_read_file(const char *path, size_t *size);
+/* Creates or replaces the file at path with size bytes of data. */
+void test_write_file(const char *path, const void *data, size_t size);
+
 /* A fresh empty directory under ATMOE_TEST_TMPDIR (or /tmp); the caller
  * removes it with test_rmdir_r. */
 void test_mkdtemp(char *path, size_t size, const char *tag);
