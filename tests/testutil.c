@@ -106,6 +106,17 @@ atmoe_context *test_context(void)
     return ctx;
 }
 
+atmoe_node test_marker(atmoe_context *ctx, atmoe_graph *g)
+{
+    static const float one = 1.0f;
+    size_t shape[1] = {1};
+    atmoe_node n = ATMOE_NODE_NONE;
+    ck_assert_status(
+        atmoe_graph_constant(g, NULL, ATMOE_DTYPE_F32, 1, shape, &one, &n),
+        ctx);
+    return n;
+}
+
 int test_run_suite(Suite *s)
 {
     SRunner *sr = srunner_create(s);

@@ -42,6 +42,18 @@
                       m_, (sub));                                             \
     } while (0)
 
+/* ck_assert_fails_with, and the call left no node behind in the graph g:
+ * the node added after it gets the id next to the one added before. */
+#define ck_assert_fails_clean(g, expr, ctx, want, sub)                        \
+    do {                                                                      \
+        atmoe_node m0_ = test_marker(ctx, g);                                 \
+        ck_assert_fails_with(expr, ctx, want, sub);                           \
+        atmoe_node m1_ = test_marker(ctx, g);                                 \
+        ck_assert_msg(m1_ == m0_ + 1,                                         \
+                      "%s left %d node(s) behind in the graph", #expr,        \
+                      (int)(m1_ - m0_ - 1));                                  \
+    } while (0)
+
 typedef struct test_rng {
     uint64_t state;
 } test_rng;
@@ -74,6 +86,10 @@ void test_rmdir_r(const char *path);
 
 /* Opens the default device, failing the test when it cannot. */
 atmoe_context *test_context(void);
+
+/* Adds a throwaway constant to g (of ctx) and returns its id: the graph's
+ * node count before it, seen through the public API. */
+atmoe_node test_marker(atmoe_context *ctx, atmoe_graph *g);
 
 /* Runs the suite and returns the process exit code. */
 int test_run_suite(Suite *s);
