@@ -549,7 +549,9 @@ START_TEST(test_roundtrip_all_dtypes)
                              shapes[s].shape, bytes[k]),
                          NULL);
     }
-    const char *path = tmp_path("all.safetensors");
+    /* A copy: the next tmp_path reuses its buffer. */
+    char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s", tmp_path("all.safetensors"));
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     /* Saved twice: the writer stays usable and the files agree. */
     const char *again = tmp_path("again.safetensors");
