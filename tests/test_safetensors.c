@@ -131,59 +131,45 @@ static atmoe_safetensors *open_ok(const char *path)
 
 /* ------------------------------------------- float64 rounding references */
 
-static double ref_f16_value(uint16_t h)
+/* The 16-bit formats, named by their mantissa bits: f16 has 5 exponent and
+ * 10 mantissa bits, bf16 has f32's 8 exponent bits and 7 mantissa bits. */
+enum { F16_MAN = 10, BF16_MAN = 7 };
+
+/* The value of the 16-bit pattern h of the format with man_bits mantissa
+ * bits. */
+static double ref_half_value(uint16_t h, int man_bits)
 {
-    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    double v = exp == 31   ? (man ? NAN : INFINITY)
-               : exp == 0 ? ldexp(man, -24)
-                          : ldexp(man + 1024, exp - 25);
+    int exp_max = (1 << (15 - man_bits)) - 1, bias = exp_max / 2;
+    int exp = (h >> man_bits) & exp_max, man = h & ((1 << man_bits) - 1);
+    double v = exp == exp_max ? (man ? NAN : INFINITY)
+               : exp == 0     ? ldexp(man, 1 - bias - man_bits)
+                              : ldexp(man + (1 << man_bits),
+                                      exp - bias - man_bits);
     return (h & 0x8000) ? -v : v;
 }
 
-static double ref_bf16_value(uint16_t h)
+/* The pattern of the format with man_bits mantissa bits nearest x, ties to
+ * even (x is finite or infinite, not NaN). */
+static uint16_t ref_half(double x, int man_bits)
 {
-    int exp = (h >> 7) & 0xff, man = h & 0x7f;
-    double v = exp == 255  ? (man ? NAN : INFINITY)
-               : exp == 0 ? ldexp(man, -133)
-                          : ldexp(man + 128, exp - 134);
-    return (h & 0x8000) ? -v : v;
-}
-
-/* The f16 nearest x, ties to even (x is finite or infinite, not NaN). */
-static uint16_t ref_f16(double x)
-{
+    int exp_max = (1 << (15 - man_bits)) - 1, bias = exp_max / 2;
     uint16_t sign = signbit(x) ? 0x8000 : 0;
     double a = fabs(x);
-    if (a >= 65520.0) /* halfway between 65504 and 2^16, and above */
-        return sign | 0x7c00;
-    int k = -14; /* exponent of the ulp's binade; subnormals share -14 */
+    /* halfway between the largest finite value, (2 - 2^-man_bits) 2^bias,
+     * and 2^(bias + 1), and above (65520 for f16) */
+    if (a >= ldexp(2 - ldexp(1, -man_bits - 1), bias))
+        return sign | (uint16_t)(exp_max << man_bits);
+    /* exponent of the ulp's binade; subnormals share the least normal one */
+    int k = 1 - bias;
     if (a > 0) {
         int e;
         frexp(a, &e);
         if (e - 1 > k)
             k = e - 1;
     }
-    double r = nearbyint(ldexp(a, 10 - k)); /* ties to even */
-    return (uint16_t)(sign | (unsigned)(((k + 14) << 10) + (int)r));
-}
-
-/* The bf16 nearest x, ties to even: 8 significant bits, f32's range. */
-static uint16_t ref_bf16(double x)
-{
-    uint16_t sign = signbit(x) ? 0x8000 : 0;
-    double a = fabs(x);
-    /* halfway between the largest bf16, (2 - 2^-7) 2^127, and 2^128 */
-    if (a >= ldexp(2 - ldexp(1, -8), 127))
-        return sign | 0x7f80;
-    int k = -126;
-    if (a > 0) {
-        int e;
-        frexp(a, &e);
-        if (e - 1 > k)
-            k = e - 1;
-    }
-    double r = nearbyint(ldexp(a, 7 - k));
-    return (uint16_t)(sign | (unsigned)(((k + 126) << 7) + (int)r));
+    double r = nearbyint(ldexp(a, man_bits - k)); /* ties to even */
+    return (uint16_t)(sign |
+                      (unsigned)(((k + bias - 1) << man_bits) + (int)r));
 }
 
 /* got equals the float64 want exactly, NaN matching NaN of the same sign. */
@@ -364,10 +350,9 @@ START_TEST(test_read_all_halves)
         ck_assert_status(atmoe_safetensors_read_f32(f, "x", got, 65536),
                          NULL);
         for (unsigned h = 0; h < 65536; h++)
-            assert_same_value(got[h],
-                              kind ? ref_bf16_value((uint16_t)h)
-                                   : ref_f16_value((uint16_t)h),
-                              names[kind], h);
+            assert_same_value(
+                got[h], ref_half_value((uint16_t)h, kind ? BF16_MAN : F16_MAN),
+                names[kind], h);
         free(got);
         atmoe_safetensors_close(f);
     }
@@ -676,11 +661,12 @@ START_TEST(test_roundtrip_f32)
                           b);
             continue;
         }
-        ck_assert_msg(h == ref_f16(x[i]), "f16 of %a (0x%08x): 0x%04x, want "
-                      "0x%04x", x[i], float_bits(x[i]), h, ref_f16(x[i]));
-        ck_assert_msg(b == ref_bf16(x[i]), "bf16 of %a (0x%08x): 0x%04x, "
-                      "want 0x%04x", x[i], float_bits(x[i]), b,
-                      ref_bf16(x[i]));
+        uint16_t want_h = ref_half(x[i], F16_MAN);
+        uint16_t want_b = ref_half(x[i], BF16_MAN);
+        ck_assert_msg(h == want_h, "f16 of %a (0x%08x): 0x%04x, want 0x%04x",
+                      x[i], float_bits(x[i]), h, want_h);
+        ck_assert_msg(b == want_b, "bf16 of %a (0x%08x): 0x%04x, want 0x%04x",
+                      x[i], float_bits(x[i]), b, want_b);
     }
     float *got = xmalloc(N * sizeof *got);
     const char *names[] = {"f32", "f16", "bf16"};
@@ -689,10 +675,11 @@ START_TEST(test_roundtrip_f32)
         ck_assert_status(atmoe_safetensors_read_f32(f, names[k], got, N),
                          NULL);
         for (int i = 0; i < N; i++) {
-            double want = isnan(x[i]) ? x[i]
-                          : k == 0    ? x[i]
-                          : k == 1    ? ref_f16_value(ref_f16(x[i]))
-                                      : ref_bf16_value(ref_bf16(x[i]));
+            double want = x[i];
+            if (k > 0 && !isnan(x[i])) {
+                int man_bits = k == 1 ? F16_MAN : BF16_MAN;
+                want = ref_half_value(ref_half(x[i], man_bits), man_bits);
+            }
             assert_same_value(got[i], want, names[k], (unsigned)i);
         }
     }
