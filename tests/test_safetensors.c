@@ -121,6 +121,28 @@ static void assert_same_files(const char *a, const char *b)
     free(bytes_b);
 }
 
+/* The tensor's dtype and shape, and its bytes exactly want (nbytes of
+ * them). */
+static void assert_bytes(const atmoe_safetensors *f, const char *name,
+                         atmoe_st_dtype dtype, int ndim,
+                         const uint64_t *shape, const void *want,
+                         size_t nbytes)
+{
+    atmoe_st_tensor t;
+    ck_assert_status(atmoe_safetensors_find(f, name, &t), NULL);
+    ck_assert_msg(t.dtype == dtype, "%s: dtype %s", name,
+                  atmoe_st_dtype_name(t.dtype));
+    ck_assert_int_eq(t.ndim, ndim);
+    uint64_t count = 1;
+    for (int i = 0; i < ndim; i++) {
+        ck_assert_uint_eq(t.shape[i], shape[i]);
+        count *= shape[i];
+    }
+    ck_assert_uint_eq(t.count, count);
+    ck_assert_uint_eq(t.nbytes, nbytes);
+    ck_assert_msg(memcmp(t.data, want, nbytes) == 0, "%s: wrong bytes", name);
+}
+
 static atmoe_safetensors *open_ok(const char *path)
 {
     atmoe_safetensors *f = NULL;
@@ -236,29 +258,9 @@ START_TEST(test_read_basic)
     ck_assert_fails(atmoe_safetensors_get(f, n, &t), NULL,
                     ATMOE_STATUS_OUT_OF_RANGE);
 
-    ck_assert_status(atmoe_safetensors_find(f, "w", &t), NULL);
-    ck_assert_int_eq(t.dtype, ATMOE_ST_F32);
-    ck_assert_int_eq(t.ndim, 2);
-    ck_assert_uint_eq(t.shape[0], 2);
-    ck_assert_uint_eq(t.shape[1], 3);
-    ck_assert_uint_eq(t.count, 6);
-    ck_assert_uint_eq(t.nbytes, 24);
-    ck_assert_int_eq(memcmp(t.data, data, 24), 0);
-
-    ck_assert_status(atmoe_safetensors_find(f, "s", &t), NULL);
-    ck_assert_int_eq(t.dtype, ATMOE_ST_I32);
-    ck_assert_int_eq(t.ndim, 0);
-    ck_assert_uint_eq(t.count, 1);
-    ck_assert_uint_eq(t.nbytes, 4);
-    ck_assert_int_eq(memcmp(t.data, data + 42, 4), 0);
-
-    ck_assert_status(atmoe_safetensors_find(f, "empty", &t), NULL);
-    ck_assert_int_eq(t.dtype, ATMOE_ST_U8);
-    ck_assert_int_eq(t.ndim, 2);
-    ck_assert_uint_eq(t.shape[0], 0);
-    ck_assert_uint_eq(t.shape[1], 5);
-    ck_assert_uint_eq(t.count, 0);
-    ck_assert_uint_eq(t.nbytes, 0);
+    assert_bytes(f, "w", ATMOE_ST_F32, 2, (uint64_t[]){2, 3}, data, 24);
+    assert_bytes(f, "s", ATMOE_ST_I32, 0, NULL, data + 42, 4);
+    assert_bytes(f, "empty", ATMOE_ST_U8, 2, (uint64_t[]){0, 5}, data, 0);
 
     float got[6];
     test_poison(got, 6);
@@ -1060,23 +1062,6 @@ static void assert_rewrites_same(const atmoe_safetensors *f, const char *path,
     ck_assert_status(atmoe_safetensors_writer_save(w, out), NULL);
     atmoe_safetensors_writer_free(w);
     assert_same_files(path, out);
-}
-
-/* The tensor's bytes are exactly want (nbytes of them). */
-static void assert_bytes(const atmoe_safetensors *f, const char *name,
-                         atmoe_st_dtype dtype, int ndim,
-                         const uint64_t *shape, const void *want,
-                         size_t nbytes)
-{
-    atmoe_st_tensor t;
-    ck_assert_status(atmoe_safetensors_find(f, name, &t), NULL);
-    ck_assert_msg(t.dtype == dtype, "%s: dtype %s", name,
-                  atmoe_st_dtype_name(t.dtype));
-    ck_assert_int_eq(t.ndim, ndim);
-    for (int i = 0; i < ndim; i++)
-        ck_assert_uint_eq(t.shape[i], shape[i]);
-    ck_assert_uint_eq(t.nbytes, nbytes);
-    ck_assert_msg(memcmp(t.data, want, nbytes) == 0, "%s: wrong bytes", name);
 }
 
 static void assert_floats(const atmoe_safetensors *f, const char *name,
