@@ -27,18 +27,7 @@
 
 #include "testutil.h"
 
-#define FAILS(expr, ctx, want, sub)                                           \
-    do {                                                                      \
-        atmoe_status st_ = (expr);                                            \
-        ck_assert_msg(st_ == (want), "%s -> %s, expected %s (%s)", #expr,     \
-                      atmoe_status_name(st_), atmoe_status_name(want),        \
-                      atmoe_errmsg(ctx));                                     \
-        const char *m_ = atmoe_errmsg(ctx);                                   \
-        ck_assert_msg(strstr(m_, (sub)) != NULL,                              \
-                      "%s: message \"%s\" does not mention \"%s\"", #expr,    \
-                      m_, (sub));                                             \
-    } while (0)
-
+#define FAILS ck_assert_fails_with
 #define OK(expr) ck_assert_status((expr), NULL)
 
 static char FIXTURES[4096];
@@ -333,16 +322,26 @@ static void same_adapters(const atmoe_adapter *a, const atmoe_adapter *b,
     }
 }
 
+/* Saves ad into dir as dtype and opens what was saved, which must be ad
+ * within tol (as same_adapters takes it).  The caller frees the copy. */
+static atmoe_adapter *save_reopen(const atmoe_adapter *ad, const char *dir,
+                                  atmoe_st_dtype dtype, double tol)
+{
+    atmoe_adapter *back;
+    OK(atmoe_adapter_save(ad, dir, dtype));
+    OK(atmoe_adapter_open(NULL, dir, &back));
+    same_adapters(ad, back, tol);
+    return back;
+}
+
 START_TEST(test_save_reopen)
 {
     char dir[4200], sub[4300];
     test_mkdtemp(dir, sizeof dir, "adapter");
     snprintf(sub, sizeof sub, "%s/code", dir);
 
-    atmoe_adapter *ad = open_fixture("peft/code"), *back;
-    OK(atmoe_adapter_save(ad, sub, ATMOE_ST_F32));
-    OK(atmoe_adapter_open(NULL, sub, &back));
-    same_adapters(ad, back, 0.0);
+    atmoe_adapter *ad = open_fixture("peft/code");
+    atmoe_adapter *back = save_reopen(ad, sub, ATMOE_ST_F32, 0.0);
 
     /* What PEFT reads: its keys, its tensor names, its metadata. */
     json_t *cfg = load_config(sub);
@@ -402,28 +401,21 @@ START_TEST(test_save_reopen)
     atmoe_adapter_free(back);
 
     /* The F16 fixture saved as F16 is exact: its values are halves. */
-    OK(atmoe_adapter_save(ad, sub, ATMOE_ST_F16));
-    OK(atmoe_adapter_open(NULL, sub, &again));
-    same_adapters(ad, again, 0.0);
-    atmoe_adapter_free(again);
+    atmoe_adapter_free(save_reopen(ad, sub, ATMOE_ST_F16, 0.0));
     atmoe_adapter_free(ad);
 
     /* GPT-2's flag and rsLoRA survive. */
     ad = open_fixture("peft/gpt2");
-    OK(atmoe_adapter_save(ad, sub, ATMOE_ST_F32));
-    OK(atmoe_adapter_open(NULL, sub, &back));
+    back = save_reopen(ad, sub, ATMOE_ST_F32, 0.0);
     atmoe_adapter_info info;
     OK(atmoe_adapter_get_info(back, &info));
     ck_assert_int_eq(info.fan_in_fan_out, 1);
-    same_adapters(ad, back, 0.0);
     atmoe_adapter_free(back);
     atmoe_adapter_free(ad);
     ad = open_fixture("peft/style");
-    OK(atmoe_adapter_save(ad, sub, ATMOE_ST_F32));
-    OK(atmoe_adapter_open(NULL, sub, &back));
+    back = save_reopen(ad, sub, ATMOE_ST_F32, 0.0);
     OK(atmoe_adapter_get_info(back, &info));
     ck_assert_int_eq(info.use_rslora, 1);
-    same_adapters(ad, back, 0.0);
     atmoe_adapter_free(back);
     atmoe_adapter_free(ad);
     test_rmdir_r(dir);
@@ -478,10 +470,7 @@ START_TEST(test_save_mixed)
     ck_assert_int_eq(t.layer, 10);
     ck_assert_float_eq(t.scale, 2.0f);
 
-    OK(atmoe_adapter_save(ad, dir, ATMOE_ST_F32));
-    atmoe_adapter *back;
-    OK(atmoe_adapter_open(NULL, dir, &back));
-    same_adapters(ad, back, 0.0);
+    atmoe_adapter *back = save_reopen(ad, dir, ATMOE_ST_F32, 0.0);
     json_t *cfg = load_config(dir);
     /* The first target (lm_head, rsLoRA, rank 1, alpha 2) sets r, alpha
      * and use_rslora. */
@@ -576,6 +565,24 @@ START_TEST(test_save_failures)
 }
 END_TEST
 
+/* Writes config as dir's adapter_config.json and opens dir: the status
+ * must be want, and a failure's message must mention says (NULL: any). */
+static void open_with_config(const char *dir, const char *config,
+                             atmoe_status want, const char *says)
+{
+    char path[4400];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    test_write_file(path, config, strlen(config));
+    atmoe_adapter *ad;
+    atmoe_status st = atmoe_adapter_open(NULL, dir, &ad);
+    ck_assert_msg(st == want, "%s -> %s (%s)", config, atmoe_status_name(st),
+                  atmoe_errmsg(NULL));
+    if (st == ATMOE_STATUS_OK)
+        atmoe_adapter_free(ad);
+    else if (says)
+        ck_assert_ptr_nonnull(strstr(atmoe_errmsg(NULL), says));
+}
+
 /* Patterns in Python's spelling, and PEFT's first-matching-key rule. */
 START_TEST(test_patterns)
 {
@@ -610,23 +617,13 @@ START_TEST(test_patterns)
         {"{\"" Q1 "\": 0}", ATMOE_STATUS_FORMAT_ERROR, "positive integer"},
         {"[4]", ATMOE_STATUS_FORMAT_ERROR, "\"rank_pattern\" must be"},
     };
-    char path[4400];
-    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    char config[1024];
     for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
-        FILE *f = fopen(path, "w");
-        ck_assert_ptr_nonnull(f);
-        fprintf(f, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, "
-                   "\"target_modules\": [\"q_proj\"], \"rank_pattern\": %s}",
-                cases[k].rank_pattern);
-        fclose(f);
-        atmoe_status st = atmoe_adapter_open(NULL, dir, &ad);
-        ck_assert_msg(st == cases[k].status, "%s -> %s (%s)",
-                      cases[k].rank_pattern, atmoe_status_name(st),
-                      atmoe_errmsg(NULL));
-        if (st == ATMOE_STATUS_OK)
-            atmoe_adapter_free(ad);
-        else
-            ck_assert_ptr_nonnull(strstr(atmoe_errmsg(NULL), cases[k].says));
+        snprintf(config, sizeof config,
+                 "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, "
+                 "\"target_modules\": [\"q_proj\"], \"rank_pattern\": %s}",
+                 cases[k].rank_pattern);
+        open_with_config(dir, config, cases[k].status, cases[k].says);
     }
 
     /* layers_pattern names the component before the index. */
@@ -651,21 +648,14 @@ START_TEST(test_patterns)
         {"\"target_modules\": 3", ATMOE_STATUS_FORMAT_ERROR},
     };
     for (size_t k = 0; k < sizeof layer_cases / sizeof layer_cases[0]; k++) {
-        FILE *f = fopen(path, "w");
-        ck_assert_ptr_nonnull(f);
-        fprintf(f, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, "
-                   "\"rank_pattern\": {\"" Q1 "\": 4}, %s%s}",
-                layer_cases[k].extra,
-                strstr(layer_cases[k].extra, "target_modules")
-                    ? ""
-                    : ", \"target_modules\": [\"q_proj\"]");
-        fclose(f);
-        atmoe_status st = atmoe_adapter_open(NULL, dir, &ad);
-        ck_assert_msg(st == layer_cases[k].status, "%s -> %s (%s)",
-                      layer_cases[k].extra, atmoe_status_name(st),
-                      atmoe_errmsg(NULL));
-        if (st == ATMOE_STATUS_OK)
-            atmoe_adapter_free(ad);
+        snprintf(config, sizeof config,
+                 "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, "
+                 "\"rank_pattern\": {\"" Q1 "\": 4}, %s%s}",
+                 layer_cases[k].extra,
+                 strstr(layer_cases[k].extra, "target_modules")
+                     ? ""
+                     : ", \"target_modules\": [\"q_proj\"]");
+        open_with_config(dir, config, layer_cases[k].status, NULL);
     }
     test_rmdir_r(dir);
 }

@@ -10,40 +10,16 @@
 # Exit 77 (a skip for automake's harness) when there is no OpenCL device.
 set -u
 
-atmoe=./tools/atmoe
+tool=./tools/atmoe
 compare=./tests/compare_outputs
 srcdir=${srcdir:-.}
 # Absolute, as the manifests written below name files by it.
 fx=$(cd "$srcdir/tests/fixtures" && pwd) || exit 99
 m="$fx/manifest"
 
-tmp=$(mktemp -d "${ATMOE_TEST_TMPDIR:-${TMPDIR:-/tmp}}/tmp-cli.XXXXXX") ||
-    exit 99
-trap 'rm -rf "$tmp"' EXIT INT TERM
-
-failures=0
-fail() {
-    echo "FAIL: $*"
-    failures=$((failures + 1))
-}
-
-# Runs atmoe with stdout and stderr in $tmp/out and $tmp/err; sets rc.
-run() {
-    "$atmoe" "$@" > "$tmp/out" 2> "$tmp/err"
-    rc=$?
-}
-
-# expect STATUS TEXT WHAT: the last run exited STATUS and said TEXT (on
-# stdout or stderr).
-expect() {
-    if [ "$rc" -ne "$1" ]; then
-        fail "$3 exited $rc, not $1"
-        cat "$tmp/out" "$tmp/err"
-    elif ! grep -q -F -e "$2" "$tmp/out" "$tmp/err"; then
-        fail "$3 did not say '$2'"
-        cat "$tmp/out" "$tmp/err"
-    fi
-}
+# shellcheck source=tests/testlib.sh
+. "$(dirname "$0")/testlib.sh"
+begin cli
 
 # --- inspect needs no device
 run inspect "$fx/peft/code"
@@ -86,10 +62,7 @@ run inspect "$tmp/bad.json"
 expect 1 "layers[0].modules.q.weight" "inspect of a malformed manifest"
 
 # --- run
-if ! "$atmoe" devices > /dev/null 2>&1; then
-    echo "SKIP: no OpenCL device"
-    exit 77
-fi
+skip_without_device "$tool" devices
 
 run run "$m/manifest.json" --input "$m/x.safetensors" \
     --output "$tmp/y.safetensors" --trace "$tmp/trace.safetensors"
@@ -150,9 +123,4 @@ expect 2 "unknown command 'frobnicate'" "an unknown command"
 run --help
 expect 0 "inspect" "the help"
 
-if [ "$failures" -ne 0 ]; then
-    echo "$failures check(s) failed"
-    exit 1
-fi
-echo "atmoe inspect and run: all checks passed"
-exit 0
+finish "atmoe inspect and run"

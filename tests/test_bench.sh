@@ -8,28 +8,16 @@
 # a Python with torch are skipped, with a message, when they are missing.
 set -u
 
-bench=./bench/atmoe-bench
+tool=./bench/atmoe-bench
 srcdir=${srcdir:-.}
 ATMOE_BENCH_DATADIR="$srcdir/bench"
 export ATMOE_BENCH_DATADIR
 
-tmp=$(mktemp -d "${ATMOE_TEST_TMPDIR:-${TMPDIR:-/tmp}}/tmp-bench.XXXXXX") ||
-    exit 99
-trap 'rm -rf "$tmp"' EXIT INT TERM
+# shellcheck source=tests/testlib.sh
+. "$(dirname "$0")/testlib.sh"
+begin bench
 
-failures=0
-fail() {
-    echo "FAIL: $*"
-    failures=$((failures + 1))
-}
-
-# Runs the tool with stdout and stderr in $tmp/out and $tmp/err; sets rc.
-run() {
-    "$bench" "$@" > "$tmp/out" 2> "$tmp/err"
-    rc=$?
-}
-
-# The same with environment settings first: run_env VAR=VALUE... -- ARGS.
+# run with environment settings first: run_env VAR=VALUE... -- ARGS.
 run_env() {
     envs=
     while [ "$1" != "--" ]; do
@@ -38,8 +26,21 @@ run_env() {
     done
     shift
     # shellcheck disable=SC2086
-    env $envs "$bench" "$@" > "$tmp/out" 2> "$tmp/err"
+    env $envs "$tool" "$@" > "$tmp/out" 2> "$tmp/err"
     rc=$?
+}
+
+# ran WHAT ROW: the last run, WHAT, succeeded and its table has a line
+# starting ROW for each of atmoe's variants.
+ran() {
+    if [ "$rc" -ne 0 ]; then
+        fail "$1 exited $rc"
+        cat "$tmp/err"
+    fi
+    cat "$tmp/out"
+    for v in fused unfused merged; do
+        grep -q "^$2 $v " "$tmp/out" || fail "$1: the table has no $v row"
+    done
 }
 
 # What the optional parts need.
@@ -62,10 +63,7 @@ else
         "for its errors"
 fi
 
-if ! "$bench" --list-devices > /dev/null 2>&1; then
-    echo "SKIP: no OpenCL device"
-    exit 77
-fi
+skip_without_device "$tool" --list-devices
 
 # --- a run, its JSON, its CSV and its plot
 plot=
@@ -73,17 +71,9 @@ plot=
 # shellcheck disable=SC2086
 run --scale small --reps 2 --warmup 1 --workload decode \
     --json "$tmp/out.json" --csv "$tmp/out.csv" $plot
-if [ "$rc" -ne 0 ]; then
-    fail "decode run exited $rc"
-    cat "$tmp/err"
-fi
-cat "$tmp/out"
-for v in fused unfused merged; do
-    grep -q "^decode  *small  *1 $v " "$tmp/out" ||
-        fail "the table has no decode T=1 $v row"
-done
+ran "the decode run (T=1)" "decode  *small  *1"
 
-"$bench" --check-json "$tmp/out.json" || fail "--check-json rejected the JSON"
+"$tool" --check-json "$tmp/out.json" || fail "--check-json rejected the JSON"
 for f in '"device"' '"name"' '"vendor"' '"type"' '"ceilings"' \
     '"read_gbs"' '"gflops"' '"launch_us"' '"results"' '"workload"' \
     '"scale"' '"variant"' '"params"' '"T"' '"d_in"' '"d_out"' \
@@ -123,16 +113,8 @@ plot=
 # shellcheck disable=SC2086
 run --scale small --reps 1 --warmup 0 --workload decode,mor1e \
     --json "$tmp/peer.json" $peer $plot
-if [ "$rc" -ne 0 ]; then
-    fail "the mor1e${peer:+ and peer} run exited $rc"
-    cat "$tmp/err"
-fi
-cat "$tmp/out"
-for v in fused unfused merged; do
-    grep -q "^mor1e  *small  *512 $v " "$tmp/out" ||
-        fail "the table has no mor1e $v row"
-done
-"$bench" --check-json "$tmp/peer.json" || fail "--check-json rejected the JSON"
+ran "the mor1e${peer:+ and peer} run" "mor1e  *small  *512"
+"$tool" --check-json "$tmp/peer.json" || fail "--check-json rejected the JSON"
 grep -q '"r2": 8' "$tmp/peer.json" || fail "the mor1e results have no r2"
 if [ "$have_torch" -eq 1 ]; then
     for T in 1 4 16; do
@@ -157,24 +139,15 @@ run --check-json "$tmp/bad.json"
 
 # --- errors
 run --workload no-such-workload
-[ "$rc" -eq 2 ] || fail "an unknown workload exited $rc, not 2"
-grep -q "unknown workload 'no-such-workload'" "$tmp/err" ||
-    fail "no message for an unknown workload"
-
+expect 2 "unknown workload 'no-such-workload'" "an unknown workload" err
 run --workload train-step
-[ "$rc" -eq 2 ] || fail "train-step exited $rc, not 2"
-grep -q "train-step is not available yet" "$tmp/err" ||
-    fail "no 'not available yet' message for train-step"
-
+expect 2 "train-step is not available yet" "train-step" err
 run --workload decode --plot "$tmp/plot.txt"
-[ "$rc" -eq 2 ] || fail "--plot to a .txt exited $rc, not 2"
-grep -q "FILE.svg or FILE.png" "$tmp/err" ||
-    fail "no message for a --plot name that is neither .svg nor .png"
+expect 2 "FILE.svg or FILE.png" "--plot to a .txt" err
 
 run_env ATMOE_BENCH_GNUPLOT="$tmp/no-gnuplot" -- --workload decode \
     --plot "$tmp/none.png"
-[ "$rc" -eq 1 ] || fail "--plot without gnuplot exited $rc, not 1"
-grep -q "no-gnuplot" "$tmp/err" || fail "no message naming the missing gnuplot"
+expect 1 "no-gnuplot" "--plot without gnuplot" err
 [ -e "$tmp/none.png" ] && fail "--plot without gnuplot left a file"
 
 run --workload decode --peer tensorflow
@@ -192,8 +165,7 @@ run --workload decode --params fast
 [ "$rc" -eq 2 ] || fail "--params fast exited $rc, not 2"
 
 run_env ATMOE_BENCH_PYTHON="$tmp/no-python" -- --workload decode --peer torch
-[ "$rc" -eq 1 ] || fail "--peer torch without its Python exited $rc, not 1"
-grep -q "no-python" "$tmp/err" || fail "no message naming the missing Python"
+expect 1 "no-python" "--peer torch without its Python" err
 
 # A Python without its site packages stands for one without torch.
 if [ -x "$python" ]; then
@@ -201,9 +173,7 @@ if [ -x "$python" ]; then
     chmod +x "$tmp/python-bare"
     run_env ATMOE_BENCH_PYTHON="$tmp/python-bare" -- --workload decode \
         --peer torch
-    [ "$rc" -eq 1 ] || fail "--peer torch without torch exited $rc, not 1"
-    grep -q "cannot import torch" "$tmp/err" ||
-        fail "no message saying that torch is missing"
+    expect 1 "cannot import torch" "--peer torch without torch" err
 fi
 
 run --device no-such-device-xyz --workload decode
@@ -225,9 +195,4 @@ grep -q "is a directory" "$tmp/err" ||
 run --reps 0
 [ "$rc" -eq 2 ] || fail "--reps 0 exited $rc, not 2"
 
-if [ "$failures" -ne 0 ]; then
-    echo "$failures check(s) failed"
-    exit 1
-fi
-echo "atmoe-bench: all checks passed"
-exit 0
+finish atmoe-bench

@@ -151,33 +151,9 @@ static int count_bins(const char *dir, char *bin, size_t size)
     return bins;
 }
 
-static unsigned char *slurp(const char *path, size_t *size)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "open %s: %s", path, strerror(errno));
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    long n = ftell(f);
-    ck_assert_int_ge(n, 0);
-    rewind(f);
-    unsigned char *buf = malloc((size_t)n + 1);
-    ck_assert_ptr_nonnull(buf);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
-    fclose(f);
-    *size = (size_t)n;
-    return buf;
-}
-
-static void spew(const char *path, const void *data, size_t size)
-{
-    FILE *f = fopen(path, "wb");
-    ck_assert_msg(f != NULL, "create %s: %s", path, strerror(errno));
-    ck_assert_uint_eq(fwrite(data, 1, size, f), size);
-    ck_assert_int_eq(fclose(f), 0);
-}
-
 static void spew_text(const char *path, const char *text)
 {
-    spew(path, text, strlen(text));
+    test_write_file(path, text, strlen(text));
 }
 
 static int is_dir(const char *path)
@@ -299,7 +275,7 @@ static const char *const corruption_names[] = {
 static void corrupt(const char *path, enum corruption how)
 {
     size_t size;
-    unsigned char *buf = slurp(path, &size);
+    unsigned char *buf = test_read_file(path, &size);
     ck_assert_msg(size > HEADER_SIZE + 64 && memcmp(buf, "ATMOEPC1", 8) == 0,
                   "%s does not look like a cache file", path);
     uint32_t key_size;
@@ -312,7 +288,7 @@ static void corrupt(const char *path, enum corruption how)
         size_t mid = size / 2, span = 16;
         for (size_t i = mid; i < mid + span && i < size; i++)
             buf[i] ^= 0xFF;
-        spew(path, buf, size);
+        test_write_file(path, buf, size);
         break;
     }
     case TRUNCATE_HALF:
@@ -327,7 +303,7 @@ static void corrupt(const char *path, enum corruption how)
     case GARBAGE: {
         for (size_t i = 0; i < size; i++)
             buf[i] = (unsigned char)(i * 131 + 7);
-        spew(path, buf, size);
+        test_write_file(path, buf, size);
         break;
     }
     case FOREIGN_KEY: {
@@ -338,7 +314,7 @@ static void corrupt(const char *path, enum corruption how)
         unsigned char *at = memmem(key, key_size, "\ndevice=", 8);
         ck_assert_msg(at != NULL, "no device line in the key");
         at[8] ^= 0x20; /* flips the case of the first letter */
-        spew(path, buf, size);
+        test_write_file(path, buf, size);
         break;
     }
     case BAD_BINARY: {
@@ -354,7 +330,7 @@ static void corrupt(const char *path, enum corruption how)
         uint64_t bsize = bin_size, hash = fnv1a(out + bin_off, bin_size);
         memcpy(out + 16, &bsize, sizeof bsize);
         memcpy(out + 24, &hash, sizeof hash);
-        spew(path, out, bin_off + bin_size);
+        test_write_file(path, out, bin_off + bin_size);
         free(out);
         break;
     }

@@ -196,21 +196,6 @@ static void memory_stats(atmoe_context *ctx, atmoe_memory_stats *m)
     OK(atmoe_context_get_memory_stats(ctx, m));
 }
 
-static char *read_text_file(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "cannot open %s", path);
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    long size = ftell(f);
-    ck_assert_int_ge(size, 0);
-    rewind(f);
-    char *text = xmalloc((size_t)size + 1);
-    ck_assert_uint_eq(fread(text, 1, (size_t)size, f), (size_t)size);
-    text[size] = '\0';
-    fclose(f);
-    return text;
-}
-
 static size_t count_substr(const char *text, const char *s)
 {
     size_t n = 0;
@@ -2029,7 +2014,7 @@ static void dump(atmoe_context *ctx)
         OK(atmoe_graph_dump(g, path, fmt));
         /* Writing over an existing file works too. */
         OK(atmoe_graph_dump(g, path, fmt));
-        char *text = read_text_file(path);
+        char *text = test_read_file(path, NULL);
         for (int i = 0; i < SM_NODES; i++)
             ck_assert_msg(strstr(text, sg.name[i]) != NULL,
                           "%s lacks node '%s':\n%s", files[k], sg.name[i],

@@ -79,19 +79,7 @@ static test_rng RNG;
 
 #define OK(expr) ck_assert_status((expr), CTX)
 
-/* A failure with the wanted status and a message naming what is wrong
- * (sub), so that a stale message from an earlier failure cannot pass. */
-#define FAILS(expr, ctx, want, sub)                                           \
-    do {                                                                      \
-        atmoe_status st_ = (expr);                                            \
-        ck_assert_msg(st_ == (want), "%s -> %s, expected %s (%s)", #expr,     \
-                      atmoe_status_name(st_), atmoe_status_name(want),        \
-                      atmoe_errmsg(ctx));                                     \
-        const char *m_ = atmoe_errmsg(ctx);                                   \
-        ck_assert_msg(m_[0] != '\0' && strstr(m_, (sub)) != NULL,             \
-                      "%s: message \"%s\" does not mention \"%s\"", #expr,    \
-                      m_, (sub));                                             \
-    } while (0)
+#define FAILS ck_assert_fails_with
 
 static float *alloc_uniform(size_t n, double lo, double hi)
 {

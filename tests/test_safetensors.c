@@ -47,14 +47,6 @@ static const char *tmp_path(const char *name)
     return path;
 }
 
-static void write_bytes(const char *path, const void *bytes, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
-    ck_assert_uint_eq(fwrite(bytes, 1, n, f), n);
-    ck_assert_int_eq(fclose(f), 0);
-}
-
 /* A file of the given header text (not padded) and data bytes. */
 static void write_st(const char *path, const char *header, const void *data,
                      size_t n)
@@ -66,7 +58,7 @@ static void write_st(const char *path, const char *header, const void *data,
     memcpy(buf + 8, header, h);
     if (n)
         memcpy(buf + 8 + h, data, n);
-    write_bytes(path, buf, 8 + h + n);
+    test_write_file(path, buf, 8 + h + n);
     free(buf);
 }
 
@@ -95,22 +87,6 @@ static float bits_float(uint32_t u)
     return x;
 }
 
-/* The whole file; *n its size. */
-static unsigned char *read_all(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
-    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
-    long size = ftell(f);
-    ck_assert_int_ge(size, 0);
-    rewind(f);
-    unsigned char *buf = xmalloc((size_t)size);
-    ck_assert_uint_eq(fread(buf, 1, (size_t)size, f), (size_t)size);
-    fclose(f);
-    *n = (size_t)size;
-    return buf;
-}
-
 /* The names in root, sorted and joined with spaces: what a failed save
  * must leave unchanged. */
 static char *list_dir(const char *dir)
@@ -132,6 +108,41 @@ static char *list_dir(const char *dir)
     return out;
 }
 
+/* The files at a and b hold the same bytes. */
+static void assert_same_files(const char *a, const char *b)
+{
+    size_t size_a, size_b;
+    unsigned char *bytes_a = test_read_file(a, &size_a);
+    unsigned char *bytes_b = test_read_file(b, &size_b);
+    ck_assert_msg(size_a == size_b && memcmp(bytes_a, bytes_b, size_a) == 0,
+                  "%s and %s differ: %zu and %zu bytes", a, b, size_a,
+                  size_b);
+    free(bytes_a);
+    free(bytes_b);
+}
+
+/* The tensor's dtype and shape, and its bytes exactly want (nbytes of
+ * them). */
+static void assert_bytes(const atmoe_safetensors *f, const char *name,
+                         atmoe_st_dtype dtype, int ndim,
+                         const uint64_t *shape, const void *want,
+                         size_t nbytes)
+{
+    atmoe_st_tensor t;
+    ck_assert_status(atmoe_safetensors_find(f, name, &t), NULL);
+    ck_assert_msg(t.dtype == dtype, "%s: dtype %s", name,
+                  atmoe_st_dtype_name(t.dtype));
+    ck_assert_int_eq(t.ndim, ndim);
+    uint64_t count = 1;
+    for (int i = 0; i < ndim; i++) {
+        ck_assert_uint_eq(t.shape[i], shape[i]);
+        count *= shape[i];
+    }
+    ck_assert_uint_eq(t.count, count);
+    ck_assert_uint_eq(t.nbytes, nbytes);
+    ck_assert_msg(memcmp(t.data, want, nbytes) == 0, "%s: wrong bytes", name);
+}
+
 static atmoe_safetensors *open_ok(const char *path)
 {
     atmoe_safetensors *f = NULL;
@@ -142,59 +153,45 @@ static atmoe_safetensors *open_ok(const char *path)
 
 /* ------------------------------------------- float64 rounding references */
 
-static double ref_f16_value(uint16_t h)
+/* The 16-bit formats, named by their mantissa bits: f16 has 5 exponent and
+ * 10 mantissa bits, bf16 has f32's 8 exponent bits and 7 mantissa bits. */
+enum { F16_MAN = 10, BF16_MAN = 7 };
+
+/* The value of the 16-bit pattern h of the format with man_bits mantissa
+ * bits. */
+static double ref_half_value(uint16_t h, int man_bits)
 {
-    int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    double v = exp == 31   ? (man ? NAN : INFINITY)
-               : exp == 0 ? ldexp(man, -24)
-                          : ldexp(man + 1024, exp - 25);
+    int exp_max = (1 << (15 - man_bits)) - 1, bias = exp_max / 2;
+    int exp = (h >> man_bits) & exp_max, man = h & ((1 << man_bits) - 1);
+    double v = exp == exp_max ? (man ? NAN : INFINITY)
+               : exp == 0     ? ldexp(man, 1 - bias - man_bits)
+                              : ldexp(man + (1 << man_bits),
+                                      exp - bias - man_bits);
     return (h & 0x8000) ? -v : v;
 }
 
-static double ref_bf16_value(uint16_t h)
+/* The pattern of the format with man_bits mantissa bits nearest x, ties to
+ * even (x is finite or infinite, not NaN). */
+static uint16_t ref_half(double x, int man_bits)
 {
-    int exp = (h >> 7) & 0xff, man = h & 0x7f;
-    double v = exp == 255  ? (man ? NAN : INFINITY)
-               : exp == 0 ? ldexp(man, -133)
-                          : ldexp(man + 128, exp - 134);
-    return (h & 0x8000) ? -v : v;
-}
-
-/* The f16 nearest x, ties to even (x is finite or infinite, not NaN). */
-static uint16_t ref_f16(double x)
-{
+    int exp_max = (1 << (15 - man_bits)) - 1, bias = exp_max / 2;
     uint16_t sign = signbit(x) ? 0x8000 : 0;
     double a = fabs(x);
-    if (a >= 65520.0) /* halfway between 65504 and 2^16, and above */
-        return sign | 0x7c00;
-    int k = -14; /* exponent of the ulp's binade; subnormals share -14 */
+    /* halfway between the largest finite value, (2 - 2^-man_bits) 2^bias,
+     * and 2^(bias + 1), and above (65520 for f16) */
+    if (a >= ldexp(2 - ldexp(1, -man_bits - 1), bias))
+        return sign | (uint16_t)(exp_max << man_bits);
+    /* exponent of the ulp's binade; subnormals share the least normal one */
+    int k = 1 - bias;
     if (a > 0) {
         int e;
         frexp(a, &e);
         if (e - 1 > k)
             k = e - 1;
     }
-    double r = nearbyint(ldexp(a, 10 - k)); /* ties to even */
-    return (uint16_t)(sign | (unsigned)(((k + 14) << 10) + (int)r));
-}
-
-/* The bf16 nearest x, ties to even: 8 significant bits, f32's range. */
-static uint16_t ref_bf16(double x)
-{
-    uint16_t sign = signbit(x) ? 0x8000 : 0;
-    double a = fabs(x);
-    /* halfway between the largest bf16, (2 - 2^-7) 2^127, and 2^128 */
-    if (a >= ldexp(2 - ldexp(1, -8), 127))
-        return sign | 0x7f80;
-    int k = -126;
-    if (a > 0) {
-        int e;
-        frexp(a, &e);
-        if (e - 1 > k)
-            k = e - 1;
-    }
-    double r = nearbyint(ldexp(a, 7 - k));
-    return (uint16_t)(sign | (unsigned)(((k + 126) << 7) + (int)r));
+    double r = nearbyint(ldexp(a, man_bits - k)); /* ties to even */
+    return (uint16_t)(sign |
+                      (unsigned)(((k + bias - 1) << man_bits) + (int)r));
 }
 
 /* got equals the float64 want exactly, NaN matching NaN of the same sign. */
@@ -261,29 +258,9 @@ START_TEST(test_read_basic)
     ck_assert_fails(atmoe_safetensors_get(f, n, &t), NULL,
                     ATMOE_STATUS_OUT_OF_RANGE);
 
-    ck_assert_status(atmoe_safetensors_find(f, "w", &t), NULL);
-    ck_assert_int_eq(t.dtype, ATMOE_ST_F32);
-    ck_assert_int_eq(t.ndim, 2);
-    ck_assert_uint_eq(t.shape[0], 2);
-    ck_assert_uint_eq(t.shape[1], 3);
-    ck_assert_uint_eq(t.count, 6);
-    ck_assert_uint_eq(t.nbytes, 24);
-    ck_assert_int_eq(memcmp(t.data, data, 24), 0);
-
-    ck_assert_status(atmoe_safetensors_find(f, "s", &t), NULL);
-    ck_assert_int_eq(t.dtype, ATMOE_ST_I32);
-    ck_assert_int_eq(t.ndim, 0);
-    ck_assert_uint_eq(t.count, 1);
-    ck_assert_uint_eq(t.nbytes, 4);
-    ck_assert_int_eq(memcmp(t.data, data + 42, 4), 0);
-
-    ck_assert_status(atmoe_safetensors_find(f, "empty", &t), NULL);
-    ck_assert_int_eq(t.dtype, ATMOE_ST_U8);
-    ck_assert_int_eq(t.ndim, 2);
-    ck_assert_uint_eq(t.shape[0], 0);
-    ck_assert_uint_eq(t.shape[1], 5);
-    ck_assert_uint_eq(t.count, 0);
-    ck_assert_uint_eq(t.nbytes, 0);
+    assert_bytes(f, "w", ATMOE_ST_F32, 2, (uint64_t[]){2, 3}, data, 24);
+    assert_bytes(f, "s", ATMOE_ST_I32, 0, NULL, data + 42, 4);
+    assert_bytes(f, "empty", ATMOE_ST_U8, 2, (uint64_t[]){0, 5}, data, 0);
 
     float got[6];
     test_poison(got, 6);
@@ -375,10 +352,9 @@ START_TEST(test_read_all_halves)
         ck_assert_status(atmoe_safetensors_read_f32(f, "x", got, 65536),
                          NULL);
         for (unsigned h = 0; h < 65536; h++)
-            assert_same_value(got[h],
-                              kind ? ref_bf16_value((uint16_t)h)
-                                   : ref_f16_value((uint16_t)h),
-                              names[kind], h);
+            assert_same_value(
+                got[h], ref_half_value((uint16_t)h, kind ? BF16_MAN : F16_MAN),
+                names[kind], h);
         free(got);
         atmoe_safetensors_close(f);
     }
@@ -403,7 +379,7 @@ START_TEST(test_open_errors)
                     ATMOE_STATUS_NULL_POINTER);
 
     /* An empty file is a format error, not an I/O one. */
-    write_bytes(tmp_path("zero.safetensors"), "", 0);
+    test_write_file(tmp_path("zero.safetensors"), "", 0);
     ck_assert_fails(
         atmoe_safetensors_open(NULL, tmp_path("zero.safetensors"), &f), NULL,
         ATMOE_STATUS_FORMAT_ERROR);
@@ -560,18 +536,18 @@ START_TEST(test_roundtrip_all_dtypes)
                              shapes[s].shape, bytes[k]),
                          NULL);
     }
-    const char *path = tmp_path("all.safetensors");
+    /* A copy: the next tmp_path reuses its buffer. */
+    char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s", tmp_path("all.safetensors"));
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     /* Saved twice: the writer stays usable and the files agree. */
     const char *again = tmp_path("again.safetensors");
     ck_assert_status(atmoe_safetensors_writer_save(w, again), NULL);
     atmoe_safetensors_writer_free(w);
 
-    size_t size, size2;
-    unsigned char *file = read_all(path, &size);
-    unsigned char *file2 = read_all(again, &size2);
-    ck_assert_uint_eq(size, size2);
-    ck_assert_int_eq(memcmp(file, file2, size), 0);
+    assert_same_files(path, again);
+    size_t size;
+    unsigned char *file = test_read_file(path, &size);
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--)
         hlen = hlen << 8 | file[i];
@@ -614,7 +590,6 @@ START_TEST(test_roundtrip_all_dtypes)
     for (int k = 0; k < N; k++)
         free(bytes[k]);
     free(file);
-    free(file2);
 }
 END_TEST
 
@@ -688,11 +663,12 @@ START_TEST(test_roundtrip_f32)
                           b);
             continue;
         }
-        ck_assert_msg(h == ref_f16(x[i]), "f16 of %a (0x%08x): 0x%04x, want "
-                      "0x%04x", x[i], float_bits(x[i]), h, ref_f16(x[i]));
-        ck_assert_msg(b == ref_bf16(x[i]), "bf16 of %a (0x%08x): 0x%04x, "
-                      "want 0x%04x", x[i], float_bits(x[i]), b,
-                      ref_bf16(x[i]));
+        uint16_t want_h = ref_half(x[i], F16_MAN);
+        uint16_t want_b = ref_half(x[i], BF16_MAN);
+        ck_assert_msg(h == want_h, "f16 of %a (0x%08x): 0x%04x, want 0x%04x",
+                      x[i], float_bits(x[i]), h, want_h);
+        ck_assert_msg(b == want_b, "bf16 of %a (0x%08x): 0x%04x, want 0x%04x",
+                      x[i], float_bits(x[i]), b, want_b);
     }
     float *got = xmalloc(N * sizeof *got);
     const char *names[] = {"f32", "f16", "bf16"};
@@ -701,10 +677,11 @@ START_TEST(test_roundtrip_f32)
         ck_assert_status(atmoe_safetensors_read_f32(f, names[k], got, N),
                          NULL);
         for (int i = 0; i < N; i++) {
-            double want = isnan(x[i]) ? x[i]
-                          : k == 0    ? x[i]
-                          : k == 1    ? ref_f16_value(ref_f16(x[i]))
-                                      : ref_bf16_value(ref_bf16(x[i]));
+            double want = x[i];
+            if (k > 0 && !isnan(x[i])) {
+                int man_bits = k == 1 ? F16_MAN : BF16_MAN;
+                want = ref_half_value(ref_half(x[i], man_bits), man_bits);
+            }
             assert_same_value(got[i], want, names[k], (unsigned)i);
         }
     }
@@ -727,7 +704,7 @@ START_TEST(test_metadata)
     const char *path = tmp_path("plain.safetensors");
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     size_t size;
-    unsigned char *file = read_all(path, &size);
+    unsigned char *file = test_read_file(path, &size);
     ck_assert_ptr_null(memmem(file, size, "__metadata__", 12));
     free(file);
 
@@ -744,7 +721,7 @@ START_TEST(test_metadata)
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     atmoe_safetensors_writer_free(w);
 
-    file = read_all(path, &size);
+    file = test_read_file(path, &size);
     const char *want = "{\"__metadata__\":{\"\":\"\",\"alpha\":\"x\","
                        "\"q\\\"uote\":\"line\\nbreak \xe2\x82\xac\","
                        "\"zeta\":\"2\"},\"x\":";
@@ -812,7 +789,7 @@ START_TEST(test_reference_bytes)
         for (size_t i = 0; i < dlen / 4; i++)
             put_le(want + 8 + hlen + 4 * i, float_bits(data[i]), 4);
         size_t size;
-        unsigned char *got = read_all(path, &size);
+        unsigned char *got = test_read_file(path, &size);
         ck_assert_msg(size == 8 + hlen + dlen &&
                           memcmp(got, want, size) == 0,
                       "case %zu: got %zu bytes: %.*s", c, size,
@@ -973,8 +950,8 @@ START_TEST(test_save_failures)
                      NULL);
     free(x);
     const char *old = "old contents";
-    write_bytes(tmp_path("keep.safetensors"), old, strlen(old));
-    write_bytes(tmp_path("plain"), "", 0);
+    test_write_file(tmp_path("keep.safetensors"), old, strlen(old));
+    test_write_file(tmp_path("plain"), "", 0);
     char *before = list_dir(root);
 
     char path[PATH_MAX + 64];
@@ -1032,7 +1009,7 @@ START_TEST(test_save_failures)
     free(after);
     free(before);
     size_t size;
-    unsigned char *kept = read_all(tmp_path("keep.safetensors"), &size);
+    unsigned char *kept = test_read_file(tmp_path("keep.safetensors"), &size);
     ck_assert_uint_eq(size, strlen(old));
     ck_assert_int_eq(memcmp(kept, old, size), 0);
     free(kept);
@@ -1084,31 +1061,7 @@ static void assert_rewrites_same(const atmoe_safetensors *f, const char *path,
     const char *out = tmp_path("rewritten.safetensors");
     ck_assert_status(atmoe_safetensors_writer_save(w, out), NULL);
     atmoe_safetensors_writer_free(w);
-    size_t size_a, size_b;
-    unsigned char *a = read_all(path, &size_a);
-    unsigned char *b = read_all(out, &size_b);
-    ck_assert_msg(size_a == size_b && memcmp(a, b, size_a) == 0,
-                  "%s rewritten differs: %zu and %zu bytes", path, size_a,
-                  size_b);
-    free(a);
-    free(b);
-}
-
-/* The tensor's bytes are exactly want (nbytes of them). */
-static void assert_bytes(const atmoe_safetensors *f, const char *name,
-                         atmoe_st_dtype dtype, int ndim,
-                         const uint64_t *shape, const void *want,
-                         size_t nbytes)
-{
-    atmoe_st_tensor t;
-    ck_assert_status(atmoe_safetensors_find(f, name, &t), NULL);
-    ck_assert_msg(t.dtype == dtype, "%s: dtype %s", name,
-                  atmoe_st_dtype_name(t.dtype));
-    ck_assert_int_eq(t.ndim, ndim);
-    for (int i = 0; i < ndim; i++)
-        ck_assert_uint_eq(t.shape[i], shape[i]);
-    ck_assert_uint_eq(t.nbytes, nbytes);
-    ck_assert_msg(memcmp(t.data, want, nbytes) == 0, "%s: wrong bytes", name);
+    assert_same_files(path, out);
 }
 
 static void assert_floats(const atmoe_safetensors *f, const char *name,

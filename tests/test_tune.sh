@@ -7,28 +7,13 @@
 # is no OpenCL device.
 set -u
 
-tune=./bench/atmoe-tune
+tool=./bench/atmoe-tune
 atmoe=./tools/atmoe
 
-tmp=$(mktemp -d "${ATMOE_TEST_TMPDIR:-${TMPDIR:-/tmp}}/tmp-tune.XXXXXX") ||
-    exit 99
-trap 'rm -rf "$tmp"' EXIT INT TERM
-
-failures=0
-fail() {
-    echo "FAIL: $*"
-    failures=$((failures + 1))
-}
-
-run() {
-    "$tune" "$@" > "$tmp/out" 2> "$tmp/err"
-    rc=$?
-}
-
-if ! "$atmoe" devices > /dev/null 2>&1; then
-    echo "SKIP: no OpenCL device"
-    exit 77
-fi
+# shellcheck source=tests/testlib.sh
+. "$(dirname "$0")/testlib.sh"
+begin tune
+skip_without_device "$atmoe" devices
 
 db="$tmp/db/tuning.json"
 
@@ -40,7 +25,7 @@ if [ "$rc" -ne 0 ]; then
     fail "the tuner exited $rc"
     cat "$tmp/err"
 fi
-"$tune" --check "$db" > "$tmp/check" 2>&1 || fail "--check refused the tuner's output"
+"$tool" --check "$db" > "$tmp/check" 2>&1 || fail "--check refused the tuner's output"
 grep -q "with 1 entry" "$tmp/check" || fail "the database does not hold one entry"
 grep -q '"atmoe_tuning": 1' "$db" || fail "no format version in the database"
 grep -q '"info"' "$db" || fail "no info in the entry"
@@ -68,8 +53,7 @@ cmp -s "$db" "$tmp/before" || fail "a dry run changed the database"
 # --- --check refuses a malformed file and says why
 printf '{"atmoe_tuning": 1, "entries": [{"vendor": "PoCL"}]}\n' > "$tmp/bad.json"
 run --check "$tmp/bad.json"
-[ "$rc" -eq 1 ] || fail "--check of a malformed file exited $rc, not 1"
-grep -q "vendor and a type" "$tmp/err" || fail "no reason for the refusal"
+expect 1 "vendor and a type" "--check of a malformed file" err
 run --check "$tmp/missing.json"
 [ "$rc" -eq 1 ] || fail "--check of a missing file exited $rc, not 1"
 
@@ -90,9 +74,4 @@ run --clock sundial
 run --no-such-option
 [ "$rc" -eq 2 ] || fail "an unknown option exited $rc, not 2"
 
-if [ "$failures" -ne 0 ]; then
-    echo "$failures check(s) failed"
-    exit 1
-fi
-echo "atmoe-tune: all checks passed"
-exit 0
+finish atmoe-tune

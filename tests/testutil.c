@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +52,32 @@ double test_max_rel_err(const float *got, const double *want, size_t n,
     return worst;
 }
 
+void *test_read_file(const char *path, size_t *size)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
+    ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+    long n = ftell(f);
+    ck_assert_int_ge(n, 0);
+    rewind(f);
+    unsigned char *buf = malloc((size_t)n + 1);
+    ck_assert_ptr_nonnull(buf);
+    ck_assert_uint_eq(fread(buf, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    buf[n] = '\0';
+    if (size)
+        *size = (size_t)n;
+    return buf;
+}
+
+void test_write_file(const char *path, const void *data, size_t size)
+{
+    FILE *f = fopen(path, "wb");
+    ck_assert_msg(f != NULL, "fopen(%s): %s", path, strerror(errno));
+    ck_assert_uint_eq(fwrite(data, 1, size, f), size);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
 void test_mkdtemp(char *path, size_t size, const char *tag)
 {
     const char *base = getenv("ATMOE_TEST_TMPDIR");
@@ -77,6 +104,17 @@ atmoe_context *test_context(void)
     ck_assert_msg(st == ATMOE_STATUS_OK, "atmoe_context_new: %s: %s",
                   atmoe_status_name(st), atmoe_errmsg(NULL));
     return ctx;
+}
+
+atmoe_node test_marker(atmoe_context *ctx, atmoe_graph *g)
+{
+    static const float one = 1.0f;
+    size_t shape[1] = {1};
+    atmoe_node n = ATMOE_NODE_NONE;
+    ck_assert_status(
+        atmoe_graph_constant(g, NULL, ATMOE_DTYPE_F32, 1, shape, &one, &n),
+        ctx);
+    return n;
 }
 
 int test_run_suite(Suite *s)
