@@ -17,9 +17,11 @@
  * Adapters need no device; the expert tests open the default one. */
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -583,6 +585,71 @@ static void open_with_config(const char *dir, const char *config,
         ck_assert_ptr_nonnull(strstr(atmoe_errmsg(NULL), says));
 }
 
+/* Inputs the review found mishandled: a lora tensor named by the key
+ * prefix alone (its module's length wrapped round), module names equal as
+ * numbers ("m.01", "m.1"), a save that fails in a directory it made, and
+ * FIFOs where files belong (opening one used to wait for a writer). */
+START_TEST(test_odd_names_and_files)
+{
+    char dir[4200], path[4400];
+    test_mkdtemp(dir, sizeof dir, "adapter");
+    atmoe_safetensors_writer *w;
+    OK(atmoe_safetensors_writer_new(NULL, &w));
+    const uint64_t shape[2] = {1, 2};
+    const float v[2] = {1.0f, 2.0f};
+    OK(atmoe_safetensors_writer_add_f32(w, "base_model.model.lora_A.weight",
+                                        ATMOE_ST_F32, 2, shape, v));
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    OK(atmoe_safetensors_writer_save(w, path));
+    atmoe_safetensors_writer_free(w);
+    open_with_config(dir,
+                     "{\"peft_type\": \"LORA\", \"r\": 1, \"lora_alpha\": 1, "
+                     "\"target_modules\": [\"q\"]}",
+                     ATMOE_STATUS_FORMAT_ERROR, "names no module");
+
+    atmoe_adapter *ad;
+    OK(atmoe_adapter_new(NULL, &ad));
+    float a[2 * 3] = {1, 2, 3, 4, 5, 6}, b[3 * 2] = {6, 5, 4, 3, 2, 1};
+    OK(atmoe_adapter_set(ad, "m.1.q", 2, 3, 3, a, b, 4, 0));
+    OK(atmoe_adapter_set(ad, "m.01.q", 2, 3, 3, a, b, 4, 0));
+    OK(atmoe_adapter_set(ad, "m.1.q", 2, 3, 3, b, a, 4, 0));
+    atmoe_adapter_info info;
+    OK(atmoe_adapter_get_info(ad, &info));
+    ck_assert_uint_eq(info.targets, 2);
+
+    struct rlimit saved, small;
+    ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &saved), 0);
+    small = saved;
+    small.rlim_cur = 64;
+    void (*handler)(int) = signal(SIGXFSZ, SIG_IGN);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+    snprintf(path, sizeof path, "%s/new", dir);
+    atmoe_status st = atmoe_adapter_save(ad, path, ATMOE_ST_F32);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &saved), 0);
+    signal(SIGXFSZ, handler);
+    ck_assert_int_eq(st, ATMOE_STATUS_IO_ERROR);
+    ck_assert_msg(access(path, F_OK) != 0, "the failed save left %s", path);
+    atmoe_adapter_free(ad);
+
+    snprintf(path, sizeof path, "%s/fifo", dir);
+    ck_assert_int_eq(mkfifo(path, 0600), 0);
+    atmoe_safetensors *f;
+    FAILS(atmoe_safetensors_open(NULL, path, &f), NULL, ATMOE_STATUS_IO_ERROR,
+          "not a regular file");
+    atmoe_manifest *m;
+    FAILS(atmoe_manifest_open(NULL, path, &m), NULL, ATMOE_STATUS_IO_ERROR,
+          "fifo");
+    snprintf(path, sizeof path, "%s/fifo-adapter", dir);
+    ck_assert_int_eq(mkdir(path, 0755), 0);
+    char cfg[4500];
+    snprintf(cfg, sizeof cfg, "%s/adapter_config.json", path);
+    ck_assert_int_eq(mkfifo(cfg, 0600), 0);
+    FAILS(atmoe_adapter_open(NULL, path, &ad), NULL, ATMOE_STATUS_IO_ERROR,
+          "adapter_config.json");
+    test_rmdir_r(dir);
+}
+END_TEST
+
 /* Patterns in Python's spelling, and PEFT's first-matching-key rule. */
 START_TEST(test_patterns)
 {
@@ -882,6 +949,7 @@ int main(void)
     tcase_add_test(tc, test_save_reopen);
     tcase_add_test(tc, test_save_mixed);
     tcase_add_test(tc, test_save_failures);
+    tcase_add_test(tc, test_odd_names_and_files);
     suite_add_tcase(s, tc);
     tc = tcase_create("experts");
     tcase_add_checked_fixture(tc, setup, NULL);
