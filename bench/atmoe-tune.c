@@ -1,5 +1,6 @@
-/* atmoe-tune: searches CLBlast's SGEMM kernel parameters for one device and
- * stores the best set in a tuning database (see atmoe-tune(1)).
+/* atmoe-tune: searches the kernel parameters of one device and stores the
+ * best in a tuning database (see atmoe-tune(1)): CLBlast's SGEMM
+ * parameters, and those of the library's own products (cl/linear.cl).
  *
  * The GEMM timed is the library's base projection, y = x W^T with x
  * [T, d] and W [d, d] row-major (atmoe_graph_matmul with
@@ -18,6 +19,18 @@
  *   final     the best of both with the XGEMM_MIN_INDIRECT_SIZE that sends
  *             each shape to its faster path, timed and checked again
  *
+ * (the "clblast" phases), and for the mixture node (atmoe_graph_mixture: 8
+ * experts in 4 groups of rank 16, block mix, a gate row per token) at the
+ * same T and d:
+ *
+ *   blocks    the SR x ST blocks of tiles that cl/linear.cl's work-items
+ *             walk together, against the library's 8 x 8, whose result is
+ *             checked against float64 and is the reference
+ *   boundary  MAX_TOKENS, the largest batch that cl/linear.cl runs rather
+ *             than CLBlast: both paths timed at T = 16 to 512, in a child
+ *             process that applies the chosen sets over CLBlast's built-in
+ *             ones, as a fresh process using the entry would
+ *
  * A candidate counts only when every shape it ran matches the reference; its
  * time per shape is the median of --runs runs after one warm-up, measured by
  * the wall clock around atmoe_graph_compute() and atmoe_context_finish().
@@ -32,13 +45,16 @@
 
 #include <errno.h>
 #include <math.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
@@ -49,6 +65,7 @@
 #define EXIT_USAGE 2
 
 #define MAX_SHAPES 6
+#define MAX_MIX 12
 #define MAX_TRIED 4096
 #define SAMPLE_CHECKS 64
 /* Largest |y - ref| over the largest |ref|: summation order differs
@@ -73,9 +90,40 @@
  * shape's loss for another's gain. */
 #define NO_HARM 1.10
 
+/* The mixture the linear phases time: 8 experts in 4 groups, of rank 16
+ * and scale alpha / rank = 2. */
+#define MIX_EXPERTS 8
+#define MIX_GROUPS 4
+#define MIX_RANK 16
+#define MIX_ALPHA (2.0f * MIX_RANK)
+/* MAX_TOKENS above every batch timed (cl/linear.cl runs them all) and
+ * below (CLBlast runs them all). */
+#define ALL_LINEAR (1 << 20)
+#define ALL_CLBLAST 1
+/* The library's blocks when the database has none. */
+#define BASE_SR 8
+#define BASE_ST 8
+/* cl/linear.cl keeps the batches up to the largest T timed at which it is
+ * slower than CLBlast by no more than this factor... */
+#define LINEAR_SLACK 1.10
+/* ... and at least these: below, reading the weights once bounds both. */
+#define MIN_MAX_TOKENS 16
+/* The blocks phase's share of the budget when the CLBlast phases run too:
+ * its 19 candidates each cost seconds, CLBlast's tens of seconds. */
+#define BLOCKS_SHARE 0.25
+/* How the child that times the boundary marks its result line. */
+#define RESULT_MARK "@boundary "
+
 /* ------------------------------------------------------------------------ */
 /* Options and helpers                                                       */
 /* ------------------------------------------------------------------------ */
+
+/* What --phases selects. */
+#define PHASE_CLBLAST 1u
+#define PHASE_BLOCKS 2u
+#define PHASE_BOUNDARY 4u
+#define PHASE_LINEAR (PHASE_BLOCKS | PHASE_BOUNDARY)
+#define PHASE_ALL (PHASE_CLBLAST | PHASE_LINEAR)
 
 typedef struct options {
     const char *device;
@@ -89,6 +137,8 @@ typedef struct options {
     int small, full;
     unsigned long seed;
     int cpu_clock;
+    unsigned phases;
+    const char *child; /* the boundary's set, in the child that times it */
 } options;
 
 static int quiet;
@@ -260,48 +310,50 @@ static double exact_diff(const shape *s, const float *y, const float *w)
     return worst;
 }
 
-/* Runs shape s once as planned and times it; ref NULL keeps the result as
- * the reference.  best is the fastest time known for the shape (0: none). */
-static timing run_shape(atmoe_context *ctx, shape *s, int transposed,
-                        int runs, double best)
+/* An input of a planned graph and the host data it takes. */
+typedef struct feed {
+    atmoe_node node;
+    const float *data;
+    size_t count;
+} feed;
+
+/* Fills g's inputs, runs it once and checks its output yn (n elements)
+ * against *ref, or keeps it as *ref when that is NULL; then times it.
+ * best is the fastest time known for the shape (0: none); what names the
+ * shape in messages. */
+static timing time_graph(atmoe_context *ctx, atmoe_graph *g, const feed *in,
+                         int nin, atmoe_node yn, size_t n, float **ref,
+                         int runs, double best, const char *what)
 {
     timing r = {RUN_FAILED, 0, 0, 0};
-    atmoe_graph *g;
-    atmoe_node xn, yn;
-    atmoe_status st = build_graph(ctx, s, transposed, &g, &xn, &yn);
-    if (st != ATMOE_STATUS_OK) {
-        say("      T=%zu d=%zu: %s: %s\n", s->t, s->d, atmoe_status_name(st),
-            atmoe_errmsg(ctx));
-        return r;
-    }
-    size_t n = s->t * s->d;
     float *y = malloc(n * sizeof *y);
     double times[64];
-    atmoe_graph_memory mem;
-    if (y == NULL || atmoe_graph_get_memory(g, &mem) != ATMOE_STATUS_OK)
-        goto out;
-    r.scratch = (size_t)mem.gemm_scratch_bytes;
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (y == NULL)
+        return r;
     for (size_t i = 0; i < n; i++)
         y[i] = NAN;
     double t_first = now_s();
-    if ((st = atmoe_graph_set_input(g, xn, s->x, n * sizeof *s->x, 0)) ||
-        (st = atmoe_graph_compute(g, 0)) ||
+    for (int i = 0; i < nin && st == ATMOE_STATUS_OK; i++)
+        st = atmoe_graph_set_input(g, in[i].node, in[i].data,
+                                   in[i].count * sizeof *in[i].data, 0);
+    if (st || (st = atmoe_graph_compute(g, 0)) ||
         (st = atmoe_graph_read(g, yn, y, n * sizeof *y))) {
-        say("      T=%zu d=%zu: %s: %s\n", s->t, s->d, atmoe_status_name(st),
+        say("      %s: %s: %s\n", what, atmoe_status_name(st),
             atmoe_errmsg(ctx));
         goto out;
     }
-    if (s->ref == NULL) {
-        s->ref = y;
+    if (*ref == NULL) {
+        *ref = y;
         y = NULL;
     } else {
-        r.err = max_diff(y, s->ref, n);
+        r.err = max_diff(y, *ref, n);
         if (!(r.err <= REF_TOL)) {
             r.out = RUN_WRONG;
             goto out;
         }
     }
-    /* A sample lasts at least MIN_SAMPLE_S, so that short GEMMs are timed
+    /* A sample lasts at least MIN_SAMPLE_S, so that short runs are timed
      * well above the clock's resolution (the processor clock advances in
      * scheduler ticks). */
     t_first = now_s() - t_first;
@@ -314,8 +366,8 @@ static timing run_shape(atmoe_context *ctx, shape *s, int transposed,
             if ((st = atmoe_graph_compute(g, 0)) != ATMOE_STATUS_OK)
                 break;
         if (st != ATMOE_STATUS_OK || (st = atmoe_context_finish(ctx))) {
-            say("      T=%zu d=%zu: %s: %s\n", s->t, s->d,
-                atmoe_status_name(st), atmoe_errmsg(ctx));
+            say("      %s: %s: %s\n", what, atmoe_status_name(st),
+                atmoe_errmsg(ctx));
             goto out;
         }
         times[k] = (clock_s() - t0) / inner;
@@ -329,6 +381,33 @@ static timing run_shape(atmoe_context *ctx, shape *s, int transposed,
     r.out = RUN_OK;
 out:
     free(y);
+    return r;
+}
+
+/* Runs shape s once as planned and times it; a shape without a reference
+ * keeps its result as the reference.  best is the fastest time known for
+ * the shape (0: none). */
+static timing run_shape(atmoe_context *ctx, shape *s, int transposed,
+                        int runs, double best)
+{
+    timing r = {RUN_FAILED, 0, 0, 0};
+    char what[64];
+    snprintf(what, sizeof what, "T=%zu d=%zu", s->t, s->d);
+    atmoe_graph *g;
+    atmoe_node xn, yn;
+    atmoe_status st = build_graph(ctx, s, transposed, &g, &xn, &yn);
+    if (st != ATMOE_STATUS_OK) {
+        say("      %s: %s: %s\n", what, atmoe_status_name(st),
+            atmoe_errmsg(ctx));
+        return r;
+    }
+    atmoe_graph_memory mem;
+    if (atmoe_graph_get_memory(g, &mem) == ATMOE_STATUS_OK) {
+        feed in = {xn, s->x, s->t * s->d};
+        r = time_graph(ctx, g, &in, 1, yn, s->t * s->d, &s->ref, runs, best,
+                       what);
+        r.scratch = (size_t)mem.gemm_scratch_bytes;
+    }
     atmoe_graph_free(g);
     return r;
 }
@@ -344,6 +423,32 @@ typedef struct result {
     int valid;
 } result;
 
+/* One size of the mixture: its base weight and expert set, and while the
+ * baseline is checked their host copies (A [E][rank][d], B [E][d][rank]). */
+typedef struct mix_data {
+    size_t d;
+    atmoe_tensor *w0;
+    atmoe_experts *set;
+    float *w0h, *a, *b;
+} mix_data;
+
+typedef struct mix_shape {
+    size_t t;
+    mix_data *data;
+    float *x;     /* [t, d] */
+    float *gates; /* [t, MIX_EXPERTS] */
+    float *ref;   /* [t, d]: the baseline's result */
+    double base_s;
+} mix_shape;
+
+/* A set of cl/linear.cl's blocks and its times on the mixture shapes. */
+typedef struct blocks_result {
+    int sr, st;
+    timing t[MAX_MIX];
+    double score; /* geometric-mean speed-up over 8 x 8 */
+    int valid;
+} blocks_result;
+
 typedef struct tuner {
     atmoe_context *ctx;
     options opt;
@@ -354,6 +459,12 @@ typedef struct tuner {
     char *tried[MAX_TRIED];
     int ntried;
     int evaluated, refused, wrong, failed;
+    mix_data mdata[2];
+    int nmdata;
+    mix_shape mix[MAX_MIX];
+    int nmix;
+    json_t *kernels_base; /* the entry's macros of the other programs */
+    int blocks_timed, blocks_wrong, blocks_failed;
 } tuner;
 
 static int seen(tuner *tu, const char *text)
@@ -667,6 +778,636 @@ static int harmless(const tuner *tu, const result *r)
 }
 
 /* ------------------------------------------------------------------------ */
+/* The mixture: cl/linear.cl's blocks, and its boundary with CLBlast         */
+/* ------------------------------------------------------------------------ */
+
+static const char *self_name = PROGRAM; /* argv[0], to run the child */
+
+static double mix_gflops(size_t t, size_t d, double seconds)
+{
+    double T = (double)t, D = (double)d, R = MIX_EXPERTS * MIX_RANK;
+    return (2.0 * T * D * D + 4.0 * T * R * D) / seconds * 1e-9;
+}
+
+/* The macros of the "linear" program with blocks sr x st and max_tokens
+ * (0: none), over the entry's macros of the other programs. */
+static json_t *linear_kernels(const tuner *tu, int sr, int st,
+                              long max_tokens)
+{
+    json_t *k = tu->kernels_base ? json_deep_copy(tu->kernels_base)
+                                 : json_object();
+    json_t *lin = json_pack("{s:i, s:i}", "SR", sr, "ST", st);
+    if (max_tokens > 0)
+        json_object_set_new(lin, "MAX_TOKENS", json_integer(max_tokens));
+    json_object_set_new(k, "linear", lin);
+    return k;
+}
+
+/* Applies the linear macros, with CLBlast's sets clblast when not NULL
+ * (without, CLBlast keeps what it has). */
+static atmoe_status apply_linear(tuner *tu, const json_t *clblast, int sr,
+                                 int st, long max_tokens)
+{
+    json_t *set = json_pack("{s:o}", "kernels",
+                            linear_kernels(tu, sr, st, max_tokens));
+    if (set && clblast)
+        json_object_set(set, "clblast", (json_t *)clblast);
+    char *text = set ? json_dumps(set, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(set);
+    atmoe_status s = text ? atmoe_context_set_params(tu->ctx, text)
+                          : ATMOE_STATUS_HOST_OUT_OF_MEMORY;
+    free(text);
+    return s;
+}
+
+/* The mixture of shape m: y = x W0^T + B_all M(gates) A_all x, a gate row
+ * per token, no bias, c = 1. */
+static atmoe_status build_mixture(atmoe_context *ctx, const mix_shape *m,
+                                  atmoe_graph **out, feed in[2],
+                                  atmoe_node *yn)
+{
+    atmoe_graph *g;
+    atmoe_status st = atmoe_graph_new(ctx, &g);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    size_t d = m->data->d, xs[2] = {m->t, d}, gs[2] = {m->t, MIX_EXPERTS};
+    atmoe_node w0;
+    if ((st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0,
+                                &in[0].node)) ||
+        (st = atmoe_graph_input(g, "gates", ATMOE_DTYPE_F32, 2, gs, 0,
+                                &in[1].node)) ||
+        (st = atmoe_graph_parameter(g, "w0", m->data->w0, &w0)) ||
+        (st = atmoe_graph_mixture(g, in[0].node, w0, ATMOE_NODE_NONE,
+                                  m->data->set, ATMOE_MIX_BLOCK, in[1].node,
+                                  ATMOE_NODE_NONE, 1.0f, yn)) ||
+        (st = atmoe_graph_output(g, *yn)) || (st = atmoe_graph_plan(g, 0))) {
+        atmoe_graph_free(g);
+        return st;
+    }
+    in[0].data = m->x;
+    in[0].count = m->t * d;
+    in[1].data = m->gates;
+    in[1].count = m->t * MIX_EXPERTS;
+    *out = g;
+    return ATMOE_STATUS_OK;
+}
+
+/* Plans the mixture of m with the parameters in force and times it (see
+ * time_graph). */
+static timing run_mix(tuner *tu, mix_shape *m, double best)
+{
+    timing r = {RUN_FAILED, 0, 0, 0};
+    char what[64];
+    snprintf(what, sizeof what, "mixture T=%zu d=%zu", m->t, m->data->d);
+    atmoe_graph *g;
+    feed in[2];
+    atmoe_node yn;
+    atmoe_status st = build_mixture(tu->ctx, m, &g, in, &yn);
+    if (st != ATMOE_STATUS_OK) {
+        say("      %s: %s: %s\n", what, atmoe_status_name(st),
+            atmoe_errmsg(tu->ctx));
+        return r;
+    }
+    r = time_graph(tu->ctx, g, in, 2, yn, m->t * m->data->d, &m->ref,
+                   tu->opt.runs, best, what);
+    atmoe_graph_free(g);
+    return r;
+}
+
+/* Sampled elements of the mixture's y against float64: the base dot
+ * product plus each expert's gated s_e B_e (A_e x), over the sum of the
+ * magnitudes of their terms. */
+static double exact_mix_diff(const mix_shape *m, const float *y)
+{
+    const mix_data *md = m->data;
+    size_t d = md->d;
+    const double scale = MIX_ALPHA / MIX_RANK;
+    double worst = 0;
+    for (int k = 0; k < SAMPLE_CHECKS; k++) {
+        size_t i = rng_next() % m->t, j = rng_next() % d;
+        const float *x = m->x + i * d;
+        double dot = 0, mag = 1e-30;
+        for (size_t c = 0; c < d; c++) {
+            double p = (double)x[c] * (double)md->w0h[j * d + c];
+            dot += p;
+            mag += fabs(p);
+        }
+        for (size_t e = 0; e < MIX_EXPERTS; e++) {
+            double g = scale * (double)m->gates[i * MIX_EXPERTS + e];
+            for (size_t r = 0; r < MIX_RANK; r++) {
+                const float *a = md->a + (e * MIX_RANK + r) * d;
+                double u = 0, um = 0;
+                for (size_t c = 0; c < d; c++) {
+                    double p = (double)a[c] * (double)x[c];
+                    u += p;
+                    um += fabs(p);
+                }
+                double coef = g * (double)md->b[(e * d + j) * MIX_RANK + r];
+                dot += coef * u;
+                mag += fabs(coef) * um;
+            }
+        }
+        double err = fabs((double)y[i * d + j] - dot) / mag;
+        if (!(err <= worst))
+            worst = isnan(err) ? INFINITY : err;
+    }
+    return worst;
+}
+
+static void free_host_copies(mix_data *md)
+{
+    free(md->w0h);
+    free(md->a);
+    free(md->b);
+    md->w0h = md->a = md->b = NULL;
+}
+
+static void free_mix(tuner *tu)
+{
+    for (int i = 0; i < tu->nmix; i++) {
+        free(tu->mix[i].x);
+        free(tu->mix[i].gates);
+        free(tu->mix[i].ref);
+    }
+    for (int i = 0; i < tu->nmdata; i++) {
+        free_host_copies(&tu->mdata[i]);
+        atmoe_tensor_free(tu->mdata[i].w0);
+        atmoe_experts_free(tu->mdata[i].set);
+    }
+}
+
+/* The weights and expert set of each size, and a mixture shape per size
+ * and T of ts.  With check, each shape runs once with the parameters in
+ * force, the baseline: its result, checked against float64 on sampled
+ * elements, becomes the reference, and its time the baseline's. */
+static int setup_mix(tuner *tu, const size_t *ts, int nt, int check)
+{
+    size_t ds[2];
+    int nd = 0;
+    if (tu->opt.small)
+        ds[nd++] = 1024;
+    if (tu->opt.full)
+        ds[nd++] = 4096;
+    for (int k = 0; k < nd; k++) {
+        mix_data *md = &tu->mdata[tu->nmdata++];
+        size_t d = md->d = ds[k], shp[2] = {d, d};
+        size_t na = (size_t)MIX_EXPERTS * MIX_RANK * d;
+        md->w0h = malloc(d * d * sizeof *md->w0h);
+        md->a = malloc(na * sizeof *md->a);
+        md->b = malloc(na * sizeof *md->b);
+        if (md->w0h == NULL || md->a == NULL || md->b == NULL) {
+            fprintf(stderr, PROGRAM ": out of host memory\n");
+            return EXIT_RUNTIME;
+        }
+        float sd = 1.0f / sqrtf((float)d), sr = 1.0f / sqrtf(MIX_RANK);
+        for (size_t i = 0; i < d * d; i++)
+            md->w0h[i] = sd * rng_uniform();
+        for (size_t i = 0; i < na; i++) {
+            md->a[i] = sd * rng_uniform();
+            md->b[i] = sr * rng_uniform();
+        }
+        atmoe_status st;
+        if ((st = atmoe_tensor_new(tu->ctx, ATMOE_DTYPE_F32, 2, shp,
+                                   &md->w0)) ||
+            (st = atmoe_tensor_write(md->w0, md->w0h,
+                                     d * d * sizeof *md->w0h)) ||
+            (st = atmoe_experts_new(tu->ctx, d, d, &md->set)))
+            return lib_fail(tu->ctx, st, "making the mixture's weights");
+        for (size_t e = 0; e < MIX_EXPERTS; e++)
+            if ((st = atmoe_experts_add(
+                     md->set, (int)(e / (MIX_EXPERTS / MIX_GROUPS)), MIX_RANK,
+                     md->a + e * MIX_RANK * d, md->b + e * d * MIX_RANK,
+                     MIX_ALPHA, 0, NULL)) != ATMOE_STATUS_OK)
+                return lib_fail(tu->ctx, st, "adding an expert");
+        for (int j = 0; j < nt; j++) {
+            mix_shape *m = &tu->mix[tu->nmix++];
+            memset(m, 0, sizeof *m);
+            m->t = ts[j];
+            m->data = md;
+            m->x = malloc(m->t * d * sizeof *m->x);
+            m->gates = malloc(m->t * MIX_EXPERTS * sizeof *m->gates);
+            if (m->x == NULL || m->gates == NULL) {
+                fprintf(stderr, PROGRAM ": out of host memory\n");
+                return EXIT_RUNTIME;
+            }
+            for (size_t i = 0; i < m->t * d; i++)
+                m->x[i] = rng_uniform();
+            for (size_t i = 0; i < m->t * MIX_EXPERTS; i++)
+                m->gates[i] = (rng_uniform() + 1.0f) / (2.0f * MIX_EXPERTS);
+            if (!check)
+                continue;
+            timing t = run_mix(tu, m, 0);
+            if (t.out != RUN_OK) {
+                fprintf(stderr, PROGRAM ": the mixture at T=%zu d=%zu "
+                        "failed with the library's blocks\n", m->t, d);
+                return EXIT_RUNTIME;
+            }
+            double e = exact_mix_diff(m, m->ref);
+            if (!(e <= EXACT_TOL)) {
+                fprintf(stderr, PROGRAM ": the mixture at T=%zu d=%zu is "
+                        "off float64 by %.2e with the library's blocks: "
+                        "nothing to tune against\n", m->t, d, e);
+                return EXIT_RUNTIME;
+            }
+            m->base_s = t.s;
+            say("  baseline T=%-4zu d=%zu  %8.1f GFLOP/s  (float64 check "
+                "%.1e)\n", m->t, d, mix_gflops(m->t, d, t.s), e);
+        }
+        free_host_copies(md);
+    }
+    return 0;
+}
+
+/* Applies blocks sr x st and times every mixture shape; best holds the
+ * fastest time known per shape (NULL: none).  0 when the library refused
+ * the blocks. */
+static int evaluate_blocks(tuner *tu, int sr, int st, const double *best,
+                           blocks_result *r)
+{
+    memset(r, 0, sizeof *r);
+    r->sr = sr;
+    r->st = st;
+    char label[16];
+    snprintf(label, sizeof label, "%dx%d", sr, st);
+    if (apply_linear(tu, NULL, sr, st, ALL_LINEAR) != ATMOE_STATUS_OK) {
+        say("  %-8s refused: %s\n", label, atmoe_errmsg(tu->ctx));
+        tu->blocks_failed++;
+        return 0;
+    }
+    tu->blocks_timed++;
+    r->valid = 1;
+    double t0 = now_s();
+    say("  %-8s", label);
+    for (int i = 0; i < tu->nmix && r->valid; i++) {
+        mix_shape *m = &tu->mix[i];
+        r->t[i] = run_mix(tu, m, best ? best[i] : 0);
+        switch (r->t[i].out) {
+        case RUN_OK:
+            say(" %8.1f", mix_gflops(m->t, m->data->d, r->t[i].s));
+            break;
+        case RUN_SLOW:
+            say("     slow");
+            break;
+        case RUN_WRONG:
+            say("    WRONG  (off by %.1e)", r->t[i].err);
+            r->valid = 0;
+            tu->blocks_wrong++;
+            break;
+        case RUN_FAILED:
+            say("   failed");
+            r->valid = 0;
+            tu->blocks_failed++;
+            break;
+        }
+    }
+    if (r->valid) {
+        double logsum = 0;
+        for (int i = 0; i < tu->nmix; i++)
+            logsum += log(tu->mix[i].base_s / r->t[i].s);
+        r->score = exp(logsum / tu->nmix);
+    }
+    say("  %s%.2fx  %.0f s\n", r->valid ? "" : "rejected ",
+        r->valid ? r->score : 0.0, now_s() - t0);
+    return 1;
+}
+
+/* Whether every shape of r ran within NO_HARM of 8 x 8. */
+static int blocks_harmless(const tuner *tu, const blocks_result *r)
+{
+    for (int i = 0; i < tu->nmix; i++)
+        if (r->t[i].out != RUN_OK || r->t[i].s > NO_HARM * tu->mix[i].base_s)
+            return 0;
+    return 1;
+}
+
+/* The blocks phase: 8 x 8 as the baseline, then the previous entry's
+ * blocks and the others of {2..32} x {2..16} in random order until the
+ * deadline (one at least).  The best, when at least MIN_GAIN faster, is
+ * timed again after 8 x 8, and kept only if it still is and slows no shape
+ * by more than NO_HARM: the best of many noisy timings is flattered by
+ * its noise.  *best gets the blocks kept, with their last times. */
+static int tune_blocks(tuner *tu, double deadline, int prev_sr, int prev_st,
+                       blocks_result *best)
+{
+    static const size_t ts[] = {16, 64, 512};
+    static const int srs[] = {2, 4, 8, 16, 32}, sts[] = {2, 4, 8, 16};
+    atmoe_status s = apply_linear(tu, NULL, BASE_SR, BASE_ST, ALL_LINEAR);
+    if (s != ATMOE_STATUS_OK)
+        return lib_fail(tu->ctx, s, "applying cl/linear.cl's blocks");
+    say("linear blocks: GFLOP/s of the mixture per shape (block mix, %d "
+        "experts of rank %d, cl/linear.cl for every batch):\n",
+        MIX_EXPERTS, MIX_RANK);
+    int rc = setup_mix(tu, ts, 3, 1);
+    if (rc != 0)
+        return rc;
+    say("  %-8s", "blocks");
+    for (int i = 0; i < tu->nmix; i++)
+        say(" %5zu/%zuk", tu->mix[i].t, tu->mix[i].data->d / 1024);
+    say("   (T/d)\n");
+
+    int cand[32][2], n = 0;
+    if (prev_sr > 0 && prev_st > 0 &&
+        !(prev_sr == BASE_SR && prev_st == BASE_ST)) {
+        cand[n][0] = prev_sr;
+        cand[n++][1] = prev_st;
+    }
+    int first_drawn = n;
+    for (int i = 0; i < 5; i++)
+        for (int j = 0; j < 4; j++)
+            if (!(srs[i] == BASE_SR && sts[j] == BASE_ST) &&
+                !(srs[i] == prev_sr && sts[j] == prev_st)) {
+                cand[n][0] = srs[i];
+                cand[n++][1] = sts[j];
+            }
+    for (int i = n - 1; i > first_drawn; i--) {
+        uint64_t span = (uint64_t)(i - first_drawn + 1);
+        int j = first_drawn + (int)(rng_next() % span);
+        int s0 = cand[i][0], s1 = cand[i][1];
+        cand[i][0] = cand[j][0];
+        cand[i][1] = cand[j][1];
+        cand[j][0] = s0;
+        cand[j][1] = s1;
+    }
+
+    blocks_result top;
+    memset(&top, 0, sizeof top);
+    top.sr = BASE_SR;
+    top.st = BASE_ST;
+    top.score = 1.0;
+    top.valid = 1;
+    double fastest[MAX_MIX];
+    for (int i = 0; i < tu->nmix; i++) {
+        fastest[i] = tu->mix[i].base_s;
+        top.t[i] = (timing){RUN_OK, tu->mix[i].base_s, 0, 0};
+    }
+    *best = top;
+    for (int c = 0; c < n && (c == 0 || now_s() < deadline); c++) {
+        blocks_result r;
+        if (!evaluate_blocks(tu, cand[c][0], cand[c][1], fastest, &r) ||
+            !r.valid)
+            continue;
+        for (int i = 0; i < tu->nmix; i++)
+            if (r.t[i].out == RUN_OK && r.t[i].s < fastest[i])
+                fastest[i] = r.t[i].s;
+        if (r.score > top.score)
+            top = r;
+    }
+    if (top.sr == BASE_SR && top.st == BASE_ST) {
+        say("no blocks beat 8x8\n");
+        return 0;
+    }
+    if (!(top.score >= MIN_GAIN)) {
+        say("the best blocks, %dx%d, are %.2fx 8x8: within the noise, 8x8 "
+            "stays\n", top.sr, top.st, top.score);
+        return 0;
+    }
+    say("confirming %dx%d: both timed again, 8x8 first (its ratio is to "
+        "its first times)\n", top.sr, top.st);
+    blocks_result base, again;
+    if (!evaluate_blocks(tu, BASE_SR, BASE_ST, NULL, &base) || !base.valid) {
+        say("8x8 failed the second time: 8x8 stays\n");
+        return 0;
+    }
+    for (int i = 0; i < tu->nmix; i++)
+        tu->mix[i].base_s = base.t[i].s;
+    base.score = 1.0;
+    *best = base;
+    if (!evaluate_blocks(tu, top.sr, top.st, NULL, &again) || !again.valid ||
+        !(again.score >= MIN_GAIN) || !blocks_harmless(tu, &again)) {
+        say("%dx%d is not confirmed (%.2fx, or a shape more than %.0f%% "
+            "slower): 8x8 stays\n", top.sr, top.st,
+            again.valid ? again.score : 0.0, 100 * (NO_HARM - 1));
+        return 0;
+    }
+    *best = again;
+    return 0;
+}
+
+/* The boundary, in the child process (--boundary-child SET): SET's CLBlast
+ * sets over CLBlast's built-in ones and its blocks; every mixture shape at
+ * T = 16 to 512 timed on cl/linear.cl and on CLBlast, whose results must
+ * agree.  The times go to stdout as one JSON line after RESULT_MARK. */
+static int boundary_child(const options *opt)
+{
+    static const size_t ts[] = {16, 32, 64, 128, 256, 512};
+    tuner tu;
+    memset(&tu, 0, sizeof tu);
+    tu.opt = *opt;
+    rng_state = opt->seed;
+    json_t *set = json_loads(opt->child, 0, NULL);
+    json_t *lin = json_object_get(json_object_get(set, "kernels"), "linear");
+    json_t *v;
+    int sr = (v = json_object_get(lin, "SR")) ? (int)json_integer_value(v)
+                                              : BASE_SR;
+    int st = (v = json_object_get(lin, "ST")) ? (int)json_integer_value(v)
+                                              : BASE_ST;
+    if (set == NULL || sr < 1 || st < 1) {
+        json_decref(set);
+        fprintf(stderr, PROGRAM ": --boundary-child wants the set of "
+                "atmoe-tune's boundary phase\n");
+        return EXIT_USAGE;
+    }
+    tu.kernels_base = json_deep_copy(json_object_get(set, "kernels"));
+    json_object_del(tu.kernels_base, "linear");
+    json_t *points = json_array();
+    int rc = EXIT_RUNTIME;
+    atmoe_status s = atmoe_context_new(&tu.ctx, opt->device);
+    if (s != ATMOE_STATUS_OK) {
+        lib_fail(NULL, s, "opening the device");
+        goto out;
+    }
+    atmoe_device_info dev;
+    atmoe_context_get_device(tu.ctx, &dev);
+    use_cpu_clock = opt->cpu_clock;
+    cpu_units = dev.compute_units ? dev.compute_units : 1;
+    if ((s = apply_linear(&tu, json_object_get(set, "clblast"), sr, st,
+                          ALL_LINEAR)) != ATMOE_STATUS_OK) {
+        lib_fail(tu.ctx, s, "applying the boundary's set");
+        goto out;
+    }
+    if (setup_mix(&tu, ts, 6, 0) != 0)
+        goto out;
+    for (int i = 0; i < tu.nmix; i++) {
+        mix_shape *m = &tu.mix[i];
+        timing t[2];
+        for (int p = 0; p < 2; p++) {
+            if ((s = apply_linear(&tu, NULL, sr, st,
+                                  p ? ALL_CLBLAST : ALL_LINEAR)) !=
+                ATMOE_STATUS_OK) {
+                lib_fail(tu.ctx, s, "applying the boundary's set");
+                goto out;
+            }
+            t[p] = run_mix(&tu, m, 0);
+        }
+        if (t[0].out != RUN_OK || t[1].out != RUN_OK) {
+            fprintf(stderr, PROGRAM ": the mixture at T=%zu d=%zu %s on "
+                    "%s\n", m->t, m->data->d,
+                    t[0].out == RUN_OK && t[1].out == RUN_WRONG
+                        ? "differs between cl/linear.cl and CLBlast"
+                        : "failed",
+                    t[0].out != RUN_OK ? "cl/linear.cl" : "CLBlast");
+            goto out;
+        }
+        say("  T=%-4zu d=%-4zu %9.1f %9.1f   %.2f\n", m->t, m->data->d,
+            mix_gflops(m->t, m->data->d, t[0].s),
+            mix_gflops(m->t, m->data->d, t[1].s), t[0].s / t[1].s);
+        json_array_append_new(points,
+                              json_pack("{s:I, s:I, s:f, s:f}", "T",
+                                        (json_int_t)m->t, "d",
+                                        (json_int_t)m->data->d, "linear_s",
+                                        t[0].s, "clblast_s", t[1].s));
+    }
+    char *text = json_dumps(points, JSON_COMPACT);
+    if (text) {
+        printf(RESULT_MARK "%s\n", text);
+        fflush(stdout);
+        rc = 0;
+    }
+    free(text);
+out:
+    json_decref(points);
+    json_decref(set);
+    json_decref(tu.kernels_base);
+    free_mix(&tu);
+    atmoe_context_free(tu.ctx);
+    return rc;
+}
+
+extern char **environ;
+
+/* Runs the boundary's child with CLBlast's sets clblast (NULL: its
+ * built-in ones) and blocks sr x st; its progress goes on to stdout, its
+ * points (an array of {T, d, linear_s, clblast_s}) to *points.  A fresh
+ * process, because CLBlast cannot go back to its built-in parameters: the
+ * kernels the chosen sets leave out have those of the last candidate
+ * here. */
+static int spawn_boundary(const tuner *tu, const json_t *clblast, int sr,
+                          int st, json_t **points)
+{
+    *points = NULL;
+    json_t *set = json_pack("{s:o}", "kernels", linear_kernels(tu, sr, st, 0));
+    if (set && clblast)
+        json_object_set(set, "clblast", (json_t *)clblast);
+    char *text = set ? json_dumps(set, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(set);
+    if (text == NULL)
+        return -1;
+    char runs[16], seed[32];
+    snprintf(runs, sizeof runs, "%d", tu->opt.runs);
+    snprintf(seed, sizeof seed, "%lu", tu->opt.seed);
+    const char *argv[20];
+    int n = 0;
+    argv[n++] = self_name;
+    argv[n++] = "--boundary-child";
+    argv[n++] = text;
+    argv[n++] = "--sizes";
+    argv[n++] = tu->opt.small && tu->opt.full ? "all"
+                : tu->opt.small               ? "small"
+                                              : "full";
+    argv[n++] = "--runs";
+    argv[n++] = runs;
+    argv[n++] = "--seed";
+    argv[n++] = seed;
+    argv[n++] = "--clock";
+    argv[n++] = tu->opt.cpu_clock ? "cpu" : "wall";
+    if (tu->opt.device) {
+        argv[n++] = "--device";
+        argv[n++] = tu->opt.device;
+    }
+    if (tu->opt.quiet)
+        argv[n++] = "--quiet";
+    argv[n] = NULL;
+
+    int fds[2];
+    if (pipe(fds) != 0) {
+        free(text);
+        return -1;
+    }
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, fds[1], STDOUT_FILENO);
+    posix_spawn_file_actions_addclose(&fa, fds[0]);
+    posix_spawn_file_actions_addclose(&fa, fds[1]);
+    pid_t pid;
+    /* Linux names the running program in /proc; elsewhere argv[0] is
+     * looked up as the shell did. */
+    int err = access("/proc/self/exe", X_OK) == 0
+                  ? posix_spawn(&pid, "/proc/self/exe", &fa, NULL,
+                                (char *const *)argv, environ)
+                  : posix_spawnp(&pid, self_name, &fa, NULL,
+                                 (char *const *)argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    free(text);
+    close(fds[1]);
+    if (err != 0) {
+        close(fds[0]);
+        fprintf(stderr, PROGRAM ": cannot run %s: %s\n", self_name,
+                strerror(err));
+        return -1;
+    }
+    FILE *f = fdopen(fds[0], "r");
+    char *line = NULL;
+    size_t cap = 0;
+    size_t mark = strlen(RESULT_MARK);
+    while (f && getline(&line, &cap, f) > 0) {
+        if (strncmp(line, RESULT_MARK, mark) == 0) {
+            json_decref(*points);
+            *points = json_loads(line + mark, 0, NULL);
+        } else {
+            say("%s", line);
+        }
+    }
+    free(line);
+    if (f)
+        fclose(f);
+    else
+        close(fds[0]);
+    int status;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 ||
+        !json_is_array(*points)) {
+        json_decref(*points);
+        *points = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+/* MAX_TOKENS from the boundary's points: the largest T up to which
+ * cl/linear.cl is slower than CLBlast by no more than LINEAR_SLACK (the
+ * geometric mean over the sizes of their time ratios), at least
+ * MIN_MAX_TOKENS; 0 (no limit) when it is nowhere slower by more. */
+static long pick_max_tokens(const json_t *points)
+{
+    static const size_t ts[] = {16, 32, 64, 128, 256, 512};
+    long max = 0;
+    say("  %-6s linear/CLBlast time (geometric mean over the sizes)\n", "T");
+    for (int k = 0; k < 6; k++) {
+        double logsum = 0;
+        int n = 0;
+        size_t i;
+        json_t *p;
+        json_array_foreach(points, i, p) {
+            if ((size_t)json_integer_value(json_object_get(p, "T")) != ts[k])
+                continue;
+            logsum += log(json_number_value(json_object_get(p, "linear_s")) /
+                          json_number_value(json_object_get(p, "clblast_s")));
+            n++;
+        }
+        if (n == 0)
+            continue;
+        double ratio = exp(logsum / n);
+        say("  %-6zu %.2f%s\n", ts[k], ratio,
+            ratio > LINEAR_SLACK ? "  CLBlast from here" : "");
+        if (ratio > LINEAR_SLACK)
+            return max > MIN_MAX_TOKENS ? max : MIN_MAX_TOKENS;
+        max = (long)ts[k];
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* The run                                                                   */
 /* ------------------------------------------------------------------------ */
 
@@ -760,8 +1501,9 @@ static int setup_shapes(tuner *tu)
     return 0;
 }
 
-/* The entry of the output database for this device, as a candidate. */
-static json_t *previous_set(const char *path, const atmoe_device_info *dev)
+/* The output database's entry for this device and driver (a copy), or
+ * NULL. */
+static json_t *previous_entry(const char *path, const atmoe_device_info *dev)
 {
     json_t *root = json_load_file(path, 0, NULL), *found = NULL;
     size_t i;
@@ -769,10 +1511,11 @@ static json_t *previous_set(const char *path, const atmoe_device_info *dev)
     json_array_foreach(json_object_get(root, "entries"), i, e) {
         const char *dn = json_string_value(json_object_get(e, "device"));
         const char *dr = json_string_value(json_object_get(e, "driver"));
-        json_t *cl = json_object_get(e, "clblast");
         if (dn && dr && strcmp(dn, dev->name) == 0 &&
-            strcmp(dr, dev->driver_version) == 0 && json_object_size(cl) > 0)
-            found = json_pack("{s:O}", "clblast", cl);
+            strcmp(dr, dev->driver_version) == 0) {
+            json_decref(found);
+            found = json_deep_copy(e);
+        }
     }
     json_decref(root);
     return found;
@@ -794,6 +1537,260 @@ static json_t *shape_report(const tuner *tu, const result *final)
     return arr;
 }
 
+static json_t *blocks_report(const tuner *tu, const blocks_result *b)
+{
+    json_t *arr = json_array();
+    for (int i = 0; i < tu->nmix; i++) {
+        const mix_shape *m = &tu->mix[i];
+        json_array_append_new(
+            arr, json_pack("{s:I, s:I, s:f, s:f}", "T", (json_int_t)m->t, "d",
+                           (json_int_t)m->data->d, "default_gflops",
+                           mix_gflops(m->t, m->data->d, m->base_s),
+                           "tuned_gflops",
+                           mix_gflops(m->t, m->data->d, b->t[i].s)));
+    }
+    return json_pack("{s:i, s:i, s:f, s:{s:i, s:i, s:i}, s:o}", "SR", b->sr,
+                     "ST", b->st, "speedup", b->score, "candidates", "timed",
+                     tu->blocks_timed, "wrong", tu->blocks_wrong, "failed",
+                     tu->blocks_failed, "shapes", arr);
+}
+
+static json_t *boundary_report(const json_t *points, long max_tokens)
+{
+    json_t *arr = json_array();
+    size_t i;
+    json_t *p;
+    json_array_foreach(points, i, p) {
+        size_t t = (size_t)json_integer_value(json_object_get(p, "T"));
+        size_t d = (size_t)json_integer_value(json_object_get(p, "d"));
+        json_array_append_new(
+            arr,
+            json_pack("{s:I, s:I, s:f, s:f}", "T", (json_int_t)t, "d",
+                      (json_int_t)d, "linear_gflops",
+                      mix_gflops(t, d, json_number_value(
+                                           json_object_get(p, "linear_s"))),
+                      "clblast_gflops",
+                      mix_gflops(t, d, json_number_value(
+                                           json_object_get(p, "clblast_s")))));
+    }
+    json_t *o = json_pack("{s:o}", "points", arr);
+    json_object_set_new(o, "MAX_TOKENS", max_tokens > 0
+                                             ? json_integer(max_tokens)
+                                             : json_string("unlimited"));
+    return o;
+}
+
+/* What the CLBlast phases leave: keep points to the set kept (NULL:
+ * CLBlast's built-in parameters). */
+typedef struct clblast_run {
+    result best_x, best_d, final, prev;
+    const result *keep;
+} clblast_run;
+
+/* The xgemm, direct and final phases, after the baseline, until
+ * budget_end; prev_entry's CLBlast sets are timed too. */
+static int tune_clblast(tuner *tu, double budget_end, const json_t *prev_entry,
+                        clblast_run *cr)
+{
+    const options *opt = &tu->opt;
+    double left = budget_end - now_s();
+    double xgemm_end = now_s() + (opt->direct ? 0.65 : 1.0) * left;
+    /* The shapes CLBlast runs direct by default keep that time if the
+     * indirect path cannot beat it. */
+    for (int i = 0; i < tu->nshapes; i++)
+        tu->other[i] = tu->shapes[i].base_direct ? tu->shapes[i].base_s : 0;
+    json_t *none = json_object();
+    search(tu, "xgemm", xgemm_end, sample_xgemm, "Xgemm", none, ALL_INDIRECT,
+           NULL, &cr->best_x);
+    json_decref(none);
+    if (!cr->best_x.set) {
+        fprintf(stderr, PROGRAM ": no Xgemm candidate could be measured\n");
+        return EXIT_RUNTIME;
+    }
+    json_t *xgemm = json_object_get(json_object_get(cr->best_x.set, "clblast"),
+                                    "Xgemm");
+    json_t *fixed = json_pack("{s:O}", "Xgemm", xgemm);
+    for (int i = 0; i < tu->nshapes; i++)
+        tu->other[i] = timed(&cr->best_x.t[i]) ? cr->best_x.t[i].s : 0;
+    if (opt->direct)
+        search(tu, "direct", budget_end, sample_direct, "XgemmDirect", fixed,
+               ALL_DIRECT, direct_shape, &cr->best_d);
+
+    route rt;
+    if (!pick_route(tu, &cr->best_x, &cr->best_d, &rt)) {
+        json_decref(fixed);
+        say("no set keeps every shape within %.0f%% of CLBlast's own "
+            "parameters\n", 100 * (NO_HARM - 1));
+    } else {
+        json_t *cl = json_deep_copy(fixed);
+        json_decref(fixed);
+        if (rt.tuned_direct)
+            json_object_set(cl, "XgemmDirect",
+                            json_object_get(json_object_get(cr->best_d.set,
+                                                            "clblast"),
+                                            "XgemmDirect"));
+        json_t *final_set = rt.own_threshold
+                                ? with_threshold(cl, rt.threshold)
+                                : json_pack("{s:o}", "clblast", cl);
+        if (rt.own_threshold)
+            say("final: XGEMM_MIN_INDIRECT_SIZE %d, %s XgemmDirect\n",
+                rt.threshold, rt.tuned_direct ? "tuned" : "CLBlast's");
+        else
+            say("final: CLBlast's XGEMM_MIN_INDIRECT_SIZE and XgemmDirect\n");
+        memset(tu->other, 0, sizeof tu->other);
+        evaluate(tu, final_set, "final", NULL, NULL, &cr->final);
+        json_decref(final_set);
+    }
+
+    json_t *old_cl = json_object_get(prev_entry, "clblast");
+    if (json_object_size(old_cl) > 0) {
+        json_t *old = json_pack("{s:O}", "clblast", old_cl);
+        evaluate(tu, old, "previous", NULL, NULL, &cr->prev);
+        json_decref(old);
+    }
+    cr->keep = NULL;
+    if (cr->final.valid && cr->final.score > MIN_GAIN)
+        cr->keep = &cr->final;
+    if (cr->prev.valid &&
+        cr->prev.score >= (cr->keep ? cr->keep->score : 1.0) &&
+        harmless(tu, &cr->prev))
+        cr->keep = &cr->prev;
+    const result *keep = cr->keep;
+
+    if (opt->compare_layout && keep) {
+        /* Parameters are already the final set's when no previous entry
+         * was timed after it. */
+        char *text = json_dumps(keep->set, JSON_COMPACT);
+        atmoe_status st = atmoe_context_set_params(tu->ctx, text);
+        free(text);
+        for (int i = 0; st == ATMOE_STATUS_OK && i < tu->nshapes; i++) {
+            timing nn = run_shape(tu->ctx, &tu->shapes[i], 0, opt->runs, 0);
+            tu->shapes[i].final_nn_s = nn.out == RUN_OK ? nn.s : 0;
+        }
+    }
+
+    say("\n%-12s %9s %9s", "shape", "default", "tuned");
+    if (opt->compare_layout)
+        say(" %9s %9s", "dflt W^T", "tuned W^T");
+    say("   GFLOP/s (W^T: weight stored transposed, no TransB)\n");
+    for (int i = 0; i < tu->nshapes; i++) {
+        shape *s = &tu->shapes[i];
+        say("T=%-4zu d=%-4zu %9.1f %9.1f", s->t, s->d, gflops(s, s->base_s),
+            keep && keep->t[i].out == RUN_OK ? gflops(s, keep->t[i].s)
+                                             : gflops(s, s->base_s));
+        if (opt->compare_layout)
+            say(" %9.1f %9.1f",
+                s->base_nn_s > 0 ? gflops(s, s->base_nn_s) : 0.0,
+                s->final_nn_s > 0 ? gflops(s, s->final_nn_s) : 0.0);
+        say("\n");
+    }
+    say("%d candidates timed (%d draws refused by the constraints), %d "
+        "wrong, %d failed; %.0f s\n", tu->evaluated, tu->refused, tu->wrong,
+        tu->failed, now_s() - tu->start);
+    say("geometric-mean speed-up over CLBlast's defaults: %.2fx\n",
+        keep ? keep->score : 1.0);
+    return 0;
+}
+
+static void phases_text(unsigned phases, char *out, size_t size)
+{
+    snprintf(out, size, "%s%s%s",
+             phases & PHASE_CLBLAST ? ",clblast" : "",
+             phases & PHASE_BLOCKS ? ",blocks" : "",
+             phases & PHASE_BOUNDARY ? ",boundary" : "");
+    memmove(out, out + 1, strlen(out));
+}
+
+/* The new entry: the previous one with what this run tuned in place of
+ * what it had (info included), so that a run of some phases keeps the
+ * others' results. */
+static json_t *make_entry(const tuner *tu, const json_t *prev,
+                          const clblast_run *cr, const blocks_result *blocks,
+                          const json_t *points, long max_tokens)
+{
+    const options *opt = &tu->opt;
+    json_t *entry = prev ? json_deep_copy(prev) : json_object();
+    static const char *const keys[] = {"device", "vendor", "type", "driver"};
+    for (int i = 0; i < 4; i++)
+        json_object_del(entry, keys[i]);
+
+    if (opt->phases & PHASE_CLBLAST) {
+        if (cr->keep)
+            json_object_set(entry, "clblast",
+                            json_object_get(cr->keep->set, "clblast"));
+        else
+            json_object_del(entry, "clblast");
+    }
+    json_t *kernels = json_object_get(entry, "kernels");
+    if (!json_is_object(kernels)) {
+        kernels = json_object();
+        json_object_set_new(entry, "kernels", kernels);
+    }
+    json_t *lin = json_object_get(kernels, "linear");
+    if (!json_is_object(lin)) {
+        lin = json_object();
+        json_object_set_new(kernels, "linear", lin);
+    }
+    if (opt->phases & PHASE_BLOCKS) {
+        json_object_set_new(lin, "SR", json_integer(blocks->sr));
+        json_object_set_new(lin, "ST", json_integer(blocks->st));
+    }
+    if (points) {
+        if (max_tokens > 0)
+            json_object_set_new(lin, "MAX_TOKENS", json_integer(max_tokens));
+        else
+            json_object_del(lin, "MAX_TOKENS");
+    }
+    if (json_object_size(lin) == 0)
+        json_object_del(kernels, "linear");
+    if (json_object_size(kernels) == 0)
+        json_object_del(entry, "kernels");
+
+    json_t *info = json_object_get(entry, "info");
+    if (!json_is_object(info)) {
+        info = json_object();
+        json_object_set_new(entry, "info", info);
+    }
+    time_t now = time(NULL);
+    char date[32], tool[64], phases[64];
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    snprintf(tool, sizeof tool, PROGRAM " %s", atmoe_version());
+    phases_text(opt->phases, phases, sizeof phases);
+    json_object_set_new(info, "tool", json_string(tool));
+    json_object_set_new(info, "date", json_string(date));
+    json_object_set_new(info, "budget_s", json_real(opt->budget_s));
+    json_object_set_new(info, "phases", json_string(phases));
+    if (opt->phases & PHASE_CLBLAST) {
+        const result *keep = cr->keep;
+        json_t *c = json_pack(
+            "{s:s, s:f, s:{s:i, s:i, s:i, s:i}, s:o}", "result",
+                      keep == &cr->prev    ? "the previous entry stays the "
+                                             "best"
+                      : keep == &cr->final ? "tuned parameters"
+                                           : "CLBlast's built-in parameters "
+                                             "were the fastest",
+                      "speedup", keep ? keep->score : 1.0, "candidates",
+                      "timed", tu->evaluated, "refused", tu->refused, "wrong",
+                      tu->wrong, "failed", tu->failed, "shapes",
+                      shape_report(tu, keep));
+        json_object_update(info, c);
+        json_decref(c);
+    }
+    if (opt->phases & PHASE_LINEAR) {
+        json_t *li = json_object_get(info, "linear");
+        if (!json_is_object(li)) {
+            li = json_object();
+            json_object_set_new(info, "linear", li);
+        }
+        if (opt->phases & PHASE_BLOCKS)
+            json_object_set_new(li, "blocks", blocks_report(tu, blocks));
+        if (points)
+            json_object_set_new(li, "boundary",
+                                boundary_report(points, max_tokens));
+    }
+    return entry;
+}
+
 static int tune(options *opt)
 {
     tuner tu;
@@ -801,9 +1798,15 @@ static int tune(options *opt)
     tu.opt = *opt;
     tu.start = now_s();
     rng_state = opt->seed;
-    /* Candidates are measured against CLBlast's own parameters, whatever a
-     * database says. */
+    /* Candidates are measured against CLBlast's own parameters and the
+     * library's own blocks and boundary, whatever a database or the
+     * environment says; the boundary's child inherits both. */
     setenv("ATMOE_PARAMS", "default", 1);
+    if (getenv("ATMOE_LINEAR_MAX_TOKENS")) {
+        say("ATMOE_LINEAR_MAX_TOKENS is ignored: the tuner sets the boundary "
+            "itself\n");
+        unsetenv("ATMOE_LINEAR_MAX_TOKENS");
+    }
     atmoe_status st = atmoe_context_new(&tu.ctx, opt->device);
     if (st != ATMOE_STATUS_OK)
         return lib_fail(NULL, st, "opening the device");
@@ -831,137 +1834,93 @@ static int tune(options *opt)
             return lib_fail(NULL, st, "the output database");
         }
     }
-    say("tuning SGEMM on %s (%s, driver %s), budget %.0f s, seed %lu, %s "
-        "clock\n", dev.name, atmoe_vendor_name(dev.vendor),
+    json_t *prev = previous_entry(out_path, &dev);
+    json_t *prev_lin = json_object_get(json_object_get(prev, "kernels"),
+                                       "linear");
+    json_t *v;
+    int prev_sr = json_is_integer(v = json_object_get(prev_lin, "SR"))
+                      ? (int)json_integer_value(v)
+                      : 0;
+    int prev_st = json_is_integer(v = json_object_get(prev_lin, "ST"))
+                      ? (int)json_integer_value(v)
+                      : 0;
+    if (prev_sr < 1 || prev_sr > 256 || prev_st < 1 || prev_st > 256)
+        prev_sr = prev_st = 0;
+    tu.kernels_base = json_deep_copy(json_object_get(prev, "kernels"));
+    json_object_del(tu.kernels_base, "linear");
+
+    char phases[64];
+    phases_text(opt->phases, phases, sizeof phases);
+    say("tuning %s on %s (%s, driver %s), budget %.0f s, seed %lu, %s "
+        "clock\n", phases, dev.name, atmoe_vendor_name(dev.vendor),
         dev.driver_version, opt->budget_s, opt->seed,
         opt->cpu_clock ? "processor" : "wall");
-    say("GFLOP/s per shape (y = x W^T, row-major):\n");
-    int rc = setup_shapes(&tu);
-    result best_x = {0}, best_d = {0}, final = {0}, prev = {0};
-    json_t *entry = NULL;
-    if (rc != 0)
-        goto out;
-    say("  %-8s", "shape");
-    for (int i = 0; i < tu.nshapes; i++)
-        say(" %5zu/%zuk", tu.shapes[i].t, tu.shapes[i].d / 1024);
-    say("   (T/d)\n");
-
     double budget_end = tu.start + opt->budget_s;
-    double left = budget_end - now_s();
-    double xgemm_end = now_s() + (opt->direct ? 0.65 : 1.0) * left;
-    /* The shapes CLBlast runs direct by default keep that time if the
-     * indirect path cannot beat it. */
-    for (int i = 0; i < tu.nshapes; i++)
-        tu.other[i] = tu.shapes[i].base_direct ? tu.shapes[i].base_s : 0;
-    json_t *none = json_object();
-    search(&tu, "xgemm", xgemm_end, sample_xgemm, "Xgemm", none, ALL_INDIRECT,
-           NULL, &best_x);
-    json_decref(none);
-    if (!best_x.set) {
-        fprintf(stderr, PROGRAM ": no Xgemm candidate could be measured\n");
-        rc = EXIT_RUNTIME;
-        goto out;
-    }
-    json_t *xgemm = json_object_get(json_object_get(best_x.set, "clblast"),
-                                    "Xgemm");
-    json_t *fixed = json_pack("{s:O}", "Xgemm", xgemm);
-    for (int i = 0; i < tu.nshapes; i++)
-        tu.other[i] = best_x.t[i].out == RUN_OK || best_x.t[i].out == RUN_SLOW
-                          ? best_x.t[i].s
-                          : 0;
-    if (opt->direct)
-        search(&tu, "direct", budget_end, sample_direct, "XgemmDirect", fixed,
-               ALL_DIRECT, direct_shape, &best_d);
+    clblast_run cr;
+    memset(&cr, 0, sizeof cr);
+    blocks_result blocks;
+    memset(&blocks, 0, sizeof blocks);
+    json_t *entry = NULL, *points = NULL;
+    long max_tokens = 0;
+    int rc = 0;
 
-    route rt;
-    if (!pick_route(&tu, &best_x, &best_d, &rt)) {
-        json_decref(fixed);
-        say("no set keeps every shape within %.0f%% of CLBlast's own "
-            "parameters\n", 100 * (NO_HARM - 1));
-    } else {
-        json_t *cl = json_deep_copy(fixed);
-        json_decref(fixed);
-        if (rt.tuned_direct)
-            json_object_set(cl, "XgemmDirect",
-                            json_object_get(json_object_get(best_d.set,
-                                                            "clblast"),
-                                            "XgemmDirect"));
-        json_t *final_set = rt.own_threshold
-                                ? with_threshold(cl, rt.threshold)
-                                : json_pack("{s:o}", "clblast", cl);
-        if (rt.own_threshold)
-            say("final: XGEMM_MIN_INDIRECT_SIZE %d, %s XgemmDirect\n",
-                rt.threshold, rt.tuned_direct ? "tuned" : "CLBlast's");
-        else
-            say("final: CLBlast's XGEMM_MIN_INDIRECT_SIZE and XgemmDirect\n");
-        memset(tu.other, 0, sizeof tu.other);
-        evaluate(&tu, final_set, "final", NULL, NULL, &final);
-        json_decref(final_set);
+    if (opt->phases & PHASE_CLBLAST) {
+        say("GFLOP/s per shape (y = x W^T, row-major):\n");
+        if ((rc = setup_shapes(&tu)) != 0)
+            goto out;
+        say("  %-8s", "shape");
+        for (int i = 0; i < tu.nshapes; i++)
+            say(" %5zu/%zuk", tu.shapes[i].t, tu.shapes[i].d / 1024);
+        say("   (T/d)\n");
     }
-
-    json_t *old = previous_set(out_path, &dev);
-    if (old) {
-        evaluate(&tu, old, "previous", NULL, NULL, &prev);
-        json_decref(old);
+    if (opt->phases & PHASE_BLOCKS) {
+        double share = opt->phases & PHASE_CLBLAST ? BLOCKS_SHARE : 1.0;
+        double end = now_s() + share * (budget_end - now_s());
+        if ((rc = tune_blocks(&tu, end, prev_sr, prev_st, &blocks)) != 0)
+            goto out;
+        say("linear blocks: %dx%d, %.2fx 8x8 (geometric mean)\n", blocks.sr,
+            blocks.st, blocks.score);
     }
-    const result *keep = NULL;
-    if (final.valid && final.score > MIN_GAIN)
-        keep = &final;
-    if (prev.valid && prev.score >= (keep ? keep->score : 1.0) &&
-        harmless(&tu, &prev))
-        keep = &prev;
-
-    if (opt->compare_layout && keep) {
-        /* Parameters are already the final set's when no previous entry
-         * was timed after it. */
-        char *text = json_dumps(keep->set, JSON_COMPACT);
-        st = atmoe_context_set_params(tu.ctx, text);
-        free(text);
-        for (int i = 0; st == ATMOE_STATUS_OK && i < tu.nshapes; i++) {
-            timing nn = run_shape(tu.ctx, &tu.shapes[i], 0, opt->runs, 0);
-            tu.shapes[i].final_nn_s = nn.out == RUN_OK ? nn.s : 0;
+    if (opt->phases & PHASE_CLBLAST) {
+        if (tu.nmix > 0)
+            say("\nCLBlast:\n");
+        if ((rc = tune_clblast(&tu, budget_end, prev, &cr)) != 0)
+            goto out;
+    }
+    if (opt->phases & PHASE_BOUNDARY) {
+        int sr = opt->phases & PHASE_BLOCKS ? blocks.sr
+                 : prev_sr                  ? prev_sr
+                                            : BASE_SR;
+        int bst = opt->phases & PHASE_BLOCKS ? blocks.st
+                  : prev_st                  ? prev_st
+                                             : BASE_ST;
+        const json_t *cl = opt->phases & PHASE_CLBLAST
+                               ? (cr.keep ? json_object_get(cr.keep->set,
+                                                            "clblast")
+                                          : NULL)
+                               : json_object_get(prev, "clblast");
+        if (json_object_size(cl) == 0)
+            cl = NULL;
+        say("\nlinear boundary: GFLOP/s of the mixture on cl/linear.cl "
+            "(%dx%d blocks) and on CLBlast (%s):\n", sr, bst,
+            cl ? "the chosen sets" : "its built-in parameters");
+        say("  %-6s %-6s %9s %9s   %s\n", "T", "d", "linear", "CLBlast",
+            "time ratio");
+        if (spawn_boundary(&tu, cl, sr, bst, &points) != 0) {
+            fprintf(stderr, PROGRAM ": the boundary phase failed; the entry "
+                    "keeps its MAX_TOKENS\n");
+            rc = EXIT_RUNTIME;
+        } else {
+            max_tokens = pick_max_tokens(points);
+            if (max_tokens > 0)
+                say("linear boundary: MAX_TOKENS %ld\n", max_tokens);
+            else
+                say("linear boundary: no MAX_TOKENS (cl/linear.cl runs "
+                    "every batch)\n");
         }
     }
 
-    say("\n%-12s %9s %9s", "shape", "default", "tuned");
-    if (opt->compare_layout)
-        say(" %9s %9s", "dflt W^T", "tuned W^T");
-    say("   GFLOP/s (W^T: weight stored transposed, no TransB)\n");
-    for (int i = 0; i < tu.nshapes; i++) {
-        shape *s = &tu.shapes[i];
-        say("T=%-4zu d=%-4zu %9.1f %9.1f", s->t, s->d, gflops(s, s->base_s),
-            keep && keep->t[i].out == RUN_OK ? gflops(s, keep->t[i].s)
-                                             : gflops(s, s->base_s));
-        if (opt->compare_layout)
-            say(" %9.1f %9.1f",
-                s->base_nn_s > 0 ? gflops(s, s->base_nn_s) : 0.0,
-                s->final_nn_s > 0 ? gflops(s, s->final_nn_s) : 0.0);
-        say("\n");
-    }
-    say("%d candidates timed (%d draws refused by the constraints), %d "
-        "wrong, %d failed; %.0f s\n", tu.evaluated, tu.refused, tu.wrong, tu.failed,
-        now_s() - tu.start);
-
-    time_t now = time(NULL);
-    char date[32];
-    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    char tool[64];
-    snprintf(tool, sizeof tool, PROGRAM " %s", atmoe_version());
-    entry = keep ? json_deep_copy(keep->set) : json_object();
-    json_object_set_new(
-        entry, "info",
-        json_pack("{s:s, s:s, s:s, s:f, s:f, s:{s:i, s:i, s:i, s:i}, s:o}",
-                  "tool", tool, "date", date, "result",
-                  keep == &prev    ? "the previous entry stays the best"
-                  : keep == &final ? "tuned parameters"
-                                   : "CLBlast's built-in parameters were "
-                                     "the fastest",
-                  "budget_s", opt->budget_s, "speedup",
-                  keep ? keep->score : 1.0, "candidates", "timed",
-                  tu.evaluated, "refused", tu.refused, "wrong", tu.wrong,
-                  "failed", tu.failed, "shapes", shape_report(&tu, keep)));
-    say("geometric-mean speed-up over CLBlast's defaults: %.2fx\n",
-        keep ? keep->score : 1.0);
+    entry = make_entry(&tu, prev, &cr, &blocks, points, max_tokens);
     if (opt->dry_run) {
         char *text = json_dumps(entry, JSON_INDENT(2));
         say("dry run, %s left as it is; the entry would be:\n%s\n", out_path,
@@ -975,14 +1934,18 @@ static int tune(options *opt)
         if (st != ATMOE_STATUS_OK)
             rc = lib_fail(NULL, st, "saving the entry");
         else
-            say("entry for %s written to %s\n", dev.name, out_path);
+            say("entry for %s written to %s (%.0f s)\n", dev.name, out_path,
+                now_s() - tu.start);
     }
 out:
     json_decref(entry);
-    result_clear(&best_x);
-    result_clear(&best_d);
-    result_clear(&final);
-    result_clear(&prev);
+    json_decref(points);
+    json_decref(prev);
+    json_decref(tu.kernels_base);
+    result_clear(&cr.best_x);
+    result_clear(&cr.best_d);
+    result_clear(&cr.final);
+    result_clear(&cr.prev);
     for (int i = 0; i < tu.nshapes; i++) {
         if (tu.shapes[i].owns_w) {
             atmoe_tensor_free(tu.shapes[i].w);
@@ -991,6 +1954,7 @@ out:
         free(tu.shapes[i].x);
         free(tu.shapes[i].ref);
     }
+    free_mix(&tu);
     for (int i = 0; i < tu.ntried; i++)
         free(tu.tried[i]);
     atmoe_context_free(tu.ctx);
@@ -1006,14 +1970,18 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: " PROGRAM " [--device D] [--budget-s S] [--sizes "
             "small|full|all]\n"
-            "                  [--runs N] [--seed N] [--no-direct] "
-            "[--compare-layout]\n"
-            "                  [--clock wall|cpu] [--output FILE] [--dry-run] "
-            "[--quiet]\n"
+            "                  [--phases LIST] [--runs N] [--seed N] "
+            "[--no-direct]\n"
+            "                  [--compare-layout] [--clock wall|cpu] "
+            "[--output FILE]\n"
+            "                  [--dry-run] [--quiet]\n"
             "       " PROGRAM " --check FILE\n"
             "\n"
-            "Searches CLBlast's SGEMM parameters for a device and stores the "
-            "best set in\nthe user's tuning database (see " PROGRAM "(1)).\n");
+            "Searches CLBlast's SGEMM parameters and those of the library's "
+            "linear kernel\nfor a device and stores the best in the user's "
+            "tuning database (see\n" PROGRAM "(1)).  LIST: comma-separated "
+            "clblast, blocks, boundary, linear\n(blocks,boundary) or all "
+            "(the default).\n");
 }
 
 static int parse_number(const char *flag, const char *text, double lo,
@@ -1031,9 +1999,44 @@ static int parse_number(const char *flag, const char *text, double lo,
     return 0;
 }
 
+/* A comma-separated list of phase names. */
+static int parse_phases(const char *text, unsigned *out)
+{
+    static const struct {
+        const char *name;
+        unsigned bits;
+    } names[] = {{"clblast", PHASE_CLBLAST}, {"blocks", PHASE_BLOCKS},
+                 {"boundary", PHASE_BOUNDARY}, {"linear", PHASE_LINEAR},
+                 {"all", PHASE_ALL}};
+    unsigned bits = 0;
+    const char *p = text;
+    for (;;) {
+        size_t n = strcspn(p, ",");
+        size_t k = 0;
+        while (k < sizeof names / sizeof names[0] &&
+               !(strlen(names[k].name) == n &&
+                 strncmp(p, names[k].name, n) == 0))
+            k++;
+        if (k == sizeof names / sizeof names[0]) {
+            fprintf(stderr, PROGRAM ": --phases takes clblast, blocks, "
+                    "boundary, linear or all, separated by commas, not "
+                    "'%s'\n", text);
+            return -1;
+        }
+        bits |= names[k].bits;
+        if (p[n] == '\0')
+            break;
+        p += n + 1;
+    }
+    *out = bits;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
-    options opt = {NULL, NULL, 300, 3, 1, 0, 0, 0, 1, 1, 1, 0};
+    options opt = {NULL, NULL, 300, 3, 1, 0, 0, 0, 1, 1, 1, 0, PHASE_ALL,
+                   NULL};
+    self_name = argv[0];
     const char *check = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -1061,6 +2064,11 @@ int main(int argc, char **argv)
             opt.output = argv[++i];
         } else if (strcmp(a, "--check") == 0) {
             check = argv[++i];
+        } else if (strcmp(a, "--boundary-child") == 0) {
+            opt.child = argv[++i];
+        } else if (strcmp(a, "--phases") == 0) {
+            if (parse_phases(argv[++i], &opt.phases))
+                return EXIT_USAGE;
         } else if (strcmp(a, "--budget-s") == 0) {
             if (parse_number(a, argv[++i], 0, 86400, &opt.budget_s))
                 return EXIT_USAGE;
@@ -1107,5 +2115,7 @@ int main(int argc, char **argv)
                n == 1 ? "y" : "ies");
         return 0;
     }
+    if (opt.child)
+        return boundary_child(&opt);
     return tune(&opt);
 }

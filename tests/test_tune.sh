@@ -74,4 +74,30 @@ run --clock sundial
 run --no-such-option
 [ "$rc" -eq 2 ] || fail "an unknown option exited $rc, not 2"
 
+# --- the linear phases alone (cl/linear.cl's blocks and its boundary with
+# CLBlast) write integer SR and ST for the "linear" program, which a
+# context on the device then uses
+ldb="$tmp/linear/tuning.json"
+run --phases linear --sizes small --budget-s 2 --runs 1 --seed 3 --clock cpu \
+    --output "$ldb"
+cat "$tmp/out"
+if [ "$rc" -ne 0 ]; then
+    fail "the linear phases exited $rc"
+    cat "$tmp/err"
+fi
+"$tool" --check "$ldb" > /dev/null 2>&1 ||
+    fail "--check refused the linear phases' output"
+tr -d ' \n' < "$ldb" > "$tmp/flat"
+grep -Eq '"kernels":\{"linear":\{[^}]*"SR":[0-9]+[,}]' "$tmp/flat" ||
+    fail "no integer SR in the entry's kernels.linear"
+grep -Eq '"kernels":\{"linear":\{[^}]*"ST":[0-9]+[,}]' "$tmp/flat" ||
+    fail "no integer ST in the entry's kernels.linear"
+grep -q '"Xgemm"' "$ldb" && fail "the linear phases wrote CLBlast sets"
+ATMOE_TUNING_FILE="$ldb" "$atmoe" params > "$tmp/params" 2>&1 ||
+    fail "atmoe params failed on the linear phases' output"
+grep -q '"linear"' "$tmp/params" ||
+    fail "a context does not use the saved linear macros"
+run --phases sgemm
+[ "$rc" -eq 2 ] || fail "--phases sgemm exited $rc, not 2"
+
 finish atmoe-tune
