@@ -936,6 +936,18 @@ static void free_mix(tuner *tu)
     }
 }
 
+/* The widths d (= d_in = d_out) that --sizes asks for, into ds[2]; their
+ * count. */
+static int tuned_widths(const tuner *tu, size_t ds[2])
+{
+    int nd = 0;
+    if (tu->opt.small)
+        ds[nd++] = 1024;
+    if (tu->opt.full)
+        ds[nd++] = 4096;
+    return nd;
+}
+
 /* The weights and expert set of each size, and a mixture shape per size
  * and T of ts.  With check, each shape runs once with the parameters in
  * force, the baseline: its result, checked against float64 on sampled
@@ -943,11 +955,7 @@ static void free_mix(tuner *tu)
 static int setup_mix(tuner *tu, const size_t *ts, int nt, int check)
 {
     size_t ds[2];
-    int nd = 0;
-    if (tu->opt.small)
-        ds[nd++] = 1024;
-    if (tu->opt.full)
-        ds[nd++] = 4096;
+    int nd = tuned_widths(tu, ds);
     for (int k = 0; k < nd; k++) {
         mix_data *md = &tu->mdata[tu->nmdata++];
         size_t d = md->d = ds[k], shp[2] = {d, d};
@@ -1415,11 +1423,7 @@ static int setup_shapes(tuner *tu)
 {
     static const size_t ts[] = {16, 64, 512};
     size_t ds[2];
-    int nd = 0;
-    if (tu->opt.small)
-        ds[nd++] = 1024;
-    if (tu->opt.full)
-        ds[nd++] = 4096;
+    int nd = tuned_widths(tu, ds);
     for (int k = 0; k < nd; k++) {
         size_t d = ds[k], shp[2] = {d, d};
         float *w = malloc(d * d * sizeof *w), *wt = NULL;

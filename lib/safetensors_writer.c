@@ -187,6 +187,19 @@ oom:
                     "%s: tensor '%s': no memory", fn, name);
 }
 
+/* A tensor's copy of nbytes (NULL for none). */
+static atmoe_status alloc_bytes(const atmoe_safetensors_writer *writer,
+                                const char *fn, const char *name,
+                                uint64_t nbytes, unsigned char **bytes)
+{
+    *bytes = NULL;
+    if (nbytes > 0 && (*bytes = malloc((size_t)nbytes)) == NULL)
+        return atm_fail(writer->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "%s: tensor '%s': no memory for %" PRIu64 " bytes",
+                        fn, name, nbytes);
+    return ATMOE_STATUS_OK;
+}
+
 ATMOE_API atmoe_status atmoe_safetensors_writer_add(
     atmoe_safetensors_writer *writer, const char *name, atmoe_st_dtype dtype,
     int ndim, const uint64_t *shape, const void *data)
@@ -198,14 +211,11 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_add(
     if (st != ATMOE_STATUS_OK)
         return st;
     unsigned char *bytes = NULL;
-    if (nbytes > 0) {
-        if ((bytes = malloc((size_t)nbytes)) == NULL)
-            return atm_fail(writer->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                            "%s: tensor '%s': no memory for %" PRIu64
-                            " bytes",
-                            __func__, name, nbytes);
+    if ((st = alloc_bytes(writer, __func__, name, nbytes, &bytes)) !=
+        ATMOE_STATUS_OK)
+        return st;
+    if (nbytes > 0)
         memcpy(bytes, data, (size_t)nbytes);
-    }
     return append(writer, __func__, name, dtype, ndim, shape, nbytes, bytes);
 }
 
@@ -226,12 +236,10 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_add_f32(
                         "BF16, not %s",
                         __func__, name, atmoe_st_dtype_name(stored));
     unsigned char *bytes = NULL;
+    if ((st = alloc_bytes(writer, __func__, name, nbytes, &bytes)) !=
+        ATMOE_STATUS_OK)
+        return st;
     if (nbytes > 0) {
-        if ((bytes = malloc((size_t)nbytes)) == NULL)
-            return atm_fail(writer->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                            "%s: tensor '%s': no memory for %" PRIu64
-                            " bytes",
-                            __func__, name, nbytes);
         size_t size = atm_st_dtype_size(stored), n = (size_t)nbytes / size;
         for (size_t i = 0; i < n; i++) {
             uint32_t u;
