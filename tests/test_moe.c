@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "moe_reference.h"
 #include "testutil.h"
 
 /* ------------------------------------------------------------------------ */
@@ -64,109 +65,14 @@
  * weights' error (TOL_ROUTER, absolute) times each expert's term, measured
  * against the same scale with |w| taken as 1, plus the mixture's own. */
 #define TOL_PIPE (TOL_ROUTER + TOL_MIX)
-/* Top-k on random data: a kept and a dropped weight this close would make
- * the choice depend on rounding, so the reference refuses such test data
- * (ties constructed on purpose are exactly equal and allowed). */
-#define NEAR_TIE 1e-4
 
-#define MAXE 16 /* experts per set in these tests */
-#define MAXG 8  /* groups */
-#define MAXM 8  /* experts per group */
-#define MAXR 4  /* routers in one test graph */
-
-static atmoe_context *CTX; /* the context of the running test */
-static test_rng RNG;
-
-#define OK(expr) ck_assert_status((expr), CTX)
+#define MAXR 4 /* routers in one test graph */
 
 #define FAILS ck_assert_fails_with
-
-static float *alloc_uniform(size_t n, double lo, double hi)
-{
-    float *p = malloc(n * sizeof *p);
-    ck_assert_ptr_nonnull(p);
-    test_fill_uniform(&RNG, p, n, lo, hi);
-    return p;
-}
-
-static double *alloc_d(size_t n)
-{
-    double *p = malloc((n ? n : 1) * sizeof *p);
-    ck_assert_ptr_nonnull(p);
-    for (size_t i = 0; i < n; i++)
-        p[i] = NAN;
-    return p;
-}
 
 /* ------------------------------------------------------------------------ */
 /* Expert sets, host side                                                    */
 /* ------------------------------------------------------------------------ */
-
-typedef struct model {
-    size_t d_in, d_out;
-    int n; /* experts, without the general LoRA */
-    int group[MAXE];
-    size_t rank[MAXE];
-    float alpha[MAXE];
-    unsigned flags[MAXE];
-    float *A[MAXE], *B[MAXE]; /* [rank, d_in], [d_out, rank] */
-    int has_general, general_first;
-    size_t rank_p;
-    float alpha_p, lambda;
-    unsigned flags_p;
-    float *Ap, *Bp;
-    /* derived */
-    int G, M, count[MAXG], slot[MAXE];
-    size_t R; /* sum of the experts' ranks (general LoRA not counted) */
-} model;
-
-static void model_init(model *m, size_t d_in, size_t d_out, int n,
-                       const int *group, const size_t *rank,
-                       const unsigned *flags)
-{
-    memset(m, 0, sizeof *m);
-    m->d_in = d_in;
-    m->d_out = d_out;
-    m->n = n;
-    m->lambda = 1.0f;
-    for (int e = 0; e < n; e++) {
-        m->group[e] = group[e];
-        m->rank[e] = rank[e];
-        m->alpha[e] = (float)(rank[e] * test_uniform(&RNG, 0.5, 2.0));
-        m->flags[e] = flags ? flags[e] : 0;
-        m->A[e] = alloc_uniform(rank[e] * d_in, -1, 1);
-        m->B[e] = alloc_uniform(d_out * rank[e], -1, 1);
-        m->slot[e] = m->count[group[e]]++;
-        if (group[e] + 1 > m->G)
-            m->G = group[e] + 1;
-        if (m->slot[e] + 1 > m->M)
-            m->M = m->slot[e] + 1;
-        m->R += rank[e];
-    }
-}
-
-static void model_general(model *m, size_t rank, unsigned flags, float lambda,
-                          int first)
-{
-    m->has_general = 1;
-    m->general_first = first;
-    m->rank_p = rank;
-    m->alpha_p = (float)(rank * test_uniform(&RNG, 0.5, 2.0));
-    m->flags_p = flags;
-    m->lambda = lambda;
-    m->Ap = alloc_uniform(rank * m->d_in, -1, 1);
-    m->Bp = alloc_uniform(m->d_out * rank, -1, 1);
-}
-
-static void model_free(model *m)
-{
-    for (int e = 0; e < m->n; e++) {
-        free(m->A[e]);
-        free(m->B[e]);
-    }
-    free(m->Ap);
-    free(m->Bp);
-}
 
 /* The standard set: groups {0: e0 e1, 1: e2, 2: e3 e4}, ranks 3 5 2 4 1. */
 static void model_s1(model *m, size_t d_in, size_t d_out,
@@ -177,77 +83,9 @@ static void model_s1(model *m, size_t d_in, size_t d_out,
     model_init(m, d_in, d_out, 5, group, rank, flags);
 }
 
-static atmoe_experts *model_build(const model *m)
-{
-    atmoe_experts *set = NULL;
-    OK(atmoe_experts_new(CTX, m->d_in, m->d_out, &set));
-    if (m->has_general && m->general_first)
-        OK(atmoe_experts_set_general(set, m->rank_p, m->Ap, m->Bp, m->alpha_p,
-                                     m->flags_p, m->lambda));
-    for (int e = 0; e < m->n; e++) {
-        int index = -1;
-        OK(atmoe_experts_add(set, m->group[e], m->rank[e], m->A[e], m->B[e],
-                             m->alpha[e], m->flags[e], &index));
-        ck_assert_int_eq(index, e);
-    }
-    if (m->has_general && !m->general_first)
-        OK(atmoe_experts_set_general(set, m->rank_p, m->Ap, m->Bp, m->alpha_p,
-                                     m->flags_p, m->lambda));
-    atmoe_experts_info info;
-    memset(&info, 0xff, sizeof info);
-    OK(atmoe_experts_get_info(set, &info));
-    ck_assert_uint_eq(info.d_in, m->d_in);
-    ck_assert_uint_eq(info.d_out, m->d_out);
-    ck_assert_uint_eq(info.experts, (size_t)m->n);
-    ck_assert_uint_eq(info.groups, (size_t)m->G);
-    ck_assert_uint_eq(info.max_group, (size_t)m->M);
-    ck_assert_uint_eq(info.total_rank, m->R + (m->has_general ? m->rank_p : 0));
-    ck_assert_int_eq(info.has_general, m->has_general);
-    ck_assert_msg(info.lambda == m->lambda, "lambda %g, set %g", info.lambda,
-                  m->lambda);
-    return set;
-}
-
-static double ref_scale(size_t rank, float alpha, unsigned flags)
-{
-    return flags & ATMOE_EXPERT_RSLORA ? alpha / sqrt((double)rank)
-                                       : alpha / (double)rank;
-}
-
 /* ------------------------------------------------------------------------ */
-/* Router: configuration mirror and float64 reference                        */
+/* Router: controls mirrored on the host, float32 input                      */
 /* ------------------------------------------------------------------------ */
-
-typedef struct rcfg {
-    atmoe_router_form form;
-    float tau_g, tau_d;
-    int topk_g, topk_e;
-    int gmask[MAXG], emask[MAXG * MAXM]; /* [g * MAXM + m] */
-    float gfix[MAXG], efix[MAXG * MAXM]; /* NaN: free */
-} rcfg;
-
-static atmoe_router *router_make(atmoe_experts *set, rcfg *c,
-                                 atmoe_router_form form, float tau_g,
-                                 float tau_d, int topk_g, int topk_e)
-{
-    c->form = form;
-    c->tau_g = tau_g;
-    c->tau_d = tau_d;
-    c->topk_g = topk_g;
-    c->topk_e = topk_e;
-    for (int i = 0; i < MAXG; i++) {
-        c->gmask[i] = 1;
-        c->gfix[i] = NAN;
-    }
-    for (int i = 0; i < MAXG * MAXM; i++) {
-        c->emask[i] = 1;
-        c->efix[i] = NAN;
-    }
-    atmoe_router *r = NULL;
-    OK(atmoe_router_new(set, form, tau_g, tau_d, topk_g, topk_e, &r));
-    ck_assert_ptr_nonnull(r);
-    return r;
-}
 
 /* Control applied to the router and mirrored in c. */
 static void ctl_mask(atmoe_router *r, rcfg *c, int g, int e, int on)
@@ -268,134 +106,14 @@ static void ctl_fixed(atmoe_router *r, rcfg *c, int g, int e, float v)
         c->efix[g * MAXM + e] = v;
 }
 
-static void ref_softmax(double *x, const int *keep, int n, double tau)
+/* ref_router for a float32 router input h [rows, d_in]. */
+static void ref_router_f(const model *m, const rcfg *c, const float *h,
+                         size_t rows, const float *wg, const float *wd,
+                         double *a_out, double *d_out, double *w_out)
 {
-    double mx = -INFINITY, sum = 0;
-    for (int i = 0; i < n; i++)
-        if (keep[i] && x[i] / tau > mx)
-            mx = x[i] / tau;
-    for (int i = 0; i < n; i++) {
-        x[i] = keep[i] ? exp(x[i] / tau - mx) : 0.0;
-        sum += x[i];
-    }
-    for (int i = 0; i < n; i++)
-        x[i] = sum > 0 ? x[i] / sum : 0.0;
-}
-
-/* Keeps the k largest of the entries with keep set (ties: lower index). */
-static void ref_keep_top(const double *v, int *keep, int n, int k)
-{
-    if (k <= 0)
-        return;
-    int cand[MAXM > MAXG ? MAXM : MAXG], kept = 0;
-    for (int i = 0; i < n; i++) {
-        cand[i] = keep[i];
-        kept += keep[i];
-    }
-    for (; kept > k; kept--) {
-        int worst = -1;
-        for (int i = 0; i < n; i++)
-            if (keep[i] && (worst < 0 || v[i] <= v[worst]))
-                worst = i;
-        keep[worst] = 0;
-    }
-    double lo = INFINITY, hi = -INFINITY;
-    for (int i = 0; i < n; i++) {
-        if (keep[i])
-            lo = fmin(lo, v[i]);
-        else if (cand[i])
-            hi = fmax(hi, v[i]);
-    }
-    ck_assert_msg(!(hi > -INFINITY && lo != hi && fabs(lo - hi) < NEAR_TIE),
-                  "test data: a near tie (%.9g vs %.9g) at the top-k "
-                  "boundary; change the seed",
-                  lo, hi);
-}
-
-static void ref_apply_fixed(double *v, const int *keep, const float *fixed,
-                            int n)
-{
-    double fixed_sum = 0, free_sum = 0;
-    for (int i = 0; i < n; i++) {
-        if (!keep[i])
-            continue;
-        if (isnan(fixed[i]))
-            free_sum += v[i];
-        else
-            fixed_sum += fixed[i];
-    }
-    double room = fmax(1.0 - fixed_sum, 0.0);
-    for (int i = 0; i < n; i++) {
-        if (!keep[i])
-            v[i] = 0;
-        else if (!isnan(fixed[i]))
-            v[i] = fixed[i];
-        else
-            v[i] = free_sum > 0 ? v[i] * room / free_sum : 0.0;
-    }
-}
-
-/* a [rows, G], d [rows, G*M], w [rows, n] for router input h [rows, d_in];
- * wd is W_D [d_in, G*M] (projected) or V_D [G, M] (scaled). */
-static void ref_router(const model *m, const rcfg *c, const float *h,
-                       size_t rows, const float *wg, const float *wd,
-                       double *a_out, double *d_out, double *w_out)
-{
-    const int G = m->G, M = m->M;
-    const size_t din = m->d_in;
-    for (size_t r = 0; r < rows; r++) {
-        const float *hr = h + r * din;
-        double a[MAXG];
-        int keep_g[MAXG], free_g[MAXG];
-        for (int g = 0; g < G; g++) {
-            double s = 0;
-            for (size_t k = 0; k < din; k++)
-                s += (double)hr[k] * wg[k * G + g];
-            a[g] = s;
-            int any = 0;
-            for (int e = 0; e < m->count[g]; e++)
-                any |= c->emask[g * MAXM + e];
-            keep_g[g] = c->gmask[g] && any;
-        }
-        ref_softmax(a, keep_g, G, c->tau_g);
-        for (int g = 0; g < G; g++)
-            free_g[g] = keep_g[g] && isnan(c->gfix[g]);
-        ref_keep_top(a, free_g, G, c->topk_g);
-        for (int g = 0; g < G; g++)
-            keep_g[g] = free_g[g] || (keep_g[g] && !isnan(c->gfix[g]));
-        ref_apply_fixed(a, keep_g, c->gfix, G);
-
-        double *dr = d_out + r * G * M;
-        for (int g = 0; g < G; g++) {
-            double d[MAXM];
-            int keep_e[MAXM], free_e[MAXM];
-            for (int e = 0; e < M; e++) {
-                keep_e[e] = e < m->count[g] && c->emask[g * MAXM + e];
-                if (c->form == ATMOE_ROUTER_PROJECTED) {
-                    double s = 0;
-                    for (size_t k = 0; k < din; k++)
-                        s += (double)hr[k] * wd[k * G * M + g * M + e];
-                    d[e] = s;
-                } else {
-                    d[e] = a[g] * wd[g * M + e];
-                }
-            }
-            ref_softmax(d, keep_e, M, c->tau_d);
-            for (int e = 0; e < M; e++)
-                free_e[e] = keep_e[e] && isnan(c->efix[g * MAXM + e]);
-            ref_keep_top(d, free_e, M, c->topk_e);
-            for (int e = 0; e < M; e++)
-                keep_e[e] = free_e[e] ||
-                            (keep_e[e] && !isnan(c->efix[g * MAXM + e]));
-            ref_apply_fixed(d, keep_e, c->efix + g * MAXM, M);
-            for (int e = 0; e < M; e++)
-                dr[g * M + e] = keep_g[g] ? d[e] : 0.0;
-            a_out[r * G + g] = a[g];
-        }
-        for (int e = 0; e < m->n; e++)
-            w_out[r * m->n + e] =
-                a[m->group[e]] * dr[m->group[e] * M + m->slot[e]];
-    }
+    double *hd = to_double(h, rows * m->d_in);
+    ref_router(m, c, hd, rows, wg, wd, a_out, d_out, w_out);
+    free(hd);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -497,34 +215,12 @@ static void expect_abs(const char *what, const float *got, const double *want,
     }
 }
 
-static void expect_scaled(const char *what, const float *got,
-                          const double *want, const double *scale,
-                          size_t rows, size_t cols, double tol)
-{
-    for (size_t i = 0; i < rows * cols; i++) {
-        double e = fabs(got[i] - want[i]) / fmax(scale[i], 1e-30);
-        ck_assert_msg(e <= tol,
-                      "%s[%zu,%zu] = %.9g, reference %.9g: error %.3g of the "
-                      "scale %.4g (tolerance %g)",
-                      what, i / cols, i % cols, got[i], want[i], e, scale[i],
-                      tol);
-    }
-}
-
 static void expect_same(const char *what, const float *got, const float *want,
                         size_t n)
 {
     for (size_t i = 0; i < n; i++)
         ck_assert_msg(got[i] == want[i], "%s[%zu] = %.9g, was %.9g", what, i,
                       got[i], want[i]);
-}
-
-static double *to_double(const float *p, size_t n)
-{
-    double *d = alloc_d(n);
-    for (size_t i = 0; i < n; i++)
-        d[i] = p[i];
-    return d;
 }
 
 /* Checks a mixture output against the reference for the given gates. */
@@ -543,33 +239,6 @@ static void check_mixture(const char *what, const model *m, const float *x,
 /* ------------------------------------------------------------------------ */
 /* Graph helpers                                                             */
 /* ------------------------------------------------------------------------ */
-
-static atmoe_node input2(atmoe_graph *g, const char *name, atmoe_dtype dtype,
-                         size_t rows, size_t cols, int batched)
-{
-    size_t shape[2] = {rows, cols};
-    atmoe_node n;
-    OK(atmoe_graph_input(g, name, dtype, cols ? 2 : 1, shape, batched, &n));
-    return n;
-}
-
-static atmoe_node const2(atmoe_graph *g, atmoe_dtype dtype, size_t rows,
-                         size_t cols, const void *data)
-{
-    size_t shape[2] = {rows, cols};
-    atmoe_node n;
-    OK(atmoe_graph_constant(g, NULL, dtype, cols ? 2 : 1, shape, data, &n));
-    return n;
-}
-
-static float *read_out(atmoe_graph *g, atmoe_node n, size_t count)
-{
-    float *p = malloc((count ? count : 1) * sizeof *p);
-    ck_assert_ptr_nonnull(p);
-    test_poison(p, count);
-    OK(atmoe_graph_read(g, n, p, count * sizeof *p));
-    return p;
-}
 
 /* A graph of up to MAXR routers on one batched input x (h = x), and a
  * block mixture fed by the first router's w. */
@@ -676,7 +345,7 @@ static void rig_verify(const rig *r, const float *x, const outs *o)
     for (int i = 0; i < r->nr; i++) {
         const float *second =
             r->cfg[i]->form == ATMOE_ROUTER_PROJECTED ? r->wd : r->vd;
-        ref_router(m, r->cfg[i], x, rows, r->wg, second, a, d, w);
+        ref_router_f(m, r->cfg[i], x, rows, r->wg, second, a, d, w);
         char what[32];
         snprintf(what, sizeof what, "router %d a", i);
         expect_abs(what, o->a[i], a, rows, G, TOL_ROUTER);
@@ -976,7 +645,7 @@ START_TEST(test_router_scaled)
         OK(atmoe_graph_compute(g, 0));
         float *got = read_out(g, na, T * 3);
         double *a = alloc_d(T * 3), *d = alloc_d(T * 6), *w = alloc_d(T * 5);
-        ref_router(&m, &c0, x, T, wg, vd, a, d, w);
+        ref_router_f(&m, &c0, x, T, wg, vd, a, d, w);
         expect_abs("a alone", got, a, T, 3, TOL_ROUTER);
         free(got);
         free(a);
@@ -1300,7 +969,7 @@ START_TEST(test_per_sequence)
             OK(atmoe_graph_compute(g, n));
             float *ga = read_out(g, na, S * 3), *gd = read_out(g, nd, S * 6),
                   *gw = read_out(g, nw, S * 5), *gy = read_out(g, ny, n * DO);
-            ref_router(&m, &c, h, S, wg, wd, a, d, w);
+            ref_router_f(&m, &c, h, S, wg, wd, a, d, w);
             expect_abs("a per sequence", ga, a, S, 3, TOL_ROUTER);
             expect_abs("d per sequence", gd, d, S, 6, TOL_ROUTER);
             expect_abs("w per sequence", gw, w, S, 5, TOL_ROUTER);
@@ -1353,7 +1022,7 @@ START_TEST(test_per_sequence)
         float *gw = read_out(g, nw, S * 5), *gy = read_out(g, ny, TT * DO);
         /* The mean's rounding (a few ulp of h) moves the weights far less
          * than TOL_ROUTER. */
-        ref_router(&m, &c, hp, S, wg, wd, a, d, w);
+        ref_router_f(&m, &c, hp, S, wg, wd, a, d, w);
         expect_abs("w of pooled h", gw, w, S, 5, TOL_ROUTER);
         double *gates = to_double(gw, S * 5);
         check_mixture("y of pooled h", &m, x, TT, w0, NULL, ATMOE_MIX_BLOCK,
@@ -1645,7 +1314,7 @@ START_TEST(test_batched)
         OK(atmoe_graph_compute(g, n));
         float *ga = read_out(g, na, n * 3), *gd = read_out(g, nd, n * 6),
               *gw = read_out(g, nw, n * 5), *gy = read_out(g, ny, n * DO);
-        ref_router(&m, &c, x, n, wg, wd, a, d, w);
+        ref_router_f(&m, &c, x, n, wg, wd, a, d, w);
         expect_abs("a batched", ga, a, n, 3, TOL_ROUTER);
         expect_abs("d batched", gd, d, n, 6, TOL_ROUTER);
         expect_abs("w batched", gw, w, n, 5, TOL_ROUTER);
@@ -2235,7 +1904,7 @@ START_TEST(test_nan_router_weights)
         if (which == 1) {
             double *a = alloc_d(T * 3), *d = alloc_d(T * 6),
                    *w = alloc_d(T * 5);
-            ref_router(&m, &c, x, T, wg, wd, a, d, w);
+            ref_router_f(&m, &c, x, T, wg, wd, a, d, w);
             expect_abs("a, NaN in w_d", o.a[0], a, T, 3, TOL_ROUTER);
             free(a);
             free(d);
@@ -2312,7 +1981,7 @@ START_TEST(test_lifetimes)
         OK(atmoe_graph_compute(g, T));
         float *gw = read_out(g, nw, T * 5), *gy = read_out(g, ny, T * DO);
         double *a = alloc_d(T * 3), *d = alloc_d(T * 6), *w = alloc_d(T * 5);
-        ref_router(&m, &c, x, T, wg, wd, a, d, w);
+        ref_router_f(&m, &c, x, T, wg, wd, a, d, w);
         expect_abs("w, owners freed", gw, w, T, 5, TOL_ROUTER);
         double *gates = to_double(gw, T * 5);
         check_mixture("y, owners freed", &m, x, T, w0, NULL, ATMOE_MIX_BLOCK,
@@ -2480,7 +2149,7 @@ START_TEST(test_single_row)
         }
         float *gw = read_out(g, nw, 5);
         double ra[3], rd[6], rw[5];
-        ref_router(&mb, &c, h, 1, wg, wd, ra, rd, rw);
+        ref_router_f(&mb, &c, h, 1, wg, wd, ra, rd, rw);
         expect_abs("w of one h row", gw, rw, 1, 5, TOL_ROUTER);
         double *gwd = to_double(gw, 5);
         for (int i = 0; i < 2; i++) {

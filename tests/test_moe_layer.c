@@ -12,8 +12,8 @@
  *   stack      layers in turn, d_out of a layer the d_in of the next
  *
  * The router reference (masks, fixed weights, top-k) and the helpers are
- * copied from tests/test_moe.c, with the router input in float64 so that a
- * stack's reference stays in float64 from end to end.
+ * those of tests/test_moe.c (tests/moe_reference.c), with the router input
+ * in float64 so that a stack's reference stays in float64 from end to end.
  *
  * Shapes are odd (d_in 37, d_out 29, stacks 37 -> 29 -> 31 -> 23, T 1, 2,
  * 3, 4, 5, 7, 9, 11, 13, 31), data are random and never all zero, outputs
@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "moe_reference.h"
 #include "testutil.h"
 
 /* ------------------------------------------------------------------------ */
@@ -73,76 +74,14 @@
  * same data, so the same values; 4 ulp of |h| allows for any difference in
  * the order of summation between the two copies all the same. */
 #define PREFIX_ULPS (4 * 5.96e-8)
-/* Top-k on random data: see test_moe.c. */
-#define NEAR_TIE 1e-4
 
-#define MAXE 16 /* experts per set in these tests */
-#define MAXG 8  /* groups */
-#define MAXM 8  /* experts per group */
-#define MAXL 4  /* layers in a stack */
-
-static atmoe_context *CTX; /* the context of the running test */
-static test_rng RNG;
-
-#define OK(expr) ck_assert_status((expr), CTX)
+#define MAXL 4 /* layers in a stack */
 
 #define FAILS ck_assert_fails_with
-
-static float *alloc_uniform(size_t n, double lo, double hi)
-{
-    float *p = malloc((n ? n : 1) * sizeof *p);
-    ck_assert_ptr_nonnull(p);
-    test_fill_uniform(&RNG, p, n, lo, hi);
-    return p;
-}
-
-static double *alloc_d(size_t n)
-{
-    double *p = malloc((n ? n : 1) * sizeof *p);
-    ck_assert_ptr_nonnull(p);
-    for (size_t i = 0; i < n; i++)
-        p[i] = NAN;
-    return p;
-}
-
-static double *to_double(const float *p, size_t n)
-{
-    double *d = alloc_d(n);
-    for (size_t i = 0; i < n; i++)
-        d[i] = p[i];
-    return d;
-}
 
 /* ------------------------------------------------------------------------ */
 /* Graph helpers                                                             */
 /* ------------------------------------------------------------------------ */
-
-static atmoe_node input2(atmoe_graph *g, const char *name, atmoe_dtype dtype,
-                         size_t rows, size_t cols, int batched)
-{
-    size_t shape[2] = {rows, cols};
-    atmoe_node n;
-    OK(atmoe_graph_input(g, name, dtype, cols ? 2 : 1, shape, batched, &n));
-    return n;
-}
-
-static atmoe_node const2(atmoe_graph *g, atmoe_dtype dtype, size_t rows,
-                         size_t cols, const void *data)
-{
-    size_t shape[2] = {rows, cols};
-    atmoe_node n;
-    OK(atmoe_graph_constant(g, NULL, dtype, cols ? 2 : 1, shape, data, &n));
-    return n;
-}
-
-static float *read_out(atmoe_graph *g, atmoe_node n, size_t count)
-{
-    float *p = malloc((count ? count : 1) * sizeof *p);
-    ck_assert_ptr_nonnull(p);
-    test_poison(p, count);
-    OK(atmoe_graph_read(g, n, p, count * sizeof *p));
-    return p;
-}
 
 #define FAILS_CLEAN(g, expr, want, sub)                                       \
     ck_assert_fails_clean(g, expr, CTX, want, sub)
@@ -150,21 +89,6 @@ static float *read_out(atmoe_graph *g, atmoe_node n, size_t count)
 /* ------------------------------------------------------------------------ */
 /* Comparisons                                                               */
 /* ------------------------------------------------------------------------ */
-
-/* |got - want| <= tol * scale everywhere. */
-static void expect_scaled(const char *what, const float *got,
-                          const double *want, const double *scale,
-                          size_t rows, size_t cols, double tol)
-{
-    for (size_t i = 0; i < rows * cols; i++) {
-        double e = fabs(got[i] - want[i]) / fmax(scale[i], 1e-30);
-        ck_assert_msg(e <= tol,
-                      "%s[%zu,%zu] = %.9g, reference %.9g: error %.3g of the "
-                      "scale %.4g (tolerance %g)",
-                      what, i / cols, i % cols, got[i], want[i], e, scale[i],
-                      tol);
-    }
-}
 
 /* |got - want| <= bound (absolute, one per element), and exactly 0 where
  * want is exactly 0 (padding slots). */
@@ -184,73 +108,8 @@ static void expect_bound(const char *what, const float *got,
 }
 
 /* ------------------------------------------------------------------------ */
-/* LoRA expert sets, host side (from test_moe.c)                             */
+/* LoRA expert sets, host side                                               */
 /* ------------------------------------------------------------------------ */
-
-typedef struct model {
-    size_t d_in, d_out;
-    int n; /* experts, without the general LoRA */
-    int group[MAXE];
-    size_t rank[MAXE];
-    float alpha[MAXE];
-    unsigned flags[MAXE];
-    float *A[MAXE], *B[MAXE]; /* [rank, d_in], [d_out, rank] */
-    int has_general;
-    size_t rank_p;
-    float alpha_p, lambda;
-    unsigned flags_p;
-    float *Ap, *Bp;
-    /* derived */
-    int G, M, count[MAXG], slot[MAXE];
-    size_t R; /* sum of the experts' ranks (general LoRA not counted) */
-} model;
-
-static void model_init(model *m, size_t d_in, size_t d_out, int n,
-                       const int *group, const size_t *rank,
-                       const unsigned *flags)
-{
-    memset(m, 0, sizeof *m);
-    m->d_in = d_in;
-    m->d_out = d_out;
-    m->n = n;
-    m->lambda = 1.0f;
-    for (int e = 0; e < n; e++) {
-        m->group[e] = group[e];
-        m->rank[e] = rank[e];
-        m->alpha[e] = (float)(rank[e] * test_uniform(&RNG, 0.5, 2.0));
-        m->flags[e] = flags ? flags[e] : 0;
-        m->A[e] = alloc_uniform(rank[e] * d_in, -1, 1);
-        m->B[e] = alloc_uniform(d_out * rank[e], -1, 1);
-        m->slot[e] = m->count[group[e]]++;
-        if (group[e] + 1 > m->G)
-            m->G = group[e] + 1;
-        if (m->slot[e] + 1 > m->M)
-            m->M = m->slot[e] + 1;
-        m->R += rank[e];
-    }
-}
-
-/* A general LoRA, set after the experts. */
-static void model_general(model *m, size_t rank, unsigned flags, float lambda)
-{
-    m->has_general = 1;
-    m->rank_p = rank;
-    m->alpha_p = (float)(rank * test_uniform(&RNG, 0.5, 2.0));
-    m->flags_p = flags;
-    m->lambda = lambda;
-    m->Ap = alloc_uniform(rank * m->d_in, -1, 1);
-    m->Bp = alloc_uniform(m->d_out * rank, -1, 1);
-}
-
-static void model_free(model *m)
-{
-    for (int e = 0; e < m->n; e++) {
-        free(m->A[e]);
-        free(m->B[e]);
-    }
-    free(m->Ap);
-    free(m->Bp);
-}
 
 /* Scales A by sqrt(3 / d_in) and B by sqrt(3 / rank) (general LoRA too),
  * so that A x and B u keep the size of x and u: hidden states stay of
@@ -272,200 +131,9 @@ static void model_shrink(model *m)
     }
 }
 
-static atmoe_experts *model_build(const model *m)
-{
-    atmoe_experts *set = NULL;
-    OK(atmoe_experts_new(CTX, m->d_in, m->d_out, &set));
-    for (int e = 0; e < m->n; e++) {
-        int index = -1;
-        OK(atmoe_experts_add(set, m->group[e], m->rank[e], m->A[e], m->B[e],
-                             m->alpha[e], m->flags[e], &index));
-        ck_assert_int_eq(index, e);
-    }
-    if (m->has_general)
-        OK(atmoe_experts_set_general(set, m->rank_p, m->Ap, m->Bp, m->alpha_p,
-                                     m->flags_p, m->lambda));
-    atmoe_experts_info info;
-    memset(&info, 0xff, sizeof info);
-    OK(atmoe_experts_get_info(set, &info));
-    ck_assert_uint_eq(info.experts, (size_t)m->n);
-    ck_assert_uint_eq(info.groups, (size_t)m->G);
-    ck_assert_uint_eq(info.max_group, (size_t)m->M);
-    ck_assert_uint_eq(info.total_rank, m->R + (m->has_general ? m->rank_p : 0));
-    ck_assert_uint_eq(info.dense_r2, 0);
-    return set;
-}
-
-static double ref_scale(size_t rank, float alpha, unsigned flags)
-{
-    return flags & ATMOE_EXPERT_RSLORA ? alpha / sqrt((double)rank)
-                                       : alpha / (double)rank;
-}
-
 /* ------------------------------------------------------------------------ */
-/* Router: configuration mirror and float64 reference (from test_moe.c)      */
+/* Router: error bounds                                                      */
 /* ------------------------------------------------------------------------ */
-
-typedef struct rcfg {
-    atmoe_router_form form;
-    float tau_g, tau_d;
-    int topk_g, topk_e;
-    int gmask[MAXG], emask[MAXG * MAXM]; /* [g * MAXM + m] */
-    float gfix[MAXG], efix[MAXG * MAXM]; /* NaN: free */
-} rcfg;
-
-static atmoe_router *router_make(atmoe_experts *set, rcfg *c,
-                                 atmoe_router_form form, float tau_g,
-                                 float tau_d, int topk_g, int topk_e)
-{
-    c->form = form;
-    c->tau_g = tau_g;
-    c->tau_d = tau_d;
-    c->topk_g = topk_g;
-    c->topk_e = topk_e;
-    for (int i = 0; i < MAXG; i++) {
-        c->gmask[i] = 1;
-        c->gfix[i] = NAN;
-    }
-    for (int i = 0; i < MAXG * MAXM; i++) {
-        c->emask[i] = 1;
-        c->efix[i] = NAN;
-    }
-    atmoe_router *r = NULL;
-    OK(atmoe_router_new(set, form, tau_g, tau_d, topk_g, topk_e, &r));
-    ck_assert_ptr_nonnull(r);
-    return r;
-}
-
-static void ref_softmax(double *x, const int *keep, int n, double tau)
-{
-    double mx = -INFINITY, sum = 0;
-    for (int i = 0; i < n; i++)
-        if (keep[i] && x[i] / tau > mx)
-            mx = x[i] / tau;
-    for (int i = 0; i < n; i++) {
-        x[i] = keep[i] ? exp(x[i] / tau - mx) : 0.0;
-        sum += x[i];
-    }
-    for (int i = 0; i < n; i++)
-        x[i] = sum > 0 ? x[i] / sum : 0.0;
-}
-
-/* Keeps the k largest of the entries with keep set (ties: lower index). */
-static void ref_keep_top(const double *v, int *keep, int n, int k)
-{
-    if (k <= 0)
-        return;
-    int cand[MAXM > MAXG ? MAXM : MAXG], kept = 0;
-    for (int i = 0; i < n; i++) {
-        cand[i] = keep[i];
-        kept += keep[i];
-    }
-    for (; kept > k; kept--) {
-        int worst = -1;
-        for (int i = 0; i < n; i++)
-            if (keep[i] && (worst < 0 || v[i] <= v[worst]))
-                worst = i;
-        keep[worst] = 0;
-    }
-    double lo = INFINITY, hi = -INFINITY;
-    for (int i = 0; i < n; i++) {
-        if (keep[i])
-            lo = fmin(lo, v[i]);
-        else if (cand[i])
-            hi = fmax(hi, v[i]);
-    }
-    ck_assert_msg(!(hi > -INFINITY && lo != hi && fabs(lo - hi) < NEAR_TIE),
-                  "test data: a near tie (%.9g vs %.9g) at the top-k "
-                  "boundary; change the seed",
-                  lo, hi);
-}
-
-static void ref_apply_fixed(double *v, const int *keep, const float *fixed,
-                            int n)
-{
-    double fixed_sum = 0, free_sum = 0;
-    for (int i = 0; i < n; i++) {
-        if (!keep[i])
-            continue;
-        if (isnan(fixed[i]))
-            free_sum += v[i];
-        else
-            fixed_sum += fixed[i];
-    }
-    double room = fmax(1.0 - fixed_sum, 0.0);
-    for (int i = 0; i < n; i++) {
-        if (!keep[i])
-            v[i] = 0;
-        else if (!isnan(fixed[i]))
-            v[i] = fixed[i];
-        else
-            v[i] = free_sum > 0 ? v[i] * room / free_sum : 0.0;
-    }
-}
-
-/* a [rows, G], d [rows, G*M], w [rows, n] for router input h [rows, d_in]
- * (float64); wd is W_D [d_in, G*M] (projected) or V_D [G, M] (scaled). */
-static void ref_router(const model *m, const rcfg *c, const double *h,
-                       size_t rows, const float *wg, const float *wd,
-                       double *a_out, double *d_out, double *w_out)
-{
-    const int G = m->G, M = m->M;
-    const size_t din = m->d_in;
-    for (size_t r = 0; r < rows; r++) {
-        const double *hr = h + r * din;
-        double a[MAXG];
-        int keep_g[MAXG], free_g[MAXG];
-        for (int g = 0; g < G; g++) {
-            double s = 0;
-            for (size_t k = 0; k < din; k++)
-                s += hr[k] * wg[k * G + g];
-            a[g] = s;
-            int any = 0;
-            for (int e = 0; e < m->count[g]; e++)
-                any |= c->emask[g * MAXM + e];
-            keep_g[g] = c->gmask[g] && any;
-        }
-        ref_softmax(a, keep_g, G, c->tau_g);
-        for (int g = 0; g < G; g++)
-            free_g[g] = keep_g[g] && isnan(c->gfix[g]);
-        ref_keep_top(a, free_g, G, c->topk_g);
-        for (int g = 0; g < G; g++)
-            keep_g[g] = free_g[g] || (keep_g[g] && !isnan(c->gfix[g]));
-        ref_apply_fixed(a, keep_g, c->gfix, G);
-
-        double *dr = d_out + r * G * M;
-        for (int g = 0; g < G; g++) {
-            double d[MAXM];
-            int keep_e[MAXM], free_e[MAXM];
-            for (int e = 0; e < M; e++) {
-                keep_e[e] = e < m->count[g] && c->emask[g * MAXM + e];
-                if (c->form == ATMOE_ROUTER_PROJECTED) {
-                    double s = 0;
-                    for (size_t k = 0; k < din; k++)
-                        s += hr[k] * wd[k * G * M + g * M + e];
-                    d[e] = s;
-                } else {
-                    d[e] = a[g] * wd[g * M + e];
-                }
-            }
-            ref_softmax(d, keep_e, M, c->tau_d);
-            for (int e = 0; e < M; e++)
-                free_e[e] = keep_e[e] && isnan(c->efix[g * MAXM + e]);
-            ref_keep_top(d, free_e, M, c->topk_e);
-            for (int e = 0; e < M; e++)
-                keep_e[e] = free_e[e] ||
-                            (keep_e[e] && !isnan(c->efix[g * MAXM + e]));
-            ref_apply_fixed(d, keep_e, c->efix + g * MAXM, M);
-            for (int e = 0; e < M; e++)
-                dr[g * M + e] = keep_g[g] ? d[e] : 0.0;
-            a_out[r * G + g] = a[g];
-        }
-        for (int e = 0; e < m->n; e++)
-            w_out[r * m->n + e] =
-                a[m->group[e]] * dr[m->group[e] * M + m->slot[e]];
-    }
-}
 
 /* Bounds on the errors of a [rows, G], d [rows, G*M] and w [rows, E] (ref
  * the reference's): the router's own rounding (TOL_ROUTER, scaled up for
@@ -908,7 +576,7 @@ static void stack3_make(lspec *L)
     model_shrink(&L[0].m);
     lspec_build(&L[0], ATMOE_ROUTER_PROJECTED, 0.7f, 1.3f, 0, 1, 1.0f, 0);
     model_init(&L[1].m, 29, 31, 4, g1, r1, f1);
-    model_general(&L[1].m, 2, 0, 0.6f);
+    model_general(&L[1].m, 2, 0, 0.6f, 0);
     model_shrink(&L[1].m);
     lspec_build(&L[1], ATMOE_ROUTER_SCALED, 1.5f, 0.8f, 0, 0, 0.75f, 2);
     model_init(&L[2].m, 31, 23, 6, g2, r2, NULL);
@@ -1379,7 +1047,7 @@ START_TEST(test_layer_per_token)
     lspec L[2];
     memset(L, 0, sizeof L);
     model_init(&L[0].m, DI, DO, 5, g0, r0, f0);
-    model_general(&L[0].m, 3, 0, 0.7f);
+    model_general(&L[0].m, 3, 0, 0.7f, 0);
     lspec_build(&L[0], ATMOE_ROUTER_PROJECTED, 0.7f, 1.3f, 2, 1, 1.0f, 0);
     model_init(&L[1].m, DI, DO, 4, g1, r1, NULL);
     lspec_build(&L[1], ATMOE_ROUTER_SCALED, 1.5f, 0.6f, 0, 0, 0.5f, 0);
@@ -1457,7 +1125,7 @@ START_TEST(test_layer_per_sequence)
     lspec L;
     memset(&L, 0, sizeof L);
     model_init(&L.m, DI, DO, 5, g0, r0, NULL);
-    model_general(&L.m, 2, ATMOE_EXPERT_RSLORA, 0.6f);
+    model_general(&L.m, 2, ATMOE_EXPERT_RSLORA, 0.6f, 0);
     lspec_build(&L, ATMOE_ROUTER_PROJECTED, 0.8f, 1.2f, 0, 1, 0.75f, S);
 
     atmoe_graph *g;
