@@ -20,6 +20,39 @@ inline ulong gate_row(__global const int *gate_index, int has_index, ulong t,
     return i >= 0 && (ulong)i < gate_rows ? (ulong)i : gate_rows;
 }
 
+/* The gate of rank channel r, of expert e (-1: the general LoRA), in the
+ * gate row `row` (NULL: the token has none): the channel's own gate with
+ * the diagonal mix; its expert's with the block mix, where the general
+ * LoRA has no gate and counts fully. */
+inline float channel_gate(__global const float *row, int diagonal, int e,
+                          ulong r)
+{
+    if (!diagonal && e < 0)
+        return 1.0f;
+    return row ? row[diagonal ? r : (ulong)e] : 0.0f;
+}
+
+/* z = u * scale * gate for every rank channel of every token; gate rows
+ * are width wide. */
+inline void mix_gated(__global float *z, ulong z_offset,
+                      __global const float *u, ulong u_offset,
+                      __global const float *gates, ulong gates_offset,
+                      ulong width, __global const int *gate_index,
+                      int has_index, __global const int *chan_expert,
+                      __global const float *chan_scale, ulong tokens,
+                      ulong rank, ulong gate_rows, int diagonal)
+{
+    ulong i = get_global_id(0);
+    if (i >= tokens * rank)
+        return;
+    ulong t = i / rank, r = i % rank;
+    ulong g = gate_row(gate_index, has_index, t, gate_rows);
+    __global const float *row =
+        g < gate_rows ? gates + gates_offset + g * width : 0;
+    z[z_offset + i] = u[u_offset + i] * chan_scale[r] *
+                      channel_gate(row, diagonal, chan_expert[r], r);
+}
+
 /* Block-diagonal: one gate per expert, gates [rows, E]. */
 __kernel void mix_block(__global float *z, ulong z_offset,
                         __global const float *u, ulong u_offset,
@@ -30,39 +63,24 @@ __kernel void mix_block(__global float *z, ulong z_offset,
                         __global const float *chan_scale, ulong tokens,
                         ulong rank, ulong gate_rows)
 {
-    ulong i = get_global_id(0);
-    if (i >= tokens * rank)
-        return;
-    ulong t = i / rank, r = i % rank;
-    int e = chan_expert[r];
-    ulong row = gate_row(gate_index + gate_index_offset, has_index, t,
-                         gate_rows);
-    float gate = 1.0f;
-    if (e >= 0)
-        gate = row < gate_rows
-                   ? gates[gates_offset + row * n_experts + (ulong)e]
-                   : 0.0f;
-    z[z_offset + i] = u[u_offset + i] * chan_scale[r] * gate;
+    mix_gated(z, z_offset, u, u_offset, gates, gates_offset, n_experts,
+              gate_index + gate_index_offset, has_index, chan_expert,
+              chan_scale, tokens, rank, gate_rows, 0);
 }
 
 /* Diagonal: one gate per rank channel, gates [rows, R]. */
 __kernel void mix_diagonal(__global float *z, ulong z_offset,
                            __global const float *u, ulong u_offset,
                            __global const float *gates, ulong gates_offset,
-                           ulong unused, __global const int *gate_index,
+                           ulong width, __global const int *gate_index,
                            ulong gate_index_offset, int has_index,
                            __global const int *chan_expert,
                            __global const float *chan_scale, ulong tokens,
                            ulong rank, ulong gate_rows)
 {
-    ulong i = get_global_id(0);
-    if (i >= tokens * rank)
-        return;
-    ulong t = i / rank, r = i % rank;
-    ulong row = gate_row(gate_index + gate_index_offset, has_index, t,
-                         gate_rows);
-    float gate = row < gate_rows ? gates[gates_offset + row * rank + r] : 0.0f;
-    z[z_offset + i] = u[u_offset + i] * chan_scale[r] * gate;
+    mix_gated(z, z_offset, u, u_offset, gates, gates_offset, width,
+              gate_index + gate_index_offset, has_index, chan_expert,
+              chan_scale, tokens, rank, gate_rows, 1);
 }
 
 /* Dense (T-REX mix-and-match): z[t, j] = sum_i G[i, j] u[t, i] with
@@ -115,9 +133,8 @@ __kernel void fold_gates(__global float *out, ulong out_offset,
         for (ulong r = 0; r < rank; r++)
             v += gates[r * z_width + j] * a[r * d_in + k];
     } else {
-        int e = chan_expert[j];
-        float gate = mix == 1 ? gates[j] : (e >= 0 ? gates[e] : 1.0f);
-        v = a[j * d_in + k] * chan_scale[j] * gate;
+        v = a[j * d_in + k] * chan_scale[j] *
+            channel_gate(gates, mix == 1, chan_expert[j], j);
     }
     out[out_offset + i] = v;
 }
