@@ -42,37 +42,37 @@ static int runs_linear(const atmoe_graph *g, size_t T)
     return T <= 16 || ctx->device->info.type == ATMOE_DEVICE_TYPE_CPU;
 }
 
-/* Blocks of SR x ST tiles walked together (see cl/linear.cl), from the
- * "linear" entry of the tuning database when it has them: 8 x 8 was the
- * best of 4 to 64 at 64 and 512 tokens on PoCL.  The launch size depends
- * on them, so they are read here and passed as build options. */
-static void linear_blocks(const atmoe_context *ctx, size_t *sr, size_t *st)
+/* The shape of a launch of cl/linear.cl for T tokens: the tile, rows and
+ * tokens per work-item, and the block of SR x ST tiles walked together.
+ * The launch size depends on all four, so the host chooses them and passes
+ * them as build options.
+ *
+ * The tile: one token streams 8 rows; more tokens share each row load, up
+ * to a 4 x 4 tile of float16 sums, which fills half of AVX-512's
+ * registers.  Larger tiles spill; on PoCL 3.1 (2-core AVX-512) 4 x 4 was
+ * within 10% of the best tile from 4 to 512 tokens.  The block comes from
+ * the "linear" entry of the tuning database when it has one: 8 x 8 was the
+ * best of 4 to 64 at 64 and 512 tokens on PoCL. */
+typedef struct linear_shape {
+    size_t rows, tokens; /* the tile */
+    size_t sr, st;       /* the block */
+} linear_shape;
+
+static linear_shape linear_shape_for(const atmoe_context *ctx, size_t T)
 {
     long r = atm_tuning_kernel_value(ctx, "linear", "SR", 8);
     long t = atm_tuning_kernel_value(ctx, "linear", "ST", 8);
-    *sr = r >= 1 && r <= 256 ? (size_t)r : 8;
-    *st = t >= 1 && t <= 256 ? (size_t)t : 8;
+    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4,
+                      r >= 1 && r <= 256 ? (size_t)r : 8,
+                      t >= 1 && t <= 256 ? (size_t)t : 8};
+    return s;
 }
 
-/* The tile of T tokens: rows and tokens per work-item.  One token streams
- * 8 rows; more tokens share each row load, up to a 4 x 4 tile of float16
- * sums, which fills half of AVX-512's registers.  Larger tiles spill; on
- * PoCL 3.1 (2-core AVX-512) 4 x 4 was within 10% of the best tile from 4
- * to 512 tokens. */
-static void linear_tile(size_t T, size_t *rows, size_t *tokens)
+static void linear_options(const linear_shape *s, char *options,
+                           size_t size)
 {
-    *rows = T <= 2 ? 8 : 4;
-    *tokens = T <= 2 ? T : 4;
-}
-
-static void linear_options(const atmoe_context *ctx, size_t T,
-                           char *options, size_t size)
-{
-    size_t rows, tokens, sr, st;
-    linear_tile(T, &rows, &tokens);
-    linear_blocks(ctx, &sr, &st);
-    snprintf(options, size, "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu", rows,
-             tokens, sr, st);
+    snprintf(options, size, "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu",
+             s->rows, s->tokens, s->sr, s->st);
 }
 
 /* Whether every token uses the same (single) gate row. */
@@ -277,7 +277,8 @@ atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n)
         char options[64];
         if (tile_batches[i] > T)
             break;
-        linear_options(g->ctx, tile_batches[i], options, sizeof options);
+        linear_shape shape = linear_shape_for(g->ctx, tile_batches[i]);
+        linear_options(&shape, options, sizeof options);
         st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
     }
     if (st == ATMOE_STATUS_OK && mergeable(g, n))
@@ -313,7 +314,8 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
 {
     char options[64];
     cl_kernel k;
-    linear_options(g->ctx, T, options, sizeof options);
+    linear_shape shape = linear_shape_for(g->ctx, T);
+    linear_options(&shape, options, sizeof options);
     atmoe_status st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
     if (st != ATMOE_STATUS_OK)
         return st;
@@ -336,14 +338,10 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
     atm_arg_ulong(&args, c->zw);
     atm_arg_float(&args, c->alpha);
     /* Whole blocks of SR x st tiles, as the kernel walks them. */
-    size_t rows_per, tokens_per;
-    linear_tile(T, &rows_per, &tokens_per);
-    size_t row_tiles = (c->rows + rows_per - 1) / rows_per;
-    size_t token_tiles = (T + tokens_per - 1) / tokens_per;
-    size_t block_rows, block_tokens;
-    linear_blocks(g->ctx, &block_rows, &block_tokens);
-    size_t bt = token_tiles < block_tokens ? token_tiles : block_tokens;
-    size_t items = (row_tiles + block_rows - 1) / block_rows * block_rows *
+    size_t row_tiles = (c->rows + shape.rows - 1) / shape.rows;
+    size_t token_tiles = (T + shape.tokens - 1) / shape.tokens;
+    size_t bt = token_tiles < shape.st ? token_tiles : shape.st;
+    size_t items = (row_tiles + shape.sr - 1) / shape.sr * shape.sr *
                    ((token_tiles + bt - 1) / bt * bt);
     /* CPU drivers run a work-group's items in a loop; one item per group
      * lets each core take whole rows.  GPUs choose their own grouping. */
