@@ -721,7 +721,8 @@ static atmoe_status open_into(atmoe_adapter *ad, const char *dir)
         st = atm_fail(ad->ctx,
                       errno == ENOENT ? ATMOE_STATUS_NOT_FOUND
                                       : ATMOE_STATUS_IO_ERROR,
-                      "%s: cannot read %s: %s%s", fn, cpath, strerror(errno),
+                      "%s: cannot read %s: %s%s", fn, cpath,
+                      atm_file_strerror(errno),
                       errno == ENOENT ? " (is this a PEFT adapter directory?)"
                                       : "");
         goto out;

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -50,12 +51,12 @@ int atm_file_commit(FILE *f, const char *tmp, const char *path, int ok)
     return 0;
 }
 
-FILE *atm_file_open_regular(const char *path)
+int atm_file_open_fd(const char *path, size_t *size)
 {
     /* O_NONBLOCK: opening a FIFO for reading would wait for a writer. */
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0)
-        return NULL;
+        return -1;
     struct stat sb;
     int e = 0;
     if (fstat(fd, &sb) != 0)
@@ -66,11 +67,29 @@ FILE *atm_file_open_regular(const char *path)
         e = EINVAL;
     else if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
         e = errno;
-    FILE *f = e ? NULL : fdopen(fd, "rb");
-    if (f == NULL) {
-        e = e ? e : errno;
+    if (e) {
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    if (size)
+        *size = (size_t)sb.st_size;
+    return fd;
+}
+
+FILE *atm_file_open_regular(const char *path)
+{
+    int fd = atm_file_open_fd(path, NULL);
+    FILE *f = fd >= 0 ? fdopen(fd, "rb") : NULL;
+    if (f == NULL && fd >= 0) {
+        int e = errno;
         close(fd);
         errno = e;
     }
     return f;
+}
+
+const char *atm_file_strerror(int e)
+{
+    return e == EINVAL ? "not a regular file" : strerror(e);
 }

@@ -15,9 +15,16 @@ FILE *atm_file_begin(const char *path, char *tmp, size_t tmp_size);
  * returned with errno set. */
 int atm_file_commit(FILE *f, const char *tmp, const char *path, int ok);
 
-/* Opens path for reading if it is a regular file: NULL with errno set
- * otherwise (EISDIR for a directory, EINVAL for a FIFO, device or
- * socket), without waiting on a FIFO. */
+/* Opens path for reading if it is a regular file: a descriptor, and its
+ * size in *size (may be NULL); -1 with errno set otherwise (EISDIR for a
+ * directory, EINVAL for a FIFO, device or socket), without waiting on a
+ * FIFO. */
+int atm_file_open_fd(const char *path, size_t *size);
+
+/* The same as a stream. */
 FILE *atm_file_open_regular(const char *path);
+
+/* strerror for the errors above: "not a regular file" for EINVAL. */
+const char *atm_file_strerror(int e);
 
 #endif

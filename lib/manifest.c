@@ -712,7 +712,8 @@ ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
         return atm_fail(ctx,
                         errno == ENOENT ? ATMOE_STATUS_NOT_FOUND
                                         : ATMOE_STATUS_IO_ERROR,
-                        "%s: cannot read %s: %s", fn, path, strerror(errno));
+                        "%s: cannot read %s: %s", fn, path,
+                        atm_file_strerror(errno));
     char *text = NULL;
     size_t size = 0, cap = 0;
     int err = 0;

@@ -1,17 +1,16 @@
 #include <config.h>
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "error.h"
+#include "file.h"
 #include "half.h"
 #include "safetensors.h"
 
@@ -366,30 +365,20 @@ ATMOE_API atmoe_status atmoe_safetensors_open(atmoe_context *ctx,
     ATM_CHECK_NULL(ctx, file);
     *file = NULL;
     ATM_CHECK_NULL(ctx, path);
-    /* O_NONBLOCK: a FIFO would otherwise wait for a writer; anything but
-     * a regular file is refused below. */
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    size_t size;
+    int fd = atm_file_open_fd(path, &size);
     if (fd < 0) {
         int e = errno;
+        if (e == EISDIR || e == EINVAL)
+            return atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
+                            "%s: '%s' is not a regular file", __func__,
+                            path);
         return atm_fail(ctx,
                         e == ENOENT ? ATMOE_STATUS_NOT_FOUND
                                     : ATMOE_STATUS_IO_ERROR,
                         "%s: cannot open '%s': %s", __func__, path,
                         strerror(e));
     }
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int e = errno;
-        close(fd);
-        return atm_fail(ctx, ATMOE_STATUS_IO_ERROR, "%s: cannot stat '%s': %s",
-                        __func__, path, strerror(e));
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
-                        "%s: '%s' is not a regular file", __func__, path);
-    }
-    size_t size = (size_t)sb.st_size;
     void *map = NULL;
     if (size > 0) {
         map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
