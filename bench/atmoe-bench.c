@@ -780,7 +780,7 @@ static int build(atmoe_context *ctx, const wl_data *w, size_t T, variant v,
     else
         st = build_merged(b->g, w, T, merge, b);
     if (st == ATMOE_STATUS_OK)
-        st = atmoe_graph_output(b->g, b->y);
+        st = atmoe_graph_mark_output(b->g, b->y);
     if (st != ATMOE_STATUS_OK) {
         lib_error(ctx, st, "building the graph");
         atmoe_graph_free(b->g);
@@ -1547,7 +1547,7 @@ static int measure_gemm(atmoe_context *ctx, size_t n, ceilings *c)
     TRY(atmoe_graph_parameter(g, "a", a, &na));
     TRY(atmoe_graph_parameter(g, "b", b, &nb));
     TRY(atmoe_graph_matmul(g, na, nb, ATMOE_NODE_NONE, 0, &y));
-    TRY(atmoe_graph_output(g, y));
+    TRY(atmoe_graph_mark_output(g, y));
     TRY(atmoe_graph_plan(g, 0));
     double t[3];
     for (int i = 0; i < 4; i++) {
@@ -1815,7 +1815,7 @@ static void run_device(const char *selection, const options *o,
 {
     memset(d, 0, sizeof *d);
     atmoe_context *ctx;
-    atmoe_status st = atmoe_context_new(&ctx, selection);
+    atmoe_status st = atmoe_context_new(selection, &ctx);
     if (st != ATMOE_STATUS_OK) {
         lib_error(NULL, st, "opening the device");
         fprintf(stderr, PROGRAM ": device '%s': %s\n", selection, errbuf);
@@ -2230,7 +2230,7 @@ static int check_json(const char *path)
 static int list_devices(void)
 {
     size_t n, def = (size_t)-1;
-    atmoe_status st = atmoe_device_count(&n);
+    atmoe_status st = atmoe_device_get_count(&n);
     if (st != ATMOE_STATUS_OK) {
         lib_error(NULL, st, "listing devices");
         fprintf(stderr, PROGRAM ": %s\n", errbuf);
@@ -2240,7 +2240,7 @@ static int list_devices(void)
         printf("no OpenCL device found\n");
         return EXIT_RUNTIME;
     }
-    atmoe_device_default(&def);
+    atmoe_device_get_default(&def);
     for (size_t i = 0; i < n; i++) {
         atmoe_device_info d;
         if ((st = atmoe_device_get_info(i, &d)) != ATMOE_STATUS_OK) {
@@ -2357,12 +2357,12 @@ int main(int argc, char **argv)
     size_t n_dev = 1, index;
     atmoe_status st;
     if (all) {
-        st = atmoe_device_count(&n_dev);
+        st = atmoe_device_get_count(&n_dev);
         if (st == ATMOE_STATUS_OK && n_dev == 0)
             st = ATMOE_STATUS_NO_DEVICE;
     } else {
         st = o.device ? atmoe_device_find(o.device, &index)
-                      : atmoe_device_default(&index);
+                      : atmoe_device_get_default(&index);
     }
     if (st != ATMOE_STATUS_OK) {
         lib_error(NULL, st, "choosing the device");

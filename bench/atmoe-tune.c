@@ -270,7 +270,7 @@ static atmoe_status build_graph(atmoe_context *ctx, const shape *s,
         (st = atmoe_graph_matmul(g, *xn, wn, ATMOE_NODE_NONE,
                                  transposed ? ATMOE_MATMUL_TRANSPOSE_B : 0,
                                  yn)) ||
-        (st = atmoe_graph_output(g, *yn)) || (st = atmoe_graph_plan(g, 0))) {
+        (st = atmoe_graph_mark_output(g, *yn)) || (st = atmoe_graph_plan(g, 0))) {
         atmoe_graph_free(g);
         return st;
     }
@@ -840,7 +840,7 @@ static atmoe_status build_mixture(atmoe_context *ctx, const mix_shape *m,
         (st = atmoe_graph_mixture(g, in[0].node, w0, ATMOE_NODE_NONE,
                                   m->data->set, ATMOE_MIX_BLOCK, in[1].node,
                                   ATMOE_NODE_NONE, 1.0f, yn)) ||
-        (st = atmoe_graph_output(g, *yn)) || (st = atmoe_graph_plan(g, 0))) {
+        (st = atmoe_graph_mark_output(g, *yn)) || (st = atmoe_graph_plan(g, 0))) {
         atmoe_graph_free(g);
         return st;
     }
@@ -1219,7 +1219,7 @@ static int boundary_child(const options *opt)
     json_object_del(tu.kernels_base, "linear");
     json_t *points = json_array();
     int rc = EXIT_RUNTIME;
-    atmoe_status s = atmoe_context_new(&tu.ctx, opt->device);
+    atmoe_status s = atmoe_context_new(opt->device, &tu.ctx);
     if (s != ATMOE_STATUS_OK) {
         lib_fail(NULL, s, "opening the device");
         goto out;
@@ -1811,7 +1811,7 @@ static int tune(options *opt)
             "itself\n");
         unsetenv("ATMOE_LINEAR_MAX_TOKENS");
     }
-    atmoe_status st = atmoe_context_new(&tu.ctx, opt->device);
+    atmoe_status st = atmoe_context_new(opt->device, &tu.ctx);
     if (st != ATMOE_STATUS_OK)
         return lib_fail(NULL, st, "opening the device");
     atmoe_device_info dev;
@@ -1821,7 +1821,7 @@ static int tune(options *opt)
     char user[4096];
     const char *out_path = opt->output;
     if (out_path == NULL) {
-        if ((st = atmoe_tuning_user_path(user, sizeof user)) !=
+        if ((st = atmoe_tuning_get_user_path(user, sizeof user)) !=
             ATMOE_STATUS_OK) {
             atmoe_context_free(tu.ctx);
             return lib_fail(NULL, st, "finding the user database");

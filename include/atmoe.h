@@ -82,7 +82,8 @@ typedef enum atmoe_status {
 } atmoe_status;
 
 /* A short English description of a status ("device memory allocation
- * failed"); never NULL, also for values outside the list. */
+ * failed"); "unknown" for a value outside the list, as every name function
+ * of this header answers for a value outside its enum. */
 ATMOE_API const char *atmoe_strerror(atmoe_status status);
 
 /* The status's name without the prefix ("DEVICE_OUT_OF_MEMORY"). */
@@ -161,20 +162,20 @@ typedef struct atmoe_device_info {
 } atmoe_device_info;
 
 /* Names for the enums: "AMD", "Intel", "NVIDIA", "PoCL", "other";
- * "CPU", "GPU", "accelerator", "other". */
+ * "CPU", "GPU", "accelerator", "other"; "unknown" outside the enums. */
 ATMOE_API const char *atmoe_vendor_name(atmoe_vendor vendor);
 ATMOE_API const char *atmoe_device_type_name(atmoe_device_type type);
 
 /* Number of OpenCL devices over every platform.  *count is 0 (and the status
  * OK) when the ICD loader finds no platform. */
-ATMOE_API atmoe_status atmoe_device_count(size_t *count);
+ATMOE_API atmoe_status atmoe_device_get_count(size_t *count);
 
-/* Describes device number index (0 <= index < atmoe_device_count()). */
+/* Describes device number index (0 <= index < atmoe_device_get_count()). */
 ATMOE_API atmoe_status atmoe_device_get_info(size_t index,
                                              atmoe_device_info *info);
 
 /* Finds the device a selection string names:
- *   "default" or ""  the default device (see atmoe_device_default)
+ *   "default" or ""  the default device (see atmoe_device_get_default)
  *   "0", "1", ...    a position in the device list
  *   "gpu", "cpu", "accelerator"   the first device of that type
  *   "name:TEXT"      the first device whose name (as the driver reports
@@ -191,7 +192,7 @@ ATMOE_API atmoe_status atmoe_device_find(const char *selection,
  * (a selection string as above; a selection that matches nothing is an
  * error, not a silent fallback), else the first GPU, else the first CPU,
  * else the first device. */
-ATMOE_API atmoe_status atmoe_device_default(size_t *index);
+ATMOE_API atmoe_status atmoe_device_get_default(size_t *index);
 
 /* ------------------------------------------------------------------------ */
 /* Contexts                                                                  */
@@ -203,8 +204,8 @@ ATMOE_API atmoe_status atmoe_device_default(size_t *index);
  * (set but empty: no disk cache), else $XDG_CACHE_HOME/atmoe (when that is
  * an absolute path), else $HOME/.cache/atmoe; a directory that cannot be
  * used turns the disk cache off (logged), it is not an error. */
-ATMOE_API atmoe_status atmoe_context_new(atmoe_context **ctx,
-                                         const char *device);
+ATMOE_API atmoe_status atmoe_context_new(const char *device,
+                                         atmoe_context **ctx);
 
 /* Releases the context and every OpenCL object it holds.  NULL is a no-op. */
 ATMOE_API void atmoe_context_free(atmoe_context *ctx);
@@ -264,7 +265,7 @@ ATMOE_API atmoe_status atmoe_context_selfcheck(atmoe_context *ctx,
  * GEMM kernels and defines for the library's own programs.  Two copies are
  * read: the system one installed with the library (ATMOE_TUNING_SYSTEM_FILE
  * names another; set but empty: none) and the user's (see
- * atmoe_tuning_user_path), whose entries replace the system entries of the
+ * atmoe_tuning_get_user_path), whose entries replace the system entries of the
  * same key.  For each kernel the most specific matching entry wins: device
  * and driver, then the device under any driver, then vendor and type.
  * atmoe_context_new() applies it unless the environment variable
@@ -304,7 +305,7 @@ ATMOE_API atmoe_status atmoe_context_get_params(const atmoe_context *ctx,
  * $XDG_DATA_HOME/atmoe/tuning.json (for an absolute XDG_DATA_HOME), else
  * $HOME/.local/share/atmoe/tuning.json.  ATMOE_STATUS_NOT_FOUND when there
  * is none (ATMOE_TUNING_FILE set but empty, or no HOME). */
-ATMOE_API atmoe_status atmoe_tuning_user_path(char *path, size_t size);
+ATMOE_API atmoe_status atmoe_tuning_get_user_path(char *path, size_t size);
 
 /* Checks that path holds a tuning database the library accepts:
  * ATMOE_STATUS_IO_ERROR when it cannot be read, ATMOE_STATUS_FORMAT_ERROR
@@ -335,7 +336,7 @@ typedef enum atmoe_dtype {
     ATMOE_DTYPE_I32
 } atmoe_dtype;
 
-/* "f32", "f16", "i32"; NULL for a value outside the enum. */
+/* "f32", "f16", "i32"; "unknown" for a value outside the enum. */
 ATMOE_API const char *atmoe_dtype_name(atmoe_dtype dtype);
 /* Bytes per element; 0 for a value outside the enum. */
 ATMOE_API size_t atmoe_dtype_size(atmoe_dtype dtype);
@@ -551,7 +552,7 @@ ATMOE_API atmoe_status atmoe_graph_get_shape(const atmoe_graph *graph,
 
 /* Marks a node as an output: kept after compute for atmoe_graph_read().
  * Nodes that no output needs are not computed. */
-ATMOE_API atmoe_status atmoe_graph_output(atmoe_graph *graph, atmoe_node node);
+ATMOE_API atmoe_status atmoe_graph_mark_output(atmoe_graph *graph, atmoe_node node);
 
 /* Flags of atmoe_graph_plan. */
 #define ATMOE_PLAN_NO_REUSE 1u  /* every intermediate gets its own memory */
@@ -841,55 +842,55 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *graph,
 typedef struct atmoe_safetensors atmoe_safetensors;
 
 /* The format's dtypes.  F32, F16, BF16 and F64 convert to f32 on reading. */
-typedef enum atmoe_st_dtype {
-    ATMOE_ST_BOOL,
-    ATMOE_ST_U8,
-    ATMOE_ST_I8,
-    ATMOE_ST_F8_E4M3,
-    ATMOE_ST_F8_E5M2,
-    ATMOE_ST_I16,
-    ATMOE_ST_U16,
-    ATMOE_ST_F16,
-    ATMOE_ST_BF16,
-    ATMOE_ST_I32,
-    ATMOE_ST_U32,
-    ATMOE_ST_F32,
-    ATMOE_ST_I64,
-    ATMOE_ST_U64,
-    ATMOE_ST_F64
-} atmoe_st_dtype;
+typedef enum atmoe_safetensors_dtype {
+    ATMOE_SAFETENSORS_BOOL,
+    ATMOE_SAFETENSORS_U8,
+    ATMOE_SAFETENSORS_I8,
+    ATMOE_SAFETENSORS_F8_E4M3,
+    ATMOE_SAFETENSORS_F8_E5M2,
+    ATMOE_SAFETENSORS_I16,
+    ATMOE_SAFETENSORS_U16,
+    ATMOE_SAFETENSORS_F16,
+    ATMOE_SAFETENSORS_BF16,
+    ATMOE_SAFETENSORS_I32,
+    ATMOE_SAFETENSORS_U32,
+    ATMOE_SAFETENSORS_F32,
+    ATMOE_SAFETENSORS_I64,
+    ATMOE_SAFETENSORS_U64,
+    ATMOE_SAFETENSORS_F64
+} atmoe_safetensors_dtype;
 
-/* The format's name of a dtype ("BF16"); "?" outside the list. */
-ATMOE_API const char *atmoe_st_dtype_name(atmoe_st_dtype dtype);
+/* The format's name of a dtype ("BF16"); "unknown" outside the list. */
+ATMOE_API const char *atmoe_safetensors_dtype_name(atmoe_safetensors_dtype dtype);
 
-#define ATMOE_ST_MAX_DIMS 8
+#define ATMOE_SAFETENSORS_MAX_DIMS 8
 
 /* One tensor of an open file.  name and data belong to the file and stay
  * valid until it is closed; data is little-endian, as stored. */
-typedef struct atmoe_st_tensor {
+typedef struct atmoe_safetensors_tensor {
     const char *name;
-    atmoe_st_dtype dtype;
+    atmoe_safetensors_dtype dtype;
     int ndim; /* 0 for a scalar */
-    uint64_t shape[ATMOE_ST_MAX_DIMS];
+    uint64_t shape[ATMOE_SAFETENSORS_MAX_DIMS];
     uint64_t count;  /* product of the shape (1 for a scalar) */
     uint64_t nbytes;
     const void *data;
-} atmoe_st_tensor;
+} atmoe_safetensors_tensor;
 
 /* ctx may be NULL; errors then go to the thread's message. */
 ATMOE_API atmoe_status atmoe_safetensors_open(atmoe_context *ctx,
                                               const char *path,
                                               atmoe_safetensors **file);
-ATMOE_API void atmoe_safetensors_close(atmoe_safetensors *file);
-ATMOE_API atmoe_status atmoe_safetensors_count(const atmoe_safetensors *file,
+ATMOE_API void atmoe_safetensors_free(atmoe_safetensors *file);
+ATMOE_API atmoe_status atmoe_safetensors_get_count(const atmoe_safetensors *file,
                                                size_t *count);
 ATMOE_API atmoe_status atmoe_safetensors_get(const atmoe_safetensors *file,
                                              size_t index,
-                                             atmoe_st_tensor *tensor);
+                                             atmoe_safetensors_tensor *tensor);
 /* ATMOE_STATUS_NOT_FOUND when the file has no tensor of that name. */
 ATMOE_API atmoe_status atmoe_safetensors_find(const atmoe_safetensors *file,
                                               const char *name,
-                                              atmoe_st_tensor *tensor);
+                                              atmoe_safetensors_tensor *tensor);
 /* Copies a floating-point tensor into dst as f32; count must equal the
  * tensor's count. */
 ATMOE_API atmoe_status atmoe_safetensors_read_f32(
@@ -909,11 +910,11 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_new(
 ATMOE_API void atmoe_safetensors_writer_free(atmoe_safetensors_writer *writer);
 /* Adds raw little-endian data of the given dtype. */
 ATMOE_API atmoe_status atmoe_safetensors_writer_add(
-    atmoe_safetensors_writer *writer, const char *name, atmoe_st_dtype dtype,
+    atmoe_safetensors_writer *writer, const char *name, atmoe_safetensors_dtype dtype,
     int ndim, const uint64_t *shape, const void *data);
 /* Adds f32 data stored as F32, F16 or BF16 (rounded to nearest even). */
 ATMOE_API atmoe_status atmoe_safetensors_writer_add_f32(
-    atmoe_safetensors_writer *writer, const char *name, atmoe_st_dtype stored,
+    atmoe_safetensors_writer *writer, const char *name, atmoe_safetensors_dtype stored,
     int ndim, const uint64_t *shape, const float *data);
 ATMOE_API atmoe_status atmoe_safetensors_writer_set_metadata(
     atmoe_safetensors_writer *writer, const char *key, const char *value);
@@ -1038,7 +1039,7 @@ ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *adapter,
  * the config is renamed last, after the weights. */
 ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
                                           const char *dir,
-                                          atmoe_st_dtype dtype);
+                                          atmoe_safetensors_dtype dtype);
 
 /* Appends target index of adapter to group of set as atmoe_experts_add
  * does, with the target's alpha and scaling; its d_in and d_out must be the

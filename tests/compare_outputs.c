@@ -15,10 +15,10 @@
 
 #include "atmoe.h"
 
-static int compare(const atmoe_st_tensor *want, atmoe_safetensors *wf,
+static int compare(const atmoe_safetensors_tensor *want, atmoe_safetensors *wf,
                    atmoe_safetensors *gf, double tol)
 {
-    atmoe_st_tensor got;
+    atmoe_safetensors_tensor got;
     if (atmoe_safetensors_find(gf, want->name, &got) != ATMOE_STATUS_OK)
         return -1;
     if (got.ndim != want->ndim ||
@@ -67,7 +67,7 @@ int main(int argc, char **argv)
     int n_got = argc - 3, failed = 0;
     atmoe_safetensors **gf = calloc((size_t)n_got, sizeof *gf);
     if (gf == NULL) {
-        atmoe_safetensors_close(wf);
+        atmoe_safetensors_free(wf);
         return 2;
     }
     for (int i = 0; i < n_got; i++)
@@ -77,9 +77,9 @@ int main(int argc, char **argv)
             failed = 1;
         }
     size_t count = 0;
-    atmoe_safetensors_count(wf, &count);
+    atmoe_safetensors_get_count(wf, &count);
     for (size_t t = 0; !failed && t < count; t++) {
-        atmoe_st_tensor want;
+        atmoe_safetensors_tensor want;
         atmoe_safetensors_get(wf, t, &want);
         int r = -1;
         for (int i = 0; i < n_got && r < 0; i++)
@@ -89,8 +89,8 @@ int main(int argc, char **argv)
         failed |= r != 0;
     }
     for (int i = 0; i < n_got; i++)
-        atmoe_safetensors_close(gf[i]);
+        atmoe_safetensors_free(gf[i]);
     free(gf);
-    atmoe_safetensors_close(wf);
+    atmoe_safetensors_free(wf);
     return failed;
 }

@@ -118,7 +118,7 @@ static void raw_lora(const char *adapter, const char *module, float *a,
     OK(atmoe_safetensors_read_f32(f, key, a, na));
     snprintf(key, sizeof key, "base_model.model.%s.lora_B.weight", module);
     OK(atmoe_safetensors_read_f32(f, key, b, nb));
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 
 START_TEST(test_open_good)
@@ -327,7 +327,7 @@ static void same_adapters(const atmoe_adapter *a, const atmoe_adapter *b,
 /* Saves ad into dir as dtype and opens what was saved, which must be ad
  * within tol (as same_adapters takes it).  The caller frees the copy. */
 static atmoe_adapter *save_reopen(const atmoe_adapter *ad, const char *dir,
-                                  atmoe_st_dtype dtype, double tol)
+                                  atmoe_safetensors_dtype dtype, double tol)
 {
     atmoe_adapter *back;
     OK(atmoe_adapter_save(ad, dir, dtype));
@@ -343,7 +343,7 @@ START_TEST(test_save_reopen)
     snprintf(sub, sizeof sub, "%s/code", dir);
 
     atmoe_adapter *ad = open_fixture("peft/code");
-    atmoe_adapter *back = save_reopen(ad, sub, ATMOE_ST_F32, 0.0);
+    atmoe_adapter *back = save_reopen(ad, sub, ATMOE_SAFETENSORS_F32, 0.0);
 
     /* What PEFT reads: its keys, its tensor names, its metadata. */
     json_t *cfg = load_config(sub);
@@ -376,12 +376,12 @@ START_TEST(test_save_reopen)
     atmoe_safetensors *f;
     OK(atmoe_safetensors_open(NULL, path, &f));
     size_t n;
-    OK(atmoe_safetensors_count(f, &n));
+    OK(atmoe_safetensors_get_count(f, &n));
     ck_assert_uint_eq(n, 8);
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     OK(atmoe_safetensors_find(
         f, "base_model.model." V0 ".lora_A.weight", &t));
-    ck_assert_int_eq(t.dtype, ATMOE_ST_F32);
+    ck_assert_int_eq(t.dtype, ATMOE_SAFETENSORS_F32);
     ck_assert_uint_eq(t.shape[0], 3);
     ck_assert_uint_eq(t.shape[1], 13);
     OK(atmoe_safetensors_find(
@@ -391,10 +391,10 @@ START_TEST(test_save_reopen)
     const char *format;
     OK(atmoe_safetensors_get_metadata(f, "format", &format));
     ck_assert_str_eq(format, "pt");
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 
     /* Saving over the directory it was opened from. */
-    OK(atmoe_adapter_save(back, sub, ATMOE_ST_BF16));
+    OK(atmoe_adapter_save(back, sub, ATMOE_SAFETENSORS_BF16));
     atmoe_adapter *again;
     OK(atmoe_adapter_open(NULL, sub, &again));
     /* BF16 keeps 8 bits: half an ulp of 2^-8 of |w| <= 0.5. */
@@ -403,19 +403,19 @@ START_TEST(test_save_reopen)
     atmoe_adapter_free(back);
 
     /* The F16 fixture saved as F16 is exact: its values are halves. */
-    atmoe_adapter_free(save_reopen(ad, sub, ATMOE_ST_F16, 0.0));
+    atmoe_adapter_free(save_reopen(ad, sub, ATMOE_SAFETENSORS_F16, 0.0));
     atmoe_adapter_free(ad);
 
     /* GPT-2's flag and rsLoRA survive. */
     ad = open_fixture("peft/gpt2");
-    back = save_reopen(ad, sub, ATMOE_ST_F32, 0.0);
+    back = save_reopen(ad, sub, ATMOE_SAFETENSORS_F32, 0.0);
     atmoe_adapter_info info;
     OK(atmoe_adapter_get_info(back, &info));
     ck_assert_int_eq(info.fan_in_fan_out, 1);
     atmoe_adapter_free(back);
     atmoe_adapter_free(ad);
     ad = open_fixture("peft/style");
-    back = save_reopen(ad, sub, ATMOE_ST_F32, 0.0);
+    back = save_reopen(ad, sub, ATMOE_SAFETENSORS_F32, 0.0);
     OK(atmoe_adapter_get_info(back, &info));
     ck_assert_int_eq(info.use_rslora, 1);
     atmoe_adapter_free(back);
@@ -472,7 +472,7 @@ START_TEST(test_save_mixed)
     ck_assert_int_eq(t.layer, 10);
     ck_assert_float_eq(t.scale, 2.0f);
 
-    atmoe_adapter *back = save_reopen(ad, dir, ATMOE_ST_F32, 0.0);
+    atmoe_adapter *back = save_reopen(ad, dir, ATMOE_SAFETENSORS_F32, 0.0);
     json_t *cfg = load_config(dir);
     /* The first target (lm_head, rsLoRA, rank 1, alpha 2) sets r, alpha
      * and use_rslora. */
@@ -521,26 +521,26 @@ START_TEST(test_save_failures)
     char dir[4200], path[4400];
     test_mkdtemp(dir, sizeof dir, "adapter");
     atmoe_adapter *ad = open_fixture("peft/math"), *empty;
-    FAILS(atmoe_adapter_save(ad, dir, ATMOE_ST_I32), NULL,
+    FAILS(atmoe_adapter_save(ad, dir, ATMOE_SAFETENSORS_I32), NULL,
           ATMOE_STATUS_INVALID_ARGUMENT, "I32");
     OK(atmoe_adapter_new(NULL, &empty));
-    FAILS(atmoe_adapter_save(empty, dir, ATMOE_ST_F32), NULL,
+    FAILS(atmoe_adapter_save(empty, dir, ATMOE_SAFETENSORS_F32), NULL,
           ATMOE_STATUS_INVALID_ARGUMENT, "no target");
     atmoe_adapter_free(empty);
     snprintf(path, sizeof path, "%s/missing/deeper", dir);
-    FAILS(atmoe_adapter_save(ad, path, ATMOE_ST_F32), NULL,
+    FAILS(atmoe_adapter_save(ad, path, ATMOE_SAFETENSORS_F32), NULL,
           ATMOE_STATUS_IO_ERROR, "missing/deeper");
     snprintf(path, sizeof path, "%s/file", dir);
     FILE *f = fopen(path, "w");
     ck_assert_ptr_nonnull(f);
     fclose(f);
-    FAILS(atmoe_adapter_save(ad, path, ATMOE_ST_F32), NULL,
+    FAILS(atmoe_adapter_save(ad, path, ATMOE_SAFETENSORS_F32), NULL,
           ATMOE_STATUS_IO_ERROR, "not a directory");
     remove(path);
 
     /* A save that fails at the weights leaves the old config and weights
      * as they were and no temporary file. */
-    OK(atmoe_adapter_save(ad, dir, ATMOE_ST_F32));
+    OK(atmoe_adapter_save(ad, dir, ATMOE_SAFETENSORS_F32));
     char cfg[4400], weights[4400];
     snprintf(cfg, sizeof cfg, "%s/adapter_config.json", dir);
     snprintf(weights, sizeof weights, "%s/adapter_model.safetensors", dir);
@@ -548,7 +548,7 @@ START_TEST(test_save_failures)
     ck_assert_int_eq(rename(weights, path), 0);
     ck_assert_int_eq(mkdir(weights, 0755), 0);
     atmoe_adapter *code = open_fixture("peft/code");
-    ck_assert_int_ne(atmoe_adapter_save(code, dir, ATMOE_ST_F32),
+    ck_assert_int_ne(atmoe_adapter_save(code, dir, ATMOE_SAFETENSORS_F32),
                      ATMOE_STATUS_OK);
     ck_assert_int_eq(file_size(cfg), cfg_size);
     json_t *c = load_config(dir);
@@ -598,7 +598,7 @@ START_TEST(test_odd_names_and_files)
     const uint64_t shape[2] = {1, 2};
     const float v[2] = {1.0f, 2.0f};
     OK(atmoe_safetensors_writer_add_f32(w, "base_model.model.lora_A.weight",
-                                        ATMOE_ST_F32, 2, shape, v));
+                                        ATMOE_SAFETENSORS_F32, 2, shape, v));
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     OK(atmoe_safetensors_writer_save(w, path));
     atmoe_safetensors_writer_free(w);
@@ -624,7 +624,7 @@ START_TEST(test_odd_names_and_files)
     void (*handler)(int) = signal(SIGXFSZ, SIG_IGN);
     ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
     snprintf(path, sizeof path, "%s/new", dir);
-    atmoe_status st = atmoe_adapter_save(ad, path, ATMOE_ST_F32);
+    atmoe_status st = atmoe_adapter_save(ad, path, ATMOE_SAFETENSORS_F32);
     ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &saved), 0);
     signal(SIGXFSZ, handler);
     ck_assert_int_eq(st, ATMOE_STATUS_IO_ERROR);
@@ -660,7 +660,7 @@ START_TEST(test_patterns)
     float a[4 * 6] = {0}, b[6 * 4] = {0};
     OK(atmoe_adapter_set(ad, Q0, 2, 6, 6, a, b, 4, 0));
     OK(atmoe_adapter_set(ad, Q1, 4, 6, 6, a, b, 4, 0));
-    OK(atmoe_adapter_save(ad, dir, ATMOE_ST_F32));
+    OK(atmoe_adapter_save(ad, dir, ATMOE_SAFETENSORS_F32));
     atmoe_adapter_free(ad);
 
     static const struct {
@@ -771,9 +771,9 @@ START_TEST(test_arguments)
           ATMOE_STATUS_INVALID_ARGUMENT, "flags");
     FAILS(atmoe_adapter_set(ad, "x", 2, 4, 4, NULL, b, 1, 0), NULL,
           ATMOE_STATUS_NULL_POINTER, "'a'");
-    FAILS(atmoe_adapter_save(NULL, FIXTURES, ATMOE_ST_F32), NULL,
+    FAILS(atmoe_adapter_save(NULL, FIXTURES, ATMOE_SAFETENSORS_F32), NULL,
           ATMOE_STATUS_NULL_POINTER, "'adapter'");
-    FAILS(atmoe_adapter_save(ad, NULL, ATMOE_ST_F32), NULL,
+    FAILS(atmoe_adapter_save(ad, NULL, ATMOE_SAFETENSORS_F32), NULL,
           ATMOE_STATUS_NULL_POINTER, "dir");
     /* Refused calls changed nothing. */
     OK(atmoe_adapter_get_info(ad, &info));
@@ -911,7 +911,7 @@ START_TEST(test_experts_to_adapter)
                                        info.alpha, info.flags), ctx);
     char dir[4200];
     test_mkdtemp(dir, sizeof dir, "adapter");
-    ck_assert_status(atmoe_adapter_save(out, dir, ATMOE_ST_F32), ctx);
+    ck_assert_status(atmoe_adapter_save(out, dir, ATMOE_SAFETENSORS_F32), ctx);
     atmoe_adapter *back;
     OK(atmoe_adapter_open(NULL, dir, &back));
     atmoe_adapter_target t0, t1;

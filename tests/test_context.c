@@ -75,12 +75,12 @@ END_TEST
 START_TEST(test_context_by_selection)
 {
     size_t n = 0;
-    ck_assert_status(atmoe_device_count(&n), NULL);
+    ck_assert_status(atmoe_device_get_count(&n), NULL);
     for (size_t i = 0; i < n; i++) {
         char sel[32];
         snprintf(sel, sizeof sel, "%zu", i);
         atmoe_context *ctx = NULL;
-        ck_assert_status(atmoe_context_new(&ctx, sel), NULL);
+        ck_assert_status(atmoe_context_new(sel, &ctx), NULL);
         atmoe_device_info got, want;
         ck_assert_status(atmoe_context_get_device(ctx, &got), ctx);
         ck_assert_status(atmoe_device_get_info(i, &want), NULL);
@@ -89,7 +89,7 @@ START_TEST(test_context_by_selection)
     }
     /* NULL means the default device. */
     size_t def = 0;
-    ck_assert_status(atmoe_device_default(&def), NULL);
+    ck_assert_status(atmoe_device_get_default(&def), NULL);
     atmoe_context *ctx = test_context();
     atmoe_device_info got, want;
     ck_assert_status(atmoe_context_get_device(ctx, &got), ctx);
@@ -99,7 +99,7 @@ START_TEST(test_context_by_selection)
 
     /* A selection that matches nothing leaves *ctx NULL. */
     ctx = (atmoe_context *)&def;
-    ck_assert_fails(atmoe_context_new(&ctx, "no-such-device-xyz"), NULL,
+    ck_assert_fails(atmoe_context_new("no-such-device-xyz", &ctx), NULL,
                     ATMOE_STATUS_DEVICE_NOT_FOUND);
     ck_assert_ptr_null(ctx);
     ck_assert_msg(strstr(atmoe_errmsg(NULL), "no-such-device-xyz") != NULL,
@@ -242,7 +242,7 @@ START_TEST(test_errmsg_per_context)
     ck_assert_str_eq(atmoe_errmsg(b), "");
 
     /* A thread message that context failures must not touch. */
-    ck_assert_int_eq(atmoe_device_count(NULL), ATMOE_STATUS_NULL_POINTER);
+    ck_assert_int_eq(atmoe_device_get_count(NULL), ATMOE_STATUS_NULL_POINTER);
     char thread_msg[1024];
     snprintf(thread_msg, sizeof thread_msg, "%s", atmoe_errmsg(NULL));
 

@@ -25,7 +25,7 @@ static int is_pocl(const atmoe_device_info *d)
 static size_t device_count(void)
 {
     size_t n = 0;
-    ck_assert_status(atmoe_device_count(&n), NULL);
+    ck_assert_status(atmoe_device_get_count(&n), NULL);
     return n;
 }
 
@@ -72,12 +72,12 @@ static void env_teardown(void)
 START_TEST(test_count)
 {
     size_t n = 12345;
-    ck_assert_status(atmoe_device_count(&n), NULL);
+    ck_assert_status(atmoe_device_get_count(&n), NULL);
     ck_assert_msg(n >= 1, "no OpenCL device (is pocl-opencl-icd installed?)");
     ck_assert_msg(n <= 64, "implausible device count %zu", n);
     /* The list is enumerated once: a second call agrees. */
     size_t again = 0;
-    ck_assert_status(atmoe_device_count(&again), NULL);
+    ck_assert_status(atmoe_device_get_count(&again), NULL);
     ck_assert_uint_eq(n, again);
 }
 END_TEST
@@ -180,7 +180,7 @@ static void *enumerate_thread(void *arg)
 {
     enum_probe *p = arg;
     atmoe_device_info d;
-    p->status = atmoe_device_count(&p->count);
+    p->status = atmoe_device_get_count(&p->count);
     if (p->status == ATMOE_STATUS_OK)
         p->status = atmoe_device_get_info(0, &d);
     if (p->status == ATMOE_STATUS_OK) {
@@ -262,7 +262,7 @@ END_TEST
 START_TEST(test_find_default)
 {
     size_t def = 9999;
-    ck_assert_status(atmoe_device_default(&def), NULL);
+    ck_assert_status(atmoe_device_get_default(&def), NULL);
     ck_assert_uint_lt(def, device_count());
     ck_assert_uint_eq(find_ok("default"), def);
     ck_assert_uint_eq(find_ok(""), def);
@@ -416,7 +416,7 @@ START_TEST(test_env_valid)
     snprintf(sel, sizeof sel, "%zu", last);
     ck_assert_int_eq(setenv("ATMOE_DEVICE", sel, 1), 0);
     size_t idx = 9999;
-    ck_assert_status(atmoe_device_default(&idx), NULL);
+    ck_assert_status(atmoe_device_get_default(&idx), NULL);
     ck_assert_uint_eq(idx, last);
     /* "default" and "" go through the variable too. */
     ck_assert_uint_eq(find_ok("default"), last);
@@ -424,7 +424,7 @@ START_TEST(test_env_valid)
 
     /* The context picks it when no device is named... */
     atmoe_context *ctx = NULL;
-    ck_assert_status(atmoe_context_new(&ctx, NULL), NULL);
+    ck_assert_status(atmoe_context_new(NULL, &ctx), NULL);
     atmoe_device_info d;
     ck_assert_status(atmoe_context_get_device(ctx, &d), ctx);
     ck_assert_uint_eq(d.index, last);
@@ -432,18 +432,18 @@ START_TEST(test_env_valid)
 
     /* ...and a selection string, not only an index. */
     ck_assert_int_eq(setenv("ATMOE_DEVICE", "cpu", 1), 0);
-    ck_assert_status(atmoe_device_default(&idx), NULL);
+    ck_assert_status(atmoe_device_get_default(&idx), NULL);
     ck_assert_uint_eq(idx, (size_t)first_of_type(ATMOE_DEVICE_TYPE_CPU));
 
     /* An empty value or "default" means "not set". */
     unsetenv("ATMOE_DEVICE");
     size_t plain = 0;
-    ck_assert_status(atmoe_device_default(&plain), NULL);
+    ck_assert_status(atmoe_device_get_default(&plain), NULL);
     ck_assert_int_eq(setenv("ATMOE_DEVICE", "", 1), 0);
-    ck_assert_status(atmoe_device_default(&idx), NULL);
+    ck_assert_status(atmoe_device_get_default(&idx), NULL);
     ck_assert_uint_eq(idx, plain);
     ck_assert_int_eq(setenv("ATMOE_DEVICE", "default", 1), 0);
-    ck_assert_status(atmoe_device_default(&idx), NULL);
+    ck_assert_status(atmoe_device_get_default(&idx), NULL);
     ck_assert_uint_eq(idx, plain);
 }
 END_TEST
@@ -455,7 +455,7 @@ START_TEST(test_env_invalid)
         ck_assert_int_eq(setenv("ATMOE_DEVICE", bad[k], 1), 0);
         size_t idx = 0;
         /* An error that names the variable, never a silent fallback. */
-        ck_assert_fails(atmoe_device_default(&idx), NULL,
+        ck_assert_fails(atmoe_device_get_default(&idx), NULL,
                         ATMOE_STATUS_DEVICE_NOT_FOUND);
         ck_assert_msg(strstr(atmoe_errmsg(NULL), "ATMOE_DEVICE") != NULL,
                       "message does not name ATMOE_DEVICE: %s",
@@ -466,19 +466,19 @@ START_TEST(test_env_invalid)
                         ATMOE_STATUS_DEVICE_NOT_FOUND);
 
         atmoe_context *ctx = (atmoe_context *)&idx; /* must be reset */
-        ck_assert_fails(atmoe_context_new(&ctx, NULL), NULL,
+        ck_assert_fails(atmoe_context_new(NULL, &ctx), NULL,
                         ATMOE_STATUS_DEVICE_NOT_FOUND);
         ck_assert_ptr_null(ctx);
         ck_assert_msg(strstr(atmoe_errmsg(NULL), "ATMOE_DEVICE") != NULL,
                       "message does not name ATMOE_DEVICE: %s",
                       atmoe_errmsg(NULL));
-        ck_assert_fails(atmoe_context_new(&ctx, "default"), NULL,
+        ck_assert_fails(atmoe_context_new("default", &ctx), NULL,
                         ATMOE_STATUS_DEVICE_NOT_FOUND);
         ck_assert_ptr_null(ctx);
 
         /* An explicit selection does not consult the variable. */
         ck_assert_uint_eq(find_ok("0"), 0);
-        ck_assert_status(atmoe_context_new(&ctx, "0"), NULL);
+        ck_assert_status(atmoe_context_new("0", &ctx), NULL);
         ck_assert_ptr_nonnull(ctx);
         atmoe_context_free(ctx);
     }
@@ -490,7 +490,7 @@ END_TEST
 START_TEST(test_null_arguments)
 {
     size_t idx;
-    ck_assert_fails(atmoe_device_count(NULL), NULL,
+    ck_assert_fails(atmoe_device_get_count(NULL), NULL,
                     ATMOE_STATUS_NULL_POINTER);
     ck_assert_fails(atmoe_device_get_info(0, NULL), NULL,
                     ATMOE_STATUS_NULL_POINTER);
@@ -498,9 +498,9 @@ START_TEST(test_null_arguments)
                     ATMOE_STATUS_NULL_POINTER);
     ck_assert_fails(atmoe_device_find("0", NULL), NULL,
                     ATMOE_STATUS_NULL_POINTER);
-    ck_assert_fails(atmoe_device_default(NULL), NULL,
+    ck_assert_fails(atmoe_device_get_default(NULL), NULL,
                     ATMOE_STATUS_NULL_POINTER);
-    ck_assert_fails(atmoe_context_new(NULL, "0"), NULL,
+    ck_assert_fails(atmoe_context_new("0", NULL), NULL,
                     ATMOE_STATUS_NULL_POINTER);
     /* The argument checks come before anything else. */
     ck_assert_fails(atmoe_device_get_info(99999, NULL), NULL,

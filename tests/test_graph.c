@@ -455,11 +455,11 @@ static void small_build(atmoe_context *ctx, atmoe_graph *g,
     small_record(sg, sg->dg, "gelu", "dg", 1);
 #undef NM
 #undef NAME
-    OK(atmoe_graph_output(g, sg->s));
-    OK(atmoe_graph_output(g, sg->ti));
-    OK(atmoe_graph_output(g, sg->u));
-    OK(atmoe_graph_output(g, sg->m));
-    OK(atmoe_graph_output(g, sg->y));
+    OK(atmoe_graph_mark_output(g, sg->s));
+    OK(atmoe_graph_mark_output(g, sg->ti));
+    OK(atmoe_graph_mark_output(g, sg->u));
+    OK(atmoe_graph_mark_output(g, sg->m));
+    OK(atmoe_graph_mark_output(g, sg->y));
     ck_assert_uint_eq(node_count(g), SM_NODES);
 }
 
@@ -872,8 +872,8 @@ static void bad_node_ids(atmoe_context *ctx)
               INVALID_ARGUMENT, "atmoe_graph_get_shape", num);
         FAILS(atmoe_graph_set_name(g, b, "zz"), ctx, INVALID_ARGUMENT,
               "atmoe_graph_set_name", num);
-        FAILS(atmoe_graph_output(g, b), ctx, INVALID_ARGUMENT,
-              "atmoe_graph_output", num);
+        FAILS(atmoe_graph_mark_output(g, b), ctx, INVALID_ARGUMENT,
+              "atmoe_graph_mark_output", num);
         if (b != NONE) { /* optional operands */
             FAILS(atmoe_graph_matmul(g, x, x, b, ATMOE_MATMUL_TRANSPOSE_B,
                                      &out),
@@ -887,7 +887,7 @@ static void bad_node_ids(atmoe_context *ctx)
     }
     ck_assert_uint_eq(node_count(g), count);
 
-    OK(atmoe_graph_output(g, y));
+    OK(atmoe_graph_mark_output(g, y));
     OK(atmoe_graph_plan(g, 0));
     float data[7 * 13] = {0};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -956,7 +956,7 @@ static void null_graph(atmoe_context *ctx)
     NULL_GRAPH(atmoe_graph_find(NULL, "x", &n), "atmoe_graph_find");
     NULL_GRAPH(atmoe_graph_get_shape(NULL, 0, NULL, NULL, NULL),
                "atmoe_graph_get_shape");
-    NULL_GRAPH(atmoe_graph_output(NULL, 0), "atmoe_graph_output");
+    NULL_GRAPH(atmoe_graph_mark_output(NULL, 0), "atmoe_graph_mark_output");
     NULL_GRAPH(atmoe_graph_plan(NULL, 0), "atmoe_graph_plan");
     NULL_GRAPH(atmoe_graph_get_memory(NULL, &mem), "atmoe_graph_get_memory");
     NULL_GRAPH(atmoe_graph_set_input(NULL, 0, data, sizeof data, 0),
@@ -1057,7 +1057,7 @@ static void null_arguments(atmoe_context *ctx)
     ck_assert_uint_eq(node_count(g), count);
     ck_assert_int_eq(n, 12345);
 
-    OK(atmoe_graph_output(g, x));
+    OK(atmoe_graph_mark_output(g, x));
     OK(atmoe_graph_plan(g, 0));
     FAILS(atmoe_graph_set_input(g, x, NULL, sizeof data, 0), ctx,
           NULL_POINTER, "atmoe_graph_set_input");
@@ -1152,7 +1152,7 @@ static void plan_errors(atmoe_context *ctx)
           "output");
     FAILS(atmoe_graph_get_memory(g, &mem), ctx, INVALID_ARGUMENT,
           "atmoe_graph_get_memory");
-    OK(atmoe_graph_output(g, y));
+    OK(atmoe_graph_mark_output(g, y));
     FAILS(atmoe_graph_plan(g, 4u), ctx, INVALID_ARGUMENT, "atmoe_graph_plan",
           "flags");
     FAILS(atmoe_graph_plan(g, 0x80000000u | ATMOE_PLAN_NO_REUSE), ctx,
@@ -1180,7 +1180,7 @@ static void compute_errors(atmoe_context *ctx)
     atmoe_node fixed = INPUT("fixed", F32, 0, 2, 3);
     atmoe_node fz;
     OK(atmoe_graph_scale(g, fixed, 2.0f, &fz));
-    OK(atmoe_graph_output(g, fz));
+    OK(atmoe_graph_mark_output(g, fz));
     float x[SM_B * SM_D], buf[SM_B * SM_D], f6[6] = {1, 2, 3, 4, 5, 6};
     test_rng rng;
     test_rng_seed(&rng, 8);
@@ -1260,7 +1260,7 @@ static void compute_errors(atmoe_context *ctx)
     {
         atmoe_node a = add_input(ctx, g2, "a", F32, 0, 2, SHAPE(2, 3)), b;
         OK(atmoe_graph_sigmoid(g2, a, &b));
-        OK(atmoe_graph_output(g2, b));
+        OK(atmoe_graph_mark_output(g2, b));
         OK(atmoe_graph_plan(g2, 0));
         OK(atmoe_graph_set_input(g2, a, f6, sizeof f6, 0));
         FAILS(atmoe_graph_compute(g2, 2), ctx, OUT_OF_RANGE,
@@ -1295,7 +1295,7 @@ static void names(atmoe_context *ctx)
     /* Renaming frees the old name. */
     OK(atmoe_graph_set_name(g, h, "hidden2"));
     found = 12345;
-    FAILS(atmoe_graph_find(g, "hidden", &found), ctx, INVALID_ARGUMENT,
+    FAILS(atmoe_graph_find(g, "hidden", &found), ctx, NOT_FOUND,
           "atmoe_graph_find", "hidden");
     ck_assert(found == 12345 || found == NONE); /* never another node */
     OK(atmoe_graph_find(g, "hidden2", &found));
@@ -1304,7 +1304,7 @@ static void names(atmoe_context *ctx)
     OK(atmoe_graph_find(g, "hidden", &found));
     ck_assert_int_eq(found, x);
     FAILS(atmoe_graph_find(g, "no such node", &found), ctx,
-          INVALID_ARGUMENT, "atmoe_graph_find", "no such node");
+          NOT_FOUND, "atmoe_graph_find", "no such node");
 
     /* Lengths: 1 to 63 bytes. */
     char name63[64], name64[65];
@@ -1400,8 +1400,8 @@ static void default_names(atmoe_context *ctx)
     OK(atmoe_graph_add(g, b, a, &d));
     OK(atmoe_graph_topk(g, d, 2, -1, &v, &ix));
     OK(atmoe_graph_mean(g, v, -1, &m));
-    OK(atmoe_graph_output(g, ix));
-    OK(atmoe_graph_output(g, m));
+    OK(atmoe_graph_mark_output(g, ix));
+    OK(atmoe_graph_mark_output(g, m));
     OK(atmoe_graph_plan(g, 0));
     float xd[15] = {0};
     OK(atmoe_graph_set_input(g, x, xd, sizeof xd, 0));
@@ -1422,7 +1422,7 @@ static void default_names_avoid_given_ones(atmoe_context *ctx)
     OK(atmoe_graph_silu(g, s, &y));
     OK(atmoe_graph_set_name(g, y, "gelu_3"));
     OK(atmoe_graph_gelu(g, y, &z));
-    OK(atmoe_graph_output(g, z));
+    OK(atmoe_graph_mark_output(g, z));
     OK(atmoe_graph_plan(g, 0));
     float xd[15] = {0};
     OK(atmoe_graph_set_input(g, x, xd, sizeof xd, 0));
@@ -1447,7 +1447,7 @@ static void errmsg_after_success(atmoe_context *shared)
         soft_fail("after successful calls only, the message is \"%s\"",
                   atmoe_errmsg(ctx));
     ck_assert_fails(atmoe_graph_find(g, "nothing", &found), ctx,
-                    ATMOE_STATUS_INVALID_ARGUMENT);
+                    ATMOE_STATUS_NOT_FOUND);
     char before[512];
     snprintf(before, sizeof before, "%s", atmoe_errmsg(ctx));
     INPUT("z", F32, 0, 3);
@@ -1576,10 +1576,10 @@ static void chain_build(atmoe_context *ctx, atmoe_graph *g,
         }
     }
     c->final = h;
-    OK(atmoe_graph_output(g, c->final));
-    OK(atmoe_graph_output(g, c->mid));
-    OK(atmoe_graph_output(g, c->ti));
-    OK(atmoe_graph_output(g, c->ro));
+    OK(atmoe_graph_mark_output(g, c->final));
+    OK(atmoe_graph_mark_output(g, c->mid));
+    OK(atmoe_graph_mark_output(g, c->ti));
+    OK(atmoe_graph_mark_output(g, c->ro));
     c->raw_pinned = node_bytes(ctx, g, c->x) + node_bytes(ctx, g, c->final) +
                     node_bytes(ctx, g, c->mid) + node_bytes(ctx, g, c->ti) +
                     node_bytes(ctx, g, c->ro);
@@ -1789,11 +1789,11 @@ static void planner_aliasing(atmoe_context *ctx)
         OK(atmoe_graph_mul(g, s, s, &sq));          /* reads s twice */
         OK(atmoe_graph_scale(g, sq, -2.0f, &t));
         OK(atmoe_graph_add(g, t, sq, &u));          /* u = -sq */
-        OK(atmoe_graph_output(g, in));
-        OK(atmoe_graph_output(g, rin));
-        OK(atmoe_graph_output(g, c));
-        OK(atmoe_graph_output(g, u));
-        OK(atmoe_graph_output(g, sq));
+        OK(atmoe_graph_mark_output(g, in));
+        OK(atmoe_graph_mark_output(g, rin));
+        OK(atmoe_graph_mark_output(g, c));
+        OK(atmoe_graph_mark_output(g, u));
+        OK(atmoe_graph_mark_output(g, sq));
         OK(atmoe_graph_plan(g, flags[f]));
         for (int k = 0; k < 5; k++)
             test_poison(outs[f][k], B * D);
@@ -1848,9 +1848,9 @@ static void planner_storage_reshape(atmoe_context *ctx)
     OK(atmoe_graph_reshape(g, pw, 1, SHAPE(D), &rp));
     OK(atmoe_graph_add(g, in, rc, &a)); /* x + c */
     OK(atmoe_graph_mul(g, a, rp, &m));  /* (x + c) p */
-    OK(atmoe_graph_output(g, rc));
-    OK(atmoe_graph_output(g, rp));
-    OK(atmoe_graph_output(g, m));
+    OK(atmoe_graph_mark_output(g, rc));
+    OK(atmoe_graph_mark_output(g, rp));
+    OK(atmoe_graph_mark_output(g, m));
     OK(atmoe_graph_plan(g, 0));
     OK(atmoe_graph_set_input(g, in, x, sizeof x, B));
     OK(atmoe_graph_compute(g, 0));
@@ -1945,7 +1945,7 @@ static void parameter_updates(atmoe_context *ctx)
     OK(atmoe_graph_parameter(g, "w", wt, &pw));
     EXPECT_SHAPE(pw, F32, N, K);
     OK(atmoe_graph_matmul(g, in, pw, NONE, ATMOE_MATMUL_TRANSPOSE_B, &y));
-    OK(atmoe_graph_output(g, y));
+    OK(atmoe_graph_mark_output(g, y));
     OK(atmoe_graph_plan(g, 0));
     OK(atmoe_graph_set_input(g, in, x, sizeof x, 0));
     for (int round = 0; round < 3; round++) {
@@ -2232,7 +2232,7 @@ static void replan(atmoe_context *ctx)
     small_check(&p, x, 6, &o, "second plan");
 
     /* Marking an output discards the plan too. */
-    OK(atmoe_graph_output(g, z));
+    OK(atmoe_graph_mark_output(g, z));
     FAILS(atmoe_graph_compute(g, 6), ctx, INVALID_ARGUMENT,
           "atmoe_graph_compute");
     OK(atmoe_graph_plan(g, 0));

@@ -437,7 +437,7 @@ static void h_run(harness *h, int nout, const atmoe_node *outs)
     for (int i = 0; i < nout; i++) {
         int nd;
         size_t s[ATMOE_MAX_DIMS];
-        ck_assert_status(atmoe_graph_output(h->g, outs[i]), h->ctx);
+        ck_assert_status(atmoe_graph_mark_output(h->g, outs[i]), h->ctx);
         ck_assert_status(atmoe_graph_get_shape(h->g, outs[i], &nd, s, &dt[i]),
                          h->ctx);
         h->out_count[i] = count_of(nd, s);
@@ -1837,9 +1837,9 @@ static void check_batched_chain(atmoe_context *ctx)
                              ctx);
             ck_assert_msg(nd == 1 && s[0] == N, "mean over the batch: "
                           "ndim %d shape[0] %zu", nd, s[0]);
-            ck_assert_status(atmoe_graph_output(g, mean), ctx);
+            ck_assert_status(atmoe_graph_mark_output(g, mean), ctx);
             if (with_rows)
-                ck_assert_status(atmoe_graph_output(g, sm), ctx);
+                ck_assert_status(atmoe_graph_mark_output(g, sm), ctx);
             ck_assert_status(atmoe_graph_plan(g, flags), ctx);
 
             for (size_t bi = 0; bi < sizeof batches / sizeof *batches; bi++) {
@@ -1893,7 +1893,7 @@ static void check_set_input_errors(atmoe_context *ctx)
                                        &ny),
                      ctx);
     ck_assert_status(atmoe_graph_add(g, nx, ny, &out), ctx);
-    ck_assert_status(atmoe_graph_output(g, out), ctx);
+    ck_assert_status(atmoe_graph_mark_output(g, out), ctx);
     ck_assert_status(atmoe_graph_plan(g, 0), ctx);
     float *x = rand_f32(&rng, (B + 1) * K, -3, 3);
     float *y = rand_f32(&rng, K, -3, 3);

@@ -177,13 +177,13 @@ static float *read_tensor(const char *file, const char *name, size_t *rows,
     snprintf(path, sizeof path, "%s/%s", DIR_, file);
     atmoe_safetensors *f;
     OK(atmoe_safetensors_open(NULL, path, &f));
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     ck_assert_status(atmoe_safetensors_find(f, name, &t), NULL);
     *rows = t.shape[0];
     *cols = t.ndim > 1 ? t.shape[1] : 1;
     float *data = malloc(t.count * sizeof *data);
     OK(atmoe_safetensors_read_f32(f, name, data, t.count));
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
     return data;
 }
 
@@ -194,9 +194,9 @@ static int32_t *read_indexes(const char *file, size_t count)
     snprintf(path, sizeof path, "%s/%s", DIR_, file);
     atmoe_safetensors *f;
     OK(atmoe_safetensors_open(NULL, path, &f));
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     OK(atmoe_safetensors_find(f, "gate_index", &t));
-    ck_assert_int_eq(t.dtype, ATMOE_ST_I64);
+    ck_assert_int_eq(t.dtype, ATMOE_SAFETENSORS_I64);
     ck_assert_uint_eq(t.count, count);
     int32_t *idx = malloc(count * sizeof *idx);
     for (size_t i = 0; i < count; i++) {
@@ -204,7 +204,7 @@ static int32_t *read_indexes(const char *file, size_t count)
         memcpy(&v, (const char *)t.data + 8 * i, sizeof v);
         idx[i] = (int32_t)v;
     }
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
     return idx;
 }
 
@@ -269,10 +269,10 @@ static void run_fixture(const char *input, const char *expected)
                      ctx);
     ck_assert_int_eq(y, outs[4]);
     for (int i = 0; i < 5; i++) {
-        ck_assert_status(atmoe_graph_output(g, outs[i]), ctx);
-        ck_assert_status(atmoe_graph_output(g, traces[i].a), ctx);
-        ck_assert_status(atmoe_graph_output(g, traces[i].d), ctx);
-        ck_assert_status(atmoe_graph_output(g, traces[i].w), ctx);
+        ck_assert_status(atmoe_graph_mark_output(g, outs[i]), ctx);
+        ck_assert_status(atmoe_graph_mark_output(g, traces[i].a), ctx);
+        ck_assert_status(atmoe_graph_mark_output(g, traces[i].d), ctx);
+        ck_assert_status(atmoe_graph_mark_output(g, traces[i].w), ctx);
     }
     ck_assert_status(atmoe_graph_plan(g, 0), ctx);
     ck_assert_status(atmoe_graph_set_input(g, xn, x, T * d * sizeof *x, 0),

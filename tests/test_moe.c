@@ -303,9 +303,9 @@ static void rig_build(rig *r, const model *m, atmoe_experts *set, int nr,
             cfgs[i]->form == ATMOE_ROUTER_PROJECTED ? nwd : nvd;
         OK(atmoe_graph_router(r->g, r->x, routers[i], nwg, second, &r->a[i],
                               &r->d[i], &r->w[i]));
-        OK(atmoe_graph_output(r->g, r->a[i]));
-        OK(atmoe_graph_output(r->g, r->d[i]));
-        OK(atmoe_graph_output(r->g, r->w[i]));
+        OK(atmoe_graph_mark_output(r->g, r->a[i]));
+        OK(atmoe_graph_mark_output(r->g, r->d[i]));
+        OK(atmoe_graph_mark_output(r->g, r->w[i]));
     }
     if (set) {
         atmoe_node nw0 = const2(r->g, ATMOE_DTYPE_F32, m->d_out, m->d_in, w0);
@@ -313,7 +313,7 @@ static void rig_build(rig *r, const model *m, atmoe_experts *set, int nr,
                              : ATMOE_NODE_NONE;
         OK(atmoe_graph_mixture(r->g, r->x, nw0, nb, set, ATMOE_MIX_BLOCK,
                                r->w[0], ATMOE_NODE_NONE, c, &r->y));
-        OK(atmoe_graph_output(r->g, r->y));
+        OK(atmoe_graph_mark_output(r->g, r->y));
     }
     OK(atmoe_graph_plan(r->g, 0));
 }
@@ -639,7 +639,7 @@ START_TEST(test_router_scaled)
         atmoe_node nvd = const2(g, ATMOE_DTYPE_F32, 3, 2, vd);
         atmoe_node na;
         OK(atmoe_graph_router(g, nx, routers[0], nwg, nvd, &na, NULL, NULL));
-        OK(atmoe_graph_output(g, na));
+        OK(atmoe_graph_mark_output(g, na));
         OK(atmoe_graph_plan(g, 0));
         OK(atmoe_graph_set_input(g, nx, x, T * 37 * sizeof *x, 0));
         OK(atmoe_graph_compute(g, 0));
@@ -955,10 +955,10 @@ START_TEST(test_per_sequence)
         OK(atmoe_graph_router(g, nh, router, nwg, nwd, &na, &nd, &nw));
         OK(atmoe_graph_mixture(g, nx, nw0, nb, set, ATMOE_MIX_BLOCK, nw, ni,
                                0.75f, &ny));
-        OK(atmoe_graph_output(g, na));
-        OK(atmoe_graph_output(g, nd));
-        OK(atmoe_graph_output(g, nw));
-        OK(atmoe_graph_output(g, ny));
+        OK(atmoe_graph_mark_output(g, na));
+        OK(atmoe_graph_mark_output(g, nd));
+        OK(atmoe_graph_mark_output(g, nw));
+        OK(atmoe_graph_mark_output(g, ny));
         OK(atmoe_graph_plan(g, 0));
         OK(atmoe_graph_set_input(g, nh, h, S * DI * sizeof *h, 0));
         static const size_t batches[2] = {13, 5};
@@ -1014,8 +1014,8 @@ START_TEST(test_per_sequence)
         OK(atmoe_graph_router(g, nh, router, nwg, nwd, &na, NULL, &nw));
         OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, set,
                                ATMOE_MIX_BLOCK, nw, ni, 1.0f, &ny));
-        OK(atmoe_graph_output(g, nw));
-        OK(atmoe_graph_output(g, ny));
+        OK(atmoe_graph_mark_output(g, nw));
+        OK(atmoe_graph_mark_output(g, ny));
         OK(atmoe_graph_plan(g, 0));
         OK(atmoe_graph_set_input(g, nx, x, TT * DI * sizeof *x, 0));
         OK(atmoe_graph_compute(g, 0));
@@ -1053,7 +1053,7 @@ START_TEST(test_per_sequence)
         atmoe_node ny;
         OK(atmoe_graph_mixture(g, nx, nw0, nb, set, ATMOE_MIX_BLOCK, ngt, ni,
                                1.0f, &ny));
-        OK(atmoe_graph_output(g, ny));
+        OK(atmoe_graph_mark_output(g, ny));
         OK(atmoe_graph_plan(g, 0));
         OK(atmoe_graph_set_input(g, nx, x, T11 * DI * sizeof *x, T11));
         OK(atmoe_graph_set_input(g, ni, tok, sizeof tok, T11));
@@ -1225,7 +1225,7 @@ START_TEST(test_mixture_forms)
                                 : ATMOE_NODE_NONE;
         OK(atmoe_graph_mixture(g, nx, nw0, nb, k->set, k->mix, ng, ni, k->c,
                                &k->y));
-        OK(atmoe_graph_output(g, k->y));
+        OK(atmoe_graph_mark_output(g, k->y));
     }
     /* The rsLoRA scale: alpha / sqrt(r), not alpha / r. */
     ck_assert(fabs(ref_scale(4, 8.0f, ATMOE_EXPERT_RSLORA) - 4.0) < 1e-12);
@@ -1292,10 +1292,10 @@ START_TEST(test_batched)
     OK(atmoe_graph_router(g, nh, router, nwg, nwd, &na, &nd, &nw));
     OK(atmoe_graph_mixture(g, nh, nw0, nb, set, ATMOE_MIX_BLOCK, nw,
                            ATMOE_NODE_NONE, 0.75f, &ny));
-    OK(atmoe_graph_output(g, na));
-    OK(atmoe_graph_output(g, nd));
-    OK(atmoe_graph_output(g, nw));
-    OK(atmoe_graph_output(g, ny));
+    OK(atmoe_graph_mark_output(g, na));
+    OK(atmoe_graph_mark_output(g, nd));
+    OK(atmoe_graph_mark_output(g, nw));
+    OK(atmoe_graph_mark_output(g, ny));
     OK(atmoe_graph_plan(g, 0));
     int ndim;
     size_t shape[ATMOE_MAX_DIMS];
@@ -1386,9 +1386,9 @@ static void every_batch(const char *params)
                            ATMOE_NODE_NONE, -1.5f, &ym));
     OK(atmoe_graph_mixture_set_merge(g, yd, ATMOE_MERGE_NEVER));
     OK(atmoe_graph_mixture_set_merge(g, ym, ATMOE_MERGE_ALWAYS));
-    OK(atmoe_graph_output(g, yb));
-    OK(atmoe_graph_output(g, yd));
-    OK(atmoe_graph_output(g, ym));
+    OK(atmoe_graph_mark_output(g, yb));
+    OK(atmoe_graph_mark_output(g, yd));
+    OK(atmoe_graph_mark_output(g, ym));
     OK(atmoe_graph_plan(g, 0));
     double *drow = to_double(row, md.R);
     for (size_t n = 1; n <= T; n++) {
@@ -1753,7 +1753,7 @@ START_TEST(test_bad_input)
     OK(atmoe_graph_router(g, nx, router, nwg, nwd, &na, &nd, &nw));
     OK(atmoe_graph_mixture(g, nx, nw0, nb, set, ATMOE_MIX_BLOCK, nw,
                            ATMOE_NODE_NONE, 1, &ny));
-    OK(atmoe_graph_output(g, ny));
+    OK(atmoe_graph_mark_output(g, ny));
     OK(atmoe_graph_plan(g, 0));
     OK(atmoe_graph_set_input(g, nx, buf, T * DI * sizeof *buf, T));
     OK(atmoe_graph_compute(g, T));
@@ -1974,8 +1974,8 @@ START_TEST(test_lifetimes)
         /* Control still works through the handle until it is freed. */
         ctl_mask(router, &c, 0, 1, 0);
         atmoe_router_free(router);
-        OK(atmoe_graph_output(g, nw));
-        OK(atmoe_graph_output(g, ny));
+        OK(atmoe_graph_mark_output(g, nw));
+        OK(atmoe_graph_mark_output(g, ny));
         OK(atmoe_graph_plan(g, 0));
         OK(atmoe_graph_set_input(g, nx, x, T * DI * sizeof *x, T));
         OK(atmoe_graph_compute(g, T));
@@ -2103,12 +2103,12 @@ START_TEST(test_single_row)
     atmoe_node nwd = const2(g, ATMOE_DTYPE_F32, DI, 6, wd);
     atmoe_node nw, yr[2];
     OK(atmoe_graph_router(g, nh, router, nwg, nwd, NULL, NULL, &nw));
-    OK(atmoe_graph_output(g, nw));
+    OK(atmoe_graph_mark_output(g, nw));
     for (int i = 0; i < 2; i++) {
         OK(atmoe_graph_mixture(g, nx, nw0, nb, sb, ATMOE_MIX_BLOCK, nw,
                                ATMOE_NODE_NONE, 0.5f, &yr[i]));
         OK(atmoe_graph_mixture_set_merge(g, yr[i], modes[i]));
-        OK(atmoe_graph_output(g, yr[i]));
+        OK(atmoe_graph_mark_output(g, yr[i]));
     }
     atmoe_node yd[3], yb[3];
     for (int i = 0; i < 3; i++) {
@@ -2119,8 +2119,8 @@ START_TEST(test_single_row)
                                &yb[i]));
         OK(atmoe_graph_mixture_set_merge(g, yd[i], modes[i]));
         OK(atmoe_graph_mixture_set_merge(g, yb[i], modes[i]));
-        OK(atmoe_graph_output(g, yd[i]));
-        OK(atmoe_graph_output(g, yb[i]));
+        OK(atmoe_graph_mark_output(g, yd[i]));
+        OK(atmoe_graph_mark_output(g, yb[i]));
     }
     OK(atmoe_graph_plan(g, 0));
     OK(atmoe_graph_set_input(g, nh, h, DI * sizeof *h, 0));
@@ -2224,8 +2224,8 @@ START_TEST(test_gate_index_range)
                            ngb, ni, 1.0f, &yb));
     OK(atmoe_graph_mixture(g, nx, nw0, nb, sd, ATMOE_MIX_DIAGONAL, ngd, ni,
                            0.5f, &yd));
-    OK(atmoe_graph_output(g, yb));
-    OK(atmoe_graph_output(g, yd));
+    OK(atmoe_graph_mark_output(g, yb));
+    OK(atmoe_graph_mark_output(g, yd));
     OK(atmoe_graph_plan(g, 0));
     /* Gate row S of the reference is all zeros. */
     double *rb = alloc_d((S + 1) * 5), *rd = alloc_d((S + 1) * 6);

@@ -722,9 +722,9 @@ START_TEST(test_dense_mixture)
         OK(atmoe_graph_mixture(g, nx, nw0, s ? ATMOE_NODE_NONE : nb, D[s].set,
                                ATMOE_MIX_DENSE, ngs, ni, s ? -1.25f : 0.5f,
                                &ys[s]));
-        OK(atmoe_graph_output(g, yb[s]));
-        OK(atmoe_graph_output(g, yn[s]));
-        OK(atmoe_graph_output(g, ys[s]));
+        OK(atmoe_graph_mark_output(g, yb[s]));
+        OK(atmoe_graph_mark_output(g, yn[s]));
+        OK(atmoe_graph_mark_output(g, ys[s]));
         /* Per-token gates cannot be merged. */
         FAILS(atmoe_graph_mixture_set_merge(g, yb[s], ATMOE_MERGE_ALWAYS),
               CTX, ATMOE_STATUS_INVALID_ARGUMENT, "single gate row");
@@ -822,8 +822,8 @@ START_TEST(test_dense_single_row)
                                &y1[i]));
         OK(atmoe_graph_mixture_set_merge(g, y0[i], modes[i]));
         OK(atmoe_graph_mixture_set_merge(g, y1[i], modes[i]));
-        OK(atmoe_graph_output(g, y0[i]));
-        OK(atmoe_graph_output(g, y1[i]));
+        OK(atmoe_graph_mark_output(g, y0[i]));
+        OK(atmoe_graph_mark_output(g, y1[i]));
     }
     OK(atmoe_graph_plan(g, 0));
     static const size_t batches[4] = {31, 1, 13, 31};
@@ -1001,7 +1001,7 @@ START_TEST(test_dense_errors)
     /* After all that, the dense mixture works, and NaN-free output. */
     OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, dset, ATMOE_MIX_DENSE,
                            g32, ATMOE_NODE_NONE, 1, &ny));
-    OK(atmoe_graph_output(g, ny));
+    OK(atmoe_graph_mark_output(g, ny));
     OK(atmoe_graph_plan(g, 0));
     float *x = alloc_uniform(T * DI, -1, 1);
     float *gt = alloc_uniform(T * 32, -1, 1);
@@ -1062,12 +1062,12 @@ START_TEST(test_layer_per_token)
         lspec_nodes(&L[l], g, ATMOE_NODE_NONE);
         OK(atmoe_graph_moe_layer(g, nx, &L[l].layer, &y[l],
                                  l == 0 ? &tr : NULL));
-        OK(atmoe_graph_output(g, y[l]));
+        OK(atmoe_graph_mark_output(g, y[l]));
     }
     ck_assert(tr.a >= 0 && tr.d >= 0 && tr.w >= 0);
-    OK(atmoe_graph_output(g, tr.a));
-    OK(atmoe_graph_output(g, tr.d));
-    OK(atmoe_graph_output(g, tr.w));
+    OK(atmoe_graph_mark_output(g, tr.a));
+    OK(atmoe_graph_mark_output(g, tr.d));
+    OK(atmoe_graph_mark_output(g, tr.w));
     OK(atmoe_graph_plan(g, 0));
     int ndim;
     size_t shape[ATMOE_MAX_DIMS];
@@ -1136,10 +1136,10 @@ START_TEST(test_layer_per_sequence)
     atmoe_node y;
     atmoe_layer_trace tr;
     OK(atmoe_graph_moe_layer(g, nx, &L.layer, &y, &tr));
-    OK(atmoe_graph_output(g, y));
-    OK(atmoe_graph_output(g, tr.a));
-    OK(atmoe_graph_output(g, tr.d));
-    OK(atmoe_graph_output(g, tr.w));
+    OK(atmoe_graph_mark_output(g, y));
+    OK(atmoe_graph_mark_output(g, tr.a));
+    OK(atmoe_graph_mark_output(g, tr.d));
+    OK(atmoe_graph_mark_output(g, tr.w));
     OK(atmoe_graph_plan(g, 0));
     int ndim;
     size_t shape[ATMOE_MAX_DIMS];
@@ -1277,10 +1277,10 @@ START_TEST(test_layer_errors)
 
     /* After all that, the good layer goes in and computes right. */
     OK(atmoe_graph_moe_layer(g, nx, &good, &y, &tr));
-    OK(atmoe_graph_output(g, y));
-    OK(atmoe_graph_output(g, tr.a));
-    OK(atmoe_graph_output(g, tr.d));
-    OK(atmoe_graph_output(g, tr.w));
+    OK(atmoe_graph_mark_output(g, y));
+    OK(atmoe_graph_mark_output(g, tr.a));
+    OK(atmoe_graph_mark_output(g, tr.d));
+    OK(atmoe_graph_mark_output(g, tr.w));
     OK(atmoe_graph_plan(g, 0));
     float *x = alloc_uniform(T * DI, -1, 1);
     OK(atmoe_graph_set_input(g, nx, x, T * DI * sizeof *x, T));
@@ -1335,15 +1335,15 @@ START_TEST(test_stack)
     atmoe_node hs[2];
     OK(atmoe_graph_moe_stack(g, nx, layers, 1, &hs[0], NULL));
     OK(atmoe_graph_moe_stack(g, nx, layers, 2, &hs[1], NULL));
-    OK(atmoe_graph_output(g, y));
-    OK(atmoe_graph_output(g, y2));
-    OK(atmoe_graph_output(g, hs[0]));
-    OK(atmoe_graph_output(g, hs[1]));
+    OK(atmoe_graph_mark_output(g, y));
+    OK(atmoe_graph_mark_output(g, y2));
+    OK(atmoe_graph_mark_output(g, hs[0]));
+    OK(atmoe_graph_mark_output(g, hs[1]));
     for (int l = 0; l < 3; l++) {
         ck_assert(tr[l].a >= 0 && tr[l].d >= 0 && tr[l].w >= 0);
-        OK(atmoe_graph_output(g, tr[l].a));
-        OK(atmoe_graph_output(g, tr[l].d));
-        OK(atmoe_graph_output(g, tr[l].w));
+        OK(atmoe_graph_mark_output(g, tr[l].a));
+        OK(atmoe_graph_mark_output(g, tr[l].d));
+        OK(atmoe_graph_mark_output(g, tr[l].w));
     }
     OK(atmoe_graph_plan(g, 0));
     int ndim;
@@ -1470,11 +1470,11 @@ START_TEST(test_stack_errors)
 
     /* After all that, the stack goes in and computes right. */
     OK(atmoe_graph_moe_stack(g, nx, good, 3, &y, tr));
-    OK(atmoe_graph_output(g, y));
+    OK(atmoe_graph_mark_output(g, y));
     for (int l = 0; l < 3; l++) {
-        OK(atmoe_graph_output(g, tr[l].a));
-        OK(atmoe_graph_output(g, tr[l].d));
-        OK(atmoe_graph_output(g, tr[l].w));
+        OK(atmoe_graph_mark_output(g, tr[l].a));
+        OK(atmoe_graph_mark_output(g, tr[l].d));
+        OK(atmoe_graph_mark_output(g, tr[l].w));
     }
     OK(atmoe_graph_plan(g, 0));
     float *x = alloc_uniform(T * 37, -1, 1);
@@ -1544,7 +1544,7 @@ START_TEST(test_failed_calls_keep_plan)
     atmoe_node w0_t = const2(g, ATMOE_DTYPE_F32, 29, 31, buf);
     atmoe_node y;
     OK(atmoe_graph_moe_stack(g, nx, layers, 3, &y, NULL));
-    OK(atmoe_graph_output(g, y));
+    OK(atmoe_graph_mark_output(g, y));
     OK(atmoe_graph_plan(g, 0));
     float *x = alloc_uniform(T * 37, -1, 1);
     OK(atmoe_graph_set_input(g, nx, x, T * 37 * sizeof *x, T));

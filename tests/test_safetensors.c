@@ -124,14 +124,14 @@ static void assert_same_files(const char *a, const char *b)
 /* The tensor's dtype and shape, and its bytes exactly want (nbytes of
  * them). */
 static void assert_bytes(const atmoe_safetensors *f, const char *name,
-                         atmoe_st_dtype dtype, int ndim,
+                         atmoe_safetensors_dtype dtype, int ndim,
                          const uint64_t *shape, const void *want,
                          size_t nbytes)
 {
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     ck_assert_status(atmoe_safetensors_find(f, name, &t), NULL);
     ck_assert_msg(t.dtype == dtype, "%s: dtype %s", name,
-                  atmoe_st_dtype_name(t.dtype));
+                  atmoe_safetensors_dtype_name(t.dtype));
     ck_assert_int_eq(t.ndim, ndim);
     uint64_t count = 1;
     for (int i = 0; i < ndim; i++) {
@@ -244,13 +244,13 @@ START_TEST(test_read_basic)
 
     atmoe_safetensors *f = open_ok(path);
     size_t n = 0;
-    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_status(atmoe_safetensors_get_count(f, &n), NULL);
     ck_assert_uint_eq(n, 6);
 
     /* Listed in the order of their data; ties (the zero-size tensor at the
      * end) by name. */
     const char *order[] = {"w", "h", "b", "d", "s", "empty"};
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     for (size_t i = 0; i < n; i++) {
         ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
         ck_assert_str_eq(t.name, order[i]);
@@ -258,9 +258,9 @@ START_TEST(test_read_basic)
     ck_assert_fails(atmoe_safetensors_get(f, n, &t), NULL,
                     ATMOE_STATUS_OUT_OF_RANGE);
 
-    assert_bytes(f, "w", ATMOE_ST_F32, 2, (uint64_t[]){2, 3}, data, 24);
-    assert_bytes(f, "s", ATMOE_ST_I32, 0, NULL, data + 42, 4);
-    assert_bytes(f, "empty", ATMOE_ST_U8, 2, (uint64_t[]){0, 5}, data, 0);
+    assert_bytes(f, "w", ATMOE_SAFETENSORS_F32, 2, (uint64_t[]){2, 3}, data, 24);
+    assert_bytes(f, "s", ATMOE_SAFETENSORS_I32, 0, NULL, data + 42, 4);
+    assert_bytes(f, "empty", ATMOE_SAFETENSORS_U8, 2, (uint64_t[]){0, 5}, data, 0);
 
     float got[6];
     test_poison(got, 6);
@@ -296,7 +296,7 @@ START_TEST(test_read_basic)
                     ATMOE_STATUS_NOT_FOUND);
     ck_assert_fails(atmoe_safetensors_find(f, "__metadata__", &t), NULL,
                     ATMOE_STATUS_NOT_FOUND);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -307,9 +307,9 @@ START_TEST(test_read_empty)
     write_st(path, "{}      ", NULL, 0);
     atmoe_safetensors *f = open_ok(path);
     size_t n = 99;
-    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_status(atmoe_safetensors_get_count(f, &n), NULL);
     ck_assert_uint_eq(n, 0);
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     ck_assert_fails(atmoe_safetensors_get(f, 0, &t), NULL,
                     ATMOE_STATUS_OUT_OF_RANGE);
     ck_assert_fails(atmoe_safetensors_find(f, "x", &t), NULL,
@@ -317,14 +317,14 @@ START_TEST(test_read_empty)
     const char *value;
     ck_assert_fails(atmoe_safetensors_get_metadata(f, "format", &value), NULL,
                     ATMOE_STATUS_NOT_FOUND);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 
     /* A null __metadata__ is no metadata, as in the reference reader. */
     write_st(path, "{\"__metadata__\":null}", NULL, 0);
     f = open_ok(path);
     ck_assert_fails(atmoe_safetensors_get_metadata(f, "format", &value), NULL,
                     ATMOE_STATUS_NOT_FOUND);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -356,7 +356,7 @@ START_TEST(test_read_all_halves)
                 got[h], ref_half_value((uint16_t)h, kind ? BF16_MAN : F16_MAN),
                 names[kind], h);
         free(got);
-        atmoe_safetensors_close(f);
+        atmoe_safetensors_free(f);
     }
 }
 END_TEST
@@ -404,12 +404,12 @@ START_TEST(test_null_arguments)
              four, 4);
     atmoe_safetensors *f = open_ok(path);
     size_t n;
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     float x;
     const char *v;
-    ck_assert_fails(atmoe_safetensors_count(NULL, &n), NULL,
+    ck_assert_fails(atmoe_safetensors_get_count(NULL, &n), NULL,
                     ATMOE_STATUS_NULL_POINTER);
-    ck_assert_fails(atmoe_safetensors_count(f, NULL), NULL,
+    ck_assert_fails(atmoe_safetensors_get_count(f, NULL), NULL,
                     ATMOE_STATUS_NULL_POINTER);
     ck_assert_fails(atmoe_safetensors_get(NULL, 0, &t), NULL,
                     ATMOE_STATUS_NULL_POINTER);
@@ -433,8 +433,8 @@ START_TEST(test_null_arguments)
                     ATMOE_STATUS_NULL_POINTER);
     ck_assert_fails(atmoe_safetensors_get_metadata(f, "k", NULL), NULL,
                     ATMOE_STATUS_NULL_POINTER);
-    atmoe_safetensors_close(f);
-    atmoe_safetensors_close(NULL);
+    atmoe_safetensors_free(f);
+    atmoe_safetensors_free(NULL);
 }
 END_TEST
 
@@ -443,11 +443,11 @@ START_TEST(test_dtype_names)
     const char *want[] = {"BOOL", "U8",  "I8",  "F8_E4M3", "F8_E5M2",
                           "I16",  "U16", "F16", "BF16",    "I32",
                           "U32",  "F32", "I64", "U64",     "F64"};
-    for (int d = ATMOE_ST_BOOL; d <= ATMOE_ST_F64; d++)
-        ck_assert_str_eq(atmoe_st_dtype_name((atmoe_st_dtype)d), want[d]);
-    ck_assert_str_eq(atmoe_st_dtype_name((atmoe_st_dtype)(ATMOE_ST_F64 + 1)),
-                     "?");
-    ck_assert_str_eq(atmoe_st_dtype_name((atmoe_st_dtype)-1), "?");
+    for (int d = ATMOE_SAFETENSORS_BOOL; d <= ATMOE_SAFETENSORS_F64; d++)
+        ck_assert_str_eq(atmoe_safetensors_dtype_name((atmoe_safetensors_dtype)d), want[d]);
+    ck_assert_str_eq(atmoe_safetensors_dtype_name((atmoe_safetensors_dtype)(ATMOE_SAFETENSORS_F64 + 1)),
+                     "unknown");
+    ck_assert_str_eq(atmoe_safetensors_dtype_name((atmoe_safetensors_dtype)-1), "unknown");
 }
 END_TEST
 
@@ -484,23 +484,23 @@ static atmoe_safetensors_writer *writer_ok(void)
  * to the largest. */
 static const struct {
     int ndim;
-    uint64_t shape[ATMOE_ST_MAX_DIMS];
+    uint64_t shape[ATMOE_SAFETENSORS_MAX_DIMS];
 } shapes[] = {
     {0, {0}},       {1, {0}},       {3, {3, 0, 2}},
     {1, {7}},       {2, {3, 5}},    {4, {2, 3, 5, 1}},
-    {ATMOE_ST_MAX_DIMS, {1, 2, 1, 3, 1, 2, 1, 1}},
+    {ATMOE_SAFETENSORS_MAX_DIMS, {1, 2, 1, 3, 1, 2, 1, 1}},
 };
 enum { N_SHAPES = sizeof shapes / sizeof shapes[0] };
 
 /* The reference writer's place of a dtype (its enum, by alignment). */
-static int ref_rank(atmoe_st_dtype d)
+static int ref_rank(atmoe_safetensors_dtype d)
 {
     static const int rank[] = {
-        [ATMOE_ST_BOOL] = 0,    [ATMOE_ST_U8] = 1,      [ATMOE_ST_I8] = 2,
-        [ATMOE_ST_F8_E5M2] = 3, [ATMOE_ST_F8_E4M3] = 4, [ATMOE_ST_I16] = 5,
-        [ATMOE_ST_U16] = 6,     [ATMOE_ST_F16] = 7,     [ATMOE_ST_BF16] = 8,
-        [ATMOE_ST_I32] = 9,     [ATMOE_ST_U32] = 10,    [ATMOE_ST_F32] = 11,
-        [ATMOE_ST_F64] = 12,    [ATMOE_ST_I64] = 13,    [ATMOE_ST_U64] = 14};
+        [ATMOE_SAFETENSORS_BOOL] = 0,    [ATMOE_SAFETENSORS_U8] = 1,      [ATMOE_SAFETENSORS_I8] = 2,
+        [ATMOE_SAFETENSORS_F8_E5M2] = 3, [ATMOE_SAFETENSORS_F8_E4M3] = 4, [ATMOE_SAFETENSORS_I16] = 5,
+        [ATMOE_SAFETENSORS_U16] = 6,     [ATMOE_SAFETENSORS_F16] = 7,     [ATMOE_SAFETENSORS_BF16] = 8,
+        [ATMOE_SAFETENSORS_I32] = 9,     [ATMOE_SAFETENSORS_U32] = 10,    [ATMOE_SAFETENSORS_F32] = 11,
+        [ATMOE_SAFETENSORS_F64] = 12,    [ATMOE_SAFETENSORS_I64] = 13,    [ATMOE_SAFETENSORS_U64] = 14};
     return rank[d];
 }
 
@@ -515,7 +515,7 @@ START_TEST(test_roundtrip_all_dtypes)
     test_rng rng;
     test_rng_seed(&rng, 42);
     atmoe_safetensors_writer *w = writer_ok();
-    enum { N = (ATMOE_ST_F64 + 1) * N_SHAPES };
+    enum { N = (ATMOE_SAFETENSORS_F64 + 1) * N_SHAPES };
     unsigned char *bytes[N];
     uint64_t nbytes[N];
     /* Added in an order of their own, so the writer must sort. */
@@ -530,9 +530,9 @@ START_TEST(test_roundtrip_all_dtypes)
             bytes[k][i] = (unsigned char)test_uniform(&rng, 0, 256);
         char name[32];
         snprintf(name, sizeof name, "t%02d.%s", s,
-                 atmoe_st_dtype_name((atmoe_st_dtype)d));
+                 atmoe_safetensors_dtype_name((atmoe_safetensors_dtype)d));
         ck_assert_status(atmoe_safetensors_writer_add(
-                             w, name, (atmoe_st_dtype)d, shapes[s].ndim,
+                             w, name, (atmoe_safetensors_dtype)d, shapes[s].ndim,
                              shapes[s].shape, bytes[k]),
                          NULL);
     }
@@ -558,17 +558,17 @@ START_TEST(test_roundtrip_all_dtypes)
 
     atmoe_safetensors *f = open_ok(path);
     size_t n;
-    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_status(atmoe_safetensors_get_count(f, &n), NULL);
     ck_assert_uint_eq(n, N);
-    atmoe_st_tensor prev = {0};
+    atmoe_safetensors_tensor prev = {0};
     for (size_t i = 0; i < n; i++) {
-        atmoe_st_tensor t;
+        atmoe_safetensors_tensor t;
         ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
         int s, d = -1;
         char dname[16];
         ck_assert_int_eq(sscanf(t.name, "t%02d.%15s", &s, dname), 2);
-        for (int j = 0; j <= ATMOE_ST_F64; j++)
-            if (!strcmp(dname, atmoe_st_dtype_name((atmoe_st_dtype)j)))
+        for (int j = 0; j <= ATMOE_SAFETENSORS_F64; j++)
+            if (!strcmp(dname, atmoe_safetensors_dtype_name((atmoe_safetensors_dtype)j)))
                 d = j;
         int k = d * N_SHAPES + s;
         ck_assert_int_eq(t.dtype, d);
@@ -586,7 +586,7 @@ START_TEST(test_roundtrip_all_dtypes)
         }
         prev = t;
     }
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
     for (int k = 0; k < N; k++)
         free(bytes[k]);
     free(file);
@@ -628,14 +628,14 @@ START_TEST(test_roundtrip_f32)
     }
     uint64_t shape[2] = {1, N};
     atmoe_safetensors_writer *w = writer_ok();
-    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "f32", ATMOE_ST_F32,
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "f32", ATMOE_SAFETENSORS_F32,
                                                       2, shape, x),
                      NULL);
-    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "f16", ATMOE_ST_F16,
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "f16", ATMOE_SAFETENSORS_F16,
                                                       2, shape, x),
                      NULL);
     ck_assert_status(atmoe_safetensors_writer_add_f32(w, "bf16",
-                                                      ATMOE_ST_BF16, 2, shape,
+                                                      ATMOE_SAFETENSORS_BF16, 2, shape,
                                                       x),
                      NULL);
     const char *path = tmp_path("f32.safetensors");
@@ -643,12 +643,12 @@ START_TEST(test_roundtrip_f32)
     atmoe_safetensors_writer_free(w);
 
     atmoe_safetensors *f = open_ok(path);
-    atmoe_st_tensor t16, tb16, t32;
+    atmoe_safetensors_tensor t16, tb16, t32;
     ck_assert_status(atmoe_safetensors_find(f, "f16", &t16), NULL);
     ck_assert_status(atmoe_safetensors_find(f, "bf16", &tb16), NULL);
     ck_assert_status(atmoe_safetensors_find(f, "f32", &t32), NULL);
-    ck_assert_int_eq(t16.dtype, ATMOE_ST_F16);
-    ck_assert_int_eq(tb16.dtype, ATMOE_ST_BF16);
+    ck_assert_int_eq(t16.dtype, ATMOE_SAFETENSORS_F16);
+    ck_assert_int_eq(tb16.dtype, ATMOE_SAFETENSORS_BF16);
     ck_assert_int_eq(memcmp(t32.data, x, N * sizeof *x), 0);
     for (int i = 0; i < N; i++) {
         uint16_t h = get_le16((const unsigned char *)t16.data + 2 * i);
@@ -687,7 +687,7 @@ START_TEST(test_roundtrip_f32)
     }
     free(got);
     free(x);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -698,7 +698,7 @@ START_TEST(test_metadata)
 {
     atmoe_safetensors_writer *w = writer_ok();
     uint8_t one = 1;
-    ck_assert_status(atmoe_safetensors_writer_add(w, "x", ATMOE_ST_U8, 0,
+    ck_assert_status(atmoe_safetensors_writer_add(w, "x", ATMOE_SAFETENSORS_U8, 0,
                                                   NULL, &one),
                      NULL);
     const char *path = tmp_path("plain.safetensors");
@@ -740,7 +740,7 @@ START_TEST(test_metadata)
     ck_assert_str_eq(v, "");
     ck_assert_fails(atmoe_safetensors_get_metadata(f, "beta", &v), NULL,
                     ATMOE_STATUS_NOT_FOUND);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -770,7 +770,7 @@ START_TEST(test_reference_bytes)
         atmoe_safetensors_writer *w = writer_ok();
         if (cases[c].name)
             ck_assert_status(atmoe_safetensors_writer_add_f32(
-                                 w, cases[c].name, ATMOE_ST_F32,
+                                 w, cases[c].name, ATMOE_SAFETENSORS_F32,
                                  cases[c].ndim, cases[c].shape, data),
                              NULL);
         if (cases[c].meta)
@@ -812,93 +812,93 @@ START_TEST(test_writer_misuse)
                        inval = ATMOE_STATUS_INVALID_ARGUMENT,
                        range = ATMOE_STATUS_OUT_OF_RANGE;
     ck_assert_fails(atmoe_safetensors_writer_new(NULL, NULL), NULL, null);
-    ck_assert_fails(atmoe_safetensors_writer_add(NULL, "a", ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add(NULL, "a", ATMOE_SAFETENSORS_F32, 2,
                                                  shape, x),
                     NULL, null);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, NULL, ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, NULL, ATMOE_SAFETENSORS_F32, 2,
                                                  shape, x),
                     NULL, null);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_F32, 2,
                                                  NULL, x),
                     NULL, null);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_F32, 2,
                                                  shape, NULL),
                     NULL, null);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "", ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "", ATMOE_SAFETENSORS_F32, 2,
                                                  shape, x),
                     NULL, inval);
     ck_assert_fails(atmoe_safetensors_writer_add(w, "__metadata__",
-                                                 ATMOE_ST_F32, 2, shape, x),
+                                                 ATMOE_SAFETENSORS_F32, 2, shape, x),
                     NULL, inval);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "bad\xff", ATMOE_ST_F32,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "bad\xff", ATMOE_SAFETENSORS_F32,
                                                  2, shape, x),
                     NULL, inval);
     ck_assert_fails(atmoe_safetensors_writer_add(w, "\xed\xa0\x80",
-                                                 ATMOE_ST_F32, 2, shape, x),
+                                                 ATMOE_SAFETENSORS_F32, 2, shape, x),
                     NULL, inval); /* a UTF-16 surrogate */
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "\xc0\xaf", ATMOE_ST_F32,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "\xc0\xaf", ATMOE_SAFETENSORS_F32,
                                                  2, shape, x),
                     NULL, inval); /* overlong */
     ck_assert_fails(atmoe_safetensors_writer_add(
-                        w, "a", (atmoe_st_dtype)(ATMOE_ST_F64 + 1), 2, shape,
+                        w, "a", (atmoe_safetensors_dtype)(ATMOE_SAFETENSORS_F64 + 1), 2, shape,
                         x),
                     NULL, inval);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", (atmoe_st_dtype)-1,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", (atmoe_safetensors_dtype)-1,
                                                  2, shape, x),
                     NULL, inval);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, -1,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_F32, -1,
                                                  shape, x),
                     NULL, inval);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32,
-                                                 ATMOE_ST_MAX_DIMS + 1, shape,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_F32,
+                                                 ATMOE_SAFETENSORS_MAX_DIMS + 1, shape,
                                                  x),
                     NULL, inval);
     const uint64_t huge[3] = {UINT64_C(1) << 32, UINT64_C(1) << 32, 2};
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_U8, 3, huge,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_U8, 3, huge,
                                                  x),
                     NULL, range);
     const uint64_t big[1] = {UINT64_C(1) << 62};
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 1, big,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_F32, 1, big,
                                                  x),
                     NULL, range); /* the bytes overflow */
     const uint64_t past[2] = {UINT64_C(1) << 63, 0};
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_F32, 2,
                                                  past, x),
                     NULL, range); /* no JSON integer holds the dimension */
-    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_I32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_SAFETENSORS_I32, 2,
                                                      shape, x),
                     NULL, ATMOE_STATUS_DTYPE_MISMATCH);
-    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_F64, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_SAFETENSORS_F64, 2,
                                                      shape, x),
                     NULL, ATMOE_STATUS_DTYPE_MISMATCH);
-    ck_assert_fails(atmoe_safetensors_writer_add_f32(NULL, "a", ATMOE_ST_F32,
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(NULL, "a", ATMOE_SAFETENSORS_F32,
                                                      2, shape, x),
                     NULL, null);
-    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, NULL, ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, NULL, ATMOE_SAFETENSORS_F32, 2,
                                                      shape, x),
                     NULL, null);
-    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_F16, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_SAFETENSORS_F16, 2,
                                                      shape, NULL),
                     NULL, null);
 
     /* Duplicates, whichever function added the first. */
-    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_F16, 2,
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_SAFETENSORS_F16, 2,
                                                       shape, x),
                      NULL);
-    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_ST_F32, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add(w, "a", ATMOE_SAFETENSORS_F32, 2,
                                                  shape, x),
                     NULL, inval);
     ck_assert_msg(strstr(atmoe_errmsg(NULL), "'a'"), "message: %s",
                   atmoe_errmsg(NULL));
-    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_ST_BF16, 2,
+    ck_assert_fails(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_SAFETENSORS_BF16, 2,
                                                      shape, x),
                     NULL, inval);
     /* Data may be NULL when there are no bytes. */
     const uint64_t none[1] = {0};
-    ck_assert_status(atmoe_safetensors_writer_add(w, "z", ATMOE_ST_I64, 1,
+    ck_assert_status(atmoe_safetensors_writer_add(w, "z", ATMOE_SAFETENSORS_I64, 1,
                                                   none, NULL),
                      NULL);
-    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "z16", ATMOE_ST_F16,
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "z16", ATMOE_SAFETENSORS_F16,
                                                       1, none, NULL),
                      NULL);
 
@@ -923,15 +923,15 @@ START_TEST(test_writer_misuse)
     atmoe_safetensors_writer_free(NULL);
     atmoe_safetensors *f = open_ok(path);
     size_t n;
-    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_status(atmoe_safetensors_get_count(f, &n), NULL);
     ck_assert_uint_eq(n, 3);
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     ck_assert_status(atmoe_safetensors_find(f, "a", &t), NULL);
-    ck_assert_int_eq(t.dtype, ATMOE_ST_F16);
+    ck_assert_int_eq(t.dtype, ATMOE_SAFETENSORS_F16);
     const char *v;
     ck_assert_fails(atmoe_safetensors_get_metadata(f, "k", &v), NULL,
                     ATMOE_STATUS_NOT_FOUND);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -945,7 +945,7 @@ START_TEST(test_save_failures)
     for (int i = 0; i < N; i++)
         x[i] = (float)i;
     const uint64_t shape[1] = {N};
-    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "x", ATMOE_ST_F32, 1,
+    ck_assert_status(atmoe_safetensors_writer_add_f32(w, "x", ATMOE_SAFETENSORS_F32, 1,
                                                       shape, x),
                      NULL);
     free(x);
@@ -1019,7 +1019,7 @@ START_TEST(test_save_failures)
         atmoe_safetensors_writer_save(w, tmp_path("keep.safetensors")), NULL);
     atmoe_safetensors_writer_free(w);
     atmoe_safetensors *f = open_ok(tmp_path("keep.safetensors"));
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -1043,9 +1043,9 @@ static void assert_rewrites_same(const atmoe_safetensors *f, const char *path,
 {
     atmoe_safetensors_writer *w = writer_ok();
     size_t n;
-    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_status(atmoe_safetensors_get_count(f, &n), NULL);
     for (size_t i = 0; i < n; i++) {
-        atmoe_st_tensor t;
+        atmoe_safetensors_tensor t;
         ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
         ck_assert_status(atmoe_safetensors_writer_add(w, t.name, t.dtype,
                                                       t.ndim, t.shape,
@@ -1083,22 +1083,22 @@ START_TEST(test_fixture_reference)
         const char *path = fixture("fixtures", names[k]);
         atmoe_safetensors *f = open_ok(path);
         size_t n;
-        ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+        ck_assert_status(atmoe_safetensors_get_count(f, &n), NULL);
         ck_assert_uint_eq(n, 1);
-        atmoe_st_tensor t;
+        atmoe_safetensors_tensor t;
         ck_assert_status(atmoe_safetensors_get(f, 0, &t), NULL);
         ck_assert_str_eq(t.name, k ? "attn0" : "attn.0");
         ck_assert_int_eq(t.ndim, 3 + k);
         ck_assert_uint_eq(t.count, 6);
         assert_floats(f, t.name, want, 6);
         assert_rewrites_same(f, path, NULL);
-        atmoe_safetensors_close(f);
+        atmoe_safetensors_free(f);
     }
 
     const char *path = fixture("fixtures", "empty");
     atmoe_safetensors *f = open_ok(path);
     assert_rewrites_same(f, path, NULL);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 
     path = fixture("fixtures", "metadata-only");
     f = open_ok(path);
@@ -1108,7 +1108,7 @@ START_TEST(test_fixture_reference)
     ck_assert_str_eq(v, "pt");
     const char *keys[] = {"framework", NULL};
     assert_rewrites_same(f, path, keys);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -1117,37 +1117,37 @@ START_TEST(test_fixture_all_dtypes)
     const char *path = fixture("fixtures", "all-dtypes");
     atmoe_safetensors *f = open_ok(path);
     size_t n;
-    ck_assert_status(atmoe_safetensors_count(f, &n), NULL);
+    ck_assert_status(atmoe_safetensors_get_count(f, &n), NULL);
     ck_assert_uint_eq(n, 16);
 
     const uint8_t b[4] = {1, 0, 0, 1}, u8[5] = {0, 1, 127, 128, 255};
     const int8_t i8[5] = {-128, -1, 0, 1, 127};
     const uint8_t e5m2[2] = {0x3c, 0x7b}, e4m3[3] = {0x38, 0xb8, 0x7e};
     unsigned char buf[16];
-    assert_bytes(f, "bool", ATMOE_ST_BOOL, 2, (uint64_t[]){2, 2}, b, 4);
-    assert_bytes(f, "u8", ATMOE_ST_U8, 1, (uint64_t[]){5}, u8, 5);
-    assert_bytes(f, "i8", ATMOE_ST_I8, 1, (uint64_t[]){5}, i8, 5);
-    assert_bytes(f, "f8_e5m2", ATMOE_ST_F8_E5M2, 1, (uint64_t[]){2}, e5m2, 2);
-    assert_bytes(f, "f8_e4m3", ATMOE_ST_F8_E4M3, 1, (uint64_t[]){3}, e4m3, 3);
+    assert_bytes(f, "bool", ATMOE_SAFETENSORS_BOOL, 2, (uint64_t[]){2, 2}, b, 4);
+    assert_bytes(f, "u8", ATMOE_SAFETENSORS_U8, 1, (uint64_t[]){5}, u8, 5);
+    assert_bytes(f, "i8", ATMOE_SAFETENSORS_I8, 1, (uint64_t[]){5}, i8, 5);
+    assert_bytes(f, "f8_e5m2", ATMOE_SAFETENSORS_F8_E5M2, 1, (uint64_t[]){2}, e5m2, 2);
+    assert_bytes(f, "f8_e4m3", ATMOE_SAFETENSORS_F8_E4M3, 1, (uint64_t[]){3}, e4m3, 3);
     const int16_t i16[3] = {-32768, -2, 32767};
     for (int i = 0; i < 3; i++)
         put_le(buf + 2 * i, (uint16_t)i16[i], 2);
-    assert_bytes(f, "i16", ATMOE_ST_I16, 1, (uint64_t[]){3}, buf, 6);
+    assert_bytes(f, "i16", ATMOE_SAFETENSORS_I16, 1, (uint64_t[]){3}, buf, 6);
     const uint16_t u16[3] = {0, 513, 65535};
     for (int i = 0; i < 3; i++)
         put_le(buf + 2 * i, u16[i], 2);
-    assert_bytes(f, "u16", ATMOE_ST_U16, 2, (uint64_t[]){1, 3}, buf, 6);
+    assert_bytes(f, "u16", ATMOE_SAFETENSORS_U16, 2, (uint64_t[]){1, 3}, buf, 6);
     put_le(buf, (uint32_t)-123456789, 4);
-    assert_bytes(f, "i32", ATMOE_ST_I32, 0, NULL, buf, 4);
+    assert_bytes(f, "i32", ATMOE_SAFETENSORS_I32, 0, NULL, buf, 4);
     put_le(buf, 0, 4);
     put_le(buf + 4, 4294967295u, 4);
-    assert_bytes(f, "u32", ATMOE_ST_U32, 1, (uint64_t[]){2}, buf, 8);
+    assert_bytes(f, "u32", ATMOE_SAFETENSORS_U32, 1, (uint64_t[]){2}, buf, 8);
     put_le(buf, UINT64_C(1) << 63, 8);
     put_le(buf + 8, INT64_MAX, 8);
-    assert_bytes(f, "i64", ATMOE_ST_I64, 1, (uint64_t[]){2}, buf, 16);
+    assert_bytes(f, "i64", ATMOE_SAFETENSORS_I64, 1, (uint64_t[]){2}, buf, 16);
     put_le(buf, UINT64_MAX, 8);
-    assert_bytes(f, "u64", ATMOE_ST_U64, 1, (uint64_t[]){1}, buf, 8);
-    assert_bytes(f, "empty", ATMOE_ST_F32, 2, (uint64_t[]){0, 4}, buf, 0);
+    assert_bytes(f, "u64", ATMOE_SAFETENSORS_U64, 1, (uint64_t[]){1}, buf, 8);
+    assert_bytes(f, "empty", ATMOE_SAFETENSORS_F32, 2, (uint64_t[]){0, 4}, buf, 0);
 
     const float f16[6] = {1.0f, -2.5f, 65504.0f, 0x1p-24f, INFINITY, -0.0f};
     const float bf16[3] = {1.0f, -3.140625f, 0x1p100f};
@@ -1164,7 +1164,7 @@ START_TEST(test_fixture_all_dtypes)
     ck_assert_str_eq(v, "make_fixtures.py");
     const char *keys[] = {"format", "source", NULL};
     assert_rewrites_same(f, path, keys);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 
@@ -1175,17 +1175,17 @@ START_TEST(test_fixture_legacy)
     atmoe_safetensors *f = open_ok(fixture("fixtures", "legacy-order"));
     const char *order[] = {"a", "b", "c"};
     for (size_t i = 0; i < 3; i++) {
-        atmoe_st_tensor t;
+        atmoe_safetensors_tensor t;
         ck_assert_status(atmoe_safetensors_get(f, i, &t), NULL);
         ck_assert_str_eq(t.name, order[i]);
     }
     const uint8_t a[3] = {7, 8, 9};
-    assert_bytes(f, "a", ATMOE_ST_U8, 1, (uint64_t[]){3}, a, 3);
+    assert_bytes(f, "a", ATMOE_SAFETENSORS_U8, 1, (uint64_t[]){3}, a, 3);
     assert_floats(f, "b", (const float[]){1.5f, -2.0f}, 2);
     unsigned char c[2];
     put_le(c, (uint16_t)-300, 2);
-    assert_bytes(f, "c", ATMOE_ST_I16, 1, (uint64_t[]){1}, c, 2);
-    atmoe_safetensors_close(f);
+    assert_bytes(f, "c", ATMOE_SAFETENSORS_I16, 1, (uint64_t[]){1}, c, 2);
+    atmoe_safetensors_free(f);
 }
 END_TEST
 

@@ -72,7 +72,7 @@ static void setup(void)
     setenv("ATMOE_TUNING_FILE", user_path, 1);
     unsetenv("ATMOE_PARAMS");
     size_t index;
-    ck_assert_status(atmoe_device_default(&index), NULL);
+    ck_assert_status(atmoe_device_get_default(&index), NULL);
     ck_assert_status(atmoe_device_get_info(index, &dev), NULL);
     logged[0] = '\0';
     ck_assert_status(atmoe_log_set(collect, NULL, ATMOE_LOG_WARNING), NULL);
@@ -166,7 +166,7 @@ static void check_gemm(atmoe_context *ctx, size_t t, size_t d_in,
                                           &wn), ctx);
     ck_assert_status(atmoe_graph_matmul(g, xn, wn, ATMOE_NODE_NONE,
                                         ATMOE_MATMUL_TRANSPOSE_B, &yn), ctx);
-    ck_assert_status(atmoe_graph_output(g, yn), ctx);
+    ck_assert_status(atmoe_graph_mark_output(g, yn), ctx);
     ck_assert_status(atmoe_graph_plan(g, 0), ctx);
     ck_assert_status(atmoe_graph_set_input(g, xn, x, t * d_in * sizeof *x, 0),
                      ctx);
@@ -550,6 +550,18 @@ START_TEST(test_set_params_errors)
                     NULL, ATMOE_STATUS_NULL_POINTER);
     ck_assert_fails(atmoe_context_get_params(ctx, NULL, 0, NULL), ctx,
                     ATMOE_STATUS_NULL_POINTER);
+    /* A size query: NULL and 0 give the size alone. */
+    size_t need = 0, need2 = 0;
+    ck_assert_fails(atmoe_context_get_params(ctx, NULL, 8, &need), ctx,
+                    ATMOE_STATUS_NULL_POINTER);
+    ck_assert_status(atmoe_context_get_params(ctx, NULL, 0, &need), ctx);
+    ck_assert_uint_gt(need, 2);
+    char *desc = malloc(need);
+    ck_assert_ptr_nonnull(desc);
+    ck_assert_status(atmoe_context_get_params(ctx, desc, need, &need2), ctx);
+    ck_assert_uint_eq(need2, need);
+    ck_assert_uint_eq(strlen(desc) + 1, need);
+    free(desc);
     atmoe_context_free(ctx);
 }
 END_TEST
@@ -570,32 +582,32 @@ START_TEST(test_user_path)
     home = home ? strdup(home) : NULL;
     xdg = xdg ? strdup(xdg) : NULL;
     setenv("ATMOE_TUNING_FILE", "/somewhere/t.json", 1);
-    ck_assert_status(atmoe_tuning_user_path(path, sizeof path), NULL);
+    ck_assert_status(atmoe_tuning_get_user_path(path, sizeof path), NULL);
     ck_assert_str_eq(path, "/somewhere/t.json");
-    ck_assert_fails(atmoe_tuning_user_path(path, 5), NULL,
+    ck_assert_fails(atmoe_tuning_get_user_path(path, 5), NULL,
                     ATMOE_STATUS_OUT_OF_RANGE);
-    ck_assert_fails(atmoe_tuning_user_path(path, 0), NULL,
+    ck_assert_fails(atmoe_tuning_get_user_path(path, 0), NULL,
                     ATMOE_STATUS_INVALID_ARGUMENT);
-    ck_assert_fails(atmoe_tuning_user_path(NULL, 10), NULL,
+    ck_assert_fails(atmoe_tuning_get_user_path(NULL, 10), NULL,
                     ATMOE_STATUS_NULL_POINTER);
 
     unsetenv("ATMOE_TUNING_FILE");
     setenv("XDG_DATA_HOME", "/xdg", 1);
-    ck_assert_status(atmoe_tuning_user_path(path, sizeof path), NULL);
+    ck_assert_status(atmoe_tuning_get_user_path(path, sizeof path), NULL);
     ck_assert_str_eq(path, "/xdg/atmoe/tuning.json");
 
     setenv("XDG_DATA_HOME", "relative", 1);
     setenv("HOME", tmpdir, 1);
-    ck_assert_status(atmoe_tuning_user_path(path, sizeof path), NULL);
+    ck_assert_status(atmoe_tuning_get_user_path(path, sizeof path), NULL);
     snprintf(want, sizeof want, "%s/.local/share/atmoe/tuning.json", tmpdir);
     ck_assert_str_eq(path, want);
 
     unsetenv("XDG_DATA_HOME");
     unsetenv("HOME");
-    ck_assert_fails(atmoe_tuning_user_path(path, sizeof path), NULL,
+    ck_assert_fails(atmoe_tuning_get_user_path(path, sizeof path), NULL,
                     ATMOE_STATUS_NOT_FOUND);
     setenv("ATMOE_TUNING_FILE", "", 1);
-    ck_assert_fails(atmoe_tuning_user_path(path, sizeof path), NULL,
+    ck_assert_fails(atmoe_tuning_get_user_path(path, sizeof path), NULL,
                     ATMOE_STATUS_NOT_FOUND);
     set_env("HOME", home);
     set_env("XDG_DATA_HOME", xdg);

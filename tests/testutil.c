@@ -100,7 +100,7 @@ void test_rmdir_r(const char *path)
 atmoe_context *test_context(void)
 {
     atmoe_context *ctx = NULL;
-    atmoe_status st = atmoe_context_new(&ctx, NULL);
+    atmoe_status st = atmoe_context_new(NULL, &ctx);
     ck_assert_msg(st == ATMOE_STATUS_OK, "atmoe_context_new: %s: %s",
                   atmoe_status_name(st), atmoe_errmsg(NULL));
     return ctx;

@@ -74,7 +74,7 @@ static int cmd_devices(int argc, char **argv)
         return EXIT_USAGE;
     }
     size_t n, def = (size_t)-1;
-    atmoe_status st = atmoe_device_count(&n);
+    atmoe_status st = atmoe_device_get_count(&n);
     if (st != ATMOE_STATUS_OK)
         return fail("listing devices", st, NULL);
     if (n == 0) {
@@ -82,7 +82,7 @@ static int cmd_devices(int argc, char **argv)
                "example pocl-opencl-icd)\n");
         return EXIT_FAILED;
     }
-    if (atmoe_device_default(&def) != ATMOE_STATUS_OK)
+    if (atmoe_device_get_default(&def) != ATMOE_STATUS_OK)
         fprintf(stderr, "atmoe: %s\n", atmoe_errmsg(NULL));
     printf("%-3s %-1s %-40s %-7s %-11s %4s %9s %9s %4s %4s\n", "#", "",
            "device", "vendor", "type", "CUs", "mem MiB", "alloc MiB", "fp16",
@@ -117,7 +117,7 @@ static int cmd_selfcheck(int argc, char **argv)
         }
     }
     atmoe_context *ctx;
-    atmoe_status st = atmoe_context_new(&ctx, device);
+    atmoe_status st = atmoe_context_new(device, &ctx);
     if (st != ATMOE_STATUS_OK)
         return fail("opening the device", st, NULL);
     atmoe_device_info d;
@@ -232,7 +232,7 @@ static int inspect_safetensors(const char *path)
     if (st != ATMOE_STATUS_OK)
         return fail(path, st, NULL);
     size_t n;
-    atmoe_safetensors_count(f, &n);
+    atmoe_safetensors_get_count(f, &n);
     const char *format;
     printf("safetensors file %s: %zu tensor(s)", path, n);
     if (atmoe_safetensors_get_metadata(f, "format", &format) ==
@@ -242,7 +242,7 @@ static int inspect_safetensors(const char *path)
     size_t problems = 0;
     int rc = EXIT_OK;
     for (size_t i = 0; i < n && rc == EXIT_OK; i++) {
-        atmoe_st_tensor t;
+        atmoe_safetensors_tensor t;
         atmoe_safetensors_get(f, i, &t);
         char shape[160] = "[";
         size_t k = 1;
@@ -252,10 +252,10 @@ static int inspect_safetensors(const char *path)
                                   (unsigned long long)t.shape[d]);
         if (k < sizeof shape - 1)
             strcat(shape, "]");
-        printf("  %-52s %-7s %s\n", t.name, atmoe_st_dtype_name(t.dtype),
+        printf("  %-52s %-7s %s\n", t.name, atmoe_safetensors_dtype_name(t.dtype),
                shape);
-        if (t.dtype != ATMOE_ST_F32 && t.dtype != ATMOE_ST_F16 &&
-            t.dtype != ATMOE_ST_BF16 && t.dtype != ATMOE_ST_F64)
+        if (t.dtype != ATMOE_SAFETENSORS_F32 && t.dtype != ATMOE_SAFETENSORS_F16 &&
+            t.dtype != ATMOE_SAFETENSORS_BF16 && t.dtype != ATMOE_SAFETENSORS_F64)
             continue;
         float *x = malloc((t.count ? t.count : 1) * sizeof *x);
         if (x == NULL)
@@ -268,7 +268,7 @@ static int inspect_safetensors(const char *path)
                     t.name, non_finite(x, t.count));
         free(x);
     }
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
     if (rc == EXIT_OK)
         printf("%zu problem(s)\n", problems);
     return rc != EXIT_OK ? rc : problems ? EXIT_FAILED : EXIT_OK;
@@ -411,7 +411,7 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
     if (st != ATMOE_STATUS_OK)
         return fail(path, st, NULL);
     int rc = EXIT_OK;
-    atmoe_st_tensor x, r, g;
+    atmoe_safetensors_tensor x, r, g;
     int has_r = atmoe_safetensors_find(f, "router_input", &r) == ATMOE_STATUS_OK;
     int has_g = atmoe_safetensors_find(f, "gate_index", &g) == ATMOE_STATUS_OK;
     if ((st = atmoe_safetensors_find(f, "x", &x)) != ATMOE_STATUS_OK) {
@@ -432,7 +432,7 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
                 path, d_in);
         rc = EXIT_FAILED;
     } else if (has_g && (g.ndim != 1 || g.shape[0] != x.shape[0] ||
-                         (g.dtype != ATMOE_ST_I32 && g.dtype != ATMOE_ST_I64))) {
+                         (g.dtype != ATMOE_SAFETENSORS_I32 && g.dtype != ATMOE_SAFETENSORS_I64))) {
         fprintf(stderr, "atmoe run: %s: tensor gate_index must be I32 or I64 "
                         "[%llu], one per token of x\n", path,
                 (unsigned long long)x.shape[0]);
@@ -460,11 +460,11 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
      * token to no gate row, as atmoe_graph_mixture says. */
     for (size_t t = 0; rc == EXIT_OK && has_g && t < in->tokens; t++) {
         const unsigned char *p = (const unsigned char *)g.data +
-                                 t * (g.dtype == ATMOE_ST_I64 ? 8 : 4);
+                                 t * (g.dtype == ATMOE_SAFETENSORS_I64 ? 8 : 4);
         uint64_t u = 0;
-        for (int b = (g.dtype == ATMOE_ST_I64 ? 8 : 4) - 1; b >= 0; b--)
+        for (int b = (g.dtype == ATMOE_SAFETENSORS_I64 ? 8 : 4) - 1; b >= 0; b--)
             u = u << 8 | p[b];
-        int64_t v = g.dtype == ATMOE_ST_I64 ? (int64_t)u : (int32_t)(uint32_t)u;
+        int64_t v = g.dtype == ATMOE_SAFETENSORS_I64 ? (int64_t)u : (int32_t)(uint32_t)u;
         if (v < INT32_MIN || v > INT32_MAX) {
             fprintf(stderr, "atmoe run: %s: gate_index[%zu] is %lld, outside "
                             "int32\n", path, t, (long long)v);
@@ -472,7 +472,7 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
         }
         in->gate_index[t] = (int32_t)v;
     }
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
     return rc;
 }
 
@@ -500,7 +500,7 @@ static atmoe_status save_node(atmoe_graph *g, atmoe_node node,
     size_t count = node_count(g, node, &ndim, shape);
     atmoe_status st = atmoe_graph_read(g, node, buf, count * sizeof *buf);
     if (st == ATMOE_STATUS_OK)
-        st = atmoe_safetensors_writer_add_f32(w, name, ATMOE_ST_F32, ndim,
+        st = atmoe_safetensors_writer_add_f32(w, name, ATMOE_SAFETENSORS_F32, ndim,
                                               shape, buf);
     return st;
 }
@@ -585,7 +585,7 @@ static int cmd_run(int argc, char **argv)
         rc = out_of_memory("atmoe run");
     if (rc != EXIT_OK)
         goto out;
-    if ((st = atmoe_context_new(&ctx, device)) != ATMOE_STATUS_OK) {
+    if ((st = atmoe_context_new(device, &ctx)) != ATMOE_STATUS_OK) {
         rc = fail(what, st, NULL);
         goto out;
     }
@@ -601,11 +601,11 @@ static int cmd_run(int argc, char **argv)
         (st = atmoe_manifest_build(m, g, x, rin, gix, ys, ts, &y)))
         goto fail;
     for (size_t i = 0; i < info.modules && st == ATMOE_STATUS_OK; i++) {
-        st = atmoe_graph_output(g, ys[i]);
+        st = atmoe_graph_mark_output(g, ys[i]);
         if (trace && st == ATMOE_STATUS_OK &&
-            (st = atmoe_graph_output(g, ts[i].a)) == ATMOE_STATUS_OK &&
-            (st = atmoe_graph_output(g, ts[i].d)) == ATMOE_STATUS_OK)
-            st = atmoe_graph_output(g, ts[i].w);
+            (st = atmoe_graph_mark_output(g, ts[i].a)) == ATMOE_STATUS_OK &&
+            (st = atmoe_graph_mark_output(g, ts[i].d)) == ATMOE_STATUS_OK)
+            st = atmoe_graph_mark_output(g, ts[i].w);
     }
     if (st != ATMOE_STATUS_OK)
         goto fail;
@@ -725,7 +725,7 @@ static int cmd_params(int argc, char **argv)
         }
     }
     atmoe_context *ctx;
-    atmoe_status st = atmoe_context_new(&ctx, device);
+    atmoe_status st = atmoe_context_new(device, &ctx);
     if (st != ATMOE_STATUS_OK)
         return fail("opening the device", st, NULL);
     size_t need = 0;

@@ -17,7 +17,7 @@ void atmoe_adapter_free(atmoe_adapter *adapter)
         __builtin_trap();
 }
 
-void atmoe_safetensors_close(atmoe_safetensors *file)
+void atmoe_safetensors_free(atmoe_safetensors *file)
 {
     if (file)
         __builtin_trap();

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "safetensors.h"
+#include "io/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -28,14 +28,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     size_t n = 0;
-    REQUIRE(atmoe_safetensors_count(f, &n) == ATMOE_STATUS_OK);
+    REQUIRE(atmoe_safetensors_get_count(f, &n) == ATMOE_STATUS_OK);
     uint64_t header = 0;
     for (int i = 7; i >= 0; i--)
         header = header << 8 | data[i];
     const uint8_t *next = data + 8 + header;
     volatile uint8_t sink = 0;
     for (size_t i = 0; i < n; i++) {
-        atmoe_st_tensor t, u;
+        atmoe_safetensors_tensor t, u;
         REQUIRE(atmoe_safetensors_get(f, i, &t) == ATMOE_STATUS_OK);
         REQUIRE(t.data == next);
         REQUIRE(t.nbytes <= (uint64_t)(data + size - next));
@@ -46,8 +46,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         REQUIRE(atmoe_safetensors_find(f, t.name, &u) == ATMOE_STATUS_OK);
         REQUIRE(u.data == t.data && u.nbytes == t.nbytes &&
                 u.dtype == t.dtype);
-        if (t.dtype == ATMOE_ST_F32 || t.dtype == ATMOE_ST_F16 ||
-            t.dtype == ATMOE_ST_BF16 || t.dtype == ATMOE_ST_F64) {
+        if (t.dtype == ATMOE_SAFETENSORS_F32 || t.dtype == ATMOE_SAFETENSORS_F16 ||
+            t.dtype == ATMOE_SAFETENSORS_BF16 || t.dtype == ATMOE_SAFETENSORS_F64) {
             float *x = malloc(t.count ? t.count * sizeof *x : 1);
             REQUIRE(x != NULL);
             REQUIRE(atmoe_safetensors_read_f32(f, t.name, x, t.count) ==
@@ -56,13 +56,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
     }
     REQUIRE(next == data + size);
-    atmoe_st_tensor t;
+    atmoe_safetensors_tensor t;
     REQUIRE(atmoe_safetensors_get(f, n, &t) == ATMOE_STATUS_OUT_OF_RANGE);
     const char *value;
     atmoe_status st = atmoe_safetensors_get_metadata(f, "format", &value);
     REQUIRE(st == ATMOE_STATUS_OK || st == ATMOE_STATUS_NOT_FOUND);
     if (st == ATMOE_STATUS_OK)
         sink ^= (uint8_t)strlen(value);
-    atmoe_safetensors_close(f);
+    atmoe_safetensors_free(f);
     return 0;
 }

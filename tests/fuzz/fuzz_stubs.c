@@ -6,7 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-#include "error.h"
+#include "base/error.h"
 
 atmoe_status atm_fail(const atmoe_context *ctx, atmoe_status status,
                       const char *fmt, ...)

@@ -1,0 +1,1073 @@
+#include <config.h>
+
+#include <ctype.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <jansson.h>
+
+#include "device/blas.h"
+#include "base/file.h"
+#include "base/log.h"
+#include "device/tuning.h"
+
+#define DB_VERSION 1
+#define MAX_PARAMS 16
+#define MAX_DEVICES 64
+#define ERR_SIZE 512
+
+/* ---------------------------------------------------------------- sets */
+
+/* The CLBlast kernels behind SGEMM, the only routine the library calls, with
+ * the exact parameter names CLBlast 1.5 expects for each (it refuses an
+ * override that leaves one out). */
+typedef struct param_rule {
+    const char *name;
+    json_int_t lo, hi;
+} param_rule;
+
+typedef int (*set_check_fn)(const json_t *set, char *err);
+
+typedef struct kernel_rule {
+    const char *kernel;
+    const param_rule *params;
+    size_t count;
+    set_check_fn check;
+} kernel_rule;
+
+#define FLAG(n) {n, 0, 1}
+#define SIZE(n) {n, 1, 1 << 16}
+#define WIDTH(n) {n, 1, 16}
+
+static const param_rule xgemm_params[] = {
+    FLAG("GEMMK"), SIZE("KREG"), SIZE("KWG"), SIZE("KWI"), SIZE("MDIMA"),
+    SIZE("MDIMC"), SIZE("MWG"), SIZE("NDIMB"), SIZE("NDIMC"), SIZE("NWG"),
+    FLAG("SA"), FLAG("SB"), FLAG("STRM"), FLAG("STRN"), WIDTH("VWM"),
+    WIDTH("VWN")};
+static const param_rule direct_params[] = {
+    SIZE("KWID"), SIZE("MDIMAD"), SIZE("MDIMCD"), SIZE("NDIMBD"),
+    SIZE("NDIMCD"), FLAG("PADA"), FLAG("PADB"), WIDTH("VWMD"),
+    WIDTH("VWND"), SIZE("WGD")};
+static const param_rule routine_params[] = {
+    {"XGEMM_MIN_INDIRECT_SIZE", 0, 1 << 20}};
+static const param_rule copy_params[] = {
+    SIZE("COPY_DIMX"), SIZE("COPY_DIMY"), WIDTH("COPY_VW"), SIZE("COPY_WPT")};
+static const param_rule pad_params[] = {
+    SIZE("PAD_DIMX"), SIZE("PAD_DIMY"), SIZE("PAD_WPTX"), SIZE("PAD_WPTY")};
+static const param_rule transpose_params[] = {
+    SIZE("TRA_DIM"), FLAG("TRA_PAD"), FLAG("TRA_SHUFFLE"), WIDTH("TRA_WPT")};
+static const param_rule padtranspose_params[] = {
+    FLAG("PADTRA_PAD"), SIZE("PADTRA_TILE"), SIZE("PADTRA_WPT")};
+
+static json_int_t pv(const json_t *set, const char *name)
+{
+    return json_integer_value(json_object_get(set, name));
+}
+
+static int bad(char *err, const char *fmt, ...) ATM_PRINTF(2, 3);
+static int bad(char *err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, ERR_SIZE, fmt, ap);
+    va_end(ap);
+    return -1;
+}
+
+static int is_pow2(json_int_t v)
+{
+    return v > 0 && (v & (v - 1)) == 0;
+}
+
+/* a % (b * c) == 0, named for the message. */
+static int multiple(const json_t *s, const char *a, const char *b,
+                    const char *c, char *err)
+{
+    json_int_t d = pv(s, b) * (c ? pv(s, c) : 1);
+    if (pv(s, a) % d == 0)
+        return 0;
+    return bad(err, "%s (%lld) is not a multiple of %s%s%s (%lld)", a,
+               (long long)pv(s, a), b, c ? "*" : "", c ? c : "",
+               (long long)d);
+}
+
+/* The constraints of CLBlast's own Xgemm tuner (src/tuning/kernels/
+ * xgemm.hpp): whole tiles per thread and per loading thread, and for each
+ * kernel the shape of the space its tuner explores; and one more that the
+ * GEMM routine, unlike the tuner's bare kernel, needs. */
+static int check_xgemm(const json_t *s, char *err)
+{
+    if (!is_pow2(pv(s, "VWM")) || !is_pow2(pv(s, "VWN")))
+        return bad(err, "VWM and VWN must be powers of two");
+    if (multiple(s, "KWG", "KWI", NULL, err) ||
+        multiple(s, "MWG", "MDIMC", "VWM", err) ||
+        multiple(s, "NWG", "NDIMC", "VWN", err) ||
+        multiple(s, "MWG", "MDIMA", "VWM", err) ||
+        multiple(s, "NWG", "NDIMB", "VWN", err))
+        return -1;
+    json_int_t threads = pv(s, "MDIMC") * pv(s, "NDIMC");
+    if (pv(s, "GEMMK") == 0) {
+        if (pv(s, "KREG") != 1)
+            return bad(err, "KREG must be 1 when GEMMK is 0");
+        if (threads % pv(s, "MDIMA") || threads % pv(s, "NDIMB"))
+            return bad(err, "MDIMC*NDIMC (%lld) must be a multiple of MDIMA "
+                       "and of NDIMB", (long long)threads);
+        json_int_t kdima = threads / pv(s, "MDIMA");
+        json_int_t kdimb = threads / pv(s, "NDIMB");
+        if (pv(s, "KWG") % kdima || pv(s, "KWG") % kdimb)
+            return bad(err, "KWG (%lld) must be a multiple of MDIMC*NDIMC/"
+                       "MDIMA (%lld) and of MDIMC*NDIMC/NDIMB (%lld)",
+                       (long long)pv(s, "KWG"), (long long)kdima,
+                       (long long)kdimb);
+        return 0;
+    }
+    if (pv(s, "KWG") != 1 || pv(s, "KWI") != 1 || pv(s, "SA") || pv(s, "SB") ||
+        pv(s, "STRM") || pv(s, "STRN"))
+        return bad(err, "GEMMK 1 takes KWG 1, KWI 1 and SA, SB, STRM, STRN 0");
+    if (pv(s, "MDIMA") != pv(s, "MDIMC") || pv(s, "NDIMB") != pv(s, "NDIMC"))
+        return bad(err, "GEMMK 1 takes MDIMA = MDIMC and NDIMB = NDIMC");
+    /* CLBlast 1.5 sizes the launch of this kernel with MWG along the
+     * dimension the kernel tiles by NWG: unequal tiles run work-groups past
+     * the end of C, which corrupts memory (seen on PoCL). */
+    if (pv(s, "MWG") != pv(s, "NWG"))
+        return bad(err, "GEMMK 1 takes MWG = NWG (%lld and %lld here)",
+                   (long long)pv(s, "MWG"), (long long)pv(s, "NWG"));
+    return multiple(s, "KREG", "VWN", NULL, err);
+}
+
+/* The constraints of CLBlast's XgemmDirect tuner. */
+static int check_direct(const json_t *s, char *err)
+{
+    if (!is_pow2(pv(s, "VWMD")) || !is_pow2(pv(s, "VWND")))
+        return bad(err, "VWMD and VWND must be powers of two");
+    if (multiple(s, "WGD", "KWID", NULL, err) ||
+        multiple(s, "WGD", "MDIMCD", "VWMD", err) ||
+        multiple(s, "WGD", "NDIMCD", "VWND", err) ||
+        multiple(s, "WGD", "MDIMAD", "VWMD", err) ||
+        multiple(s, "WGD", "NDIMBD", "VWND", err))
+        return -1;
+    json_int_t threads = pv(s, "MDIMCD") * pv(s, "NDIMCD");
+    if (threads % pv(s, "MDIMAD") || threads % pv(s, "NDIMBD"))
+        return bad(err, "MDIMCD*NDIMCD (%lld) must be a multiple of MDIMAD "
+                   "and of NDIMBD", (long long)threads);
+    if (pv(s, "WGD") % (threads / pv(s, "MDIMAD")) ||
+        pv(s, "WGD") % (threads / pv(s, "NDIMBD")))
+        return bad(err, "WGD (%lld) must be a multiple of MDIMCD*NDIMCD/MDIMAD "
+                   "and of MDIMCD*NDIMCD/NDIMBD", (long long)pv(s, "WGD"));
+    return 0;
+}
+
+#define RULE(k, p, c) {k, p, sizeof p / sizeof p[0], c}
+static const kernel_rule kernel_rules[] = {
+    RULE("Copy", copy_params, NULL),
+    RULE("GemmRoutine", routine_params, NULL),
+    RULE("Pad", pad_params, NULL),
+    RULE("Padtranspose", padtranspose_params, NULL),
+    RULE("Transpose", transpose_params, NULL),
+    RULE("Xgemm", xgemm_params, check_xgemm),
+    RULE("XgemmDirect", direct_params, check_direct),
+};
+
+static const kernel_rule *find_rule(const char *kernel)
+{
+    for (size_t i = 0; i < sizeof kernel_rules / sizeof kernel_rules[0]; i++)
+        if (strcmp(kernel_rules[i].kernel, kernel) == 0)
+            return &kernel_rules[i];
+    return NULL;
+}
+
+static int check_clblast_set(const char *kernel, const json_t *set, char *err)
+{
+    const kernel_rule *r = find_rule(kernel);
+    if (r == NULL)
+        return bad(err, "'%s' is not a CLBlast kernel behind SGEMM (Xgemm, "
+                   "XgemmDirect, GemmRoutine, Copy, Pad, Transpose, "
+                   "Padtranspose)", kernel);
+    if (!json_is_object(set))
+        return bad(err, "%s is not an object of parameters", kernel);
+    const char *name;
+    json_t *v;
+    json_object_foreach((json_t *)set, name, v) {
+        size_t i = 0;
+        while (i < r->count && strcmp(r->params[i].name, name) != 0)
+            i++;
+        if (i == r->count)
+            return bad(err, "%s has no parameter '%s'", kernel, name);
+        if (!json_is_integer(v))
+            return bad(err, "%s.%s is not an integer", kernel, name);
+        json_int_t x = json_integer_value(v);
+        if (x < r->params[i].lo || x > r->params[i].hi)
+            return bad(err, "%s.%s = %lld is outside [%lld, %lld]", kernel,
+                       name, (long long)x, (long long)r->params[i].lo,
+                       (long long)r->params[i].hi);
+    }
+    for (size_t i = 0; i < r->count; i++)
+        if (json_object_get(set, r->params[i].name) == NULL)
+            return bad(err, "%s lacks parameter %s (CLBlast needs all of "
+                       "them)", kernel, r->params[i].name);
+    if (r->check && r->check(set, err) != 0) {
+        char detail[ERR_SIZE];
+        snprintf(detail, sizeof detail, "%s", err);
+        return bad(err, "%s: %s", kernel, detail);
+    }
+    return 0;
+}
+
+/* What a set asks of the device, which a file cannot be checked against:
+ * threads per work-group and bytes of local memory. */
+static int check_on_device(const char *kernel, const json_t *s,
+                           const atmoe_device_info *dev, char *err)
+{
+    json_int_t threads = 1, local = 0;
+    if (strcmp(kernel, "Xgemm") == 0) {
+        threads = pv(s, "MDIMC") * pv(s, "NDIMC");
+        local = 4 * pv(s, "KWG") *
+                (pv(s, "SA") * pv(s, "MWG") + pv(s, "SB") * pv(s, "NWG"));
+    } else if (strcmp(kernel, "XgemmDirect") == 0) {
+        threads = pv(s, "MDIMCD") * pv(s, "NDIMCD");
+        local = 4 * pv(s, "WGD") *
+                (2 * pv(s, "WGD") + pv(s, "PADA") + pv(s, "PADB"));
+    } else if (strcmp(kernel, "Copy") == 0) {
+        threads = pv(s, "COPY_DIMX") * pv(s, "COPY_DIMY");
+    } else if (strcmp(kernel, "Pad") == 0) {
+        threads = pv(s, "PAD_DIMX") * pv(s, "PAD_DIMY");
+    } else if (strcmp(kernel, "Transpose") == 0) {
+        json_int_t t = pv(s, "TRA_DIM") * pv(s, "TRA_WPT");
+        threads = pv(s, "TRA_DIM") * pv(s, "TRA_DIM");
+        local = 4 * t * (t + pv(s, "TRA_PAD"));
+    } else if (strcmp(kernel, "Padtranspose") == 0) {
+        json_int_t t = pv(s, "PADTRA_TILE") * pv(s, "PADTRA_WPT");
+        threads = pv(s, "PADTRA_TILE") * pv(s, "PADTRA_TILE");
+        local = 4 * t * (t + pv(s, "PADTRA_PAD"));
+    }
+    if ((uint64_t)threads > dev->max_work_group_size)
+        return bad(err, "%s needs work-groups of %lld threads, more than %s "
+                   "allows (%zu)", kernel, (long long)threads, dev->name,
+                   dev->max_work_group_size);
+    if ((uint64_t)local > dev->local_mem_bytes)
+        return bad(err, "%s needs %lld bytes of local memory, more than %s "
+                   "has (%llu)", kernel, (long long)local, dev->name,
+                   (unsigned long long)dev->local_mem_bytes);
+    return 0;
+}
+
+/* Defines end up in build options, so names and values are plain tokens. */
+static int is_token(const char *s, int first_digit_ok)
+{
+    if (*s == '\0' || (!first_digit_ok && isdigit((unsigned char)*s)))
+        return 0;
+    for (; *s; s++)
+        if (!isalnum((unsigned char)*s) && *s != '_' &&
+            (!first_digit_ok || (*s != '.' && *s != '-' && *s != '+')))
+            return 0;
+    return 1;
+}
+
+static int check_defines(const char *program, const json_t *defs, char *err)
+{
+    if (!json_is_object(defs))
+        return bad(err, "kernels.%s is not an object of defines", program);
+    const char *name;
+    json_t *v;
+    json_object_foreach((json_t *)defs, name, v) {
+        if (!is_token(name, 0))
+            return bad(err, "kernels.%s: '%s' is not a macro name", program,
+                       name);
+        if (json_is_string(v) ? !is_token(json_string_value(v), 1)
+                              : !json_is_number(v))
+            return bad(err, "kernels.%s.%s is neither a number nor a plain "
+                       "token", program, name);
+    }
+    return 0;
+}
+
+/* The "clblast" and "kernels" sections of an entry or an explicit set;
+ * allowed lists the other keys the object may have. */
+static int check_params(const json_t *obj, const char *const *allowed,
+                        char *err)
+{
+    if (!json_is_object(obj))
+        return bad(err, "not a JSON object");
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)obj, key, v) {
+        int known = strcmp(key, "clblast") == 0 ||
+                    strcmp(key, "kernels") == 0 || strcmp(key, "info") == 0;
+        for (size_t i = 0; allowed && allowed[i] && !known; i++)
+            known = strcmp(key, allowed[i]) == 0;
+        if (!known)
+            return bad(err, "unknown field '%s'", key);
+    }
+    json_t *info = json_object_get(obj, "info");
+    if (info && !json_is_object(info))
+        return bad(err, "info is not an object");
+    json_t *cl = json_object_get(obj, "clblast");
+    if (cl && !json_is_object(cl))
+        return bad(err, "clblast is not an object of kernels");
+    json_object_foreach(cl, key, v)
+        if (check_clblast_set(key, v, err) != 0)
+            return -1;
+    json_t *kn = json_object_get(obj, "kernels");
+    if (kn && !json_is_object(kn))
+        return bad(err, "kernels is not an object of programs");
+    json_object_foreach(kn, key, v) {
+        if (!is_token(key, 0))
+            return bad(err, "kernels: '%s' is not a program name", key);
+        if (check_defines(key, v, err) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- files */
+
+static const char *const entry_keys[] = {"device", "vendor", "type", "driver",
+                                         NULL};
+
+static const char *str_field(const json_t *e, const char *key)
+{
+    return json_string_value(json_object_get(e, key));
+}
+
+static int same_key(const json_t *a, const json_t *b)
+{
+    for (int i = 0; entry_keys[i]; i++) {
+        const char *x = str_field(a, entry_keys[i]);
+        const char *y = str_field(b, entry_keys[i]);
+        if ((x == NULL) != (y == NULL) || (x && strcmp(x, y) != 0))
+            return 0;
+    }
+    return 1;
+}
+
+static int known_name(const char *s, const char *(*fn)(int), int count)
+{
+    for (int i = 0; i < count; i++)
+        if (strcmp(s, fn(i)) == 0)
+            return 1;
+    return 0;
+}
+
+static const char *vendor_at(int i)
+{
+    return atmoe_vendor_name((atmoe_vendor)i);
+}
+
+static const char *type_at(int i)
+{
+    return atmoe_device_type_name((atmoe_device_type)i);
+}
+
+static int check_entry(const json_t *e, char *err)
+{
+    if (!json_is_object(e))
+        return bad(err, "not a JSON object");
+    for (int i = 0; entry_keys[i]; i++) {
+        json_t *v = json_object_get(e, entry_keys[i]);
+        if (v && (!json_is_string(v) || json_string_length(v) == 0))
+            return bad(err, "%s is not a non-empty string", entry_keys[i]);
+    }
+    const char *vendor = str_field(e, "vendor"), *type = str_field(e, "type");
+    if (vendor == NULL || type == NULL)
+        return bad(err, "an entry needs a vendor and a type");
+    if (!known_name(vendor, vendor_at, ATMOE_VENDOR_POCL + 1))
+        return bad(err, "vendor '%s' is not one of AMD, Intel, NVIDIA, PoCL, "
+                   "other", vendor);
+    if (!known_name(type, type_at, ATMOE_DEVICE_TYPE_ACCELERATOR + 1))
+        return bad(err, "type '%s' is not one of CPU, GPU, accelerator, other",
+                   type);
+    if (str_field(e, "driver") && !str_field(e, "device"))
+        return bad(err, "a driver needs a device");
+    return check_params(e, entry_keys, err);
+}
+
+/* "device 'X', driver 'Y'" or "vendor PoCL, type CPU", for messages. */
+static void describe_entry(const json_t *e, char *out, size_t size)
+{
+    const char *dev = str_field(e, "device"), *drv = str_field(e, "driver");
+    if (dev)
+        snprintf(out, size, "device '%s'%s%s%s", dev, drv ? ", driver '" : "",
+                 drv ? drv : "", drv ? "'" : "");
+    else
+        snprintf(out, size, "vendor %s, type %s", str_field(e, "vendor"),
+                 str_field(e, "type"));
+}
+
+static int check_db(const json_t *root, char *err)
+{
+    if (!json_is_object(root))
+        return bad(err, "the top level is not a JSON object");
+    json_t *ver = json_object_get(root, "atmoe_tuning");
+    if (!json_is_integer(ver))
+        return bad(err, "no \"atmoe_tuning\" version number");
+    if (json_integer_value(ver) != DB_VERSION)
+        return bad(err, "format version %lld; this library reads version %d",
+                   (long long)json_integer_value(ver), DB_VERSION);
+    const char *key;
+    json_t *v;
+    json_object_foreach((json_t *)root, key, v)
+        if (strcmp(key, "atmoe_tuning") != 0 && strcmp(key, "entries") != 0)
+            return bad(err, "unknown field '%s'", key);
+    json_t *entries = json_object_get(root, "entries");
+    if (!json_is_array(entries))
+        return bad(err, "\"entries\" is not an array");
+    for (size_t i = 0; i < json_array_size(entries); i++) {
+        json_t *e = json_array_get(entries, i);
+        char detail[ERR_SIZE];
+        if (check_entry(e, detail) != 0)
+            return bad(err, "entry %zu: %s", i, detail);
+        for (size_t j = 0; j < i; j++)
+            if (same_key(json_array_get(entries, j), e)) {
+                char what[600];
+                describe_entry(e, what, sizeof what);
+                return bad(err, "entries %zu and %zu have the same key (%s)",
+                           j, i, what);
+            }
+    }
+    return 0;
+}
+
+typedef enum load_result { LOAD_OK, LOAD_MISSING, LOAD_BAD } load_result;
+
+/* Reads and checks a database; the message says why on LOAD_BAD. */
+static load_result load_db(const char *path, json_t **root, char *err)
+{
+    *root = NULL;
+    struct stat sb;
+    if (stat(path, &sb) != 0 && (errno == ENOENT || errno == ENOTDIR))
+        return LOAD_MISSING;
+    json_error_t je;
+    json_t *r = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (r == NULL) {
+        bad(err, "line %d: %s", je.line, je.text);
+        return LOAD_BAD;
+    }
+    if (check_db(r, err) != 0) {
+        json_decref(r);
+        return LOAD_BAD;
+    }
+    *root = r;
+    return LOAD_OK;
+}
+
+static const char *system_path(void)
+{
+    const char *env = getenv("ATMOE_TUNING_SYSTEM_FILE");
+    return env ? env : ATMOE_TUNING_SYSTEM_PATH;
+}
+
+ATMOE_API atmoe_status atmoe_tuning_get_user_path(char *path, size_t size)
+{
+    ATM_CHECK_NULL(NULL, path);
+    if (size == 0)
+        return atm_fail(NULL, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "atmoe_tuning_get_user_path: size is 0");
+    path[0] = '\0';
+    const char *file = getenv("ATMOE_TUNING_FILE");
+    const char *xdg = getenv("XDG_DATA_HOME");
+    const char *home = getenv("HOME");
+    int n;
+    if (file && *file == '\0')
+        return atm_fail(NULL, ATMOE_STATUS_NOT_FOUND,
+                        "atmoe_tuning_get_user_path: ATMOE_TUNING_FILE is set "
+                        "but empty: no user database");
+    if (file)
+        n = snprintf(path, size, "%s", file);
+    else if (xdg && xdg[0] == '/')
+        n = snprintf(path, size, "%s/atmoe/tuning.json", xdg);
+    else if (home && *home)
+        n = snprintf(path, size, "%s/.local/share/atmoe/tuning.json", home);
+    else
+        return atm_fail(NULL, ATMOE_STATUS_NOT_FOUND,
+                        "atmoe_tuning_get_user_path: neither ATMOE_TUNING_FILE, "
+                        "XDG_DATA_HOME nor HOME is set");
+    if (n < 0 || (size_t)n >= size) {
+        path[0] = '\0';
+        return atm_fail(NULL, ATMOE_STATUS_OUT_OF_RANGE,
+                        "atmoe_tuning_get_user_path: the path needs %d bytes, "
+                        "the buffer holds %zu", n + 1, size);
+    }
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries)
+{
+    ATM_CHECK_NULL(NULL, path);
+    json_t *root;
+    char err[ERR_SIZE];
+    load_result r = load_db(path, &root, err);
+    if (r == LOAD_MISSING)
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_check: %s: no such file", path);
+    if (r == LOAD_BAD)
+        return atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
+                        "atmoe_tuning_check: %s: %s", path, err);
+    if (entries)
+        *entries = json_array_size(json_object_get(root, "entries"));
+    json_decref(root);
+    return ATMOE_STATUS_OK;
+}
+
+/* mkdir -p of the directory that holds path. */
+static int make_parent(const char *path)
+{
+    char dir[4096];
+    if (snprintf(dir, sizeof dir, "%s", path) >= (int)sizeof dir) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL || slash == dir)
+        return 0;
+    *slash = '\0';
+    for (char *p = dir + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+            return -1;
+        *p = '/';
+    }
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+static atmoe_status write_db(const char *path, json_t *root)
+{
+    char tmp[4096 + 16];
+    if (make_parent(path) != 0)
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_save: cannot create the directory of "
+                        "%s: %s", path, strerror(errno));
+    FILE *f = atm_file_begin(path, tmp, sizeof tmp);
+    if (f == NULL)
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_save: cannot write %s: %s", path,
+                        strerror(errno));
+    int ok = json_dumpf(root, f, JSON_INDENT(2)) == 0 && fputc('\n', f) != EOF;
+    if (atm_file_commit(f, tmp, path, ok) != 0)
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_save: cannot write %s: %s", path,
+                        strerror(errno));
+    return ATMOE_STATUS_OK;
+}
+
+/* params as a checked JSON object (the caller's reference). */
+static atmoe_status parse_params(const atmoe_context *ctx, const char *fn,
+                                 const char *params, json_t **out)
+{
+    json_error_t je;
+    json_t *obj = json_loads(params, JSON_REJECT_DUPLICATES, &je);
+    if (obj == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_FORMAT_ERROR,
+                        "%s: params are not JSON: column %d: %s", fn,
+                        je.column, je.text);
+    char err[ERR_SIZE];
+    if (check_params(obj, NULL, err) != 0) {
+        json_decref(obj);
+        return atm_fail(ctx, ATMOE_STATUS_FORMAT_ERROR, "%s: params: %s", fn,
+                        err);
+    }
+    *out = obj;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
+                                         const atmoe_device_info *device,
+                                         const char *params)
+{
+    ATM_CHECK_NULL(NULL, device);
+    ATM_CHECK_NULL(NULL, params);
+    char user[4096];
+    if (path == NULL) {
+        atmoe_status st = atmoe_tuning_get_user_path(user, sizeof user);
+        if (st != ATMOE_STATUS_OK) {
+            char why[ERR_SIZE];
+            snprintf(why, sizeof why, "%s", atmoe_errmsg(NULL));
+            return atm_fail(NULL, st, "atmoe_tuning_save: no path given, "
+                            "and %s", why);
+        }
+        path = user;
+    }
+    if ((unsigned)device->vendor > ATMOE_VENDOR_POCL ||
+        (unsigned)device->type > ATMOE_DEVICE_TYPE_ACCELERATOR ||
+        device->name[0] == '\0' || device->driver_version[0] == '\0')
+        return atm_fail(NULL, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "atmoe_tuning_save: the device has no name, driver "
+                        "version, vendor or type to key the entry by");
+    json_t *set;
+    atmoe_status st = parse_params(NULL, "atmoe_tuning_save", params, &set);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+
+    json_t *root = NULL;
+    char err[ERR_SIZE];
+    load_result r = load_db(path, &root, err);
+    if (r == LOAD_BAD) {
+        json_decref(set);
+        return atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
+                        "atmoe_tuning_save: %s is not a tuning database (%s); "
+                        "it is left as it is", path, err);
+    }
+    if (r == LOAD_MISSING)
+        root = json_pack("{s:i, s:[]}", "atmoe_tuning", DB_VERSION, "entries");
+    json_t *entry = json_pack("{s:s, s:s, s:s, s:s}", "device", device->name,
+                              "vendor", atmoe_vendor_name(device->vendor),
+                              "type", atmoe_device_type_name(device->type),
+                              "driver", device->driver_version);
+    if (root == NULL || entry == NULL || json_object_update(entry, set) != 0) {
+        json_decref(root);
+        json_decref(entry);
+        json_decref(set);
+        return atm_fail(NULL, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "atmoe_tuning_save: out of host memory");
+    }
+    json_decref(set);
+    json_t *entries = json_object_get(root, "entries");
+    for (size_t i = json_array_size(entries); i-- > 0;)
+        if (same_key(json_array_get(entries, i), entry))
+            json_array_remove(entries, i);
+    st = ATMOE_STATUS_OK;
+    if (json_array_append_new(entries, entry) != 0)
+        st = atm_fail(NULL, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      "atmoe_tuning_save: out of host memory");
+    else if (check_db(root, err) != 0)
+        st = atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
+                      "atmoe_tuning_save: the new entry is refused: %s", err);
+    else
+        st = write_db(path, root);
+    json_decref(root);
+    return st;
+}
+
+/* ---------------------------------------------------------------- lookup */
+
+static const char *const match_names[] = {"", "vendor+type", "device",
+                                          "device+driver"};
+
+/* 0 when e does not match dev, else 1 (vendor and type), 2 (device under
+ * any driver) or 3 (device and driver): higher is more specific. */
+static int specificity(const json_t *e, const atmoe_device_info *dev)
+{
+    const char *dn = str_field(e, "device"), *dr = str_field(e, "driver");
+    if (strcmp(str_field(e, "vendor"), atmoe_vendor_name(dev->vendor)) != 0 ||
+        strcmp(str_field(e, "type"), atmoe_device_type_name(dev->type)) != 0 ||
+        (dn && strcmp(dn, dev->name) != 0) ||
+        (dr && strcmp(dr, dev->driver_version) != 0))
+        return 0;
+    return 1 + (dn != NULL) + (dr != NULL);
+}
+
+/* Adds to resolved (section -> kernel -> {match, file, values}) every set
+ * of e that is at least as specific as the one already there (ties are
+ * entries of the same key, which resolve() never passes twice). */
+static void take_sets(json_t *resolved, const json_t *e, int spec,
+                      const char *file)
+{
+    static const char *const sections[] = {"clblast", "kernels"};
+    for (int s = 0; s < 2; s++) {
+        json_t *out = json_object_get(resolved, sections[s]);
+        const char *kernel;
+        json_t *set;
+        json_object_foreach(json_object_get(e, sections[s]), kernel, set) {
+            json_t *have = json_object_get(out, kernel);
+            json_t *have_spec = json_object_get(have, "spec");
+            if (have && json_integer_value(have_spec) > spec)
+                continue;
+            json_object_set_new(out, kernel,
+                                json_pack("{s:s, s:s, s:i, s:O}", "match",
+                                          match_names[spec], "file", file,
+                                          "spec", spec, "values", set));
+        }
+    }
+}
+
+/* Reads one database for resolve(); NULL when it is absent or unusable
+ * (logged). */
+static json_t *load_logged(const char *path)
+{
+    json_t *root = NULL;
+    char err[ERR_SIZE];
+    if (path && *path && load_db(path, &root, err) == LOAD_BAD)
+        atm_log(ATMOE_LOG_WARNING, "tuning database %s is ignored: %s", path,
+                err);
+    return root;
+}
+
+static int has_key(const json_t *root, const json_t *e)
+{
+    size_t i;
+    json_t *u;
+    json_array_foreach(json_object_get(root, "entries"), i, u)
+        if (same_key(u, e))
+            return 1;
+    return 0;
+}
+
+/* The sets in force for dev from the system and user databases, or NULL
+ * when out of memory.  A user entry replaces the system entry of the same
+ * key whole. */
+static json_t *resolve(const atmoe_device_info *dev)
+{
+    json_t *resolved = json_pack("{s:{}, s:{}}", "clblast", "kernels");
+    if (resolved == NULL)
+        return NULL;
+    char user_path[4096];
+    const char *paths[2] = {system_path(), NULL};
+    if (atmoe_tuning_get_user_path(user_path, sizeof user_path) == ATMOE_STATUS_OK)
+        paths[1] = user_path;
+    json_t *roots[2] = {load_logged(paths[0]), load_logged(paths[1])};
+    for (int f = 0; f < 2; f++) {
+        size_t i;
+        json_t *e;
+        json_array_foreach(json_object_get(roots[f], "entries"), i, e) {
+            int spec = specificity(e, dev);
+            if (spec > 0 && (f == 1 || !has_key(roots[1], e)))
+                take_sets(resolved, e, spec, paths[f]);
+        }
+    }
+    json_decref(roots[0]);
+    json_decref(roots[1]);
+    return resolved;
+}
+
+/* ---------------------------------------------------------------- state */
+
+/* CLBlast's overrides outlive contexts, so what has been applied to each
+ * device is remembered for the process: get_params reports it, and
+ * "default" is refused once there is something it could not undo. */
+static pthread_mutex_t state_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    cl_device_id id;
+    json_t *clblast; /* kernel -> {match, file, values} */
+} applied[MAX_DEVICES];
+static size_t applied_count;
+
+/* The device's record, created when missing; call with state_lock held. */
+static json_t *device_record(cl_device_id id)
+{
+    for (size_t i = 0; i < applied_count; i++)
+        if (applied[i].id == id)
+            return applied[i].clblast;
+    if (applied_count == MAX_DEVICES)
+        return NULL;
+    json_t *rec = json_object();
+    if (rec) {
+        applied[applied_count].id = id;
+        applied[applied_count++].clblast = rec;
+    }
+    return rec;
+}
+
+/* A copy of the device's record (an empty object when it has none). */
+static json_t *device_record_copy(cl_device_id id)
+{
+    pthread_mutex_lock(&state_lock);
+    json_t *rec = NULL;
+    for (size_t i = 0; i < applied_count; i++)
+        if (applied[i].id == id)
+            rec = json_deep_copy(applied[i].clblast);
+    pthread_mutex_unlock(&state_lock);
+    return rec ? rec : json_object();
+}
+
+struct atm_tuning {
+    const char *mode; /* "tuned", "default" or "custom" */
+    json_t *kernels;  /* program -> {match, file, values} */
+};
+
+/* Hands one CLBlast set to CLBlast after checking it against the device;
+ * the message says why not otherwise. */
+static int override_set(atmoe_context *ctx, const char *kernel,
+                        const json_t *rec, char *err)
+{
+    const json_t *values = json_object_get(rec, "values");
+    if (check_on_device(kernel, values, &ctx->device->info, err) != 0)
+        return -1;
+    const char *names[MAX_PARAMS];
+    size_t vals[MAX_PARAMS], n = 0;
+    const char *name;
+    json_t *v;
+    json_object_foreach((json_t *)values, name, v) {
+        names[n] = name;
+        vals[n++] = (size_t)json_integer_value(v);
+    }
+    atmoe_status st = atm_blas_override(ctx, kernel, n, names, vals);
+    if (st != ATMOE_STATUS_OK)
+        return bad(err, "%s", atmoe_errmsg(ctx));
+    pthread_mutex_lock(&state_lock);
+    json_t *dev = device_record(ctx->device->id);
+    if (dev)
+        json_object_set_new(dev, kernel, json_pack("{s:O, s:O, s:O}", "match",
+                                                   json_object_get(rec, "match"),
+                                                   "file",
+                                                   json_object_get(rec, "file"),
+                                                   "values", values));
+    pthread_mutex_unlock(&state_lock);
+    return 0;
+}
+
+/* Applies resolved sets: CLBlast's to the device, the kernels' to ctx.
+ * Sets the device cannot take are logged and skipped; the count of
+ * skipped sets is returned. */
+static int apply(atmoe_context *ctx, json_t *resolved, const char *mode)
+{
+    int skipped = 0;
+    const char *kernel;
+    json_t *rec;
+    json_object_foreach(json_object_get(resolved, "clblast"), kernel, rec) {
+        char err[ERR_SIZE];
+        if (override_set(ctx, kernel, rec, err) != 0) {
+            atm_log(ATMOE_LOG_WARNING, "tuned %s parameters from %s not "
+                    "applied: %s", kernel,
+                    json_string_value(json_object_get(rec, "file")), err);
+            skipped++;
+        }
+    }
+    json_t *kernels = json_object_get(resolved, "kernels");
+    json_decref(ctx->tuning->kernels);
+    ctx->tuning->kernels = json_incref(kernels);
+    ctx->tuning->mode = mode;
+    return skipped;
+}
+
+void atm_tuning_init(atmoe_context *ctx)
+{
+    ctx->tuning = calloc(1, sizeof *ctx->tuning);
+    if (ctx->tuning == NULL) {
+        atm_log(ATMOE_LOG_WARNING, "no tuning: out of host memory");
+        return;
+    }
+    ctx->tuning->mode = "default";
+    const char *env = getenv("ATMOE_PARAMS");
+    if (env && strcmp(env, "default") == 0) {
+        json_t *rec = device_record_copy(ctx->device->id);
+        if (json_object_size(rec) > 0)
+            atm_log(ATMOE_LOG_WARNING, "ATMOE_PARAMS=default, but CLBlast "
+                    "parameters applied earlier in this process stay in "
+                    "force on %s", ctx->device->info.name);
+        json_decref(rec);
+        return;
+    }
+    if (env && *env && strcmp(env, "tuned") != 0)
+        atm_log(ATMOE_LOG_WARNING, "ATMOE_PARAMS=%s is neither 'tuned' nor "
+                "'default'; using the tuned parameters", env);
+    json_t *resolved = resolve(&ctx->device->info);
+    if (resolved == NULL) {
+        atm_log(ATMOE_LOG_WARNING, "no tuning: out of host memory");
+        return;
+    }
+    apply(ctx, resolved, "tuned");
+    json_decref(resolved);
+}
+
+void atm_tuning_release(atmoe_context *ctx)
+{
+    if (ctx->tuning)
+        json_decref(ctx->tuning->kernels);
+    free(ctx->tuning);
+    ctx->tuning = NULL;
+}
+
+/* Whether options already define macro key (-Dkey=...). */
+static int defines(const char *options, const char *key)
+{
+    size_t n = strlen(key);
+    for (const char *p = strstr(options, "-D"); p; p = strstr(p + 2, "-D"))
+        if ((p == options || p[-1] == ' ') && strncmp(p + 2, key, n) == 0 &&
+            (p[2 + n] == '=' || p[2 + n] == ' ' || p[2 + n] == '\0'))
+            return 1;
+    return 0;
+}
+
+long atm_tuning_kernel_value(const atmoe_context *ctx, const char *program,
+                             const char *key, long fallback)
+{
+    if (ctx->tuning == NULL)
+        return fallback;
+    json_t *v = json_object_get(
+        json_object_get(json_object_get(ctx->tuning->kernels, program),
+                        "values"),
+        key);
+    return json_is_integer(v) ? (long)json_integer_value(v) : fallback;
+}
+
+int atm_tuning_build_options(const atmoe_context *ctx, const char *name,
+                             const char *options, char **result)
+{
+    json_t *defs = NULL;
+    *result = NULL;
+    if (ctx->tuning)
+        defs = json_object_get(json_object_get(ctx->tuning->kernels, name),
+                               "values");
+    if (json_object_size(defs) == 0)
+        return 0;
+    size_t len = strlen(options) + 1;
+    const char *key;
+    json_t *v;
+    char num[64];
+    json_object_foreach(defs, key, v)
+        len += strlen(key) + 4 + (json_is_string(v) ? json_string_length(v)
+                                                    : sizeof num);
+    char *out = malloc(len);
+    if (out == NULL)
+        return -1;
+    size_t at = (size_t)snprintf(out, len, "%s", options);
+    json_object_foreach(defs, key, v) {
+        if (defines(options, key))
+            continue;
+        const char *val = num;
+        if (json_is_string(v))
+            val = json_string_value(v);
+        else if (json_is_integer(v))
+            snprintf(num, sizeof num, "%lld", (long long)json_integer_value(v));
+        else
+            snprintf(num, sizeof num, "%.17g", json_real_value(v));
+        at += (size_t)snprintf(out + at, len - at, "%s-D%s=%s",
+                               at ? " " : "", key, val);
+    }
+    *result = out;
+    return 0;
+}
+
+ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
+                                                const char *params)
+{
+    ATM_CHECK_NULL(NULL, ctx);
+    ATM_CHECK_NULL(ctx, params);
+    if (ctx->tuning == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "atmoe_context_set_params: the context has no tuning "
+                        "state (out of host memory when it was made)");
+    if (strcmp(params, "default") == 0) {
+        json_t *rec = device_record_copy(ctx->device->id);
+        const char *kernel = NULL;
+        void *it = json_object_iter(rec);
+        if (it)
+            kernel = json_object_iter_key(it);
+        atmoe_status st = ATMOE_STATUS_OK;
+        if (kernel)
+            st = atm_fail(ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                          "atmoe_context_set_params: CLBlast's %s parameters "
+                          "on %s were overridden earlier in this process, and "
+                          "CLBlast cannot restore its built-in values (set "
+                          "ATMOE_PARAMS=default before the first context "
+                          "instead)", kernel, ctx->device->info.name);
+        json_decref(rec);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+        json_decref(ctx->tuning->kernels);
+        ctx->tuning->kernels = NULL;
+        ctx->tuning->mode = "default";
+        return ATMOE_STATUS_OK;
+    }
+    json_t *resolved;
+    const char *mode = "tuned";
+    if (strcmp(params, "tuned") == 0) {
+        resolved = resolve(&ctx->device->info);
+    } else if (params[0] == '{') {
+        json_t *set;
+        atmoe_status st = parse_params(ctx, __func__, params, &set);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+        resolved = json_pack("{s:{}, s:{}}", "clblast", "kernels");
+        if (resolved)
+            take_sets(resolved, set, 0, "");
+        json_decref(set);
+        mode = "custom";
+    } else {
+        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "atmoe_context_set_params: params '%.64s' is neither "
+                        "\"tuned\", \"default\" nor a JSON object", params);
+    }
+    if (resolved == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "atmoe_context_set_params: out of host memory");
+    if (strcmp(mode, "custom") == 0) {
+        /* An explicit set must take whole: a tuner timing it would
+         * otherwise time something else. */
+        const char *kernel;
+        json_t *rec;
+        json_object_foreach(json_object_get(resolved, "clblast"), kernel, rec) {
+            char err[ERR_SIZE];
+            if (check_on_device(kernel, json_object_get(rec, "values"),
+                                &ctx->device->info, err) != 0) {
+                json_decref(resolved);
+                return atm_fail(ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                                "atmoe_context_set_params: %s", err);
+            }
+        }
+    }
+    int skipped = apply(ctx, resolved, mode);
+    json_decref(resolved);
+    if (skipped && strcmp(mode, "custom") == 0)
+        return atm_fail(ctx, ATMOE_STATUS_BLAS_ERROR,
+                        "atmoe_context_set_params: CLBlast refused %d of the "
+                        "sets (see the log)", skipped);
+    return ATMOE_STATUS_OK;
+}
+
+/* Drops the internal "spec" ranks from a section of records. */
+static json_t *public_section(json_t *section, const char *values_name)
+{
+    json_t *out = json_object();
+    const char *kernel;
+    json_t *rec;
+    json_object_foreach(section, kernel, rec) {
+        const char *match = json_string_value(json_object_get(rec, "match"));
+        json_object_set_new(out, kernel,
+                            json_pack("{s:s, s:O, s:O}", "match",
+                                      *match ? match : "explicit", "file",
+                                      json_object_get(rec, "file"),
+                                      values_name,
+                                      json_object_get(rec, "values")));
+    }
+    return out;
+}
+
+ATMOE_API atmoe_status atmoe_context_get_params(const atmoe_context *ctx,
+                                                char *json, size_t size,
+                                                size_t *needed)
+{
+    ATM_CHECK_NULL(NULL, ctx);
+    /* json NULL with size 0 asks for the size alone, as snprintf does. */
+    if (json == NULL && (size != 0 || needed == NULL))
+        return atm_fail(ctx, ATMOE_STATUS_NULL_POINTER,
+                        "atmoe_context_get_params: json is NULL; a size query "
+                        "passes size 0 and needed");
+    if (ctx->tuning == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "atmoe_context_get_params: the context has no tuning "
+                        "state (out of host memory when it was made)");
+    json_t *rec = device_record_copy(ctx->device->id);
+    json_t *out = json_pack("{s:s, s:o, s:o}", "mode", ctx->tuning->mode,
+                            "clblast", public_section(rec, "params"),
+                            "kernels",
+                            public_section(ctx->tuning->kernels, "defines"));
+    json_decref(rec);
+    char *text = out ? json_dumps(out, JSON_INDENT(2)) : NULL;
+    json_decref(out);
+    if (text == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "atmoe_context_get_params: out of host memory");
+    size_t len = strlen(text) + 1;
+    if (needed)
+        *needed = len;
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (json == NULL)
+        ; /* the size alone */
+    else if (len > size)
+        st = atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                      "atmoe_context_get_params: the description needs %zu "
+                      "bytes, the buffer holds %zu", len, size);
+    else
+        memcpy(json, text, len);
+    free(text);
+    return st;
+}

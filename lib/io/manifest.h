@@ -1,0 +1,72 @@
+/* Layer manifests: the parsed JSON (manifest.c), and the files it names,
+ * checked and added to a graph (manifest_build.c). */
+#ifndef ATMOE_MANIFEST_H
+#define ATMOE_MANIFEST_H
+
+#include "base/error.h"
+
+typedef struct atm_mref {
+    char *file;   /* resolved; NULL when the entry is absent */
+    char *tensor;
+    int transposed;
+} atm_mref;
+
+typedef struct atm_mexpert {
+    int group;    /* -1 for the general LoRA */
+    int position;
+    char *adapter;
+    int layer;
+    char *module;
+    /* Set by the check. */
+    size_t adapter_index; /* in the manifest's open adapters */
+    size_t target;
+} atm_mexpert;
+
+typedef struct atm_mcontrol {
+    int group, expert; /* expert -1: the whole group */
+    float weight;      /* fixed weights only */
+} atm_mcontrol;
+
+typedef struct atm_mmodule {
+    char *where; /* its JSON path, for messages */
+    size_t layer;
+    int model_layer;
+    char *name;
+    int is_output;
+    atm_mref weight, bias, w_g, w_d;
+    atm_mexpert *experts; /* groups in order, the general LoRA last */
+    size_t count;         /* entries of experts, the general LoRA included */
+    size_t groups, max_group;
+    int has_general;
+    float lambda, c;
+    atmoe_router_form form;
+    float tau_g, tau_d;
+    int top_k_groups, top_k_experts;
+    atm_mcontrol *masks, *fixed;
+    size_t n_masks, n_fixed;
+    size_t d_in, d_out; /* set by the check */
+} atm_mmodule;
+
+typedef struct atm_mfile {
+    char *path;
+    atmoe_safetensors *file;
+} atm_mfile;
+
+typedef struct atm_madapter {
+    char *path;
+    atmoe_adapter *adapter;
+} atm_madapter;
+
+struct atmoe_manifest {
+    atmoe_context *ctx;
+    atm_mmodule *modules;
+    size_t count, layers;
+    int checked;
+    size_t d_in, d_out;
+    atm_mfile *files;
+    size_t n_files;
+    atm_madapter *adapters;
+    size_t n_adapters;
+};
+
+#endif

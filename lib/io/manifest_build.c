@@ -1,0 +1,389 @@
+/* Layer manifests: the files they name, opened once each and checked
+ * against each other, and the stack they describe added to a graph. */
+#include <config.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "graph/graph.h"
+#include "base/log.h"
+#include "io/manifest.h"
+
+/* Re-reports the message of a failed call under the JSON path of the
+ * entry that led to it. */
+static atmoe_status at(const atmoe_context *ctx, atmoe_status st,
+                       const char *where, const char *what)
+{
+    char detail[ATM_ERRMSG_SIZE / 2];
+    snprintf(detail, sizeof detail, "%s", atmoe_errmsg(ctx));
+    return atm_fail(ctx, st, "%s%s%s: %s", where, *what ? "." : "", what,
+                    detail);
+}
+
+static atmoe_status oom(const atmoe_context *ctx, const char *fn)
+{
+    return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                    "%s: out of host memory", fn);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Files                                                                     */
+/* ------------------------------------------------------------------------ */
+
+static atmoe_status open_file(atmoe_manifest *mf, const char *path,
+                              atmoe_safetensors **file)
+{
+    for (size_t i = 0; i < mf->n_files; i++)
+        if (strcmp(mf->files[i].path, path) == 0) {
+            *file = mf->files[i].file;
+            return ATMOE_STATUS_OK;
+        }
+    atm_mfile *grown = realloc(mf->files, (mf->n_files + 1) * sizeof *grown);
+    if (grown == NULL)
+        return oom(mf->ctx, "atmoe_manifest_check");
+    mf->files = grown;
+    atm_mfile *f = &mf->files[mf->n_files];
+    if ((f->path = malloc(strlen(path) + 1)) == NULL)
+        return oom(mf->ctx, "atmoe_manifest_check");
+    strcpy(f->path, path);
+    atmoe_status st = atmoe_safetensors_open(mf->ctx, path, &f->file);
+    if (st != ATMOE_STATUS_OK) {
+        free(f->path);
+        return st;
+    }
+    mf->n_files++;
+    *file = f->file;
+    return ATMOE_STATUS_OK;
+}
+
+static atmoe_status open_adapter(atmoe_manifest *mf, const char *path,
+                                 size_t *index)
+{
+    for (size_t i = 0; i < mf->n_adapters; i++)
+        if (strcmp(mf->adapters[i].path, path) == 0) {
+            *index = i;
+            return ATMOE_STATUS_OK;
+        }
+    atm_madapter *grown =
+        realloc(mf->adapters, (mf->n_adapters + 1) * sizeof *grown);
+    if (grown == NULL)
+        return oom(mf->ctx, "atmoe_manifest_check");
+    mf->adapters = grown;
+    atm_madapter *a = &mf->adapters[mf->n_adapters];
+    if ((a->path = malloc(strlen(path) + 1)) == NULL)
+        return oom(mf->ctx, "atmoe_manifest_check");
+    strcpy(a->path, path);
+    atmoe_status st = atmoe_adapter_open(mf->ctx, path, &a->adapter);
+    if (st != ATMOE_STATUS_OK) {
+        free(a->path);
+        return st;
+    }
+    *index = mf->n_adapters++;
+    return ATMOE_STATUS_OK;
+}
+
+/* Finds ref's tensor and checks it is floating point with the shape
+ * wanted (rows or cols 0: any); *t receives it. */
+static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
+                                const char *key, const atm_mref *ref,
+                                int ndim, size_t rows, size_t cols,
+                                atmoe_safetensors_tensor *t)
+{
+    atmoe_safetensors *file;
+    atmoe_status st = open_file(mf, ref->file, &file);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_safetensors_find(file, ref->tensor, t);
+    if (st != ATMOE_STATUS_OK)
+        return at(mf->ctx, st, m->where, key);
+    if (t->dtype != ATMOE_SAFETENSORS_F32 && t->dtype != ATMOE_SAFETENSORS_F16 &&
+        t->dtype != ATMOE_SAFETENSORS_BF16 && t->dtype != ATMOE_SAFETENSORS_F64)
+        return atm_fail(mf->ctx, ATMOE_STATUS_FORMAT_ERROR,
+                        "%s.%s: tensor %s of %s is %s, not a floating-point "
+                        "type", m->where, key, ref->tensor, ref->file,
+                        atmoe_safetensors_dtype_name(t->dtype));
+    size_t want[2] = {rows, cols};
+    int ok = t->ndim == ndim;
+    for (int i = 0; i < ndim && ok; i++)
+        ok = t->shape[i] > 0 && t->shape[i] <= UINT32_MAX &&
+             (want[i] == 0 || t->shape[i] == want[i]);
+    if (!ok) {
+        char got[96] = "", exp[64];
+        size_t n = 0;
+        for (int i = 0; i < t->ndim && n < sizeof got; i++)
+            n += (size_t)snprintf(got + n, sizeof got - n, "%s%llu",
+                                  i ? ", " : "",
+                                  (unsigned long long)t->shape[i]);
+        if (ndim == 1)
+            snprintf(exp, sizeof exp, "[%zu]", rows);
+        else if (rows && cols)
+            snprintf(exp, sizeof exp, "[%zu, %zu]", rows, cols);
+        else
+            snprintf(exp, sizeof exp, "2-D");
+        return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s.%s: tensor %s of %s is [%s], the module needs "
+                        "%s", m->where, key, ref->tensor, ref->file, got,
+                        exp);
+    }
+    return ATMOE_STATUS_OK;
+}
+
+static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
+{
+    atmoe_safetensors_tensor t;
+    atmoe_status st = find_tensor(mf, m, "weight", &m->weight, 2, 0, 0, &t);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    /* A Conv1D weight is stored [in, out]. */
+    m->d_in = m->weight.transposed ? t.shape[0] : t.shape[1];
+    m->d_out = m->weight.transposed ? t.shape[1] : t.shape[0];
+    if (m->bias.file &&
+        (st = find_tensor(mf, m, "bias", &m->bias, 1, m->d_out, 0, &t)))
+        return st;
+    for (size_t i = 0; i < m->count; i++) {
+        atm_mexpert *e = &m->experts[i];
+        char key[64];
+        if (e->group < 0)
+            snprintf(key, sizeof key, "general");
+        else
+            snprintf(key, sizeof key, "groups[%d][%d]", e->group,
+                     e->position);
+        if ((st = open_adapter(mf, e->adapter, &e->adapter_index)) ||
+            (st = atmoe_adapter_find(mf->adapters[e->adapter_index].adapter,
+                                     e->layer, e->module, &e->target)))
+            return at(mf->ctx, st, m->where, key);
+        atmoe_adapter_target tg;
+        if ((st = atmoe_adapter_get_target(
+                 mf->adapters[e->adapter_index].adapter, e->target, &tg)))
+            return st;
+        if (tg.d_in != m->d_in || tg.d_out != m->d_out)
+            return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                            "%s.%s: %s of adapter %s maps %zu -> %zu "
+                            "features; the module's weight, %zu -> %zu",
+                            m->where, key, tg.module, e->adapter, tg.d_in,
+                            tg.d_out, m->d_in, m->d_out);
+        if (tg.rank > m->d_in || tg.rank > m->d_out)
+            return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                            "%s.%s: %s of adapter %s has rank %zu, more "
+                            "than min(d_in %zu, d_out %zu)", m->where, key,
+                            tg.module, e->adapter, tg.rank, m->d_in,
+                            m->d_out);
+    }
+    size_t G = m->groups, M = m->max_group;
+    int scaled = m->form == ATMOE_ROUTER_SCALED;
+    if (m->w_g.file && (st = find_tensor(mf, m, "router.w_g", &m->w_g, 2,
+                                         m->d_in, G, &t)))
+        return st;
+    if (m->w_d.file &&
+        (st = find_tensor(mf, m, scaled ? "router.v_d" : "router.w_d",
+                          &m->w_d, 2, scaled ? G : m->d_in,
+                          scaled ? M : G * M, &t)))
+        return st;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *manifest)
+{
+    ATM_CHECK_NULL(NULL, manifest);
+    if (manifest->checked)
+        return ATMOE_STATUS_OK;
+    for (size_t i = 0; i < manifest->count; i++) {
+        atmoe_status st = check_module(manifest, &manifest->modules[i]);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+    }
+    /* Every module of a layer reads the layer's input: for the first
+     * layer the stack's input, as wide as its first module takes; then
+     * the previous layer's output module's result. */
+    const atm_mmodule *source = &manifest->modules[0];
+    size_t width = source->d_in;
+    int from_output = 0;
+    for (size_t i = 0; i < manifest->count;) {
+        const atm_mmodule *out = NULL;
+        size_t l = manifest->modules[i].layer;
+        for (; i < manifest->count && manifest->modules[i].layer == l; i++) {
+            const atm_mmodule *m = &manifest->modules[i];
+            if (m->d_in != width)
+                return atm_fail(manifest->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                                "%s: the weight takes %zu features, but %s "
+                                "%s %s %zu", m->where, m->d_in,
+                                from_output ? "the output of" : "the input, as",
+                                source->where,
+                                from_output ? "gives" : "takes it, has",
+                                width);
+            if (m->is_output)
+                out = m;
+        }
+        source = out;
+        width = out->d_out;
+        from_output = 1;
+    }
+    manifest->d_in = manifest->modules[0].d_in;
+    manifest->d_out = width;
+    manifest->checked = 1;
+    return ATMOE_STATUS_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Building                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* A constant node holding ref's tensor as f32 [rows, cols] (cols 0: 1-D),
+ * transposed from [cols, rows] when ref says so; zeros when ref is empty. */
+static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
+                               const atm_mref *ref, size_t rows, size_t cols,
+                               atmoe_node *node)
+{
+    size_t n = rows * (cols ? cols : 1);
+    float *data = calloc(n, sizeof *data);
+    float *t = ref->transposed ? malloc(n * sizeof *t) : NULL;
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (data == NULL || (ref->transposed && t == NULL))
+        st = oom(g->ctx, "atmoe_manifest_build");
+    atmoe_safetensors *file = NULL;
+    if (st == ATMOE_STATUS_OK && ref->file &&
+        (st = open_file(mf, ref->file, &file)) == ATMOE_STATUS_OK)
+        st = atmoe_safetensors_read_f32(file, ref->tensor, t ? t : data, n);
+    if (st != ATMOE_STATUS_OK && g->ctx != mf->ctx)
+        st = atm_fail(g->ctx, st, "%s", atmoe_errmsg(mf->ctx));
+    if (st == ATMOE_STATUS_OK && t)
+        for (size_t i = 0; i < rows; i++)
+            for (size_t j = 0; j < cols; j++)
+                data[i * cols + j] = t[j * rows + i];
+    size_t shape[2] = {rows, cols};
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_graph_constant(g, NULL, ATMOE_DTYPE_F32, cols ? 2 : 1,
+                                  shape, data, node);
+    free(data);
+    free(t);
+    return st;
+}
+
+/* The module's expert set and router, with its masks and fixed weights. */
+static atmoe_status make_router(atmoe_manifest *mf, atmoe_graph *g,
+                                const atm_mmodule *m, atmoe_experts **set,
+                                atmoe_router **router)
+{
+    atmoe_status st = atmoe_experts_new(g->ctx, m->d_in, m->d_out, set);
+    for (size_t i = 0; i < m->count && st == ATMOE_STATUS_OK; i++) {
+        const atm_mexpert *e = &m->experts[i];
+        const atmoe_adapter *ad = mf->adapters[e->adapter_index].adapter;
+        if (e->group >= 0) {
+            st = atmoe_experts_add_adapter(*set, e->group, ad, e->target,
+                                           NULL);
+            continue;
+        }
+        atmoe_adapter_target t;
+        if ((st = atmoe_adapter_get_target(ad, e->target, &t)) != ATMOE_STATUS_OK)
+            break;
+        float *a = malloc(t.rank * t.d_in * sizeof *a);
+        float *b = malloc(t.d_out * t.rank * sizeof *b);
+        if (a == NULL || b == NULL)
+            st = oom(g->ctx, "atmoe_manifest_build");
+        if (st == ATMOE_STATUS_OK &&
+            (st = atmoe_adapter_read(ad, e->target, a, t.rank * t.d_in, b,
+                                     t.d_out * t.rank)) &&
+            g->ctx != mf->ctx)
+            st = atm_fail(g->ctx, st, "%s", atmoe_errmsg(mf->ctx));
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_experts_set_general(*set, t.rank, a, b, t.alpha,
+                                           t.flags, m->lambda);
+        free(a);
+        free(b);
+    }
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_router_new(*set, m->form, m->tau_g, m->tau_d,
+                              m->top_k_groups, m->top_k_experts, router);
+    for (size_t i = 0; i < m->n_masks && st == ATMOE_STATUS_OK; i++)
+        st = atmoe_router_set_mask(*router, m->masks[i].group,
+                                   m->masks[i].expert, 0);
+    for (size_t i = 0; i < m->n_fixed && st == ATMOE_STATUS_OK; i++)
+        st = atmoe_router_set_fixed(*router, m->fixed[i].group,
+                                    m->fixed[i].expert, m->fixed[i].weight);
+    return st;
+}
+
+static atmoe_status add_module(atmoe_manifest *mf, atmoe_graph *g,
+                               const atm_mmodule *m, atmoe_node x,
+                               atmoe_node router_input, atmoe_node gate_index,
+                               atmoe_node *y, atmoe_layer_trace *trace)
+{
+    atmoe_experts *set = NULL;
+    atmoe_router *router = NULL;
+    atmoe_layer layer = {.w0 = ATMOE_NODE_NONE,
+                         .bias = ATMOE_NODE_NONE,
+                         .router_input = router_input,
+                         .gate_index = gate_index,
+                         .c = m->c};
+    int scaled = m->form == ATMOE_ROUTER_SCALED;
+    size_t G = m->groups, M = m->max_group;
+    atmoe_status st = make_router(mf, g, m, &set, &router);
+    if (st == ATMOE_STATUS_OK)
+        st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, &layer.w0);
+    if (st == ATMOE_STATUS_OK && m->bias.file)
+        st = add_tensor(mf, g, &m->bias, m->d_out, 0, &layer.bias);
+    if (st == ATMOE_STATUS_OK)
+        st = add_tensor(mf, g, &m->w_g, m->d_in, G, &layer.w_g);
+    if (st == ATMOE_STATUS_OK)
+        st = add_tensor(mf, g, &m->w_d, scaled ? G : m->d_in,
+                        scaled ? M : G * M, &layer.w_d);
+    layer.experts = set;
+    layer.router = router;
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_graph_moe_layer(g, x, &layer, y, trace);
+    /* The graph holds what it uses. */
+    atmoe_router_free(router);
+    atmoe_experts_free(set);
+    return st;
+}
+
+ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
+                                            atmoe_graph *graph, atmoe_node x,
+                                            atmoe_node router_input,
+                                            atmoe_node gate_index,
+                                            atmoe_node *outputs,
+                                            atmoe_layer_trace *traces,
+                                            atmoe_node *y)
+{
+    ATM_CHECK_NULL(NULL, manifest);
+    ATM_CHECK_NULL(manifest->ctx, graph);
+    ATM_CHECK_NULL(graph->ctx, y);
+    atmoe_status st = atmoe_manifest_check(manifest);
+    if (st != ATMOE_STATUS_OK)
+        return graph->ctx == manifest->ctx
+                   ? st
+                   : atm_fail(graph->ctx, st, "%s", atmoe_errmsg(manifest->ctx));
+    /* Outputs and traces reach the caller only when every module went in. */
+    atmoe_node *outs = malloc(manifest->count * sizeof *outs);
+    atmoe_layer_trace *ts = malloc(manifest->count * sizeof *ts);
+    if (outs == NULL || ts == NULL) {
+        free(outs);
+        free(ts);
+        return oom(graph->ctx, "atmoe_manifest_build");
+    }
+    size_t mark = graph->count;
+    atmoe_node h = x, next = x;
+    for (size_t i = 0; i < manifest->count && st == ATMOE_STATUS_OK; i++) {
+        const atm_mmodule *m = &manifest->modules[i];
+        if (i > 0 && m->layer != manifest->modules[i - 1].layer)
+            h = next;
+        st = add_module(manifest, graph, m, h, router_input, gate_index, &outs[i],
+                        &ts[i]);
+        if (st != ATMOE_STATUS_OK)
+            st = at(graph->ctx, st, m->where, "");
+        else if (m->is_output)
+            next = outs[i];
+    }
+    if (st == ATMOE_STATUS_OK && outputs)
+        memcpy(outputs, outs, manifest->count * sizeof *outs);
+    if (st == ATMOE_STATUS_OK && traces)
+        memcpy(traces, ts, manifest->count * sizeof *ts);
+    free(outs);
+    free(ts);
+    if (st != ATMOE_STATUS_OK) {
+        atm_graph_truncate(graph, mark);
+        return st;
+    }
+    *y = next;
+    return ATMOE_STATUS_OK;
+}
