@@ -589,6 +589,21 @@ ATMOE_API atmoe_status atmoe_graph_set_input(atmoe_graph *graph,
  * batch).  Does not wait; atmoe_graph_read() waits for the result. */
 ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *graph, size_t batch);
 
+/* What the last atmoe_graph_compute() cost the host: the time it took to
+ * check its inputs and enqueue every node (the device works on after it
+ * returns), and the host allocations the library made meanwhile, which a
+ * plan makes 0 (the library's own allocations: those of the OpenCL driver
+ * are not counted). */
+typedef struct atmoe_compute_stats {
+    double host_ms;
+    uint64_t host_allocations;
+    size_t batch; /* of that compute */
+} atmoe_compute_stats;
+
+/* INVALID_ARGUMENT when nothing was computed since the graph was planned. */
+ATMOE_API atmoe_status atmoe_graph_get_compute_stats(
+    const atmoe_graph *graph, atmoe_compute_stats *stats);
+
 /* Copies an output of the last compute (its rows of that batch) to host
  * memory in dense row-major order. */
 ATMOE_API atmoe_status atmoe_graph_read(atmoe_graph *graph, atmoe_node node,

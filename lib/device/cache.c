@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/alloc.h"
 #include "base/file.h"
 #include "base/log.h"
 #include "device/program.h"
@@ -139,7 +140,7 @@ static unsigned char *reject(atmoe_context *ctx, const char *path,
     ctx->cache.disk_rejected++;
     if (f)
         fclose(f);
-    free(buf);
+    atm_free(buf);
     return NULL;
 }
 
@@ -164,7 +165,7 @@ unsigned char *atm_cache_load(atmoe_context *ctx, const char *name,
         (uint64_t)sb.st_size != sizeof h + key_size + h.binary_size)
         return reject(ctx, path, "sizes disagree with the file", f, NULL);
 
-    unsigned char *buf = malloc(key_size + (size_t)h.binary_size);
+    unsigned char *buf = atm_malloc(key_size + (size_t)h.binary_size);
     if (buf == NULL)
         return reject(ctx, path, "out of host memory", f, NULL);
     if (fread(buf, 1, key_size + (size_t)h.binary_size, f) !=

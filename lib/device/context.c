@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "base/alloc.h"
 #include "device/context.h"
 #include "base/log.h"
 #include "device/program.h"
@@ -57,7 +58,7 @@ ATMOE_API atmoe_status atmoe_context_new(const char *device,
     if (st != ATMOE_STATUS_OK)
         return st;
 
-    atmoe_context *ctx = calloc(1, sizeof *ctx);
+    atmoe_context *ctx = atm_calloc(1, sizeof *ctx);
     if (ctx == NULL)
         return atm_fail(NULL, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "atmoe_context_new: out of host memory");
@@ -119,7 +120,7 @@ ATMOE_API void atmoe_context_free(atmoe_context *ctx)
         clReleaseCommandQueue(ctx->queue);
     if (ctx->cl)
         clReleaseContext(ctx->cl);
-    free(ctx);
+    atm_free(ctx);
 }
 
 ATMOE_API atmoe_status atmoe_context_get_device(const atmoe_context *ctx,

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "base/log.h"
 #include "device/program.h"
 #include "device/tuning.h"
@@ -12,7 +13,7 @@
 static char *dup_string(const char *s)
 {
     size_t n = strlen(s) + 1;
-    char *d = malloc(n);
+    char *d = atm_malloc(n);
     if (d)
         memcpy(d, s, n);
     return d;
@@ -36,14 +37,14 @@ static atmoe_status read_override(atmoe_context *ctx, const char *path,
         st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, "cannot read %s", path);
         goto out;
     }
-    buf = malloc((size_t)len + 1);
+    buf = atm_malloc((size_t)len + 1);
     if (buf == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       "out of host memory reading %s", path);
         goto out;
     }
     if (fread(buf, 1, (size_t)len, f) != (size_t)len) {
-        free(buf);
+        atm_free(buf);
         buf = NULL;
         st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, "short read on %s", path);
         goto out;
@@ -75,7 +76,7 @@ atmoe_status atm_source_get(atmoe_context *ctx, const char *name, char **text,
         const atm_embedded_source *s = &atm_embedded_sources[i];
         if (strcmp(s->name, name) != 0)
             continue;
-        char *copy = malloc(s->size + 1);
+        char *copy = atm_malloc(s->size + 1);
         if (copy == NULL)
             return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                             "out of host memory for kernel source %s", name);
@@ -101,7 +102,7 @@ static char *make_key(const atmoe_context *ctx, const char *name,
     int n = snprintf(NULL, 0, fmt, name, h, size, options, d->raw_name,
                      d->vendor_name, d->driver_version, d->platform_name,
                      d->platform_version);
-    char *key = malloc((size_t)n + 1);
+    char *key = atm_malloc((size_t)n + 1);
     if (key)
         snprintf(key, (size_t)n + 1, fmt, name, h, size, options, d->raw_name,
                  d->vendor_name, d->driver_version, d->platform_name,
@@ -117,7 +118,7 @@ static atmoe_status build_failed(atmoe_context *ctx, cl_program prog,
     char *log = NULL;
     if (clGetProgramBuildInfo(prog, ctx->device->id, CL_PROGRAM_BUILD_LOG, 0,
                               NULL, &log_size) == CL_SUCCESS &&
-        log_size > 0 && (log = malloc(log_size + 1)) != NULL) {
+        log_size > 0 && (log = atm_malloc(log_size + 1)) != NULL) {
         if (clGetProgramBuildInfo(prog, ctx->device->id, CL_PROGRAM_BUILD_LOG,
                                   log_size, log, NULL) != CL_SUCCESS)
             log[0] = '\0';
@@ -128,7 +129,7 @@ static atmoe_status build_failed(atmoe_context *ctx, cl_program prog,
                                "failed: %s (%d); build log:\n%s",
                                name, options, atm_cl_error_name(err), (int)err,
                                log ? log : "(none)");
-    free(log);
+    atm_free(log);
     return st;
 }
 
@@ -141,12 +142,12 @@ static unsigned char *program_binary(const atmoe_context *ctx, cl_program prog,
             CL_SUCCESS ||
         n == 0)
         return NULL;
-    unsigned char *bin = malloc(n);
+    unsigned char *bin = atm_malloc(n);
     if (bin == NULL)
         return NULL;
     if (clGetProgramInfo(prog, CL_PROGRAM_BINARIES, sizeof bin, &bin, NULL) !=
         CL_SUCCESS) {
-        free(bin);
+        atm_free(bin);
         return NULL;
     }
     *size = n;
@@ -193,7 +194,7 @@ static atmoe_status build(atmoe_context *ctx, const char *name,
         unsigned char *bin = atm_cache_load(ctx, name, key, &bin_size);
         if (bin) {
             prog = from_binary(ctx, bin, bin_size, options);
-            free(bin);
+            atm_free(bin);
             if (prog) {
                 ctx->cache.disk_hits++;
                 goto out;
@@ -226,11 +227,11 @@ static atmoe_status build(atmoe_context *ctx, const char *name,
         unsigned char *bin = program_binary(ctx, prog, &bin_size);
         if (bin)
             atm_cache_store(ctx, name, key, bin, bin_size);
-        free(bin);
+        atm_free(bin);
     }
 out:
-    free(source);
-    free(key);
+    atm_free(source);
+    atm_free(key);
     *out = prog;
     return st;
 }
@@ -240,7 +241,7 @@ static int grow(void **array, size_t *capacity, size_t count, size_t elem)
     if (count < *capacity)
         return 1;
     size_t cap = *capacity ? *capacity * 2 : 8;
-    void *p = realloc(*array, cap * elem);
+    void *p = atm_realloc(*array, cap * elem);
     if (p == NULL)
         return 0;
     *array = p;
@@ -267,8 +268,8 @@ static atmoe_status program_get(atmoe_context *ctx, const char *name,
     atmoe_status st = ATMOE_STATUS_HOST_OUT_OF_MEMORY;
     if (e.name == NULL || e.options == NULL ||
         (st = build(ctx, name, options, &e.program)) != ATMOE_STATUS_OK) {
-        free(e.name);
-        free(e.options);
+        atm_free(e.name);
+        atm_free(e.options);
         if (st == ATMOE_STATUS_HOST_OUT_OF_MEMORY)
             atm_fail(ctx, st, "out of host memory for the program cache");
         return st;
@@ -288,7 +289,7 @@ atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "out of host memory building '%s'", name);
     atmoe_status st = program_get(ctx, name, opts ? opts : options, program);
-    free(opts);
+    atm_free(opts);
     return st;
 }
 
@@ -332,15 +333,15 @@ void atm_programs_release(atmoe_context *ctx)
 {
     for (size_t i = 0; i < ctx->kernel_count; i++) {
         clReleaseKernel(ctx->kernels[i].kernel);
-        free(ctx->kernels[i].name);
+        atm_free(ctx->kernels[i].name);
     }
     for (size_t i = 0; i < ctx->program_count; i++) {
         clReleaseProgram(ctx->programs[i].program);
-        free(ctx->programs[i].name);
-        free(ctx->programs[i].options);
+        atm_free(ctx->programs[i].name);
+        atm_free(ctx->programs[i].options);
     }
-    free(ctx->kernels);
-    free(ctx->programs);
+    atm_free(ctx->kernels);
+    atm_free(ctx->programs);
     ctx->kernels = NULL;
     ctx->programs = NULL;
     ctx->kernel_count = ctx->program_count = 0;

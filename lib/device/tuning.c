@@ -11,6 +11,7 @@
 
 #include <jansson.h>
 
+#include "base/alloc.h"
 #include "device/blas.h"
 #include "base/file.h"
 #include "base/log.h"
@@ -839,7 +840,7 @@ static int apply(atmoe_context *ctx, json_t *resolved, const char *mode)
 
 void atm_tuning_init(atmoe_context *ctx)
 {
-    ctx->tuning = calloc(1, sizeof *ctx->tuning);
+    ctx->tuning = atm_calloc(1, sizeof *ctx->tuning);
     if (ctx->tuning == NULL) {
         atm_log(ATMOE_LOG_WARNING, "no tuning: out of host memory");
         return;
@@ -871,7 +872,7 @@ void atm_tuning_release(atmoe_context *ctx)
 {
     if (ctx->tuning)
         json_decref(ctx->tuning->kernels);
-    free(ctx->tuning);
+    atm_free(ctx->tuning);
     ctx->tuning = NULL;
 }
 
@@ -915,7 +916,7 @@ int atm_tuning_build_options(const atmoe_context *ctx, const char *name,
     json_object_foreach(defs, key, v)
         len += strlen(key) + 4 + (json_is_string(v) ? json_string_length(v)
                                                     : sizeof num);
-    char *out = malloc(len);
+    char *out = atm_malloc(len);
     if (out == NULL)
         return -1;
     size_t at = (size_t)snprintf(out, len, "%s", options);
@@ -1068,6 +1069,6 @@ ATMOE_API atmoe_status atmoe_context_get_params(const atmoe_context *ctx,
                       "bytes, the buffer holds %zu", len, size);
     else
         memcpy(json, text, len);
-    free(text);
+    atm_free(text);
     return st;
 }

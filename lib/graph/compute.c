@@ -5,7 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
+#include "base/alloc.h"
 #include "graph/graph.h"
 #include "base/log.h"
 
@@ -144,6 +146,9 @@ ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *g, size_t batch)
                             n->rows_set, batch);
     }
 
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    uint64_t allocs0 = atm_alloc_count();
     release_events(g);
     for (size_t k = 0; k < g->order_count; k++)
         atm_node_set_runtime(g, &g->nodes[g->order[k]], batch);
@@ -172,6 +177,12 @@ ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *g, size_t batch)
     /* Commands go to the device now; reading a result waits for them. */
     clFlush(g->ctx->queue);
     g->batch = batch;
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    g->stats.host_ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 +
+                       (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
+    g->stats.host_allocations = atm_alloc_count() - allocs0;
+    g->stats.batch = batch;
     return ATMOE_STATUS_OK;
 }
 
@@ -201,6 +212,22 @@ ATMOE_API atmoe_status atmoe_graph_read(atmoe_graph *g, atmoe_node node,
                         "%s: output '%s' holds %zu bytes at batch %zu, not "
                         "%zu", __func__, n->name, want, g->batch, bytes);
     return atmoe_tensor_read(&n->rt, data, bytes);
+}
+
+ATMOE_API atmoe_status atmoe_graph_get_compute_stats(
+    const atmoe_graph *g, atmoe_compute_stats *stats)
+{
+    ATM_CHECK_NULL(NULL, g);
+    ATM_CHECK_NULL(g->ctx, stats);
+    atmoe_status st = need_plan(g, __func__);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    if (g->batch == 0)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: nothing computed since the graph was planned",
+                        __func__);
+    *stats = g->stats;
+    return ATMOE_STATUS_OK;
 }
 
 ATMOE_API atmoe_status atmoe_graph_set_profiling(atmoe_graph *g, int on)

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "base/file.h"
 #include "graph/graph.h"
 #include "base/log.h"
@@ -77,7 +78,7 @@ ATMOE_API atmoe_status atmoe_graph_new(atmoe_context *ctx, atmoe_graph **graph)
         *graph = NULL;
     ATM_CHECK_NULL(NULL, ctx);
     ATM_CHECK_NULL(ctx, graph);
-    atmoe_graph *g = calloc(1, sizeof *g);
+    atmoe_graph *g = atm_calloc(1, sizeof *g);
     if (g == NULL)
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "atmoe_graph_new: out of host memory");
@@ -102,8 +103,8 @@ ATMOE_API void atmoe_graph_free(atmoe_graph *g)
         return;
     atm_graph_unplan(g);
     atm_graph_truncate(g, 0);
-    free(g->nodes);
-    free(g);
+    atm_free(g->nodes);
+    atm_free(g);
 }
 
 atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
@@ -161,7 +162,7 @@ atmoe_status atm_graph_push(atmoe_graph *g, const atm_node *proto,
     }
     if (g->count == g->capacity) {
         size_t cap = g->capacity ? g->capacity * 2 : 32;
-        atm_node *p = realloc(g->nodes, cap * sizeof *p);
+        atm_node *p = atm_realloc(g->nodes, cap * sizeof *p);
         if (p == NULL)
             return atm_fail(g->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                             "%s: out of host memory", fn);

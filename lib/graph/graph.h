@@ -111,6 +111,7 @@ struct atmoe_graph {
     size_t gemm_temp_bytes;
     int sizing; /* the planning pass is running */
     int profiling;
+    atmoe_compute_stats stats; /* of the last compute */
 };
 
 /* The operation's name for messages, dumps and profiles. */

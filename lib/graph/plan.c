@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "graph/graph.h"
 #include "base/log.h"
 #include "device/program.h"
@@ -82,7 +83,7 @@ static int give(allocator *al, size_t offset, size_t size)
     } else {
         if (al->count == al->capacity) {
             size_t cap = al->capacity ? al->capacity * 2 : 16;
-            block *p = realloc(al->free, cap * sizeof *p);
+            block *p = atm_realloc(al->free, cap * sizeof *p);
             if (p == NULL)
                 return 0;
             al->free = p;
@@ -120,7 +121,7 @@ void atm_graph_unplan(atmoe_graph *g)
         clReleaseMemObject(g->gemm_temp);
     g->arena = g->gemm_temp = NULL;
     g->gemm_temp_bytes = 0;
-    free(g->order);
+    atm_free(g->order);
     g->order = NULL;
     g->order_count = 0;
     g->planned = 0;
@@ -299,7 +300,7 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
         if (st != ATMOE_STATUS_OK)
             break;
     }
-    free(al.free);
+    atm_free(al.free);
     mem->arena_bytes = al.end;
     return st;
 }
@@ -350,7 +351,7 @@ ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *g, unsigned flags)
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "atmoe_graph_plan: the graph has no output "
                         "(atmoe_graph_mark_output marks one)");
-    g->order = malloc(needed * sizeof *g->order);
+    g->order = atm_malloc(needed * sizeof *g->order);
     if (g->order == NULL)
         return atm_fail(g->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "atmoe_graph_plan: out of host memory");

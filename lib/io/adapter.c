@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "base/alloc.h"
 #include "moe/experts.h"
 #include "base/file.h"
 #include "base/json.h"
@@ -57,7 +58,7 @@ struct atmoe_adapter {
 static char *dup_str(const char *s)
 {
     size_t n = strlen(s) + 1;
-    char *p = malloc(n);
+    char *p = atm_malloc(n);
     if (p)
         memcpy(p, s, n);
     return p;
@@ -66,7 +67,7 @@ static char *dup_str(const char *s)
 static char *join_path(const char *dir, const char *name)
 {
     size_t n = strlen(dir) + strlen(name) + 2;
-    char *p = malloc(n);
+    char *p = atm_malloc(n);
     if (p)
         snprintf(p, n, "%s/%s", dir, name);
     return p;
@@ -146,7 +147,7 @@ static atmoe_status layer_of(const atmoe_adapter *ad, const char *module,
     *name_offset = 0;
     size_t n = strlen(module);
     /* The path before a candidate index, which layers_pattern matches. */
-    char *prefix = malloc(n + 1);
+    char *prefix = atm_malloc(n + 1);
     if (prefix == NULL)
         return oom(ad->ctx, "reading a module's layer index");
     atmoe_status st = ATMOE_STATUS_OK;
@@ -182,7 +183,7 @@ static atmoe_status layer_of(const atmoe_adapter *ad, const char *module,
         }
     }
 out:
-    free(prefix);
+    atm_free(prefix);
     return st;
 }
 
@@ -195,21 +196,21 @@ ATMOE_API void atmoe_adapter_free(atmoe_adapter *adapter)
     if (adapter == NULL)
         return;
     for (size_t i = 0; i < adapter->count; i++) {
-        free(adapter->targets[i].module);
-        free(adapter->targets[i].a);
-        free(adapter->targets[i].b);
+        atm_free(adapter->targets[i].module);
+        atm_free(adapter->targets[i].a);
+        atm_free(adapter->targets[i].b);
     }
-    free(adapter->targets);
+    atm_free(adapter->targets);
     if (adapter->layers_pattern)
         for (char **p = adapter->layers_pattern; *p; p++)
-            free(*p);
-    free(adapter->layers_pattern);
-    free(adapter->what_layers);
+            atm_free(*p);
+    atm_free(adapter->layers_pattern);
+    atm_free(adapter->what_layers);
     atmoe_safetensors_free(adapter->file);
-    free(adapter->dir);
-    free(adapter->base_model);
-    free(adapter->task_type);
-    free(adapter);
+    atm_free(adapter->dir);
+    atm_free(adapter->base_model);
+    atm_free(adapter->task_type);
+    atm_free(adapter);
 }
 
 ATMOE_API atmoe_status atmoe_adapter_new(atmoe_context *ctx,
@@ -218,9 +219,9 @@ ATMOE_API atmoe_status atmoe_adapter_new(atmoe_context *ctx,
     if (adapter)
         *adapter = NULL;
     ATM_CHECK_NULL(ctx, adapter);
-    atmoe_adapter *ad = calloc(1, sizeof *ad);
+    atmoe_adapter *ad = atm_calloc(1, sizeof *ad);
     if (ad == NULL || (ad->dir = dup_str("")) == NULL) {
-        free(ad);
+        atm_free(ad);
         return oom(ctx, __func__);
     }
     ad->ctx = ctx;
@@ -383,10 +384,10 @@ static atmoe_status read_config(atmoe_adapter *ad, config *cf,
     if (lp) {
         size_t n = json_is_array(lp) ? json_array_size(lp) : 1;
         size_t wn = strlen(cf->path) + 32;
-        if ((ad->what_layers = malloc(wn)) == NULL)
+        if ((ad->what_layers = atm_malloc(wn)) == NULL)
             return oom(ad->ctx, "atmoe_adapter_open");
         snprintf(ad->what_layers, wn, "%s: layers_pattern", cf->path);
-        if ((ad->layers_pattern = calloc(n + 1, sizeof *ad->layers_pattern)) ==
+        if ((ad->layers_pattern = atm_calloc(n + 1, sizeof *ad->layers_pattern)) ==
             NULL)
             return oom(ad->ctx, "atmoe_adapter_open");
         for (size_t i = 0; i < n; i++) {
@@ -545,7 +546,7 @@ static atmoe_status grow(atmoe_adapter *ad, const char *fn)
     if (ad->count < ad->capacity)
         return ATMOE_STATUS_OK;
     size_t cap = ad->capacity ? 2 * ad->capacity : 16;
-    atm_target *p = realloc(ad->targets, cap * sizeof *p);
+    atm_target *p = atm_realloc(ad->targets, cap * sizeof *p);
     if (p == NULL)
         return oom(ad->ctx, fn);
     ad->targets = p;
@@ -635,7 +636,7 @@ static atmoe_status take_tensor(atmoe_adapter *ad, const char *wpath,
             return st;
         tg = &ad->targets[ad->count];
         memset(tg, 0, sizeof *tg);
-        if ((tg->module = malloc(len + 1)) == NULL)
+        if ((tg->module = atm_malloc(len + 1)) == NULL)
             return oom(ad->ctx, fn);
         memcpy(tg->module, start, len);
         tg->module[len] = '\0';
@@ -760,8 +761,8 @@ static atmoe_status open_into(atmoe_adapter *ad, const char *dir)
     ad->from_file = 1;
 out:
     json_decref(root);
-    free(cpath);
-    free(wpath);
+    atm_free(cpath);
+    atm_free(wpath);
     return st;
 }
 
@@ -773,7 +774,7 @@ ATMOE_API atmoe_status atmoe_adapter_open(atmoe_context *ctx,
         *adapter = NULL;
     ATM_CHECK_NULL(ctx, dir);
     ATM_CHECK_NULL(ctx, adapter);
-    atmoe_adapter *ad = calloc(1, sizeof *ad);
+    atmoe_adapter *ad = atm_calloc(1, sizeof *ad);
     if (ad == NULL)
         return oom(ctx, __func__);
     ad->ctx = ctx;
@@ -957,8 +958,8 @@ ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *adapter,
     t.flags = flags;
     t.scale = lora_scale(rank, alpha, flags);
     t.module = dup_str(module);
-    t.a = malloc(rank * d_in * sizeof *t.a);
-    t.b = malloc(d_out * rank * sizeof *t.b);
+    t.a = atm_malloc(rank * d_in * sizeof *t.a);
+    t.b = atm_malloc(d_out * rank * sizeof *t.b);
     atmoe_status st = ATMOE_STATUS_OK;
     if (t.module == NULL || t.a == NULL || t.b == NULL)
         st = oom(adapter->ctx, fn);
@@ -971,17 +972,17 @@ ATMOE_API atmoe_status atmoe_adapter_set(atmoe_adapter *adapter,
     if (st == ATMOE_STATUS_OK && !replace)
         st = grow(adapter, fn);
     if (st != ATMOE_STATUS_OK) {
-        free(t.module);
-        free(t.a);
-        free(t.b);
+        atm_free(t.module);
+        atm_free(t.a);
+        atm_free(t.b);
         return st;
     }
     memcpy(t.a, a, rank * d_in * sizeof *t.a);
     memcpy(t.b, b, d_out * rank * sizeof *t.b);
     if (replace) {
-        free(adapter->targets[at].module);
-        free(adapter->targets[at].a);
-        free(adapter->targets[at].b);
+        atm_free(adapter->targets[at].module);
+        atm_free(adapter->targets[at].a);
+        atm_free(adapter->targets[at].b);
     } else {
         memmove(&adapter->targets[at + 1], &adapter->targets[at],
                 (adapter->count - at) * sizeof *adapter->targets);
@@ -1080,10 +1081,10 @@ static atmoe_status add_weights(const atmoe_adapter *ad,
     atmoe_status st = ATMOE_STATUS_OK;
     for (size_t i = 0; i < ad->count && st == ATMOE_STATUS_OK; i++) {
         const atm_target *t = &ad->targets[i];
-        float *a = malloc(t->rank * t->d_in * sizeof *a);
-        float *b = malloc(t->d_out * t->rank * sizeof *b);
+        float *a = atm_malloc(t->rank * t->d_in * sizeof *a);
+        float *b = atm_malloc(t->d_out * t->rank * sizeof *b);
         size_t n = strlen(KEY_PREFIX) + strlen(t->module) + 16;
-        char *key = malloc(n);
+        char *key = atm_malloc(n);
         if (a == NULL || b == NULL || key == NULL)
             st = oom(ad->ctx, fn);
         if (st == ATMOE_STATUS_OK)
@@ -1097,9 +1098,9 @@ static atmoe_status add_weights(const atmoe_adapter *ad,
             snprintf(key, n, KEY_PREFIX "%s.lora_B.weight", t->module);
             st = atmoe_safetensors_writer_add_f32(w, key, dtype, 2, sb, b);
         }
-        free(a);
-        free(b);
-        free(key);
+        atm_free(a);
+        atm_free(b);
+        atm_free(key);
     }
     if (st == ATMOE_STATUS_OK)
         st = atmoe_safetensors_writer_set_metadata(w, "format", "pt");
@@ -1135,7 +1136,7 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
     char *cpath = join_path(dir, CONFIG_NAME);
     char *wpath = join_path(dir, WEIGHTS_NAME);
     size_t tmp_size = cpath ? strlen(cpath) + 16 : 0;
-    char *tmp = malloc(tmp_size ? tmp_size : 1);
+    char *tmp = atm_malloc(tmp_size ? tmp_size : 1);
     json_t *root = NULL;
     atmoe_safetensors_writer *w = NULL;
     FILE *f = NULL;
@@ -1173,9 +1174,9 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
     }
     atmoe_safetensors_writer_free(w);
     json_decref(root);
-    free(cpath);
-    free(wpath);
-    free(tmp);
+    atm_free(cpath);
+    atm_free(wpath);
+    atm_free(tmp);
     if (st != ATMOE_STATUS_OK && made)
         rmdir(dir);
     return st;
@@ -1204,8 +1205,8 @@ ATMOE_API atmoe_status atmoe_experts_add_adapter(atmoe_experts *set,
                         "%s: %s maps %zu -> %zu features; the set, %zu -> "
                         "%zu", fn, t->module, t->d_in, t->d_out, set->d_in,
                         set->d_out);
-    float *a = malloc(t->rank * t->d_in * sizeof *a);
-    float *b = malloc(t->d_out * t->rank * sizeof *b);
+    float *a = atm_malloc(t->rank * t->d_in * sizeof *a);
+    float *b = atm_malloc(t->d_out * t->rank * sizeof *b);
     atmoe_status st = ATMOE_STATUS_OK;
     if (a == NULL || b == NULL)
         st = oom(ctx, fn);
@@ -1215,7 +1216,7 @@ ATMOE_API atmoe_status atmoe_experts_add_adapter(atmoe_experts *set,
     if (st == ATMOE_STATUS_OK)
         st = atmoe_experts_add(set, group, t->rank, a, b, t->alpha, t->flags,
                                expert);
-    free(a);
-    free(b);
+    atm_free(a);
+    atm_free(b);
     return st;
 }

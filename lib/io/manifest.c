@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "base/file.h"
 #include "base/json.h"
 #include "base/log.h"
@@ -81,7 +82,7 @@ static atmoe_status oom(const parser *p)
 static char *dup_str(const char *s)
 {
     size_t n = strlen(s) + 1;
-    char *d = malloc(n);
+    char *d = atm_malloc(n);
     if (d)
         memcpy(d, s, n);
     return d;
@@ -92,7 +93,7 @@ static char *resolve(const parser *p, const char *rel)
     if (rel[0] == '/' || p->dir == NULL || p->dir[0] == '\0')
         return dup_str(rel);
     size_t n = strlen(p->dir) + strlen(rel) + 2;
-    char *s = malloc(n);
+    char *s = atm_malloc(n);
     if (s)
         snprintf(s, n, "%s/%s", p->dir, rel);
     return s;
@@ -354,7 +355,7 @@ static atmoe_status parse_groups(parser *p, const json_t *mod, atm_mmodule *m)
     }
     m->groups = json_array_size(groups);
     m->count = total + (general != NULL && !json_is_null(general));
-    if ((m->experts = calloc(m->count, sizeof *m->experts)) == NULL) {
+    if ((m->experts = atm_calloc(m->count, sizeof *m->experts)) == NULL) {
         st = oom(p);
         goto out;
     }
@@ -402,7 +403,7 @@ static atmoe_status parse_controls(parser *p, const json_t *router,
         goto out;
     }
     *count = json_array_size(list);
-    if (*count && (*out = calloc(*count, sizeof **out)) == NULL) {
+    if (*count && (*out = atm_calloc(*count, sizeof **out)) == NULL) {
         st = oom(p);
         goto out;
     }
@@ -549,7 +550,7 @@ static atmoe_status parse_layer(parser *p, atmoe_manifest *mf,
         st = bad(p, "the manifest holds more than %d modules", MAX_ITEMS);
         goto out;
     }
-    atm_mmodule *grown = realloc(mf->modules, (mf->count +
+    atm_mmodule *grown = atm_realloc(mf->modules, (mf->count +
                                                json_object_size(mods)) *
                                                   sizeof *grown);
     if (grown == NULL) {
@@ -631,8 +632,8 @@ static atmoe_status parse_root(parser *p, atmoe_manifest *mf,
 
 static void free_ref(atm_mref *r)
 {
-    free(r->file);
-    free(r->tensor);
+    atm_free(r->file);
+    atm_free(r->tensor);
 }
 
 ATMOE_API void atmoe_manifest_free(atmoe_manifest *manifest)
@@ -641,32 +642,32 @@ ATMOE_API void atmoe_manifest_free(atmoe_manifest *manifest)
         return;
     for (size_t i = 0; i < manifest->count; i++) {
         atm_mmodule *m = &manifest->modules[i];
-        free(m->where);
-        free(m->name);
+        atm_free(m->where);
+        atm_free(m->name);
         free_ref(&m->weight);
         free_ref(&m->bias);
         free_ref(&m->w_g);
         free_ref(&m->w_d);
         for (size_t e = 0; m->experts && e < m->count; e++) {
-            free(m->experts[e].adapter);
-            free(m->experts[e].module);
+            atm_free(m->experts[e].adapter);
+            atm_free(m->experts[e].module);
         }
-        free(m->experts);
-        free(m->masks);
-        free(m->fixed);
+        atm_free(m->experts);
+        atm_free(m->masks);
+        atm_free(m->fixed);
     }
-    free(manifest->modules);
+    atm_free(manifest->modules);
     for (size_t i = 0; i < manifest->n_files; i++) {
-        free(manifest->files[i].path);
+        atm_free(manifest->files[i].path);
         atmoe_safetensors_free(manifest->files[i].file);
     }
-    free(manifest->files);
+    atm_free(manifest->files);
     for (size_t i = 0; i < manifest->n_adapters; i++) {
-        free(manifest->adapters[i].path);
+        atm_free(manifest->adapters[i].path);
         atmoe_adapter_free(manifest->adapters[i].adapter);
     }
-    free(manifest->adapters);
-    free(manifest);
+    atm_free(manifest->adapters);
+    atm_free(manifest);
 }
 
 ATMOE_API atmoe_status atmoe_manifest_parse(atmoe_context *ctx,
@@ -685,10 +686,10 @@ ATMOE_API atmoe_status atmoe_manifest_parse(atmoe_context *ctx,
                         "the manifest is not JSON: line %d, column %d: %s",
                         jerr.line, jerr.column, jerr.text);
     parser p = {.ctx = ctx, .dir = dir};
-    atmoe_manifest *mf = calloc(1, sizeof *mf);
+    atmoe_manifest *mf = atm_calloc(1, sizeof *mf);
     atmoe_status st = mf ? parse_root(&p, mf, root) : oom(&p);
     json_decref(root);
-    free(p.weights);
+    atm_free(p.weights);
     if (st != ATMOE_STATUS_OK) {
         atmoe_manifest_free(mf);
         return st;
@@ -724,7 +725,7 @@ ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
                 err = EFBIG;
                 break;
             }
-            char *t = realloc(text, cap = cap ? 2 * cap : 65536);
+            char *t = atm_realloc(text, cap = cap ? 2 * cap : 65536);
             if (t == NULL) {
                 err = ENOMEM;
                 break;
@@ -741,7 +742,7 @@ ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
     }
     fclose(f);
     if (err) {
-        free(text);
+        atm_free(text);
         return atm_fail(ctx,
                         err == ENOMEM ? ATMOE_STATUS_HOST_OUT_OF_MEMORY
                                       : ATMOE_STATUS_IO_ERROR,
@@ -750,7 +751,7 @@ ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
     /* Paths inside are relative to the manifest's directory. */
     char *dir = dup_str(path);
     if (dir == NULL) {
-        free(text);
+        atm_free(text);
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: out of host memory", fn);
     }
@@ -766,8 +767,8 @@ ATMOE_API atmoe_status atmoe_manifest_open(atmoe_context *ctx,
         snprintf(detail, sizeof detail, "%s", atmoe_errmsg(ctx));
         atm_fail(ctx, st, "%s: %s", path, detail);
     }
-    free(text);
-    free(dir);
+    atm_free(text);
+    atm_free(dir);
     return st;
 }
 

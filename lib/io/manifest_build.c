@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "graph/graph.h"
 #include "base/log.h"
 #include "io/manifest.h"
@@ -39,17 +40,17 @@ static atmoe_status open_file(atmoe_manifest *mf, const char *path,
             *file = mf->files[i].file;
             return ATMOE_STATUS_OK;
         }
-    atm_mfile *grown = realloc(mf->files, (mf->n_files + 1) * sizeof *grown);
+    atm_mfile *grown = atm_realloc(mf->files, (mf->n_files + 1) * sizeof *grown);
     if (grown == NULL)
         return oom(mf->ctx, "atmoe_manifest_check");
     mf->files = grown;
     atm_mfile *f = &mf->files[mf->n_files];
-    if ((f->path = malloc(strlen(path) + 1)) == NULL)
+    if ((f->path = atm_malloc(strlen(path) + 1)) == NULL)
         return oom(mf->ctx, "atmoe_manifest_check");
     strcpy(f->path, path);
     atmoe_status st = atmoe_safetensors_open(mf->ctx, path, &f->file);
     if (st != ATMOE_STATUS_OK) {
-        free(f->path);
+        atm_free(f->path);
         return st;
     }
     mf->n_files++;
@@ -66,17 +67,17 @@ static atmoe_status open_adapter(atmoe_manifest *mf, const char *path,
             return ATMOE_STATUS_OK;
         }
     atm_madapter *grown =
-        realloc(mf->adapters, (mf->n_adapters + 1) * sizeof *grown);
+        atm_realloc(mf->adapters, (mf->n_adapters + 1) * sizeof *grown);
     if (grown == NULL)
         return oom(mf->ctx, "atmoe_manifest_check");
     mf->adapters = grown;
     atm_madapter *a = &mf->adapters[mf->n_adapters];
-    if ((a->path = malloc(strlen(path) + 1)) == NULL)
+    if ((a->path = atm_malloc(strlen(path) + 1)) == NULL)
         return oom(mf->ctx, "atmoe_manifest_check");
     strcpy(a->path, path);
     atmoe_status st = atmoe_adapter_open(mf->ctx, path, &a->adapter);
     if (st != ATMOE_STATUS_OK) {
-        free(a->path);
+        atm_free(a->path);
         return st;
     }
     *index = mf->n_adapters++;
@@ -235,8 +236,8 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
                                atmoe_node *node)
 {
     size_t n = rows * (cols ? cols : 1);
-    float *data = calloc(n, sizeof *data);
-    float *t = ref->transposed ? malloc(n * sizeof *t) : NULL;
+    float *data = atm_calloc(n, sizeof *data);
+    float *t = ref->transposed ? atm_malloc(n * sizeof *t) : NULL;
     atmoe_status st = ATMOE_STATUS_OK;
     if (data == NULL || (ref->transposed && t == NULL))
         st = oom(g->ctx, "atmoe_manifest_build");
@@ -254,8 +255,8 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
     if (st == ATMOE_STATUS_OK)
         st = atmoe_graph_constant(g, NULL, ATMOE_DTYPE_F32, cols ? 2 : 1,
                                   shape, data, node);
-    free(data);
-    free(t);
+    atm_free(data);
+    atm_free(t);
     return st;
 }
 
@@ -276,8 +277,8 @@ static atmoe_status make_router(atmoe_manifest *mf, atmoe_graph *g,
         atmoe_adapter_target t;
         if ((st = atmoe_adapter_get_target(ad, e->target, &t)) != ATMOE_STATUS_OK)
             break;
-        float *a = malloc(t.rank * t.d_in * sizeof *a);
-        float *b = malloc(t.d_out * t.rank * sizeof *b);
+        float *a = atm_malloc(t.rank * t.d_in * sizeof *a);
+        float *b = atm_malloc(t.d_out * t.rank * sizeof *b);
         if (a == NULL || b == NULL)
             st = oom(g->ctx, "atmoe_manifest_build");
         if (st == ATMOE_STATUS_OK &&
@@ -288,8 +289,8 @@ static atmoe_status make_router(atmoe_manifest *mf, atmoe_graph *g,
         if (st == ATMOE_STATUS_OK)
             st = atmoe_experts_set_general(*set, t.rank, a, b, t.alpha,
                                            t.flags, m->lambda);
-        free(a);
-        free(b);
+        atm_free(a);
+        atm_free(b);
     }
     if (st == ATMOE_STATUS_OK)
         st = atmoe_router_new(*set, m->form, m->tau_g, m->tau_d,
@@ -354,11 +355,11 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
                    ? st
                    : atm_fail(graph->ctx, st, "%s", atmoe_errmsg(manifest->ctx));
     /* Outputs and traces reach the caller only when every module went in. */
-    atmoe_node *outs = malloc(manifest->count * sizeof *outs);
-    atmoe_layer_trace *ts = malloc(manifest->count * sizeof *ts);
+    atmoe_node *outs = atm_malloc(manifest->count * sizeof *outs);
+    atmoe_layer_trace *ts = atm_malloc(manifest->count * sizeof *ts);
     if (outs == NULL || ts == NULL) {
-        free(outs);
-        free(ts);
+        atm_free(outs);
+        atm_free(ts);
         return oom(graph->ctx, "atmoe_manifest_build");
     }
     size_t mark = graph->count;
@@ -378,8 +379,8 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
         memcpy(outputs, outs, manifest->count * sizeof *outs);
     if (st == ATMOE_STATUS_OK && traces)
         memcpy(traces, ts, manifest->count * sizeof *ts);
-    free(outs);
-    free(ts);
+    atm_free(outs);
+    atm_free(ts);
     if (st != ATMOE_STATUS_OK) {
         atm_graph_truncate(graph, mark);
         return st;

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "io/pattern.h"
 
 /* The Python spellings PEFT's users write most that POSIX lacks: \d, \D
@@ -13,10 +14,10 @@
 static char *translate(const char *form, const char *p)
 {
     size_t n = strlen(p), cap = strlen(form) + 6 * n + 1;
-    char *body = malloc(6 * n + 1), *out = malloc(cap);
+    char *body = atm_malloc(6 * n + 1), *out = atm_malloc(cap);
     if (body == NULL || out == NULL) {
-        free(body);
-        free(out);
+        atm_free(body);
+        atm_free(out);
         return NULL;
     }
     size_t k = 0;
@@ -38,7 +39,7 @@ static char *translate(const char *form, const char *p)
     }
     body[k] = '\0';
     snprintf(out, cap, form, body);
-    free(body);
+    atm_free(body);
     return out;
 }
 
@@ -52,7 +53,7 @@ atmoe_status atm_pattern_match(const atmoe_context *ctx, const char *what,
                         "%s: out of host memory", what);
     regex_t re;
     int rc = regcomp(&re, re_text, REG_EXTENDED | REG_NOSUB);
-    free(re_text);
+    atm_free(re_text);
     if (rc != 0) {
         char why[128];
         regerror(rc, &re, why, sizeof why);

@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "base/alloc.h"
 #include "base/error.h"
 #include "base/file.h"
 #include "base/half.h"
@@ -307,8 +308,8 @@ static atmoe_status parse_header(atmoe_safetensors *f, const unsigned char *p,
                         f->label);
 
     size_t total = json_object_size(f->header);
-    f->entries = calloc(total ? total : 1, sizeof *f->entries);
-    f->by_name = calloc(total ? total : 1, sizeof *f->by_name);
+    f->entries = atm_calloc(total ? total : 1, sizeof *f->entries);
+    f->by_name = atm_calloc(total ? total : 1, sizeof *f->by_name);
     if (f->entries == NULL || f->by_name == NULL)
         return atm_fail(f->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: %s: no memory for %zu tensors", open_fn,
@@ -342,9 +343,9 @@ atmoe_status atm_safetensors_parse(atmoe_context *ctx, const char *label,
                                    atmoe_safetensors **file)
 {
     *file = NULL;
-    atmoe_safetensors *f = calloc(1, sizeof *f);
-    if (f == NULL || (f->label = strdup(label)) == NULL) {
-        free(f);
+    atmoe_safetensors *f = atm_calloc(1, sizeof *f);
+    if (f == NULL || (f->label = atm_strdup(label)) == NULL) {
+        atm_free(f);
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: %s: no memory", open_fn, label);
     }
@@ -409,10 +410,10 @@ ATMOE_API void atmoe_safetensors_free(atmoe_safetensors *file)
     if (file->map)
         munmap(file->map, file->map_size);
     json_decref(file->header);
-    free(file->entries);
-    free(file->by_name);
-    free(file->label);
-    free(file);
+    atm_free(file->entries);
+    atm_free(file->by_name);
+    atm_free(file->label);
+    atm_free(file);
 }
 
 ATMOE_API atmoe_status atmoe_safetensors_get_count(const atmoe_safetensors *file,

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "base/error.h"
 #include "base/file.h"
 #include "base/half.h"
@@ -34,9 +35,9 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_new(
 {
     ATM_CHECK_NULL(ctx, writer);
     *writer = NULL;
-    atmoe_safetensors_writer *w = calloc(1, sizeof *w);
+    atmoe_safetensors_writer *w = atm_calloc(1, sizeof *w);
     if (w == NULL || (w->names = json_object()) == NULL) {
-        free(w);
+        atm_free(w);
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: no memory", __func__);
     }
@@ -50,13 +51,13 @@ ATMOE_API void atmoe_safetensors_writer_free(atmoe_safetensors_writer *writer)
     if (writer == NULL)
         return;
     for (size_t i = 0; i < writer->count; i++) {
-        free(writer->tensors[i].name);
-        free(writer->tensors[i].data);
+        atm_free(writer->tensors[i].name);
+        atm_free(writer->tensors[i].data);
     }
-    free(writer->tensors);
+    atm_free(writer->tensors);
     json_decref(writer->names);
     json_decref(writer->metadata);
-    free(writer);
+    atm_free(writer);
 }
 
 /* Strict UTF-8 (no overlong forms, surrogates or values past U+10FFFF):
@@ -159,7 +160,7 @@ static atmoe_status append(atmoe_safetensors_writer *w, const char *fn,
 {
     if (w->count == w->capacity) {
         size_t cap = w->capacity ? 2 * w->capacity : 16;
-        st_pending *t = realloc(w->tensors, cap * sizeof *t);
+        st_pending *t = atm_realloc(w->tensors, cap * sizeof *t);
         if (t == NULL)
             goto oom;
         w->tensors = t;
@@ -167,10 +168,10 @@ static atmoe_status append(atmoe_safetensors_writer *w, const char *fn,
     }
     st_pending *t = &w->tensors[w->count];
     memset(t, 0, sizeof *t);
-    if ((t->name = strdup(name)) == NULL)
+    if ((t->name = atm_strdup(name)) == NULL)
         goto oom;
     if (json_object_set_new(w->names, name, json_null()) != 0) {
-        free(t->name);
+        atm_free(t->name);
         goto oom;
     }
     t->dtype = dtype;
@@ -182,7 +183,7 @@ static atmoe_status append(atmoe_safetensors_writer *w, const char *fn,
     w->count++;
     return ATMOE_STATUS_OK;
 oom:
-    free(bytes);
+    atm_free(bytes);
     return atm_fail(w->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                     "%s: tensor '%s': no memory", fn, name);
 }
@@ -193,7 +194,7 @@ static atmoe_status alloc_bytes(const atmoe_safetensors_writer *writer,
                                 uint64_t nbytes, unsigned char **bytes)
 {
     *bytes = NULL;
-    if (nbytes > 0 && (*bytes = malloc((size_t)nbytes)) == NULL)
+    if (nbytes > 0 && (*bytes = atm_malloc((size_t)nbytes)) == NULL)
         return atm_fail(writer->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: tensor '%s': no memory for %" PRIu64 " bytes",
                         fn, name, nbytes);
@@ -299,7 +300,7 @@ static int by_key(const void *a, const void *b)
 static json_t *sorted_copy(json_t *obj)
 {
     size_t n = json_object_size(obj), i = 0;
-    const char **keys = malloc((n ? n : 1) * sizeof *keys);
+    const char **keys = atm_malloc((n ? n : 1) * sizeof *keys);
     json_t *copy = keys ? json_object() : NULL;
     if (copy) {
         const char *key;
@@ -314,7 +315,7 @@ static json_t *sorted_copy(json_t *obj)
                 break;
             }
     }
-    free(keys);
+    atm_free(keys);
     return copy;
 }
 
@@ -382,7 +383,7 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_save(
                         "%s: the path is empty", __func__);
 
     st_pending **order =
-        malloc((writer->count ? writer->count : 1) * sizeof *order);
+        atm_malloc((writer->count ? writer->count : 1) * sizeof *order);
     if (order == NULL)
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: %s: no memory", __func__, path);
@@ -394,14 +395,14 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_save(
     char *text = header ? json_dumps(header, JSON_COMPACT) : NULL;
     json_decref(header);
     if (text == NULL) {
-        free(order);
+        atm_free(order);
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: %s: no memory for the header", __func__, path);
     }
     size_t len = strlen(text), padded = (len + 7) / 8 * 8;
     if (padded > ATM_ST_MAX_HEADER) {
-        free(text);
-        free(order);
+        atm_free(text);
+        atm_free(order);
         return atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: %s: the header would be %zu bytes, over the "
                         "format's limit of %u",
@@ -410,7 +411,7 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_save(
 
     atmoe_status st = ATMOE_STATUS_OK;
     size_t tmp_size = strlen(path) + 8;
-    char *tmp = malloc(tmp_size);
+    char *tmp = atm_malloc(tmp_size);
     FILE *f = tmp ? atm_file_begin(path, tmp, tmp_size) : NULL;
     if (tmp == NULL)
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
@@ -435,8 +436,8 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_save(
                           "%s: cannot write '%s': %s", __func__, path,
                           strerror(errno));
     }
-    free(tmp);
-    free(text);
-    free(order);
+    atm_free(tmp);
+    atm_free(text);
+    atm_free(order);
     return st;
 }

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "moe/experts.h"
 #include "base/log.h"
 
@@ -19,7 +20,7 @@ ATMOE_API atmoe_status atmoe_experts_new(atmoe_context *ctx, size_t d_in,
         return atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "atmoe_experts_new: d_in %zu and d_out %zu must be 1 "
                         "to 2^32-1", d_in, d_out);
-    atmoe_experts *s = calloc(1, sizeof *s);
+    atmoe_experts *s = atm_calloc(1, sizeof *s);
     if (s == NULL)
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "atmoe_experts_new: out of host memory");
@@ -46,10 +47,10 @@ ATMOE_API void atmoe_experts_free(atmoe_experts *set)
     atmoe_tensor_free(set->b);
     atmoe_tensor_free(set->chan_expert);
     atmoe_tensor_free(set->chan_scale);
-    free(set->a_host);
-    free(set->bt_host);
-    free(set->experts);
-    free(set);
+    atm_free(set->a_host);
+    atm_free(set->bt_host);
+    atm_free(set->experts);
+    atm_free(set);
 }
 
 static atmoe_status check_lora(atmoe_experts *set, const char *fn,
@@ -86,10 +87,10 @@ static atmoe_status append(atmoe_experts *set, const char *fn, size_t rank,
                            const float *a, const float *b, size_t *offset)
 {
     size_t r0 = set->total_rank, r1 = r0 + rank;
-    float *na = realloc(set->a_host, r1 * set->d_in * sizeof *na);
+    float *na = atm_realloc(set->a_host, r1 * set->d_in * sizeof *na);
     if (na)
         set->a_host = na;
-    float *nb = na ? realloc(set->bt_host, r1 * set->d_out * sizeof *nb) : NULL;
+    float *nb = na ? atm_realloc(set->bt_host, r1 * set->d_out * sizeof *nb) : NULL;
     if (nb)
         set->bt_host = nb;
     if (na == NULL || nb == NULL)
@@ -115,7 +116,7 @@ static atmoe_status grow(atmoe_experts *set, const char *fn)
     if (set->count < set->capacity)
         return ATMOE_STATUS_OK;
     size_t cap = set->capacity ? set->capacity * 2 : 8;
-    atm_expert *p = realloc(set->experts, cap * sizeof *p);
+    atm_expert *p = atm_realloc(set->experts, cap * sizeof *p);
     if (p == NULL)
         return atm_fail(set->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: out of host memory", fn);
@@ -210,11 +211,11 @@ ATMOE_API atmoe_status atmoe_experts_set_dense(atmoe_experts *set, size_t r1,
                         set->d_out);
     if ((st = grow(set, fn)) != ATMOE_STATUS_OK)
         return st;
-    float *na = malloc(r1 * set->d_in * sizeof *na);
-    float *nb = malloc(r2 * set->d_out * sizeof *nb);
+    float *na = atm_malloc(r1 * set->d_in * sizeof *na);
+    float *nb = atm_malloc(r2 * set->d_out * sizeof *nb);
     if (na == NULL || nb == NULL) {
-        free(na);
-        free(nb);
+        atm_free(na);
+        atm_free(nb);
         return atm_fail(set->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: out of host memory", fn);
     }
@@ -289,7 +290,7 @@ ATMOE_API atmoe_status atmoe_experts_get_expert(const atmoe_experts *set,
                         e->rank, set->d_in, set->d_out, e->rank, na, nb,
                         a_count, b_count);
     float *bt = NULL;
-    if (b && set->sealed && (bt = malloc(nb * sizeof *bt)) == NULL)
+    if (b && set->sealed && (bt = atm_malloc(nb * sizeof *bt)) == NULL)
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: out of host memory", fn);
     atmoe_status st = ATMOE_STATUS_OK;
@@ -305,7 +306,7 @@ ATMOE_API atmoe_status atmoe_experts_get_expert(const atmoe_experts *set,
         for (size_t r = 0; r < e->rank; r++)
             for (size_t j = 0; j < set->d_out; j++)
                 b[j * e->rank + r] = src[r * set->d_out + j];
-    free(bt);
+    atm_free(bt);
     if (st == ATMOE_STATUS_OK && info)
         *info = (atmoe_expert_info){e->group, e->slot, e->rank, e->alpha,
                                     e->flags, e->scale};
@@ -334,9 +335,9 @@ atmoe_status atm_experts_seal(atmoe_experts *set)
                         "the expert set has no expert (atmoe_experts_add)");
     size_t R = set->total_rank;
     size_t up = set->dense_r2 ? set->dense_r2 : R;
-    int *chan_e = malloc(R * sizeof *chan_e);
-    float *chan_s = malloc(R * sizeof *chan_s);
-    float *b = malloc(up * set->d_out * sizeof *b);
+    int *chan_e = atm_malloc(R * sizeof *chan_e);
+    float *chan_s = atm_malloc(R * sizeof *chan_s);
+    float *b = atm_malloc(up * set->d_out * sizeof *b);
     atmoe_status st = ATMOE_STATUS_OK;
     if (chan_e == NULL || chan_s == NULL || b == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
@@ -365,8 +366,8 @@ atmoe_status atm_experts_seal(atmoe_experts *set)
         goto out;
     set->sealed = 1;
     /* The device copies are what the mixture reads from now on. */
-    free(set->a_host);
-    free(set->bt_host);
+    atm_free(set->a_host);
+    atm_free(set->bt_host);
     set->a_host = set->bt_host = NULL;
 out:
     if (!set->sealed) {
@@ -377,8 +378,8 @@ out:
         atmoe_tensor_free(set->chan_scale);
         set->a = set->bt = set->b = set->chan_expert = set->chan_scale = NULL;
     }
-    free(b);
-    free(chan_e);
-    free(chan_s);
+    atm_free(b);
+    atm_free(chan_e);
+    atm_free(chan_s);
     return st;
 }

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "moe/experts.h"
 #include "graph/graph.h"
 #include "base/log.h"
@@ -62,7 +63,7 @@ ATMOE_API atmoe_status atmoe_graph_moe_stack(atmoe_graph *g, atmoe_node x,
     atmoe_node h = x;
     size_t mark = g->count;
     /* Traces reach the caller only when every layer went in. */
-    atmoe_layer_trace *t = traces ? malloc(n * sizeof *t) : NULL;
+    atmoe_layer_trace *t = traces ? atm_malloc(n * sizeof *t) : NULL;
     if (traces && t == NULL)
         return atm_fail(g->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "atmoe_graph_moe_stack: out of host memory");
@@ -70,7 +71,7 @@ ATMOE_API atmoe_status atmoe_graph_moe_stack(atmoe_graph *g, atmoe_node x,
         atmoe_status st = atmoe_graph_moe_layer(g, h, &layers[l], &h,
                                                 t ? &t[l] : NULL);
         if (st != ATMOE_STATUS_OK) {
-            free(t);
+            atm_free(t);
             char detail[ATM_ERRMSG_SIZE / 2];
             snprintf(detail, sizeof detail, "%s", atmoe_errmsg(g->ctx));
             atm_graph_truncate(g, mark);
@@ -80,7 +81,7 @@ ATMOE_API atmoe_status atmoe_graph_moe_stack(atmoe_graph *g, atmoe_node x,
     }
     if (t)
         memcpy(traces, t, n * sizeof *t);
-    free(t);
+    atm_free(t);
     *y = h;
     return ATMOE_STATUS_OK;
 }

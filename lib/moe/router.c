@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "moe/experts.h"
 #include "graph/graph.h"
 #include "base/log.h"
@@ -23,14 +24,14 @@ ATMOE_API void atmoe_router_free(atmoe_router *r)
         return;
     for (int i = 0; i < 6; i++)
         atmoe_tensor_free(r->dev[i]);
-    free(r->group_mask);
-    free(r->expert_mask);
-    free(r->group_fixed);
-    free(r->expert_fixed);
-    free(r->slot_of_expert);
-    free(r->counts);
+    atm_free(r->group_mask);
+    atm_free(r->expert_mask);
+    atm_free(r->group_fixed);
+    atm_free(r->expert_fixed);
+    atm_free(r->slot_of_expert);
+    atm_free(r->counts);
     atmoe_experts_free(r->set);
-    free(r);
+    atm_free(r);
 }
 
 ATMOE_API atmoe_status atmoe_router_new(atmoe_experts *set,
@@ -71,7 +72,7 @@ ATMOE_API atmoe_status atmoe_router_new(atmoe_experts *set,
     if (st != ATMOE_STATUS_OK)
         return st;
 
-    atmoe_router *r = calloc(1, sizeof *r);
+    atmoe_router *r = atm_calloc(1, sizeof *r);
     if (r == NULL)
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "%s: out of host memory", fn);
@@ -84,12 +85,12 @@ ATMOE_API atmoe_status atmoe_router_new(atmoe_experts *set,
     r->tau_d = tau_d;
     r->top_k_groups = top_k_groups;
     r->top_k_experts = top_k_experts;
-    r->counts = calloc(G, sizeof *r->counts);
-    r->group_mask = malloc(G * sizeof *r->group_mask);
-    r->expert_mask = malloc(G * M * sizeof *r->expert_mask);
-    r->group_fixed = malloc(G * sizeof *r->group_fixed);
-    r->expert_fixed = malloc(G * M * sizeof *r->expert_fixed);
-    r->slot_of_expert = malloc(E * sizeof *r->slot_of_expert);
+    r->counts = atm_calloc(G, sizeof *r->counts);
+    r->group_mask = atm_malloc(G * sizeof *r->group_mask);
+    r->expert_mask = atm_malloc(G * M * sizeof *r->expert_mask);
+    r->group_fixed = atm_malloc(G * sizeof *r->group_fixed);
+    r->expert_fixed = atm_malloc(G * M * sizeof *r->expert_fixed);
+    r->slot_of_expert = atm_malloc(E * sizeof *r->slot_of_expert);
     if (!r->counts || !r->group_mask || !r->expert_mask || !r->group_fixed ||
         !r->expert_fixed || !r->slot_of_expert) {
         atmoe_router_free(r);

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "device/blas.h"
 #include "base/log.h"
 #include "tensor/tensor.h"
@@ -32,7 +33,7 @@ static atmoe_status check_copy(atmoe_context *ctx, uint64_t *rng,
     enum { R = 37, C = 53 };
     size_t shape[2] = {R, C}, big[2] = {R + 3, C + 5};
     size_t start[2] = {2, 3};
-    float *host = malloc(sizeof(float) * R * C * 2);
+    float *host = atm_malloc(sizeof(float) * R * C * 2);
     atmoe_tensor *a = NULL, *h = NULL, *out = NULL, *view = NULL;
     atmoe_status st = ATMOE_STATUS_HOST_OUT_OF_MEMORY;
     if (host == NULL) {
@@ -67,7 +68,7 @@ out:
     atmoe_tensor_free(out);
     atmoe_tensor_free(h);
     atmoe_tensor_free(a);
-    free(host);
+    atm_free(host);
     return st;
 }
 
@@ -79,7 +80,7 @@ static atmoe_status check_gemm(atmoe_context *ctx, uint64_t *rng,
 {
     enum { M = 37, N = 41, K = 29 };
     size_t sa[2] = {M, K}, sb[2] = {K, N}, sc[2] = {M, N};
-    float *ha = malloc(sizeof(float) * (M * K + K * N + M * N));
+    float *ha = atm_malloc(sizeof(float) * (M * K + K * N + M * N));
     atmoe_tensor *a = NULL, *b = NULL, *c = NULL;
     atmoe_status st = ATMOE_STATUS_HOST_OUT_OF_MEMORY;
     if (ha == NULL) {
@@ -123,7 +124,7 @@ out:
     atmoe_tensor_free(c);
     atmoe_tensor_free(b);
     atmoe_tensor_free(a);
-    free(ha);
+    atm_free(ha);
     return st;
 }
 

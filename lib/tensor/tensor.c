@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/alloc.h"
 #include "base/log.h"
 #include "device/program.h"
 #include "tensor/tensor.h"
@@ -84,7 +85,7 @@ static atmoe_status check_shape(const atmoe_context *ctx, const char *fn,
 
 static atmoe_tensor *tensor_alloc(atmoe_context *ctx, const char *fn)
 {
-    atmoe_tensor *t = calloc(1, sizeof *t);
+    atmoe_tensor *t = atm_calloc(1, sizeof *t);
     if (t == NULL)
         atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                  "%s: out of host memory", fn);
@@ -120,7 +121,7 @@ ATMOE_API atmoe_status atmoe_tensor_new(atmoe_context *ctx, atmoe_dtype dtype,
              atm_shape_string(ndim, shape, sbuf, sizeof sbuf));
     st = atm_buffer_new(ctx, bytes, &t->buffer, what);
     if (st != ATMOE_STATUS_OK) {
-        free(t);
+        atm_free(t);
         return st;
     }
     t->ctx = ctx;
@@ -229,7 +230,7 @@ ATMOE_API void atmoe_tensor_free(atmoe_tensor *tensor)
     if (tensor == NULL)
         return;
     clReleaseMemObject(tensor->buffer);
-    free(tensor);
+    atm_free(tensor);
 }
 
 ATMOE_API atmoe_status atmoe_tensor_get_shape(const atmoe_tensor *tensor,
