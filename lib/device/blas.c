@@ -4,7 +4,6 @@
 
 #include "device/blas.h"
 #include "device/context.h"
-#include "graph/graph.h"
 
 atmoe_status atm_fail_blas(const atmoe_context *ctx, CLBlastStatusCode code,
                            const char *what)
@@ -68,13 +67,20 @@ atmoe_status atm_blas_override(atmoe_context *ctx, const char *kernel,
                                                 "CLBlastOverrideParameters");
 }
 
-atmoe_status atm_graph_sgemm(atmoe_graph *g, const atm_gemm *p,
-                             cl_event *event)
+atmoe_status atm_sgemm_scratch(atmoe_context *ctx, const atm_gemm *p,
+                               size_t *bytes)
 {
-    size_t need = 0;
-    atmoe_status st = atm_sgemm(g->ctx, p, g->gemm_temp, g->gemm_temp_bytes,
-                                &need, event);
-    if (g->sizing && need > g->gemm_temp_bytes)
-        g->gemm_temp_bytes = need;
-    return st;
+    const CLBlastTranspose ta = p->trans_a ? CLBlastTransposeYes
+                                           : CLBlastTransposeNo;
+    const CLBlastTranspose tb = p->trans_b ? CLBlastTransposeYes
+                                           : CLBlastTransposeNo;
+    *bytes = 0;
+    pthread_mutex_lock(&blas_lock);
+    CLBlastStatusCode bs = CLBlastSGemmTempBufferSize(
+        CLBlastLayoutRowMajor, ta, tb, p->m, p->n, p->k, p->a_offset, p->a_ld,
+        p->b_offset, p->b_ld, p->c_offset, p->c_ld, &ctx->queue, bytes);
+    pthread_mutex_unlock(&blas_lock);
+    return bs == CLBlastSuccess
+               ? ATMOE_STATUS_OK
+               : atm_fail_blas(ctx, bs, "CLBlastSGemmTempBufferSize");
 }

@@ -27,6 +27,12 @@ typedef struct atm_gemm {
 atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p, cl_mem temp,
                        size_t temp_bytes, size_t *temp_need, cl_event *event);
 
+/* The scratch bytes CLBlast needs to run p (0 when it needs none), asked
+ * of CLBlastSGemmTempBufferSize: what a plan allocates once so that
+ * computing allocates nothing. */
+atmoe_status atm_sgemm_scratch(atmoe_context *ctx, const atm_gemm *p,
+                               size_t *bytes);
+
 /* Overrides CLBlast's single-precision parameters of kernel on ctx's
  * device, for the whole process (CLBlastOverrideParameters), under the lock
  * that serialises every CLBlast call. */

@@ -59,10 +59,10 @@ static atmoe_status get_input(atmoe_graph *g, atmoe_node id, const char *fn,
     if (st != ATMOE_STATUS_OK)
         return st;
     atm_node *n = &g->nodes[id];
-    if (n->op != ATM_OP_INPUT)
+    if (!(n->op->flags & ATM_OPF_INPUT))
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: node %d '%s' is a %s, not an input", fn, id,
-                        n->name, atm_op_name(n->op));
+                        n->name, atm_node_op_name(n));
     *out = n;
     return ATMOE_STATUS_OK;
 }
@@ -133,7 +133,7 @@ ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *g, size_t batch)
         batch = g->max_batch ? g->max_batch : 1;
     for (size_t k = 0; k < g->order_count; k++) {
         atm_node *n = &g->nodes[g->order[k]];
-        if (n->op != ATM_OP_INPUT)
+        if (!(n->op->flags & ATM_OPF_INPUT))
             continue;
         if (n->rows_set == 0)
             return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
@@ -155,9 +155,10 @@ ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *g, size_t batch)
     g->batch = 0;
     for (size_t k = 0; k < g->order_count; k++) {
         atm_node *n = &g->nodes[g->order[k]];
+        if (n->op->run == NULL)
+            continue; /* inputs, storage, aliases, secondary outputs */
         cl_event *first = g->profiling ? &n->event : NULL;
-        if (g->profiling &&
-            (n->op == ATM_OP_MATMUL || n->op == ATM_OP_MIXTURE)) {
+        if (g->profiling && (n->op->flags & ATM_OPF_MARKER)) {
             /* CLBlast's event is its last kernel's, and a GEMM may run
              * several (padding, transposing): a marker opens the node. */
             cl_int err = clEnqueueMarkerWithWaitList(g->ctx->queue, 0, NULL,
@@ -166,12 +167,12 @@ ATMOE_API atmoe_status atmoe_graph_compute(atmoe_graph *g, size_t batch)
                 return atm_fail_cl(g->ctx, err, "clEnqueueMarkerWithWaitList");
             first = NULL;
         }
-        st = atm_node_run(g, n, first, g->profiling ? &n->event_last : NULL);
+        st = n->op->run(g, n, first, g->profiling ? &n->event_last : NULL);
         if (st != ATMOE_STATUS_OK) {
             char detail[ATM_ERRMSG_SIZE / 2];
             snprintf(detail, sizeof detail, "%s", atmoe_errmsg(g->ctx));
             return atm_fail(g->ctx, st, "computing node %d '%s' (%s): %s",
-                            g->order[k], n->name, atm_op_name(n->op), detail);
+                            g->order[k], n->name, atm_node_op_name(n), detail);
         }
     }
     /* Commands go to the device now; reading a result waits for them. */
@@ -235,6 +236,23 @@ ATMOE_API atmoe_status atmoe_graph_set_profiling(atmoe_graph *g, int on)
     ATM_CHECK_NULL(NULL, g);
     g->profiling = on != 0;
     return ATMOE_STATUS_OK;
+}
+
+void atm_node_cost(const atmoe_graph *g, const atm_node *n, uint64_t *bytes,
+                   uint64_t *flops)
+{
+    *bytes = *flops = 0;
+    if (n->op->run == NULL)
+        return; /* moves nothing */
+    uint64_t in = 0;
+    for (int i = 0; i < n->nsrc; i++) {
+        const atmoe_tensor *s = atm_src_rt(g, n, i);
+        if (s)
+            in += atm_tensor_count(s) * atmoe_dtype_size(s->dtype);
+    }
+    *bytes = in + atm_tensor_count(&n->rt) * atmoe_dtype_size(n->rt.dtype);
+    if (n->op->cost)
+        n->op->cost(g, n, bytes, flops);
 }
 
 static atmoe_status event_time(atmoe_graph *g, cl_event ev,

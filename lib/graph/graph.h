@@ -1,45 +1,25 @@
-/* Compute graphs: nodes as metadata (graph.c), the memory plan
- * (graph_plan.c) and the executor (graph_compute.c). */
+/* Compute graphs: nodes as metadata (graph.c and the builders beside each
+ * operation's row, op.h), the memory plan (plan.c) and the executor
+ * (compute.c). */
 #ifndef ATMOE_GRAPH_H
 #define ATMOE_GRAPH_H
 
+#include "graph/op.h"
 #include "tensor/tensor.h"
 
 #define ATM_NODE_NAME_SIZE 64
 #define ATM_MAX_SRC 5
+/* Kernel handles a node keeps from planning on (the mixture uses most). */
+#define ATM_NODE_KERNELS 6
+#define ATM_NODE_USER_BYTES 64
 
-typedef enum atm_op {
-    ATM_OP_INPUT,
-    ATM_OP_PARAMETER,
-    ATM_OP_CONSTANT,
-    ATM_OP_MATMUL,
-    ATM_OP_ADD,
-    ATM_OP_MUL,
-    ATM_OP_SCALE,
-    ATM_OP_SILU,
-    ATM_OP_GELU,
-    ATM_OP_SIGMOID,
-    ATM_OP_SOFTMAX,
-    ATM_OP_TOPK,
-    ATM_OP_SECONDARY, /* a second output, written by its source's kernel */
-    ATM_OP_RMSNORM,
-    ATM_OP_LAYERNORM,
-    ATM_OP_MEAN,
-    ATM_OP_L2NORM,
-    ATM_OP_GATHER_ROWS,
-    ATM_OP_SCATTER_ADD_ROWS,
-    ATM_OP_RESHAPE,
-    ATM_OP_VIEW,
-    ATM_OP_TRANSPOSE,
-    ATM_OP_CONCAT,
-    ATM_OP_CAST,
-    ATM_OP_ROUTER,
-    ATM_OP_MIXTURE,
-    ATM_OP_COUNT_
-} atm_op;
+/* The parameters of node n as the struct `type` of its operation. */
+#define ATM_NODE_PARAMS(type, n)                                              \
+    ((type *)(void *)(n)->p.user +                                            \
+     0 * sizeof(char[sizeof(type) <= ATM_NODE_USER_BYTES ? 1 : -1]))
 
-typedef struct atm_node {
-    atm_op op;
+struct atm_node {
+    const atm_op *op;
     char name[ATM_NODE_NAME_SIZE];
     atmoe_dtype dtype;
     int ndim;
@@ -48,23 +28,30 @@ typedef struct atm_node {
     size_t batch_factor;          /* shape[batch_dim] / planned batch */
     int src[ATM_MAX_SRC];         /* ATMOE_NODE_NONE when absent */
     int nsrc;
-
-    /* Operation parameters. */
-    unsigned flags; /* matmul transposes */
-    float alpha;    /* scale */
-    float eps;      /* norms */
-    int dim, dim1;  /* reductions, transpose, concat */
-    int k;          /* topk */
-    int co[2];      /* secondary outputs (topk: indices; router: a, d) */
+    int co[2]; /* secondary outputs (topk: indices; router: a, d) */
     const char *label; /* secondary outputs: what they hold, for dumps and
                           profiles ("topk_indices"); static storage */
-    size_t work_bytes; /* scratch the operation needs while it runs */
-    size_t work_offset;
-    atmoe_router *router;  /* ROUTER (a reference) */
-    atmoe_experts *experts; /* MIXTURE (a reference) */
-    atmoe_mix mix;
-    atmoe_merge merge;
-    size_t start[ATMOE_MAX_DIMS]; /* view */
+
+    /* The operation's parameters: the member its row reads. */
+    union {
+        unsigned matmul_flags;          /* ATMOE_MATMUL_* */
+        float alpha;                    /* scale */
+        struct {
+            int dim;
+            float eps;
+        } reduce; /* softmax, mean, l2norm; norms (dim: the last) */
+        struct {
+            int dim, k;
+        } topk;
+        size_t start[ATMOE_MAX_DIMS]; /* view */
+        struct {
+            int dim0, dim1;
+        } transpose;
+        int concat_dim;
+        /* Operations of the layers above (lib/moe) and outside the library
+         * keep a struct of their own here (ATM_NODE_PARAMS). */
+        unsigned char user[ATM_NODE_USER_BYTES];
+    } p;
 
     atmoe_tensor *storage; /* parameters and constants */
     int is_output;
@@ -78,6 +65,10 @@ typedef struct atm_node {
     int pinned;
     size_t bytes;  /* at the planned batch */
     size_t offset; /* in the arena, bytes */
+    size_t work_bytes; /* scratch the operation needs while it runs */
+    size_t work_offset;
+    /* From prepare; the context owns them. */
+    cl_kernel kernel[ATM_NODE_KERNELS];
 
     /* Computing. */
     size_t rows_set;    /* inputs: rows of the last set_input (1 when not
@@ -85,7 +76,7 @@ typedef struct atm_node {
     atmoe_tensor rt;    /* the node's tensor at the computed batch */
     cl_event event;     /* profiling: the node's first command */
     cl_event event_last; /* and its last, when it has several */
-} atm_node;
+};
 
 struct atmoe_graph {
     atmoe_context *ctx;
@@ -105,21 +96,16 @@ struct atmoe_graph {
 
     size_t batch;       /* of the last compute; 0 before the first */
     /* CLBlast's scratch for GEMMs that pad or transpose their operands,
-     * sized at planning by a pass over the plan at the largest batch, so
-     * that computing allocates nothing. */
+     * sized at planning by asking every node (atm_op.gemm_scratch), so that
+     * computing allocates nothing. */
     cl_mem gemm_temp;
     size_t gemm_temp_bytes;
-    int sizing; /* the planning pass is running */
     int profiling;
     atmoe_compute_stats stats; /* of the last compute */
 };
 
-/* The operation's name for messages, dumps and profiles. */
-const char *atm_op_name(atm_op op);
-/* The same for a node: a secondary output's label, else its op's name. */
+/* The name of node n's operation, or its label (secondary outputs). */
 const char *atm_node_op_name(const atm_node *n);
-/* Whether op may write its result over its first operand's memory. */
-int atm_op_inplace(atm_op op);
 
 /* Validates a node id for graph g (message set on failure). */
 atmoe_status atm_graph_check_node(const atmoe_graph *g, atmoe_node n,
@@ -132,9 +118,9 @@ int atm_graph_is_planned(const atmoe_graph *g);
  * that adds several nodes adds all or none. */
 void atm_graph_truncate(atmoe_graph *g, size_t count);
 
-/* Building blocks for operations defined outside graph.c. */
-void atm_node_init(atm_node *p, atm_op op, atmoe_dtype dtype, int ndim,
-                   const size_t *shape);
+/* A node of op with a result of dtype and shape, no operand yet. */
+void atm_node_init(atm_node *p, const atm_op *op, atmoe_dtype dtype,
+                   int ndim, const size_t *shape);
 /* Appends a copy of proto, named name (NULL or "": a default name). */
 atmoe_status atm_graph_push(atmoe_graph *g, const atm_node *proto,
                             const char *name, const char *fn,
@@ -144,12 +130,34 @@ atmoe_status atm_graph_get_node(const atmoe_graph *g, atmoe_node id,
                                 const atm_node **n);
 /* "'name' (op dtype [shape])", for messages. */
 const char *atm_node_desc(const atm_node *n, char *buf, size_t size);
+/* The node named name, or ATMOE_NODE_NONE; sets no message. */
+atmoe_node atm_graph_lookup(const atmoe_graph *g, const char *name);
 
-/* atm_sgemm with the graph's GEMM scratch; while sizing, records the
- * scratch it needs. */
-struct atm_gemm;
-atmoe_status atm_graph_sgemm(atmoe_graph *g, const struct atm_gemm *p,
-                             cl_event *event);
+/* Checks that builders share (graph.c). */
+atmoe_status atm_want_f32(const atmoe_graph *g, const char *fn,
+                          const char *operand, const atm_node *n);
+atmoe_status atm_resolve_dim(const atmoe_graph *g, const char *fn,
+                             const atm_node *n, int dim, int *out);
+atmoe_status atm_check_shape_args(const atmoe_graph *g, const char *fn,
+                                  atmoe_dtype dtype, int ndim,
+                                  const size_t *shape);
+/* An f32 node of op with x's shape and batch, x (node xid) its one
+ * operand. */
+void atm_node_like(atm_node *p, const atm_op *op, const atm_node *x,
+                   atmoe_node xid);
+/* The same after checking that x is an f32 node of g. */
+atmoe_status atm_unary_proto(const atmoe_graph *g, const atm_op *op,
+                             atmoe_node x, const char *fn, atm_node *p);
+/* Pushes p under a default name into *out (out NULL: NULL_POINTER). */
+atmoe_status atm_graph_finish(atmoe_graph *g, const atm_node *p,
+                              const char *fn, atmoe_node *out);
+
+/* The runtime tensor of operand i of n, or NULL when it is absent. */
+static inline const atmoe_tensor *atm_src_rt(const atmoe_graph *g,
+                                             const atm_node *n, int i)
+{
+    return n->src[i] < 0 ? NULL : &g->nodes[n->src[i]].rt;
+}
 
 /* Kernel arguments, set in order; the first failure is kept and reported
  * by atm_node_launch, which runs a 1-D kernel for node n. */
@@ -166,6 +174,8 @@ void atm_arg_buffer(atm_args *a, cl_mem buffer);
 void atm_arg_ulong(atm_args *a, cl_ulong v);
 void atm_arg_int(atm_args *a, cl_int v);
 void atm_arg_float(atm_args *a, cl_float v);
+/* Runs a->k over work_items in work-groups of 64; kernel names it in
+ * messages. */
 atmoe_status atm_node_launch(atmoe_graph *g, const atm_node *n, atm_args *a,
                              const char *kernel, size_t work_items,
                              cl_event *ev);
@@ -175,23 +185,21 @@ atmoe_status atm_node_launch_local(atmoe_graph *g, const atm_node *n,
                                    atm_args *a, const char *kernel,
                                    size_t work_items, size_t local,
                                    cl_event *ev);
+/* At planning: kernel `kernel` of program `program` built with options
+ * (NULL: none) into slot of node n. */
+atmoe_status atm_node_kernel(atmoe_graph *g, atm_node *n, int slot,
+                             const char *program, const char *options,
+                             const char *kernel);
 
-/* Operations defined beside their objects (router.c, mixture.c). */
-atmoe_status atm_router_node_prepare(atmoe_graph *g, const atm_node *n);
-atmoe_status atm_router_node_run(atmoe_graph *g, atm_node *n, cl_event *ev);
-atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n);
-atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
-                                  cl_event *first, cl_event *last);
-void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,
-                           uint64_t *bytes, uint64_t *flops);
+/* GEMMs of operations, with the plan's CLBlast scratch, and the scratch
+ * one needs (ops_matmul.c). */
+struct atm_gemm;
+atmoe_status atm_graph_sgemm(atmoe_graph *g, const struct atm_gemm *p,
+                             cl_event *event);
+size_t atm_graph_sgemm_scratch(atmoe_graph *g, const struct atm_gemm *p);
 
 /* Sets node n's runtime tensor (rt) for a batch. */
 void atm_node_set_runtime(atmoe_graph *g, atm_node *n, size_t batch);
-/* Runs node n (its sources already ran) with the runtime tensors set. */
-atmoe_status atm_node_run(atmoe_graph *g, atm_node *n, cl_event *first,
-                          cl_event *last);
-/* Kernels that node n will use, built ahead of the first compute. */
-atmoe_status atm_node_prepare(atmoe_graph *g, const atm_node *n);
 /* Bytes moved and FLOPs of node n at its runtime shapes. */
 void atm_node_cost(const atmoe_graph *g, const atm_node *n, uint64_t *bytes,
                    uint64_t *flops);

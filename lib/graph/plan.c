@@ -11,7 +11,6 @@
 #include "base/alloc.h"
 #include "graph/graph.h"
 #include "base/log.h"
-#include "device/program.h"
 
 typedef struct block {
     size_t offset, size;
@@ -166,7 +165,7 @@ static size_t mark_needed(atmoe_graph *g)
 
 static int has_storage(const atm_node *n)
 {
-    return n->op == ATM_OP_PARAMETER || n->op == ATM_OP_CONSTANT;
+    return n->storage != NULL;
 }
 
 /* Whether another operand of n reads the memory of its first operand in
@@ -180,7 +179,7 @@ static int operand_shared(const atmoe_graph *g, const atm_node *n)
         if (n->src[j] == ATMOE_NODE_NONE || g->nodes[n->src[j]].owner != owner)
             continue;
         const atm_node *o = &g->nodes[n->src[j]];
-        int same = (n->op == ATM_OP_ADD || n->op == ATM_OP_MUL) &&
+        int same = (n->op->flags & ATM_OPF_ELEMENTWISE) &&
                    o->ndim == n->ndim &&
                    memcmp(o->shape, n->shape, (size_t)n->ndim *
                                                   sizeof *n->shape) == 0;
@@ -202,10 +201,10 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
         atm_node *n = &g->nodes[g->order[k]];
         n->owner = g->order[k];
         n->last_use = (int)k;
-        n->pinned = n->op == ATM_OP_INPUT;
+        n->pinned = (n->op->flags & ATM_OPF_INPUT) != 0;
         n->bytes = node_bytes(n);
         n->offset = 0;
-        if (n->op == ATM_OP_RESHAPE)
+        if (n->op->flags & ATM_OPF_ALIAS)
             n->owner = g->nodes[n->src[0]].owner;
         for (int j = 0; j < n->nsrc; j++)
             if (n->src[j] != ATMOE_NODE_NONE) {
@@ -225,7 +224,7 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
      * may share their memory. */
     for (size_t k = 0; k < g->order_count; k++) {
         atm_node *n = &g->nodes[g->order[k]];
-        if (n->op == ATM_OP_INPUT)
+        if (n->op->flags & ATM_OPF_INPUT)
             n->offset = take(&al, n->bytes);
     }
 
@@ -238,14 +237,14 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
         mem->intermediate_bytes += round_up(n->bytes, al.align);
         if (n->pinned)
             mem->pinned_bytes += round_up(n->bytes, al.align);
-        if (n->op == ATM_OP_SECONDARY || n->op == ATM_OP_INPUT)
+        if (n->op->flags & (ATM_OPF_SECONDARY | ATM_OPF_INPUT))
             goto release; /* placed already, or with the node writing it */
 
         /* In place: the first operand's memory, when this node is its last
          * reader, holds enough, and is ours to overwrite. */
         atm_node *s = n->nsrc ? &g->nodes[g->nodes[n->src[0]].owner] : NULL;
         if (!(flags & (ATMOE_PLAN_NO_INPLACE | ATMOE_PLAN_NO_REUSE)) &&
-            atm_op_inplace(n->op) && s && !has_storage(s) && !s->pinned &&
+            (n->op->flags & ATM_OPF_INPLACE) && s && !has_storage(s) && !s->pinned &&
             s->last_use == (int)k && s->bytes >= n->bytes &&
             g->nodes[n->src[0]].dtype == n->dtype &&
             round_up(s->bytes, al.align) == round_up(n->bytes, al.align) &&
@@ -305,38 +304,48 @@ static atmoe_status assign_memory(atmoe_graph *g, unsigned flags)
     return st;
 }
 
-/* Runs the nodes that call CLBlast once at the largest batch, on a zeroed
- * arena, to learn the GEMM scratch they need (and to have CLBlast compile
- * its kernels now rather than in the first compute). */
+/* Builds each node's kernels and decides its routes, then asks it for
+ * the arena scratch it needs while it runs (both at the planned batch). */
+static atmoe_status prepare_nodes(atmoe_graph *g)
+{
+    for (size_t k = 0; k < g->order_count; k++) {
+        atm_node *n = &g->nodes[g->order[k]];
+        const atm_op *op = n->op;
+        atmoe_status st = ATMOE_STATUS_OK;
+        memset(n->kernel, 0, sizeof n->kernel);
+        if (op->program)
+            st = atm_node_kernel(g, n, 0, op->program, NULL, op->kernel);
+        if (st == ATMOE_STATUS_OK && op->prepare)
+            st = op->prepare(g, n);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+        n->work_bytes = op->scratch ? op->scratch(g, n) : 0;
+    }
+    return ATMOE_STATUS_OK;
+}
+
+/* The CLBlast scratch of the largest need over every node at the largest
+ * batch, with the plan's offsets: CLBlast pads or transposes operands in
+ * it, and would otherwise allocate device memory on every call. */
 static atmoe_status size_gemm_scratch(atmoe_graph *g)
 {
-    if (g->arena) {
-        cl_float zero = 0.0f;
-        cl_int err = clEnqueueFillBuffer(g->ctx->queue, g->arena, &zero,
-                                         sizeof zero, 0,
-                                         g->memory.arena_bytes, 0, NULL, NULL);
-        if (err != CL_SUCCESS)
-            return atm_fail_cl(g->ctx, err, "atmoe_graph_plan: clEnqueueFillBuffer");
-    }
-    size_t batch = g->max_batch ? g->max_batch : 1;
+    size_t batch = g->max_batch ? g->max_batch : 1, need = 0;
     for (size_t k = 0; k < g->order_count; k++)
         atm_node_set_runtime(g, &g->nodes[g->order[k]], batch);
-    atmoe_status st = ATMOE_STATUS_OK;
-    g->sizing = 1;
-    for (size_t k = 0; st == ATMOE_STATUS_OK && k < g->order_count; k++) {
+    for (size_t k = 0; k < g->order_count; k++) {
         atm_node *n = &g->nodes[g->order[k]];
-        if (n->op == ATM_OP_MATMUL || n->op == ATM_OP_MIXTURE)
-            st = atm_node_run(g, n, NULL, NULL);
+        if (n->op->gemm_scratch) {
+            size_t bytes = n->op->gemm_scratch(g, n);
+            if (bytes > need)
+                need = bytes;
+        }
     }
-    g->sizing = 0;
-    cl_int err = clFinish(g->ctx->queue);
-    if (st == ATMOE_STATUS_OK && err != CL_SUCCESS)
-        st = atm_fail_cl(g->ctx, err, "atmoe_graph_plan: clFinish");
-    if (st == ATMOE_STATUS_OK && g->gemm_temp_bytes > 0)
-        st = atm_buffer_new(g->ctx, g->gemm_temp_bytes, &g->gemm_temp,
-                            "atmoe_graph_plan: GEMM scratch");
-    g->memory.gemm_scratch_bytes = g->gemm_temp_bytes;
-    return st;
+    g->gemm_temp_bytes = need;
+    g->memory.gemm_scratch_bytes = need;
+    if (need == 0)
+        return ATMOE_STATUS_OK;
+    return atm_buffer_new(g->ctx, need, &g->gemm_temp,
+                          "atmoe_graph_plan: GEMM scratch");
 }
 
 ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *g, unsigned flags)
@@ -363,14 +372,15 @@ ATMOE_API atmoe_status atmoe_graph_plan(atmoe_graph *g, unsigned flags)
     g->planned = 1; /* so that a failure below unplans what was made */
     g->plan_flags = flags;
 
-    atmoe_status st = assign_memory(g, flags);
+    /* Kernels, routes and scratch now, so that computing decides nothing
+     * and allocates nothing. */
+    atmoe_status st = prepare_nodes(g);
+    if (st == ATMOE_STATUS_OK)
+        st = assign_memory(g, flags);
     if (st == ATMOE_STATUS_OK && g->memory.arena_bytes > 0) {
         st = atm_buffer_new(g->ctx, g->memory.arena_bytes, &g->arena,
                             "atmoe_graph_plan: the arena");
     }
-    /* Build every kernel now, so that computing allocates nothing. */
-    for (size_t k = 0; st == ATMOE_STATUS_OK && k < g->order_count; k++)
-        st = atm_node_prepare(g, &g->nodes[g->order[k]]);
     if (st == ATMOE_STATUS_OK)
         st = size_gemm_scratch(g);
     if (st != ATMOE_STATUS_OK) {

@@ -1,6 +1,9 @@
 /* The fused mixture node: y = x W0^T (+ bias) + c * B_all M(gates) A_all x
- * (SPEC section 2), as a base GEMM, a shrink GEMM over the stacked experts,
- * one mix kernel and an expand GEMM accumulating onto the base. */
+ * (SPEC section 2), as three launches of ours (shrink, mix, then base and
+ * expand in one pass over W0 and B_all), or through CLBlast's GEMMs past a
+ * tuned batch, or merged into W' = W0 + c B_all M A_all when one gate row
+ * serves every token and that costs less.  Which of them a batch takes is
+ * decided when the graph is planned. */
 #include <config.h>
 
 #include <math.h>
@@ -8,11 +11,28 @@
 #include <string.h>
 
 #include "device/blas.h"
-#include "moe/experts.h"
+#include "moe/params_compat.h" /* temporary */
 #include "graph/graph.h"
-#include "base/log.h"
-#include "device/program.h"
-#include "device/tuning.h"
+#include "moe/experts.h"
+
+/* The mixture node's parameters (atm_node.p), and what planning decided. */
+typedef struct mixture_params {
+    atmoe_experts *experts; /* a reference */
+    atmoe_mix mix;
+    atmoe_merge merge;
+    float c;
+    /* The block of cl/linear.cl's tiles in force (tuning). */
+    unsigned sr, st;
+    /* Routes: a batch of T tokens runs merged when T >= merge_from, and
+     * through cl/linear.cl when T <= linear_upto (else CLBlast). */
+    size_t merge_from, linear_upto;
+} mixture_params;
+
+extern const atm_op atm_op_mixture;
+
+/* Kernel slots: cl/linear.cl for 1, 2 and 3+ tokens (its tile), the mix,
+ * the fold of the merge path, the f32 copy. */
+enum { K_LINEAR1, K_LINEAR2, K_LINEAR3, K_MIX, K_FOLD, K_COPY };
 
 static const char *mix_name(atmoe_mix mix)
 {
@@ -22,24 +42,6 @@ static const char *mix_name(atmoe_mix mix)
     case ATMOE_MIX_DENSE: break;
     }
     return "mix_dense";
-}
-
-/* Which batches run the products of cl/linear.cl rather than CLBlast's
- * GEMMs: up to ATMOE_LINEAR_MAX_TOKENS when it is set, else up to the
- * tuning database's "linear" MAX_TOKENS, else every batch on a CPU device,
- * where they ran 4-5 times faster than CLBlast 1.5.3 with its default
- * parameters on PoCL 3.1 (decode and prefill alike), and batches of up to
- * 16 tokens elsewhere, where reading the weights once bounds the product
- * and GEMM tiling only adds to it. */
-static int runs_linear(const atmoe_graph *g, size_t T)
-{
-    const atmoe_context *ctx = g->ctx;
-    if (ctx->linear_max_tokens)
-        return T <= ctx->linear_max_tokens;
-    long tuned = atm_tuning_kernel_value(ctx, "linear", "MAX_TOKENS", 0);
-    if (tuned > 0)
-        return T <= (unsigned long)tuned;
-    return T <= 16 || ctx->device->info.type == ATMOE_DEVICE_TYPE_CPU;
 }
 
 /* The shape of a launch of cl/linear.cl for T tokens: the tile, rows and
@@ -58,21 +60,16 @@ typedef struct linear_shape {
     size_t sr, st;       /* the block */
 } linear_shape;
 
-static linear_shape linear_shape_for(const atmoe_context *ctx, size_t T)
+static linear_shape linear_shape_for(const mixture_params *mp, size_t T)
 {
-    long r = atm_tuning_kernel_value(ctx, "linear", "SR", 8);
-    long t = atm_tuning_kernel_value(ctx, "linear", "ST", 8);
-    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4,
-                      r >= 1 && r <= 256 ? (size_t)r : 8,
-                      t >= 1 && t <= 256 ? (size_t)t : 8};
+    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4, mp->sr, mp->st};
     return s;
 }
 
-static void linear_options(const linear_shape *s, char *options,
-                           size_t size)
+/* The kernel slot of a batch of T tokens. */
+static int linear_slot(size_t T)
 {
-    snprintf(options, size, "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu",
-             s->rows, s->tokens, s->sr, s->st);
+    return T == 1 ? K_LINEAR1 : T == 2 ? K_LINEAR2 : K_LINEAR3;
 }
 
 /* Whether every token uses the same (single) gate row. */
@@ -88,31 +85,22 @@ static size_t z_width(const atmoe_experts *set)
     return set->dense_r2 ? set->dense_r2 : set->total_rank;
 }
 
-/* Whether a batch of T tokens runs merged (see atmoe_graph_mixture_set_merge
- * for the cost rule). */
-static int runs_merged(const atmoe_graph *g, const atm_node *n, size_t T)
+/* The smallest batch that runs merged (SIZE_MAX: none).  Merging pays when
+ * T (R d_in + Z d_out) > (Z + 1) d_in d_out: folding the experts into W'
+ * costs (Z + 1) d_in d_out, and saves the shrink and expand of T tokens
+ * (see atmoe_graph_mixture_set_merge). */
+static size_t merge_from(const atmoe_graph *g, const atm_node *n)
 {
-    if (!mergeable(g, n) || n->merge == ATMOE_MERGE_NEVER)
-        return 0;
-    if (n->merge == ATMOE_MERGE_ALWAYS)
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    if (!mergeable(g, n) || mp->merge == ATMOE_MERGE_NEVER)
+        return SIZE_MAX;
+    if (mp->merge == ATMOE_MERGE_ALWAYS)
         return 1;
-    const atmoe_experts *set = n->experts;
+    const atmoe_experts *set = mp->experts;
     double din = (double)set->d_in, dout = (double)set->d_out;
     double R = (double)set->total_rank, Z = (double)z_width(set);
-    return (double)T * (R * din + Z * dout) > (Z + 1.0) * din * dout;
-}
-
-/* Scratch while the node runs: u [T, R] and z [T, Z] unmerged; the folded
- * experts [Z, d_in] and W' [d_out, d_in] merged. */
-static size_t work_bytes(const atmoe_graph *g, const atm_node *n)
-{
-    const atmoe_experts *set = n->experts;
-    size_t T = g->nodes[n->src[0]].shape[0];
-    size_t unmerged = T * (set->total_rank + z_width(set));
-    size_t merged = 0;
-    if (runs_merged(g, n, T)) /* then smaller batches may too */
-        merged = (z_width(set) + set->d_out) * set->d_in;
-    return (unmerged > merged ? unmerged : merged) * sizeof(float);
+    double t = (Z + 1.0) * din * dout / (R * din + Z * dout);
+    return t >= (double)(SIZE_MAX / 2) ? SIZE_MAX : (size_t)floor(t) + 1;
 }
 
 ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
@@ -208,7 +196,7 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
 
     size_t shape[2] = {xn->shape[0], d_out};
     atm_node p;
-    atm_node_init(&p, ATM_OP_MIXTURE, ATMOE_DTYPE_F32, 2, shape);
+    atm_node_init(&p, &atm_op_mixture, ATMOE_DTYPE_F32, 2, shape);
     p.batch_dim = xn->batch_dim;
     p.batch_factor = xn->batch_factor;
     p.src[0] = x;
@@ -217,11 +205,11 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     p.src[3] = gates;
     p.src[4] = gate_index;
     p.nsrc = 5;
-    p.mix = mix;
-    p.alpha = c;
-    p.merge = ATMOE_MERGE_AUTO;
-    p.experts = set;
-    p.work_bytes = work_bytes(g, &p);
+    mixture_params *mp = ATM_NODE_PARAMS(mixture_params, &p);
+    mp->experts = set;
+    mp->mix = mix;
+    mp->c = c;
+    mp->merge = ATMOE_MERGE_AUTO;
     /* Sealed only once the node is known to be right: a refused call
      * leaves the set open. */
     if ((st = atm_experts_seal(set)) != ATMOE_STATUS_OK)
@@ -244,7 +232,7 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
     if (st != ATMOE_STATUS_OK)
         return st;
     atm_node *n = &g->nodes[mixture];
-    if (n->op != ATM_OP_MIXTURE)
+    if (n->op != &atm_op_mixture)
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: node '%s' is a %s, not a mixture", fn, n->name,
                         atm_node_op_name(n));
@@ -256,47 +244,136 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: '%s' has gates per token or per sequence; only "
                         "a single gate row can be merged", fn, n->name);
-    if (n->merge != mode) {
+    mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    if (mp->merge != mode) {
         atm_graph_unplan(g);
-        n->merge = mode;
-        n->work_bytes = work_bytes(g, n);
+        mp->merge = mode;
     }
     return ATMOE_STATUS_OK;
 }
 
-atmoe_status atm_mixture_node_prepare(atmoe_graph *g, const atm_node *n)
+/* ---------------------------------------------------------------- plan */
+
+/* The routes and the kernels every batch up to the planned one may use. */
+static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
 {
-    cl_kernel k;
-    atmoe_status st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix),
-                                     &k);
-    /* Every batch up to the planned one may run: build each tile one of
-     * them can use. */
-    static const size_t tile_batches[] = {1, 2, 3};
+    mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
     size_t T = g->nodes[n->src[0]].shape[0];
+    long upto = atm_param_get(g->ctx, ATM_PARAM_LINEAR_MAX_TOKENS);
+    mp->sr = (unsigned)atm_param_get(g->ctx, ATM_PARAM_LINEAR_SR);
+    mp->st = (unsigned)atm_param_get(g->ctx, ATM_PARAM_LINEAR_ST);
+    mp->linear_upto = upto >= 1 ? (size_t)upto : 0;
+    mp->merge_from = merge_from(g, n);
+
+    atmoe_status st = atm_node_kernel(g, n, K_MIX, "mixture", NULL,
+                                      mix_name(mp->mix));
+    static const size_t tile_batches[] = {1, 2, 3};
     for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
-        char options[64];
-        if (tile_batches[i] > T)
+        size_t b = tile_batches[i];
+        if (b > T || b > mp->linear_upto)
             break;
-        linear_shape shape = linear_shape_for(g->ctx, tile_batches[i]);
-        linear_options(&shape, options, sizeof options);
-        st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
+        linear_shape s = linear_shape_for(mp, b);
+        char options[64];
+        snprintf(options, sizeof options,
+                 "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu", s.rows, s.tokens,
+                 s.sr, s.st);
+        st = atm_node_kernel(g, n, linear_slot(b), "linear", options,
+                             "linear");
     }
-    if (st == ATMOE_STATUS_OK && mergeable(g, n))
-        st = atm_kernel_get(g->ctx, "mixture", "", "fold_gates", &k);
-    if (st == ATMOE_STATUS_OK && (n->src[2] != ATMOE_NODE_NONE || mergeable(g, n)))
-        st = atm_kernel_get(g->ctx, "tensor", "", "copy_f32_f32", &k);
+    if (st == ATMOE_STATUS_OK && mp->merge_from <= T)
+        st = atm_node_kernel(g, n, K_FOLD, "mixture", NULL, "fold_gates");
+    if (st == ATMOE_STATUS_OK &&
+        (n->src[2] != ATMOE_NODE_NONE || mp->merge_from <= T))
+        st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
+                             &n->kernel[K_COPY]);
     return st;
 }
 
-static atmoe_status gemm(atmoe_graph *g, int trans_b, size_t m, size_t n,
-                         size_t k, float alpha, const atmoe_tensor *a,
-                         const atmoe_tensor *b, size_t b_ld, float beta,
-                         cl_mem c, size_t c_offset, cl_event *ev)
+/* Scratch while the node runs: u [T, R] and z [T, Z] unmerged; the folded
+ * experts [Z, d_in] and W' [d_out, d_in] merged. */
+static size_t mixture_scratch(const atmoe_graph *g, const atm_node *n)
 {
-    atm_gemm p = {0, trans_b, m, n, k, alpha, beta, a->buffer, b->buffer,
-                  c, a->offset, k, b->offset, b_ld, c_offset, n};
-    return atm_graph_sgemm(g, &p, ev);
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_experts *set = mp->experts;
+    size_t T = g->nodes[n->src[0]].shape[0];
+    size_t unmerged = T * (set->total_rank + z_width(set));
+    size_t merged = 0;
+    if (mp->merge_from <= T)
+        merged = (z_width(set) + set->d_out) * set->d_in;
+    return (unmerged > merged ? unmerged : merged) * sizeof(float);
 }
+
+/* ---------------------------------------------------------------- GEMMs */
+
+/* The GEMMs of the CLBlast and merged routes at the runtime shapes, shared
+ * by the runs and by the plan's question of their scratch.  B_all is kept
+ * transposed [Z, d_out], the folded experts and W' in the node's scratch
+ * (see run_merged). */
+enum { G_BASE, G_SHRINK, G_EXPAND, G_MERGE, G_FINAL, G_COUNT };
+
+static atm_gemm mixture_gemm(const atmoe_graph *g, const atm_node *n,
+                             int which)
+{
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_experts *set = mp->experts;
+    const atmoe_tensor *x = atm_src_rt(g, n, 0), *w0 = atm_src_rt(g, n, 1);
+    const atmoe_tensor *y = &n->rt;
+    size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
+    size_t R = set->total_rank, Z = z_width(set);
+    size_t u_off = n->work_offset / sizeof(float), z_off = u_off + T * R;
+    size_t fold_off = u_off, w_off = fold_off + Z * d_in;
+    float beta = n->src[2] != ATMOE_NODE_NONE ? 1.0f : 0.0f;
+    atm_gemm p;
+    switch (which) {
+    case G_BASE: /* y (+)= x W0^T */
+        p = (atm_gemm){0, 1, T, d_out, d_in, 1.0f, beta, x->buffer,
+                       w0->buffer, y->buffer, x->offset, d_in, w0->offset,
+                       d_in, y->offset, d_out};
+        break;
+    case G_SHRINK: /* u = x A_all^T */
+        p = (atm_gemm){0, 1, T, R, d_in, 1.0f, 0.0f, x->buffer,
+                       set->a->buffer, g->arena, x->offset, d_in,
+                       set->a->offset, d_in, u_off, R};
+        break;
+    case G_EXPAND: /* y += c z B_all^T */
+        p = (atm_gemm){0, 0, T, d_out, Z, mp->c, 1.0f, g->arena,
+                       set->bt->buffer, y->buffer, z_off, Z,
+                       set->bt->offset, d_out, y->offset, d_out};
+        break;
+    case G_MERGE: /* W' += c B_all (M A_all), W' a copy of W0 */
+        p = (atm_gemm){1, 0, d_out, d_in, Z, mp->c, 1.0f, set->bt->buffer,
+                       g->arena, g->arena, set->bt->offset, d_out, fold_off,
+                       d_in, w_off, d_in};
+        break;
+    default: /* G_FINAL: y (+)= x W'^T */
+        p = (atm_gemm){0, 1, T, d_out, d_in, 1.0f, beta, x->buffer,
+                       g->arena, y->buffer, x->offset, d_in, w_off, d_in,
+                       y->offset, d_out};
+        break;
+    }
+    return p;
+}
+
+static size_t mixture_gemm_scratch(atmoe_graph *g, const atm_node *n)
+{
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    size_t T = g->nodes[n->src[0]].rt.shape[0], need = 0;
+    int uses[G_COUNT] = {0};
+    uses[G_BASE] = uses[G_SHRINK] = uses[G_EXPAND] = T > mp->linear_upto;
+    uses[G_MERGE] = mp->merge_from <= T;
+    uses[G_FINAL] = uses[G_MERGE] && T > mp->linear_upto;
+    for (int i = 0; i < G_COUNT; i++) {
+        if (!uses[i])
+            continue;
+        atm_gemm p = mixture_gemm(g, n, i);
+        size_t bytes = atm_graph_sgemm_scratch(g, &p);
+        if (bytes > need)
+            need = bytes;
+    }
+    return need;
+}
+
+/* ---------------------------------------------------------------- runs */
 
 /* One product of cl/linear.cl: y [T, rows] = x [T, k] w^T (+ bias)
  * (+ alpha z b^T with z [T, zw], b [rows, zw]); w and z may lie in the
@@ -312,16 +389,11 @@ typedef struct linear_call {
 static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
                            const linear_call *c, cl_event *ev)
 {
-    char options[64];
-    cl_kernel k;
-    linear_shape shape = linear_shape_for(g->ctx, T);
-    linear_options(&shape, options, sizeof options);
-    atmoe_status st = atm_kernel_get(g->ctx, "linear", options, "linear", &k);
-    if (st != ATMOE_STATUS_OK)
-        return st;
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    linear_shape shape = linear_shape_for(mp, T);
     /* Unused buffers are bound to x: kernels need a valid cl_mem. */
     const atmoe_tensor *bias = c->bias ? c->bias : c->x;
-    atm_args args = {k, 0, CL_SUCCESS};
+    atm_args args = {n->kernel[linear_slot(T)], 0, CL_SUCCESS};
     atm_arg_buffer(&args, c->y);
     atm_arg_ulong(&args, c->y_offset);
     atm_arg_tensor(&args, c->x);
@@ -350,84 +422,17 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
     return atm_node_launch_local(g, n, &args, "linear", items, local, ev);
 }
 
-/* y = bias; y += x W'^T with W' = W0 + c B_all M A_all made in scratch. */
-static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
-                               cl_event *last)
-{
-    const atmoe_experts *set = n->experts;
-    const atmoe_tensor *x = &g->nodes[n->src[0]].rt;
-    const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
-    const atmoe_tensor *bias =
-        n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt : NULL;
-    const atmoe_tensor *gates = &g->nodes[n->src[3]].rt;
-    atmoe_tensor *y = &n->rt;
-    size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
-    size_t R = set->total_rank, Z = z_width(set);
-    atmoe_status st;
-
-    /* Folded experts M A_all [Z, d_in], then W' [d_out, d_in] after them. */
-    size_t fold_off = n->work_offset / sizeof(float);
-    atmoe_tensor w = *w0;
-    w.buffer = g->arena;
-    w.offset = fold_off + Z * d_in;
-    cl_kernel k;
-    if ((st = atm_kernel_get(g->ctx, "mixture", "", "fold_gates", &k)) !=
-        ATMOE_STATUS_OK)
-        return st;
-    atm_args args = {k, 0, CL_SUCCESS};
-    atm_arg_buffer(&args, g->arena);
-    atm_arg_ulong(&args, fold_off);
-    atm_arg_buffer(&args, set->a->buffer);
-    atm_arg_tensor(&args, gates);
-    atm_arg_int(&args, n->mix == ATMOE_MIX_BLOCK      ? 0
-                       : n->mix == ATMOE_MIX_DIAGONAL ? 1
-                                                      : 2);
-    atm_arg_buffer(&args, set->chan_expert->buffer);
-    atm_arg_buffer(&args, set->chan_scale->buffer);
-    atm_arg_ulong(&args, d_in);
-    atm_arg_ulong(&args, R);
-    atm_arg_ulong(&args, Z);
-    if ((st = atm_node_launch(g, n, &args, "fold_gates", Z * d_in, first)) ||
-        (st = atm_tensor_copy(&w, w0, NULL)))
-        return st;
-    atm_gemm merge = {1, 0, d_out, d_in, Z, n->alpha, 1.0f,
-                      set->bt->buffer, g->arena, g->arena, set->bt->offset,
-                      d_out, fold_off, d_in, w.offset, d_in};
-    if ((st = atm_graph_sgemm(g, &merge, NULL)) != ATMOE_STATUS_OK)
-        return st;
-
-    if (runs_linear(g, T)) {
-        linear_call c = {y->buffer, w.buffer, NULL, y->offset, w.offset, 0,
-                         x, bias, NULL, d_out, d_in, 0, 0.0f};
-        return linear(g, n, T, &c, last);
-    }
-    float beta = 0.0f;
-    if (bias) {
-        if ((st = atm_tensor_broadcast_rows(y, bias, NULL)) !=
-            ATMOE_STATUS_OK)
-            return st;
-        beta = 1.0f;
-    }
-    return gemm(g, 1, T, d_out, d_in, 1.0f, x, &w, d_in, beta, y->buffer,
-                y->offset, last);
-}
-
 /* z = M(gates) u for T tokens, u and z in the node's scratch. */
 static atmoe_status mix(atmoe_graph *g, const atm_node *n, size_t T,
                         size_t u_off, size_t z_off)
 {
-    const atmoe_experts *set = n->experts;
-    const atmoe_tensor *gates = &g->nodes[n->src[3]].rt;
-    const atmoe_tensor *index =
-        n->src[4] != ATMOE_NODE_NONE ? &g->nodes[n->src[4]].rt : NULL;
-    cl_kernel k;
-    atmoe_status st = atm_kernel_get(g->ctx, "mixture", "", mix_name(n->mix),
-                                     &k);
-    if (st != ATMOE_STATUS_OK)
-        return st;
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_experts *set = mp->experts;
+    const atmoe_tensor *gates = atm_src_rt(g, n, 3);
+    const atmoe_tensor *index = atm_src_rt(g, n, 4);
     /* The dense mix's width argument is r2; the others' the gates'.  The
      * index buffer is a placeholder when there is no gate_index. */
-    atm_args args = {k, 0, CL_SUCCESS};
+    atm_args args = {n->kernel[K_MIX], 0, CL_SUCCESS};
     atm_arg_buffer(&args, g->arena);
     atm_arg_ulong(&args, z_off);
     atm_arg_buffer(&args, g->arena);
@@ -441,28 +446,76 @@ static atmoe_status mix(atmoe_graph *g, const atm_node *n, size_t T,
     atm_arg_ulong(&args, T);
     atm_arg_ulong(&args, set->total_rank);
     atm_arg_ulong(&args, gates->shape[0]);
-    return atm_node_launch(g, n, &args, mix_name(n->mix), T * z_width(set),
+    return atm_node_launch(g, n, &args, mix_name(mp->mix), T * z_width(set),
                            NULL);
+}
+
+/* y = bias; y += x W'^T with W' = W0 + c B_all M A_all made in scratch. */
+static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
+                               cl_event *last)
+{
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_experts *set = mp->experts;
+    const atmoe_tensor *x = atm_src_rt(g, n, 0), *w0 = atm_src_rt(g, n, 1);
+    const atmoe_tensor *bias = atm_src_rt(g, n, 2);
+    const atmoe_tensor *gates = atm_src_rt(g, n, 3);
+    atmoe_tensor *y = &n->rt;
+    size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
+    size_t R = set->total_rank, Z = z_width(set);
+    atmoe_status st;
+
+    /* Folded experts M A_all [Z, d_in], then W' [d_out, d_in] after them. */
+    size_t fold_off = n->work_offset / sizeof(float);
+    atmoe_tensor w = *w0;
+    w.buffer = g->arena;
+    w.offset = fold_off + Z * d_in;
+    atm_args args = {n->kernel[K_FOLD], 0, CL_SUCCESS};
+    atm_arg_buffer(&args, g->arena);
+    atm_arg_ulong(&args, fold_off);
+    atm_arg_buffer(&args, set->a->buffer);
+    atm_arg_tensor(&args, gates);
+    atm_arg_int(&args, mp->mix == ATMOE_MIX_BLOCK      ? 0
+                       : mp->mix == ATMOE_MIX_DIAGONAL ? 1
+                                                       : 2);
+    atm_arg_buffer(&args, set->chan_expert->buffer);
+    atm_arg_buffer(&args, set->chan_scale->buffer);
+    atm_arg_ulong(&args, d_in);
+    atm_arg_ulong(&args, R);
+    atm_arg_ulong(&args, Z);
+    atm_gemm merge = mixture_gemm(g, n, G_MERGE);
+    if ((st = atm_node_launch(g, n, &args, "fold_gates", Z * d_in, first)) ||
+        (st = atm_tensor_copy_with(n->kernel[K_COPY], &w, w0, NULL)) ||
+        (st = atm_graph_sgemm(g, &merge, NULL)))
+        return st;
+
+    if (T <= mp->linear_upto) {
+        linear_call c = {y->buffer, w.buffer, NULL, y->offset, w.offset, 0,
+                         x, bias, NULL, d_out, d_in, 0, 0.0f};
+        return linear(g, n, T, &c, last);
+    }
+    if (bias &&
+        (st = atm_tensor_broadcast_rows(n->kernel[K_COPY], y, bias, NULL)))
+        return st;
+    atm_gemm final = mixture_gemm(g, n, G_FINAL);
+    return atm_graph_sgemm(g, &final, last);
 }
 
 /* u = x A_all^T, z = M u, then y = x W0^T + bias + c z B_all^T in one
  * pass over W0 and B_all. */
 static atmoe_status run_linear(atmoe_graph *g, atm_node *n, size_t T,
-                             cl_event *first, cl_event *last)
+                               cl_event *first, cl_event *last)
 {
-    const atmoe_experts *set = n->experts;
-    const atmoe_tensor *x = &g->nodes[n->src[0]].rt;
-    const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_experts *set = mp->experts;
+    const atmoe_tensor *x = atm_src_rt(g, n, 0), *w0 = atm_src_rt(g, n, 1);
     size_t u_off = n->work_offset / sizeof(float);
     size_t z_off = u_off + T * set->total_rank;
     linear_call shrink = {g->arena, set->a->buffer, NULL, u_off,
-                        set->a->offset, 0, x, NULL, NULL,
-                        set->total_rank, set->d_in, 0, 0.0f};
+                          set->a->offset, 0, x, NULL, NULL,
+                          set->total_rank, set->d_in, 0, 0.0f};
     linear_call base = {n->rt.buffer, w0->buffer, g->arena, n->rt.offset,
-                      w0->offset, z_off, x,
-                      n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt
-                                                   : NULL,
-                      set->b, set->d_out, set->d_in, z_width(set), n->alpha};
+                        w0->offset, z_off, x, atm_src_rt(g, n, 2),
+                        set->b, set->d_out, set->d_in, z_width(set), mp->c};
     atmoe_status st;
     if ((st = linear(g, n, T, &shrink, first)) != ATMOE_STATUS_OK ||
         (st = mix(g, n, T, u_off, z_off)) != ATMOE_STATUS_OK)
@@ -470,65 +523,41 @@ static atmoe_status run_linear(atmoe_graph *g, atm_node *n, size_t T,
     return linear(g, n, T, &base, last);
 }
 
-atmoe_status atm_mixture_node_run(atmoe_graph *g, atm_node *n,
-                                  cl_event *first, cl_event *last)
+static atmoe_status mixture_run(atmoe_graph *g, atm_node *n, cl_event *first,
+                                cl_event *last)
 {
-    const atmoe_experts *set = n->experts;
-    const atmoe_tensor *x = &g->nodes[n->src[0]].rt;
-    const atmoe_tensor *w0 = &g->nodes[n->src[1]].rt;
-    const atmoe_tensor *bias =
-        n->src[2] != ATMOE_NODE_NONE ? &g->nodes[n->src[2]].rt : NULL;
-    atmoe_tensor *y = &n->rt;
-    size_t T = x->shape[0], d_in = set->d_in, d_out = set->d_out;
-    size_t R = set->total_rank;
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_tensor *bias = atm_src_rt(g, n, 2);
+    size_t T = atm_src_rt(g, n, 0)->shape[0];
     atmoe_status st;
-
-    if (runs_merged(g, n, T)) {
-        st = run_merged(g, n, first, last);
-        /* The sizing pass goes on to the unmerged GEMMs: smaller batches
-         * run them. */
-        if (st != ATMOE_STATUS_OK || !g->sizing)
-            return st;
-    }
-    if (runs_linear(g, T))
+    if (T >= mp->merge_from)
+        return run_merged(g, n, first, last);
+    if (T <= mp->linear_upto)
         return run_linear(g, n, T, first, last);
 
-    /* Base: y = bias (broadcast) then y += x W0^T. */
-    float beta = 0.0f;
+    /* CLBlast: y = bias (broadcast), y += x W0^T, u = x A_all^T in the
+     * node's scratch, z = M(gates) u, y += c z B_all^T. */
     if (bias) {
-        if ((st = atm_tensor_broadcast_rows(y, bias, first)) !=
-            ATMOE_STATUS_OK)
+        if ((st = atm_tensor_broadcast_rows(n->kernel[K_COPY], &n->rt, bias,
+                                            first)) != ATMOE_STATUS_OK)
             return st;
         first = NULL;
-        beta = 1.0f;
     }
-    if ((st = gemm(g, 1, T, d_out, d_in, 1.0f, x, w0, d_in, beta, y->buffer,
-                   y->offset, first)) != ATMOE_STATUS_OK)
+    atm_gemm base = mixture_gemm(g, n, G_BASE);
+    atm_gemm shrink = mixture_gemm(g, n, G_SHRINK);
+    atm_gemm expand = mixture_gemm(g, n, G_EXPAND);
+    size_t u_off = shrink.c_offset;
+    if ((st = atm_graph_sgemm(g, &base, first)) ||
+        (st = atm_graph_sgemm(g, &shrink, NULL)) ||
+        (st = mix(g, n, T, u_off, expand.a_offset)))
         return st;
-
-    /* Shrink: u = x A_all^T, [T, R], in the node's scratch. */
-    size_t u_off = n->work_offset / sizeof(float), z_off = u_off + T * R;
-    atmoe_tensor u = *y;
-    u.offset = u_off;
-    if ((st = gemm(g, 1, T, R, d_in, 1.0f, x, set->a, d_in, 0.0f, g->arena,
-                   u_off, NULL)) != ATMOE_STATUS_OK)
-        return st;
-
-    /* Mix: z = M(gates) u. */
-    if ((st = mix(g, n, T, u_off, z_off)) != ATMOE_STATUS_OK)
-        return st;
-
-    /* Expand: y += c z B_all^T, with B stored transposed [Z, d_out]. */
-    atmoe_tensor z = u;
-    z.offset = z_off;
-    return gemm(g, 0, T, d_out, z_width(set), n->alpha, &z, set->bt, d_out,
-                1.0f, y->buffer, y->offset, last);
+    return atm_graph_sgemm(g, &expand, last);
 }
 
-void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,
-                           uint64_t *bytes, uint64_t *flops)
+static void mixture_cost(const atmoe_graph *g, const atm_node *n,
+                         uint64_t *bytes, uint64_t *flops)
 {
-    const atmoe_experts *set = n->experts;
+    const atmoe_experts *set = ATM_NODE_PARAMS(mixture_params, n)->experts;
     uint64_t T = g->nodes[n->src[0]].rt.shape[0];
     uint64_t din = set->d_in, dout = set->d_out, R = set->total_rank;
     uint64_t Z = set->dense_r2 ? set->dense_r2 : R;
@@ -538,3 +567,19 @@ void atm_mixture_node_cost(const atmoe_graph *g, const atm_node *n,
     *bytes = 4 * (dout * din + R * din + Z * dout + T * (din + dout) +
                   T * g->nodes[n->src[3]].rt.shape[1]);
 }
+
+static void mixture_release(atm_node *n)
+{
+    atmoe_experts_free(ATM_NODE_PARAMS(mixture_params, n)->experts);
+}
+
+const atm_op atm_op_mixture = {
+    .name = "mixture",
+    .flags = ATM_OPF_MARKER,
+    .prepare = mixture_prepare,
+    .scratch = mixture_scratch,
+    .gemm_scratch = mixture_gemm_scratch,
+    .run = mixture_run,
+    .cost = mixture_cost,
+    .release = mixture_release,
+};

@@ -226,6 +226,13 @@ atmoe_status atm_router_upload(atmoe_router *r)
 
 #define ROUTER_WG 64
 
+/* The router node's parameters (atm_node.p). */
+typedef struct router_params {
+    atmoe_router *router; /* a reference */
+} router_params;
+
+extern const atm_op atm_op_router;
+
 ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
                                           atmoe_router *router,
                                           atmoe_node w_g, atmoe_node w_d,
@@ -276,7 +283,7 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
     size_t shape_w[2] = {rows, E}, shape_a[2] = {rows, G},
            shape_d[2] = {rows, G * M};
     atm_node p;
-    atm_node_init(&p, ATM_OP_ROUTER, ATMOE_DTYPE_F32, 2, shape_w);
+    atm_node_init(&p, &atm_op_router, ATMOE_DTYPE_F32, 2, shape_w);
     p.batch_dim = hn->batch_dim;
     p.batch_factor = hn->batch_factor;
     p.src[0] = h;
@@ -288,7 +295,7 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
     if ((st = atm_graph_push(g, &p, NULL, fn, &wid)) != ATMOE_STATUS_OK)
         return st;
     atm_node q = p;
-    q.op = ATM_OP_SECONDARY;
+    q.op = &atm_op_secondary;
     q.label = "router_groups";
     q.src[0] = wid;
     q.src[1] = q.src[2] = ATMOE_NODE_NONE;
@@ -305,7 +312,7 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
     }
     g->nodes[wid].co[0] = aid;
     g->nodes[wid].co[1] = did;
-    g->nodes[wid].router = router;
+    ATM_NODE_PARAMS(router_params, &g->nodes[wid])->router = router;
     atm_router_retain(router);
     if (a)
         *a = aid;
@@ -321,26 +328,23 @@ static void router_options(const atmoe_router *r, char *buf, size_t size)
     snprintf(buf, size, "%s -DWG=%d", r->options, ROUTER_WG);
 }
 
-atmoe_status atm_router_node_prepare(atmoe_graph *g, const atm_node *n)
+static atmoe_status router_prepare(atmoe_graph *g, atm_node *n)
 {
     char options[192];
-    router_options(n->router, options, sizeof options);
-    cl_kernel k;
-    return atm_kernel_get(g->ctx, "router", options, "grouped_router", &k);
+    router_options(ATM_NODE_PARAMS(router_params, n)->router, options,
+                   sizeof options);
+    return atm_node_kernel(g, n, 0, "router", options, "grouped_router");
 }
 
-atmoe_status atm_router_node_run(atmoe_graph *g, atm_node *n, cl_event *ev)
+static atmoe_status router_run(atmoe_graph *g, atm_node *n, cl_event *ev,
+                               cl_event *last)
 {
-    atmoe_router *r = n->router;
+    (void)last;
+    atmoe_router *r = ATM_NODE_PARAMS(router_params, n)->router;
     atmoe_status st = atm_router_upload(r);
     if (st != ATMOE_STATUS_OK)
         return st;
-    char options[192];
-    router_options(r, options, sizeof options);
-    cl_kernel k;
-    if ((st = atm_kernel_get(g->ctx, "router", options, "grouped_router",
-                             &k)) != ATMOE_STATUS_OK)
-        return st;
+    cl_kernel k = n->kernel[0];
     const atmoe_tensor *h = &g->nodes[n->src[0]].rt;
     const atmoe_tensor *wg = &g->nodes[n->src[1]].rt;
     const atmoe_tensor *wd = &g->nodes[n->src[2]].rt;
@@ -373,3 +377,27 @@ atmoe_status atm_router_node_run(atmoe_graph *g, atm_node *n, cl_event *ev)
         return atm_fail_cl(g->ctx, err, "clEnqueueNDRangeKernel(grouped_router)");
     return ATMOE_STATUS_OK;
 }
+
+static void router_cost(const atmoe_graph *g, const atm_node *n,
+                        uint64_t *bytes, uint64_t *flops)
+{
+    (void)bytes;
+    const atmoe_router *r = ATM_NODE_PARAMS(router_params, n)->router;
+    const atmoe_tensor *h = atm_src_rt(g, n, 0), *d = atm_src_rt(g, n, 2);
+    uint64_t hc = atm_tensor_count(h);
+    *flops = 2 * hc * (r->form == ATMOE_ROUTER_PROJECTED ? d->shape[1] : 0) +
+             2 * hc * r->set->groups;
+}
+
+static void router_release(atm_node *n)
+{
+    atmoe_router_free(ATM_NODE_PARAMS(router_params, n)->router);
+}
+
+const atm_op atm_op_router = {
+    .name = "router",
+    .prepare = router_prepare,
+    .run = router_run,
+    .cost = router_cost,
+    .release = router_release,
+};

@@ -458,20 +458,32 @@ ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
     return atm_tensor_copy(dst, src, NULL);
 }
 
+atmoe_status atm_copy_kernel(atmoe_context *ctx, atmoe_dtype dst,
+                             atmoe_dtype src, cl_kernel *k)
+{
+    char name[32];
+    snprintf(name, sizeof name, "copy_%s_%s", atmoe_dtype_name(dst),
+             atmoe_dtype_name(src));
+    return atm_kernel_get(ctx, "tensor", "", name, k);
+}
+
 atmoe_status atm_tensor_copy(const atmoe_tensor *dst, const atmoe_tensor *src,
                              cl_event *event)
 {
-    atmoe_context *ctx = dst->ctx;
-    char name[32];
-    snprintf(name, sizeof name, "copy_%s_%s", atmoe_dtype_name(dst->dtype),
-             atmoe_dtype_name(src->dtype));
     cl_kernel k;
+    atmoe_status st = atm_copy_kernel(dst->ctx, dst->dtype, src->dtype, &k);
+    return st != ATMOE_STATUS_OK ? st
+                                 : atm_tensor_copy_with(k, dst, src, event);
+}
+
+atmoe_status atm_tensor_copy_with(cl_kernel k, const atmoe_tensor *dst,
+                                  const atmoe_tensor *src, cl_event *event)
+{
+    atmoe_context *ctx = dst->ctx;
     layout4 ld, ls;
     atmoe_status st = layout_of(dst, &ld);
     if (st == ATMOE_STATUS_OK)
         st = layout_of(src, &ls);
-    if (st == ATMOE_STATUS_OK)
-        st = atm_kernel_get(ctx, "tensor", "", name, &k);
     if (st != ATMOE_STATUS_OK)
         return st;
     cl_ulong count = atm_tensor_count(dst);
@@ -485,11 +497,13 @@ atmoe_status atm_tensor_copy(const atmoe_tensor *dst, const atmoe_tensor *src,
     err |= SET_ARG(k, 7, count);
     if (err != CL_SUCCESS)
         return atm_fail(ctx, ATMOE_STATUS_OPENCL_ERROR,
-                        "clSetKernelArg(%s) failed", name);
-    return atm_launch_1d(ctx, k, count, name, event);
+                        "clSetKernelArg(copy %s to %s) failed",
+                        atmoe_dtype_name(src->dtype),
+                        atmoe_dtype_name(dst->dtype));
+    return atm_launch_1d(ctx, k, count, "copy", event);
 }
 
-atmoe_status atm_tensor_broadcast_rows(const atmoe_tensor *dst,
+atmoe_status atm_tensor_broadcast_rows(cl_kernel k, const atmoe_tensor *dst,
                                        const atmoe_tensor *row,
                                        cl_event *event)
 {
@@ -499,5 +513,5 @@ atmoe_status atm_tensor_broadcast_rows(const atmoe_tensor *dst,
     rows.shape[1] = dst->shape[1];
     rows.stride[0] = 0;
     rows.stride[1] = 1;
-    return atm_tensor_copy(dst, &rows, event);
+    return atm_tensor_copy_with(k, dst, &rows, event);
 }

@@ -26,9 +26,17 @@ const char *atm_shape_string(int ndim, const size_t *shape, char *buf,
 atmoe_status atm_tensor_copy(const atmoe_tensor *dst, const atmoe_tensor *src,
                              cl_event *event);
 
+/* The kernel that copies src-dtype elements to dst-dtype ones, built at
+ * planning; atm_tensor_copy_with runs it without a lookup. */
+atmoe_status atm_copy_kernel(atmoe_context *ctx, atmoe_dtype dst,
+                             atmoe_dtype src, cl_kernel *k);
+atmoe_status atm_tensor_copy_with(cl_kernel k, const atmoe_tensor *dst,
+                                  const atmoe_tensor *src, cl_event *event);
+
 /* Every row of the 2-D dst = the 1-D row (a bias before a GEMM that
- * accumulates with beta = 1): a copy whose source row stride is 0. */
-atmoe_status atm_tensor_broadcast_rows(const atmoe_tensor *dst,
+ * accumulates with beta = 1): a copy whose source row stride is 0, with
+ * the f32 copy kernel k. */
+atmoe_status atm_tensor_broadcast_rows(cl_kernel k, const atmoe_tensor *dst,
                                        const atmoe_tensor *row,
                                        cl_event *event);
 
