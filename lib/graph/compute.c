@@ -19,6 +19,16 @@ static atmoe_status need_plan(const atmoe_graph *g, const char *fn)
     return ATMOE_STATUS_OK;
 }
 
+/* The plan, and a compute since it was made. */
+static atmoe_status need_compute(const atmoe_graph *g, const char *fn)
+{
+    atmoe_status st = need_plan(g, fn);
+    if (st == ATMOE_STATUS_OK && g->batch == 0)
+        st = atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                      "%s: nothing computed since the graph was planned", fn);
+    return st;
+}
+
 /* The node's tensor at a batch: dense, in the arena at its owner's offset,
  * or the storage of a parameter or constant. */
 void atm_node_set_runtime(atmoe_graph *g, atm_node *n, size_t batch)
@@ -220,13 +230,9 @@ ATMOE_API atmoe_status atmoe_graph_get_compute_stats(
 {
     ATM_CHECK_NULL(NULL, g);
     ATM_CHECK_NULL(g->ctx, stats);
-    atmoe_status st = need_plan(g, __func__);
+    atmoe_status st = need_compute(g, __func__);
     if (st != ATMOE_STATUS_OK)
         return st;
-    if (g->batch == 0)
-        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                        "%s: nothing computed since the graph was planned",
-                        __func__);
     *stats = g->stats;
     return ATMOE_STATUS_OK;
 }
@@ -269,13 +275,9 @@ ATMOE_API atmoe_status atmoe_graph_get_profile(atmoe_graph *g, size_t i,
 {
     ATM_CHECK_NULL(NULL, g);
     ATM_CHECK_NULL(g->ctx, profile);
-    atmoe_status st = need_plan(g, __func__);
+    atmoe_status st = need_compute(g, __func__);
     if (st != ATMOE_STATUS_OK)
         return st;
-    if (g->batch == 0)
-        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                        "%s: nothing computed since the graph was planned",
-                        __func__);
     if (i >= g->order_count)
         return atm_fail(g->ctx, ATMOE_STATUS_OUT_OF_RANGE,
                         "%s: index %zu, the plan computes %zu nodes",
