@@ -1,4 +1,5 @@
-/* Element-wise tensor kernels: fill and copy (with f32 <-> f16 conversion)
+/* Element-wise tensor kernels: fill and copy (with conversions between f32,
+ * f16 and bf16)
  * over up to four dimensions with arbitrary strides, so that views of any
  * block of a parent tensor can be filled and copied in place.
  *
@@ -20,12 +21,26 @@ inline ulong element_offset(ulong i, uint4 shape, ulong4 stride)
 #define LOAD_f32(p, i) ((p)[i])
 #define LOAD_f16(p, i) vload_half((i), (p))
 #define LOAD_i32(p, i) ((p)[i])
+#define LOAD_bf16(p, i) as_float((uint)(p)[i] << 16)
 #define STORE_f32(v, p, i) ((p)[i] = (v))
 #define STORE_f16(v, p, i) vstore_half_rte((v), (i), (p))
 #define STORE_i32(v, p, i) ((p)[i] = (v))
+#define STORE_bf16(v, p, i) ((p)[i] = bf16_rte(v))
 #define TYPE_f32 float
 #define TYPE_f16 half
 #define TYPE_i32 int
+#define TYPE_bf16 ushort
+
+/* f32 to bf16, rounded to nearest even; a NaN stays a (quiet) NaN, which
+ * the rounding could otherwise carry into infinity. */
+inline ushort bf16_rte(float v)
+{
+    uint u = as_uint(v);
+    if (isnan(v))
+        return (ushort)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (ushort)(u >> 16);
+}
 
 #define DEFINE_FILL(T, VT)                                                    \
     __kernel void fill_##T(__global TYPE_##T *dst, ulong dst_offset,          \
@@ -42,6 +57,7 @@ inline ulong element_offset(ulong i, uint4 shape, ulong4 stride)
 DEFINE_FILL(f32, float)
 DEFINE_FILL(f16, float)
 DEFINE_FILL(i32, int)
+DEFINE_FILL(bf16, float)
 
 #define DEFINE_COPY(D, S)                                                     \
     __kernel void copy_##D##_##S(__global TYPE_##D *dst, ulong dst_offset,    \
@@ -63,3 +79,8 @@ DEFINE_COPY(f32, f16)
 DEFINE_COPY(f16, f32)
 DEFINE_COPY(f16, f16)
 DEFINE_COPY(i32, i32)
+DEFINE_COPY(f32, bf16)
+DEFINE_COPY(bf16, f32)
+DEFINE_COPY(bf16, bf16)
+DEFINE_COPY(f16, bf16)
+DEFINE_COPY(bf16, f16)

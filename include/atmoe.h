@@ -333,10 +333,11 @@ ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
 typedef enum atmoe_dtype {
     ATMOE_DTYPE_F32,
     ATMOE_DTYPE_F16, /* storage only: arithmetic is always at least fp32 */
-    ATMOE_DTYPE_I32
+    ATMOE_DTYPE_I32,
+    ATMOE_DTYPE_BF16 /* storage only: the upper half of an f32 */
 } atmoe_dtype;
 
-/* "f32", "f16", "i32"; "unknown" for a value outside the enum. */
+/* "f32", "f16", "i32", "bf16"; "unknown" for a value outside the enum. */
 ATMOE_API const char *atmoe_dtype_name(atmoe_dtype dtype);
 /* Bytes per element; 0 for a value outside the enum. */
 ATMOE_API size_t atmoe_dtype_size(atmoe_dtype dtype);

@@ -990,6 +990,130 @@ END_TEST
 /* Every half converts to its exact f32 value, and f32 values at, beside
  * and between halves convert to the nearest half with ties to even, through
  * subnormals and overflow. */
+/* bf16 -> f32 over every bit pattern is exact (the upper half of an f32),
+ * f32 -> bf16 rounds to the nearest, ties to even, against a float64
+ * reference of the two neighbours; a NaN stays a NaN; then bf16 <-> f16
+ * through f32. */
+static uint16_t bf16_reference(float x)
+{
+    uint32_t u = float_bits(x);
+    if (isnan(x))
+        return (uint16_t)((u >> 16) | 0x40);
+    if (isinf(x))
+        return (uint16_t)(u >> 16);
+    uint16_t lo = (uint16_t)(u >> 16), hi = (uint16_t)(lo + 1);
+    float flo, fhi;
+    uint32_t ulo = (uint32_t)lo << 16, uhi = (uint32_t)hi << 16;
+    memcpy(&flo, &ulo, 4);
+    memcpy(&fhi, &uhi, 4);
+    double dlo = fabs((double)x - (double)flo);
+    /* The upper neighbour of the largest finite bf16 magnitude is
+     * infinity: its distance counts as if it were 2^128. */
+    double dhi = isinf(fhi) ? fabs(ldexp(x < 0 ? -1.0 : 1.0, 128) - x)
+                            : fabs((double)fhi - (double)x);
+    if (dlo < dhi || (dlo == dhi && (lo & 1) == 0))
+        return lo;
+    return hi;
+}
+
+START_TEST(test_copy_bf16_conversions)
+{
+    atmoe_context *ctx = test_context();
+    const size_t nb = 65537;
+    uint16_t *b = xmalloc(nb * sizeof *b);
+    float *f = xmalloc(nb * sizeof *f);
+    for (size_t i = 0; i < nb; i++)
+        b[i] = (uint16_t)i;
+    atmoe_tensor *tb = new_tensor_with(ctx, ATMOE_DTYPE_BF16, 1, &nb, b);
+    atmoe_tensor *tf = new_tensor_with(ctx, ATMOE_DTYPE_F32, 1, &nb, NULL);
+    ck_assert_status(atmoe_tensor_copy(tf, tb), ctx);
+    test_poison(f, nb);
+    ck_assert_status(atmoe_tensor_read(tf, f, nb * sizeof *f), ctx);
+    for (size_t i = 0; i < nb; i++)
+        ck_assert_msg(float_bits(f[i]) == (uint32_t)b[i] << 16 ||
+                          (isnan(f[i]) && (b[i] & 0x7fff) > 0x7f80),
+                      "bf16 0x%04x became %a", b[i], f[i]);
+    atmoe_tensor_free(tb);
+    atmoe_tensor_free(tf);
+
+    /* f32 -> bf16: every bf16 magnitude, the midpoints to its neighbour
+     * (ties) and the floats beside them, random floats, the specials. */
+    size_t cap = 0x7f80 * 8 + 4096 + 8, n = 0;
+    float *x = xmalloc(cap * sizeof *x);
+    for (uint32_t m = 0; m < 0x7f80; m++) {
+        uint32_t mid = (m << 16) | 0x8000;
+        float fm, fa;
+        uint32_t a = m << 16;
+        memcpy(&fm, &mid, 4);
+        memcpy(&fa, &a, 4);
+        float around[4] = {fa, fm, nextafterf(fm, 0.0f),
+                           nextafterf(fm, INFINITY)};
+        for (int k = 0; k < 4; k++) {
+            x[n++] = around[k];
+            x[n++] = -around[k];
+        }
+    }
+    test_rng rng;
+    test_rng_seed(&rng, 16);
+    for (int i = 0; i < 4096; i++)
+        x[n++] = (float)test_uniform(&rng, -1e6, 1e6);
+    x[n++] = INFINITY;
+    x[n++] = -INFINITY;
+    x[n++] = FLT_MAX;
+    x[n++] = NAN;
+    x[n++] = 1.0f;
+    ck_assert_uint_le(n, cap);
+    uint16_t *got = xmalloc(n * sizeof *got);
+    tf = new_tensor_with(ctx, ATMOE_DTYPE_F32, 1, &n, x);
+    tb = new_tensor_with(ctx, ATMOE_DTYPE_BF16, 1, &n, NULL);
+    ck_assert_status(atmoe_tensor_copy(tb, tf), ctx);
+    memset(got, 0xff, n * sizeof *got);
+    ck_assert_status(atmoe_tensor_read(tb, got, n * sizeof *got), ctx);
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(x[i])) {
+            ck_assert_msg((got[i] & 0x7fff) > 0x7f80,
+                          "NaN became bf16 0x%04x", got[i]);
+            continue;
+        }
+        uint16_t want = bf16_reference(x[i]);
+        ck_assert_msg(got[i] == want,
+                      "f32 %a (element %zu) became bf16 0x%04x, expected "
+                      "0x%04x", x[i], i, got[i], want);
+    }
+    ck_assert_uint_eq(got[n - 1], 0x3f80);
+
+    /* bf16 -> f16 -> bf16 of values both hold exactly. */
+    static const float exact[] = {0.0f, 1.0f, -2.5f, 0.125f, 1024.0f,
+                                  -0.375f, 3.0f};
+    size_t ne = sizeof exact / sizeof exact[0];
+    uint16_t eb[7], back[7];
+    for (size_t i = 0; i < ne; i++)
+        eb[i] = bf16_reference(exact[i]);
+    tb = new_tensor_with(ctx, ATMOE_DTYPE_BF16, 1, &ne, eb);
+    atmoe_tensor *th = new_tensor_with(ctx, ATMOE_DTYPE_F16, 1, &ne, NULL);
+    atmoe_tensor *tb2 = new_tensor_with(ctx, ATMOE_DTYPE_BF16, 1, &ne, NULL);
+    ck_assert_status(atmoe_tensor_copy(th, tb), ctx);
+    ck_assert_status(atmoe_tensor_copy(tb2, th), ctx);
+    memset(back, 0xff, sizeof back);
+    ck_assert_status(atmoe_tensor_read(tb2, back, ne * sizeof *back), ctx);
+    for (size_t i = 0; i < ne; i++)
+        ck_assert_uint_eq(back[i], eb[i]);
+    /* A bf16 fill rounds its value. */
+    ck_assert_status(atmoe_tensor_fill(tb2, 1.00390625), ctx);
+    ck_assert_status(atmoe_tensor_read(tb2, back, ne * sizeof *back), ctx);
+    ck_assert_uint_eq(back[0], 0x3f80); /* a tie, to the even 1.0 */
+    atmoe_tensor_free(tb);
+    atmoe_tensor_free(th);
+    atmoe_tensor_free(tb2);
+    atmoe_tensor_free(tf);
+    free(x);
+    free(got);
+    free(f);
+    free(b);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
 START_TEST(test_copy_f16_conversions)
 {
     /* First the reference itself: it must return every half it is given. */
@@ -1560,6 +1684,8 @@ START_TEST(test_getters)
     ck_assert_str_eq(atmoe_dtype_name((atmoe_dtype)99), "unknown");
     ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_F32), 4);
     ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_F16), 2);
+    ck_assert_str_eq(atmoe_dtype_name(ATMOE_DTYPE_BF16), "bf16");
+    ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_BF16), 2);
     ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_I32), 4);
     ck_assert_uint_eq(atmoe_dtype_size((atmoe_dtype)99), 0);
     atmoe_context_free(ctx);
@@ -1596,6 +1722,7 @@ static Suite *tensor_suite(void)
     tc = tcase_create("copy");
     tcase_add_test(tc, test_copy_f32_f16_f32);
     tcase_add_test(tc, test_copy_f16_conversions);
+    tcase_add_test(tc, test_copy_bf16_conversions);
     tcase_add_test(tc, test_copy_exact);
     tcase_add_test(tc, test_copy_refusals);
     tcase_add_test(tc, test_copy_wrong_context);

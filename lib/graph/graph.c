@@ -291,8 +291,9 @@ atmoe_status atm_want_f32(const atmoe_graph *g, const char *fn,
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: operand %s is %s; it must be f32%s", fn, operand,
                         atm_node_desc(n, d, sizeof d),
-                        n->dtype == ATMOE_DTYPE_F16
-                            ? " (atmoe_graph_cast converts f16 to f32)"
+                        n->dtype == ATMOE_DTYPE_F16 ||
+                                n->dtype == ATMOE_DTYPE_BF16
+                            ? " (atmoe_graph_cast converts it to f32)"
                             : "");
     return ATMOE_STATUS_OK;
 }

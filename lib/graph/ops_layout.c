@@ -246,8 +246,8 @@ ATMOE_API atmoe_status atmoe_graph_cast(atmoe_graph *g, atmoe_node x,
     if (atmoe_dtype_size(dtype) == 0 ||
         (dtype == ATMOE_DTYPE_I32) != (xn->dtype == ATMOE_DTYPE_I32))
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
-                        "%s: cannot convert %s to dtype %d (f32 and f16 "
-                        "convert into each other, i32 into itself)", fn,
+                        "%s: cannot convert %s to dtype %d (f32, f16 and "
+                        "bf16 convert into each other, i32 into itself)", fn,
                         atm_node_desc(xn, d, sizeof d), (int)dtype);
     atm_node p;
     atm_node_init(&p, &atm_op_cast, dtype, xn->ndim, xn->shape);

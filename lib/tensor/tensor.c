@@ -16,6 +16,7 @@ ATMOE_API const char *atmoe_dtype_name(atmoe_dtype dtype)
     case ATMOE_DTYPE_F32: return "f32";
     case ATMOE_DTYPE_F16: return "f16";
     case ATMOE_DTYPE_I32: return "i32";
+    case ATMOE_DTYPE_BF16: return "bf16";
     }
     return ATM_UNKNOWN_NAME;
 }
@@ -26,6 +27,7 @@ ATMOE_API size_t atmoe_dtype_size(atmoe_dtype dtype)
     case ATMOE_DTYPE_F32: return 4;
     case ATMOE_DTYPE_F16: return 2;
     case ATMOE_DTYPE_I32: return 4;
+    case ATMOE_DTYPE_BF16: return 2;
     }
     return 0;
 }
