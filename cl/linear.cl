@@ -13,7 +13,11 @@
  * work-items keeps a block of SR x ST tiles' rows and tokens in cache.
  *
  * The expand (zw rank channels) is added in the same pass, so the layer's
- * output is written once.  ROWS, TB, SR and ST are build options. */
+ * output is written once.  ROWS, TB, SR and ST are build options, and so
+ * are the storage types of W and B (WT, BT: 0 f32, 1 f16, 2 bf16): the
+ * weights are read as stored and converted in registers, x, z and every
+ * sum stay f32 (SPEC section 2).  bf16 is the upper half of an f32 and f16
+ * goes through vload_half, so neither needs cl_khr_fp16. */
 
 #ifndef ROWS
 #define ROWS 8
@@ -28,6 +32,29 @@
 #define ST 8
 #endif
 
+#ifndef WT
+#define WT 0
+#endif
+#ifndef BT
+#define BT 0
+#endif
+
+/* The element type of a weight stored as t, and 16 of its elements (block
+ * kb) or one (index i) as f32. */
+#define STORE_0 float
+#define STORE_1 half
+#define STORE_2 ushort
+#define STORE_(t) STORE_##t
+#define STORE(t) STORE_(t)
+#define LOAD16_0(kb, p) vload16((kb), (p))
+#define LOAD16_1(kb, p) vload_half16((kb), (p))
+#define LOAD16_2(kb, p) as_float16(convert_uint16(vload16((kb), (p))) << 16)
+#define LOAD1_0(i, p) ((p)[i])
+#define LOAD1_1(i, p) vload_half((i), (p))
+#define LOAD1_2(i, p) as_float((uint)(p)[i] << 16)
+#define LOAD16_(t, kb, p) LOAD16_##t(kb, p)
+#define LOAD1_(t, i, p) LOAD1_##t(i, p)
+
 inline float sum16(float16 v)
 {
     float8 a = v.lo + v.hi;
@@ -38,43 +65,38 @@ inline float sum16(float16 v)
 
 /* out[r][t] = the dot product of a's row r and v's row t, n elements from
  * the element offsets arow[r] and vrow[t]: float16 blocks into a register
- * tile, then the n % 16 tail. */
-inline void tile_dot(float out[ROWS][TB], __global const float *a,
-                     const ulong arow[ROWS], __global const float *v,
-                     const ulong vrow[TB], ulong n)
-{
-    float16 acc[ROWS][TB];
-#pragma unroll
-    for (int r = 0; r < ROWS; r++)
-#pragma unroll
-        for (int t = 0; t < TB; t++)
-            acc[r][t] = (float16)(0.0f);
-
-    ulong blocks = n / 16;
-    for (ulong kb = 0; kb < blocks; kb++) {
-        float16 vv[TB];
-#pragma unroll
-        for (int t = 0; t < TB; t++)
-            vv[t] = vload16(kb, v + vrow[t]);
-#pragma unroll
-        for (int r = 0; r < ROWS; r++) {
-            float16 av = vload16(kb, a + arow[r]);
-#pragma unroll
-            for (int t = 0; t < TB; t++)
-                acc[r][t] = fma(av, vv[t], acc[r][t]);
-        }
+ * tile, then the n % 16 tail; one function per storage type of a. */
+#define DEFINE_TILE_DOT(name, T)                                              \
+    inline void name(float out[ROWS][TB], __global const STORE(T) *a,         \
+                     const ulong arow[ROWS], __global const float *v,         \
+                     const ulong vrow[TB], ulong n)                           \
+    {                                                                         \
+        float16 acc[ROWS][TB];                                                \
+        _Pragma("unroll") for (int r = 0; r < ROWS; r++)                      \
+            _Pragma("unroll") for (int t = 0; t < TB; t++)                    \
+                acc[r][t] = (float16)(0.0f);                                  \
+        ulong blocks = n / 16;                                                \
+        for (ulong kb = 0; kb < blocks; kb++) {                               \
+            float16 vv[TB];                                                   \
+            _Pragma("unroll") for (int t = 0; t < TB; t++)                    \
+                vv[t] = vload16(kb, v + vrow[t]);                             \
+            _Pragma("unroll") for (int r = 0; r < ROWS; r++) {                \
+                float16 av = LOAD16_(T, kb, a + arow[r]);                     \
+                _Pragma("unroll") for (int t = 0; t < TB; t++)                \
+                    acc[r][t] = fma(av, vv[t], acc[r][t]);                    \
+            }                                                                 \
+        }                                                                     \
+        _Pragma("unroll") for (int r = 0; r < ROWS; r++)                      \
+            _Pragma("unroll") for (int t = 0; t < TB; t++) {                  \
+                float s = sum16(acc[r][t]);                                   \
+                for (ulong i = blocks * 16; i < n; i++)                       \
+                    s = fma(LOAD1_(T, arow[r] + i, a), v[vrow[t] + i], s);    \
+                out[r][t] = s;                                                \
+            }                                                                 \
     }
 
-#pragma unroll
-    for (int r = 0; r < ROWS; r++)
-#pragma unroll
-        for (int t = 0; t < TB; t++) {
-            float s = sum16(acc[r][t]);
-            for (ulong i = blocks * 16; i < n; i++)
-                s = fma(a[arow[r] + i], v[vrow[t] + i], s);
-            out[r][t] = s;
-        }
-}
+DEFINE_TILE_DOT(tile_dot_w, WT)
+DEFINE_TILE_DOT(tile_dot_b, BT)
 
 /* Work-item i covers the rows [rb*ROWS, rb*ROWS + ROWS) and the tokens
  * [tb*TB, tb*TB + TB).  Consecutive work-items walk a block of SR row tiles
@@ -86,10 +108,10 @@ inline void tile_dot(float out[ROWS][TB], __global const float *a,
  * stored. */
 __kernel void linear(__global float *y, ulong y_offset,
                    __global const float *x, ulong x_offset,
-                   __global const float *w, ulong w_offset, ulong rows,
+                   __global const STORE(WT) *w, ulong w_offset, ulong rows,
                    ulong k, ulong tokens, __global const float *bias,
                    ulong bias_offset, int has_bias, __global const float *z,
-                   ulong z_offset, __global const float *b, ulong b_offset,
+                   ulong z_offset, __global const STORE(BT) *b, ulong b_offset,
                    ulong zw, float alpha)
 {
     ulong token_tiles = (tokens + TB - 1) / TB;
@@ -110,7 +132,7 @@ __kernel void linear(__global float *y, ulong y_offset,
     for (int t = 0; t < TB; t++)
         xrow[t] = x_offset + min(t0 + t, tokens - 1) * k;
     float out[ROWS][TB];
-    tile_dot(out, w, wrow, x, xrow, k);
+    tile_dot_w(out, w, wrow, x, xrow, k);
 
     if (zw > 0) {
         ulong brow[ROWS], zrow[TB];
@@ -121,7 +143,7 @@ __kernel void linear(__global float *y, ulong y_offset,
         for (int t = 0; t < TB; t++)
             zrow[t] = z_offset + min(t0 + t, tokens - 1) * zw;
         float ex[ROWS][TB];
-        tile_dot(ex, b, brow, z, zrow, zw);
+        tile_dot_b(ex, b, brow, z, zrow, zw);
 #pragma unroll
         for (int r = 0; r < ROWS; r++)
 #pragma unroll

@@ -1348,7 +1348,32 @@ END_TEST
 /* tokens) and, with ATMOE_LINEAR_MAX_TOKENS=16, through CLBlast past 16     */
 /* ------------------------------------------------------------------------ */
 
-static void every_batch(const char *params)
+/* W0 stored as dtype: its values are multiples of 1/128 in [-1, 1], which
+ * f16 and bf16 hold exactly, so the float64 reference of the stored
+ * weights is the reference of the f32 ones. */
+static atmoe_node w0_node(atmoe_graph *g, atmoe_dtype dtype, float *w0,
+                          size_t rows, size_t cols, atmoe_tensor **keep)
+{
+    for (size_t i = 0; i < rows * cols; i++)
+        w0[i] = roundf(w0[i] * 128.0f) / 128.0f;
+    if (dtype == ATMOE_DTYPE_F32) {
+        *keep = NULL;
+        return const2(g, ATMOE_DTYPE_F32, rows, cols, w0);
+    }
+    size_t shape[2] = {rows, cols};
+    atmoe_tensor *f, *t;
+    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 2, shape, &f));
+    OK(atmoe_tensor_write(f, w0, rows * cols * sizeof *w0));
+    OK(atmoe_tensor_new(CTX, dtype, 2, shape, &t));
+    OK(atmoe_tensor_copy(t, f));
+    atmoe_tensor_free(f);
+    atmoe_node n;
+    OK(atmoe_graph_parameter(g, "w0", t, &n));
+    *keep = t;
+    return n;
+}
+
+static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
 {
     CTX = test_context();
     if (params)
@@ -1373,7 +1398,8 @@ static void every_batch(const char *params)
     OK(atmoe_graph_new(CTX, &g));
     atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, T, DI, 1);
     atmoe_node ng = input2(g, "gates", ATMOE_DTYPE_F32, T, mb.n, 1);
-    atmoe_node nw0 = const2(g, ATMOE_DTYPE_F32, DO, DI, w0);
+    atmoe_tensor *w0t;
+    atmoe_node nw0 = w0_node(g, w0_dtype, w0, DO, DI, &w0t);
     atmoe_node nb = const2(g, ATMOE_DTYPE_F32, DO, 0, bias);
     atmoe_node nrow = const2(g, ATMOE_DTYPE_F32, 1, md.R, row);
     atmoe_node yb, yd, ym;
@@ -1424,6 +1450,7 @@ static void every_batch(const char *params)
     }
     free(drow);
     atmoe_graph_free(g);
+    atmoe_tensor_free(w0t);
     atmoe_experts_free(sb);
     atmoe_experts_free(sd);
     free(w0);
@@ -1434,9 +1461,38 @@ static void every_batch(const char *params)
     atmoe_context_free(CTX);
 }
 
+static void every_batch(const char *params)
+{
+    every_batch_typed(params, ATMOE_DTYPE_F32);
+}
+
 START_TEST(test_every_batch)
 {
     every_batch(NULL);
+}
+END_TEST
+
+/* W0 in half precision, read as stored by cl/linear.cl (and converted to
+ * f32 for the merged route); then through CLBlast past 16 tokens, which
+ * reads an f32 copy. */
+START_TEST(test_every_batch_bf16)
+{
+    every_batch_typed(NULL, ATMOE_DTYPE_BF16);
+}
+END_TEST
+
+START_TEST(test_every_batch_f16)
+{
+    every_batch_typed(NULL, ATMOE_DTYPE_F16);
+}
+END_TEST
+
+START_TEST(test_every_batch_half_clblast)
+{
+    ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
+    every_batch_typed(NULL, ATMOE_DTYPE_BF16);
+    every_batch_typed(NULL, ATMOE_DTYPE_F16);
+    unsetenv("ATMOE_LINEAR_MAX_TOKENS");
 }
 END_TEST
 
@@ -2287,6 +2343,9 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_mixture_forms);
     tcase_add_test(tc, test_batched);
     tcase_add_test(tc, test_every_batch);
+    tcase_add_test(tc, test_every_batch_bf16);
+    tcase_add_test(tc, test_every_batch_f16);
+    tcase_add_test(tc, test_every_batch_half_clblast);
     tcase_add_test(tc, test_every_batch_clblast);
     tcase_add_test(tc, test_every_batch_tuned_blocks);
     tcase_add_test(tc, test_every_batch_tuned_boundary);

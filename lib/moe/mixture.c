@@ -21,6 +21,7 @@ typedef struct mixture_params {
     atmoe_mix mix;
     atmoe_merge merge;
     float c;
+    atmoe_dtype w0_dtype; /* as stored: read so by cl/linear.cl */
     /* The block of cl/linear.cl's tiles in force (tuning). */
     unsigned sr, st;
     /* Routes: a batch of T tokens runs merged when T >= merge_from, and
@@ -30,9 +31,28 @@ typedef struct mixture_params {
 
 extern const atm_op atm_op_mixture;
 
-/* Kernel slots: cl/linear.cl for 1, 2 and 3+ tokens (its tile), the mix,
- * the fold of the merge path, the f32 copy. */
-enum { K_LINEAR1, K_LINEAR2, K_LINEAR3, K_MIX, K_FOLD, K_COPY };
+/* Kernel slots: cl/linear.cl for 1, 2 and 3+ tokens (its tile) over the
+ * experts' A (the shrink) and over W0 (the base and expand), the mix, the
+ * fold of the merge path, the f32 copy, and the copy of W0 into f32 (for
+ * CLBlast and the merge path, when W0 is stored in half precision). */
+enum {
+    K_SHRINK1, K_SHRINK2, K_SHRINK3,
+    K_BASE1, K_BASE2, K_BASE3,
+    K_MIX, K_FOLD, K_COPY, K_W0_F32
+};
+
+/* cl/linear.cl's code of a weight's storage type, -1 for one it does not
+ * read. */
+static int weight_type(atmoe_dtype dtype)
+{
+    switch (dtype) {
+    case ATMOE_DTYPE_F32: return 0;
+    case ATMOE_DTYPE_F16: return 1;
+    case ATMOE_DTYPE_BF16: return 2;
+    case ATMOE_DTYPE_I32: break;
+    }
+    return -1;
+}
 
 static const char *mix_name(atmoe_mix mix)
 {
@@ -66,10 +86,11 @@ static linear_shape linear_shape_for(const mixture_params *mp, size_t T)
     return s;
 }
 
-/* The kernel slot of a batch of T tokens. */
-static int linear_slot(size_t T)
+/* The kernel slot of a batch of T tokens, from the first of its three
+ * (K_SHRINK1 or K_BASE1). */
+static int linear_slot(int first, size_t T)
 {
-    return T == 1 ? K_LINEAR1 : T == 2 ? K_LINEAR2 : K_LINEAR3;
+    return first + (T == 1 ? 0 : T == 2 ? 1 : 2);
 }
 
 /* Whether every token uses the same (single) gate row. */
@@ -143,10 +164,14 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     size_t width = mix == ATMOE_MIX_BLOCK      ? E
                    : mix == ATMOE_MIX_DIAGONAL ? set->total_rank
                                                : set->total_rank * set->dense_r2;
-    if (xn->dtype != ATMOE_DTYPE_F32 || wn->dtype != ATMOE_DTYPE_F32 ||
-        gn->dtype != ATMOE_DTYPE_F32 || (bn && bn->dtype != ATMOE_DTYPE_F32))
+    if (xn->dtype != ATMOE_DTYPE_F32 || gn->dtype != ATMOE_DTYPE_F32 ||
+        (bn && bn->dtype != ATMOE_DTYPE_F32))
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
-                        "%s: x, w0, bias and gates must be f32", fn);
+                        "%s: x, bias and gates must be f32", fn);
+    if (weight_type(wn->dtype) < 0)
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: w0 must be f32, f16 or bf16; it is %s", fn,
+                        atm_node_desc(wn, b1, sizeof b1));
     if (xn->ndim != 2 || xn->shape[1] != d_in || xn->batch_dim > 0)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: x must be [T, %zu] (d_in of the expert set); it "
@@ -210,6 +235,7 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     mp->mix = mix;
     mp->c = c;
     mp->merge = ATMOE_MERGE_AUTO;
+    mp->w0_dtype = wn->dtype;
     /* Sealed only once the node is known to be right: a refused call
      * leaves the set open. */
     if ((st = atm_experts_seal(set)) != ATMOE_STATUS_OK)
@@ -273,13 +299,24 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
         if (b > T || b > mp->linear_upto)
             break;
         linear_shape s = linear_shape_for(mp, b);
-        char options[64];
+        char options[96];
+        /* The shrink reads A_all, the base W0 and B_all. */
         snprintf(options, sizeof options,
-                 "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu", s.rows, s.tokens,
-                 s.sr, s.st);
-        st = atm_node_kernel(g, n, linear_slot(b), "linear", options,
-                             "linear");
+                 "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=0 -DBT=0",
+                 s.rows, s.tokens, s.sr, s.st);
+        st = atm_node_kernel(g, n, linear_slot(K_SHRINK1, b), "linear",
+                             options, "linear");
+        snprintf(options, sizeof options,
+                 "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=0",
+                 s.rows, s.tokens, s.sr, s.st, weight_type(mp->w0_dtype));
+        if (st == ATMOE_STATUS_OK)
+            st = atm_node_kernel(g, n, linear_slot(K_BASE1, b), "linear",
+                                 options, "linear");
     }
+    if (st == ATMOE_STATUS_OK && mp->w0_dtype != ATMOE_DTYPE_F32 &&
+        (mp->merge_from <= T || T > mp->linear_upto))
+        st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, mp->w0_dtype,
+                             &n->kernel[K_W0_F32]);
     if (st == ATMOE_STATUS_OK && mp->merge_from <= T)
         st = atm_node_kernel(g, n, K_FOLD, "mixture", NULL, "fold_gates");
     if (st == ATMOE_STATUS_OK &&
@@ -297,6 +334,10 @@ static size_t mixture_scratch(const atmoe_graph *g, const atm_node *n)
     const atmoe_experts *set = mp->experts;
     size_t T = g->nodes[n->src[0]].shape[0];
     size_t unmerged = T * (set->total_rank + z_width(set));
+    /* CLBlast reads W0 in f32: a half-precision W0 is converted after u
+     * and z for batches that take it. */
+    if (mp->w0_dtype != ATMOE_DTYPE_F32 && T > mp->linear_upto)
+        unmerged += set->d_out * set->d_in;
     size_t merged = 0;
     if (mp->merge_from <= T)
         merged = (z_width(set) + set->d_out) * set->d_in;
@@ -325,10 +366,15 @@ static atm_gemm mixture_gemm(const atmoe_graph *g, const atm_node *n,
     float beta = n->src[2] != ATMOE_NODE_NONE ? 1.0f : 0.0f;
     atm_gemm p;
     switch (which) {
-    case G_BASE: /* y (+)= x W0^T */
-        p = (atm_gemm){0, 1, T, d_out, d_in, 1.0f, beta, x->buffer,
-                       w0->buffer, y->buffer, x->offset, d_in, w0->offset,
-                       d_in, y->offset, d_out};
+    case G_BASE: /* y (+)= x W0^T; W0 in f32, or its f32 copy */
+        if (mp->w0_dtype == ATMOE_DTYPE_F32)
+            p = (atm_gemm){0, 1, T, d_out, d_in, 1.0f, beta, x->buffer,
+                           w0->buffer, y->buffer, x->offset, d_in,
+                           w0->offset, d_in, y->offset, d_out};
+        else
+            p = (atm_gemm){0, 1, T, d_out, d_in, 1.0f, beta, x->buffer,
+                           g->arena, y->buffer, x->offset, d_in,
+                           z_off + T * Z, d_in, y->offset, d_out};
         break;
     case G_SHRINK: /* u = x A_all^T */
         p = (atm_gemm){0, 1, T, R, d_in, 1.0f, 0.0f, x->buffer,
@@ -387,13 +433,13 @@ typedef struct linear_call {
 } linear_call;
 
 static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
-                           const linear_call *c, cl_event *ev)
+                           int first, const linear_call *c, cl_event *ev)
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
     linear_shape shape = linear_shape_for(mp, T);
     /* Unused buffers are bound to x: kernels need a valid cl_mem. */
     const atmoe_tensor *bias = c->bias ? c->bias : c->x;
-    atm_args args = {n->kernel[linear_slot(T)], 0, CL_SUCCESS};
+    atm_args args = {n->kernel[linear_slot(first, T)], 0, CL_SUCCESS};
     atm_arg_buffer(&args, c->y);
     atm_arg_ulong(&args, c->y_offset);
     atm_arg_tensor(&args, c->x);
@@ -484,14 +530,18 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     atm_arg_ulong(&args, Z);
     atm_gemm merge = mixture_gemm(g, n, G_MERGE);
     if ((st = atm_node_launch(g, n, &args, "fold_gates", Z * d_in, first)) ||
-        (st = atm_tensor_copy_with(n->kernel[K_COPY], &w, w0, NULL)) ||
+        (st = atm_tensor_copy_with(mp->w0_dtype == ATMOE_DTYPE_F32
+                                       ? n->kernel[K_COPY]
+                                       : n->kernel[K_W0_F32],
+                                   &w, w0, NULL)) ||
         (st = atm_graph_sgemm(g, &merge, NULL)))
         return st;
 
     if (T <= mp->linear_upto) {
+        /* W' is f32 whatever W0's type: the shrink's kernels read it. */
         linear_call c = {y->buffer, w.buffer, NULL, y->offset, w.offset, 0,
                          x, bias, NULL, d_out, d_in, 0, 0.0f};
-        return linear(g, n, T, &c, last);
+        return linear(g, n, T, K_SHRINK1, &c, last);
     }
     if (bias &&
         (st = atm_tensor_broadcast_rows(n->kernel[K_COPY], y, bias, NULL)))
@@ -517,10 +567,11 @@ static atmoe_status run_linear(atmoe_graph *g, atm_node *n, size_t T,
                         w0->offset, z_off, x, atm_src_rt(g, n, 2),
                         set->b, set->d_out, set->d_in, z_width(set), mp->c};
     atmoe_status st;
-    if ((st = linear(g, n, T, &shrink, first)) != ATMOE_STATUS_OK ||
+    if ((st = linear(g, n, T, K_SHRINK1, &shrink, first)) !=
+            ATMOE_STATUS_OK ||
         (st = mix(g, n, T, u_off, z_off)) != ATMOE_STATUS_OK)
         return st;
-    return linear(g, n, T, &base, last);
+    return linear(g, n, T, K_BASE1, &base, last);
 }
 
 static atmoe_status mixture_run(atmoe_graph *g, atm_node *n, cl_event *first,
@@ -545,6 +596,16 @@ static atmoe_status mixture_run(atmoe_graph *g, atm_node *n, cl_event *first,
     }
     atm_gemm base = mixture_gemm(g, n, G_BASE);
     atm_gemm shrink = mixture_gemm(g, n, G_SHRINK);
+    if (mp->w0_dtype != ATMOE_DTYPE_F32) {
+        /* CLBlast reads f32: W0 converted into the scratch G_BASE reads. */
+        const atmoe_tensor *w0 = atm_src_rt(g, n, 1);
+        atmoe_tensor w = *w0;
+        w.dtype = ATMOE_DTYPE_F32;
+        w.buffer = g->arena;
+        w.offset = base.b_offset;
+        if ((st = atm_tensor_copy_with(n->kernel[K_W0_F32], &w, w0, NULL)))
+            return st;
+    }
     atm_gemm expand = mixture_gemm(g, n, G_EXPAND);
     size_t u_off = shrink.c_offset;
     if ((st = atm_graph_sgemm(g, &base, first)) ||
@@ -563,8 +624,10 @@ static void mixture_cost(const atmoe_graph *g, const atm_node *n,
     uint64_t Z = set->dense_r2 ? set->dense_r2 : R;
     *flops = 2 * T * dout * din + 2 * T * (R * din + Z * dout) +
              (set->dense_r2 ? 2 * T * R * Z : T * R);
-    /* Weights once, activations in and out, gates. */
-    *bytes = 4 * (dout * din + R * din + Z * dout + T * (din + dout) +
+    /* Weights once (W0 as stored), activations in and out, gates. */
+    uint64_t w0_size = atmoe_dtype_size(g->nodes[n->src[1]].dtype);
+    *bytes = w0_size * dout * din +
+             4 * (R * din + Z * dout + T * (din + dout) +
                   T * g->nodes[n->src[3]].rt.shape[1]);
 }
 
