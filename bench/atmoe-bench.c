@@ -32,15 +32,12 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
-#include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <CL/cl.h>
@@ -49,26 +46,11 @@
 #include "atmoe.h"
 #include "bench.h"
 
-#ifndef ATMOE_BENCH_DATADIR
-#define ATMOE_BENCH_DATADIR ""
-#endif
-
 #define CEILINGS_FILE "ceilings.cl"
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                             */
 /* ------------------------------------------------------------------------ */
-
-char errbuf[2048];
-
-int set_error(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(errbuf, sizeof errbuf, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 /* Records a failed library call with the library's own detail. */
 static int lib_error(const atmoe_context *ctx, atmoe_status st,
@@ -79,49 +61,12 @@ static int lib_error(const atmoe_context *ctx, atmoe_status st,
                      *detail ? ": " : "", detail);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-double median(double *v, size_t n)
-{
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-/* splitmix64: deterministic weights, the same on every machine. */
-static uint64_t rng_next(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-/* n floats uniform in [-scale, scale). */
+/* n floats uniform in [-scale, scale), the next ones of the stream:
+ * splitmix64, so that the weights are the same on every machine. */
 static void fill_uniform(float *p, size_t n, float scale, uint64_t *state)
 {
     for (size_t i = 0; i < n; i++)
-        p[i] = scale * (float)((double)(rng_next(state) >> 11) * 0x1.0p-52 - 1.0);
-}
-
-void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size);
-    if (p == NULL) {
-        fprintf(stderr, PROGRAM ": out of host memory\n");
-        exit(EXIT_RUNTIME);
-    }
-    return p;
+        p[i] = scale * (float)uniform(state);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -143,9 +88,6 @@ static const workload_def workloads[] = {
     {"train-step", 0, "T = 256, d = 2048; forward, backward and AdamW"},
 };
 #define N_WORKLOADS (sizeof workloads / sizeof workloads[0])
-
-const char *const variant_names[N_VARIANTS] = {"fused", "unfused", "merged",
-                                               "torch"};
 
 /* A workload's shapes at one scale. */
 typedef struct wl_shape {
@@ -825,39 +767,9 @@ static int read_output(atmoe_context *ctx, const built *b, float *y,
     return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "reading y");
 }
 
-/* max |y - ref| / max |ref|: a norm-wise difference that does not blow up
- * on outputs near zero. */
-double rel_diff(const float *y, const float *ref, size_t n)
-{
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = fabs((double)y[i] - (double)ref[i]);
-        if (!(diff <= num)) /* catches NaN too */
-            num = isnan(diff) ? INFINITY : diff;
-        if (fabs((double)ref[i]) > den)
-            den = fabs((double)ref[i]);
-    }
-    return den > 0.0 ? num / den : num;
-}
-
 /* ------------------------------------------------------------------------ */
-/* Results                                                                   */
+/* Parameters                                                                */
 /* ------------------------------------------------------------------------ */
-
-result *push_result(device_run *d)
-{
-    if (d->n == d->cap) {
-        d->cap = d->cap ? 2 * d->cap : 16;
-        result *r = realloc(d->results, d->cap * sizeof *r);
-        if (r == NULL) {
-            fprintf(stderr, PROGRAM ": out of host memory\n");
-            exit(EXIT_RUNTIME);
-        }
-        d->results = r;
-    }
-    memset(&d->results[d->n], 0, sizeof d->results[0]);
-    return &d->results[d->n++];
-}
 
 /* The mode of the parameters ctx runs with (atmoe_context_get_params),
  * and whether any tuned set is in force. */
@@ -1006,8 +918,6 @@ static int parse_workloads(const char *list, int *selected)
 /* Output files, written atomically                                          */
 /* ------------------------------------------------------------------------ */
 
-mode_t file_mode = 0644;
-
 typedef int (*writer_fn)(FILE *f, void *arg);
 
 /* Writes path through a temporary file in the same directory and a rename,
@@ -1115,54 +1025,6 @@ static int find_cl_device(const atmoe_device_info *info, cl_device_id *out)
         }
     }
     return set_error("OpenCL device %zu not found", info->index);
-}
-
-static int readable(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (f)
-        fclose(f);
-    return f != NULL;
-}
-
-char *find_data_file(const char *name)
-{
-    char cand[4][PATH_MAX + 64];
-    int n = 0;
-    const char *env = getenv("ATMOE_BENCH_DATADIR");
-    if (env && *env) {
-        snprintf(cand[n++], sizeof cand[0], "%s/%s", env, name);
-    } else {
-        if (*ATMOE_BENCH_DATADIR)
-            snprintf(cand[n++], sizeof cand[0], "%s/%s", ATMOE_BENCH_DATADIR,
-                     name);
-        char exe[PATH_MAX];
-        ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
-        if (len > 0) {
-            exe[len] = '\0';
-            char *slash = strrchr(exe, '/');
-            if (slash) {
-                *slash = '\0';
-                snprintf(cand[n++], sizeof cand[0], "%s/%s", exe, name);
-                snprintf(cand[n++], sizeof cand[0], "%s/../%s", exe, name);
-            }
-        }
-    }
-    for (int i = 0; i < n; i++)
-        if (readable(cand[i]))
-            return strdup(cand[i]);
-    char *p = errbuf;
-    size_t left = sizeof errbuf;
-    int w = snprintf(p, left, "%s is not in", name);
-    for (int i = 0; i < n && w > 0 && (size_t)w < left; i++) {
-        p += w;
-        left -= (size_t)w;
-        w = snprintf(p, left, "%s %s", i ? "," : "", cand[i]);
-    }
-    if (w > 0 && (size_t)w < left)
-        snprintf(p + w, left - (size_t)w,
-                 "; set ATMOE_BENCH_DATADIR to the directory that holds it");
-    return NULL;
 }
 
 /* The text of the ceiling kernels, or NULL with errbuf set. */
@@ -1605,24 +1467,6 @@ static int measure_ceilings(atmoe_context *ctx, const atmoe_device_info *info,
 /* Running                                                                   */
 /* ------------------------------------------------------------------------ */
 
-void progress_show(const progress *p, const char *workload, size_t T,
-                   variant v, const char *stage)
-{
-    if (!p->on)
-        return;
-    fprintf(stderr, "\r\033[K[%zu/%zu] %s: %s T=%zu %s: %s", p->done + 1,
-            p->total, p->device, workload, T, variant_names[v], stage);
-    fflush(stderr);
-}
-
-void progress_clear(const progress *p)
-{
-    if (p->on) {
-        fprintf(stderr, "\r\033[K");
-        fflush(stderr);
-    }
-}
-
 /* Times one variant: build, plan, warm up, then reps timed computes, and
  * compares the output with a reference.  ref (T x d floats) is the fused
  * variant's output: fused writes it, unfused is checked against it.  The
@@ -1678,16 +1522,6 @@ done:
     free(y);
     free(mref);
     return rc;
-}
-
-void set_rates(result *r, const ceilings *c)
-{
-    double sec = r->median_ms * 1e-3;
-    r->gflops = r->flops / sec * 1e-9;
-    r->gbs = r->bytes / sec * 1e-9;
-    double bound = fmax(r->flops / (c->gflops * 1e9),
-                        r->bytes / (c->read_gbs * 1e9));
-    r->roofline = bound / sec;
 }
 
 /* The variants the library runs; the peer's come after them. */
@@ -1986,11 +1820,6 @@ static void print_comparison(const device_run *runs, size_t n)
         }
     printf("\n(each cell: median time, and the fraction of that device's "
            "roofline bound)\n");
-}
-
-json_t *json_num(double v)
-{
-    return isfinite(v) ? json_real(v) : json_null();
 }
 
 static json_t *device_json(const options *o, const device_run *d)

@@ -42,12 +42,7 @@ void peer_keep(device_run *d, size_t index, const float *y, size_t count)
 {
     if (d->n_refs == d->cap_refs) {
         d->cap_refs = d->cap_refs ? 2 * d->cap_refs : 8;
-        peer_ref *r = realloc(d->refs, d->cap_refs * sizeof *r);
-        if (r == NULL) {
-            fprintf(stderr, PROGRAM ": out of host memory\n");
-            exit(EXIT_RUNTIME);
-        }
-        d->refs = r;
+        d->refs = xrealloc(d->refs, d->cap_refs, sizeof *d->refs);
     }
     peer_ref *r = &d->refs[d->n_refs++];
     r->result = index;
