@@ -21,7 +21,9 @@
  * and, with --peer torch, the same work in PyTorch (bench/peer.c).
  *
  * Each run is timed by the wall clock around atmoe_graph_compute() and
- * atmoe_context_finish(), over --reps repetitions after --warmup ones; the
+ * atmoe_context_finish(), over --reps repetitions after --warmup ones, and
+ * after each timed compute atmoe_graph_get_compute_stats() says what it cost
+ * the host (the library's time and allocations in the call); the
  * FLOPs and bytes of a workload are counted analytically (see count_work),
  * so GFLOP/s and GB/s are rates of the same useful work for every variant.
  * Before it is timed, each unfused and merged run is checked against a
@@ -1467,6 +1469,15 @@ static int measure_ceilings(atmoe_context *ctx, const atmoe_device_info *info,
 /* Running                                                                   */
 /* ------------------------------------------------------------------------ */
 
+/* What the timed computes of one variant measured, one entry per rep: the
+ * wall time of compute and finish, and the library's own host time in the
+ * compute (atmoe_graph_get_compute_stats); and the most host allocations
+ * the library made in one compute, which a plan is meant to make 0. */
+typedef struct samples {
+    double *wall_s, *host_ms;
+    uint64_t host_allocations_max;
+} samples;
+
 /* Times one variant: build, plan, warm up, then reps timed computes, and
  * compares the output with a reference.  ref (T x d floats) is the fused
  * variant's output: fused writes it, unfused is checked against it.  The
@@ -1474,7 +1485,7 @@ static int measure_ceilings(atmoe_context *ctx, const atmoe_device_info *info,
  * its own reference: the same graph with the merge switched off. */
 static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
                         variant v, const options *o, progress *prog,
-                        float *ref, double *times, double *diff)
+                        float *ref, samples *s, double *diff)
 {
     size_t count = T * w->s.d;
     float *y = xcalloc(count, sizeof *y);
@@ -1501,6 +1512,7 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
         if (compute_once(ctx, b.g))
             goto done;
     }
+    s->host_allocations_max = 0;
     for (int i = 0; i < o->reps; i++) {
         char stage[48];
         snprintf(stage, sizeof stage, "rep %d/%d", i + 1, o->reps);
@@ -1508,7 +1520,16 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
         double t0 = now_s();
         if (compute_once(ctx, b.g))
             goto done;
-        times[i] = now_s() - t0;
+        s->wall_s[i] = now_s() - t0;
+        atmoe_compute_stats cs;
+        atmoe_status st = atmoe_graph_get_compute_stats(b.g, &cs);
+        if (st != ATMOE_STATUS_OK) {
+            lib_error(ctx, st, "reading the compute's host figures");
+            goto done;
+        }
+        s->host_ms[i] = cs.host_ms;
+        if (cs.host_allocations > s->host_allocations_max)
+            s->host_allocations_max = cs.host_allocations;
     }
     if (read_output(ctx, &b, y, count))
         goto done;
@@ -1571,6 +1592,8 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
     if (o->peer)
         json_array_append_new(d->peer_workloads, peer_workload(&w));
     double *times = xcalloc((size_t)o->reps, sizeof *times);
+    double *host_ms = xcalloc((size_t)o->reps, sizeof *host_ms);
+    samples smp = {times, host_ms, 0};
     for (size_t ti = 0; ti < s.n_T; ti++) {
         size_t T = s.T[ti];
         float *ref = xcalloc(T * s.d, sizeof *ref);
@@ -1579,7 +1602,7 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
             double diff;
             if (v == VARIANT_UNFUSED && isnan(fused_ms))
                 continue; /* nothing to check it against */
-            if (time_variant(ctx, &w, T, (variant)v, o, prog, ref, times,
+            if (time_variant(ctx, &w, T, (variant)v, o, prog, ref, &smp,
                              &diff)) {
                 progress_clear(prog);
                 fprintf(stderr, PROGRAM ": %s: %s T=%zu %s: %s\n",
@@ -1607,6 +1630,9 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
                     r->max_ms = times[i] * 1e3;
             }
             r->median_ms = median(times, (size_t)o->reps) * 1e3;
+            r->host_measured = 1;
+            r->host_ms_median = median(host_ms, (size_t)o->reps);
+            r->host_allocations_max = smp.host_allocations_max;
             count_work(&w, T, (variant)v, &r->flops, &r->bytes);
             set_rates(r, &d->c);
             if (v == VARIANT_FUSED) {
@@ -1630,6 +1656,7 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
         free(ref);
     }
     free(times);
+    free(host_ms);
     wl_free(&w);
 }
 
@@ -1747,13 +1774,20 @@ static void print_results(const device_run *d)
         printf("\nno workload ran\n");
         return;
     }
-    printf("\n%-12s %-5s %4s %-7s %10s %19s %8s %8s %8s %7s %8s\n",
+    printf("\n%-12s %-5s %4s %-7s %10s %19s %8s %6s %8s %8s %8s %7s %8s\n",
            "workload", "scale", "T", "variant", "median ms", "min..max ms",
-           "GFLOP/s", "GB/s", "roofline", "/fused", "check");
+           "host ms", "allocs", "GFLOP/s", "GB/s", "roofline", "/fused",
+           "check");
     for (size_t i = 0; i < d->n; i++) {
         const result *r = &d->results[i];
-        char spread[40], ratio[16], check[16];
+        char spread[40], host[24] = "-", allocs[24] = "-", ratio[16],
+            check[16];
         snprintf(spread, sizeof spread, "%.3f..%.3f", r->min_ms, r->max_ms);
+        if (r->host_measured) {
+            snprintf(host, sizeof host, "%.3f", r->host_ms_median);
+            snprintf(allocs, sizeof allocs, "%llu",
+                     (unsigned long long)r->host_allocations_max);
+        }
         if (isnan(r->ratio_to_fused) || r->variant == VARIANT_FUSED)
             snprintf(ratio, sizeof ratio, "-");
         else
@@ -1763,12 +1797,16 @@ static void print_results(const device_run *d)
         else
             snprintf(check, sizeof check, "%.0e%s", r->max_rel_diff,
                      r->max_rel_diff > CHECK_TOLERANCE ? "!" : "");
-        printf("%-12s %-5s %4zu %-7s %10.3f %19s %8.1f %8.1f %7.1f%% %7s %8s\n",
+        printf("%-12s %-5s %4zu %-7s %10.3f %19s %8s %6s %8.1f %8.1f %7.1f%% "
+               "%7s %8s\n",
                r->workload, r->scale, r->T, variant_names[r->variant],
-               r->median_ms, spread, r->gflops, r->gbs, 100.0 * r->roofline,
-               ratio, check);
+               r->median_ms, spread, host, allocs, r->gflops, r->gbs,
+               100.0 * r->roofline, ratio, check);
     }
-    printf("\nroofline: the bound max(FLOPs / FMA rate, bytes / read "
+    printf("\nhost ms: median time a compute spent on the host (the "
+           "library's overhead); allocs:\nthe most host allocations the "
+           "library made in one compute; torch has neither;\n"
+           "roofline: the bound max(FLOPs / FMA rate, bytes / read "
            "bandwidth) over the median time;\n/fused: median time over the "
            "fused variant's; check: largest difference from the reference,\n"
            "relative to the largest output (unfused and torch against fused, "
@@ -1849,7 +1887,7 @@ static json_t *device_json(const options *o, const device_run *d)
         const result *r = &d->results[i];
         json_t *row = json_pack(
             "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:o, s:o, "
-            "s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}",
+            "s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}",
             "workload", r->workload, "scale", r->scale, "variant",
             variant_names[r->variant], "params", d->params, "T",
             (json_int_t)r->T, "d_in", (json_int_t)r->d_in, "d_out",
@@ -1861,7 +1899,12 @@ static json_t *device_json(const options *o, const device_run *d)
             json_num(r->roofline), "flops", json_num(r->flops), "bytes",
             json_num(r->bytes), "ratio_to_fused",
             json_num(r->variant == VARIANT_FUSED ? NAN : r->ratio_to_fused),
-            "max_rel_diff", json_num(r->max_rel_diff));
+            "max_rel_diff", json_num(r->max_rel_diff), "host_ms_median",
+            json_num(r->host_measured ? r->host_ms_median : NAN),
+            "host_allocations_max",
+            r->host_measured
+                ? json_integer((json_int_t)r->host_allocations_max)
+                : json_null());
         if (row && r->r1) {
             json_object_set_new(row, "r1", json_integer((json_int_t)r->r1));
             json_object_set_new(row, "r2", json_integer((json_int_t)r->r2));
@@ -1936,10 +1979,12 @@ static void csv_number(FILE *f, double v)
 static int write_csv(FILE *f, void *arg)
 {
     const report *rep = arg;
+    /* The host figures come last, so that the earlier columns keep their
+     * places. */
     fputs("device,vendor,type,workload,scale,variant,params,T,d_in,d_out,"
           "experts,rank,total_rank,median_ms,min_ms,max_ms,gflops,gbs,"
           "roofline,ratio_to_fused,max_rel_diff,read_gbs,peak_gflops,"
-          "launch_us\n",
+          "launch_us,host_ms_median,host_allocations_max\n",
           f);
     for (size_t j = 0; j < rep->n; j++) {
         const device_run *d = &rep->runs[j];
@@ -1966,6 +2011,12 @@ static int write_csv(FILE *f, void *arg)
             csv_number(f, d->c.read_gbs);
             csv_number(f, d->c.gflops);
             csv_number(f, d->c.launch_us);
+            csv_number(f, r->host_measured ? r->host_ms_median : NAN);
+            if (r->host_measured)
+                fprintf(f, ",%llu",
+                        (unsigned long long)r->host_allocations_max);
+            else
+                fputc(',', f);
             fputc('\n', f);
         }
     }
@@ -1997,6 +2048,12 @@ static int check_device_object(json_t *obj, size_t index, size_t *results)
                                           "rank", NULL};
     static const char *const res_num[] = {"median_ms", "min_ms", "max_ms",
                                           "gflops", "gbs", "roofline", NULL};
+    /* The library's host figures, which the peer's runs do not have: there
+     * they are null. */
+    static const char *const host_ms[] = {"host_ms_median", NULL};
+    static const char *const host_allocs[] = {"host_allocations_max", NULL};
+    static const char *const host_all[] = {"host_ms_median",
+                                           "host_allocations_max", NULL};
     char where[64];
     snprintf(where, sizeof where, "device object %zu", index);
     if (!json_is_object(obj))
@@ -2018,6 +2075,12 @@ static int check_device_object(json_t *obj, size_t index, size_t *results)
         if (check_fields(r, where, res_str, JSON_STRING, 0) ||
             check_fields(r, where, res_int, JSON_INTEGER, 0) ||
             check_fields(r, where, res_num, JSON_REAL, 1))
+            return -1;
+        const char *name = json_string_value(json_object_get(r, "variant"));
+        if (strcmp(name, variant_names[VARIANT_TORCH]) == 0
+                ? check_fields(r, where, host_all, JSON_NULL, 0)
+                : check_fields(r, where, host_ms, JSON_REAL, 1) ||
+                      check_fields(r, where, host_allocs, JSON_INTEGER, 0))
             return -1;
     }
     *results += json_array_size(res);

@@ -9,6 +9,7 @@
 #define ATMOE_BENCH_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <sys/types.h>
 
@@ -57,6 +58,12 @@ typedef struct result {
     size_t T, d_in, d_out, experts, rank, total_rank;
     size_t r1, r2; /* a T-REX adapter's vectors; 0 for AT-MoE */
     double median_ms, min_ms, max_ms;
+    /* The library's own figures of a compute (atmoe_graph_get_compute_stats)
+     * over the timed ones: the median host time and the most host
+     * allocations.  The peer's runs have none (host_measured 0). */
+    int host_measured;
+    double host_ms_median;
+    uint64_t host_allocations_max;
     double flops, bytes, gflops, gbs, roofline;
     double ratio_to_fused; /* median / fused median (NaN without fused) */
     double max_rel_diff;   /* against the reference (NaN for fused) */

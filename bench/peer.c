@@ -233,6 +233,9 @@ static void take_result(device_run *d, json_t *obj, const char *dir,
     result *r = push_result(d);
     *r = fused;
     r->variant = VARIANT_TORCH;
+    r->host_measured = 0; /* PyTorch is not the library */
+    r->host_ms_median = NAN;
+    r->host_allocations_max = 0;
     r->median_ms = json_number_value(json_object_get(obj, "median_ms"));
     r->min_ms = json_number_value(json_object_get(obj, "min_ms"));
     r->max_ms = json_number_value(json_object_get(obj, "max_ms"));
