@@ -21,7 +21,9 @@
  * and, with --peer torch, the same work in PyTorch (bench/peer.c).
  *
  * Each run is timed by the wall clock around atmoe_graph_compute() and
- * atmoe_context_finish(), over --reps repetitions after --warmup ones; the
+ * atmoe_context_finish(), over --reps repetitions after --warmup ones, and
+ * after each timed compute atmoe_graph_get_compute_stats() says what it cost
+ * the host (the library's time and allocations in the call); the
  * FLOPs and bytes of a workload are counted analytically (see count_work),
  * so GFLOP/s and GB/s are rates of the same useful work for every variant.
  * Before it is timed, each unfused and merged run is checked against a
@@ -32,15 +34,12 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
-#include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <CL/cl.h>
@@ -49,26 +48,11 @@
 #include "atmoe.h"
 #include "bench.h"
 
-#ifndef ATMOE_BENCH_DATADIR
-#define ATMOE_BENCH_DATADIR ""
-#endif
-
 #define CEILINGS_FILE "ceilings.cl"
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                             */
 /* ------------------------------------------------------------------------ */
-
-char errbuf[2048];
-
-int set_error(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(errbuf, sizeof errbuf, fmt, ap);
-    va_end(ap);
-    return -1;
-}
 
 /* Records a failed library call with the library's own detail. */
 static int lib_error(const atmoe_context *ctx, atmoe_status st,
@@ -79,49 +63,12 @@ static int lib_error(const atmoe_context *ctx, atmoe_status st,
                      *detail ? ": " : "", detail);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-double median(double *v, size_t n)
-{
-    qsort(v, n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-/* splitmix64: deterministic weights, the same on every machine. */
-static uint64_t rng_next(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-/* n floats uniform in [-scale, scale). */
+/* n floats uniform in [-scale, scale), the next ones of the stream:
+ * splitmix64, so that the weights are the same on every machine. */
 static void fill_uniform(float *p, size_t n, float scale, uint64_t *state)
 {
     for (size_t i = 0; i < n; i++)
-        p[i] = scale * (float)((double)(rng_next(state) >> 11) * 0x1.0p-52 - 1.0);
-}
-
-void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size);
-    if (p == NULL) {
-        fprintf(stderr, PROGRAM ": out of host memory\n");
-        exit(EXIT_RUNTIME);
-    }
-    return p;
+        p[i] = scale * (float)uniform(state);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -143,9 +90,6 @@ static const workload_def workloads[] = {
     {"train-step", 0, "T = 256, d = 2048; forward, backward and AdamW"},
 };
 #define N_WORKLOADS (sizeof workloads / sizeof workloads[0])
-
-const char *const variant_names[N_VARIANTS] = {"fused", "unfused", "merged",
-                                               "torch"};
 
 /* A workload's shapes at one scale. */
 typedef struct wl_shape {
@@ -825,39 +769,9 @@ static int read_output(atmoe_context *ctx, const built *b, float *y,
     return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "reading y");
 }
 
-/* max |y - ref| / max |ref|: a norm-wise difference that does not blow up
- * on outputs near zero. */
-double rel_diff(const float *y, const float *ref, size_t n)
-{
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = fabs((double)y[i] - (double)ref[i]);
-        if (!(diff <= num)) /* catches NaN too */
-            num = isnan(diff) ? INFINITY : diff;
-        if (fabs((double)ref[i]) > den)
-            den = fabs((double)ref[i]);
-    }
-    return den > 0.0 ? num / den : num;
-}
-
 /* ------------------------------------------------------------------------ */
-/* Results                                                                   */
+/* Parameters                                                                */
 /* ------------------------------------------------------------------------ */
-
-result *push_result(device_run *d)
-{
-    if (d->n == d->cap) {
-        d->cap = d->cap ? 2 * d->cap : 16;
-        result *r = realloc(d->results, d->cap * sizeof *r);
-        if (r == NULL) {
-            fprintf(stderr, PROGRAM ": out of host memory\n");
-            exit(EXIT_RUNTIME);
-        }
-        d->results = r;
-    }
-    memset(&d->results[d->n], 0, sizeof d->results[0]);
-    return &d->results[d->n++];
-}
 
 /* The mode of the parameters ctx runs with (atmoe_context_get_params),
  * and whether any tuned set is in force. */
@@ -1006,8 +920,6 @@ static int parse_workloads(const char *list, int *selected)
 /* Output files, written atomically                                          */
 /* ------------------------------------------------------------------------ */
 
-mode_t file_mode = 0644;
-
 typedef int (*writer_fn)(FILE *f, void *arg);
 
 /* Writes path through a temporary file in the same directory and a rename,
@@ -1115,54 +1027,6 @@ static int find_cl_device(const atmoe_device_info *info, cl_device_id *out)
         }
     }
     return set_error("OpenCL device %zu not found", info->index);
-}
-
-static int readable(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    if (f)
-        fclose(f);
-    return f != NULL;
-}
-
-char *find_data_file(const char *name)
-{
-    char cand[4][PATH_MAX + 64];
-    int n = 0;
-    const char *env = getenv("ATMOE_BENCH_DATADIR");
-    if (env && *env) {
-        snprintf(cand[n++], sizeof cand[0], "%s/%s", env, name);
-    } else {
-        if (*ATMOE_BENCH_DATADIR)
-            snprintf(cand[n++], sizeof cand[0], "%s/%s", ATMOE_BENCH_DATADIR,
-                     name);
-        char exe[PATH_MAX];
-        ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
-        if (len > 0) {
-            exe[len] = '\0';
-            char *slash = strrchr(exe, '/');
-            if (slash) {
-                *slash = '\0';
-                snprintf(cand[n++], sizeof cand[0], "%s/%s", exe, name);
-                snprintf(cand[n++], sizeof cand[0], "%s/../%s", exe, name);
-            }
-        }
-    }
-    for (int i = 0; i < n; i++)
-        if (readable(cand[i]))
-            return strdup(cand[i]);
-    char *p = errbuf;
-    size_t left = sizeof errbuf;
-    int w = snprintf(p, left, "%s is not in", name);
-    for (int i = 0; i < n && w > 0 && (size_t)w < left; i++) {
-        p += w;
-        left -= (size_t)w;
-        w = snprintf(p, left, "%s %s", i ? "," : "", cand[i]);
-    }
-    if (w > 0 && (size_t)w < left)
-        snprintf(p + w, left - (size_t)w,
-                 "; set ATMOE_BENCH_DATADIR to the directory that holds it");
-    return NULL;
 }
 
 /* The text of the ceiling kernels, or NULL with errbuf set. */
@@ -1605,23 +1469,14 @@ static int measure_ceilings(atmoe_context *ctx, const atmoe_device_info *info,
 /* Running                                                                   */
 /* ------------------------------------------------------------------------ */
 
-void progress_show(const progress *p, const char *workload, size_t T,
-                   variant v, const char *stage)
-{
-    if (!p->on)
-        return;
-    fprintf(stderr, "\r\033[K[%zu/%zu] %s: %s T=%zu %s: %s", p->done + 1,
-            p->total, p->device, workload, T, variant_names[v], stage);
-    fflush(stderr);
-}
-
-void progress_clear(const progress *p)
-{
-    if (p->on) {
-        fprintf(stderr, "\r\033[K");
-        fflush(stderr);
-    }
-}
+/* What the timed computes of one variant measured, one entry per rep: the
+ * wall time of compute and finish, and the library's own host time in the
+ * compute (atmoe_graph_get_compute_stats); and the most host allocations
+ * the library made in one compute, which a plan is meant to make 0. */
+typedef struct samples {
+    double *wall_s, *host_ms;
+    uint64_t host_allocations_max;
+} samples;
 
 /* Times one variant: build, plan, warm up, then reps timed computes, and
  * compares the output with a reference.  ref (T x d floats) is the fused
@@ -1630,7 +1485,7 @@ void progress_clear(const progress *p)
  * its own reference: the same graph with the merge switched off. */
 static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
                         variant v, const options *o, progress *prog,
-                        float *ref, double *times, double *diff)
+                        float *ref, samples *s, double *diff)
 {
     size_t count = T * w->s.d;
     float *y = xcalloc(count, sizeof *y);
@@ -1657,6 +1512,7 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
         if (compute_once(ctx, b.g))
             goto done;
     }
+    s->host_allocations_max = 0;
     for (int i = 0; i < o->reps; i++) {
         char stage[48];
         snprintf(stage, sizeof stage, "rep %d/%d", i + 1, o->reps);
@@ -1664,7 +1520,16 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
         double t0 = now_s();
         if (compute_once(ctx, b.g))
             goto done;
-        times[i] = now_s() - t0;
+        s->wall_s[i] = now_s() - t0;
+        atmoe_compute_stats cs;
+        atmoe_status st = atmoe_graph_get_compute_stats(b.g, &cs);
+        if (st != ATMOE_STATUS_OK) {
+            lib_error(ctx, st, "reading the compute's host figures");
+            goto done;
+        }
+        s->host_ms[i] = cs.host_ms;
+        if (cs.host_allocations > s->host_allocations_max)
+            s->host_allocations_max = cs.host_allocations;
     }
     if (read_output(ctx, &b, y, count))
         goto done;
@@ -1678,16 +1543,6 @@ done:
     free(y);
     free(mref);
     return rc;
-}
-
-void set_rates(result *r, const ceilings *c)
-{
-    double sec = r->median_ms * 1e-3;
-    r->gflops = r->flops / sec * 1e-9;
-    r->gbs = r->bytes / sec * 1e-9;
-    double bound = fmax(r->flops / (c->gflops * 1e9),
-                        r->bytes / (c->read_gbs * 1e9));
-    r->roofline = bound / sec;
 }
 
 /* The variants the library runs; the peer's come after them. */
@@ -1737,6 +1592,8 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
     if (o->peer)
         json_array_append_new(d->peer_workloads, peer_workload(&w));
     double *times = xcalloc((size_t)o->reps, sizeof *times);
+    double *host_ms = xcalloc((size_t)o->reps, sizeof *host_ms);
+    samples smp = {times, host_ms, 0};
     for (size_t ti = 0; ti < s.n_T; ti++) {
         size_t T = s.T[ti];
         float *ref = xcalloc(T * s.d, sizeof *ref);
@@ -1745,7 +1602,7 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
             double diff;
             if (v == VARIANT_UNFUSED && isnan(fused_ms))
                 continue; /* nothing to check it against */
-            if (time_variant(ctx, &w, T, (variant)v, o, prog, ref, times,
+            if (time_variant(ctx, &w, T, (variant)v, o, prog, ref, &smp,
                              &diff)) {
                 progress_clear(prog);
                 fprintf(stderr, PROGRAM ": %s: %s T=%zu %s: %s\n",
@@ -1773,6 +1630,9 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
                     r->max_ms = times[i] * 1e3;
             }
             r->median_ms = median(times, (size_t)o->reps) * 1e3;
+            r->host_measured = 1;
+            r->host_ms_median = median(host_ms, (size_t)o->reps);
+            r->host_allocations_max = smp.host_allocations_max;
             count_work(&w, T, (variant)v, &r->flops, &r->bytes);
             set_rates(r, &d->c);
             if (v == VARIANT_FUSED) {
@@ -1796,6 +1656,7 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
         free(ref);
     }
     free(times);
+    free(host_ms);
     wl_free(&w);
 }
 
@@ -1913,13 +1774,20 @@ static void print_results(const device_run *d)
         printf("\nno workload ran\n");
         return;
     }
-    printf("\n%-12s %-5s %4s %-7s %10s %19s %8s %8s %8s %7s %8s\n",
+    printf("\n%-12s %-5s %4s %-7s %10s %19s %8s %6s %8s %8s %8s %7s %8s\n",
            "workload", "scale", "T", "variant", "median ms", "min..max ms",
-           "GFLOP/s", "GB/s", "roofline", "/fused", "check");
+           "host ms", "allocs", "GFLOP/s", "GB/s", "roofline", "/fused",
+           "check");
     for (size_t i = 0; i < d->n; i++) {
         const result *r = &d->results[i];
-        char spread[40], ratio[16], check[16];
+        char spread[40], host[24] = "-", allocs[24] = "-", ratio[16],
+            check[16];
         snprintf(spread, sizeof spread, "%.3f..%.3f", r->min_ms, r->max_ms);
+        if (r->host_measured) {
+            snprintf(host, sizeof host, "%.3f", r->host_ms_median);
+            snprintf(allocs, sizeof allocs, "%llu",
+                     (unsigned long long)r->host_allocations_max);
+        }
         if (isnan(r->ratio_to_fused) || r->variant == VARIANT_FUSED)
             snprintf(ratio, sizeof ratio, "-");
         else
@@ -1929,12 +1797,16 @@ static void print_results(const device_run *d)
         else
             snprintf(check, sizeof check, "%.0e%s", r->max_rel_diff,
                      r->max_rel_diff > CHECK_TOLERANCE ? "!" : "");
-        printf("%-12s %-5s %4zu %-7s %10.3f %19s %8.1f %8.1f %7.1f%% %7s %8s\n",
+        printf("%-12s %-5s %4zu %-7s %10.3f %19s %8s %6s %8.1f %8.1f %7.1f%% "
+               "%7s %8s\n",
                r->workload, r->scale, r->T, variant_names[r->variant],
-               r->median_ms, spread, r->gflops, r->gbs, 100.0 * r->roofline,
-               ratio, check);
+               r->median_ms, spread, host, allocs, r->gflops, r->gbs,
+               100.0 * r->roofline, ratio, check);
     }
-    printf("\nroofline: the bound max(FLOPs / FMA rate, bytes / read "
+    printf("\nhost ms: median time a compute spent on the host (the "
+           "library's overhead); allocs:\nthe most host allocations the "
+           "library made in one compute; torch has neither;\n"
+           "roofline: the bound max(FLOPs / FMA rate, bytes / read "
            "bandwidth) over the median time;\n/fused: median time over the "
            "fused variant's; check: largest difference from the reference,\n"
            "relative to the largest output (unfused and torch against fused, "
@@ -1988,11 +1860,6 @@ static void print_comparison(const device_run *runs, size_t n)
            "roofline bound)\n");
 }
 
-json_t *json_num(double v)
-{
-    return isfinite(v) ? json_real(v) : json_null();
-}
-
 static json_t *device_json(const options *o, const device_run *d)
 {
     json_t *dev = json_pack(
@@ -2020,7 +1887,7 @@ static json_t *device_json(const options *o, const device_run *d)
         const result *r = &d->results[i];
         json_t *row = json_pack(
             "{s:s, s:s, s:s, s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:o, s:o, "
-            "s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}",
+            "s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}",
             "workload", r->workload, "scale", r->scale, "variant",
             variant_names[r->variant], "params", d->params, "T",
             (json_int_t)r->T, "d_in", (json_int_t)r->d_in, "d_out",
@@ -2032,7 +1899,12 @@ static json_t *device_json(const options *o, const device_run *d)
             json_num(r->roofline), "flops", json_num(r->flops), "bytes",
             json_num(r->bytes), "ratio_to_fused",
             json_num(r->variant == VARIANT_FUSED ? NAN : r->ratio_to_fused),
-            "max_rel_diff", json_num(r->max_rel_diff));
+            "max_rel_diff", json_num(r->max_rel_diff), "host_ms_median",
+            json_num(r->host_measured ? r->host_ms_median : NAN),
+            "host_allocations_max",
+            r->host_measured
+                ? json_integer((json_int_t)r->host_allocations_max)
+                : json_null());
         if (row && r->r1) {
             json_object_set_new(row, "r1", json_integer((json_int_t)r->r1));
             json_object_set_new(row, "r2", json_integer((json_int_t)r->r2));
@@ -2107,10 +1979,12 @@ static void csv_number(FILE *f, double v)
 static int write_csv(FILE *f, void *arg)
 {
     const report *rep = arg;
+    /* The host figures come last, so that the earlier columns keep their
+     * places. */
     fputs("device,vendor,type,workload,scale,variant,params,T,d_in,d_out,"
           "experts,rank,total_rank,median_ms,min_ms,max_ms,gflops,gbs,"
           "roofline,ratio_to_fused,max_rel_diff,read_gbs,peak_gflops,"
-          "launch_us\n",
+          "launch_us,host_ms_median,host_allocations_max\n",
           f);
     for (size_t j = 0; j < rep->n; j++) {
         const device_run *d = &rep->runs[j];
@@ -2137,6 +2011,12 @@ static int write_csv(FILE *f, void *arg)
             csv_number(f, d->c.read_gbs);
             csv_number(f, d->c.gflops);
             csv_number(f, d->c.launch_us);
+            csv_number(f, r->host_measured ? r->host_ms_median : NAN);
+            if (r->host_measured)
+                fprintf(f, ",%llu",
+                        (unsigned long long)r->host_allocations_max);
+            else
+                fputc(',', f);
             fputc('\n', f);
         }
     }
@@ -2168,6 +2048,12 @@ static int check_device_object(json_t *obj, size_t index, size_t *results)
                                           "rank", NULL};
     static const char *const res_num[] = {"median_ms", "min_ms", "max_ms",
                                           "gflops", "gbs", "roofline", NULL};
+    /* The library's host figures, which the peer's runs do not have: there
+     * they are null. */
+    static const char *const host_ms[] = {"host_ms_median", NULL};
+    static const char *const host_allocs[] = {"host_allocations_max", NULL};
+    static const char *const host_all[] = {"host_ms_median",
+                                           "host_allocations_max", NULL};
     char where[64];
     snprintf(where, sizeof where, "device object %zu", index);
     if (!json_is_object(obj))
@@ -2189,6 +2075,12 @@ static int check_device_object(json_t *obj, size_t index, size_t *results)
         if (check_fields(r, where, res_str, JSON_STRING, 0) ||
             check_fields(r, where, res_int, JSON_INTEGER, 0) ||
             check_fields(r, where, res_num, JSON_REAL, 1))
+            return -1;
+        const char *name = json_string_value(json_object_get(r, "variant"));
+        if (strcmp(name, variant_names[VARIANT_TORCH]) == 0
+                ? check_fields(r, where, host_all, JSON_NULL, 0)
+                : check_fields(r, where, host_ms, JSON_REAL, 1) ||
+                      check_fields(r, where, host_allocs, JSON_INTEGER, 0))
             return -1;
     }
     *results += json_array_size(res);

@@ -59,6 +59,7 @@
 #include <jansson.h>
 
 #include "atmoe.h"
+#include "measure.h"
 
 #define PROGRAM "atmoe-tune"
 #define EXIT_RUNTIME 1
@@ -163,13 +164,6 @@ static int lib_fail(const atmoe_context *ctx, atmoe_status st,
     return EXIT_RUNTIME;
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Processor time of the whole process (the driver's worker threads
  * included), user and system. */
 static double cpu_s(void)
@@ -191,32 +185,17 @@ static double clock_s(void)
     return use_cpu_clock ? cpu_s() / cpu_units : now_s();
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* splitmix64: reproducible from --seed on every platform. */
 static uint64_t rng_state;
 
 static uint64_t rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return splitmix64(&rng_state);
 }
 
 static float rng_uniform(void)
 {
-    return (float)((double)(rng_next() >> 11) * 0x1p-53 * 2.0 - 1.0);
+    return (float)uniform(&rng_state);
 }
 
 static int pick(const int *values, int n)
@@ -377,7 +356,7 @@ static timing time_graph(atmoe_context *ctx, atmoe_graph *g, const feed *in,
             goto out;
         }
     }
-    r.s = median(times, runs);
+    r.s = median(times, (size_t)runs);
     r.out = RUN_OK;
 out:
     free(y);

@@ -1,19 +1,29 @@
-/* What the files of atmoe-bench share: bench/atmoe-bench.c holds the
- * workloads, the ceilings and the reports; bench/peer.c runs the PyTorch
- * peer; bench/plot.c draws the figure through gnuplot; bench/process.c
- * finds and runs other programs. */
+/* What the files of atmoe-bench share.  bench/common.c holds the helpers
+ * they all use (the last failure's detail, memory, data files, results and
+ * their rates, the progress line); bench/process.c finds and runs other
+ * programs; bench/peer.c runs the PyTorch peer; bench/plot.c draws the
+ * figure through gnuplot.  Each of them depends only on what is declared
+ * here; bench/atmoe-bench.c, which holds the workloads, the ceilings and
+ * the reports, sits on top and defines nothing the others use. */
 #ifndef ATMOE_BENCH_H
 #define ATMOE_BENCH_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <sys/types.h>
 
 #include <jansson.h>
 
 #include "atmoe.h"
+#include "measure.h"
 
 #define PROGRAM "atmoe-bench"
+
+/* The installed data directory (bench/bench.am passes it). */
+#ifndef ATMOE_BENCH_DATADIR
+#define ATMOE_BENCH_DATADIR ""
+#endif
 
 /* The peer's script, a data file found as ceilings.cl is, and the Python
  * that runs it unless ATMOE_BENCH_PYTHON names another: Debian's, where
@@ -48,6 +58,12 @@ typedef struct result {
     size_t T, d_in, d_out, experts, rank, total_rank;
     size_t r1, r2; /* a T-REX adapter's vectors; 0 for AT-MoE */
     double median_ms, min_ms, max_ms;
+    /* The library's own figures of a compute (atmoe_graph_get_compute_stats)
+     * over the timed ones: the median host time and the most host
+     * allocations.  The peer's runs have none (host_measured 0). */
+    int host_measured;
+    double host_ms_median;
+    uint64_t host_allocations_max;
     double flops, bytes, gflops, gbs, roofline;
     double ratio_to_fused; /* median / fused median (NaN without fused) */
     double max_rel_diff;   /* against the reference (NaN for fused) */
@@ -91,6 +107,8 @@ typedef struct device_run {
     json_t *peer_info;
 } device_run;
 
+/* --- bench/common.c */
+
 /* A progress line on stderr when it is a terminal. */
 typedef struct progress {
     int on;
@@ -106,10 +124,10 @@ void progress_clear(const progress *p);
 extern char errbuf[2048];
 int set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-/* calloc that ends the program with a message when memory runs out. */
+/* calloc and realloc (of n elements of size bytes) that end the program
+ * with a message when memory runs out. */
 void *xcalloc(size_t n, size_t size);
-/* Sorts v and returns its median. */
-double median(double *v, size_t n);
+void *xrealloc(void *p, size_t n, size_t size);
 /* max |y - ref| / max |ref|; NaN anywhere gives infinity. */
 double rel_diff(const float *y, const float *ref, size_t n);
 /* A new zeroed result at the end of d's list. */

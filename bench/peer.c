@@ -42,12 +42,7 @@ void peer_keep(device_run *d, size_t index, const float *y, size_t count)
 {
     if (d->n_refs == d->cap_refs) {
         d->cap_refs = d->cap_refs ? 2 * d->cap_refs : 8;
-        peer_ref *r = realloc(d->refs, d->cap_refs * sizeof *r);
-        if (r == NULL) {
-            fprintf(stderr, PROGRAM ": out of host memory\n");
-            exit(EXIT_RUNTIME);
-        }
-        d->refs = r;
+        d->refs = xrealloc(d->refs, d->cap_refs, sizeof *d->refs);
     }
     peer_ref *r = &d->refs[d->n_refs++];
     r->result = index;
@@ -238,6 +233,9 @@ static void take_result(device_run *d, json_t *obj, const char *dir,
     result *r = push_result(d);
     *r = fused;
     r->variant = VARIANT_TORCH;
+    r->host_measured = 0; /* PyTorch is not the library */
+    r->host_ms_median = NAN;
+    r->host_allocations_max = 0;
     r->median_ms = json_number_value(json_object_get(obj, "median_ms"));
     r->min_ms = json_number_value(json_object_get(obj, "min_ms"));
     r->max_ms = json_number_value(json_object_get(obj, "max_ms"));

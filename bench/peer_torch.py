@@ -71,7 +71,8 @@ def probe():
 
 
 class Stream:
-    """The bench's splitmix64 stream (bench/atmoe-bench.c, fill_uniform)."""
+    """The bench's splitmix64 stream (bench/measure.c; bench/atmoe-bench.c,
+    fill_uniform)."""
 
     def __init__(self, np, seed):
         self.np = np

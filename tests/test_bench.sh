@@ -1,7 +1,7 @@
 #!/bin/sh
 # atmoe-bench at the small scale with few repetitions: its outputs (the JSON
-# holds every field of the contract, the CSV a row per run, the plot is an
-# image), the mor1e workload, the PyTorch peer, and its errors (unknown or
+# holds every field of the contract, the host figures of a compute in every
+# result, the CSV a row per run, the plot is an image), the mor1e workload, the PyTorch peer, and its errors (unknown or
 # unavailable workload, unknown device, unwritable output file, a plot
 # without gnuplot, a peer without torch).  Exit 77 (a skip for automake's
 # harness) when there is no OpenCL device.  The parts that need gnuplot or
@@ -84,6 +84,23 @@ done
 # decode runs T = 1, 4 and 16, each in three variants
 n=$(grep -c '"workload": "decode"' "$tmp/out.json")
 [ "$n" -eq 9 ] || fail "the JSON holds $n decode results, not 9"
+# has_host_fields FILE: every result of FILE holds the library's host
+# figures; sets n to the count of results.
+has_host_fields() {
+    n=$(grep -c '"workload":' "$1")
+    for f in host_ms_median host_allocations_max; do
+        k=$(grep -c "\"$f\":" "$1")
+        [ "$k" -eq "$n" ] || fail "$k of the $n results of $1 hold $f"
+    done
+}
+has_host_fields "$tmp/out.json"
+# A count, whatever it is: the library's computes are being made free of
+# allocations, so its value is not asserted here.
+k=$(grep -c '"host_allocations_max": [0-9][0-9]*,\{0,1\}$' "$tmp/out.json")
+[ "$k" -eq "$n" ] ||
+    fail "$k of $n results have a number as host_allocations_max"
+grep -q ' host ms  *allocs ' "$tmp/out" ||
+    fail "the table has no host ms and allocs columns"
 if command -v python3 > /dev/null 2>&1; then
     python3 -c 'import json, sys; json.load(open(sys.argv[1]))' \
         "$tmp/out.json" || fail "python3 cannot parse the JSON"
@@ -91,6 +108,8 @@ fi
 
 head -n 1 "$tmp/out.csv" | grep -q '^device,vendor,type,workload,scale,variant,params,T,d_in,d_out,experts,rank,' ||
     fail "the CSV header is wrong"
+head -n 1 "$tmp/out.csv" | grep -q ',host_ms_median,host_allocations_max$' ||
+    fail "the CSV header has no host figures"
 n=$(grep -c ',decode,small,' "$tmp/out.csv")
 [ "$n" -eq 9 ] || fail "the CSV holds $n decode rows, not 9"
 ls "$tmp" | grep -q '\.tmp-' && fail "a temporary output file was left behind"
@@ -116,6 +135,7 @@ run --scale small --reps 1 --warmup 0 --workload decode,mor1e \
 ran "the mor1e${peer:+ and peer} run" "mor1e  *small  *512"
 "$tool" --check-json "$tmp/peer.json" || fail "--check-json rejected the JSON"
 grep -q '"r2": 8' "$tmp/peer.json" || fail "the mor1e results have no r2"
+has_host_fields "$tmp/peer.json"
 if [ "$have_torch" -eq 1 ]; then
     for T in 1 4 16; do
         grep -q "^decode  *small  *$T torch " "$tmp/out" ||
@@ -125,6 +145,9 @@ if [ "$have_torch" -eq 1 ]; then
         fail "the table has no mor1e torch row"
     n=$(grep -c '"variant": "torch"' "$tmp/peer.json")
     [ "$n" -eq 4 ] || fail "the JSON holds $n torch results, not 4"
+    n=$(grep -c '"host_allocations_max": null' "$tmp/peer.json")
+    [ "$n" -eq 4 ] ||
+        fail "$n results, not the 4 torch ones, have no host figures"
     grep -q '"peer": {' "$tmp/peer.json" || fail "the JSON has no peer"
 fi
 if [ "$have_gnuplot" -eq 1 ]; then
