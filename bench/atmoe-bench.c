@@ -165,6 +165,11 @@ typedef struct wl_data {
     float **a, **b;
     size_t n_a, n_b; /* entries of a and ta, of b and tb */
     atmoe_tensor *tw0, *twg, *twd, **ta, **tb;
+    /* W0 as the library's variants store it (--dtype): tw0 itself for f32,
+     * else a copy in that type; tw0 and w0 then hold its values in f32, so
+     * that every variant and the peer compute with the same weights. */
+    atmoe_dtype w0_dtype;
+    atmoe_tensor *tw0s;
     float *bias, *wr, *sb, *dense_a, *dense_b;
     atmoe_tensor *tbias, *twr, *twom, *twc;
     atmoe_experts *set;
@@ -203,6 +208,7 @@ static void wl_free(wl_data *w)
     free(w->dense_a);
     free(w->dense_b);
     atmoe_tensor_free(w->tw0);
+    atmoe_tensor_free(w->tw0s);
     atmoe_tensor_free(w->twg);
     atmoe_tensor_free(w->twd);
     atmoe_tensor_free(w->tbias);
@@ -354,7 +360,34 @@ static int init_trex(atmoe_context *ctx, wl_data *w)
 }
 
 /* A workload's weights from a fixed seed per workload. */
+/* W0 rounded to its stored type (see wl_data), the draw's record saying
+ * so for the peer. */
+static int store_w0(atmoe_context *ctx, wl_data *w)
+{
+    if (w->w0_dtype == ATMOE_DTYPE_F32)
+        return 0;
+    size_t d = w->s.d, shape[2] = {d, d};
+    atmoe_status st = atmoe_tensor_new(ctx, w->w0_dtype, 2, shape, &w->tw0s);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_copy(w->tw0s, w->tw0);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_copy(w->tw0, w->tw0s);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_read(w->tw0, w->w0, d * d * sizeof *w->w0);
+    if (st != ATMOE_STATUS_OK)
+        return lib_error(ctx, st, "storing W0");
+    size_t i;
+    json_t *rec;
+    json_array_foreach(w->draws, i, rec)
+        if (strcmp(json_string_value(json_object_get(rec, "name")), "w0") ==
+            0)
+            json_object_set_new(rec, "round",
+                                json_string(atmoe_dtype_name(w->w0_dtype)));
+    return 0;
+}
+
 static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
+                   atmoe_dtype w0_dtype,
                    wl_data *w)
 {
     memset(w, 0, sizeof *w);
@@ -362,7 +395,10 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
     w->T_max = s->T[s->n_T - 1];
     w->seed = w->state = seed;
     w->draws = json_array();
-    return s->r1 ? init_trex(ctx, w) : init_atmoe(ctx, w);
+    w->w0_dtype = w0_dtype;
+    if (s->r1 ? init_trex(ctx, w) : init_atmoe(ctx, w))
+        return -1;
+    return store_w0(ctx, w);
 }
 
 /* The work of one run, counted from the shapes (not from what a variant
@@ -379,8 +415,9 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
  *         + 2 router_rows d_in G (1 + M)     router logits h W_G and h W_D
  *   (the router's softmaxes, O(rows G M), are left out)
  *
- *   bytes = 4 (d_out d_in                    W0, read once
- *            + R (d_in + d_out)              every A_e and B_e, read once
+ *   bytes = s0 d_out d_in                    W0, read once (s0 bytes per
+ *                                            weight as stored, --dtype)
+ *         + 4 (R (d_in + d_out)              every A_e and B_e, read once
  *            + d_in G (1 + M)                W_G and W_D, read once
  *            + T (d_in + d_out)              x read, y written
  *            + router_rows E                 gates written
@@ -394,7 +431,8 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
  *         + 4 router_rows E                  k_r om p + k_s (1 - om) s_b, c
  *   (the softmax left out as above)
  *
- *   bytes = 4 (d_out d_in + d_out            W0 and the bias
+ *   bytes = s0 d_out d_in                    W0 as stored (as above)
+ *         + 4 (d_out                         the bias
  *            + r1 d_in + d_out r2            A and B
  *            + E d_in + E                    W_r and s_b
  *            + T (d_in + d_out)              x read, y written
@@ -411,18 +449,22 @@ static void count_work(const wl_data *w, size_t T, variant v, double *flops,
     double G = (double)w->s.groups, M = (double)w->s.per_group;
     double rows = v == VARIANT_MERGED ? 1.0 : t;
     double pooled = v == VARIANT_MERGED ? d_in : 0.0;
+    /* W0's bytes per weight as stored (--dtype). */
+    double w0b = (double)atmoe_dtype_size(w->w0_dtype);
     if (w->s.r1) {
         double r1 = (double)w->s.r1, r2 = (double)w->s.r2;
         *flops = 2.0 * t * d_in * d_out + t * d_out +
                  2.0 * t * (r1 * d_in + r1 * r2 + r2 * d_out) +
                  2.0 * rows * d_in * E + 4.0 * rows * E;
-        *bytes = 4.0 * (d_out * d_in + d_out + r1 * d_in + d_out * r2 +
+        *bytes = (w0b - 4.0) * d_out * d_in +
+                 4.0 * (d_out * d_in + d_out + r1 * d_in + d_out * r2 +
                         E * d_in + E + t * (d_in + d_out) + rows * E + pooled);
         return;
     }
     *flops = 2.0 * t * d_in * d_out + 2.0 * t * R * (d_in + d_out) + t * R +
              2.0 * rows * d_in * G * (1.0 + M);
-    *bytes = 4.0 * (d_out * d_in + R * (d_in + d_out) + d_in * G * (1.0 + M) +
+    *bytes = w0b * d_out * d_in +
+             4.0 * (R * (d_in + d_out) + d_in * G * (1.0 + M) +
                     t * (d_in + d_out) + rows * E + pooled);
 }
 
@@ -442,11 +484,20 @@ typedef struct built {
             goto fail;                                                       \
     } while (0)
 
-static atmoe_status add_weights(atmoe_graph *g, const wl_data *w,
+/* W0 as stored for the fused mixture, which reads f16 and bf16 as they
+ * are; in f32 for graphs of matmul nodes. */
+static atmoe_tensor *w0_stored(const wl_data *w)
+{
+    return w->tw0s ? w->tw0s : w->tw0;
+}
+
+static atmoe_status add_weights(atmoe_graph *g, const wl_data *w, int stored,
                                 atmoe_node *w0, atmoe_node *wg,
                                 atmoe_node *wd)
 {
-    atmoe_status st = atmoe_graph_parameter(g, "w0", w->tw0, w0);
+    atmoe_status st = atmoe_graph_parameter(g, "w0",
+                                            stored ? w0_stored(w) : w->tw0,
+                                            w0);
     if (st == ATMOE_STATUS_OK)
         st = atmoe_graph_parameter(g, "w_g", w->twg, wg);
     if (st == ATMOE_STATUS_OK)
@@ -464,7 +515,7 @@ static atmoe_status build_fused(atmoe_graph *g, const wl_data *w, size_t T,
                          ATMOE_NODE_NONE, ATMOE_NODE_NONE, ATMOE_NODE_NONE,
                          ATMOE_NODE_NONE, MIX_C};
     TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
-    TRY(add_weights(g, w, &layer.w0, &layer.w_g, &layer.w_d));
+    TRY(add_weights(g, w, 1, &layer.w0, &layer.w_g, &layer.w_d));
     TRY(atmoe_graph_moe_layer(g, b->x, &layer, &b->y, NULL));
 fail:
     return st;
@@ -481,7 +532,7 @@ static atmoe_status build_merged(atmoe_graph *g, const wl_data *w, size_t T,
     atmoe_node w0, wg, wd, gates;
     TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
     TRY(atmoe_graph_input(g, "h", ATMOE_DTYPE_F32, 2, hs, 0, &b->h));
-    TRY(add_weights(g, w, &w0, &wg, &wd));
+    TRY(add_weights(g, w, 1, &w0, &wg, &wd));
     TRY(atmoe_graph_router(g, b->h, w->router, wg, wd, NULL, NULL, &gates));
     TRY(atmoe_graph_mixture(g, b->x, w0, ATMOE_NODE_NONE, w->set,
                             ATMOE_MIX_BLOCK, gates, ATMOE_NODE_NONE, MIX_C,
@@ -518,7 +569,7 @@ static atmoe_status build_unfused(atmoe_graph *g, const wl_data *w, size_t T,
     atmoe_node w0, wg, wd, lg, ld, a, dw, gates, y;
     float *eye = NULL, *stack = NULL, *neg = NULL;
     TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
-    TRY(add_weights(g, w, &w0, &wg, &wd));
+    TRY(add_weights(g, w, 0, &w0, &wg, &wd));
 
     TRY(atmoe_graph_matmul(g, b->x, wg, ATMOE_NODE_NONE, 0, &lg));
     if (TAU != 1.0f)
@@ -645,7 +696,7 @@ static atmoe_status build_trex_mixture(atmoe_graph *g, const wl_data *w,
     TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
     if (merged)
         TRY(atmoe_graph_input(g, "h", ATMOE_DTYPE_F32, 2, hs, 0, &b->h));
-    TRY(atmoe_graph_parameter(g, "w0", w->tw0, &w0));
+    TRY(atmoe_graph_parameter(g, "w0", w0_stored(w), &w0));
     TRY(atmoe_graph_parameter(g, "bias", w->tbias, &bias));
     TRY(build_trex_router(g, w, merged ? b->h : b->x, b, &gates));
     TRY(atmoe_graph_mixture(g, b->x, w0, bias, w->set, ATMOE_MIX_DENSE, gates,
@@ -806,6 +857,7 @@ typedef struct options {
     int peer;         /* --peer torch */
     const char *plot; /* --plot FILE */
     const char *params; /* --params tuned|default, or NULL */
+    atmoe_dtype w0_dtype; /* --dtype */
 } options;
 
 static void usage(FILE *f)
@@ -832,6 +884,9 @@ static void usage(FILE *f)
         "                       variant torch; needs python3-torch)\n"
         "  --plot FILE          draw a roofline and bars of the median times\n"
         "                       into FILE.svg or FILE.png (needs gnuplot)\n"
+        "  --dtype f32|bf16|f16  how the fused and merged variants store W0\n"
+        "                       (default f32); every variant computes with\n"
+        "                       its values, the floor counts its bytes\n"
         "  --params tuned|default  the tuning databases' kernel parameters\n"
         "                       (default) or CLBlast's built-in ones: run\n"
         "                       once with each to compare them\n"
@@ -1580,7 +1635,7 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
 {
     wl_shape s = make_shape(wi, o->full);
     wl_data w;
-    if (wl_init(ctx, &s, 0x5eed0000u + wi, &w)) {
+    if (wl_init(ctx, &s, 0x5eed0000u + wi, d->w0_dtype, &w)) {
         progress_clear(prog);
         fprintf(stderr, PROGRAM ": %s: %s: %s\n", d->info.name, s.name,
                 errbuf);
@@ -1675,6 +1730,7 @@ static void run_device(const char *selection, const options *o,
                        const char *src, device_run *d)
 {
     memset(d, 0, sizeof *d);
+    d->w0_dtype = o->w0_dtype;
     atmoe_context *ctx;
     atmoe_status st = atmoe_context_new(selection, &ctx);
     if (st != ATMOE_STATUS_OK) {
@@ -1738,6 +1794,8 @@ static void print_ceilings(const device_run *d)
            "(%.0f MiB)\n",
            c->launch_us, c->sync_us, c->h2d_gbs, c->d2h_gbs,
            c->transfer_mib);
+    printf("  W0 stored as: %s (fused and merged variants)\n",
+           atmoe_dtype_name(d->w0_dtype));
     printf("  parameters: %s%s\n", d->params,
            strcmp(d->params, "default") == 0
                ? " (CLBlast's built-in sets; --params tuned for the tuning "
@@ -2172,7 +2230,7 @@ int main(int argc, char **argv)
     umask(mask);
     file_mode = 0666 & ~mask;
 
-    options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL, NULL};
+    options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL, NULL, ATMOE_DTYPE_F32};
     for (size_t i = 0; i < N_WORKLOADS; i++)
         o.selected[i] = workloads[i].implemented;
     const char *v;
@@ -2216,6 +2274,18 @@ int main(int argc, char **argv)
             o.peer = 1;
         } else if ((v = opt_value(argc, argv, &i, "--plot"))) {
             o.plot = v;
+        } else if ((v = opt_value(argc, argv, &i, "--dtype"))) {
+            if (strcmp(v, "f32") == 0)
+                o.w0_dtype = ATMOE_DTYPE_F32;
+            else if (strcmp(v, "bf16") == 0)
+                o.w0_dtype = ATMOE_DTYPE_BF16;
+            else if (strcmp(v, "f16") == 0)
+                o.w0_dtype = ATMOE_DTYPE_F16;
+            else {
+                fprintf(stderr, PROGRAM ": --dtype is f32, bf16 or f16, "
+                                "not '%s'\n", v);
+                return EXIT_USAGE;
+            }
         } else if ((v = opt_value(argc, argv, &i, "--params"))) {
             if (strcmp(v, "tuned") != 0 && strcmp(v, "default") != 0) {
                 fprintf(stderr, PROGRAM ": --params is tuned or default, "

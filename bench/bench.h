@@ -99,6 +99,8 @@ typedef struct device_run {
     char params[16];           /* the context's parameters: "tuned",
                                   "default" or "custom" */
     int tuned_sets;            /* whether a tuned set is in force */
+    atmoe_dtype w0_dtype;      /* --dtype: W0 as the fused and merged
+                                  variants store it */
     /* With --peer: the spec's workloads, one object each, the fused
      * outputs, and what the peer said about itself (NULL before it ran). */
     json_t *peer_workloads;

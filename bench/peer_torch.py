@@ -135,7 +135,13 @@ def draw_weights(np, torch, workload, unused):
             stream.skip(rows * cols)
             continue
         values = stream.uniform(rows * cols, d["scale"])
-        tensors[d["name"]] = torch.from_numpy(values.reshape(rows, cols))
+        t = torch.from_numpy(values.reshape(rows, cols))
+        # A weight the library stores in half precision (atmoe-bench
+        # --dtype): the same values, rounded to nearest even as it rounds.
+        rounded = {"bf16": torch.bfloat16, "f16": torch.float16}
+        if d.get("round") in rounded:
+            t = t.to(rounded[d["round"]]).to(t.dtype)
+        tensors[d["name"]] = t
     return tensors
 
 

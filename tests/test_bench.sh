@@ -187,6 +187,19 @@ grep -q '"params": "default"' "$tmp/out.json" &&
 run --workload decode --params fast
 [ "$rc" -eq 2 ] || fail "--params fast exited $rc, not 2"
 
+# --- W0 in bf16: named in the header, every check within its tolerance
+# (the variants share the rounded weights), W0 counted at 2 bytes
+run --workload decode --reps 1 --warmup 0 --dtype bf16 \
+    --json "$tmp/bf16.json"
+[ "$rc" -eq 0 ] || fail "--dtype bf16 exited $rc"
+grep -q 'W0 stored as: bf16' "$tmp/out" || fail "the header does not name bf16"
+b32=$(grep -o '"bytes": [0-9.e+]*' "$tmp/default.json" | head -n 1 | cut -d' ' -f2)
+b16=$(grep -o '"bytes": [0-9.e+]*' "$tmp/bf16.json" | head -n 1 | cut -d' ' -f2)
+awk -v a="$b32" -v b="$b16" 'BEGIN { exit !(b < a * 0.7) }' ||
+    fail "bf16 W0 counted $b16 bytes, f32 $b32"
+run --workload decode --dtype q4
+[ "$rc" -eq 2 ] || fail "--dtype q4 exited $rc, not 2"
+
 run_env ATMOE_BENCH_PYTHON="$tmp/no-python" -- --workload decode --peer torch
 expect 1 "no-python" "--peer torch without its Python" err
 
