@@ -269,6 +269,82 @@ START_TEST(test_errmsg_per_context)
 }
 END_TEST
 
+/* Sets or unsets (value NULL) an environment variable. */
+static void set_env(const char *name, const char *value)
+{
+    if (value)
+        ck_assert_int_eq(setenv(name, value, 1), 0);
+    else
+        ck_assert_int_eq(unsetenv(name), 0);
+}
+
+/* A copy of a variable's value, NULL when unset (free it). */
+static char *save_env(const char *name)
+{
+    const char *v = getenv(name);
+    return v ? strdup(v) : NULL;
+}
+
+static void *new_context_thread(void *arg)
+{
+    char *msg = arg;
+    atmoe_context *ctx = NULL;
+    atmoe_status st = atmoe_context_new(NULL, &ctx);
+    /* The thread's own message, which nothing else has touched. */
+    snprintf(msg, 1024, "%s%s", st == ATMOE_STATUS_OK ? "" : "failed: ",
+             atmoe_errmsg(NULL));
+    atmoe_context_free(ctx);
+    return NULL;
+}
+
+/* A successful atmoe_context_new leaves the thread's message as it was:
+ * on a thread with an earlier failure, that failure's message; on a fresh
+ * thread, "" (checked there). */
+static void assert_new_leaves_no_message(const char *why)
+{
+    ck_assert_int_eq(atmoe_device_get_count(NULL), ATMOE_STATUS_NULL_POINTER);
+    char before[1024];
+    snprintf(before, sizeof before, "%s", atmoe_errmsg(NULL));
+    atmoe_context *ctx = test_context();
+    ck_assert_msg(strcmp(atmoe_errmsg(NULL), before) == 0,
+                  "%s: the message became '%s'", why, atmoe_errmsg(NULL));
+    ck_assert_str_eq(atmoe_errmsg(ctx), "");
+    atmoe_context_free(ctx);
+
+    char fresh[1024] = "not run";
+    pthread_t t;
+    ck_assert_int_eq(pthread_create(&t, NULL, new_context_thread, fresh), 0);
+    ck_assert_int_eq(pthread_join(t, NULL), 0);
+    ck_assert_msg(fresh[0] == '\0', "%s: a fresh thread's message is '%s'",
+                  why, fresh);
+}
+
+/* Without a user tuning database (ATMOE_TUNING_FILE set but empty, or no
+ * HOME to find one in) a context is made as usual, and that is no failure
+ * to leave a message about. */
+START_TEST(test_new_without_user_database)
+{
+    static const char *const names[] = {"ATMOE_TUNING_FILE", "XDG_DATA_HOME",
+                                        "HOME"};
+    char *saved[3];
+    for (int i = 0; i < 3; i++)
+        saved[i] = save_env(names[i]);
+
+    set_env("ATMOE_TUNING_FILE", "");
+    assert_new_leaves_no_message("ATMOE_TUNING_FILE empty");
+
+    set_env("ATMOE_TUNING_FILE", NULL);
+    set_env("XDG_DATA_HOME", NULL);
+    set_env("HOME", NULL);
+    assert_new_leaves_no_message("HOME unset");
+
+    for (int i = 0; i < 3; i++) {
+        set_env(names[i], saved[i]);
+        free(saved[i]);
+    }
+}
+END_TEST
+
 static Suite *context_suite(void)
 {
     Suite *s = suite_create("context");
@@ -288,6 +364,7 @@ static Suite *context_suite(void)
     tc = tcase_create("errors");
     tcase_add_test(tc, test_null_arguments);
     tcase_add_test(tc, test_errmsg_per_context);
+    tcase_add_test(tc, test_new_without_user_database);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1497,12 +1497,12 @@ START_TEST(test_every_batch_half_clblast)
 END_TEST
 
 /* Tuned blocks of 3 x 3 tiles change the launch (16 tokens make two
- * blocks of token tiles); the tile, which the host chooses per batch,
- * stays its own whatever the database says. */
+ * blocks of token tiles); the tile, which the host chooses per batch, is
+ * no parameter of the database (test_tuning checks that ROWS is
+ * refused). */
 START_TEST(test_every_batch_tuned_blocks)
 {
-    every_batch("{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 3, "
-                "\"ROWS\": 2}}}");
+    every_batch("{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 3}}}");
 }
 END_TEST
 

@@ -7,8 +7,8 @@
  *
  * CLBlast's overrides last for the process, so the test that needs
  * CLBlast's built-in parameters comes first (tests share one process when
- * CK_FORK=no), and the lookup tests use "kernels" sections only, which stay
- * within their context. */
+ * CK_FORK=no), and the lookup tests use "kernels" sections only (the
+ * parameters of cl/linear.cl), which stay within their context. */
 #define _GNU_SOURCE
 #include <math.h>
 #include <stdarg.h>
@@ -103,7 +103,8 @@ static json_t *params_of(atmoe_context *ctx)
     return p;
 }
 
-/* kernels.<program>.defines.<name> in force on ctx, or -1. */
+/* kernels.<program>.defines.<name> in force on ctx, or -1 when the
+ * program is not listed (every parameter at its default). */
 static long long define_of(atmoe_context *ctx, const char *program,
                            const char *name, char *match, size_t size)
 {
@@ -118,8 +119,21 @@ static long long define_of(atmoe_context *ctx, const char *program,
     return out;
 }
 
-/* An entry line: key fields then a "kernels" section defining TUNE_PROBE
- * for program "probe". */
+/* kernels.<program>.from.<name>: where the value in force came from, or
+ * "" when the program is not listed. */
+static void from_of(atmoe_context *ctx, const char *program, const char *name,
+                    char *from, size_t size)
+{
+    json_t *p = params_of(ctx);
+    json_t *k = json_object_get(json_object_get(p, "kernels"), program);
+    const char *v = json_string_value(
+        json_object_get(json_object_get(k, "from"), name));
+    snprintf(from, size, "%s", v ? v : "");
+    json_decref(p);
+}
+
+/* An entry line: key fields then a "kernels" section setting SR of
+ * program "linear" (value: 1 to 256). */
 static void entry(char *out, size_t size, const char *device,
                   const char *driver, int value)
 {
@@ -131,7 +145,7 @@ static void entry(char *out, size_t size, const char *device,
                  "\"driver\": \"%s\", ", driver);
     snprintf(out, size,
              "{%s\"vendor\": \"%s\", \"type\": \"%s\", \"kernels\": "
-             "{\"probe\": {\"TUNE_PROBE\": %d}}}",
+             "{\"linear\": {\"SR\": %d}}}",
              key, atmoe_vendor_name(dev.vendor),
              atmoe_device_type_name(dev.type), value);
 }
@@ -291,8 +305,8 @@ START_TEST(test_malformed)
          "\"SB\": 0, \"STRM\": 0, \"STRN\": 1, \"VWM\": 4, \"VWN\": 4}}}]}",
          "MWG (48) is not a multiple of MDIMC*VWM"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
-         "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": \"1 -DB\"}}}]}",
-         "plain token"},
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SR\": \"1 -DB\"}}}]}",
+         "kernels.linear.SR is not an integer in [1, 256]"},
         /* GEMMK 1 with unequal tiles: CLBlast 1.5 writes past C */
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"clblast\": {\"Xgemm\": {\"GEMMK\": 1, "
@@ -301,8 +315,35 @@ START_TEST(test_malformed)
          "\"SB\": 0, \"STRM\": 0, \"STRN\": 0, \"VWM\": 4, \"VWN\": 4}}}]}",
          "MWG = NWG"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
-         "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"2A\": 1}}}]}",
-         "macro name"},
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"2A\": 1}}}]}",
+         "kernels.linear has no parameter '2A'"},
+        /* The "kernels" section has the schema of the parameter table: a
+         * program it lists, names it has, values in their ranges. */
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": 1}}}]}",
+         "'probe' is not a program with tuned parameters (linear)"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SRR\": 4}}}]}",
+         "no parameter 'SRR' (it has SR, ST, MAX_TOKENS)"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SR\": 0}}}]}",
+         "kernels.linear.SR = 0 is not an integer in [1, 256]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"ST\": 257}}}]}",
+         "kernels.linear.ST = 257"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": "
+         "{\"MAX_TOKENS\": 0}}}]}",
+         "kernels.linear.MAX_TOKENS = 0 is not an integer of at least 1"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"ROWS\": 2}}}]}",
+         "no parameter 'ROWS'"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": 3}}]}",
+         "kernels.linear is not an object"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": []}]}",
+         "kernels is not an object"},
     };
     char good[2048];
     entry(good, sizeof good, dev.name, NULL, 5);
@@ -325,7 +366,7 @@ START_TEST(test_malformed)
     atmoe_context *ctx = test_context();
     ck_assert_msg(strstr(logged, user_path) && strstr(logged, "ignored"),
                   "no warning naming the ignored file: '%s'", logged);
-    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), 5);
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), 5);
     check_gemm(ctx, 3, 5, 7);
     atmoe_context_free(ctx);
 
@@ -335,7 +376,7 @@ START_TEST(test_malformed)
     logged[0] = '\0';
     ctx = test_context();
     ck_assert_msg(strstr(logged, tmpdir) != NULL, "no warning: '%s'", logged);
-    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), -1);
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), -1);
     atmoe_context_free(ctx);
 }
 END_TEST
@@ -345,25 +386,31 @@ START_TEST(test_user_wins)
     char s2[2048], u1[2048];
     entry(s2, sizeof s2, NULL, NULL, 2);
     entry(u1, sizeof u1, dev.name, NULL, 7);
-    /* The system's device entry also defines OTHER: the user's entry of the
+    /* The system's device entry also sets ST: the user's entry of the
      * same key replaces it whole. */
     write_file(sys_path,
                "{\"atmoe_tuning\": 1, \"entries\": [{\"device\": \"%s\", "
                "\"vendor\": \"%s\", \"type\": \"%s\", \"kernels\": "
-               "{\"probe\": {\"TUNE_PROBE\": 1, \"OTHER\": 4}}}, %s]}",
+               "{\"linear\": {\"SR\": 1, \"ST\": 4}}}, %s]}",
                dev.name, atmoe_vendor_name(dev.vendor),
                atmoe_device_type_name(dev.type), s2);
     write_file(user_path, "{\"atmoe_tuning\": 1, \"entries\": [%s]}", u1);
     atmoe_context *ctx = test_context();
     char match[64];
-    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", match,
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", match,
                                sizeof match), 7);
     ck_assert_str_eq(match, "device");
-    ck_assert_int_eq(define_of(ctx, "probe", "OTHER", NULL, 0), -1);
+    /* ST is not the system's 4 but the default. */
+    char from[64];
+    ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 8);
+    from_of(ctx, "linear", "ST", from, sizeof from);
+    ck_assert_str_eq(from, "default");
+    from_of(ctx, "linear", "SR", from, sizeof from);
+    ck_assert_str_eq(from, "database");
     json_t *p = params_of(ctx);
     ck_assert_str_eq(json_string_value(json_object_get(
                          json_object_get(json_object_get(p, "kernels"),
-                                         "probe"),
+                                         "linear"),
                          "file")),
                      user_path);
     json_decref(p);
@@ -372,8 +419,8 @@ START_TEST(test_user_wins)
     /* Without the user copy, the system's entry is back. */
     unlink(user_path);
     ctx = test_context();
-    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), 1);
-    ck_assert_int_eq(define_of(ctx, "probe", "OTHER", NULL, 0), 4);
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), 1);
+    ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 4);
     atmoe_context_free(ctx);
     ck_assert_str_eq(logged, "");
 }
@@ -417,9 +464,9 @@ START_TEST(test_lookup_order)
                    "{\"atmoe_tuning\": 1, \"entries\": []}");
         atmoe_context *ctx = test_context();
         char match[64];
-        long long got = define_of(ctx, "probe", "TUNE_PROBE", match,
+        long long got = define_of(ctx, "linear", "SR", match,
                                   sizeof match);
-        ck_assert_msg(got == cases[i].want, "case %zu: TUNE_PROBE = %lld, "
+        ck_assert_msg(got == cases[i].want, "case %zu: SR = %lld, "
                       "want %lld", i, got, cases[i].want);
         ck_assert_msg(strcmp(match, cases[i].match) == 0,
                       "case %zu: match '%s', want '%s'", i, match,
@@ -428,47 +475,243 @@ START_TEST(test_lookup_order)
         write_file(user_path, "{\"atmoe_tuning\": 1, \"entries\": []}");
         write_file(sys_path, "{\"atmoe_tuning\": 1, \"entries\": []}");
         ck_assert_status(atmoe_context_set_params(ctx, "tuned"), ctx);
-        ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", NULL, 0), -1);
+        ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), -1);
         atmoe_context_free(ctx);
     }
     ck_assert_str_eq(logged, "");
 }
 END_TEST
 
-/* A define of the "kernels" section reaches the build of its program: the
- * program is built again with it, and still computes right. */
-START_TEST(test_kernel_defines_build)
+/* One batch of T tokens of a block mixture with one expert, on ctx, in a
+ * graph of its own (planned under the parameters then in force), against
+ * float64: y = x W0^T + c g (alpha / rank) (x A^T) B^T. */
+static void check_mixture(atmoe_context *ctx)
+{
+    enum { T = 1, DI = 8, DO = 5, R = 2 };
+    test_rng rng;
+    test_rng_seed(&rng, 77);
+    float x[T * DI], w0[DO * DI], a[R * DI], b[DO * R], g[T], y[T * DO];
+    test_fill_uniform(&rng, x, T * DI, -1, 1);
+    test_fill_uniform(&rng, w0, DO * DI, -1, 1);
+    test_fill_uniform(&rng, a, R * DI, -1, 1);
+    test_fill_uniform(&rng, b, DO * R, -1, 1);
+    test_fill_uniform(&rng, g, T, 0, 1);
+    const float alpha = 4, c = 0.5f;
+    double ref[T * DO];
+    for (int t = 0; t < T; t++)
+        for (int o = 0; o < DO; o++) {
+            double base = 0, lora = 0;
+            for (int k = 0; k < DI; k++)
+                base += (double)x[t * DI + k] * w0[o * DI + k];
+            for (int r = 0; r < R; r++) {
+                double u = 0;
+                for (int k = 0; k < DI; k++)
+                    u += (double)x[t * DI + k] * a[r * DI + k];
+                lora += u * b[o * R + r];
+            }
+            ref[t * DO + o] = base + c * g[t] * (alpha / R) * lora;
+        }
+    atmoe_experts *set;
+    ck_assert_status(atmoe_experts_new(ctx, DI, DO, &set), ctx);
+    ck_assert_status(atmoe_experts_add(set, 0, R, a, b, alpha, 0, NULL), ctx);
+    atmoe_graph *gr;
+    atmoe_node xn, gn, wn, yn;
+    size_t xs[2] = {T, DI}, gs[2] = {T, 1}, ws[2] = {DO, DI};
+    ck_assert_status(atmoe_graph_new(ctx, &gr), ctx);
+    ck_assert_status(atmoe_graph_input(gr, "x", ATMOE_DTYPE_F32, 2, xs, 1,
+                                       &xn), ctx);
+    ck_assert_status(atmoe_graph_input(gr, "g", ATMOE_DTYPE_F32, 2, gs, 1,
+                                       &gn), ctx);
+    ck_assert_status(atmoe_graph_constant(gr, "w0", ATMOE_DTYPE_F32, 2, ws,
+                                          w0, &wn), ctx);
+    ck_assert_status(atmoe_graph_mixture(gr, xn, wn, ATMOE_NODE_NONE, set,
+                                         ATMOE_MIX_BLOCK, gn, ATMOE_NODE_NONE,
+                                         c, &yn), ctx);
+    ck_assert_status(atmoe_graph_mark_output(gr, yn), ctx);
+    ck_assert_status(atmoe_graph_plan(gr, 0), ctx);
+    ck_assert_status(atmoe_graph_set_input(gr, xn, x, sizeof x, T), ctx);
+    ck_assert_status(atmoe_graph_set_input(gr, gn, g, sizeof g, T), ctx);
+    ck_assert_status(atmoe_graph_compute(gr, T), ctx);
+    test_poison(y, T * DO);
+    ck_assert_status(atmoe_graph_read(gr, yn, y, sizeof y), ctx);
+    double err = test_max_rel_err(y, ref, T * DO, 1.0);
+    ck_assert_msg(err < 1e-5, "mixture: relative error %g", err);
+    atmoe_graph_free(gr);
+    atmoe_experts_free(set);
+}
+
+/* The parameters of "linear" reach the build of cl/linear.cl, through the
+ * options its caller writes from atm_param_get: other values build the
+ * program again, the same values find it built, and either computes
+ * right. */
+START_TEST(test_linear_params_build)
 {
     write_file(sys_path,
                "{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"%s\", "
-               "\"type\": \"%s\", \"kernels\": {\"tensor\": "
-               "{\"ATMOE_TUNING_TEST_PROBE\": 3}}}]}",
+               "\"type\": \"%s\", \"kernels\": {\"linear\": "
+               "{\"SR\": 2, \"ST\": 1}}}]}",
                atmoe_vendor_name(dev.vendor),
                atmoe_device_type_name(dev.type));
     atmoe_context *ctx = test_context();
     ck_assert_status(atmoe_context_set_cache_dir(ctx, NULL), ctx);
-    size_t shape[1] = {37};
-    float back[37];
-    atmoe_tensor *t;
-    ck_assert_status(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 1, shape, &t),
-                     ctx);
-    ck_assert_status(atmoe_tensor_fill(t, 2.5), ctx);
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), 2);
+    ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 1);
+    check_mixture(ctx);
     atmoe_cache_stats before, after;
     ck_assert_status(atmoe_context_get_cache_stats(ctx, &before), ctx);
     ck_assert_uint_ge(before.builds, 1);
-    ck_assert_status(atmoe_context_set_params(ctx, "{\"kernels\": {}}"), ctx);
-    ck_assert_status(atmoe_tensor_fill(t, 1.5), ctx);
+
+    /* The same values as an explicit set: nothing to build. */
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"SR\": 2, "
+                              "\"ST\": 1}}}"), ctx);
+    check_mixture(ctx);
+    ck_assert_status(atmoe_context_get_cache_stats(ctx, &after), ctx);
+    ck_assert_uint_eq(after.builds, before.builds);
+
+    /* Other values: cl/linear.cl once more. */
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"SR\": 4}}}"),
+                     ctx);
+    check_mixture(ctx);
     ck_assert_status(atmoe_context_get_cache_stats(ctx, &after), ctx);
     ck_assert_uint_eq(after.builds, before.builds + 1);
-    test_poison(back, 37);
-    ck_assert_status(atmoe_tensor_read(t, back, sizeof back), ctx);
-    for (int i = 0; i < 37; i++)
-        ck_assert_float_eq(back[i], 1.5f);
     json_t *p = params_of(ctx);
     ck_assert_str_eq(json_string_value(json_object_get(p, "mode")), "custom");
     json_decref(p);
-    atmoe_tensor_free(t);
+    char from[64];
+    from_of(ctx, "linear", "SR", from, sizeof from);
+    ck_assert_str_eq(from, "explicit");
+    ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 8);
     atmoe_context_free(ctx);
+    ck_assert_str_eq(logged, "");
+}
+END_TEST
+
+/* A database read by a context loses only the keys of its "kernels"
+ * sections at fault, each named in a warning; the same file is refused by
+ * atmoe_tuning_check, and the same set by atmoe_context_set_params, which
+ * then changes nothing. */
+START_TEST(test_kernels_schema)
+{
+    write_file(sys_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"%s\", "
+               "\"type\": \"%s\", \"kernels\": {\"linear\": "
+               "{\"SRR\": 4, \"SR\": 0, \"ST\": 3, \"MAX_TOKENS\": 12}, "
+               "\"probe\": {\"A\": 1}}}]}",
+               atmoe_vendor_name(dev.vendor),
+               atmoe_device_type_name(dev.type));
+    ck_assert_fails(atmoe_tuning_check(sys_path, NULL), NULL,
+                    ATMOE_STATUS_FORMAT_ERROR);
+    ck_assert_msg(strstr(atmoe_errmsg(NULL), "SRR") != NULL, "message: %s",
+                  atmoe_errmsg(NULL));
+
+    atmoe_context *ctx = test_context();
+    ck_assert_str_eq(atmoe_errmsg(ctx), "");
+    ck_assert_msg(strstr(logged, "'SRR'") && strstr(logged, "linear.SR = 0")
+                  && strstr(logged, "'probe'") && strstr(logged, sys_path),
+                  "warnings do not name the keys and the file: '%s'", logged);
+    char from[64];
+    ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 3);
+    ck_assert_int_eq(define_of(ctx, "linear", "MAX_TOKENS", NULL, 0), 12);
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), 8);
+    from_of(ctx, "linear", "SR", from, sizeof from);
+    ck_assert_str_eq(from, "default");
+    json_t *p = params_of(ctx);
+    ck_assert_ptr_null(json_object_get(json_object_get(p, "kernels"),
+                                       "probe"));
+    json_decref(p);
+
+    static const struct {
+        const char *set, *says;
+    } refused[] = {
+        {"{\"kernels\": {\"linear\": {\"SRR\": 1}}}", "'SRR'"},
+        {"{\"kernels\": {\"linear\": {\"ST\": 0}}}", "kernels.linear.ST = 0"},
+        {"{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 3, \"ROWS\": 2}}}",
+         "'ROWS'"},
+        {"{\"kernels\": {\"linear\": {\"MAX_TOKENS\": 2.5}}}",
+         "kernels.linear.MAX_TOKENS is not an integer"},
+        {"{\"kernels\": {\"tensor\": {\"X\": 1}}}", "'tensor'"},
+    };
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        ck_assert_fails(atmoe_context_set_params(ctx, refused[i].set), ctx,
+                        ATMOE_STATUS_FORMAT_ERROR);
+        ck_assert_msg(strstr(atmoe_errmsg(ctx), refused[i].says) != NULL,
+                      "case %zu: '%s' does not say '%s'", i,
+                      atmoe_errmsg(ctx), refused[i].says);
+        ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 3);
+        p = params_of(ctx);
+        ck_assert_str_eq(json_string_value(json_object_get(p, "mode")),
+                         "tuned");
+        json_decref(p);
+    }
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+/* ATMOE_LINEAR_MAX_TOKENS wins over the databases and an explicit set; it
+ * is read when the context is made; a value MAX_TOKENS may not take is
+ * logged and ignored. */
+START_TEST(test_param_env)
+{
+    write_file(sys_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"%s\", "
+               "\"type\": \"%s\", \"kernels\": {\"linear\": "
+               "{\"MAX_TOKENS\": 5}}}]}",
+               atmoe_vendor_name(dev.vendor),
+               atmoe_device_type_name(dev.type));
+    setenv("ATMOE_LINEAR_MAX_TOKENS", "12", 1);
+    atmoe_context *ctx = test_context();
+    unsetenv("ATMOE_LINEAR_MAX_TOKENS");
+    char from[64];
+    ck_assert_int_eq(define_of(ctx, "linear", "MAX_TOKENS", NULL, 0), 12);
+    from_of(ctx, "linear", "MAX_TOKENS", from, sizeof from);
+    ck_assert_str_eq(from, "ATMOE_LINEAR_MAX_TOKENS");
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"MAX_TOKENS\": "
+                              "3, \"SR\": 16}}}"), ctx);
+    ck_assert_int_eq(define_of(ctx, "linear", "MAX_TOKENS", NULL, 0), 12);
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), 16);
+    ck_assert_status(atmoe_context_set_params(ctx, "tuned"), ctx);
+    ck_assert_int_eq(define_of(ctx, "linear", "MAX_TOKENS", NULL, 0), 12);
+    atmoe_context_free(ctx);
+    ck_assert_str_eq(logged, "");
+
+    /* Without the variable the database's value is in force. */
+    ctx = test_context();
+    ck_assert_int_eq(define_of(ctx, "linear", "MAX_TOKENS", NULL, 0), 5);
+    atmoe_context_free(ctx);
+
+    /* With the database empty too, the program runs on its defaults and
+     * is not listed; the variable alone lists it, defaults beside it. */
+    write_file(sys_path, "{\"atmoe_tuning\": 1, \"entries\": []}");
+    ctx = test_context();
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), -1);
+    atmoe_context_free(ctx);
+    setenv("ATMOE_LINEAR_MAX_TOKENS", "7", 1);
+    ctx = test_context();
+    unsetenv("ATMOE_LINEAR_MAX_TOKENS");
+    char match[64];
+    ck_assert_int_eq(define_of(ctx, "linear", "MAX_TOKENS", match,
+                               sizeof match), 7);
+    ck_assert_str_eq(match, "none");
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), 8);
+    ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 8);
+    atmoe_context_free(ctx);
+
+    static const char *const refused[] = {"0", "-3", "12x", "1.5"};
+    for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+        logged[0] = '\0';
+        setenv("ATMOE_LINEAR_MAX_TOKENS", refused[i], 1);
+        ctx = test_context();
+        unsetenv("ATMOE_LINEAR_MAX_TOKENS");
+        ck_assert_msg(strstr(logged, "ATMOE_LINEAR_MAX_TOKENS") &&
+                      strstr(logged, "ignored"),
+                      "'%s' not refused: '%s'", refused[i], logged);
+        ck_assert_str_eq(atmoe_errmsg(ctx), "");
+        ck_assert_int_eq(define_of(ctx, "linear", "MAX_TOKENS", NULL, 0), -1);
+        atmoe_context_free(ctx);
+    }
 }
 END_TEST
 
@@ -620,7 +863,7 @@ START_TEST(test_save)
 {
     char path[4300];
     snprintf(path, sizeof path, "%s/new/dir/tuning.json", tmpdir);
-    const char *set1 = "{\"kernels\": {\"probe\": {\"TUNE_PROBE\": 1}}, "
+    const char *set1 = "{\"kernels\": {\"linear\": {\"SR\": 1}}, "
                        "\"info\": {\"by\": \"test\"}}";
     ck_assert_status(atmoe_tuning_save(path, &dev, set1), NULL);
     size_t n = 0;
@@ -653,7 +896,7 @@ START_TEST(test_save)
     ck_assert_status(atmoe_tuning_save(NULL, &dev, set1), NULL);
     atmoe_context *ctx = test_context();
     char match[64];
-    ck_assert_int_eq(define_of(ctx, "probe", "TUNE_PROBE", match,
+    ck_assert_int_eq(define_of(ctx, "linear", "SR", match,
                                sizeof match), 1);
     ck_assert_str_eq(match, "device+driver");
     atmoe_context_free(ctx);
@@ -710,7 +953,9 @@ static Suite *tuning_suite(void)
 
     tc = tcase_create("apply");
     tcase_add_checked_fixture(tc, setup, teardown);
-    tcase_add_test(tc, test_kernel_defines_build);
+    tcase_add_test(tc, test_linear_params_build);
+    tcase_add_test(tc, test_kernels_schema);
+    tcase_add_test(tc, test_param_env);
     tcase_add_test(tc, test_set_params_errors);
     tcase_add_test(tc, test_explicit_set_numerics);
     suite_add_tcase(s, tc);

@@ -7,7 +7,8 @@
 #include "base/error.h"
 #include "base/log.h"
 
-static _Thread_local char thread_errmsg[ATM_ERRMSG_SIZE];
+/* Messages of the calls a thread makes without a context. */
+static _Thread_local atm_errsink thread_sink;
 
 static const char *const status_names[] = {
 #define ATM_STATUS_NAME_(name, text) #name,
@@ -35,34 +36,37 @@ ATMOE_API const char *atmoe_status_name(atmoe_status status)
     return status_names[status];
 }
 
-ATMOE_API const char *atmoe_errmsg(const atmoe_context *ctx)
+atm_errsink *atm_errsink_thread(void)
 {
-    return ctx ? atm_context_errbuf(ctx) : thread_errmsg;
+    return &thread_sink;
 }
 
-atmoe_status atm_fail(const atmoe_context *ctx, atmoe_status status,
-                      const char *fmt, ...)
+atmoe_status atm_errsink_vfail(atm_errsink *sink, atmoe_status status,
+                               const char *fmt, va_list ap)
 {
-    char *buf = ctx ? atm_context_errbuf(ctx) : thread_errmsg;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, ATM_ERRMSG_SIZE, fmt, ap);
-    va_end(ap);
-    atm_log(ATMOE_LOG_DEBUG, "%s: %s", atmoe_status_name(status), buf);
+    vsnprintf(sink->text, sizeof sink->text, fmt, ap);
+    atm_log(ATMOE_LOG_DEBUG, "%s: %s", atmoe_status_name(status), sink->text);
     return status;
 }
 
-atmoe_status atm_fail_cl(const atmoe_context *ctx, cl_int err,
-                         const char *what)
+atmoe_status atm_errsink_fail(atm_errsink *sink, atmoe_status status,
+                              const char *fmt, ...)
 {
-    atmoe_status status = ATMOE_STATUS_OPENCL_ERROR;
+    va_list ap;
+    va_start(ap, fmt);
+    atm_errsink_vfail(sink, status, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+atmoe_status atm_cl_status(cl_int err)
+{
     if (err == CL_MEM_OBJECT_ALLOCATION_FAILURE || err == CL_OUT_OF_RESOURCES ||
         err == CL_INVALID_BUFFER_SIZE)
-        status = ATMOE_STATUS_DEVICE_OUT_OF_MEMORY;
-    else if (err == CL_OUT_OF_HOST_MEMORY)
-        status = ATMOE_STATUS_HOST_OUT_OF_MEMORY;
-    return atm_fail(ctx, status, "%s failed: %s (%d)", what,
-                    atm_cl_error_name(err), (int)err);
+        return ATMOE_STATUS_DEVICE_OUT_OF_MEMORY;
+    if (err == CL_OUT_OF_HOST_MEMORY)
+        return ATMOE_STATUS_HOST_OUT_OF_MEMORY;
+    return ATMOE_STATUS_OPENCL_ERROR;
 }
 
 const char *atm_cl_error_name(cl_int err)

@@ -15,9 +15,10 @@ ATMOE_API atmoe_status atmoe_log_set(atmoe_log_fn fn, void *user,
                                      atmoe_log_level min_level)
 {
     if ((unsigned)min_level > ATMOE_LOG_ERROR)
-        return atm_fail(NULL, ATMOE_STATUS_INVALID_ARGUMENT,
-                        "atmoe_log_set: min_level %d is not an atmoe_log_level",
-                        (int)min_level);
+        return atm_errsink_fail(atm_errsink_thread(),
+                                ATMOE_STATUS_INVALID_ARGUMENT,
+                                "atmoe_log_set: min_level %d is not an "
+                                "atmoe_log_level", (int)min_level);
     pthread_mutex_lock(&log_lock);
     log_fn = fn;
     log_user = user;

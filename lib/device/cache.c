@@ -8,10 +8,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "base/alloc.h"
+#include "base/env.h"
 #include "base/file.h"
 #include "base/log.h"
 #include "device/program.h"
@@ -41,39 +43,36 @@ uint64_t atm_hash64(const void *data, size_t size)
     return h;
 }
 
-static int mkdir_p(const char *dir)
-{
-    char path[PATH_MAX];
-    size_t n = strlen(dir);
-    if (n == 0 || n >= sizeof path) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    memcpy(path, dir, n + 1);
-    for (char *p = path + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(path, 0700) != 0 && errno != EEXIST)
-            return -1;
-        *p = '/';
-    }
-    if (mkdir(path, 0700) != 0 && errno != EEXIST)
-        return -1;
-    struct stat sb;
-    if (stat(path, &sb) != 0)
-        return -1;
-    if (!S_ISDIR(sb.st_mode)) {
-        errno = ENOTDIR;
-        return -1;
-    }
-    return access(path, W_OK | X_OK);
-}
-
 static void disable(atmoe_context *ctx)
 {
     ctx->cache.disk_enabled = 0;
     ctx->cache.dir[0] = '\0';
+}
+
+/* Makes dir the disk cache, or turns the disk cache off and says why in
+ * why (size WHY_SIZE); reports to no sink, so that context creation can
+ * log the reason where atmoe_context_set_cache_dir returns it. */
+#define WHY_SIZE (PATH_MAX + 128)
+static int use_dir(atmoe_context *ctx, const char *dir, char *why)
+{
+    if (strlen(dir) >= sizeof ctx->cache.dir - 32) {
+        disable(ctx);
+        snprintf(why, WHY_SIZE, "cache directory name is too long (%zu "
+                 "bytes); disk cache off", strlen(dir));
+        return -1;
+    }
+    /* Private: compiled programs are run without further checks than the
+     * key and checksum, so nobody else should write them. */
+    if (atm_mkdir_p(dir, 0700) != 0 || access(dir, W_OK | X_OK) != 0) {
+        int e = errno;
+        disable(ctx);
+        snprintf(why, WHY_SIZE, "cannot use %s as the program cache: %s; "
+                 "disk cache off", dir, strerror(e));
+        return -1;
+    }
+    snprintf(ctx->cache.dir, sizeof ctx->cache.dir, "%s", dir);
+    ctx->cache.disk_enabled = 1;
+    return 0;
 }
 
 ATMOE_API atmoe_status atmoe_context_set_cache_dir(atmoe_context *ctx,
@@ -84,46 +83,26 @@ ATMOE_API atmoe_status atmoe_context_set_cache_dir(atmoe_context *ctx,
         disable(ctx);
         return ATMOE_STATUS_OK;
     }
-    if (strlen(dir) >= sizeof ctx->cache.dir - 32) {
-        disable(ctx);
-        atm_log(ATMOE_LOG_WARNING, "program cache directory name too long; "
-                "disk cache off");
-        return atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
-                        "cache directory name is too long (%zu bytes); "
-                        "disk cache off", strlen(dir));
+    char why[WHY_SIZE];
+    if (use_dir(ctx, dir, why) != 0) {
+        atm_log(ATMOE_LOG_WARNING, "%s", why);
+        return atm_fail(ctx, ATMOE_STATUS_IO_ERROR, "%s", why);
     }
-    if (mkdir_p(dir) != 0) {
-        int e = errno;
-        disable(ctx);
-        atm_log(ATMOE_LOG_WARNING, "program cache %s unusable (%s); "
-                "disk cache off", dir, strerror(e));
-        return atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
-                        "cannot use %s as the program cache: %s; "
-                        "disk cache off", dir, strerror(e));
-    }
-    snprintf(ctx->cache.dir, sizeof ctx->cache.dir, "%s", dir);
-    ctx->cache.disk_enabled = 1;
     return ATMOE_STATUS_OK;
 }
 
 void atm_cache_init(atmoe_context *ctx)
 {
-    char dir[PATH_MAX];
-    const char *env = getenv("ATMOE_CACHE_DIR");
-    const char *xdg = getenv("XDG_CACHE_HOME");
-    const char *home = getenv("HOME");
-    if (env)
-        snprintf(dir, sizeof dir, "%s", env); /* "" switches the cache off */
-    else if (xdg && *xdg == '/')
-        snprintf(dir, sizeof dir, "%s/atmoe", xdg);
-    else if (home && *home)
-        snprintf(dir, sizeof dir, "%s/.cache/atmoe", home);
-    else
-        dir[0] = '\0';
+    char dir[PATH_MAX], why[WHY_SIZE];
+    size_t need = 0;
+    atm_path_status ps = atm_env_cache_dir(dir, sizeof dir, &need);
     /* An unusable directory is logged and leaves the cache off; the context
-     * works without it, so the status is not passed on. */
-    if (atmoe_context_set_cache_dir(ctx, dir) != ATMOE_STATUS_OK)
-        ctx->errmsg[0] = '\0';
+     * works without it, so it is no failure of atmoe_context_new. */
+    if (ps == ATM_PATH_TOO_LONG)
+        atm_log(ATMOE_LOG_WARNING, "the program cache's directory name needs "
+                "%zu bytes, more than %zu; disk cache off", need, sizeof dir);
+    else if (ps == ATM_PATH_OK && use_dir(ctx, dir, why) != 0)
+        atm_log(ATMOE_LOG_WARNING, "%s", why);
 }
 
 static void entry_path(const atmoe_context *ctx, const char *name,

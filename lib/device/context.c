@@ -1,11 +1,7 @@
 #include <config.h>
 
-#include <errno.h>
-#include <stdint.h>
+#include <stdarg.h>
 #include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/stat.h>
 
 #include "base/alloc.h"
 #include "device/context.h"
@@ -13,34 +9,39 @@
 #include "device/program.h"
 #include "device/tuning.h"
 
-char *atm_context_errbuf(const atmoe_context *ctx)
+/* The sink a call on ctx reports to: the context's own, or the thread's
+ * for a call that has no context.  A context's message is the one mutable
+ * part of it that const-taking getters may still set when they fail. */
+static atm_errsink *sink_of(const atmoe_context *ctx)
 {
-    /* The message is the one mutable part of a context that const-taking
-     * getters may still set when they fail. */
-    return (char *)ctx->errmsg;
+    return ctx ? (atm_errsink *)&ctx->errors : atm_errsink_thread();
+}
+
+ATMOE_API const char *atmoe_errmsg(const atmoe_context *ctx)
+{
+    return sink_of(ctx)->text;
+}
+
+atmoe_status atm_fail(const atmoe_context *ctx, atmoe_status status,
+                      const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    atm_errsink_vfail(sink_of(ctx), status, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+atmoe_status atm_fail_cl(const atmoe_context *ctx, cl_int err,
+                         const char *what)
+{
+    return atm_fail(ctx, atm_cl_status(err), "%s failed: %s (%d)", what,
+                    atm_cl_error_name(err), (int)err);
 }
 
 ATMOE_API const char *atmoe_version(void)
 {
     return PACKAGE_VERSION;
-}
-
-/* ATMOE_LINEAR_MAX_TOKENS, read once: mixtures of up to this many tokens
- * run cl/linear.cl instead of CLBlast (lib/mixture.c says why), whatever
- * the device and its tuning; 0 when unset. */
-static size_t linear_max_tokens(void)
-{
-    const char *env = getenv("ATMOE_LINEAR_MAX_TOKENS");
-    if (env == NULL || *env == '\0')
-        return 0;
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(env, &end, 10);
-    if (*end == '\0' && errno == 0 && env[0] != '-' && v > 0)
-        return v > SIZE_MAX ? SIZE_MAX : (size_t)v;
-    atm_log(ATMOE_LOG_WARNING, "ATMOE_LINEAR_MAX_TOKENS=%s is not a token "
-            "count of at least 1; ignored", env);
-    return 0;
 }
 
 ATMOE_API atmoe_status atmoe_context_new(const char *device,
@@ -85,18 +86,8 @@ ATMOE_API atmoe_status atmoe_context_new(const char *device,
                     &align_bits, NULL);
     ctx->base_align = align_bits >= 8 ? align_bits / 8 : 1;
 
+    atm_programs_init(ctx);
     atm_cache_init(ctx);
-    /* Read once, so that every program of the context comes from the same
-     * place whatever the environment does later. */
-    const char *kdir = getenv("ATMOE_KERNEL_DIR");
-    if (kdir && *kdir) {
-        snprintf(ctx->kernel_dir, sizeof ctx->kernel_dir, "%s", kdir);
-        struct stat sb;
-        if (stat(kdir, &sb) != 0 || !S_ISDIR(sb.st_mode))
-            atm_log(ATMOE_LOG_WARNING, "ATMOE_KERNEL_DIR=%s is not a "
-                    "directory; using the embedded kernels", kdir);
-    }
-    ctx->linear_max_tokens = linear_max_tokens();
     atm_tuning_init(ctx);
     atm_log(ATMOE_LOG_INFO, "context on device %zu: %s (%s)", index,
             dev->info.name, dev->info.platform_name);

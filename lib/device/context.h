@@ -1,11 +1,14 @@
-/* The context: one device, its OpenCL context and queue, the program cache
- * and the last error message. */
+/* The context: one device with its OpenCL context and queue, composed of
+ * the modules it owns -- its programs and kernels (program.c), its disk
+ * cache (cache.c), its tuning and parameters in force (tuning.c) and its
+ * message sink (base/error.h) -- each with a part of its own below. */
 #ifndef ATMOE_CONTEXT_H
 #define ATMOE_CONTEXT_H
 
 #include <limits.h>
 
 #include "device/device.h"
+#include "device/params.h"
 
 typedef struct atm_program_entry {
     char *name;    /* the .cl file's base name, "tensor" */
@@ -13,34 +16,37 @@ typedef struct atm_program_entry {
     cl_program program;
 } atm_program_entry;
 
-struct atm_tuning; /* tuning.c */
-
 typedef struct atm_kernel_entry {
     cl_program program;
     char *name;
     cl_kernel kernel;
 } atm_kernel_entry;
 
-struct atmoe_context {
-    const atm_device *device;
-    cl_context cl;
-    cl_command_queue queue;
-
+/* program.c: where sources come from, and what was built from them. */
+typedef struct atm_programs {
+    char kernel_dir[PATH_MAX]; /* ATMOE_KERNEL_DIR when the context was
+                                  made; "" for the embedded sources */
     atm_program_entry *programs;
     size_t program_count, program_capacity;
     atm_kernel_entry *kernels;
     size_t kernel_count, kernel_capacity;
+} atm_programs;
 
-    atmoe_cache_stats cache;
-    char kernel_dir[PATH_MAX]; /* ATMOE_KERNEL_DIR when the context was
-                                  made; "" for the embedded sources */
-    atmoe_memory_stats memory;
+struct atmoe_context {
+    const atm_device *device;
+    cl_context cl;
+    cl_command_queue queue;
     size_t base_align; /* bytes; CL_DEVICE_MEM_BASE_ADDR_ALIGN */
-    size_t linear_max_tokens; /* ATMOE_LINEAR_MAX_TOKENS, 0 when unset
-                                 (lib/mixture.c) */
-    struct atm_tuning *tuning; /* the parameters in force (tuning.h) */
+    atmoe_memory_stats memory;
 
-    char errmsg[ATM_ERRMSG_SIZE];
+    atm_programs programs;   /* program.c */
+    atmoe_cache_stats cache; /* cache.c: the disk cache and the counts of
+                                both caches */
+    atm_tuning tuning;       /* tuning.c */
+    atm_errsink errors;      /* atmoe_errmsg(ctx) */
+
+    /* compatibility: removed when mixture.c uses atm_param_get */
+    size_t linear_max_tokens; /* ATMOE_LINEAR_MAX_TOKENS, 0 when unset */
 };
 
 /* Creates a read-write device buffer and counts it in ctx->memory; `what`

@@ -7,8 +7,9 @@
 #include <string.h>
 #include <strings.h>
 
-#include "device/device.h"
+#include "base/env.h"
 #include "base/log.h"
+#include "device/device.h"
 
 /* Enough for any workstation; devices past it are ignored with a warning. */
 #define ATM_MAX_DEVICES 64
@@ -339,7 +340,7 @@ ATMOE_API atmoe_status atmoe_device_get_default(size_t *index)
     atmoe_status st = ensure_enumerated();
     if (st != ATMOE_STATUS_OK)
         return st;
-    const char *env = getenv("ATMOE_DEVICE");
+    const char *env = atm_env_get(ATM_ENV_DEVICE);
     if (env && *env && strcmp(env, "default") != 0)
         return find(env, index, " (from ATMOE_DEVICE)");
     return pick_default(index);

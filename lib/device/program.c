@@ -4,19 +4,26 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "base/alloc.h"
+#include "base/env.h"
 #include "base/log.h"
 #include "device/program.h"
-#include "device/tuning.h"
 
-static char *dup_string(const char *s)
+void atm_programs_init(atmoe_context *ctx)
 {
-    size_t n = strlen(s) + 1;
-    char *d = atm_malloc(n);
-    if (d)
-        memcpy(d, s, n);
-    return d;
+    /* Read once, so that every program of the context comes from the same
+     * place whatever the environment does later. */
+    const char *dir = atm_env_get(ATM_ENV_KERNEL_DIR);
+    if (dir == NULL || *dir == '\0')
+        return;
+    snprintf(ctx->programs.kernel_dir, sizeof ctx->programs.kernel_dir, "%s",
+             dir);
+    struct stat sb;
+    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
+        atm_log(ATMOE_LOG_WARNING, "ATMOE_KERNEL_DIR=%s is not a directory; "
+                "using the embedded kernels", dir);
 }
 
 static atmoe_status read_override(atmoe_context *ctx, const char *path,
@@ -60,7 +67,7 @@ out:
 atmoe_status atm_source_get(atmoe_context *ctx, const char *name, char **text,
                             size_t *size)
 {
-    const char *dir = ctx->kernel_dir;
+    const char *dir = ctx->programs.kernel_dir;
     if (*dir) {
         char path[PATH_MAX + 64];
         snprintf(path, sizeof path, "%s/%s.cl", dir, name);
@@ -249,48 +256,40 @@ static int grow(void **array, size_t *capacity, size_t count, size_t elem)
     return 1;
 }
 
-static atmoe_status program_get(atmoe_context *ctx, const char *name,
-                                const char *options, cl_program *program)
+/* Programs are built with exactly the options their caller passes: a
+ * caller whose kernels take tuned parameters reads them (atm_param_get)
+ * and writes them into its options, so that both caches tell the builds
+ * apart and the launch geometry agrees with the build. */
+atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
+                             const char *options, cl_program *program)
 {
-    for (size_t i = 0; i < ctx->program_count; i++) {
-        atm_program_entry *e = &ctx->programs[i];
+    atm_programs *ps = &ctx->programs;
+    for (size_t i = 0; i < ps->program_count; i++) {
+        atm_program_entry *e = &ps->programs[i];
         if (strcmp(e->name, name) == 0 && strcmp(e->options, options) == 0) {
             ctx->cache.memory_hits++;
             *program = e->program;
             return ATMOE_STATUS_OK;
         }
     }
-    if (!grow((void **)&ctx->programs, &ctx->program_capacity,
-              ctx->program_count, sizeof *ctx->programs))
-        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                        "out of host memory for the program cache");
-    atm_program_entry e = {dup_string(name), dup_string(options), NULL};
-    atmoe_status st = ATMOE_STATUS_HOST_OUT_OF_MEMORY;
+    atm_program_entry e = {atm_strdup(name), atm_strdup(options), NULL};
     if (e.name == NULL || e.options == NULL ||
-        (st = build(ctx, name, options, &e.program)) != ATMOE_STATUS_OK) {
+        !grow((void **)&ps->programs, &ps->program_capacity, ps->program_count,
+              sizeof *ps->programs)) {
         atm_free(e.name);
         atm_free(e.options);
-        if (st == ATMOE_STATUS_HOST_OUT_OF_MEMORY)
-            atm_fail(ctx, st, "out of host memory for the program cache");
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "out of host memory for the program cache");
+    }
+    atmoe_status st = build(ctx, name, options, &e.program);
+    if (st != ATMOE_STATUS_OK) {
+        atm_free(e.name);
+        atm_free(e.options);
         return st;
     }
-    ctx->programs[ctx->program_count++] = e;
+    ps->programs[ps->program_count++] = e;
     *program = e.program;
     return ATMOE_STATUS_OK;
-}
-
-atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
-                             const char *options, cl_program *program)
-{
-    /* Tuned defines join the options, so that both caches tell a tuned
-     * build from another. */
-    char *opts;
-    if (atm_tuning_build_options(ctx, name, options, &opts) != 0)
-        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                        "out of host memory building '%s'", name);
-    atmoe_status st = program_get(ctx, name, opts ? opts : options, program);
-    atm_free(opts);
-    return st;
 }
 
 atmoe_status atm_kernel_get(atmoe_context *ctx, const char *program,
@@ -301,15 +300,16 @@ atmoe_status atm_kernel_get(atmoe_context *ctx, const char *program,
     atmoe_status st = atm_program_get(ctx, program, options, &prog);
     if (st != ATMOE_STATUS_OK)
         return st;
-    for (size_t i = 0; i < ctx->kernel_count; i++) {
-        atm_kernel_entry *e = &ctx->kernels[i];
+    atm_programs *ps = &ctx->programs;
+    for (size_t i = 0; i < ps->kernel_count; i++) {
+        atm_kernel_entry *e = &ps->kernels[i];
         if (e->program == prog && strcmp(e->name, kernel) == 0) {
             *out = e->kernel;
             return ATMOE_STATUS_OK;
         }
     }
-    if (!grow((void **)&ctx->kernels, &ctx->kernel_capacity, ctx->kernel_count,
-              sizeof *ctx->kernels))
+    if (!grow((void **)&ps->kernels, &ps->kernel_capacity, ps->kernel_count,
+              sizeof *ps->kernels))
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "out of host memory for the kernel cache");
     cl_int err;
@@ -318,32 +318,33 @@ atmoe_status atm_kernel_get(atmoe_context *ctx, const char *program,
         return atm_fail(ctx, ATMOE_STATUS_OPENCL_ERROR,
                         "clCreateKernel('%s' in program '%s') failed: %s (%d)",
                         kernel, program, atm_cl_error_name(err), (int)err);
-    char *name = dup_string(kernel);
+    char *name = atm_strdup(kernel);
     if (name == NULL) {
         clReleaseKernel(k);
         return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                         "out of host memory for the kernel cache");
     }
-    ctx->kernels[ctx->kernel_count++] = (atm_kernel_entry){prog, name, k};
+    ps->kernels[ps->kernel_count++] = (atm_kernel_entry){prog, name, k};
     *out = k;
     return ATMOE_STATUS_OK;
 }
 
 void atm_programs_release(atmoe_context *ctx)
 {
-    for (size_t i = 0; i < ctx->kernel_count; i++) {
-        clReleaseKernel(ctx->kernels[i].kernel);
-        atm_free(ctx->kernels[i].name);
+    atm_programs *ps = &ctx->programs;
+    for (size_t i = 0; i < ps->kernel_count; i++) {
+        clReleaseKernel(ps->kernels[i].kernel);
+        atm_free(ps->kernels[i].name);
     }
-    for (size_t i = 0; i < ctx->program_count; i++) {
-        clReleaseProgram(ctx->programs[i].program);
-        atm_free(ctx->programs[i].name);
-        atm_free(ctx->programs[i].options);
+    for (size_t i = 0; i < ps->program_count; i++) {
+        clReleaseProgram(ps->programs[i].program);
+        atm_free(ps->programs[i].name);
+        atm_free(ps->programs[i].options);
     }
-    atm_free(ctx->kernels);
-    atm_free(ctx->programs);
-    ctx->kernels = NULL;
-    ctx->programs = NULL;
-    ctx->kernel_count = ctx->program_count = 0;
-    ctx->kernel_capacity = ctx->program_capacity = 0;
+    atm_free(ps->kernels);
+    atm_free(ps->programs);
+    ps->kernels = NULL;
+    ps->programs = NULL;
+    ps->kernel_count = ps->program_count = 0;
+    ps->kernel_capacity = ps->program_capacity = 0;
 }

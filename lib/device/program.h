@@ -21,7 +21,8 @@ atmoe_status atm_source_get(atmoe_context *ctx, const char *name, char **text,
                             size_t *size);
 
 /* The built program `name` with build options `options` (may be ""),
- * from the context's cache, the disk cache, or a fresh build. */
+ * exactly as given, from the context's cache, the disk cache, or a fresh
+ * build. */
 atmoe_status atm_program_get(atmoe_context *ctx, const char *name,
                              const char *options, cl_program *program);
 
@@ -30,6 +31,8 @@ atmoe_status atm_kernel_get(atmoe_context *ctx, const char *program,
                             const char *options, const char *kernel,
                             cl_kernel *out);
 
+/* Reads ATMOE_KERNEL_DIR into ctx->programs, at context creation. */
+void atm_programs_init(atmoe_context *ctx);
 void atm_programs_release(atmoe_context *ctx);
 
 /* Disk cache (cache.c). */

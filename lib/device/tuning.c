@@ -1,7 +1,7 @@
 #include <config.h>
 
-#include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -12,9 +12,10 @@
 #include <jansson.h>
 
 #include "base/alloc.h"
-#include "device/blas.h"
+#include "base/env.h"
 #include "base/file.h"
 #include "base/log.h"
+#include "device/blas.h"
 #include "device/tuning.h"
 
 #define DB_VERSION 1
@@ -257,46 +258,155 @@ static int check_on_device(const char *kernel, const json_t *s,
     return 0;
 }
 
-/* Defines end up in build options, so names and values are plain tokens. */
-static int is_token(const char *s, int first_digit_ok)
+/* ---------------------------------------------------------------- params */
+
+/* Where a parameter's value in force came from (atm_tuning.from). */
+typedef enum param_from { FROM_DEFAULT, FROM_ENTRY, FROM_ENV } param_from;
+
+/* The parameters of the library's own programs: the schema of the
+ * "kernels" section of databases and explicit sets, the defaults, and the
+ * variables that override them.  One row a parameter. */
+typedef struct param_row {
+    const char *program, *name; /* kernels.<program>.<name> */
+    long lo, hi;                /* the integers it may take */
+    long def_cpu, def_other;    /* the default on CPU devices, elsewhere */
+    atm_env_var env;            /* ATM_ENV_NONE: no variable */
+} param_row;
+
+static const param_row param_rows[ATM_PARAM_COUNT_] = {
+    /* Blocks of SR x ST tiles that a work-item of cl/linear.cl walks: 8 x 8
+     * was the best of 4 to 64 at 64 and 512 tokens on PoCL. */
+    [ATM_PARAM_LINEAR_SR] = {"linear", "SR", 1, 256, 8, 8, ATM_ENV_NONE},
+    [ATM_PARAM_LINEAR_ST] = {"linear", "ST", 1, 256, 8, 8, ATM_ENV_NONE},
+    /* The largest batch cl/linear.cl runs rather than CLBlast's GEMMs.  On
+     * a CPU device it ran 4-5 times faster than CLBlast 1.5.3 with its
+     * default parameters on PoCL 3.1, decode and prefill alike; elsewhere
+     * reading the weights once bounds small batches, and GEMM tiling only
+     * adds to it, up to about 16 tokens. */
+    [ATM_PARAM_LINEAR_MAX_TOKENS] = {"linear", "MAX_TOKENS", 1, LONG_MAX,
+                                     LONG_MAX, 16, ATM_ENV_LINEAR_MAX_TOKENS},
+};
+
+static const param_row *find_param(const char *program, const char *name)
 {
-    if (*s == '\0' || (!first_digit_ok && isdigit((unsigned char)*s)))
-        return 0;
-    for (; *s; s++)
-        if (!isalnum((unsigned char)*s) && *s != '_' &&
-            (!first_digit_ok || (*s != '.' && *s != '-' && *s != '+')))
-            return 0;
-    return 1;
+    for (size_t i = 0; i < ATM_PARAM_COUNT_; i++)
+        if (strcmp(param_rows[i].program, program) == 0 &&
+            (name == NULL || strcmp(param_rows[i].name, name) == 0))
+            return &param_rows[i];
+    return NULL;
 }
 
-static int check_defines(const char *program, const json_t *defs, char *err)
+/* "in [1, 256]", or "of at least 1" for a parameter without a limit. */
+static void range_text(const param_row *r, char *out, size_t size)
 {
-    if (!json_is_object(defs))
-        return bad(err, "kernels.%s is not an object of defines", program);
-    const char *name;
-    json_t *v;
-    json_object_foreach((json_t *)defs, name, v) {
-        if (!is_token(name, 0))
-            return bad(err, "kernels.%s: '%s' is not a macro name", program,
-                       name);
-        if (json_is_string(v) ? !is_token(json_string_value(v), 1)
-                              : !json_is_number(v))
-            return bad(err, "kernels.%s.%s is neither a number nor a plain "
-                       "token", program, name);
+    if (r->hi == LONG_MAX)
+        snprintf(out, size, "of at least %ld", r->lo);
+    else
+        snprintf(out, size, "in [%ld, %ld]", r->lo, r->hi);
+}
+
+/* The names listed by the table for program, or (program NULL) the
+ * programs it has, each once: "SR, ST, MAX_TOKENS". */
+static void names_text(const char *program, char *out, size_t size)
+{
+    size_t at = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < ATM_PARAM_COUNT_; i++) {
+        const param_row *r = &param_rows[i];
+        if (program ? strcmp(r->program, program) != 0
+                    : find_param(r->program, NULL) != r)
+            continue;
+        at += (size_t)snprintf(out + at, size - at, "%s%s", at ? ", " : "",
+                               program ? r->name : r->program);
+        if (at >= size)
+            return;
+    }
+}
+
+/* kernels.<program>.<name> = v against the table. */
+static int check_param(const char *program, const char *name, const json_t *v,
+                       char *err)
+{
+    const param_row *r = find_param(program, name);
+    char text[256];
+    if (r == NULL) {
+        names_text(program, text, sizeof text);
+        return bad(err, "kernels.%s has no parameter '%s' (it has %s)",
+                   program, name, text);
+    }
+    range_text(r, text, sizeof text);
+    if (!json_is_integer(v))
+        return bad(err, "kernels.%s.%s is not an integer %s", program, name,
+                   text);
+    json_int_t x = json_integer_value(v);
+    if (x < r->lo || x > r->hi)
+        return bad(err, "kernels.%s.%s = %lld is not an integer %s", program,
+                   name, (long long)x, text);
+    return 0;
+}
+
+/* Refuses a fault (lenient NULL: the message is in err, -1), or logs it
+ * under lenient, the file and entry being read, and drops key from obj, so
+ * that one bad key costs that key alone. */
+static int refuse_or_drop(json_t *obj, const char *key, const char *lenient,
+                          const char *err)
+{
+    if (lenient == NULL)
+        return -1;
+    atm_log(ATMOE_LOG_WARNING, "%s: %s; that key is ignored", lenient, err);
+    json_object_del(obj, key);
+    return 0;
+}
+
+/* The "kernels" section of the entry or explicit set obj. */
+static int check_kernels(json_t *obj, const char *lenient, char *err)
+{
+    json_t *kn = json_object_get(obj, "kernels");
+    if (kn && !json_is_object(kn)) {
+        bad(err, "kernels is not an object of programs");
+        return refuse_or_drop(obj, "kernels", lenient, err);
+    }
+    const char *program;
+    json_t *set;
+    void *tmp;
+    json_object_foreach_safe(kn, tmp, program, set) {
+        char text[256];
+        int fault = 0;
+        if (find_param(program, NULL) == NULL) {
+            names_text(NULL, text, sizeof text);
+            fault = bad(err, "kernels: '%s' is not a program with tuned "
+                        "parameters (%s)", program, text);
+        } else if (!json_is_object(set)) {
+            fault = bad(err, "kernels.%s is not an object of parameters",
+                        program);
+        }
+        if (fault) {
+            if (refuse_or_drop(kn, program, lenient, err) != 0)
+                return -1;
+            continue;
+        }
+        const char *name;
+        json_t *v;
+        void *tmp2;
+        json_object_foreach_safe(set, tmp2, name, v)
+            if (check_param(program, name, v, err) != 0 &&
+                refuse_or_drop(set, name, lenient, err) != 0)
+                return -1;
     }
     return 0;
 }
 
 /* The "clblast" and "kernels" sections of an entry or an explicit set;
- * allowed lists the other keys the object may have. */
-static int check_params(const json_t *obj, const char *const *allowed,
-                        char *err)
+ * allowed lists the other keys the object may have.  lenient: see
+ * refuse_or_drop. */
+static int check_params(json_t *obj, const char *const *allowed,
+                        const char *lenient, char *err)
 {
     if (!json_is_object(obj))
         return bad(err, "not a JSON object");
     const char *key;
     json_t *v;
-    json_object_foreach((json_t *)obj, key, v) {
+    json_object_foreach(obj, key, v) {
         int known = strcmp(key, "clblast") == 0 ||
                     strcmp(key, "kernels") == 0 || strcmp(key, "info") == 0;
         for (size_t i = 0; allowed && allowed[i] && !known; i++)
@@ -313,16 +423,7 @@ static int check_params(const json_t *obj, const char *const *allowed,
     json_object_foreach(cl, key, v)
         if (check_clblast_set(key, v, err) != 0)
             return -1;
-    json_t *kn = json_object_get(obj, "kernels");
-    if (kn && !json_is_object(kn))
-        return bad(err, "kernels is not an object of programs");
-    json_object_foreach(kn, key, v) {
-        if (!is_token(key, 0))
-            return bad(err, "kernels: '%s' is not a program name", key);
-        if (check_defines(key, v, err) != 0)
-            return -1;
-    }
-    return 0;
+    return check_kernels(obj, lenient, err);
 }
 
 /* ---------------------------------------------------------------- files */
@@ -364,7 +465,7 @@ static const char *type_at(int i)
     return atmoe_device_type_name((atmoe_device_type)i);
 }
 
-static int check_entry(const json_t *e, char *err)
+static int check_entry(json_t *e, const char *lenient, char *err)
 {
     if (!json_is_object(e))
         return bad(err, "not a JSON object");
@@ -384,7 +485,7 @@ static int check_entry(const json_t *e, char *err)
                    type);
     if (str_field(e, "driver") && !str_field(e, "device"))
         return bad(err, "a driver needs a device");
-    return check_params(e, entry_keys, err);
+    return check_params(e, entry_keys, lenient, err);
 }
 
 /* "device 'X', driver 'Y'" or "vendor PoCL, type CPU", for messages. */
@@ -399,7 +500,9 @@ static void describe_entry(const json_t *e, char *out, size_t size)
                  str_field(e, "type"));
 }
 
-static int check_db(const json_t *root, char *err)
+/* A whole database; file (NULL: strict) names it in the warnings of a
+ * lenient check (refuse_or_drop). */
+static int check_db(json_t *root, const char *file, char *err)
 {
     if (!json_is_object(root))
         return bad(err, "the top level is not a JSON object");
@@ -411,7 +514,7 @@ static int check_db(const json_t *root, char *err)
                    (long long)json_integer_value(ver), DB_VERSION);
     const char *key;
     json_t *v;
-    json_object_foreach((json_t *)root, key, v)
+    json_object_foreach(root, key, v)
         if (strcmp(key, "atmoe_tuning") != 0 && strcmp(key, "entries") != 0)
             return bad(err, "unknown field '%s'", key);
     json_t *entries = json_object_get(root, "entries");
@@ -419,8 +522,11 @@ static int check_db(const json_t *root, char *err)
         return bad(err, "\"entries\" is not an array");
     for (size_t i = 0; i < json_array_size(entries); i++) {
         json_t *e = json_array_get(entries, i);
-        char detail[ERR_SIZE];
-        if (check_entry(e, detail) != 0)
+        char detail[ERR_SIZE], where[ERR_SIZE];
+        if (file)
+            snprintf(where, sizeof where, "tuning database %s, entry %zu",
+                     file, i);
+        if (check_entry(e, file ? where : NULL, detail) != 0)
             return bad(err, "entry %zu: %s", i, detail);
         for (size_t j = 0; j < i; j++)
             if (same_key(json_array_get(entries, j), e)) {
@@ -435,8 +541,11 @@ static int check_db(const json_t *root, char *err)
 
 typedef enum load_result { LOAD_OK, LOAD_MISSING, LOAD_BAD } load_result;
 
-/* Reads and checks a database; the message says why on LOAD_BAD. */
-static load_result load_db(const char *path, json_t **root, char *err)
+/* Reads and checks a database; the message says why on LOAD_BAD.
+ * Leniently (for the databases a context reads), a fault in a "kernels"
+ * section is logged and drops the key at fault alone. */
+static load_result load_db(const char *path, int lenient, json_t **root,
+                           char *err)
 {
     *root = NULL;
     struct stat sb;
@@ -448,7 +557,7 @@ static load_result load_db(const char *path, json_t **root, char *err)
         bad(err, "line %d: %s", je.line, je.text);
         return LOAD_BAD;
     }
-    if (check_db(r, err) != 0) {
+    if (check_db(r, lenient ? path : NULL, err) != 0) {
         json_decref(r);
         return LOAD_BAD;
     }
@@ -456,10 +565,28 @@ static load_result load_db(const char *path, json_t **root, char *err)
     return LOAD_OK;
 }
 
-static const char *system_path(void)
+/* Why the user's database has no path, for the callers that report it:
+ * the status and the message's tail. */
+static atmoe_status user_path_why(atm_path_status ps, size_t need,
+                                  size_t size, char *why)
 {
-    const char *env = getenv("ATMOE_TUNING_SYSTEM_FILE");
-    return env ? env : ATMOE_TUNING_SYSTEM_PATH;
+    switch (ps) {
+    case ATM_PATH_OK:
+        break;
+    case ATM_PATH_EMPTY:
+        snprintf(why, ERR_SIZE, "ATMOE_TUNING_FILE is set but empty: no user "
+                 "database");
+        return ATMOE_STATUS_NOT_FOUND;
+    case ATM_PATH_NONE:
+        snprintf(why, ERR_SIZE, "neither ATMOE_TUNING_FILE, XDG_DATA_HOME nor "
+                 "HOME is set");
+        return ATMOE_STATUS_NOT_FOUND;
+    case ATM_PATH_TOO_LONG:
+        snprintf(why, ERR_SIZE, "the path needs %zu bytes, the buffer holds "
+                 "%zu", need, size);
+        return ATMOE_STATUS_OUT_OF_RANGE;
+    }
+    return ATMOE_STATUS_OK;
 }
 
 ATMOE_API atmoe_status atmoe_tuning_get_user_path(char *path, size_t size)
@@ -468,31 +595,12 @@ ATMOE_API atmoe_status atmoe_tuning_get_user_path(char *path, size_t size)
     if (size == 0)
         return atm_fail(NULL, ATMOE_STATUS_INVALID_ARGUMENT,
                         "atmoe_tuning_get_user_path: size is 0");
-    path[0] = '\0';
-    const char *file = getenv("ATMOE_TUNING_FILE");
-    const char *xdg = getenv("XDG_DATA_HOME");
-    const char *home = getenv("HOME");
-    int n;
-    if (file && *file == '\0')
-        return atm_fail(NULL, ATMOE_STATUS_NOT_FOUND,
-                        "atmoe_tuning_get_user_path: ATMOE_TUNING_FILE is set "
-                        "but empty: no user database");
-    if (file)
-        n = snprintf(path, size, "%s", file);
-    else if (xdg && xdg[0] == '/')
-        n = snprintf(path, size, "%s/atmoe/tuning.json", xdg);
-    else if (home && *home)
-        n = snprintf(path, size, "%s/.local/share/atmoe/tuning.json", home);
-    else
-        return atm_fail(NULL, ATMOE_STATUS_NOT_FOUND,
-                        "atmoe_tuning_get_user_path: neither ATMOE_TUNING_FILE, "
-                        "XDG_DATA_HOME nor HOME is set");
-    if (n < 0 || (size_t)n >= size) {
-        path[0] = '\0';
-        return atm_fail(NULL, ATMOE_STATUS_OUT_OF_RANGE,
-                        "atmoe_tuning_get_user_path: the path needs %d bytes, "
-                        "the buffer holds %zu", n + 1, size);
-    }
+    size_t need = 0;
+    char why[ERR_SIZE];
+    atmoe_status st = user_path_why(
+        atm_env_tuning_user_path(path, size, &need), need, size, why);
+    if (st != ATMOE_STATUS_OK)
+        return atm_fail(NULL, st, "atmoe_tuning_get_user_path: %s", why);
     return ATMOE_STATUS_OK;
 }
 
@@ -501,7 +609,7 @@ ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries)
     ATM_CHECK_NULL(NULL, path);
     json_t *root;
     char err[ERR_SIZE];
-    load_result r = load_db(path, &root, err);
+    load_result r = load_db(path, 0, &root, err);
     if (r == LOAD_MISSING)
         return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
                         "atmoe_tuning_check: %s: no such file", path);
@@ -514,35 +622,10 @@ ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries)
     return ATMOE_STATUS_OK;
 }
 
-/* mkdir -p of the directory that holds path. */
-static int make_parent(const char *path)
-{
-    char dir[4096];
-    if (snprintf(dir, sizeof dir, "%s", path) >= (int)sizeof dir) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    char *slash = strrchr(dir, '/');
-    if (slash == NULL || slash == dir)
-        return 0;
-    *slash = '\0';
-    for (char *p = dir + 1; *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-            return -1;
-        *p = '/';
-    }
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return -1;
-    return 0;
-}
-
 static atmoe_status write_db(const char *path, json_t *root)
 {
     char tmp[4096 + 16];
-    if (make_parent(path) != 0)
+    if (atm_mkdir_parent(path, 0755) != 0)
         return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
                         "atmoe_tuning_save: cannot create the directory of "
                         "%s: %s", path, strerror(errno));
@@ -570,7 +653,7 @@ static atmoe_status parse_params(const atmoe_context *ctx, const char *fn,
                         "%s: params are not JSON: column %d: %s", fn,
                         je.column, je.text);
     char err[ERR_SIZE];
-    if (check_params(obj, NULL, err) != 0) {
+    if (check_params(obj, NULL, NULL, err) != 0) {
         json_decref(obj);
         return atm_fail(ctx, ATMOE_STATUS_FORMAT_ERROR, "%s: params: %s", fn,
                         err);
@@ -587,13 +670,14 @@ ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
     ATM_CHECK_NULL(NULL, params);
     char user[4096];
     if (path == NULL) {
-        atmoe_status st = atmoe_tuning_get_user_path(user, sizeof user);
-        if (st != ATMOE_STATUS_OK) {
-            char why[ERR_SIZE];
-            snprintf(why, sizeof why, "%s", atmoe_errmsg(NULL));
+        size_t need = 0;
+        char why[ERR_SIZE];
+        atmoe_status st = user_path_why(
+            atm_env_tuning_user_path(user, sizeof user, &need), need,
+            sizeof user, why);
+        if (st != ATMOE_STATUS_OK)
             return atm_fail(NULL, st, "atmoe_tuning_save: no path given, "
                             "and %s", why);
-        }
         path = user;
     }
     if ((unsigned)device->vendor > ATMOE_VENDOR_POCL ||
@@ -609,7 +693,7 @@ ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
 
     json_t *root = NULL;
     char err[ERR_SIZE];
-    load_result r = load_db(path, &root, err);
+    load_result r = load_db(path, 0, &root, err);
     if (r == LOAD_BAD) {
         json_decref(set);
         return atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
@@ -638,7 +722,7 @@ ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
     if (json_array_append_new(entries, entry) != 0)
         st = atm_fail(NULL, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       "atmoe_tuning_save: out of host memory");
-    else if (check_db(root, err) != 0)
+    else if (check_db(root, NULL, err) != 0)
         st = atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
                       "atmoe_tuning_save: the new entry is refused: %s", err);
     else
@@ -695,7 +779,7 @@ static json_t *load_logged(const char *path)
 {
     json_t *root = NULL;
     char err[ERR_SIZE];
-    if (path && *path && load_db(path, &root, err) == LOAD_BAD)
+    if (path && *path && load_db(path, 1, &root, err) == LOAD_BAD)
         atm_log(ATMOE_LOG_WARNING, "tuning database %s is ignored: %s", path,
                 err);
     return root;
@@ -719,9 +803,12 @@ static json_t *resolve(const atmoe_device_info *dev)
     json_t *resolved = json_pack("{s:{}, s:{}}", "clblast", "kernels");
     if (resolved == NULL)
         return NULL;
+    /* No user database is no failure here: the path is asked of the
+     * environment directly, which reports to no sink. */
     char user_path[4096];
-    const char *paths[2] = {system_path(), NULL};
-    if (atmoe_tuning_get_user_path(user_path, sizeof user_path) == ATMOE_STATUS_OK)
+    const char *paths[2] = {atm_env_tuning_system_path(), NULL};
+    if (atm_env_tuning_user_path(user_path, sizeof user_path, NULL) ==
+        ATM_PATH_OK)
         paths[1] = user_path;
     json_t *roots[2] = {load_logged(paths[0]), load_logged(paths[1])};
     for (int f = 0; f < 2; f++) {
@@ -736,6 +823,75 @@ static json_t *resolve(const atmoe_device_info *dev)
     json_decref(roots[0]);
     json_decref(roots[1]);
     return resolved;
+}
+
+/* ---------------------------------------------------------------- values */
+
+/* Each parameter's variable, read once when the context is made (as
+ * ATMOE_LINEAR_MAX_TOKENS always was); a value that is not one the
+ * parameter may take is logged and ignored. */
+static void read_env(atm_tuning *t)
+{
+    for (size_t p = 0; p < ATM_PARAM_COUNT_; p++) {
+        const param_row *r = &param_rows[p];
+        const char *text = atm_env_get(r->env);
+        t->has_env[p] = 0;
+        if (text == NULL || *text == '\0')
+            continue;
+        char *end, range[64];
+        errno = 0;
+        long long v = strtoll(text, &end, 10);
+        if (*end == '\0' && errno == 0 && v >= r->lo && v <= r->hi) {
+            t->env_value[p] = (long)v;
+            t->has_env[p] = 1;
+            continue;
+        }
+        range_text(r, range, sizeof range);
+        atm_log(ATMOE_LOG_WARNING, "%s=%s is not an integer %s; ignored",
+                atm_env_name(r->env), text, range);
+    }
+}
+
+/* The values in force, from the environment, the records of t->kernels
+ * (checked against the table when they were read) and the defaults. */
+static void resolve_values(atm_tuning *t, const atmoe_device_info *dev)
+{
+    for (size_t p = 0; p < ATM_PARAM_COUNT_; p++) {
+        const param_row *r = &param_rows[p];
+        json_t *v = json_object_get(
+            json_object_get(json_object_get(t->kernels, r->program),
+                            "values"),
+            r->name);
+        if (t->has_env[p]) {
+            t->value[p] = t->env_value[p];
+            t->from[p] = FROM_ENV;
+        } else if (json_is_integer(v)) {
+            t->value[p] = (long)json_integer_value(v);
+            t->from[p] = FROM_ENTRY;
+        } else {
+            t->value[p] = dev->type == ATMOE_DEVICE_TYPE_CPU ? r->def_cpu
+                                                             : r->def_other;
+            t->from[p] = FROM_DEFAULT;
+        }
+    }
+}
+
+long atm_param_get(const atmoe_context *ctx, atm_param p)
+{
+    /* Callers pass an enum constant; a value outside it reads the first
+     * row rather than past the array. */
+    return ctx->tuning.value[(unsigned)p < ATM_PARAM_COUNT_ ? p : 0];
+}
+
+/* compatibility: removed when mixture.c uses atm_param_get */
+long atm_tuning_kernel_value(const atmoe_context *ctx, const char *program,
+                             const char *key, long fallback)
+{
+    for (size_t p = 0; p < ATM_PARAM_COUNT_; p++)
+        if (strcmp(param_rows[p].program, program) == 0 &&
+            strcmp(param_rows[p].name, key) == 0)
+            return atm_param_get(ctx, (atm_param)p);
+    return fallback;
 }
 
 /* ---------------------------------------------------------------- state */
@@ -778,13 +934,10 @@ static json_t *device_record_copy(cl_device_id id)
     return rec ? rec : json_object();
 }
 
-struct atm_tuning {
-    const char *mode; /* "tuned", "default" or "custom" */
-    json_t *kernels;  /* program -> {match, file, values} */
-};
-
 /* Hands one CLBlast set to CLBlast after checking it against the device;
- * the message says why not otherwise. */
+ * the message says why not otherwise.  CLBlast's refusal reaches err
+ * alone: the calls that skip a set succeed, and a success leaves the
+ * context's message as it was. */
 static int override_set(atmoe_context *ctx, const char *kernel,
                         const json_t *rec, char *err)
 {
@@ -799,9 +952,13 @@ static int override_set(atmoe_context *ctx, const char *kernel,
         names[n] = name;
         vals[n++] = (size_t)json_integer_value(v);
     }
+    atm_errsink before = ctx->errors;
     atmoe_status st = atm_blas_override(ctx, kernel, n, names, vals);
-    if (st != ATMOE_STATUS_OK)
-        return bad(err, "%s", atmoe_errmsg(ctx));
+    if (st != ATMOE_STATUS_OK) {
+        bad(err, "%s", ctx->errors.text);
+        ctx->errors = before;
+        return -1;
+    }
     pthread_mutex_lock(&state_lock);
     json_t *dev = device_record(ctx->device->id);
     if (dev)
@@ -812,6 +969,16 @@ static int override_set(atmoe_context *ctx, const char *kernel,
                                                    "values", values));
     pthread_mutex_unlock(&state_lock);
     return 0;
+}
+
+/* The kernels' records in force become kernels (a reference taken) and
+ * the values are resolved again. */
+static void use_kernels(atmoe_context *ctx, json_t *kernels, const char *mode)
+{
+    json_decref(ctx->tuning.kernels);
+    ctx->tuning.kernels = json_incref(kernels);
+    ctx->tuning.mode = mode;
+    resolve_values(&ctx->tuning, &ctx->device->info);
 }
 
 /* Applies resolved sets: CLBlast's to the device, the kernels' to ctx.
@@ -831,22 +998,20 @@ static int apply(atmoe_context *ctx, json_t *resolved, const char *mode)
             skipped++;
         }
     }
-    json_t *kernels = json_object_get(resolved, "kernels");
-    json_decref(ctx->tuning->kernels);
-    ctx->tuning->kernels = json_incref(kernels);
-    ctx->tuning->mode = mode;
+    use_kernels(ctx, json_object_get(resolved, "kernels"), mode);
     return skipped;
 }
 
 void atm_tuning_init(atmoe_context *ctx)
 {
-    ctx->tuning = atm_calloc(1, sizeof *ctx->tuning);
-    if (ctx->tuning == NULL) {
-        atm_log(ATMOE_LOG_WARNING, "no tuning: out of host memory");
-        return;
-    }
-    ctx->tuning->mode = "default";
-    const char *env = getenv("ATMOE_PARAMS");
+    read_env(&ctx->tuning);
+    /* compatibility: removed when mixture.c uses atm_param_get */
+    ctx->linear_max_tokens =
+        ctx->tuning.has_env[ATM_PARAM_LINEAR_MAX_TOKENS]
+            ? (size_t)ctx->tuning.env_value[ATM_PARAM_LINEAR_MAX_TOKENS]
+            : 0;
+    use_kernels(ctx, NULL, "default");
+    const char *env = atm_env_get(ATM_ENV_PARAMS);
     if (env && strcmp(env, "default") == 0) {
         json_t *rec = device_record_copy(ctx->device->id);
         if (json_object_size(rec) > 0)
@@ -870,71 +1035,8 @@ void atm_tuning_init(atmoe_context *ctx)
 
 void atm_tuning_release(atmoe_context *ctx)
 {
-    if (ctx->tuning)
-        json_decref(ctx->tuning->kernels);
-    atm_free(ctx->tuning);
-    ctx->tuning = NULL;
-}
-
-/* Whether options already define macro key (-Dkey=...). */
-static int defines(const char *options, const char *key)
-{
-    size_t n = strlen(key);
-    for (const char *p = strstr(options, "-D"); p; p = strstr(p + 2, "-D"))
-        if ((p == options || p[-1] == ' ') && strncmp(p + 2, key, n) == 0 &&
-            (p[2 + n] == '=' || p[2 + n] == ' ' || p[2 + n] == '\0'))
-            return 1;
-    return 0;
-}
-
-long atm_tuning_kernel_value(const atmoe_context *ctx, const char *program,
-                             const char *key, long fallback)
-{
-    if (ctx->tuning == NULL)
-        return fallback;
-    json_t *v = json_object_get(
-        json_object_get(json_object_get(ctx->tuning->kernels, program),
-                        "values"),
-        key);
-    return json_is_integer(v) ? (long)json_integer_value(v) : fallback;
-}
-
-int atm_tuning_build_options(const atmoe_context *ctx, const char *name,
-                             const char *options, char **result)
-{
-    json_t *defs = NULL;
-    *result = NULL;
-    if (ctx->tuning)
-        defs = json_object_get(json_object_get(ctx->tuning->kernels, name),
-                               "values");
-    if (json_object_size(defs) == 0)
-        return 0;
-    size_t len = strlen(options) + 1;
-    const char *key;
-    json_t *v;
-    char num[64];
-    json_object_foreach(defs, key, v)
-        len += strlen(key) + 4 + (json_is_string(v) ? json_string_length(v)
-                                                    : sizeof num);
-    char *out = atm_malloc(len);
-    if (out == NULL)
-        return -1;
-    size_t at = (size_t)snprintf(out, len, "%s", options);
-    json_object_foreach(defs, key, v) {
-        if (defines(options, key))
-            continue;
-        const char *val = num;
-        if (json_is_string(v))
-            val = json_string_value(v);
-        else if (json_is_integer(v))
-            snprintf(num, sizeof num, "%lld", (long long)json_integer_value(v));
-        else
-            snprintf(num, sizeof num, "%.17g", json_real_value(v));
-        at += (size_t)snprintf(out + at, len - at, "%s-D%s=%s",
-                               at ? " " : "", key, val);
-    }
-    *result = out;
-    return 0;
+    json_decref(ctx->tuning.kernels);
+    ctx->tuning.kernels = NULL;
 }
 
 ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
@@ -942,10 +1044,6 @@ ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
 {
     ATM_CHECK_NULL(NULL, ctx);
     ATM_CHECK_NULL(ctx, params);
-    if (ctx->tuning == NULL)
-        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                        "atmoe_context_set_params: the context has no tuning "
-                        "state (out of host memory when it was made)");
     if (strcmp(params, "default") == 0) {
         json_t *rec = device_record_copy(ctx->device->id);
         const char *kernel = NULL;
@@ -963,9 +1061,7 @@ ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
         json_decref(rec);
         if (st != ATMOE_STATUS_OK)
             return st;
-        json_decref(ctx->tuning->kernels);
-        ctx->tuning->kernels = NULL;
-        ctx->tuning->mode = "default";
+        use_kernels(ctx, NULL, "default");
         return ATMOE_STATUS_OK;
     }
     json_t *resolved;
@@ -1014,20 +1110,71 @@ ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
     return ATMOE_STATUS_OK;
 }
 
-/* Drops the internal "spec" ranks from a section of records. */
-static json_t *public_section(json_t *section, const char *values_name)
+/* The public form of a record: match ("explicit" for a set given
+ * directly), file, and values under values_name. */
+static json_t *public_record(const json_t *rec, const char *values_name,
+                             json_t *values)
+{
+    const char *match = json_string_value(json_object_get(rec, "match"));
+    return json_pack("{s:s, s:O, s:o}", "match", *match ? match : "explicit",
+                     "file", json_object_get(rec, "file"), values_name,
+                     values);
+}
+
+/* CLBlast's records as they are. */
+static json_t *public_clblast(json_t *section)
 {
     json_t *out = json_object();
     const char *kernel;
     json_t *rec;
-    json_object_foreach(section, kernel, rec) {
-        const char *match = json_string_value(json_object_get(rec, "match"));
+    json_object_foreach(section, kernel, rec)
         json_object_set_new(out, kernel,
-                            json_pack("{s:s, s:O, s:O}", "match",
-                                      *match ? match : "explicit", "file",
-                                      json_object_get(rec, "file"),
-                                      values_name,
-                                      json_object_get(rec, "values")));
+                            public_record(rec, "params",
+                                          json_incref(json_object_get(
+                                              rec, "values"))));
+    return out;
+}
+
+/* The library's programs whose parameters do not all stand at their
+ * defaults: the values in force of every parameter ("defines") and where
+ * each came from ("from": the variable's name, "database", "explicit" or
+ * "default"), beside the record that matched (match "none" when values
+ * came from the environment alone). */
+static int listed(const atm_tuning *t, const char *program)
+{
+    if (json_object_get(t->kernels, program))
+        return 1;
+    for (size_t p = 0; p < ATM_PARAM_COUNT_; p++)
+        if (strcmp(param_rows[p].program, program) == 0 &&
+            t->from[p] == FROM_ENV)
+            return 1;
+    return 0;
+}
+
+static json_t *public_kernels(const atm_tuning *t)
+{
+    json_t *out = json_object();
+    for (size_t p = 0; p < ATM_PARAM_COUNT_; p++) {
+        const param_row *r = &param_rows[p];
+        json_t *rec = json_object_get(t->kernels, r->program);
+        if (!listed(t, r->program))
+            continue;
+        json_t *prog = json_object_get(out, r->program);
+        if (prog == NULL) {
+            prog = rec ? public_record(rec, "defines", json_object())
+                       : json_pack("{s:s, s:s, s:{}}", "match", "none",
+                                   "file", "", "defines");
+            json_object_set_new(prog, "from", json_object());
+            json_object_set_new(out, r->program, prog);
+        }
+        const char *from = t->from[p] == FROM_ENV ? atm_env_name(r->env)
+                           : t->from[p] == FROM_DEFAULT ? "default"
+                           : strcmp(t->mode, "custom") == 0 ? "explicit"
+                                                             : "database";
+        json_object_set_new(json_object_get(prog, "defines"), r->name,
+                            json_integer(t->value[p]));
+        json_object_set_new(json_object_get(prog, "from"), r->name,
+                            json_string(from));
     }
     return out;
 }
@@ -1042,15 +1189,10 @@ ATMOE_API atmoe_status atmoe_context_get_params(const atmoe_context *ctx,
         return atm_fail(ctx, ATMOE_STATUS_NULL_POINTER,
                         "atmoe_context_get_params: json is NULL; a size query "
                         "passes size 0 and needed");
-    if (ctx->tuning == NULL)
-        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                        "atmoe_context_get_params: the context has no tuning "
-                        "state (out of host memory when it was made)");
     json_t *rec = device_record_copy(ctx->device->id);
-    json_t *out = json_pack("{s:s, s:o, s:o}", "mode", ctx->tuning->mode,
-                            "clblast", public_section(rec, "params"),
-                            "kernels",
-                            public_section(ctx->tuning->kernels, "defines"));
+    json_t *out = json_pack("{s:s, s:o, s:o}", "mode", ctx->tuning.mode,
+                            "clblast", public_clblast(rec), "kernels",
+                            public_kernels(&ctx->tuning));
     json_decref(rec);
     char *text = out ? json_dumps(out, JSON_INDENT(2)) : NULL;
     json_decref(out);

@@ -242,11 +242,16 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
     if (data == NULL || (ref->transposed && t == NULL))
         st = oom(g->ctx, "atmoe_manifest_build");
     atmoe_safetensors *file = NULL;
-    if (st == ATMOE_STATUS_OK && ref->file &&
-        (st = open_file(mf, ref->file, &file)) == ATMOE_STATUS_OK)
-        st = atmoe_safetensors_read_f32(file, ref->tensor, t ? t : data, n);
-    if (st != ATMOE_STATUS_OK && g->ctx != mf->ctx)
-        st = atm_fail(g->ctx, st, "%s", atmoe_errmsg(mf->ctx));
+    if (st == ATMOE_STATUS_OK && ref->file) {
+        if ((st = open_file(mf, ref->file, &file)) == ATMOE_STATUS_OK)
+            st = atmoe_safetensors_read_f32(file, ref->tensor, t ? t : data,
+                                            n);
+        /* These two report on the manifest's context; the caller reads the
+         * graph's.  Only their failures are carried over: the one above is
+         * on the graph's already, and mf->ctx holds whatever it last said. */
+        if (st != ATMOE_STATUS_OK && g->ctx != mf->ctx)
+            st = atm_fail(g->ctx, st, "%s", atmoe_errmsg(mf->ctx));
+    }
     if (st == ATMOE_STATUS_OK && t)
         for (size_t i = 0; i < rows; i++)
             for (size_t j = 0; j < cols; j++)

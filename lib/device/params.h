@@ -1,0 +1,38 @@
+/* The parameters of the library's own kernels, as one resolver gives them
+ * (tuning.c, whose table describes each one: program, name, range, default
+ * rule, environment variable).  Adding a parameter adds its value here and
+ * its row there. */
+#ifndef ATMOE_PARAMS_H
+#define ATMOE_PARAMS_H
+
+#include "atmoe.h"
+
+typedef enum atm_param {
+    ATM_PARAM_LINEAR_SR,         /* "linear" SR: rows-tiles per block, 1..256, default 8 */
+    ATM_PARAM_LINEAR_ST,         /* "linear" ST: token-tiles per block, 1..256, default 8 */
+    ATM_PARAM_LINEAR_MAX_TOKENS, /* "linear" MAX_TOKENS: batches up to this run cl/linear.cl, beyond it CLBlast; env ATMOE_LINEAR_MAX_TOKENS; default: no limit (LONG_MAX) on CPU devices, 16 elsewhere; >= 1 */
+    ATM_PARAM_COUNT_
+} atm_param;
+
+/* The value in force on ctx: environment (where the parameter has a
+ * variable), then the user database, then the system database, then the
+ * default.  Resolved when the context is made and again by
+ * atmoe_context_set_params; a lookup is an array read, allocates
+ * nothing. */
+long atm_param_get(const atmoe_context *ctx, atm_param p);
+
+/* What the context keeps of the tuning (tuning.c): embedded in it, so that
+ * the values in force exist whatever happened when it was made. */
+typedef struct atm_tuning {
+    const char *mode;       /* "tuned", "default" or "custom" */
+    struct json_t *kernels; /* program -> {match, file, spec, values}: the
+                               database records (or explicit set) in force */
+    long value[ATM_PARAM_COUNT_];        /* what atm_param_get returns */
+    unsigned char from[ATM_PARAM_COUNT_]; /* where each came from (tuning.c) */
+    /* The environment's values, read once when the context is made, so
+     * that atmoe_context_set_params resolves against the same ones. */
+    long env_value[ATM_PARAM_COUNT_];
+    unsigned char has_env[ATM_PARAM_COUNT_];
+} atm_tuning;
+
+#endif
