@@ -41,7 +41,7 @@ extern "C" {
 #endif
 
 #define ATMOE_VERSION_MAJOR 0
-#define ATMOE_VERSION_MINOR 1
+#define ATMOE_VERSION_MINOR 2
 #define ATMOE_VERSION_PATCH 0
 
 /* Returns the version of the library that is linked, as "MAJOR.MINOR.PATCH". */

@@ -45,8 +45,6 @@ struct atmoe_context {
     atm_tuning tuning;       /* tuning.c */
     atm_errsink errors;      /* atmoe_errmsg(ctx) */
 
-    /* compatibility: removed when mixture.c uses atm_param_get */
-    size_t linear_max_tokens; /* ATMOE_LINEAR_MAX_TOKENS, 0 when unset */
 };
 
 /* Creates a read-write device buffer and counts it in ctx->memory; `what`

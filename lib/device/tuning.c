@@ -883,17 +883,6 @@ long atm_param_get(const atmoe_context *ctx, atm_param p)
     return ctx->tuning.value[(unsigned)p < ATM_PARAM_COUNT_ ? p : 0];
 }
 
-/* compatibility: removed when mixture.c uses atm_param_get */
-long atm_tuning_kernel_value(const atmoe_context *ctx, const char *program,
-                             const char *key, long fallback)
-{
-    for (size_t p = 0; p < ATM_PARAM_COUNT_; p++)
-        if (strcmp(param_rows[p].program, program) == 0 &&
-            strcmp(param_rows[p].name, key) == 0)
-            return atm_param_get(ctx, (atm_param)p);
-    return fallback;
-}
-
 /* ---------------------------------------------------------------- state */
 
 /* CLBlast's overrides outlive contexts, so what has been applied to each
@@ -1005,11 +994,6 @@ static int apply(atmoe_context *ctx, json_t *resolved, const char *mode)
 void atm_tuning_init(atmoe_context *ctx)
 {
     read_env(&ctx->tuning);
-    /* compatibility: removed when mixture.c uses atm_param_get */
-    ctx->linear_max_tokens =
-        ctx->tuning.has_env[ATM_PARAM_LINEAR_MAX_TOKENS]
-            ? (size_t)ctx->tuning.env_value[ATM_PARAM_LINEAR_MAX_TOKENS]
-            : 0;
     use_kernels(ctx, NULL, "default");
     const char *env = atm_env_get(ATM_ENV_PARAMS);
     if (env && strcmp(env, "default") == 0) {

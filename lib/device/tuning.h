@@ -37,10 +37,4 @@ void atm_tuning_init(atmoe_context *ctx);
 /* Releases what atm_tuning_init kept in the context. */
 void atm_tuning_release(atmoe_context *ctx);
 
-/* compatibility: removed when mixture.c uses atm_param_get.  The value in
- * force of kernels.<program>.<key> (atm_param_get), or fallback for a name
- * the parameter table does not have. */
-long atm_tuning_kernel_value(const atmoe_context *ctx, const char *program,
-                             const char *key, long fallback);
-
 #endif

@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "device/blas.h"
-#include "moe/params_compat.h" /* temporary */
+#include "device/tuning.h"
 #include "graph/graph.h"
 #include "moe/experts.h"
 
