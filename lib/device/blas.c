@@ -21,19 +21,30 @@ atmoe_status atm_fail_blas(const atmoe_context *ctx, CLBlastStatusCode code,
  * work, so one lock over them costs little. */
 static pthread_mutex_t blas_lock = PTHREAD_MUTEX_INITIALIZER;
 
-atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p,
-                       cl_mem temp, size_t temp_bytes, size_t *temp_need,
-                       cl_event *event)
+static CLBlastTranspose transpose(int t)
 {
-    const CLBlastTranspose ta = p->trans_a ? CLBlastTransposeYes
-                                           : CLBlastTransposeNo;
-    const CLBlastTranspose tb = p->trans_b ? CLBlastTransposeYes
-                                           : CLBlastTransposeNo;
-    size_t need = 0;
+    return t ? CLBlastTransposeYes : CLBlastTransposeNo;
+}
+
+/* The scratch CLBlast needs for p; the caller holds blas_lock. */
+static CLBlastStatusCode temp_size(atmoe_context *ctx, const atm_gemm *p,
+                                   size_t *need)
+{
+    *need = 0;
+    return CLBlastSGemmTempBufferSize(
+        CLBlastLayoutRowMajor, transpose(p->trans_a), transpose(p->trans_b),
+        p->m, p->n, p->k, p->a_offset, p->a_ld, p->b_offset, p->b_ld,
+        p->c_offset, p->c_ld, &ctx->queue, need);
+}
+
+atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p, cl_mem temp,
+                       size_t temp_bytes, cl_event *event)
+{
+    const CLBlastTranspose ta = transpose(p->trans_a);
+    const CLBlastTranspose tb = transpose(p->trans_b);
+    size_t need;
     pthread_mutex_lock(&blas_lock);
-    CLBlastStatusCode bs = CLBlastSGemmTempBufferSize(
-        CLBlastLayoutRowMajor, ta, tb, p->m, p->n, p->k, p->a_offset, p->a_ld,
-        p->b_offset, p->b_ld, p->c_offset, p->c_ld, &ctx->queue, &need);
+    CLBlastStatusCode bs = temp_size(ctx, p, &need);
     if (bs == CLBlastSuccess && need > 0 && temp && need <= temp_bytes)
         bs = CLBlastSgemmWithTempBuffer(
             CLBlastLayoutRowMajor, ta, tb, p->m, p->n, p->k, p->alpha, p->a,
@@ -45,8 +56,6 @@ atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p,
                           p->b_offset, p->b_ld, p->beta, p->c, p->c_offset,
                           p->c_ld, &ctx->queue, event);
     pthread_mutex_unlock(&blas_lock);
-    if (temp_need)
-        *temp_need = need;
     return bs == CLBlastSuccess ? ATMOE_STATUS_OK
                                 : atm_fail_blas(ctx, bs, "CLBlastSgemm");
 }
@@ -70,15 +79,8 @@ atmoe_status atm_blas_override(atmoe_context *ctx, const char *kernel,
 atmoe_status atm_sgemm_scratch(atmoe_context *ctx, const atm_gemm *p,
                                size_t *bytes)
 {
-    const CLBlastTranspose ta = p->trans_a ? CLBlastTransposeYes
-                                           : CLBlastTransposeNo;
-    const CLBlastTranspose tb = p->trans_b ? CLBlastTransposeYes
-                                           : CLBlastTransposeNo;
-    *bytes = 0;
     pthread_mutex_lock(&blas_lock);
-    CLBlastStatusCode bs = CLBlastSGemmTempBufferSize(
-        CLBlastLayoutRowMajor, ta, tb, p->m, p->n, p->k, p->a_offset, p->a_ld,
-        p->b_offset, p->b_ld, p->c_offset, p->c_ld, &ctx->queue, bytes);
+    CLBlastStatusCode bs = temp_size(ctx, p, bytes);
     pthread_mutex_unlock(&blas_lock);
     return bs == CLBlastSuccess
                ? ATMOE_STATUS_OK

@@ -22,10 +22,9 @@ typedef struct atm_gemm {
 } atm_gemm;
 
 /* Runs p through CLBlast, in temp when it holds the scratch CLBlast needs
- * (else CLBlast allocates its own); *temp_need (may be NULL) receives that
- * need in bytes.  Serialised over the process. */
+ * (else CLBlast allocates its own).  Serialised over the process. */
 atmoe_status atm_sgemm(atmoe_context *ctx, const atm_gemm *p, cl_mem temp,
-                       size_t temp_bytes, size_t *temp_need, cl_event *event);
+                       size_t temp_bytes, cl_event *event);
 
 /* The scratch bytes CLBlast needs to run p (0 when it needs none), asked
  * of CLBlastSGemmTempBufferSize: what a plan allocates once so that

@@ -10,8 +10,7 @@ enum { K_COPY }; /* kernel slots: the bias's broadcast copy */
 atmoe_status atm_graph_sgemm(atmoe_graph *g, const atm_gemm *p,
                              cl_event *event)
 {
-    return atm_sgemm(g->ctx, p, g->gemm_temp, g->gemm_temp_bytes, NULL,
-                     event);
+    return atm_sgemm(g->ctx, p, g->gemm_temp, g->gemm_temp_bytes, event);
 }
 
 size_t atm_graph_sgemm_scratch(atmoe_graph *g, const atm_gemm *p)

@@ -101,7 +101,7 @@ static atmoe_status check_gemm(atmoe_context *ctx, uint64_t *rng,
         goto out;
     atm_gemm p = {0, 0, M, N, K, 1.0f, 0.0f, a->buffer, b->buffer,
                   c->buffer, a->offset, K, b->offset, N, c->offset, N};
-    if ((st = atm_sgemm(ctx, &p, NULL, 0, NULL, NULL)) ||
+    if ((st = atm_sgemm(ctx, &p, NULL, 0, NULL)) ||
         (st = atmoe_tensor_read(c, hc, sizeof(float) * M * N)))
         goto out;
     for (int i = 0; i < M; i++)
