@@ -280,6 +280,20 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
 
 /* ---------------------------------------------------------------- plan */
 
+/* The kernel of cl/linear.cl for batches of b tokens into the slot of
+ * first (K_SHRINK1 or K_BASE1), its W read as storage type wt. */
+static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
+                                  size_t b, int wt)
+{
+    linear_shape s = linear_shape_for(ATM_NODE_PARAMS(mixture_params, n), b);
+    char options[96];
+    snprintf(options, sizeof options,
+             "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=0", s.rows,
+             s.tokens, s.sr, s.st, wt);
+    return atm_node_kernel(g, n, linear_slot(first, b), "linear", options,
+                           "linear");
+}
+
 /* The routes and the kernels every batch up to the planned one may use. */
 static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
 {
@@ -298,20 +312,10 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
         size_t b = tile_batches[i];
         if (b > T || b > mp->linear_upto)
             break;
-        linear_shape s = linear_shape_for(mp, b);
-        char options[96];
-        /* The shrink reads A_all, the base W0 and B_all. */
-        snprintf(options, sizeof options,
-                 "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=0 -DBT=0",
-                 s.rows, s.tokens, s.sr, s.st);
-        st = atm_node_kernel(g, n, linear_slot(K_SHRINK1, b), "linear",
-                             options, "linear");
-        snprintf(options, sizeof options,
-                 "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=0",
-                 s.rows, s.tokens, s.sr, s.st, weight_type(mp->w0_dtype));
+        /* The shrink reads A_all (f32), the base W0 as stored and B_all. */
+        st = linear_kernel(g, n, K_SHRINK1, b, 0);
         if (st == ATMOE_STATUS_OK)
-            st = atm_node_kernel(g, n, linear_slot(K_BASE1, b), "linear",
-                                 options, "linear");
+            st = linear_kernel(g, n, K_BASE1, b, weight_type(mp->w0_dtype));
     }
     if (st == ATMOE_STATUS_OK && mp->w0_dtype != ATMOE_DTYPE_F32 &&
         (mp->merge_from <= T || T > mp->linear_upto))
