@@ -72,7 +72,8 @@ ATMOE_API const char *atmoe_version(void);
     X(NOT_SUPPORTED, "not supported by this device or by the library")       \
     X(WRONG_CONTEXT, "objects belong to different contexts")                  \
     X(NUMERIC_ERROR, "a result differs from its reference")                \
-    X(NOT_FOUND, "no tensor, key or file of that name")
+    X(NOT_FOUND, "no tensor, key or file of that name")                       \
+    X(NOT_FINITE, "a loss or gradient is NaN or infinite")
 
 typedef enum atmoe_status {
 #define ATMOE_STATUS_ENUM_(name, text) ATMOE_STATUS_##name,

@@ -11,6 +11,7 @@
 #include "base/alloc.h"
 #include "base/file.h"
 #include "graph/graph.h"
+#include "graph/trainable.h"
 #include "base/log.h"
 
 /* The leaves: rows with nothing to prepare or run.  A parameter or
@@ -44,6 +45,7 @@ ATMOE_API atmoe_status atmoe_graph_new(atmoe_context *ctx, atmoe_graph **graph)
 
 void atm_graph_truncate(atmoe_graph *g, size_t count)
 {
+    atm_graph_trainables_drop_from(g, count);
     while (g->count > count) {
         atm_node *n = &g->nodes[--g->count];
         atmoe_tensor_free(n->storage);
@@ -58,6 +60,7 @@ ATMOE_API void atmoe_graph_free(atmoe_graph *g)
         return;
     atm_graph_unplan(g);
     atm_graph_truncate(g, 0);
+    atm_free(g->trainables);
     atm_free(g->nodes);
     atm_free(g);
 }

@@ -55,6 +55,8 @@ struct atm_node {
 
     atmoe_tensor *storage; /* parameters and constants */
     int is_output;
+    int trainable; /* parameters (and inputs asking for their gradient):
+                      backward computes dL/d(this node) */
 
     /* The plan. */
     int needed;
@@ -102,6 +104,11 @@ struct atmoe_graph {
     size_t gemm_temp_bytes;
     int profiling;
     atmoe_compute_stats stats; /* of the last compute */
+
+    /* Training (graph/trainable.h): the registry of trainable weights and
+     * their gradient nodes. */
+    struct atm_trainable *trainables;
+    size_t trainable_count, trainable_capacity;
 };
 
 /* The name of node n's operation, or its label (secondary outputs). */

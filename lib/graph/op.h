@@ -77,10 +77,22 @@ typedef struct atm_op {
                  uint64_t *flops);
     /* Releases what the node's parameters hold.  NULL: nothing. */
     void (*release)(atm_node *n);
-    /* Room for the gradient of the node (the training engine): NULL until
-     * the operation has one. */
+    /* Reverse mode (lib/graph/backward.c drives it): adds to g the nodes
+     * of the gradient of node `node` (an index: adding nodes may move
+     * g->nodes, so re-read the node after each push).  grad_out[0] holds
+     * dL/d(the node's result) and grad_out[1], grad_out[2] dL/d(its
+     * secondary outputs co[0], co[1]), each ATMOE_NODE_NONE when nothing
+     * downstream of the loss reads it.  For each operand i < nsrc with
+     * need[i] non-zero, sets grad_in[i] to a node of the operand's shape
+     * and batch holding its contribution to dL/d(operand), or
+     * ATMOE_NODE_NONE when it has none (integer operands, indices); the
+     * engine sums contributions of several readers.  Operations whose
+     * weights live outside the graph (the mixture's experts) register
+     * their gradients with atm_graph_add_trainable (graph/trainable.h).
+     * NULL: the operation has no gradient (backward through it fails with
+     * ATMOE_STATUS_NOT_SUPPORTED). */
     atmoe_status (*backward)(atmoe_graph *g, int node, const int *grad_out,
-                             int *grad_in);
+                             const unsigned char *need, int *grad_in);
 } atm_op;
 
 /* The rows of the library's operations, each defined beside its code. */
