@@ -1184,6 +1184,142 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
                                             atmoe_layer_trace *traces,
                                             atmoe_node *y);
 
+/* ------------------------------------------------------------------------ */
+/* Training: trainable parameters by name, the optimiser, checkpoints        */
+/* ------------------------------------------------------------------------ */
+
+/* The trainable weights of a graph are those the backward pass registered
+ * (graph parameters marked trainable, experts' A and B, router tensors):
+ * each has a unique name ("w_g", "layer0.experts.3.A"), a shape, its
+ * values in device memory and, after a compute, its gradient in a node of
+ * the graph.  The functions below reach them by name, so that an expert's
+ * slice of a stacked buffer reads like any parameter. */
+typedef struct atmoe_trainable_info {
+    const char *name; /* the graph's; valid until the next backward pass */
+    int ndim;
+    size_t shape[ATMOE_MAX_DIMS];
+    size_t count; /* elements, the product of shape */
+} atmoe_trainable_info;
+
+ATMOE_API atmoe_status atmoe_graph_get_trainable_count(
+    const atmoe_graph *graph, size_t *count);
+/* Entry index < count, in the order of registration (OUT_OF_RANGE
+ * otherwise). */
+ATMOE_API atmoe_status atmoe_graph_get_trainable(const atmoe_graph *graph,
+                                                 size_t index,
+                                                 atmoe_trainable_info *info);
+/* Copies the named weight's count f32 values (count must be its count:
+ * SHAPE_MISMATCH) to or from the host; NOT_FOUND for an unknown name.
+ * Both wait for the commands enqueued before them. */
+ATMOE_API atmoe_status atmoe_graph_read_trainable(atmoe_graph *graph,
+                                                  const char *name,
+                                                  float *data, size_t count);
+ATMOE_API atmoe_status atmoe_graph_write_trainable(atmoe_graph *graph,
+                                                   const char *name,
+                                                   const float *data,
+                                                   size_t count);
+/* The named weight's gradient as the last compute left it; INVALID_ARGUMENT
+ * when the graph is not planned or nothing was computed since. */
+ATMOE_API atmoe_status atmoe_graph_read_gradient(atmoe_graph *graph,
+                                                 const char *name,
+                                                 float *data, size_t count);
+
+typedef enum atmoe_optimizer_kind {
+    ATMOE_OPTIMIZER_ADAMW, /* Adam with decoupled weight decay */
+    ATMOE_OPTIMIZER_SGD    /* with optional heavy-ball momentum */
+} atmoe_optimizer_kind;
+
+typedef enum atmoe_schedule {
+    ATMOE_SCHEDULE_CONSTANT, /* lr after the warm-up */
+    ATMOE_SCHEDULE_COSINE    /* cosine decay from lr to min_lr, from the end
+                                of the warm-up to total_steps */
+} atmoe_schedule;
+
+/* Every field is read: fill them all, or start from
+ * atmoe_optimizer_config_default().  Step t (1, 2, ...) uses the learning
+ * rate lr * t / warmup_steps while t <= warmup_steps, then the schedule's
+ * (atmoe_optimizer_get_lr).  weight_decay is decoupled (the parameter is
+ * multiplied by 1 - lr_t * weight_decay) and applies to every entry, for
+ * both kinds. */
+typedef struct atmoe_optimizer_config {
+    atmoe_optimizer_kind kind;
+    float lr;            /* > 0 */
+    float beta1, beta2;  /* AdamW: in [0, 1) */
+    float eps;           /* AdamW: > 0 */
+    float momentum;      /* SGD: in [0, 1); 0 is plain SGD */
+    float weight_decay;  /* >= 0 */
+    float max_grad_norm; /* > 0: the gradients are scaled so that their
+                            global norm over all entries is at most this
+                            (as torch.nn.utils.clip_grad_norm_); 0: never */
+    atmoe_schedule schedule;
+    uint64_t warmup_steps;
+    uint64_t total_steps; /* cosine: > warmup_steps; past it, min_lr */
+    float min_lr;         /* cosine: in [0, lr] */
+    unsigned accumulation; /* micro-batches per step, >= 1 */
+} atmoe_optimizer_config;
+
+/* AdamW, lr 1e-3, betas 0.9 and 0.999, eps 1e-8, weight decay 0.01 (the
+ * values of torch.optim.AdamW), no clipping, constant schedule without
+ * warm-up, one micro-batch per step. */
+ATMOE_API atmoe_status atmoe_optimizer_config_default(
+    atmoe_optimizer_config *config);
+
+/* An optimiser over every entry of a planned graph's trainable registry
+ * (after its backward pass and plan), holding its moments on the device.
+ * The graph must outlive it. */
+typedef struct atmoe_optimizer atmoe_optimizer;
+
+ATMOE_API atmoe_status atmoe_optimizer_new(atmoe_graph *graph,
+                                           const atmoe_optimizer_config *config,
+                                           atmoe_optimizer **opt);
+ATMOE_API void atmoe_optimizer_free(atmoe_optimizer *opt);
+
+/* After the compute of a micro-batch: adds the gradients it left into the
+ * optimiser's accumulator on the device.  With accumulation 1 the
+ * gradients stay where they are and step reads them there.  OUT_OF_RANGE
+ * past `accumulation` micro-batches. */
+ATMOE_API atmoe_status atmoe_optimizer_accumulate(atmoe_optimizer *opt);
+
+/* What a step did. */
+typedef struct atmoe_optimizer_report {
+    uint64_t step;    /* steps taken (skipped ones not counted) */
+    uint64_t skipped; /* steps skipped as not finite, in all */
+    float lr;         /* used by this step (0 when skipped) */
+    float grad_norm;  /* global norm of the mean gradient, before clipping */
+    float clip;       /* factor applied to the gradients (1: none) */
+} atmoe_optimizer_report;
+
+/* One update with the mean gradient of the micro-batches accumulated since
+ * the last step (exactly `accumulation` of them), or, with accumulation 1
+ * and no accumulate call, with the gradients of the last compute.  loss is
+ * the caller's value of the loss for these micro-batches: when it or the
+ * gradient norm is NaN or infinite the step is skipped (NOT_FINITE): the
+ * parameters, moments and step count are untouched, the skipped count
+ * grows, and the micro-batches are dropped.  report may be NULL.  Waits
+ * once, for the gradient norm; allocates nothing on the host. */
+ATMOE_API atmoe_status atmoe_optimizer_step(atmoe_optimizer *opt, float loss,
+                                            atmoe_optimizer_report *report);
+
+/* The learning rate the schedule gives step `step` (>= 1). */
+ATMOE_API atmoe_status atmoe_optimizer_get_lr(const atmoe_optimizer *opt,
+                                              uint64_t step, float *lr);
+
+/* A checkpoint: every entry's values ("param/<name>") and moments
+ * ("adam_m/<name>", "adam_v/<name>"; SGD with momentum:
+ * "sgd_momentum/<name>") as F32, the step and skipped counts and the
+ * configuration in the metadata, written atomically.  Refused
+ * (INVALID_ARGUMENT) between micro-batches of a step: accumulators are not
+ * saved. */
+ATMOE_API atmoe_status atmoe_optimizer_save(atmoe_optimizer *opt,
+                                            const char *path);
+/* Restores a checkpoint of the same graph's entries and optimiser kind, so
+ * that training continues bit for bit.  A file that lacks a tensor, holds
+ * one more or another kind's (FORMAT_ERROR) or a tensor of another shape
+ * (SHAPE_MISMATCH) changes nothing.  The configuration in force stays the
+ * optimiser's own. */
+ATMOE_API atmoe_status atmoe_optimizer_load(atmoe_optimizer *opt,
+                                            const char *path);
+
 #ifdef __cplusplus
 }
 #endif

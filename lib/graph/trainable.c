@@ -79,3 +79,134 @@ void atm_graph_trainables_drop_from(atmoe_graph *g, size_t count)
             g->trainables[kept++] = g->trainables[i];
     g->trainable_count = kept;
 }
+
+/* ------------------------------------------------ the public accessors */
+
+ATMOE_API atmoe_status atmoe_graph_get_trainable_count(
+    const atmoe_graph *graph, size_t *count)
+{
+    ATM_CHECK_NULL(NULL, graph);
+    ATM_CHECK_NULL(graph->ctx, count);
+    *count = graph->trainable_count;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_graph_get_trainable(const atmoe_graph *graph,
+                                                 size_t index,
+                                                 atmoe_trainable_info *info)
+{
+    ATM_CHECK_NULL(NULL, graph);
+    ATM_CHECK_NULL(graph->ctx, info);
+    const atm_trainable *t = atm_graph_trainable_at(graph, index);
+    if (t == NULL)
+        return atm_fail(graph->ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                        "%s: index %zu, but the graph has %zu trainable "
+                        "weights", __func__, index, graph->trainable_count);
+    memset(info, 0, sizeof *info);
+    info->name = t->name;
+    info->ndim = t->ndim;
+    memcpy(info->shape, t->shape, sizeof info->shape);
+    info->count = t->count;
+    return ATMOE_STATUS_OK;
+}
+
+/* The entry named name, whose count must be count. */
+static atmoe_status find_sized(const atmoe_graph *g, const char *name,
+                               size_t count, const char *fn,
+                               const atm_trainable **out)
+{
+    const atm_trainable *t = atm_graph_trainable_find(g, name);
+    if (t == NULL)
+        return atm_fail(g->ctx, ATMOE_STATUS_NOT_FOUND,
+                        "%s: the graph has no trainable weight '%s'", fn,
+                        name);
+    if (count != t->count)
+        return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s: trainable '%s' holds %zu elements, not %zu", fn,
+                        name, t->count, count);
+    *out = t;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_graph_read_trainable(atmoe_graph *graph,
+                                                  const char *name,
+                                                  float *data, size_t count)
+{
+    ATM_CHECK_NULL(NULL, graph);
+    ATM_CHECK_NULL(graph->ctx, name);
+    ATM_CHECK_NULL(graph->ctx, data);
+    const atm_trainable *t;
+    atmoe_status st = find_sized(graph, name, count, __func__, &t);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    cl_int err = clEnqueueReadBuffer(graph->ctx->queue, t->buffer, CL_TRUE,
+                                     t->offset * sizeof(float),
+                                     count * sizeof(float), data, 0, NULL,
+                                     NULL);
+    if (err != CL_SUCCESS)
+        return atm_fail_cl(graph->ctx, err, "atmoe_graph_read_trainable");
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_graph_write_trainable(atmoe_graph *graph,
+                                                   const char *name,
+                                                   const float *data,
+                                                   size_t count)
+{
+    ATM_CHECK_NULL(NULL, graph);
+    ATM_CHECK_NULL(graph->ctx, name);
+    ATM_CHECK_NULL(graph->ctx, data);
+    const atm_trainable *t;
+    atmoe_status st = find_sized(graph, name, count, __func__, &t);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    cl_int err = clEnqueueWriteBuffer(graph->ctx->queue, t->buffer, CL_TRUE,
+                                      t->offset * sizeof(float),
+                                      count * sizeof(float), data, 0, NULL,
+                                      NULL);
+    if (err != CL_SUCCESS)
+        return atm_fail_cl(graph->ctx, err, "atmoe_graph_write_trainable");
+    return ATMOE_STATUS_OK;
+}
+
+atmoe_status atm_trainable_grad_tensor(const atmoe_graph *g,
+                                       const atm_trainable *t,
+                                       const char *fn, cl_mem *buffer,
+                                       size_t *offset)
+{
+    if (!atm_graph_is_planned(g))
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: the graph is not planned (atmoe_graph_plan)", fn);
+    if (g->batch == 0)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: nothing computed since the graph was planned, "
+                        "so there is no gradient of '%s'", fn, t->name);
+    const atm_node *n = &g->nodes[t->grad];
+    *buffer = n->rt.buffer;
+    *offset = n->rt.offset + t->grad_offset;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_graph_read_gradient(atmoe_graph *graph,
+                                                 const char *name,
+                                                 float *data, size_t count)
+{
+    ATM_CHECK_NULL(NULL, graph);
+    ATM_CHECK_NULL(graph->ctx, name);
+    ATM_CHECK_NULL(graph->ctx, data);
+    const atm_trainable *t;
+    atmoe_status st = find_sized(graph, name, count, __func__, &t);
+    cl_mem buf = NULL;
+    size_t off = 0;
+    if (st == ATMOE_STATUS_OK)
+        st = atm_trainable_grad_tensor(graph, t, __func__, &buf, &off);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    cl_int err = clEnqueueReadBuffer(graph->ctx->queue, buf, CL_TRUE,
+                                     off * sizeof(float),
+                                     count * sizeof(float), data, 0, NULL,
+                                     NULL);
+    if (err != CL_SUCCESS)
+        return atm_fail_cl(graph->ctx, err, "atmoe_graph_read_gradient");
+    return ATMOE_STATUS_OK;
+}

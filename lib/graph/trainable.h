@@ -39,6 +39,13 @@ const atm_trainable *atm_graph_trainable_at(const atmoe_graph *g, size_t i);
 /* The entry named name, or NULL. */
 const atm_trainable *atm_graph_trainable_find(const atmoe_graph *g,
                                               const char *name);
+/* Where entry t's gradient is after the last compute (buffer, element
+ * offset); INVALID_ARGUMENT with a message naming fn when the graph is not
+ * planned or nothing was computed since. */
+atmoe_status atm_trainable_grad_tensor(const atmoe_graph *g,
+                                       const atm_trainable *t,
+                                       const char *fn, cl_mem *buffer,
+                                       size_t *offset);
 /* Forgets every entry (a new backward pass). */
 void atm_graph_trainables_clear(atmoe_graph *g);
 /* Forgets the entries whose gradient node is count or later (the graph is
