@@ -192,9 +192,12 @@ static atmoe_status take_entries(atmoe_optimizer *opt, const char *fn)
     for (size_t i = 0; i < opt->count; i++) {
         const atm_trainable *t = atm_graph_trainable_at(g, i);
         const atm_node *gn = &g->nodes[t->grad];
-        /* The gradient is read after the compute: its memory must not be
-         * reused by later nodes. */
-        if (!gn->needed || !g->nodes[gn->owner].pinned)
+        /* The gradient is read after the compute: it must be an output
+         * (or an input), whose memory no later node reuses or overwrites in
+         * place; a pinned owner alone is not enough, since an operation in
+         * place on the gradient may be the output that pins it. */
+        if (!gn->needed ||
+            !(gn->is_output || (gn->op->flags & ATM_OPF_INPUT)))
             return atm_fail(opt->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                             "%s: the gradient '%s' of trainable '%s' is not "
                             "kept after a compute (not an output of the "
