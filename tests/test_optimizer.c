@@ -480,6 +480,27 @@ START_TEST(test_sgd)
             assert_params(&f, &h, mi ? "SGD with momentum" : "SGD");
             free(gin);
         }
+        /* The momentum buffer is checkpointed, plain SGD has none. */
+        char dir[512], path[600];
+        test_mkdtemp(dir, sizeof dir, "sgd");
+        snprintf(path, sizeof path, "%s/sgd.safetensors", dir);
+        ck_assert_status(atmoe_optimizer_save(opt, path), ctx);
+        atmoe_safetensors *file;
+        ck_assert_status(atmoe_safetensors_open(ctx, path, &file), ctx);
+        size_t nt;
+        ck_assert_status(atmoe_safetensors_get_count(file, &nt), ctx);
+        ck_assert_uint_eq(nt, (mi ? 2 : 1) * f.n);
+        if (mi) {
+            float got[91];
+            test_poison(got, 91);
+            ck_assert_status(atmoe_safetensors_read_f32(
+                                 file, "sgd_momentum/w1", got, 91), ctx);
+            double err = test_max_rel_err(got, h.m, 91, FLOOR);
+            ck_assert_msg(err < TOL, "momentum: relative error %g", err);
+        }
+        atmoe_safetensors_free(file);
+        ck_assert_status(atmoe_optimizer_load(opt, path), ctx);
+        test_rmdir_r(dir);
         host_free(&h);
         free(p0);
         atmoe_optimizer_free(opt);
@@ -941,6 +962,11 @@ START_TEST(test_bad_configs)
     ck_assert_fails_with(atmoe_optimizer_accumulate(opt), ctx,
                          ATMOE_STATUS_OUT_OF_RANGE, "already accumulated");
     ck_assert_status(atmoe_optimizer_step(opt, 1.0f, NULL), ctx);
+    /* A new backward pass would change the registry under the
+     * optimiser. */
+    atm_graph_trainables_clear(f.g);
+    ck_assert_fails_with(atmoe_optimizer_accumulate(opt), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "changed");
     atmoe_optimizer_free(opt);
     free(gin);
     fixture_free(&f);
