@@ -1269,9 +1269,9 @@ ATMOE_API atmoe_status atmoe_optimizer_config_default(
  * The graph must outlive it. */
 typedef struct atmoe_optimizer atmoe_optimizer;
 
-ATMOE_API atmoe_status atmoe_optimizer_new(atmoe_graph *graph,
-                                           const atmoe_optimizer_config *config,
-                                           atmoe_optimizer **opt);
+ATMOE_API atmoe_status atmoe_optimizer_new(
+    atmoe_graph *graph, const atmoe_optimizer_config *config,
+    atmoe_optimizer **opt);
 ATMOE_API void atmoe_optimizer_free(atmoe_optimizer *opt);
 
 /* After the compute of a micro-batch: adds the gradients it left into the

@@ -63,9 +63,12 @@ typedef struct fixture {
 } fixture;
 
 /* A planned graph over entries s[0, n) whose gradient is one node, and
- * (when kept is 0) not an output. */
-static void fixture_make(fixture *f, atmoe_context *ctx, const spec *s,
-                         size_t n, int kept)
+ * (when kept is 0) not an output.  Each entry has a tensor of its own, or,
+ * packed, all follow each other in one tensor as in the gradient node, as
+ * the experts of a set do (the optimiser updates them in one launch). */
+static void fixture_make_packed(fixture *f, atmoe_context *ctx,
+                                const spec *s, size_t n, int kept,
+                                int packed)
 {
     ck_assert_uint_le(n, MAX_SPECS);
     memset(f, 0, sizeof *f);
@@ -87,17 +90,23 @@ static void fixture_make(fixture *f, atmoe_context *ctx, const spec *s,
     ck_assert_status(atmoe_graph_mark_output(f->g, other), ctx);
     if (kept)
         ck_assert_status(atmoe_graph_mark_output(f->g, f->grad), ctx);
+    if (packed) {
+        size_t ts[1] = {f->total};
+        ck_assert_status(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 1, ts,
+                                          &f->w[0]), ctx);
+    }
     for (size_t i = 0; i < n; i++) {
         size_t rows = s[i].ndim == 1 ? 1 : s[i].shape[0];
         size_t cols = s[i].ndim == 1 ? s[i].shape[0] : s[i].shape[1];
         size_t ts[2] = {rows + s[i].lead_rows, cols};
-        ck_assert_status(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 2, ts,
-                                          &f->w[i]), ctx);
-        f->offset[i] = s[i].lead_rows * cols;
+        if (!packed)
+            ck_assert_status(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 2, ts,
+                                              &f->w[i]), ctx);
+        f->offset[i] = packed ? f->grad_offset[i] : s[i].lead_rows * cols;
         atm_trainable t;
         memset(&t, 0, sizeof t);
         snprintf(t.name, sizeof t.name, "%s", s[i].name);
-        t.buffer = f->w[i]->buffer;
+        t.buffer = f->w[packed ? 0 : i]->buffer;
         t.offset = f->offset[i];
         t.ndim = s[i].ndim;
         t.shape[0] = s[i].shape[0];
@@ -108,6 +117,12 @@ static void fixture_make(fixture *f, atmoe_context *ctx, const spec *s,
         ck_assert_status(atm_graph_add_trainable(f->g, &t, "test"), ctx);
     }
     ck_assert_status(atmoe_graph_plan(f->g, 0), ctx);
+}
+
+static void fixture_make(fixture *f, atmoe_context *ctx, const spec *s,
+                         size_t n, int kept)
+{
+    fixture_make_packed(f, ctx, s, n, kept, 0);
 }
 
 static void fixture_free(fixture *f)
@@ -345,104 +360,107 @@ START_TEST(test_adamw_ten_steps)
 {
     enum { STEPS = 10, MICRO = 3 };
     atmoe_context *ctx = test_context();
-    fixture f;
-    fixture_make(&f, ctx, specs, NSPEC, 1);
-    test_rng rng;
-    test_rng_seed(&rng, 12);
-    float *p0 = random_values(&rng, f.total, 1.0);
-    set_params(&f, p0);
-    atmoe_optimizer_config c = adamw_config();
-    c.beta1 = 0.8f;
-    c.beta2 = 0.95f;
-    c.eps = 1e-6f;
-    c.max_grad_norm = 20.0f;
-    c.schedule = ATMOE_SCHEDULE_COSINE;
-    c.warmup_steps = 3;
-    c.total_steps = STEPS;
-    c.min_lr = 1e-3f;
-    c.accumulation = MICRO;
-    atmoe_optimizer *opt;
-    ck_assert_status(atmoe_optimizer_new(f.g, &c, &opt), ctx);
-    /* The first micro-batch of a step overwrites the accumulator, and every
-     * partial sum is written. */
-    poison_buffer(ctx, opt->acc, opt->total);
-    poison_buffer(ctx, opt->partials, opt->slots + 1);
-    host_opt h;
-    host_init(&h, &c, p0, f.total);
-    int clipped = 0, unclipped = 0;
-    for (int s = 0; s < STEPS; s++) {
-        /* Gradient norms from about 10 to 35 around max_grad_norm. */
-        double a = 0.35 + 0.2 * s;
-        float *gin[MICRO];
-        for (int k = 0; k < MICRO; k++) {
-            gin[k] = random_values(&rng, f.total, a);
-            compute_grad(&f, gin[k]);
+    for (int packed = 0; packed < 2; packed++) {
+        fixture f;
+        fixture_make_packed(&f, ctx, specs, NSPEC, 1, packed);
+        test_rng rng;
+        test_rng_seed(&rng, 12);
+        float *p0 = random_values(&rng, f.total, 1.0);
+        set_params(&f, p0);
+        atmoe_optimizer_config c = adamw_config();
+        c.beta1 = 0.8f;
+        c.beta2 = 0.95f;
+        c.eps = 1e-6f;
+        c.max_grad_norm = 20.0f;
+        c.schedule = ATMOE_SCHEDULE_COSINE;
+        c.warmup_steps = 3;
+        c.total_steps = STEPS;
+        c.min_lr = 1e-3f;
+        c.accumulation = MICRO;
+        atmoe_optimizer *opt;
+        ck_assert_status(atmoe_optimizer_new(f.g, &c, &opt), ctx);
+        /* The first micro-batch of a step overwrites the accumulator, and
+         * every partial sum is written. */
+        poison_buffer(ctx, opt->acc, opt->total);
+        poison_buffer(ctx, opt->partials, opt->slots + 1);
+        host_opt h;
+        host_init(&h, &c, p0, f.total);
+        int clipped = 0, unclipped = 0;
+        for (int s = 0; s < STEPS; s++) {
+            /* Gradient norms from about 10 to 35 around max_grad_norm. */
+            double a = 0.35 + 0.2 * s;
+            float *gin[MICRO];
+            for (int k = 0; k < MICRO; k++) {
+                gin[k] = random_values(&rng, f.total, a);
+                compute_grad(&f, gin[k]);
+                uint64_t a0 = atm_alloc_count();
+                ck_assert_status(atmoe_optimizer_accumulate(opt), ctx);
+                ck_assert_uint_eq(atm_alloc_count() - a0, 0);
+            }
+            atmoe_optimizer_report r;
             uint64_t a0 = atm_alloc_count();
-            ck_assert_status(atmoe_optimizer_accumulate(opt), ctx);
-            ck_assert_uint_eq(atm_alloc_count() - a0, 0);
+            ck_assert_status(atmoe_optimizer_step(opt, 0.5f, &r), ctx);
+            ck_assert_msg(atm_alloc_count() == a0,
+                          "a step allocated on the host");
+            host_step(&h, (const float *const *)gin, MICRO);
+            char when[32];
+            snprintf(when, sizeof when, "step %d", s + 1);
+            assert_params(&f, &h, when);
+            ck_assert_uint_eq(r.step, (uint64_t)s + 1);
+            ck_assert_msg(fabs(r.lr - h.lr) <= 1e-6 * h.lr,
+                          "%s: lr %g, want %g", when, r.lr, h.lr);
+            ck_assert_msg(fabs(r.grad_norm - h.norm) <= 1e-5 * h.norm,
+                          "%s: norm %g, want %g", when, r.grad_norm, h.norm);
+            ck_assert_msg(fabs(r.clip - h.clip) <= 1e-6,
+                          "%s: clip %g, want %g", when, r.clip, h.clip);
+            clipped += h.clip < 1.0;
+            unclipped += h.clip == 1.0;
+            for (int k = 0; k < MICRO; k++)
+                free(gin[k]);
         }
-        atmoe_optimizer_report r;
-        uint64_t a0 = atm_alloc_count();
-        ck_assert_status(atmoe_optimizer_step(opt, 0.5f, &r), ctx);
-        ck_assert_msg(atm_alloc_count() == a0, "a step allocated on the host");
-        host_step(&h, (const float *const *)gin, MICRO);
-        char when[32];
-        snprintf(when, sizeof when, "step %d", s + 1);
-        assert_params(&f, &h, when);
-        ck_assert_uint_eq(r.step, (uint64_t)s + 1);
-        ck_assert_msg(fabs(r.lr - h.lr) <= 1e-6 * h.lr, "%s: lr %g, want %g",
-                      when, r.lr, h.lr);
-        ck_assert_msg(fabs(r.grad_norm - h.norm) <= 1e-5 * h.norm,
-                      "%s: norm %g, want %g", when, r.grad_norm, h.norm);
-        ck_assert_msg(fabs(r.clip - h.clip) <= 1e-6, "%s: clip %g, want %g",
-                      when, r.clip, h.clip);
-        clipped += h.clip < 1.0;
-        unclipped += h.clip == 1.0;
-        for (int k = 0; k < MICRO; k++)
-            free(gin[k]);
-    }
-    ck_assert_msg(clipped > 0 && unclipped > 0, "clipped %d, unclipped %d",
-                  clipped, unclipped);
+        ck_assert_msg(clipped > 0 && unclipped > 0, "clipped %d, unclipped %d",
+                      clipped, unclipped);
 
-    /* The moments, as a checkpoint holds them. */
-    char dir[512], path[600];
-    test_mkdtemp(dir, sizeof dir, "optimizer");
-    snprintf(path, sizeof path, "%s/ckpt.safetensors", dir);
-    ck_assert_status(atmoe_optimizer_save(opt, path), ctx);
-    atmoe_safetensors *file;
-    ck_assert_status(atmoe_safetensors_open(ctx, path, &file), ctx);
-    float *got = malloc(8621 * sizeof *got);
-    for (size_t i = 0; i < f.n; i++) {
-        size_t cnt = spec_count(&f.specs[i]), o = f.grad_offset[i];
-        char name[160];
-        static const char *const pre[3] = {"param", "adam_m", "adam_v"};
-        double *want[3] = {h.p + o, h.m + o, h.v + o};
-        for (int j = 0; j < 3; j++) {
-            snprintf(name, sizeof name, "%s/%s", pre[j], f.specs[i].name);
-            test_poison(got, cnt);
-            ck_assert_status(atmoe_safetensors_read_f32(file, name, got, cnt),
-                             ctx);
-            /* v is about g^2: relative to its own scale. */
-            double err = test_max_rel_err(got, want[j], cnt,
-                                          j == 2 ? 1e-2 : FLOOR);
-            ck_assert_msg(err < TOL, "%s: relative error %g", name, err);
+        /* The moments, as a checkpoint holds them. */
+        char dir[512], path[600];
+        test_mkdtemp(dir, sizeof dir, "optimizer");
+        snprintf(path, sizeof path, "%s/ckpt.safetensors", dir);
+        ck_assert_status(atmoe_optimizer_save(opt, path), ctx);
+        atmoe_safetensors *file;
+        ck_assert_status(atmoe_safetensors_open(ctx, path, &file), ctx);
+        float *got = malloc(8621 * sizeof *got);
+        for (size_t i = 0; i < f.n; i++) {
+            size_t cnt = spec_count(&f.specs[i]), o = f.grad_offset[i];
+            char name[160];
+            static const char *const pre[3] = {"param", "adam_m", "adam_v"};
+            double *want[3] = {h.p + o, h.m + o, h.v + o};
+            for (int j = 0; j < 3; j++) {
+                snprintf(name, sizeof name, "%s/%s", pre[j], f.specs[i].name);
+                test_poison(got, cnt);
+                ck_assert_status(
+                    atmoe_safetensors_read_f32(file, name, got, cnt), ctx);
+                /* v is about g^2: relative to its own scale. */
+                double err = test_max_rel_err(got, want[j], cnt,
+                                              j == 2 ? 1e-2 : FLOOR);
+                ck_assert_msg(err < TOL, "%s: relative error %g", name, err);
+            }
         }
-    }
-    const char *v;
-    ck_assert_status(atmoe_safetensors_get_metadata(file, "atmoe.step", &v),
-                     ctx);
-    ck_assert_str_eq(v, "10");
-    ck_assert_status(atmoe_safetensors_get_metadata(file, "atmoe.optimizer",
-                                                    &v), ctx);
-    ck_assert_str_eq(v, "adamw");
-    atmoe_safetensors_free(file);
-    free(got);
-    test_rmdir_r(dir);
+        const char *v;
+        ck_assert_status(
+            atmoe_safetensors_get_metadata(file, "atmoe.step", &v), ctx);
+        ck_assert_str_eq(v, "10");
+        ck_assert_status(
+            atmoe_safetensors_get_metadata(file, "atmoe.optimizer", &v), ctx);
+        ck_assert_str_eq(v, "adamw");
+        atmoe_safetensors_free(file);
+        free(got);
+        test_rmdir_r(dir);
 
-    host_free(&h);
-    free(p0);
-    atmoe_optimizer_free(opt);
-    fixture_free(&f);
+        host_free(&h);
+        free(p0);
+        atmoe_optimizer_free(opt);
+        fixture_free(&f);
+    }
     atmoe_context_free(ctx);
 }
 END_TEST
@@ -687,7 +705,7 @@ START_TEST(test_resume_bit_for_bit)
     enum { STEPS = 6, MICRO = 2 };
     atmoe_context *ctx = test_context();
     fixture f;
-    fixture_make(&f, ctx, specs, NSPEC, 1);
+    fixture_make_packed(&f, ctx, specs, NSPEC, 1, 1);
     test_rng rng;
     test_rng_seed(&rng, 15);
     float *p0 = random_values(&rng, f.total, 1.0);

@@ -223,9 +223,9 @@ static atmoe_status take_entries(atmoe_optimizer *opt, const char *fn)
     return ATMOE_STATUS_OK;
 }
 
-ATMOE_API atmoe_status atmoe_optimizer_new(atmoe_graph *graph,
-                                           const atmoe_optimizer_config *config,
-                                           atmoe_optimizer **opt)
+ATMOE_API atmoe_status atmoe_optimizer_new(
+    atmoe_graph *graph, const atmoe_optimizer_config *config,
+    atmoe_optimizer **opt)
 {
     ATM_CHECK_NULL(NULL, graph);
     ATM_CHECK_NULL(graph->ctx, config);
@@ -314,6 +314,48 @@ static atmoe_status gradient_of(const atmoe_optimizer *opt,
 
 #define ARG(k, i, v) clSetKernelArg((k), (i), sizeof(v), &(v))
 
+/* Entries that follow each other in their weights' buffer, their
+ * gradients' and the state (the A of consecutive experts in a stacked set,
+ * with gradients in one node) are updated by one launch: a run. */
+typedef struct opt_run {
+    cl_mem param, grad;
+    size_t param_offset, grad_offset, state_offset, count;
+    size_t end; /* the entry after the run */
+} opt_run;
+
+/* The run that starts at entry i; with_param 0 ignores the weights'
+ * buffers (accumulation reads gradients only). */
+static atmoe_status next_run(const atmoe_optimizer *opt, size_t i,
+                             int from_acc, int with_param, const char *fn,
+                             opt_run *run)
+{
+    const atm_opt_entry *e = &opt->entries[i];
+    atmoe_status st = gradient_of(opt, e, from_acc, fn, &run->grad,
+                                  &run->grad_offset);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    run->param = e->param;
+    run->param_offset = e->param_offset;
+    run->state_offset = e->state_offset;
+    run->count = e->count;
+    for (run->end = i + 1; run->end < opt->count; run->end++) {
+        const atm_opt_entry *n = &opt->entries[run->end];
+        cl_mem g;
+        size_t goff;
+        st = gradient_of(opt, n, from_acc, fn, &g, &goff);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+        if (g != run->grad || goff != run->grad_offset + run->count ||
+            n->state_offset != run->state_offset + run->count ||
+            (with_param &&
+             (n->param != run->param ||
+              n->param_offset != run->param_offset + run->count)))
+            break;
+        run->count += n->count;
+    }
+    return ATMOE_STATUS_OK;
+}
+
 ATMOE_API atmoe_status atmoe_optimizer_accumulate(atmoe_optimizer *opt)
 {
     ATM_CHECK_NULL(NULL, opt);
@@ -323,22 +365,22 @@ ATMOE_API atmoe_status atmoe_optimizer_accumulate(atmoe_optimizer *opt)
                         "as a step takes (atmoe_optimizer_step)", __func__,
                         opt->pending);
     cl_int first = opt->pending == 0;
-    for (size_t i = 0; i < opt->count; i++) {
-        const atm_opt_entry *e = &opt->entries[i];
-        cl_mem g;
-        size_t goff;
-        atmoe_status st = gradient_of(opt, e, 0, __func__, &g, &goff);
+    for (size_t i = 0; i < opt->count;) {
+        opt_run r;
+        atmoe_status st = next_run(opt, i, 0, 0, __func__, &r);
         if (st != ATMOE_STATUS_OK)
             return st;
+        i = r.end;
         if (opt->cfg.accumulation == 1)
             continue; /* the step reads the node itself */
         cl_kernel k = opt->k_accumulate;
-        cl_ulong aoff = e->state_offset, go = goff, n = e->count;
-        cl_int err = ARG(k, 0, opt->acc) | ARG(k, 1, aoff) | ARG(k, 2, g) |
-                     ARG(k, 3, go) | ARG(k, 4, n) | ARG(k, 5, first);
+        cl_ulong aoff = r.state_offset, go = r.grad_offset, n = r.count;
+        cl_int err = ARG(k, 0, opt->acc) | ARG(k, 1, aoff) |
+                     ARG(k, 2, r.grad) | ARG(k, 3, go) | ARG(k, 4, n) |
+                     ARG(k, 5, first);
         if (err != CL_SUCCESS)
             return atm_fail_cl(opt->ctx, err, "optimizer_accumulate");
-        st = atm_launch_1d(opt->ctx, k, e->count, "optimizer_accumulate",
+        st = atm_launch_1d(opt->ctx, k, r.count, "optimizer_accumulate",
                            NULL);
         if (st != ATMOE_STATUS_OK)
             return st;
@@ -448,18 +490,17 @@ ATMOE_API atmoe_status atmoe_optimizer_step(atmoe_optimizer *opt, float loss,
     cl_float bc1 = (cl_float)(1.0 - pow((double)c->beta1, (double)t));
     cl_float bc2 = (cl_float)(1.0 - pow((double)c->beta2, (double)t));
     cl_kernel k = opt->k_update;
-    cl_int err;
-    for (size_t i = 0; i < opt->count; i++) {
-        const atm_opt_entry *e = &opt->entries[i];
-        cl_mem g;
-        size_t goff;
-        st = gradient_of(opt, e, from_acc, fn, &g, &goff);
+    for (size_t i = 0; i < opt->count;) {
+        opt_run run;
+        st = next_run(opt, i, from_acc, 1, fn, &run);
         if (st != ATMOE_STATUS_OK)
             return st;
-        cl_ulong po = e->param_offset, go = goff, so = e->state_offset;
-        cl_ulong n = e->count;
+        i = run.end;
+        cl_ulong po = run.param_offset, go = run.grad_offset;
+        cl_ulong so = run.state_offset, n = run.count;
+        cl_int err;
         if (c->kind == ATMOE_OPTIMIZER_ADAMW) {
-            err = ARG(k, 0, e->param) | ARG(k, 1, po) | ARG(k, 2, g) |
+            err = ARG(k, 0, run.param) | ARG(k, 1, po) | ARG(k, 2, run.grad) |
                   ARG(k, 3, go) | ARG(k, 4, opt->m) | ARG(k, 5, opt->v) |
                   ARG(k, 6, so) | ARG(k, 7, n) | ARG(k, 8, gs) |
                   ARG(k, 9, lr) | ARG(k, 10, b1) | ARG(k, 11, b2) |
@@ -468,14 +509,14 @@ ATMOE_API atmoe_status atmoe_optimizer_step(atmoe_optimizer *opt, float loss,
         } else {
             /* Without momentum the kernel never touches m: any buffer. */
             cl_mem m = opt->m ? opt->m : opt->partials;
-            err = ARG(k, 0, e->param) | ARG(k, 1, po) | ARG(k, 2, g) |
+            err = ARG(k, 0, run.param) | ARG(k, 1, po) | ARG(k, 2, run.grad) |
                   ARG(k, 3, go) | ARG(k, 4, m) | ARG(k, 5, so) |
                   ARG(k, 6, n) | ARG(k, 7, gs) | ARG(k, 8, lr) |
                   ARG(k, 9, mu) | ARG(k, 10, wd);
         }
         if (err != CL_SUCCESS)
             return atm_fail_cl(opt->ctx, err, "optimizer update");
-        st = atm_launch_1d(opt->ctx, k, e->count, "optimizer update", NULL);
+        st = atm_launch_1d(opt->ctx, k, run.count, "optimizer update", NULL);
         if (st != ATMOE_STATUS_OK)
             return st;
     }
