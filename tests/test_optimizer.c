@@ -1004,9 +1004,16 @@ START_TEST(test_bad_configs)
     ck_assert_fails_with(atmoe_optimizer_new(g, &c, &opt), ctx,
                          ATMOE_STATUS_INVALID_ARGUMENT, "nothing to train");
     atmoe_graph_free(g);
+    /* There, an operation in place on the gradient overwrites it. */
     fixture_make(&f, ctx, specs, NSPEC, 0);
     ck_assert_fails_with(atmoe_optimizer_new(f.g, &c, &opt), ctx,
                          ATMOE_STATUS_INVALID_ARGUMENT, "not kept");
+    gin = random_values(&rng, f.total, 1.0);
+    compute_grad(&f, gin);
+    float five[5];
+    ck_assert_fails_with(atmoe_graph_read_gradient(f.g, "bias", five, 5),
+                         ctx, ATMOE_STATUS_INVALID_ARGUMENT, "not kept");
+    free(gin);
     fixture_free(&f);
     atmoe_context_free(ctx);
 }

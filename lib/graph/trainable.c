@@ -169,6 +169,29 @@ ATMOE_API atmoe_status atmoe_graph_write_trainable(atmoe_graph *graph,
     return ATMOE_STATUS_OK;
 }
 
+/* Position of node id in the computed order, or -1. */
+static long order_pos(const atmoe_graph *g, int id)
+{
+    for (size_t k = 0; k < g->order_count; k++)
+        if (g->order[k] == id)
+            return (long)k;
+    return -1;
+}
+
+int atm_graph_value_kept(const atmoe_graph *g, int id)
+{
+    const atm_node *n = &g->nodes[id];
+    if (!n->needed)
+        return 0;
+    if (n->op->flags & ATM_OPF_INPUT)
+        return 1;
+    /* An operation in place on n takes its block over and becomes the
+     * owner of n and of everything in it: n's value lasts only while its
+     * owner is n itself or a node before it, and the block is pinned. */
+    const atm_node *o = &g->nodes[n->owner];
+    return o->pinned && order_pos(g, n->owner) <= order_pos(g, id);
+}
+
 atmoe_status atm_trainable_grad_tensor(const atmoe_graph *g,
                                        const atm_trainable *t,
                                        const char *fn, cl_mem *buffer,
@@ -202,6 +225,11 @@ ATMOE_API atmoe_status atmoe_graph_read_gradient(atmoe_graph *graph,
         st = atm_trainable_grad_tensor(graph, t, __func__, &buf, &off);
     if (st != ATMOE_STATUS_OK)
         return st;
+    if (!atm_graph_value_kept(graph, t->grad))
+        return atm_fail(graph->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: the gradient '%s' of trainable '%s' is not kept "
+                        "after a compute (its memory is reused)", __func__,
+                        graph->nodes[t->grad].name, name);
     cl_int err = clEnqueueReadBuffer(graph->ctx->queue, buf, CL_TRUE,
                                      off * sizeof(float),
                                      count * sizeof(float), data, 0, NULL,

@@ -39,6 +39,10 @@ const atm_trainable *atm_graph_trainable_at(const atmoe_graph *g, size_t i);
 /* The entry named name, or NULL. */
 const atm_trainable *atm_graph_trainable_find(const atmoe_graph *g,
                                               const char *name);
+/* Whether the value of node id of a planned graph is still in its memory
+ * after a compute: an input, or a node whose block is pinned (an output's)
+ * and that no later operation overwrote in place. */
+int atm_graph_value_kept(const atmoe_graph *g, int id);
 /* Where entry t's gradient is after the last compute (buffer, element
  * offset); INVALID_ARGUMENT with a message naming fn when the graph is not
  * planned or nothing was computed since. */

@@ -192,16 +192,12 @@ static atmoe_status take_entries(atmoe_optimizer *opt, const char *fn)
     for (size_t i = 0; i < opt->count; i++) {
         const atm_trainable *t = atm_graph_trainable_at(g, i);
         const atm_node *gn = &g->nodes[t->grad];
-        /* The gradient is read after the compute: it must be an output
-         * (or an input), whose memory no later node reuses or overwrites in
-         * place; a pinned owner alone is not enough, since an operation in
-         * place on the gradient may be the output that pins it. */
-        if (!gn->needed ||
-            !(gn->is_output || (gn->op->flags & ATM_OPF_INPUT)))
+        /* The gradient is read after the compute. */
+        if (!atm_graph_value_kept(g, t->grad))
             return atm_fail(opt->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                             "%s: the gradient '%s' of trainable '%s' is not "
-                            "kept after a compute (not an output of the "
-                            "plan)", fn, gn->name, t->name);
+                            "kept after a compute (its memory is reused; an "
+                            "output's is not)", fn, gn->name, t->name);
         atm_opt_entry *e = &opt->entries[i];
         memcpy(e->name, t->name, sizeof e->name);
         e->param = t->buffer;
