@@ -1219,7 +1219,8 @@ ATMOE_API atmoe_status atmoe_graph_write_trainable(atmoe_graph *graph,
                                                    const float *data,
                                                    size_t count);
 /* The named weight's gradient as the last compute left it; INVALID_ARGUMENT
- * when the graph is not planned or nothing was computed since. */
+ * when the graph is not planned, nothing was computed since, or the
+ * gradient's memory is reused during the compute (not an output). */
 ATMOE_API atmoe_status atmoe_graph_read_gradient(atmoe_graph *graph,
                                                  const char *name,
                                                  float *data, size_t count);
