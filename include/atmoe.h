@@ -724,6 +724,21 @@ ATMOE_API atmoe_status atmoe_experts_get_expert(const atmoe_experts *set,
                                                 float *a, size_t a_count,
                                                 float *b, size_t b_count);
 
+/* Storage types of the set's stacked A_all and B_all: f32 (the default),
+ * f16 or bf16, any of them with any W0 and router weights.  The f32
+ * arrays given to atmoe_experts_add are rounded to nearest even when the
+ * set is sealed, and the fused mixture reads them as stored, summing in
+ * f32 (u and z stay f32).  atmoe_experts_get_expert then returns the
+ * stored values.  Only before the set is sealed; any other type is
+ * ATMOE_STATUS_DTYPE_MISMATCH. */
+ATMOE_API atmoe_status atmoe_experts_set_dtype(atmoe_experts *set,
+                                               atmoe_dtype a_dtype,
+                                               atmoe_dtype b_dtype);
+/* The storage types in force (either pointer may be NULL). */
+ATMOE_API atmoe_status atmoe_experts_get_dtype(const atmoe_experts *set,
+                                               atmoe_dtype *a_dtype,
+                                               atmoe_dtype *b_dtype);
+
 /* The grouped router of AT-MoE (SPEC section 3). */
 typedef struct atmoe_router atmoe_router;
 

@@ -1348,32 +1348,108 @@ END_TEST
 /* tokens) and, with ATMOE_LINEAR_MAX_TOKENS=16, through CLBlast past 16     */
 /* ------------------------------------------------------------------------ */
 
-/* W0 stored as dtype: its values are multiples of 1/128 in [-1, 1], which
- * f16 and bf16 hold exactly, so the float64 reference of the stored
- * weights is the reference of the f32 ones. */
-static atmoe_node w0_node(atmoe_graph *g, atmoe_dtype dtype, float *w0,
-                          size_t rows, size_t cols, atmoe_tensor **keep)
+/* v rounded in place to what dtype holds (f32: unchanged), through the
+ * library's own conversion on the device (tests/test_tensor.c checks it
+ * over every bf16 pattern and at every tie), so that the float64
+ * reference computes with the weights as stored; returns v's elements as
+ * dtype stores them (malloc'd), the data of a graph constant.  For a half
+ * type, at least one element of random data must change. */
+static void *stored(atmoe_dtype dtype, float *v, size_t n)
 {
-    for (size_t i = 0; i < rows * cols; i++)
-        w0[i] = roundf(w0[i] * 128.0f) / 128.0f;
+    size_t es = atmoe_dtype_size(dtype);
+    void *bits = malloc(n * es);
+    ck_assert_ptr_nonnull(bits);
     if (dtype == ATMOE_DTYPE_F32) {
-        *keep = NULL;
-        return const2(g, ATMOE_DTYPE_F32, rows, cols, w0);
+        memcpy(bits, v, n * es);
+        return bits;
     }
-    size_t shape[2] = {rows, cols};
+    float *orig = malloc(n * sizeof *orig);
+    ck_assert_ptr_nonnull(orig);
+    memcpy(orig, v, n * sizeof *v);
     atmoe_tensor *f, *t;
-    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 2, shape, &f));
-    OK(atmoe_tensor_write(f, w0, rows * cols * sizeof *w0));
-    OK(atmoe_tensor_new(CTX, dtype, 2, shape, &t));
+    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 1, &n, &f));
+    OK(atmoe_tensor_new(CTX, dtype, 1, &n, &t));
+    OK(atmoe_tensor_write(f, v, n * sizeof *v));
     OK(atmoe_tensor_copy(t, f));
+    OK(atmoe_tensor_read(t, bits, n * es));
+    OK(atmoe_tensor_copy(f, t));
+    test_poison(v, n);
+    OK(atmoe_tensor_read(f, v, n * sizeof *v));
     atmoe_tensor_free(f);
-    atmoe_node n;
-    OK(atmoe_graph_parameter(g, "w0", t, &n));
-    *keep = t;
+    atmoe_tensor_free(t);
+    size_t changed = 0;
+    /* Half an ulp of the type's 8 (bf16) or 11 (f16) significant bits, or
+     * of f16's smallest subnormal. */
+    double rel = dtype == ATMOE_DTYPE_BF16 ? 0x1p-8 : 0x1p-11;
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_msg(fabs((double)v[i] - orig[i]) <=
+                          fmax(rel * fabs(orig[i]), 0x1p-25),
+                      "%s rounding of %.9g gave %.9g", atmoe_dtype_name(dtype),
+                      orig[i], v[i]);
+        changed += v[i] != orig[i];
+    }
+    ck_assert_msg(n < 8 || changed > 0, "%s rounding changed nothing",
+                  atmoe_dtype_name(dtype));
+    free(orig);
+    return bits;
+}
+
+/* A constant [rows, cols] (cols 0: [rows]) stored as dtype; v is rounded
+ * to it in place. */
+static atmoe_node typed_const(atmoe_graph *g, atmoe_dtype dtype, size_t rows,
+                              size_t cols, float *v)
+{
+    void *bits = stored(dtype, v, rows * (cols ? cols : 1));
+    atmoe_node n = const2(g, dtype, rows, cols, bits);
+    free(bits);
     return n;
 }
 
-static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
+/* Stores the experts of set (built from m, not sealed yet) as a_dtype and
+ * b_dtype, and rounds m's copies to match. */
+static void model_store(model *m, atmoe_experts *set, atmoe_dtype a_dtype,
+                        atmoe_dtype b_dtype)
+{
+    OK(atmoe_experts_set_dtype(set, a_dtype, b_dtype));
+    atmoe_dtype ga, gb;
+    OK(atmoe_experts_get_dtype(set, &ga, &gb));
+    ck_assert(ga == a_dtype && gb == b_dtype);
+    for (int e = 0; e <= m->n; e++) {
+        int general = e == m->n;
+        if (general && !m->has_general)
+            break;
+        size_t rk = general ? m->rank_p : m->rank[e];
+        free(stored(a_dtype, general ? m->Ap : m->A[e], rk * m->d_in));
+        free(stored(b_dtype, general ? m->Bp : m->B[e], m->d_out * rk));
+    }
+}
+
+/* Once set is sealed, its experts read back as m holds them, exactly: the
+ * host's rounding at sealing and the device's agree. */
+static void expect_stored_experts(const model *m, const atmoe_experts *set)
+{
+    for (int e = 0; e <= m->n; e++) {
+        int general = e == m->n;
+        if (general && !m->has_general)
+            break;
+        size_t rk = general ? m->rank_p : m->rank[e];
+        size_t na = rk * m->d_in, nb = m->d_out * rk;
+        float *a = malloc(na * sizeof *a), *b = malloc(nb * sizeof *b);
+        ck_assert(a && b);
+        test_poison(a, na);
+        test_poison(b, nb);
+        OK(atmoe_experts_get_expert(set, (size_t)e, NULL, a, na, b, nb));
+        expect_same("stored A", a, general ? m->Ap : m->A[e], na);
+        expect_same("stored B", b, general ? m->Bp : m->B[e], nb);
+        free(a);
+        free(b);
+    }
+}
+
+/* W0, A_all and B_all stored as w0_dtype, a_dtype and b_dtype, against
+ * the float64 reference of the weights as stored (rounded). */
+static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
+                              atmoe_dtype a_dtype, atmoe_dtype b_dtype)
 {
     CTX = test_context();
     if (params)
@@ -1387,6 +1463,8 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
     model_s1(&mb, DI, DO, rs);
     model_s1(&md, DI, DO, NULL);
     atmoe_experts *sb = model_build(&mb), *sd = model_build(&md);
+    model_store(&mb, sb, a_dtype, b_dtype);
+    model_store(&md, sd, a_dtype, b_dtype);
     float *w0 = alloc_uniform(DO * DI, -1, 1);
     float *bias = alloc_uniform(DO, -1, 1);
     float *row = alloc_uniform(md.R, -1, 1);
@@ -1398,8 +1476,7 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
     OK(atmoe_graph_new(CTX, &g));
     atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, T, DI, 1);
     atmoe_node ng = input2(g, "gates", ATMOE_DTYPE_F32, T, mb.n, 1);
-    atmoe_tensor *w0t;
-    atmoe_node nw0 = w0_node(g, w0_dtype, w0, DO, DI, &w0t);
+    atmoe_node nw0 = typed_const(g, w0_dtype, DO, DI, w0);
     atmoe_node nb = const2(g, ATMOE_DTYPE_F32, DO, 0, bias);
     atmoe_node nrow = const2(g, ATMOE_DTYPE_F32, 1, md.R, row);
     atmoe_node yb, yd, ym;
@@ -1416,6 +1493,8 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
     OK(atmoe_graph_mark_output(g, yd));
     OK(atmoe_graph_mark_output(g, ym));
     OK(atmoe_graph_plan(g, 0));
+    expect_stored_experts(&mb, sb);
+    expect_stored_experts(&md, sd);
     double *drow = to_double(row, md.R);
     for (size_t n = 1; n <= T; n++) {
         float *x = alloc_uniform(n * DI, -1, 1);
@@ -1450,7 +1529,6 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
     }
     free(drow);
     atmoe_graph_free(g);
-    atmoe_tensor_free(w0t);
     atmoe_experts_free(sb);
     atmoe_experts_free(sd);
     free(w0);
@@ -1463,7 +1541,8 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
 
 static void every_batch(const char *params)
 {
-    every_batch_typed(params, ATMOE_DTYPE_F32);
+    every_batch_typed(params, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
 }
 
 START_TEST(test_every_batch)
@@ -1477,21 +1556,46 @@ END_TEST
  * reads an f32 copy. */
 START_TEST(test_every_batch_bf16)
 {
-    every_batch_typed(NULL, ATMOE_DTYPE_BF16);
+    every_batch_typed(NULL, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
 }
 END_TEST
 
 START_TEST(test_every_batch_f16)
 {
-    every_batch_typed(NULL, ATMOE_DTYPE_F16);
+    every_batch_typed(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
+}
+END_TEST
+
+/* The experts in half precision too, in mixes where every type takes
+ * every place (W0, A_all, B_all) and every pair of the base kernel's
+ * (W0, B_all) types but one (f32, f32) is met; the shrink then reads A as
+ * stored, the fold of the merged route too. */
+START_TEST(test_every_batch_experts_half)
+{
+    static const atmoe_dtype mixes[][3] = {
+        {ATMOE_DTYPE_BF16, ATMOE_DTYPE_BF16, ATMOE_DTYPE_BF16},
+        {ATMOE_DTYPE_F16, ATMOE_DTYPE_F16, ATMOE_DTYPE_F16},
+        {ATMOE_DTYPE_F32, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16},
+        {ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32},
+        {ATMOE_DTYPE_F16, ATMOE_DTYPE_F32, ATMOE_DTYPE_BF16},
+    };
+    for (size_t i = 0; i < sizeof mixes / sizeof mixes[0]; i++)
+        every_batch_typed(NULL, mixes[i][0], mixes[i][1], mixes[i][2]);
 }
 END_TEST
 
 START_TEST(test_every_batch_half_clblast)
 {
     ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
-    every_batch_typed(NULL, ATMOE_DTYPE_BF16);
-    every_batch_typed(NULL, ATMOE_DTYPE_F16);
+    every_batch_typed(NULL, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
+    every_batch_typed(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
+    /* CLBlast reads f32 copies of a half A_all and W0 from scratch. */
+    every_batch_typed(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16,
+                      ATMOE_DTYPE_F16);
     unsetenv("ATMOE_LINEAR_MAX_TOKENS");
 }
 END_TEST
@@ -1519,6 +1623,155 @@ START_TEST(test_every_batch_clblast)
     ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
     every_batch(NULL);
     unsetenv("ATMOE_LINEAR_MAX_TOKENS");
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* A layer whose weights are of every type at once                           */
+/* ------------------------------------------------------------------------ */
+
+/* Both router forms with w_g, w_d and v_d in half precision, and the
+ * mixture they feed with W0, A_all and B_all each in another type (the
+ * general LoRA's too), against the float64 reference of the weights as
+ * stored, at the tolerances of f32 weights: rounding the weights is what
+ * the reference does too, and every sum stays f32.  d_in 97 > 64: each of
+ * the router's work-items sums two elements. */
+START_TEST(test_typed_layer)
+{
+    static const atmoe_dtype types[2][6] = {
+        /* w_g, w_d, v_d, W0, A_all, B_all */
+        {ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16,
+         ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16},
+        {ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16,
+         ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32},
+    };
+    CTX = test_context();
+    test_rng_seed(&RNG, 1313);
+    const size_t T = 11, DI = 97, DO = 41;
+    for (int k = 0; k < 2; k++) {
+        const atmoe_dtype *ty = types[k];
+        model m;
+        model_s1(&m, DI, DO, NULL);
+        model_general(&m, 3, 0, 0.6f, 0);
+        atmoe_experts *set = model_build(&m);
+        model_store(&m, set, ty[4], ty[5]);
+        rcfg c0, c1;
+        atmoe_router *routers[2];
+        routers[0] = router_make(set, &c0, ATMOE_ROUTER_PROJECTED, 0.7f,
+                                 1.3f, 0, 0);
+        routers[1] = router_make(set, &c1, ATMOE_ROUTER_SCALED, 1.5f, 0.6f,
+                                 0, 0);
+        const size_t G = (size_t)m.G, M = (size_t)m.M;
+        float *wg = alloc_uniform(DI * G, -0.5, 0.5);
+        float *wd = alloc_uniform(DI * G * M, -0.5, 0.5);
+        float *vd = alloc_uniform(G * M, -3, 3);
+        float *w0 = alloc_uniform(DO * DI, -1, 1);
+        float *bias = alloc_uniform(DO, -1, 1);
+
+        rig r;
+        memset(&r, 0, sizeof r);
+        r.m = &m;
+        r.T = T;
+        r.nr = 2;
+        r.cfg[0] = &c0;
+        r.cfg[1] = &c1;
+        r.wg = wg;
+        r.wd = wd;
+        r.vd = vd;
+        r.w0 = w0;
+        r.bias = bias;
+        r.c = 0.75f;
+        OK(atmoe_graph_new(CTX, &r.g));
+        r.x = input2(r.g, "x", ATMOE_DTYPE_F32, T, DI, 1);
+        atmoe_node nwg = typed_const(r.g, ty[0], DI, G, wg);
+        atmoe_node nwd = typed_const(r.g, ty[1], DI, G * M, wd);
+        atmoe_node nvd = typed_const(r.g, ty[2], G, M, vd);
+        atmoe_node nw0 = typed_const(r.g, ty[3], DO, DI, w0);
+        atmoe_node nb = const2(r.g, ATMOE_DTYPE_F32, DO, 0, bias);
+        for (int i = 0; i < 2; i++) {
+            OK(atmoe_graph_router(r.g, r.x, routers[i], nwg, i ? nvd : nwd,
+                                  &r.a[i], &r.d[i], &r.w[i]));
+            OK(atmoe_graph_mark_output(r.g, r.a[i]));
+            OK(atmoe_graph_mark_output(r.g, r.d[i]));
+            OK(atmoe_graph_mark_output(r.g, r.w[i]));
+        }
+        OK(atmoe_graph_mixture(r.g, r.x, nw0, nb, set, ATMOE_MIX_BLOCK,
+                               r.w[0], ATMOE_NODE_NONE, r.c, &r.y));
+        OK(atmoe_graph_mark_output(r.g, r.y));
+        OK(atmoe_graph_plan(r.g, 0));
+        expect_stored_experts(&m, set);
+        static const size_t batches[3] = {11, 1, 4};
+        for (int b = 0; b < 3; b++) {
+            float *x = alloc_uniform(batches[b] * DI, -1, 1);
+            rig_check(&r, x, batches[b], NULL);
+            free(x);
+        }
+        atmoe_graph_free(r.g);
+        atmoe_router_free(routers[0]);
+        atmoe_router_free(routers[1]);
+        atmoe_experts_free(set);
+        free(wg);
+        free(wd);
+        free(vd);
+        free(w0);
+        free(bias);
+        model_free(&m);
+    }
+    atmoe_context_free(CTX);
+}
+END_TEST
+
+/* Storage types the experts and the router do not take, and a storage
+ * type set too late. */
+START_TEST(test_typed_refused)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 1414);
+    model m;
+    model_s1(&m, 37, 29, NULL);
+    atmoe_experts *set = model_build(&m);
+    FAILS(atmoe_experts_set_dtype(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_F16),
+          NULL, ATMOE_STATUS_NULL_POINTER, "NULL");
+    FAILS(atmoe_experts_set_dtype(set, ATMOE_DTYPE_I32, ATMOE_DTYPE_F16), CTX,
+          ATMOE_STATUS_DTYPE_MISMATCH, "not i32 and f16");
+    FAILS(atmoe_experts_set_dtype(set, ATMOE_DTYPE_F16, (atmoe_dtype)77), CTX,
+          ATMOE_STATUS_DTYPE_MISMATCH, "unknown");
+    atmoe_dtype a = ATMOE_DTYPE_I32, b = ATMOE_DTYPE_I32;
+    OK(atmoe_experts_get_dtype(set, &a, &b));
+    ck_assert(a == ATMOE_DTYPE_F32 && b == ATMOE_DTYPE_F32);
+    rcfg c;
+    atmoe_router *router =
+        router_make(set, &c, ATMOE_ROUTER_PROJECTED, 1.0f, 1.0f, 0, 0);
+    FAILS(atmoe_experts_set_dtype(set, ATMOE_DTYPE_BF16, ATMOE_DTYPE_BF16),
+          CTX, ATMOE_STATUS_INVALID_ARGUMENT, "can no longer change");
+    OK(atmoe_experts_get_dtype(set, &a, NULL));
+    ck_assert(a == ATMOE_DTYPE_F32);
+
+    atmoe_graph *g;
+    OK(atmoe_graph_new(CTX, &g));
+    atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, 3, 37, 1);
+    int32_t zeros[37 * 6];
+    memset(zeros, 0, sizeof zeros);
+    atmoe_node wg32 = const2(g, ATMOE_DTYPE_F32, 37, 3, zeros);
+    atmoe_node wgi = const2(g, ATMOE_DTYPE_I32, 37, 3, zeros);
+    atmoe_node wdi = const2(g, ATMOE_DTYPE_I32, 37, 6, zeros);
+    atmoe_node w, hx;
+    ck_assert_fails_clean(g, atmoe_graph_router(g, nx, router, wgi, wdi, NULL,
+                                                NULL, &w),
+                          CTX, ATMOE_STATUS_DTYPE_MISMATCH,
+                          "w_g and w_d must be f32, f16 or bf16");
+    ck_assert_fails_clean(g, atmoe_graph_router(g, nx, router, wg32, wdi,
+                                                NULL, NULL, &w),
+                          CTX, ATMOE_STATUS_DTYPE_MISMATCH, "i32");
+    OK(atmoe_graph_cast(g, nx, ATMOE_DTYPE_BF16, &hx));
+    ck_assert_fails_clean(g, atmoe_graph_router(g, hx, router, wg32, wg32,
+                                                NULL, NULL, &w),
+                          CTX, ATMOE_STATUS_DTYPE_MISMATCH, "h must be f32");
+    atmoe_graph_free(g);
+    atmoe_router_free(router);
+    atmoe_experts_free(set);
+    model_free(&m);
+    atmoe_context_free(CTX);
 }
 END_TEST
 
@@ -2351,6 +2604,12 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch_tuned_boundary);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("typed");
+    tcase_add_test(tc, test_every_batch_experts_half);
+    tcase_add_test(tc, test_typed_layer);
+    tcase_add_test(tc, test_typed_refused);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");
