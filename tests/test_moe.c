@@ -1586,6 +1586,18 @@ START_TEST(test_every_batch_experts_half)
 }
 END_TEST
 
+/* Blocks tuned per storage type: the shrink over an f16 A_all, the base
+ * over a bf16 W0 and the merged f32 W' each walk their own blocks (their
+ * launches and their builds must agree). */
+START_TEST(test_every_batch_typed_blocks)
+{
+    every_batch_typed("{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 3}, "
+                      "\"linear.bf16\": {\"SR\": 5, \"ST\": 2}, "
+                      "\"linear.f16\": {\"SR\": 2, \"ST\": 4}}}",
+                      ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16);
+}
+END_TEST
+
 START_TEST(test_every_batch_half_clblast)
 {
     ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
@@ -2608,6 +2620,7 @@ static Suite *moe_suite(void)
 
     tc = tcase_create("typed");
     tcase_add_test(tc, test_every_batch_experts_half);
+    tcase_add_test(tc, test_every_batch_typed_blocks);
     tcase_add_test(tc, test_typed_layer);
     tcase_add_test(tc, test_typed_refused);
     suite_add_tcase(s, tc);

@@ -22,8 +22,10 @@ typedef struct mixture_params {
     atmoe_merge merge;
     float c;
     atmoe_dtype w0_dtype; /* as stored: read so by cl/linear.cl */
-    /* The block of cl/linear.cl's tiles in force (tuning). */
-    unsigned sr, st;
+    /* The blocks of cl/linear.cl's tiles in force (tuning, by the storage
+     * type of the weight each product reads): the shrink's (A_all), the
+     * base's (W0) and the merged product's (W', f32). */
+    unsigned sr[3], st[3];
     /* Routes: a batch of T tokens runs merged when T >= merge_from, and
      * through cl/linear.cl when T <= linear_upto (else CLBlast). */
     size_t merge_from, linear_upto;
@@ -70,9 +72,17 @@ typedef struct linear_shape {
     size_t sr, st;       /* the block */
 } linear_shape;
 
-static linear_shape linear_shape_for(const mixture_params *mp, size_t T)
+/* The blocks' index of the product whose kernels start at slot first. */
+static int block_of(int first)
 {
-    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4, mp->sr, mp->st};
+    return first == K_SHRINK1 ? 0 : first == K_BASE1 ? 1 : 2;
+}
+
+static linear_shape linear_shape_for(const mixture_params *mp, int first,
+                                     size_t T)
+{
+    int b = block_of(first);
+    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4, mp->sr[b], mp->st[b]};
     return s;
 }
 
@@ -276,7 +286,8 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
 static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
                                   size_t b, int wt, int bt)
 {
-    linear_shape s = linear_shape_for(ATM_NODE_PARAMS(mixture_params, n), b);
+    linear_shape s =
+        linear_shape_for(ATM_NODE_PARAMS(mixture_params, n), first, b);
     char options[96];
     snprintf(options, sizeof options,
              "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=%d", s.rows,
@@ -291,8 +302,12 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
     mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
     size_t T = g->nodes[n->src[0]].shape[0];
     long upto = atm_param_get(g->ctx, ATM_PARAM_LINEAR_MAX_TOKENS);
-    mp->sr = (unsigned)atm_param_get(g->ctx, ATM_PARAM_LINEAR_SR);
-    mp->st = (unsigned)atm_param_get(g->ctx, ATM_PARAM_LINEAR_ST);
+    const atmoe_dtype read[3] = {mp->experts->a_dtype, mp->w0_dtype,
+                                 ATMOE_DTYPE_F32};
+    for (int i = 0; i < 3; i++) {
+        mp->sr[i] = (unsigned)atm_param_linear_block(g->ctx, read[i], 0);
+        mp->st[i] = (unsigned)atm_param_linear_block(g->ctx, read[i], 1);
+    }
     mp->linear_upto = upto >= 1 ? (size_t)upto : 0;
     mp->merge_from = merge_from(g, n);
 
@@ -457,7 +472,7 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
                            int first, const linear_call *c, cl_event *ev)
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
-    linear_shape shape = linear_shape_for(mp, T);
+    linear_shape shape = linear_shape_for(mp, first, T);
     /* Unused buffers are bound to x: kernels need a valid cl_mem. */
     const atmoe_tensor *bias = c->bias ? c->bias : c->x;
     atm_args args = {n->kernel[linear_slot(first, T)], 0, CL_SUCCESS};
