@@ -317,12 +317,16 @@ static atmoe_status read_rows(atmoe_tensor *t, size_t row0, size_t rows,
         st = atmoe_tensor_read(view, dst, n * sizeof *dst);
     } else {
         /* Narrow elements fit in the caller's array; widened from the
-         * last down, so that none is overwritten before it is read. */
-        uint16_t *h = (uint16_t *)dst;
-        st = atmoe_tensor_read(view, h, n * sizeof *h);
-        for (size_t i = n; st == ATMOE_STATUS_OK && i-- > 0;)
-            dst[i] = t->dtype == ATMOE_DTYPE_F16 ? atm_f16_to_f32(h[i])
-                                                 : atm_bf16_to_f32(h[i]);
+         * last down, so that none is overwritten before it is read (f32
+         * i covers narrow elements 2i and 2i + 1, consumed already). */
+        unsigned char *raw = (unsigned char *)dst;
+        st = atmoe_tensor_read(view, raw, n * sizeof(uint16_t));
+        for (size_t i = n; st == ATMOE_STATUS_OK && i-- > 0;) {
+            uint16_t h;
+            memcpy(&h, raw + i * sizeof h, sizeof h);
+            dst[i] = t->dtype == ATMOE_DTYPE_F16 ? atm_f16_to_f32(h)
+                                                 : atm_bf16_to_f32(h);
+        }
     }
     atmoe_tensor_free(view);
     return st;
