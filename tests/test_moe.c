@@ -1422,10 +1422,11 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
     float *w0 = alloc_uniform(DO * DI, -1, 1);
     float *bias = alloc_uniform(DO, -1, 1);
     float *row = alloc_uniform(md.R, -1, 1);
+    float *seqg = alloc_uniform(3 * (size_t)mb.n, -1, 1);
 
-    /* Block mix with per-token gates and a bias; diagonal mix with one
-     * gate row for every token, unmerged without a bias and merged with
-     * one. */
+    /* Block mix with per-token gates and a bias, and with a gate row per
+     * sequence (gate_index); diagonal mix with one gate row for every
+     * token, unmerged without a bias and merged with one. */
     atmoe_graph *g;
     OK(atmoe_graph_new(CTX, &g));
     atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, T, DI, 1);
@@ -1433,9 +1434,14 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
     atmoe_node nw0 = typed_const(g, w0_dtype, DO, DI, w0);
     atmoe_node nb = const2(g, ATMOE_DTYPE_F32, DO, 0, bias);
     atmoe_node nrow = const2(g, ATMOE_DTYPE_F32, 1, md.R, row);
-    atmoe_node yb, yd, ym;
+    atmoe_node nsg = const2(g, ATMOE_DTYPE_F32, 3, (size_t)mb.n, seqg);
+    atmoe_node ngi = input2(g, "gi", ATMOE_DTYPE_I32, T, 0, 1);
+    atmoe_node yb, yd, ym, ys;
     OK(atmoe_graph_mixture(g, nx, nw0, nb, sb, ATMOE_MIX_BLOCK, ng,
                            ATMOE_NODE_NONE, 0.75f, &yb));
+    OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, sb, ATMOE_MIX_BLOCK,
+                           nsg, ngi, 0.5f, &ys));
+    OK(atmoe_graph_mark_output(g, ys));
     OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, sd,
                            ATMOE_MIX_DIAGONAL, nrow, ATMOE_NODE_NONE, -1.5f,
                            &yd));
@@ -1455,6 +1461,10 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
         float *gates = alloc_uniform(n * mb.n, -1, 1);
         OK(atmoe_graph_set_input(g, nx, x, n * DI * sizeof *x, n));
         OK(atmoe_graph_set_input(g, ng, gates, n * mb.n * sizeof *gates, n));
+        int32_t gi[19];
+        for (size_t t = 0; t < n; t++)
+            gi[t] = (int32_t)((t * 7 + 1) % 3);
+        OK(atmoe_graph_set_input(g, ngi, gi, n * sizeof *gi, n));
         OK(atmoe_graph_compute(g, n));
         float *gb = read_out(g, yb, n * DO), *gd = read_out(g, yd, n * DO),
               *gm = read_out(g, ym, n * DO);
@@ -1463,6 +1473,16 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
         snprintf(what, sizeof what, "block, batch %zu", n);
         check_mixture(what, &mb, x, n, w0, bias, ATMOE_MIX_BLOCK, dg, NULL,
                       0.75, gb);
+        float *gs = read_out(g, ys, n * DO);
+        double *dsg = to_double(seqg, 3 * (size_t)mb.n);
+        int gidx[19];
+        for (size_t t = 0; t < n; t++)
+            gidx[t] = gi[t];
+        snprintf(what, sizeof what, "block per sequence, batch %zu", n);
+        check_mixture(what, &mb, x, n, w0, NULL, ATMOE_MIX_BLOCK, dsg, gidx,
+                      0.5, gs);
+        free(gs);
+        free(dsg);
         /* The reference reads a gate row per token: repeat the one row. */
         double *rows = alloc_d(n * md.R);
         for (size_t t = 0; t < n; t++)
@@ -1488,6 +1508,7 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
     free(w0);
     free(bias);
     free(row);
+    free(seqg);
     model_free(&mb);
     model_free(&md);
     atmoe_context_free(CTX);
