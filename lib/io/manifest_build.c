@@ -220,9 +220,9 @@ static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
     int db = atm_manifest_device_dtype(asked, m->b_stored);
     if (m->count && (da < 0 || db < 0))
         return atm_fail(mf->ctx, ATMOE_STATUS_NOT_SUPPORTED,
-                        "%s: the experts' %s matrices are %s, which the device cannot "
-                        "hold; \"experts_dtype\": \"f32\" (or \"f16\", "
-                        "\"bf16\") converts them", m->where,
+                        "%s: the experts' %s matrices are %s, which the "
+                        "device cannot hold; \"experts_dtype\": \"f32\" (or "
+                        "\"f16\", \"bf16\") converts them", m->where,
                         da < 0 ? "A" : "B",
                         atmoe_safetensors_dtype_name(da < 0 ? m->a_stored
                                                             : m->b_stored));
@@ -365,8 +365,9 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
                 data[i * cols + j] = t[j * rows + i];
     if (st == ATMOE_STATUS_OK && ref->file) {
         char what[256];
-        snprintf(what, sizeof what, "tensor %s of %s", ref->tensor,
-                 ref->file);
+        /* Elements are placed as the module holds them, [d_out, d_in]. */
+        snprintf(what, sizeof what, "tensor %s of %s%s", ref->tensor,
+                 ref->file, ref->transposed ? " (read transposed)" : "");
         st = check_finite(mf, g->ctx, what, data, n, cols, dtype);
     }
     for (size_t i = 0; st == ATMOE_STATUS_OK && half && i < n; i++)

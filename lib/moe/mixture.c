@@ -393,7 +393,8 @@ static atm_gemm mixture_gemm(const atmoe_graph *g, const atm_node *n,
     /* The f32 copies of W0 and A_all after u and z, when CLBlast needs
      * them (see mixture_scratch). */
     size_t w0_off = z_off + T * Z;
-    size_t a_off = w0_off + (mp->w0_dtype != ATMOE_DTYPE_F32 ? d_out * d_in : 0);
+    size_t a_off =
+        w0_off + (mp->w0_dtype != ATMOE_DTYPE_F32 ? d_out * d_in : 0);
     float beta = n->src[2] != ATMOE_NODE_NONE ? 1.0f : 0.0f;
     atm_gemm p;
     switch (which) {
