@@ -140,7 +140,19 @@ typedef struct options {
     int cpu_clock;
     unsigned phases;
     const char *child; /* the boundary's set, in the child that times it */
+    /* The storage type of the mixture's weights (W0, A_all, B_all) the
+     * blocks are tuned for: f32 tunes the untyped "linear" program, f16
+     * and bf16 their own "linear.f16" and "linear.bf16". */
+    atmoe_dtype dtype;
 } options;
+
+/* The program whose blocks a run tunes. */
+static const char *blocks_program(const options *opt)
+{
+    return opt->dtype == ATMOE_DTYPE_F16    ? "linear.f16"
+           : opt->dtype == ATMOE_DTYPE_BF16 ? "linear.bf16"
+                                            : "linear";
+}
 
 static int quiet;
 
@@ -768,17 +780,27 @@ static double mix_gflops(size_t t, size_t d, double seconds)
     return (2.0 * T * D * D + 4.0 * T * R * D) / seconds * 1e-9;
 }
 
-/* The macros of the "linear" program with blocks sr x st and max_tokens
- * (0: none), over the entry's macros of the other programs. */
+/* The macros of the tuned program with blocks sr x st, and of "linear"
+ * with max_tokens (0: none), over the entry's macros of the other
+ * programs (the untyped "linear" blocks among them when the run tunes a
+ * typed program). */
 static json_t *linear_kernels(const tuner *tu, int sr, int st,
                               long max_tokens)
 {
     json_t *k = tu->kernels_base ? json_deep_copy(tu->kernels_base)
                                  : json_object();
-    json_t *lin = json_pack("{s:i, s:i}", "SR", sr, "ST", st);
+    const char *program = blocks_program(&tu->opt);
+    json_object_set_new(k, program,
+                        json_pack("{s:i, s:i}", "SR", sr, "ST", st));
+    json_t *lin = json_object_get(k, "linear");
+    if (lin == NULL) {
+        lin = json_object();
+        json_object_set_new(k, "linear", lin);
+    }
     if (max_tokens > 0)
         json_object_set_new(lin, "MAX_TOKENS", json_integer(max_tokens));
-    json_object_set_new(k, "linear", lin);
+    if (json_object_size(lin) == 0)
+        json_object_del(k, "linear");
     return k;
 }
 
@@ -915,6 +937,48 @@ static void free_mix(tuner *tu)
     }
 }
 
+/* *t (f32) replaced by its copy in dtype, and host (its values) rounded
+ * to match, so that the float64 check computes with the weights as
+ * stored. */
+static atmoe_status store_as(atmoe_context *ctx, atmoe_dtype dtype,
+                             atmoe_tensor **t, float *host)
+{
+    if (dtype == ATMOE_DTYPE_F32)
+        return ATMOE_STATUS_OK;
+    int ndim;
+    size_t dims[ATMOE_MAX_DIMS], n = 1;
+    atmoe_tensor *h;
+    atmoe_status st = atmoe_tensor_get_shape(*t, &ndim, dims);
+    for (int i = 0; i < ndim; i++)
+        n *= dims[i];
+    if (st == ATMOE_STATUS_OK &&
+        (st = atmoe_tensor_new(ctx, dtype, ndim, dims, &h)) ==
+            ATMOE_STATUS_OK) {
+        if ((st = atmoe_tensor_copy(h, *t)) == ATMOE_STATUS_OK &&
+            (st = atmoe_tensor_copy(*t, h)) == ATMOE_STATUS_OK)
+            st = atmoe_tensor_read(*t, host, n * sizeof *host);
+        atmoe_tensor_free(*t);
+        *t = h;
+    }
+    return st;
+}
+
+/* n host values rounded to what dtype holds, through the device. */
+static atmoe_status round_as(atmoe_context *ctx, atmoe_dtype dtype,
+                             float *v, size_t n)
+{
+    if (dtype == ATMOE_DTYPE_F32)
+        return ATMOE_STATUS_OK;
+    atmoe_tensor *t;
+    atmoe_status st = atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 1, &n, &t);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    if ((st = atmoe_tensor_write(t, v, n * sizeof *v)) == ATMOE_STATUS_OK)
+        st = store_as(ctx, dtype, &t, v);
+    atmoe_tensor_free(t);
+    return st;
+}
+
 /* The widths d (= d_in = d_out) that --sizes asks for, into ds[2]; their
  * count. */
 static int tuned_widths(const tuner *tu, size_t ds[2])
@@ -958,7 +1022,12 @@ static int setup_mix(tuner *tu, const size_t *ts, int nt, int check)
                                    &md->w0)) ||
             (st = atmoe_tensor_write(md->w0, md->w0h,
                                      d * d * sizeof *md->w0h)) ||
-            (st = atmoe_experts_new(tu->ctx, d, d, &md->set)))
+            (st = store_as(tu->ctx, tu->opt.dtype, &md->w0, md->w0h)) ||
+            (st = round_as(tu->ctx, tu->opt.dtype, md->a, na)) ||
+            (st = round_as(tu->ctx, tu->opt.dtype, md->b, na)) ||
+            (st = atmoe_experts_new(tu->ctx, d, d, &md->set)) ||
+            (st = atmoe_experts_set_dtype(md->set, tu->opt.dtype,
+                                          tu->opt.dtype)))
             return lib_fail(tu->ctx, st, "making the mixture's weights");
         for (size_t e = 0; e < MIX_EXPERTS; e++)
             if ((st = atmoe_experts_add(
@@ -1709,14 +1778,22 @@ static json_t *make_entry(const tuner *tu, const json_t *prev,
         kernels = json_object();
         json_object_set_new(entry, "kernels", kernels);
     }
+    const char *program = blocks_program(opt);
+    json_t *blk = json_object_get(kernels, program);
+    if (!json_is_object(blk)) {
+        blk = json_object();
+        json_object_set_new(kernels, program, blk);
+    }
+    if (opt->phases & PHASE_BLOCKS) {
+        json_object_set_new(blk, "SR", json_integer(blocks->sr));
+        json_object_set_new(blk, "ST", json_integer(blocks->st));
+    }
+    if (json_object_size(blk) == 0)
+        json_object_del(kernels, program);
     json_t *lin = json_object_get(kernels, "linear");
     if (!json_is_object(lin)) {
         lin = json_object();
         json_object_set_new(kernels, "linear", lin);
-    }
-    if (opt->phases & PHASE_BLOCKS) {
-        json_object_set_new(lin, "SR", json_integer(blocks->sr));
-        json_object_set_new(lin, "ST", json_integer(blocks->st));
     }
     if (points) {
         if (max_tokens > 0)
@@ -1760,10 +1837,10 @@ static json_t *make_entry(const tuner *tu, const json_t *prev,
         json_decref(c);
     }
     if (opt->phases & PHASE_LINEAR) {
-        json_t *li = json_object_get(info, "linear");
+        json_t *li = json_object_get(info, program);
         if (!json_is_object(li)) {
             li = json_object();
-            json_object_set_new(info, "linear", li);
+            json_object_set_new(info, program, li);
         }
         if (opt->phases & PHASE_BLOCKS)
             json_object_set_new(li, "blocks", blocks_report(tu, blocks));
@@ -1819,7 +1896,7 @@ static int tune(options *opt)
     }
     json_t *prev = previous_entry(out_path, &dev);
     json_t *prev_lin = json_object_get(json_object_get(prev, "kernels"),
-                                       "linear");
+                                       blocks_program(opt));
     json_t *v;
     int prev_sr = json_is_integer(v = json_object_get(prev_lin, "SR"))
                       ? (int)json_integer_value(v)
@@ -1830,14 +1907,18 @@ static int tune(options *opt)
     if (prev_sr < 1 || prev_sr > 256 || prev_st < 1 || prev_st > 256)
         prev_sr = prev_st = 0;
     tu.kernels_base = json_deep_copy(json_object_get(prev, "kernels"));
-    json_object_del(tu.kernels_base, "linear");
+    if (opt->dtype == ATMOE_DTYPE_F32)
+        json_object_del(tu.kernels_base, "linear");
+    else
+        json_object_del(tu.kernels_base, blocks_program(opt));
 
     char phases[64];
     phases_text(opt->phases, phases, sizeof phases);
     say("tuning %s on %s (%s, driver %s), budget %.0f s, seed %lu, %s "
-        "clock\n", phases, dev.name, atmoe_vendor_name(dev.vendor),
-        dev.driver_version, opt->budget_s, opt->seed,
-        opt->cpu_clock ? "processor" : "wall");
+        "clock, weights in %s (%s)\n", phases, dev.name,
+        atmoe_vendor_name(dev.vendor), dev.driver_version, opt->budget_s,
+        opt->seed, opt->cpu_clock ? "processor" : "wall",
+        atmoe_dtype_name(opt->dtype), blocks_program(opt));
     double budget_end = tu.start + opt->budget_s;
     clblast_run cr;
     memset(&cr, 0, sizeof cr);
@@ -1957,14 +2038,16 @@ static void usage(FILE *f)
             "[--no-direct]\n"
             "                  [--compare-layout] [--clock wall|cpu] "
             "[--output FILE]\n"
-            "                  [--dry-run] [--quiet]\n"
+            "                  [--dtype f32|f16|bf16] [--dry-run] [--quiet]\n"
             "       " PROGRAM " --check FILE\n"
             "\n"
             "Searches CLBlast's SGEMM parameters and those of the library's "
             "linear kernel\nfor a device and stores the best in the user's "
             "tuning database (see\n" PROGRAM "(1)).  LIST: comma-separated "
             "clblast, blocks, boundary, linear\n(blocks,boundary) or all "
-            "(the default).\n");
+            "(the default).  --dtype f16 or bf16 tunes the blocks\nof "
+            "products over weights of that type (linear.f16, linear.bf16) "
+            "alone.\n");
 }
 
 static int parse_number(const char *flag, const char *text, double lo,
@@ -2018,7 +2101,8 @@ static int parse_phases(const char *text, unsigned *out)
 int main(int argc, char **argv)
 {
     options opt = {NULL, NULL, 300, 3, 1, 0, 0, 0, 1, 1, 1, 0, PHASE_ALL,
-                   NULL};
+                   NULL, ATMOE_DTYPE_F32};
+    int phases_given = 0;
     self_name = argv[0];
     const char *check = NULL;
     for (int i = 1; i < argc; i++) {
@@ -2052,6 +2136,20 @@ int main(int argc, char **argv)
         } else if (strcmp(a, "--phases") == 0) {
             if (parse_phases(argv[++i], &opt.phases))
                 return EXIT_USAGE;
+            phases_given = 1;
+        } else if (strcmp(a, "--dtype") == 0) {
+            v = argv[++i];
+            if (strcmp(v, "f32") == 0)
+                opt.dtype = ATMOE_DTYPE_F32;
+            else if (strcmp(v, "f16") == 0)
+                opt.dtype = ATMOE_DTYPE_F16;
+            else if (strcmp(v, "bf16") == 0)
+                opt.dtype = ATMOE_DTYPE_BF16;
+            else {
+                fprintf(stderr, PROGRAM ": --dtype is f32, f16 or bf16, not "
+                        "'%s'\n", v);
+                return EXIT_USAGE;
+            }
         } else if (strcmp(a, "--budget-s") == 0) {
             if (parse_number(a, argv[++i], 0, 86400, &opt.budget_s))
                 return EXIT_USAGE;
@@ -2087,6 +2185,16 @@ int main(int argc, char **argv)
         }
     }
     quiet = opt.quiet;
+    /* CLBlast reads f32 and the boundary is untyped: a run for half
+     * weights tunes their blocks alone. */
+    if (opt.dtype != ATMOE_DTYPE_F32) {
+        if (phases_given && opt.phases != PHASE_BLOCKS) {
+            fprintf(stderr, PROGRAM ": --dtype %s tunes the blocks alone "
+                    "(--phases blocks)\n", atmoe_dtype_name(opt.dtype));
+            return EXIT_USAGE;
+        }
+        opt.phases = PHASE_BLOCKS;
+    }
     if (check) {
         size_t n = 0;
         atmoe_status st = atmoe_tuning_check(check, &n);

@@ -110,13 +110,29 @@ __kernel void mix_dense(__global float *z, ulong z_offset,
     z[z_offset + i] = acc;
 }
 
+/* A_all's storage type for fold_gates (AT: 0 f32, 1 f16, 2 bf16, as in
+ * cl/linear.cl), read as stored and widened in registers. */
+#ifndef AT
+#define AT 0
+#endif
+#if AT == 1
+#define A_STORE half
+#define A_LOAD(p, i) vload_half((i), (p))
+#elif AT == 2
+#define A_STORE ushort
+#define A_LOAD(p, i) as_float((uint)(p)[i] << 16)
+#else
+#define A_STORE float
+#define A_LOAD(p, i) ((p)[i])
+#endif
+
 /* The merge path: when every token has the same gates (one gate row), the
  * mixture folds into the base weight, W' = W0 + c B_all M A_all, and the
  * layer is one GEMM.  This kernel makes M A_all: a = A_all [R, d_in] and
  * the out rows are [z_width, d_in] (z_width = R, or r2 for the dense mix).
  * mix: 0 block, 1 diagonal, 2 dense; gates is the single gate row. */
 __kernel void fold_gates(__global float *out, ulong out_offset,
-                         __global const float *a, __global const float *gates,
+                         __global const A_STORE *a, __global const float *gates,
                          ulong gates_offset, int mix,
                          __global const int *chan_expert,
                          __global const float *chan_scale, ulong d_in,
@@ -131,9 +147,9 @@ __kernel void fold_gates(__global float *out, ulong out_offset,
     if (mix == 2) {
         v = 0.0f;
         for (ulong r = 0; r < rank; r++)
-            v += gates[r * z_width + j] * a[r * d_in + k];
+            v += gates[r * z_width + j] * A_LOAD(a, r * d_in + k);
     } else {
-        v = a[j * d_in + k] * chan_scale[j] *
+        v = A_LOAD(a, j * d_in + k) * chan_scale[j] *
             channel_gate(gates, mix == 1, chan_expert[j], j);
     }
     out[out_offset + i] = v;

@@ -20,7 +20,10 @@
  *   NG      number of groups          MMAX   largest group's expert count
  *   FORM    0 projected, 1 scaled     TOPK_G, TOPK_E  0 means keep all
  *   WG      work-group size: a work-group owns a row and its work-items
- *           split the d_in-long dot products (a power of two) */
+ *           split the d_in-long dot products (a power of two)
+ *   GT, DT  storage types of w_g and of w_d (or v_d): 0 f32, 1 f16,
+ *           2 bf16, as in cl/linear.cl; read as stored and widened in
+ *           registers, every sum and logit in f32 (SPEC section 2) */
 
 #ifndef WG
 #define WG 64
@@ -31,6 +34,26 @@
 #ifndef TOPK_E
 #define TOPK_E 0
 #endif
+
+#ifndef GT
+#define GT 0
+#endif
+#ifndef DT
+#define DT 0
+#endif
+
+/* A router weight of storage type t: its element type and element i of p
+ * as f32. */
+#define RSTORE_0 float
+#define RSTORE_1 half
+#define RSTORE_2 ushort
+#define RSTORE_(t) RSTORE_##t
+#define RSTORE(t) RSTORE_(t)
+#define RLOAD_0(p, i) ((p)[i])
+#define RLOAD_1(p, i) vload_half((i), (p))
+#define RLOAD_2(p, i) as_float((uint)(p)[i] << 16)
+#define RLOAD_(t, p, i) RLOAD_##t(p, i)
+#define RLOAD(t, p, i) RLOAD_(t, p, i)
 
 #define NL (FORM == 0 ? NG + NG * MMAX : NG) /* logits from h */
 
@@ -105,8 +128,8 @@ inline void apply_fixed(float *v, const int *keep, __global const float *fixed,
  * NG*MMAX], w [rows, E]. */
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void
 grouped_router(__global const float *h, ulong h_offset, ulong d_in,
-               __global const float *w_g, ulong w_g_offset,
-               __global const float *w_d, ulong w_d_offset,
+               __global const RSTORE(GT) *w_g, ulong w_g_offset,
+               __global const RSTORE(DT) *w_d, ulong w_d_offset,
                __global const int *counts, __global const int *group_mask,
                __global const int *expert_mask,
                __global const float *group_fixed,
@@ -127,11 +150,13 @@ grouped_router(__global const float *h, ulong h_offset, ulong d_in,
     /* The dot products h . column for every logit: work-items split d_in,
      * consecutive items on consecutive elements of h. */
     for (int c = 0; c < NL; c++) {
-        __global const float *col = c < NG ? w_g + c : w_d + (c - NG);
-        const ulong ld = c < NG ? NG : NG * MMAX;
         float acc = 0.0f;
-        for (ulong k = lid; k < d_in; k += WG)
-            acc += h[k] * col[k * ld];
+        if (c < NG)
+            for (ulong k = lid; k < d_in; k += WG)
+                acc += h[k] * RLOAD(GT, w_g, k * NG + c);
+        else
+            for (ulong k = lid; k < d_in; k += WG)
+                acc += h[k] * RLOAD(DT, w_d, k * (NG * MMAX) + (c - NG));
         partial[lid] = acc;
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int s = WG / 2; s > 0; s >>= 1) {
@@ -175,7 +200,7 @@ grouped_router(__global const float *h, ulong h_offset, ulong d_in,
 #if FORM == 0
             d[m] = logits[NG + g * MMAX + m];
 #else
-            d[m] = a[g] * w_d[g * MMAX + m];
+            d[m] = a[g] * RLOAD(DT, w_d, g * MMAX + m);
 #endif
         }
         masked_softmax(d, keep_e, MMAX, tau_d);

@@ -724,6 +724,21 @@ ATMOE_API atmoe_status atmoe_experts_get_expert(const atmoe_experts *set,
                                                 float *a, size_t a_count,
                                                 float *b, size_t b_count);
 
+/* Storage types of the set's stacked A_all and B_all: f32 (the default),
+ * f16 or bf16, any of them with any W0 and router weights.  The f32
+ * arrays given to atmoe_experts_add are rounded to nearest even when the
+ * set is sealed, and the fused mixture reads them as stored, summing in
+ * f32 (u and z stay f32).  atmoe_experts_get_expert then returns the
+ * stored values.  Only before the set is sealed; any other type is
+ * ATMOE_STATUS_DTYPE_MISMATCH. */
+ATMOE_API atmoe_status atmoe_experts_set_dtype(atmoe_experts *set,
+                                               atmoe_dtype a_dtype,
+                                               atmoe_dtype b_dtype);
+/* The storage types in force (either pointer may be NULL). */
+ATMOE_API atmoe_status atmoe_experts_get_dtype(const atmoe_experts *set,
+                                               atmoe_dtype *a_dtype,
+                                               atmoe_dtype *b_dtype);
+
 /* The grouped router of AT-MoE (SPEC section 3). */
 typedef struct atmoe_router atmoe_router;
 
@@ -1159,6 +1174,25 @@ typedef struct atmoe_manifest_expert {
 ATMOE_API atmoe_status atmoe_manifest_get_expert(
     const atmoe_manifest *manifest, size_t module, size_t index,
     atmoe_manifest_expert *expert);
+
+/* How a checked manifest holds module index's weights on the device
+ * (atmoe-manifest(5), "dtype"): each tensor's type in its file and on the
+ * device (an absent w_g or w_d, which is zeros, is F32 and f32), the
+ * expert set's A_all and B_all likewise (the adapters' common type, F32
+ * when they differ), and the device bytes the module takes once built:
+ * its tensors, the expert set's copies and the router's arrays, not the
+ * graph's arena.  Before atmoe_manifest_check() succeeds,
+ * ATMOE_STATUS_INVALID_ARGUMENT. */
+typedef struct atmoe_manifest_storage {
+    atmoe_safetensors_dtype weight_file, bias_file, w_g_file, w_d_file;
+    atmoe_safetensors_dtype a_file, b_file;
+    atmoe_dtype weight, bias, w_g, w_d, a, b;
+    uint64_t device_bytes;
+} atmoe_manifest_storage;
+
+ATMOE_API atmoe_status atmoe_manifest_get_storage(
+    const atmoe_manifest *manifest, size_t module,
+    atmoe_manifest_storage *storage);
 
 /* Opens every file and adapter the manifest names (each once) and checks
  * every tensor and shape: module widths, biases, adapter targets, router

@@ -316,3 +316,49 @@ void ref_router(const model *m, const rcfg *c, const double *h,
                 a[m->group[e]] * dr[m->group[e] * M + m->slot[e]];
     }
 }
+
+/* v rounded in place to what dtype holds (f32: unchanged), through the
+ * library's own conversion on the device (tests/test_tensor.c checks it
+ * over every bf16 pattern and at every tie), so that the float64
+ * reference computes with the weights as stored; returns v's elements as
+ * dtype stores them (malloc'd), the data of a graph constant.  For a half
+ * type, at least one element of random data must change. */
+void *stored(atmoe_dtype dtype, float *v, size_t n)
+{
+    size_t es = atmoe_dtype_size(dtype);
+    void *bits = malloc(n * es);
+    ck_assert_ptr_nonnull(bits);
+    if (dtype == ATMOE_DTYPE_F32) {
+        memcpy(bits, v, n * es);
+        return bits;
+    }
+    float *orig = malloc(n * sizeof *orig);
+    ck_assert_ptr_nonnull(orig);
+    memcpy(orig, v, n * sizeof *v);
+    atmoe_tensor *f, *t;
+    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 1, &n, &f));
+    OK(atmoe_tensor_new(CTX, dtype, 1, &n, &t));
+    OK(atmoe_tensor_write(f, v, n * sizeof *v));
+    OK(atmoe_tensor_copy(t, f));
+    OK(atmoe_tensor_read(t, bits, n * es));
+    OK(atmoe_tensor_copy(f, t));
+    test_poison(v, n);
+    OK(atmoe_tensor_read(f, v, n * sizeof *v));
+    atmoe_tensor_free(f);
+    atmoe_tensor_free(t);
+    size_t changed = 0;
+    /* Half an ulp of the type's 8 (bf16) or 11 (f16) significant bits, or
+     * of f16's smallest subnormal. */
+    double rel = dtype == ATMOE_DTYPE_BF16 ? 0x1p-8 : 0x1p-11;
+    for (size_t i = 0; i < n; i++) {
+        ck_assert_msg(fabs((double)v[i] - orig[i]) <=
+                          fmax(rel * fabs(orig[i]), 0x1p-25),
+                      "%s rounding of %.9g gave %.9g", atmoe_dtype_name(dtype),
+                      orig[i], v[i]);
+        changed += v[i] != orig[i];
+    }
+    ck_assert_msg(n < 8 || changed > 0, "%s rounding changed nothing",
+                  atmoe_dtype_name(dtype));
+    free(orig);
+    return bits;
+}

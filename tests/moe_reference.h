@@ -36,6 +36,11 @@ atmoe_node const2(atmoe_graph *g, atmoe_dtype dtype, size_t rows,
                   size_t cols, const void *data);
 float *read_out(atmoe_graph *g, atmoe_node n, size_t count);
 
+/* v rounded in place to what dtype holds (f32: unchanged), through the
+ * library's own conversion on the device; returns v's elements as dtype
+ * stores them (malloc'd), the data of a graph constant. */
+void *stored(atmoe_dtype dtype, float *v, size_t n);
+
 /* |got - want| <= tol * scale everywhere (NaN fails). */
 void expect_scaled(const char *what, const float *got, const double *want,
                    const double *scale, size_t rows, size_t cols, double tol);

@@ -42,6 +42,12 @@ run inspect "$m/manifest.json"
 expect 0 "3 layer(s), 5 module(s), 13 -> 10 features" "inspect of the manifest"
 grep -q "general (lambda 0.75)" "$tmp/out" || fail "inspect does not show the general LoRA"
 grep -q "scale 3 (rsLoRA)" "$tmp/out" || fail "inspect does not show rsLoRA scales"
+grep -q "q_proj.weight in .*base.safetensors, BF16 as bf16$" "$tmp/out" ||
+    fail "inspect does not show a BF16 weight kept as bf16"
+grep -q "v_proj.weight in .*base.safetensors, F16 as f16$" "$tmp/out" ||
+    fail "inspect does not show an F16 weight kept as f16"
+grep -q "^  device memory of the weights: 9784 bytes" "$tmp/out" ||
+    fail "inspect does not show the device memory of the manifest"
 run inspect "$tmp/missing"
 expect 1 "missing" "inspect of a missing file"
 run inspect

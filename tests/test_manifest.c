@@ -238,12 +238,33 @@ static void expect_close(const char *what, atmoe_graph *g, atmoe_node node,
     free(got);
 }
 
-/* Runs the fixture's stack on input file and compares every module's
- * output and trace with the reference. */
-static void run_fixture(const char *input, const char *expected)
+/* The fixture's manifest with root_keys ("\"dtype\": \"f32\", ") put
+ * first in its top-level object. */
+static atmoe_manifest *open_fixture_with(const char *root_keys)
+{
+    size_t size;
+    char *text = test_read_file(PATH_, &size);
+    char *brace = strchr(text, '{');
+    ck_assert_ptr_nonnull(brace);
+    size_t n = size + strlen(root_keys) + 1;
+    char *json = malloc(n);
+    ck_assert_ptr_nonnull(json);
+    snprintf(json, n, "{%s%s", root_keys, brace + 1);
+    atmoe_manifest *m = NULL;
+    OK(atmoe_manifest_parse(NULL, json, strlen(json), DIR_, &m));
+    free(json);
+    free(text);
+    return m;
+}
+
+/* Runs the fixture's stack (with root_keys, when not NULL) on input file
+ * and compares every module's output and trace with the reference. */
+static void run_fixture_with(const char *input, const char *expected,
+                             const char *root_keys)
 {
     atmoe_context *ctx = test_context();
-    atmoe_manifest *m = open_fixture();
+    atmoe_manifest *m = root_keys ? open_fixture_with(root_keys)
+                                  : open_fixture();
     atmoe_graph *g;
     ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
     size_t T, d, S = 0;
@@ -308,6 +329,11 @@ static void run_fixture(const char *input, const char *expected)
     atmoe_context_free(ctx);
 }
 
+static void run_fixture(const char *input, const char *expected)
+{
+    run_fixture_with(input, expected, NULL);
+}
+
 START_TEST(test_run_tokens)
 {
     run_fixture("x.safetensors", "expected.safetensors");
@@ -317,6 +343,265 @@ END_TEST
 START_TEST(test_run_sequences)
 {
     run_fixture("x-seq.safetensors", "expected-seq.safetensors");
+}
+END_TEST
+
+/* The fixture's weights converted to f32 on loading: the same results
+ * (the reference computes with the stored values, which f32 holds
+ * exactly). */
+START_TEST(test_run_converted)
+{
+    run_fixture_with("x.safetensors", "expected.safetensors",
+                     "\"dtype\": \"f32\", ");
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* Storage types                                                             */
+/* ------------------------------------------------------------------------ */
+
+static atmoe_dtype device_of(atmoe_safetensors_dtype d)
+{
+    return d == ATMOE_SAFETENSORS_F16    ? ATMOE_DTYPE_F16
+           : d == ATMOE_SAFETENSORS_BF16 ? ATMOE_DTYPE_BF16
+                                         : ATMOE_DTYPE_F32;
+}
+
+static atmoe_safetensors_dtype file_dtype(const atmoe_manifest_tensor *t)
+{
+    if (t->file == NULL)
+        return ATMOE_SAFETENSORS_F32;
+    atmoe_safetensors *f;
+    atmoe_safetensors_tensor st;
+    OK(atmoe_safetensors_open(NULL, t->file, &f));
+    OK(atmoe_safetensors_find(f, t->tensor, &st));
+    atmoe_safetensors_free(f);
+    return st.dtype;
+}
+
+/* Builds m into a fresh graph and returns the device bytes that took,
+ * after checking each module's storage: as its files store it (convert 0)
+ * or converted to convert. */
+static uint64_t expect_storage(atmoe_manifest *m, int convert,
+                               atmoe_dtype to)
+{
+    atmoe_context *ctx = test_context();
+    OK(atmoe_manifest_check(m));
+    atmoe_manifest_info info;
+    OK(atmoe_manifest_get_info(m, &info));
+    uint64_t want = 0;
+    int halves = 0;
+    for (size_t i = 0; i < info.modules; i++) {
+        atmoe_manifest_module mod;
+        atmoe_manifest_storage s;
+        OK(atmoe_manifest_get_module(m, i, &mod));
+        memset(&s, 0xff, sizeof s);
+        OK(atmoe_manifest_get_storage(m, i, &s));
+        const atmoe_manifest_tensor *ts[4] = {&mod.weight, &mod.bias,
+                                              &mod.w_g, &mod.w_d};
+        const atmoe_safetensors_dtype fs[4] = {s.weight_file, s.bias_file,
+                                               s.w_g_file, s.w_d_file};
+        const atmoe_dtype ds[4] = {s.weight, s.bias, s.w_g, s.w_d};
+        for (int k = 0; k < 4; k++) {
+            ck_assert_int_eq(fs[k], file_dtype(ts[k]));
+            /* The bias is f32 whatever is asked; absent tensors too. */
+            atmoe_dtype d = k == 1 || ts[k]->file == NULL ? ATMOE_DTYPE_F32
+                            : convert ? to
+                                      : device_of(fs[k]);
+            ck_assert_msg(ds[k] == d, "module %zu tensor %d: %s, not %s", i,
+                          k, atmoe_dtype_name(ds[k]), atmoe_dtype_name(d));
+            halves += ds[k] != ATMOE_DTYPE_F32;
+        }
+        ck_assert(s.a == (convert ? to : device_of(s.a_file)));
+        ck_assert(s.b == (convert ? to : device_of(s.b_file)));
+        want += s.device_bytes;
+    }
+    /* The fixture stores two base weights in half precision. */
+    ck_assert(convert ? (to == ATMOE_DTYPE_F32) == (halves == 0)
+                      : halves >= 2);
+    atmoe_graph *g;
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t xs[2] = {5, info.d_in};
+    atmoe_node x, y;
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &x),
+                     ctx);
+    atmoe_memory_stats before, after;
+    ck_assert_status(atmoe_context_get_memory_stats(ctx, &before), ctx);
+    ck_assert_status(atmoe_manifest_build(m, g, x, ATMOE_NODE_NONE,
+                                          ATMOE_NODE_NONE, NULL, NULL, &y),
+                     ctx);
+    ck_assert_status(atmoe_context_get_memory_stats(ctx, &after), ctx);
+    ck_assert_uint_eq(after.allocated_bytes - before.allocated_bytes, want);
+    atmoe_graph_free(g);
+    atmoe_context_free(ctx);
+    return want;
+}
+
+/* Each tensor kept as its file stores it, or converted as the manifest
+ * asks (a default at the top, per tensor, for the experts), and the
+ * device memory each module takes: what building it allocates. */
+START_TEST(test_storage)
+{
+    atmoe_manifest *m = open_fixture();
+    atmoe_manifest_storage s;
+    FAILS(atmoe_manifest_get_storage(m, 0, &s), NULL,
+          ATMOE_STATUS_INVALID_ARGUMENT, "not checked");
+    OK(atmoe_manifest_check(m));
+    FAILS(atmoe_manifest_get_storage(m, 99, &s), NULL,
+          ATMOE_STATUS_OUT_OF_RANGE, "module 99");
+    FAILS(atmoe_manifest_get_storage(m, 0, NULL), NULL,
+          ATMOE_STATUS_NULL_POINTER, "storage");
+    FAILS(atmoe_manifest_get_storage(NULL, 0, &s), NULL,
+          ATMOE_STATUS_NULL_POINTER, "manifest");
+    uint64_t stored = expect_storage(m, 0, ATMOE_DTYPE_F32);
+    atmoe_manifest_free(m);
+    m = open_fixture_with("\"dtype\": \"f32\", ");
+    uint64_t f32 = expect_storage(m, 1, ATMOE_DTYPE_F32);
+    atmoe_manifest_free(m);
+    m = open_fixture_with("\"dtype\": \"bf16\", ");
+    uint64_t bf16 = expect_storage(m, 1, ATMOE_DTYPE_BF16);
+    atmoe_manifest_free(m);
+    ck_assert(bf16 < stored && stored < f32);
+
+    /* Per tensor and for the experts, over the default. */
+    static const char one[] =
+        "{\"version\": 1, \"weights\": \"base.safetensors\", \"dtype\": "
+        "\"f32\", \"layers\": [{\"modules\": {\"q_proj\": {\"weight\": "
+        "{\"tensor\": \"model.layers.0.self_attn.q_proj.weight\", "
+        "\"dtype\": \"f16\"}, \"experts_dtype\": \"bf16\", \"groups\": "
+        "[[\"../peft/math\"], [\"../peft/code\"]], \"router\": {\"w_g\": {\"file\": "
+        "\"router.safetensors\", \"tensor\": \"layers.0.v_proj.w_g\", "
+        "\"dtype\": \"stored\"}}}}}]}";
+    OK(atmoe_manifest_parse(NULL, one, strlen(one), DIR_, &m));
+    OK(atmoe_manifest_check(m));
+    OK(atmoe_manifest_get_storage(m, 0, &s));
+    ck_assert(s.weight == ATMOE_DTYPE_F16 && s.a == ATMOE_DTYPE_BF16 &&
+              s.b == ATMOE_DTYPE_BF16 &&
+              s.w_g == device_of(s.w_g_file) && s.w_d == ATMOE_DTYPE_F32);
+    atmoe_manifest_free(m);
+}
+END_TEST
+
+/* A manifest of one module over a weight file of the test's own (w [13,
+ * 13] and a bias [13] of the given types and values) and the fixture's
+ * math adapter; root and ref are extra keys at the top and in the
+ * weight's entry. */
+static atmoe_status build_one(const char *dir, atmoe_safetensors_dtype wt,
+                              const float *w, const char *root,
+                              const char *ref, const char *groups,
+                              atmoe_context *ctx)
+{
+    char path[4200], json[16384];
+    snprintf(path, sizeof path, "%s/w.safetensors", dir);
+    atmoe_safetensors_writer *wr;
+    uint64_t shape[2] = {13, 13};
+    OK(atmoe_safetensors_writer_new(NULL, &wr));
+    if (wt == ATMOE_SAFETENSORS_F64) {
+        double d[169];
+        for (int i = 0; i < 169; i++)
+            d[i] = w[i];
+        OK(atmoe_safetensors_writer_add(wr, "w", wt, 2, shape, d));
+    } else {
+        OK(atmoe_safetensors_writer_add_f32(wr, "w", wt, 2, shape, w));
+    }
+    float bias[13];
+    for (int i = 0; i < 13; i++)
+        bias[i] = (float)(i - 6) / 8.0f;
+    OK(atmoe_safetensors_writer_add_f32(wr, "b", ATMOE_SAFETENSORS_F16, 1,
+                                        shape, bias));
+    OK(atmoe_safetensors_writer_save(wr, path));
+    atmoe_safetensors_writer_free(wr);
+    snprintf(json, sizeof json,
+             "{\"version\": 1, \"weights\": \"%s\"%s, \"layers\": [{"
+             "\"modules\": {\"q_proj\": {\"weight\": {\"tensor\": \"w\"%s}, "
+             "\"bias\": \"b\", \"groups\": [[\"%s/%s\"]]}}}]}",
+             path, root, ref, DIR_, groups);
+    atmoe_manifest *m;
+    OK(atmoe_manifest_parse(NULL, json, strlen(json), DIR_, &m));
+    atmoe_graph *g;
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t xs[2] = {3, 13};
+    atmoe_node x, y;
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &x),
+                     ctx);
+    atmoe_node marker = test_marker(ctx, g);
+    atmoe_status st = atmoe_manifest_build(m, g, x, ATMOE_NODE_NONE,
+                                           ATMOE_NODE_NONE, NULL, NULL, &y);
+    if (st != ATMOE_STATUS_OK) /* a failed build leaves the graph as it was */
+        ck_assert_int_eq(test_marker(ctx, g), marker + 1);
+    atmoe_graph_free(g);
+    atmoe_manifest_free(m);
+    return st;
+}
+
+/* NaN and infinities, in a half-precision file or made by a conversion,
+ * are refused with the tensor and the element, unless the manifest allows
+ * them; F64 cannot be held as stored; the bias stays f32. */
+START_TEST(test_nonfinite)
+{
+    atmoe_context *ctx = test_context();
+    char dir[4096];
+    test_mkdtemp(dir, sizeof dir, "nonfinite");
+    float w[169];
+    for (int i = 0; i < 169; i++)
+        w[i] = (float)((i % 17) - 8) / 16.0f;
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_BF16, w, "", "",
+                               "../peft/math", ctx), ctx);
+    w[1 * 13 + 2] = INFINITY;
+    FAILS(build_one(dir, ATMOE_SAFETENSORS_BF16, w, "", "", "../peft/math",
+                    ctx),
+          ctx, ATMOE_STATUS_FORMAT_ERROR,
+          "layers[0].modules.q_proj: tensor w of");
+    ck_assert_msg(strstr(atmoe_errmsg(ctx), "element [1, 2] is inf in bf16"),
+                  "%s", atmoe_errmsg(ctx));
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_BF16, w,
+                               ", \"allow_nonfinite\": true", "",
+                               "../peft/math", ctx), ctx);
+    w[1 * 13 + 2] = NAN;
+    FAILS(build_one(dir, ATMOE_SAFETENSORS_F16, w, "", "", "../peft/math",
+                    ctx),
+          ctx, ATMOE_STATUS_FORMAT_ERROR, "element [1, 2] is nan in f16");
+    w[1 * 13 + 2] = 0.5f;
+
+    /* f32 values past f16's range become infinities when converted. */
+    w[3] = 70000.0f;
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_F32, w, "", "",
+                               "../peft/math", ctx), ctx);
+    FAILS(build_one(dir, ATMOE_SAFETENSORS_F32, w, "",
+                    ", \"dtype\": \"f16\"", "../peft/math", ctx),
+          ctx, ATMOE_STATUS_FORMAT_ERROR,
+          "element [0, 3] is inf (from 70000) in f16");
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_F32, w, "",
+                               ", \"dtype\": \"bf16\"", "../peft/math",
+                               ctx), ctx);
+    w[3] = 0.25f;
+
+    /* F64 kept as stored: no device type holds it. */
+    FAILS(build_one(dir, ATMOE_SAFETENSORS_F64, w, "", "", "../peft/math",
+                    ctx),
+          ctx, ATMOE_STATUS_NOT_SUPPORTED,
+          "is F64, which the device cannot hold");
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_F64, w,
+                               ", \"dtype\": \"f32\"", "", "../peft/math",
+                               ctx), ctx);
+
+    /* The bias is f32 on the device whatever the default asks (its file
+     * stores it in f16 here); test_misfit refuses half asked of it. */
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_F16, w,
+                               ", \"dtype\": \"bf16\"", "", "../peft/math",
+                               ctx), ctx);
+
+    /* A NaN in an adapter: its target and element. */
+    FAILS(build_one(dir, ATMOE_SAFETENSORS_F32, w, "", "", "../peft-nan",
+                    ctx),
+          ctx, ATMOE_STATUS_FORMAT_ERROR, "lora_B of");
+    ck_assert_msg(strstr(atmoe_errmsg(ctx), "element [1, 1] is nan in f32"),
+                  "%s", atmoe_errmsg(ctx));
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_F32, w,
+                               ", \"allow_nonfinite\": true", "",
+                               "../peft-nan", ctx), ctx);
+    test_rmdir_r(dir);
+    atmoe_context_free(ctx);
 }
 END_TEST
 
@@ -382,7 +667,19 @@ static const struct {
      "layers[0].modules.q.weight.transposed: must be true or false"},
     {"{\"version\": 1, \"weights\": \"f\", \"layers\": [{\"modules\": "
      "{\"q\": {\"weight\": {\"tensor\": \"t\", \"dtype\": \"F16\"}}}}]}",
-     "layers[0].modules.q.weight: unknown key \"dtype\""},
+     "layers[0].modules.q.weight.dtype: is \"F16\"; the storage types are "
+     "\"stored\""},
+    {"{\"version\": 1, \"weights\": \"f\", \"dtype\": \"f64\", \"layers\": "
+     "[{\"modules\": {\"q\": {\"weight\": \"w\"}}}]}",
+     "dtype: is \"f64\""},
+    {"{\"version\": 1, \"weights\": \"f\", \"dtype\": 16, \"layers\": "
+     "[{\"modules\": {\"q\": {\"weight\": \"w\"}}}]}",
+     "dtype: must be a string"},
+    {"{\"version\": 1, \"weights\": \"f\", \"allow_nonfinite\": 1, "
+     "\"layers\": [{\"modules\": {\"q\": {\"weight\": \"w\"}}}]}",
+     "allow_nonfinite: must be true or false"},
+    {MODULE(", \"experts_dtype\": \"q8\""),
+     "layers[0].modules.q_proj.experts_dtype: is \"q8\""},
     {MODULE(", \"bias\": {\"tensor\": \"b\", \"transposed\": true}"),
      "layers[0].modules.q_proj.bias: unknown key \"transposed\""},
     {"{\"version\": 1, \"weights\": \"f\", \"layers\": [{\"modules\": "
@@ -565,6 +862,9 @@ static const struct {
      "", "", ATMOE_STATUS_SHAPE_MISMATCH, "needs [13, 2]"},
     {W0, GROUPS, "{}", ", \"bias\": \"model.layers.0.self_attn.v_proj.weight\"",
      "", ATMOE_STATUS_SHAPE_MISMATCH, "bias"},
+    {W0, GROUPS, "{}", ", \"bias\": {\"tensor\": "
+     "\"model.layers.0.self_attn.q_proj.bias\", \"dtype\": \"f16\"}",
+     "", ATMOE_STATUS_NOT_SUPPORTED, "bias: the bias is held in f32"},
     /* A second layer whose input is not the first one's output (7). */
     {"\"model.layers.0.self_attn.v_proj.weight\"",
      "[[{\"adapter\": \"../peft/math\", \"module\": \"v_proj\"}]]", "{}",
@@ -716,6 +1016,9 @@ int main(void)
     tcase_add_checked_fixture(tc, setup, NULL);
     tcase_add_test(tc, test_run_tokens);
     tcase_add_test(tc, test_run_sequences);
+    tcase_add_test(tc, test_run_converted);
+    tcase_add_test(tc, test_storage);
+    tcase_add_test(tc, test_nonfinite);
     tcase_add_test(tc, test_build_failures);
     suite_add_tcase(s, tc);
     return test_run_suite(s);

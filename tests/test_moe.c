@@ -1348,32 +1348,62 @@ END_TEST
 /* tokens) and, with ATMOE_LINEAR_MAX_TOKENS=16, through CLBlast past 16     */
 /* ------------------------------------------------------------------------ */
 
-/* W0 stored as dtype: its values are multiples of 1/128 in [-1, 1], which
- * f16 and bf16 hold exactly, so the float64 reference of the stored
- * weights is the reference of the f32 ones. */
-static atmoe_node w0_node(atmoe_graph *g, atmoe_dtype dtype, float *w0,
-                          size_t rows, size_t cols, atmoe_tensor **keep)
+/* A constant [rows, cols] (cols 0: [rows]) stored as dtype; v is rounded
+ * to it in place. */
+static atmoe_node typed_const(atmoe_graph *g, atmoe_dtype dtype, size_t rows,
+                              size_t cols, float *v)
 {
-    for (size_t i = 0; i < rows * cols; i++)
-        w0[i] = roundf(w0[i] * 128.0f) / 128.0f;
-    if (dtype == ATMOE_DTYPE_F32) {
-        *keep = NULL;
-        return const2(g, ATMOE_DTYPE_F32, rows, cols, w0);
-    }
-    size_t shape[2] = {rows, cols};
-    atmoe_tensor *f, *t;
-    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 2, shape, &f));
-    OK(atmoe_tensor_write(f, w0, rows * cols * sizeof *w0));
-    OK(atmoe_tensor_new(CTX, dtype, 2, shape, &t));
-    OK(atmoe_tensor_copy(t, f));
-    atmoe_tensor_free(f);
-    atmoe_node n;
-    OK(atmoe_graph_parameter(g, "w0", t, &n));
-    *keep = t;
+    void *bits = stored(dtype, v, rows * (cols ? cols : 1));
+    atmoe_node n = const2(g, dtype, rows, cols, bits);
+    free(bits);
     return n;
 }
 
-static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
+/* Stores the experts of set (built from m, not sealed yet) as a_dtype and
+ * b_dtype, and rounds m's copies to match. */
+static void model_store(model *m, atmoe_experts *set, atmoe_dtype a_dtype,
+                        atmoe_dtype b_dtype)
+{
+    OK(atmoe_experts_set_dtype(set, a_dtype, b_dtype));
+    atmoe_dtype ga, gb;
+    OK(atmoe_experts_get_dtype(set, &ga, &gb));
+    ck_assert(ga == a_dtype && gb == b_dtype);
+    for (int e = 0; e <= m->n; e++) {
+        int general = e == m->n;
+        if (general && !m->has_general)
+            break;
+        size_t rk = general ? m->rank_p : m->rank[e];
+        free(stored(a_dtype, general ? m->Ap : m->A[e], rk * m->d_in));
+        free(stored(b_dtype, general ? m->Bp : m->B[e], m->d_out * rk));
+    }
+}
+
+/* Once set is sealed, its experts read back as m holds them, exactly: the
+ * host's rounding at sealing and the device's agree. */
+static void expect_stored_experts(const model *m, const atmoe_experts *set)
+{
+    for (int e = 0; e <= m->n; e++) {
+        int general = e == m->n;
+        if (general && !m->has_general)
+            break;
+        size_t rk = general ? m->rank_p : m->rank[e];
+        size_t na = rk * m->d_in, nb = m->d_out * rk;
+        float *a = malloc(na * sizeof *a), *b = malloc(nb * sizeof *b);
+        ck_assert(a && b);
+        test_poison(a, na);
+        test_poison(b, nb);
+        OK(atmoe_experts_get_expert(set, (size_t)e, NULL, a, na, b, nb));
+        expect_same("stored A", a, general ? m->Ap : m->A[e], na);
+        expect_same("stored B", b, general ? m->Bp : m->B[e], nb);
+        free(a);
+        free(b);
+    }
+}
+
+/* W0, A_all and B_all stored as w0_dtype, a_dtype and b_dtype, against
+ * the float64 reference of the weights as stored (rounded). */
+static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
+                              atmoe_dtype a_dtype, atmoe_dtype b_dtype)
 {
     CTX = test_context();
     if (params)
@@ -1387,24 +1417,31 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
     model_s1(&mb, DI, DO, rs);
     model_s1(&md, DI, DO, NULL);
     atmoe_experts *sb = model_build(&mb), *sd = model_build(&md);
+    model_store(&mb, sb, a_dtype, b_dtype);
+    model_store(&md, sd, a_dtype, b_dtype);
     float *w0 = alloc_uniform(DO * DI, -1, 1);
     float *bias = alloc_uniform(DO, -1, 1);
     float *row = alloc_uniform(md.R, -1, 1);
+    float *seqg = alloc_uniform(3 * (size_t)mb.n, -1, 1);
 
-    /* Block mix with per-token gates and a bias; diagonal mix with one
-     * gate row for every token, unmerged without a bias and merged with
-     * one. */
+    /* Block mix with per-token gates and a bias, and with a gate row per
+     * sequence (gate_index); diagonal mix with one gate row for every
+     * token, unmerged without a bias and merged with one. */
     atmoe_graph *g;
     OK(atmoe_graph_new(CTX, &g));
     atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, T, DI, 1);
     atmoe_node ng = input2(g, "gates", ATMOE_DTYPE_F32, T, mb.n, 1);
-    atmoe_tensor *w0t;
-    atmoe_node nw0 = w0_node(g, w0_dtype, w0, DO, DI, &w0t);
+    atmoe_node nw0 = typed_const(g, w0_dtype, DO, DI, w0);
     atmoe_node nb = const2(g, ATMOE_DTYPE_F32, DO, 0, bias);
     atmoe_node nrow = const2(g, ATMOE_DTYPE_F32, 1, md.R, row);
-    atmoe_node yb, yd, ym;
+    atmoe_node nsg = const2(g, ATMOE_DTYPE_F32, 3, (size_t)mb.n, seqg);
+    atmoe_node ngi = input2(g, "gi", ATMOE_DTYPE_I32, T, 0, 1);
+    atmoe_node yb, yd, ym, ys;
     OK(atmoe_graph_mixture(g, nx, nw0, nb, sb, ATMOE_MIX_BLOCK, ng,
                            ATMOE_NODE_NONE, 0.75f, &yb));
+    OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, sb, ATMOE_MIX_BLOCK,
+                           nsg, ngi, 0.5f, &ys));
+    OK(atmoe_graph_mark_output(g, ys));
     OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, sd,
                            ATMOE_MIX_DIAGONAL, nrow, ATMOE_NODE_NONE, -1.5f,
                            &yd));
@@ -1416,12 +1453,18 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
     OK(atmoe_graph_mark_output(g, yd));
     OK(atmoe_graph_mark_output(g, ym));
     OK(atmoe_graph_plan(g, 0));
+    expect_stored_experts(&mb, sb);
+    expect_stored_experts(&md, sd);
     double *drow = to_double(row, md.R);
     for (size_t n = 1; n <= T; n++) {
         float *x = alloc_uniform(n * DI, -1, 1);
         float *gates = alloc_uniform(n * mb.n, -1, 1);
         OK(atmoe_graph_set_input(g, nx, x, n * DI * sizeof *x, n));
         OK(atmoe_graph_set_input(g, ng, gates, n * mb.n * sizeof *gates, n));
+        int32_t gi[19];
+        for (size_t t = 0; t < n; t++)
+            gi[t] = (int32_t)((t * 7 + 1) % 3);
+        OK(atmoe_graph_set_input(g, ngi, gi, n * sizeof *gi, n));
         OK(atmoe_graph_compute(g, n));
         float *gb = read_out(g, yb, n * DO), *gd = read_out(g, yd, n * DO),
               *gm = read_out(g, ym, n * DO);
@@ -1430,6 +1473,16 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
         snprintf(what, sizeof what, "block, batch %zu", n);
         check_mixture(what, &mb, x, n, w0, bias, ATMOE_MIX_BLOCK, dg, NULL,
                       0.75, gb);
+        float *gs = read_out(g, ys, n * DO);
+        double *dsg = to_double(seqg, 3 * (size_t)mb.n);
+        int gidx[19];
+        for (size_t t = 0; t < n; t++)
+            gidx[t] = gi[t];
+        snprintf(what, sizeof what, "block per sequence, batch %zu", n);
+        check_mixture(what, &mb, x, n, w0, NULL, ATMOE_MIX_BLOCK, dsg, gidx,
+                      0.5, gs);
+        free(gs);
+        free(dsg);
         /* The reference reads a gate row per token: repeat the one row. */
         double *rows = alloc_d(n * md.R);
         for (size_t t = 0; t < n; t++)
@@ -1450,12 +1503,12 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
     }
     free(drow);
     atmoe_graph_free(g);
-    atmoe_tensor_free(w0t);
     atmoe_experts_free(sb);
     atmoe_experts_free(sd);
     free(w0);
     free(bias);
     free(row);
+    free(seqg);
     model_free(&mb);
     model_free(&md);
     atmoe_context_free(CTX);
@@ -1463,7 +1516,8 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype)
 
 static void every_batch(const char *params)
 {
-    every_batch_typed(params, ATMOE_DTYPE_F32);
+    every_batch_typed(params, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
 }
 
 START_TEST(test_every_batch)
@@ -1477,21 +1531,58 @@ END_TEST
  * reads an f32 copy. */
 START_TEST(test_every_batch_bf16)
 {
-    every_batch_typed(NULL, ATMOE_DTYPE_BF16);
+    every_batch_typed(NULL, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
 }
 END_TEST
 
 START_TEST(test_every_batch_f16)
 {
-    every_batch_typed(NULL, ATMOE_DTYPE_F16);
+    every_batch_typed(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
+}
+END_TEST
+
+/* The experts in half precision too, in mixes where every type takes
+ * every place (W0, A_all, B_all) and every pair of the base kernel's
+ * (W0, B_all) types but one (f32, f32) is met; the shrink then reads A as
+ * stored, the fold of the merged route too. */
+START_TEST(test_every_batch_experts_half)
+{
+    static const atmoe_dtype mixes[][3] = {
+        {ATMOE_DTYPE_BF16, ATMOE_DTYPE_BF16, ATMOE_DTYPE_BF16},
+        {ATMOE_DTYPE_F16, ATMOE_DTYPE_F16, ATMOE_DTYPE_F16},
+        {ATMOE_DTYPE_F32, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16},
+        {ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32},
+        {ATMOE_DTYPE_F16, ATMOE_DTYPE_F32, ATMOE_DTYPE_BF16},
+    };
+    for (size_t i = 0; i < sizeof mixes / sizeof mixes[0]; i++)
+        every_batch_typed(NULL, mixes[i][0], mixes[i][1], mixes[i][2]);
+}
+END_TEST
+
+/* Blocks tuned per storage type: the shrink over an f16 A_all, the base
+ * over a bf16 W0 and the merged f32 W' each walk their own blocks (their
+ * launches and their builds must agree). */
+START_TEST(test_every_batch_typed_blocks)
+{
+    every_batch_typed("{\"kernels\": {\"linear\": {\"SR\": 3, \"ST\": 3}, "
+                      "\"linear.bf16\": {\"SR\": 5, \"ST\": 2}, "
+                      "\"linear.f16\": {\"SR\": 2, \"ST\": 4}}}",
+                      ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16);
 }
 END_TEST
 
 START_TEST(test_every_batch_half_clblast)
 {
     ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
-    every_batch_typed(NULL, ATMOE_DTYPE_BF16);
-    every_batch_typed(NULL, ATMOE_DTYPE_F16);
+    every_batch_typed(NULL, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
+    every_batch_typed(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
+    /* CLBlast reads f32 copies of a half A_all and W0 from scratch. */
+    every_batch_typed(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16,
+                      ATMOE_DTYPE_F16);
     unsetenv("ATMOE_LINEAR_MAX_TOKENS");
 }
 END_TEST
@@ -1519,6 +1610,155 @@ START_TEST(test_every_batch_clblast)
     ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
     every_batch(NULL);
     unsetenv("ATMOE_LINEAR_MAX_TOKENS");
+}
+END_TEST
+
+/* ------------------------------------------------------------------------ */
+/* A layer whose weights are of every type at once                           */
+/* ------------------------------------------------------------------------ */
+
+/* Both router forms with w_g, w_d and v_d in half precision, and the
+ * mixture they feed with W0, A_all and B_all each in another type (the
+ * general LoRA's too), against the float64 reference of the weights as
+ * stored, at the tolerances of f32 weights: rounding the weights is what
+ * the reference does too, and every sum stays f32.  d_in 97 > 64: each of
+ * the router's work-items sums two elements. */
+START_TEST(test_typed_layer)
+{
+    static const atmoe_dtype types[2][6] = {
+        /* w_g, w_d, v_d, W0, A_all, B_all */
+        {ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16,
+         ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16},
+        {ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16,
+         ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32},
+    };
+    CTX = test_context();
+    test_rng_seed(&RNG, 1313);
+    const size_t T = 11, DI = 97, DO = 41;
+    for (int k = 0; k < 2; k++) {
+        const atmoe_dtype *ty = types[k];
+        model m;
+        model_s1(&m, DI, DO, NULL);
+        model_general(&m, 3, 0, 0.6f, 0);
+        atmoe_experts *set = model_build(&m);
+        model_store(&m, set, ty[4], ty[5]);
+        rcfg c0, c1;
+        atmoe_router *routers[2];
+        routers[0] = router_make(set, &c0, ATMOE_ROUTER_PROJECTED, 0.7f,
+                                 1.3f, 0, 0);
+        routers[1] = router_make(set, &c1, ATMOE_ROUTER_SCALED, 1.5f, 0.6f,
+                                 0, 0);
+        const size_t G = (size_t)m.G, M = (size_t)m.M;
+        float *wg = alloc_uniform(DI * G, -0.5, 0.5);
+        float *wd = alloc_uniform(DI * G * M, -0.5, 0.5);
+        float *vd = alloc_uniform(G * M, -3, 3);
+        float *w0 = alloc_uniform(DO * DI, -1, 1);
+        float *bias = alloc_uniform(DO, -1, 1);
+
+        rig r;
+        memset(&r, 0, sizeof r);
+        r.m = &m;
+        r.T = T;
+        r.nr = 2;
+        r.cfg[0] = &c0;
+        r.cfg[1] = &c1;
+        r.wg = wg;
+        r.wd = wd;
+        r.vd = vd;
+        r.w0 = w0;
+        r.bias = bias;
+        r.c = 0.75f;
+        OK(atmoe_graph_new(CTX, &r.g));
+        r.x = input2(r.g, "x", ATMOE_DTYPE_F32, T, DI, 1);
+        atmoe_node nwg = typed_const(r.g, ty[0], DI, G, wg);
+        atmoe_node nwd = typed_const(r.g, ty[1], DI, G * M, wd);
+        atmoe_node nvd = typed_const(r.g, ty[2], G, M, vd);
+        atmoe_node nw0 = typed_const(r.g, ty[3], DO, DI, w0);
+        atmoe_node nb = const2(r.g, ATMOE_DTYPE_F32, DO, 0, bias);
+        for (int i = 0; i < 2; i++) {
+            OK(atmoe_graph_router(r.g, r.x, routers[i], nwg, i ? nvd : nwd,
+                                  &r.a[i], &r.d[i], &r.w[i]));
+            OK(atmoe_graph_mark_output(r.g, r.a[i]));
+            OK(atmoe_graph_mark_output(r.g, r.d[i]));
+            OK(atmoe_graph_mark_output(r.g, r.w[i]));
+        }
+        OK(atmoe_graph_mixture(r.g, r.x, nw0, nb, set, ATMOE_MIX_BLOCK,
+                               r.w[0], ATMOE_NODE_NONE, r.c, &r.y));
+        OK(atmoe_graph_mark_output(r.g, r.y));
+        OK(atmoe_graph_plan(r.g, 0));
+        expect_stored_experts(&m, set);
+        static const size_t batches[3] = {11, 1, 4};
+        for (int b = 0; b < 3; b++) {
+            float *x = alloc_uniform(batches[b] * DI, -1, 1);
+            rig_check(&r, x, batches[b], NULL);
+            free(x);
+        }
+        atmoe_graph_free(r.g);
+        atmoe_router_free(routers[0]);
+        atmoe_router_free(routers[1]);
+        atmoe_experts_free(set);
+        free(wg);
+        free(wd);
+        free(vd);
+        free(w0);
+        free(bias);
+        model_free(&m);
+    }
+    atmoe_context_free(CTX);
+}
+END_TEST
+
+/* Storage types the experts and the router do not take, and a storage
+ * type set too late. */
+START_TEST(test_typed_refused)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 1414);
+    model m;
+    model_s1(&m, 37, 29, NULL);
+    atmoe_experts *set = model_build(&m);
+    FAILS(atmoe_experts_set_dtype(NULL, ATMOE_DTYPE_F16, ATMOE_DTYPE_F16),
+          NULL, ATMOE_STATUS_NULL_POINTER, "NULL");
+    FAILS(atmoe_experts_set_dtype(set, ATMOE_DTYPE_I32, ATMOE_DTYPE_F16), CTX,
+          ATMOE_STATUS_DTYPE_MISMATCH, "not i32 and f16");
+    FAILS(atmoe_experts_set_dtype(set, ATMOE_DTYPE_F16, (atmoe_dtype)77), CTX,
+          ATMOE_STATUS_DTYPE_MISMATCH, "unknown");
+    atmoe_dtype a = ATMOE_DTYPE_I32, b = ATMOE_DTYPE_I32;
+    OK(atmoe_experts_get_dtype(set, &a, &b));
+    ck_assert(a == ATMOE_DTYPE_F32 && b == ATMOE_DTYPE_F32);
+    rcfg c;
+    atmoe_router *router =
+        router_make(set, &c, ATMOE_ROUTER_PROJECTED, 1.0f, 1.0f, 0, 0);
+    FAILS(atmoe_experts_set_dtype(set, ATMOE_DTYPE_BF16, ATMOE_DTYPE_BF16),
+          CTX, ATMOE_STATUS_INVALID_ARGUMENT, "can no longer change");
+    OK(atmoe_experts_get_dtype(set, &a, NULL));
+    ck_assert(a == ATMOE_DTYPE_F32);
+
+    atmoe_graph *g;
+    OK(atmoe_graph_new(CTX, &g));
+    atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, 3, 37, 1);
+    int32_t zeros[37 * 6];
+    memset(zeros, 0, sizeof zeros);
+    atmoe_node wg32 = const2(g, ATMOE_DTYPE_F32, 37, 3, zeros);
+    atmoe_node wgi = const2(g, ATMOE_DTYPE_I32, 37, 3, zeros);
+    atmoe_node wdi = const2(g, ATMOE_DTYPE_I32, 37, 6, zeros);
+    atmoe_node w, hx;
+    ck_assert_fails_clean(g, atmoe_graph_router(g, nx, router, wgi, wdi, NULL,
+                                                NULL, &w),
+                          CTX, ATMOE_STATUS_DTYPE_MISMATCH,
+                          "w_g and w_d must be f32, f16 or bf16");
+    ck_assert_fails_clean(g, atmoe_graph_router(g, nx, router, wg32, wdi,
+                                                NULL, NULL, &w),
+                          CTX, ATMOE_STATUS_DTYPE_MISMATCH, "i32");
+    OK(atmoe_graph_cast(g, nx, ATMOE_DTYPE_BF16, &hx));
+    ck_assert_fails_clean(g, atmoe_graph_router(g, hx, router, wg32, wg32,
+                                                NULL, NULL, &w),
+                          CTX, ATMOE_STATUS_DTYPE_MISMATCH, "h must be f32");
+    atmoe_graph_free(g);
+    atmoe_router_free(router);
+    atmoe_experts_free(set);
+    model_free(&m);
+    atmoe_context_free(CTX);
 }
 END_TEST
 
@@ -2351,6 +2591,13 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch_tuned_boundary);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("typed");
+    tcase_add_test(tc, test_every_batch_experts_half);
+    tcase_add_test(tc, test_every_batch_typed_blocks);
+    tcase_add_test(tc, test_typed_layer);
+    tcase_add_test(tc, test_typed_refused);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("errors");

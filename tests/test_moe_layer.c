@@ -792,7 +792,10 @@ END_TEST
  * 31 (3 37 + 5 29) > 6 37 29).  All three agree with the reference and
  * with each other; a new gate row between computes is used (the merged
  * weight is not stale). */
-START_TEST(test_dense_single_row)
+/* W0 stored as types[0], the sets' A and B as types[1] and types[2] (the
+ * second set the other way round), against float64 of the stored
+ * values. */
+static void dense_single_row(const atmoe_dtype types[3])
 {
     CTX = test_context();
     test_rng_seed(&RNG, 2202);
@@ -802,13 +805,21 @@ START_TEST(test_dense_single_row)
     dense D[2];
     dense_make(&D[0], DI, DO, 4, 8);
     dense_make(&D[1], DI, DO, 3, 5);
+    for (int s = 0; s < 2; s++) {
+        atmoe_dtype a = types[s ? 2 : 1], b = types[s ? 1 : 2];
+        OK(atmoe_experts_set_dtype(D[s].set, a, b));
+        free(stored(a, D[s].A, D[s].r1 * DI));
+        free(stored(b, D[s].B, DO * D[s].r2));
+    }
     float *w0 = alloc_uniform(DO * DI, -1, 1);
     float *bias = alloc_uniform(DO, -1, 1);
     float *g1 = alloc_uniform(15, -1, 1); /* a constant row for 3 x 5 */
     atmoe_graph *g;
     OK(atmoe_graph_new(CTX, &g));
     atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, T, DI, 1);
-    atmoe_node nw0 = const2(g, ATMOE_DTYPE_F32, DO, DI, w0);
+    void *w0_bits = stored(types[0], w0, DO * DI);
+    atmoe_node nw0 = const2(g, types[0], DO, DI, w0_bits);
+    free(w0_bits);
     atmoe_node nb = const2(g, ATMOE_DTYPE_F32, DO, 0, bias);
     /* The 4 x 8 row is an input, set before each compute. */
     atmoe_node ng0 = input2(g, "row", ATMOE_DTYPE_F32, 1, 32, 0);
@@ -873,6 +884,23 @@ START_TEST(test_dense_single_row)
     free(bias);
     free(g1);
     atmoe_context_free(CTX);
+}
+
+START_TEST(test_dense_single_row)
+{
+    static const atmoe_dtype f32[3] = {ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
+                                       ATMOE_DTYPE_F32};
+    dense_single_row(f32);
+}
+END_TEST
+
+/* Half precision everywhere: the dense fold of the merged route reads
+ * A_all as stored too. */
+START_TEST(test_dense_single_row_half)
+{
+    static const atmoe_dtype half[3] = {ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16,
+                                        ATMOE_DTYPE_BF16};
+    dense_single_row(half);
 }
 END_TEST
 
@@ -1596,6 +1624,7 @@ static Suite *moe_layer_suite(void)
     tc = tcase_create("dense");
     tcase_add_test(tc, test_dense_mixture);
     tcase_add_test(tc, test_dense_single_row);
+    tcase_add_test(tc, test_dense_single_row_half);
     tcase_add_test(tc, test_dense_errors);
     suite_add_tcase(s, tc);
 

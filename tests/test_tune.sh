@@ -100,4 +100,29 @@ grep -q '"linear"' "$tmp/params" ||
 run --phases sgemm
 [ "$rc" -eq 2 ] || fail "--phases sgemm exited $rc, not 2"
 
+# --- the blocks for bf16 weights go to "linear.bf16", beside the untyped
+# "linear" the run before wrote, which stays as it was
+tr -d ' \n' < "$ldb" | grep -o '"linear":{[^}]*}' > "$tmp/untyped"
+[ -s "$tmp/untyped" ] || fail "no untyped linear program to keep"
+run --dtype bf16 --sizes small --budget-s 2 --runs 1 --seed 3 --clock cpu \
+    --output "$ldb"
+cat "$tmp/out"
+if [ "$rc" -ne 0 ]; then
+    fail "the bf16 blocks exited $rc"
+    cat "$tmp/err"
+fi
+"$tool" --check "$ldb" > /dev/null 2>&1 ||
+    fail "--check refused the bf16 blocks' output"
+tr -d ' \n' < "$ldb" > "$tmp/flat"
+grep -Eq '"linear.bf16":\{"SR":[0-9]+,"ST":[0-9]+\}' "$tmp/flat" ||
+    fail "no integer SR and ST in the entry's kernels.linear.bf16"
+grep -o '"linear":{[^}]*}' "$tmp/flat" | cmp -s - "$tmp/untyped" ||
+    fail "the bf16 blocks changed the untyped linear program"
+grep -q "weights in bf16 (linear.bf16)" "$tmp/out" ||
+    fail "the tuner does not say which weights it tunes for"
+run --dtype bf16 --phases clblast
+[ "$rc" -eq 2 ] || fail "--dtype bf16 --phases clblast exited $rc, not 2"
+run --dtype q8
+[ "$rc" -eq 2 ] || fail "--dtype q8 exited $rc, not 2"
+
 finish atmoe-tune

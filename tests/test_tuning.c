@@ -321,7 +321,17 @@ START_TEST(test_malformed)
          * program it lists, names it has, values in their ranges. */
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": 1}}}]}",
-         "'probe' is not a program with tuned parameters (linear)"},
+         "'probe' is not a program with tuned parameters (linear, "
+         "linear.f32, linear.f16, linear.bf16)"},
+        /* A typed program has the blocks alone: the boundary with
+         * CLBlast is the untyped program's. */
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear.bf16\": "
+         "{\"MAX_TOKENS\": 4}}}]}",
+         "kernels.linear.bf16 has no parameter 'MAX_TOKENS' (it has SR, ST)"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear.q4\": {\"SR\": 4}}}]}",
+         "'linear.q4' is not a program"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SRR\": 4}}}]}",
          "no parameter 'SRR' (it has SR, ST, MAX_TOKENS)"},
@@ -583,6 +593,52 @@ START_TEST(test_linear_params_build)
     from_of(ctx, "linear", "SR", from, sizeof from);
     ck_assert_str_eq(from, "explicit");
     ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 8);
+    atmoe_context_free(ctx);
+    ck_assert_str_eq(logged, "");
+}
+END_TEST
+
+/* The blocks keyed by W's storage type: a typed program ("linear.bf16")
+ * wins for its type; without one the untyped "linear" holds (databases
+ * written before weights had types apply to every type), which
+ * atmoe_context_get_params reports as where the value came from.  A set
+ * for another type builds nothing new for an f32 mixture; one for f32
+ * builds cl/linear.cl again. */
+START_TEST(test_linear_params_by_type)
+{
+    atmoe_context *ctx = test_context();
+    ck_assert_status(atmoe_context_set_cache_dir(ctx, NULL), ctx);
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"SR\": 2, "
+                              "\"ST\": 1}}}"), ctx);
+    check_mixture(ctx);
+    atmoe_cache_stats before, after;
+    ck_assert_status(atmoe_context_get_cache_stats(ctx, &before), ctx);
+    ck_assert_int_eq(define_of(ctx, "linear.bf16", "SR", NULL, 0), -1);
+
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"SR\": 2, "
+                              "\"ST\": 1}, \"linear.bf16\": {\"SR\": 3}}}"),
+                     ctx);
+    ck_assert_int_eq(define_of(ctx, "linear.bf16", "SR", NULL, 0), 3);
+    ck_assert_int_eq(define_of(ctx, "linear.bf16", "ST", NULL, 0), 1);
+    char from[64];
+    from_of(ctx, "linear.bf16", "ST", from, sizeof from);
+    ck_assert_str_eq(from, "linear");
+    from_of(ctx, "linear.bf16", "SR", from, sizeof from);
+    ck_assert_str_eq(from, "explicit");
+    ck_assert_int_eq(define_of(ctx, "linear.f32", "SR", NULL, 0), -1);
+    check_mixture(ctx);
+    ck_assert_status(atmoe_context_get_cache_stats(ctx, &after), ctx);
+    ck_assert_uint_eq(after.builds, before.builds);
+
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"SR\": 2, "
+                              "\"ST\": 1}, \"linear.f32\": {\"SR\": 3}}}"),
+                     ctx);
+    check_mixture(ctx);
+    ck_assert_status(atmoe_context_get_cache_stats(ctx, &after), ctx);
+    ck_assert_uint_eq(after.builds, before.builds + 1);
     atmoe_context_free(ctx);
     ck_assert_str_eq(logged, "");
 }
@@ -954,6 +1010,7 @@ static Suite *tuning_suite(void)
     tc = tcase_create("apply");
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_linear_params_build);
+    tcase_add_test(tc, test_linear_params_by_type);
     tcase_add_test(tc, test_kernels_schema);
     tcase_add_test(tc, test_param_env);
     tcase_add_test(tc, test_set_params_errors);

@@ -147,11 +147,23 @@ static int inspect_safetensors(const char *path)
     return rc != EXIT_OK ? rc : problems ? EXIT_FAILED : EXIT_OK;
 }
 
-static void print_tensor(const char *key, const atmoe_manifest_tensor *t)
+/* A tensor of a module, with its type in the file and on the device once
+ * the manifest is checked (s not NULL). */
+static void print_tensor(const char *key, const atmoe_manifest_tensor *t,
+                         const atmoe_manifest_storage *s, int which)
 {
-    if (t->file)
-        printf("      %-7s %s in %s%s\n", key, t->tensor, t->file,
-               t->transposed ? " (stored [in, out])" : "");
+    if (!t->file)
+        return;
+    printf("      %-7s %s in %s%s", key, t->tensor, t->file,
+           t->transposed ? " (stored [in, out])" : "");
+    if (s) {
+        const atmoe_safetensors_dtype file[4] = {s->weight_file, s->bias_file,
+                                                 s->w_g_file, s->w_d_file};
+        const atmoe_dtype dev[4] = {s->weight, s->bias, s->w_g, s->w_d};
+        printf(", %s as %s", atmoe_safetensors_dtype_name(file[which]),
+               atmoe_dtype_name(dev[which]));
+    }
+    printf("\n");
 }
 
 static int inspect_manifest(const char *path)
@@ -174,9 +186,16 @@ static int inspect_manifest(const char *path)
         printf(", %zu -> %zu features", info.d_in, info.d_out);
     printf("\n");
     size_t last_layer = 0;
+    uint64_t device_bytes = 0;
     for (size_t i = 0; i < info.modules; i++) {
         atmoe_manifest_module mod;
         atmoe_manifest_get_module(m, i, &mod);
+        atmoe_manifest_storage storage, *s = NULL;
+        if (info.checked &&
+            atmoe_manifest_get_storage(m, i, &storage) == ATMOE_STATUS_OK) {
+            s = &storage;
+            device_bytes += s->device_bytes;
+        }
         if (i == 0 || mod.layer != last_layer)
             printf("  layer %zu (model layer %d)\n", mod.layer,
                    mod.model_layer);
@@ -184,16 +203,20 @@ static int inspect_manifest(const char *path)
         printf("    %s%s", mod.name, mod.is_output ? " (output)" : "");
         if (info.checked)
             printf(": %zu -> %zu", mod.d_in, mod.d_out);
-        printf(", c %g\n", mod.c);
-        print_tensor("weight", &mod.weight);
-        print_tensor("bias", &mod.bias);
+        printf(", c %g", mod.c);
+        if (s)
+            printf(", %llu bytes on the device",
+                   (unsigned long long)s->device_bytes);
+        printf("\n");
+        print_tensor("weight", &mod.weight, s, 0);
+        print_tensor("bias", &mod.bias, s, 1);
         printf("      router  %s, tau_g %g, tau_d %g, top-k groups %d, "
                "experts %d (0: all)\n",
                mod.form == ATMOE_ROUTER_SCALED ? "scaled" : "projected",
                mod.tau_g, mod.tau_d, mod.top_k_groups, mod.top_k_experts);
-        print_tensor("w_g", &mod.w_g);
+        print_tensor("w_g", &mod.w_g, s, 2);
         print_tensor(mod.form == ATMOE_ROUTER_SCALED ? "v_d" : "w_d",
-                     &mod.w_d);
+                     &mod.w_d, s, 3);
         if (!mod.w_g.file || !mod.w_d.file)
             printf("      (absent router tensors are zeros)\n");
         if (mod.masks || mod.fixed)
@@ -213,7 +236,18 @@ static int inspect_manifest(const char *path)
                        x.flags & ATMOE_EXPERT_RSLORA ? " (rsLoRA)" : "");
             printf("\n");
         }
+        if (s)
+            printf("      experts A %s as %s, B %s as %s\n",
+                   atmoe_safetensors_dtype_name(s->a_file),
+                   atmoe_dtype_name(s->a),
+                   atmoe_safetensors_dtype_name(s->b_file),
+                   atmoe_dtype_name(s->b));
     }
+    if (info.checked)
+        printf("  device memory of the weights: %llu bytes (%.2f MiB), "
+               "without the graph's activations\n",
+               (unsigned long long)device_bytes,
+               (double)device_bytes / (1024.0 * 1024.0));
     atmoe_manifest_free(m);
     if (checked != ATMOE_STATUS_OK) {
         printf("  problem: %s: %s\n1 problem(s)\n", atmoe_status_name(checked),

@@ -11,6 +11,13 @@ typedef enum atm_param {
     ATM_PARAM_LINEAR_SR,         /* "linear" SR: rows-tiles per block, 1..256, default 8 */
     ATM_PARAM_LINEAR_ST,         /* "linear" ST: token-tiles per block, 1..256, default 8 */
     ATM_PARAM_LINEAR_MAX_TOKENS, /* "linear" MAX_TOKENS: batches up to this run cl/linear.cl, beyond it CLBlast; env ATMOE_LINEAR_MAX_TOKENS; default: no limit (LONG_MAX) on CPU devices, 16 elsewhere; >= 1 */
+    /* The blocks of cl/linear.cl for one storage type of its weight W
+     * ("linear.f32", "linear.f16", "linear.bf16"): by default the untyped
+     * "linear" ones, so that a database without typed entries applies to
+     * every type. */
+    ATM_PARAM_LINEAR_F32_SR, ATM_PARAM_LINEAR_F32_ST,
+    ATM_PARAM_LINEAR_F16_SR, ATM_PARAM_LINEAR_F16_ST,
+    ATM_PARAM_LINEAR_BF16_SR, ATM_PARAM_LINEAR_BF16_ST,
     ATM_PARAM_COUNT_
 } atm_param;
 
@@ -20,6 +27,11 @@ typedef enum atm_param {
  * atmoe_context_set_params; a lookup is an array read, allocates
  * nothing. */
 long atm_param_get(const atmoe_context *ctx, atm_param p);
+
+/* cl/linear.cl's block (SR, or ST when st) for a weight stored as dtype
+ * (f32, f16 or bf16; another reads the untyped one). */
+long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
+                            int st);
 
 /* What the context keeps of the tuning (tuning.c): embedded in it, so that
  * the values in force exist whatever happened when it was made. */

@@ -261,7 +261,12 @@ static int check_on_device(const char *kernel, const json_t *s,
 /* ---------------------------------------------------------------- params */
 
 /* Where a parameter's value in force came from (atm_tuning.from). */
-typedef enum param_from { FROM_DEFAULT, FROM_ENTRY, FROM_ENV } param_from;
+typedef enum param_from {
+    FROM_DEFAULT,
+    FROM_ENTRY,
+    FROM_ENV,
+    FROM_FALLBACK /* the value in force of the row's fallback */
+} param_from;
 
 /* The parameters of the library's own programs: the schema of the
  * "kernels" section of databases and explicit sets, the defaults, and the
@@ -271,20 +276,39 @@ typedef struct param_row {
     long lo, hi;                /* the integers it may take */
     long def_cpu, def_other;    /* the default on CPU devices, elsewhere */
     atm_env_var env;            /* ATM_ENV_NONE: no variable */
+    int fallback;               /* a row earlier in the table whose value
+                                   in force is the default, or -1 */
 } param_row;
 
 static const param_row param_rows[ATM_PARAM_COUNT_] = {
     /* Blocks of SR x ST tiles that a work-item of cl/linear.cl walks: 8 x 8
      * was the best of 4 to 64 at 64 and 512 tokens on PoCL. */
-    [ATM_PARAM_LINEAR_SR] = {"linear", "SR", 1, 256, 8, 8, ATM_ENV_NONE},
-    [ATM_PARAM_LINEAR_ST] = {"linear", "ST", 1, 256, 8, 8, ATM_ENV_NONE},
+    [ATM_PARAM_LINEAR_SR] = {"linear", "SR", 1, 256, 8, 8, ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_ST] = {"linear", "ST", 1, 256, 8, 8, ATM_ENV_NONE, -1},
     /* The largest batch cl/linear.cl runs rather than CLBlast's GEMMs.  On
      * a CPU device it ran 4-5 times faster than CLBlast 1.5.3 with its
      * default parameters on PoCL 3.1, decode and prefill alike; elsewhere
      * reading the weights once bounds small batches, and GEMM tiling only
      * adds to it, up to about 16 tokens. */
     [ATM_PARAM_LINEAR_MAX_TOKENS] = {"linear", "MAX_TOKENS", 1, LONG_MAX,
-                                     LONG_MAX, 16, ATM_ENV_LINEAR_MAX_TOKENS},
+                                     LONG_MAX, 16, ATM_ENV_LINEAR_MAX_TOKENS,
+                                     -1},
+    /* The blocks by the storage type of W: a half-precision row is half
+     * the bytes, so a block of more rows may fit the same cache.  Without
+     * a typed entry, the untyped one (or its default) holds: databases
+     * written before weights had types apply to every type. */
+    [ATM_PARAM_LINEAR_F32_SR] = {"linear.f32", "SR", 1, 256, 8, 8,
+                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_SR},
+    [ATM_PARAM_LINEAR_F32_ST] = {"linear.f32", "ST", 1, 256, 8, 8,
+                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_ST},
+    [ATM_PARAM_LINEAR_F16_SR] = {"linear.f16", "SR", 1, 256, 8, 8,
+                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_SR},
+    [ATM_PARAM_LINEAR_F16_ST] = {"linear.f16", "ST", 1, 256, 8, 8,
+                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_ST},
+    [ATM_PARAM_LINEAR_BF16_SR] = {"linear.bf16", "SR", 1, 256, 8, 8,
+                                  ATM_ENV_NONE, ATM_PARAM_LINEAR_SR},
+    [ATM_PARAM_LINEAR_BF16_ST] = {"linear.bf16", "ST", 1, 256, 8, 8,
+                                  ATM_ENV_NONE, ATM_PARAM_LINEAR_ST},
 };
 
 static const param_row *find_param(const char *program, const char *name)
@@ -868,6 +892,11 @@ static void resolve_values(atm_tuning *t, const atmoe_device_info *dev)
         } else if (json_is_integer(v)) {
             t->value[p] = (long)json_integer_value(v);
             t->from[p] = FROM_ENTRY;
+        } else if (r->fallback >= 0) {
+            /* Resolved already: the table lists it first. */
+            t->value[p] = t->value[r->fallback];
+            t->from[p] = t->from[r->fallback] == FROM_DEFAULT ? FROM_DEFAULT
+                                                              : FROM_FALLBACK;
         } else {
             t->value[p] = dev->type == ATMOE_DEVICE_TYPE_CPU ? r->def_cpu
                                                              : r->def_other;
@@ -881,6 +910,25 @@ long atm_param_get(const atmoe_context *ctx, atm_param p)
     /* Callers pass an enum constant; a value outside it reads the first
      * row rather than past the array. */
     return ctx->tuning.value[(unsigned)p < ATM_PARAM_COUNT_ ? p : 0];
+}
+
+long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
+                            int st)
+{
+    switch (dtype) {
+    case ATMOE_DTYPE_F32:
+        return atm_param_get(ctx, st ? ATM_PARAM_LINEAR_F32_ST
+                                     : ATM_PARAM_LINEAR_F32_SR);
+    case ATMOE_DTYPE_F16:
+        return atm_param_get(ctx, st ? ATM_PARAM_LINEAR_F16_ST
+                                     : ATM_PARAM_LINEAR_F16_SR);
+    case ATMOE_DTYPE_BF16:
+        return atm_param_get(ctx, st ? ATM_PARAM_LINEAR_BF16_ST
+                                     : ATM_PARAM_LINEAR_BF16_SR);
+    case ATMOE_DTYPE_I32:
+        break;
+    }
+    return atm_param_get(ctx, st ? ATM_PARAM_LINEAR_ST : ATM_PARAM_LINEAR_SR);
 }
 
 /* ---------------------------------------------------------------- state */
@@ -1153,6 +1201,8 @@ static json_t *public_kernels(const atm_tuning *t)
         }
         const char *from = t->from[p] == FROM_ENV ? atm_env_name(r->env)
                            : t->from[p] == FROM_DEFAULT ? "default"
+                           : t->from[p] == FROM_FALLBACK
+                               ? param_rows[r->fallback].program
                            : strcmp(t->mode, "custom") == 0 ? "explicit"
                                                              : "database";
         json_object_set_new(json_object_get(prog, "defines"), r->name,

@@ -112,8 +112,9 @@ ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *g, atmoe_node a,
                         atm_node_desc(cn, da, sizeof da));
     if (an->dtype != ATMOE_DTYPE_F32 || bn->dtype != ATMOE_DTYPE_F32)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
-                        "%s: operands must be f32: a is %s, b is %s", fn,
-                        atm_node_desc(an, da, sizeof da),
+                        "%s: operands must be f32: a is %s, b is %s "
+                        "(atmoe_graph_cast converts f16 and bf16 to f32)",
+                        fn, atm_node_desc(an, da, sizeof da),
                         atm_node_desc(bn, db, sizeof db));
     if (an->ndim != 2 || bn->ndim != 2)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,

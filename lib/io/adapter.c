@@ -17,6 +17,7 @@
 #include "base/file.h"
 #include "base/json.h"
 #include "base/log.h"
+#include "io/adapter.h"
 #include "io/pattern.h"
 
 #define CONFIG_NAME "adapter_config.json"
@@ -879,6 +880,25 @@ static atmoe_status read_target(const atmoe_adapter *ad, const atm_target *t,
     else if (st == ATMOE_STATUS_OK && b)
         st = atmoe_safetensors_read_f32(ad->file, t->b_name, b, nb);
     return st;
+}
+
+atmoe_status atm_adapter_stored_dtypes(const atmoe_adapter *ad, size_t index,
+                                       atmoe_safetensors_dtype *a,
+                                       atmoe_safetensors_dtype *b)
+{
+    const atm_target *t = &ad->targets[index];
+    atmoe_safetensors_tensor st;
+    atmoe_status s = ATMOE_STATUS_OK;
+    *a = *b = ATMOE_SAFETENSORS_F32;
+    if (t->a == NULL &&
+        (s = atmoe_safetensors_find(ad->file, t->a_name, &st)) ==
+            ATMOE_STATUS_OK)
+        *a = st.dtype;
+    if (s == ATMOE_STATUS_OK && t->b == NULL &&
+        (s = atmoe_safetensors_find(ad->file, t->b_name, &st)) ==
+            ATMOE_STATUS_OK)
+        *b = st.dtype;
+    return s;
 }
 
 ATMOE_API atmoe_status atmoe_adapter_read(const atmoe_adapter *adapter,

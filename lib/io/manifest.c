@@ -208,12 +208,53 @@ static atmoe_status get_str(parser *p, const json_t *obj, const char *key,
     return st;
 }
 
+/* A storage member: "stored", "f32", "f16" or "bf16"; absent leaves *out
+ * as it is. */
+static atmoe_status get_dtype(parser *p, const json_t *obj, const char *key,
+                              int *out)
+{
+    static const struct {
+        const char *name;
+        int dtype;
+    } names[] = {{"stored", ATM_DTYPE_STORED},
+                 {"f32", ATMOE_DTYPE_F32},
+                 {"f16", ATMOE_DTYPE_F16},
+                 {"bf16", ATMOE_DTYPE_BF16}};
+    const char *v;
+    atmoe_status st = get_str(p, obj, key, 0, &v);
+    if (st != ATMOE_STATUS_OK || v == NULL)
+        return st;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(v, names[i].name) == 0) {
+            *out = names[i].dtype;
+            return ATMOE_STATUS_OK;
+        }
+    size_t mark = push_key(p, key);
+    st = bad(p, "is \"%s\"; the storage types are \"stored\" (as the "
+                "file holds it), \"f32\", \"f16\" and \"bf16\"", v);
+    pop(p, mark);
+    return st;
+}
+
+int atm_manifest_device_dtype(int asked, atmoe_safetensors_dtype stored)
+{
+    if (asked != ATM_DTYPE_STORED)
+        return asked;
+    switch (stored) {
+    case ATMOE_SAFETENSORS_F16: return ATMOE_DTYPE_F16;
+    case ATMOE_SAFETENSORS_BF16: return ATMOE_DTYPE_BF16;
+    case ATMOE_SAFETENSORS_F32: return ATMOE_DTYPE_F32;
+    default: return -1;
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Entries                                                                   */
 /* ------------------------------------------------------------------------ */
 
-/* A tensor: "name" in the manifest's weights file, or {"file", "tensor"}
- * (and "transposed" where allowed); null or absent leaves ref empty. */
+/* A tensor: "name" in the manifest's weights file, or {"file", "tensor",
+ * "dtype"} (and "transposed" where allowed); null or absent leaves ref
+ * empty. */
 static atmoe_status parse_ref(parser *p, const json_t *obj, const char *key,
                               int allow_transposed, int required,
                               atm_mref *ref)
@@ -222,6 +263,7 @@ static atmoe_status parse_ref(parser *p, const json_t *obj, const char *key,
     size_t mark = push_key(p, key);
     atmoe_status st = ATMOE_STATUS_OK;
     const char *file = NULL, *tensor = NULL;
+    ref->dtype = ATM_DTYPE_INHERIT;
     if (v == NULL || json_is_null(v)) {
         if (required)
             st = bad(p, "is missing");
@@ -234,11 +276,12 @@ static atmoe_status parse_ref(parser *p, const json_t *obj, const char *key,
         push_key(p, key);
     } else if (json_is_object(v)) {
         static const char *const keys[] = {"file", "tensor", "transposed",
-                                           NULL};
-        static const char *const plain[] = {"file", "tensor", NULL};
+                                           "dtype", NULL};
+        static const char *const plain[] = {"file", "tensor", "dtype", NULL};
         if ((st = only_keys(p, v, allow_transposed ? keys : plain)) ||
             (st = get_str(p, v, "file", 0, &file)) ||
-            (st = get_str(p, v, "tensor", 1, &tensor)))
+            (st = get_str(p, v, "tensor", 1, &tensor)) ||
+            (st = get_dtype(p, v, "dtype", &ref->dtype)))
             goto out;
         const json_t *t = json_object_get(v, "transposed");
         if (t && !json_is_boolean(t)) {
@@ -493,10 +536,12 @@ out:
 static atmoe_status parse_module(parser *p, const json_t *v, atm_mmodule *m)
 {
     static const char *const keys[] = {"weight", "bias", "groups", "general",
-                                       "router", "c", NULL};
+                                       "router", "c", "experts_dtype", NULL};
     atmoe_status st;
     m->lambda = 1.0f;
+    m->experts_dtype = ATM_DTYPE_INHERIT;
     if ((st = expect_object(p, v)) || (st = only_keys(p, v, keys)) ||
+        (st = get_dtype(p, v, "experts_dtype", &m->experts_dtype)) ||
         (st = parse_ref(p, v, "weight", 1, 1, &m->weight)) ||
         (st = parse_ref(p, v, "bias", 0, 0, &m->bias)) ||
         (st = parse_groups(p, v, m)) || (st = parse_router(p, v, m)) ||
@@ -588,13 +633,22 @@ static atmoe_status parse_root(parser *p, atmoe_manifest *mf,
                                const json_t *root)
 {
     static const char *const keys[] = {"version", "description", "weights",
-                                       "layers", NULL};
+                                       "dtype", "allow_nonfinite", "layers",
+                                       NULL};
     atmoe_status st;
     int version;
     const char *weights, *description;
+    mf->dtype = ATM_DTYPE_STORED;
     if ((st = expect_object(p, root)) || (st = only_keys(p, root, keys)) ||
-        (st = get_int(p, root, "version", INT_MIN, INT_MAX, 1, 0, &version)))
+        (st = get_int(p, root, "version", INT_MIN, INT_MAX, 1, 0, &version)) ||
+        (st = get_dtype(p, root, "dtype", &mf->dtype)))
         return st;
+    const json_t *nf = json_object_get(root, "allow_nonfinite");
+    if (nf && !json_is_boolean(nf)) {
+        push_key(p, "allow_nonfinite");
+        return bad(p, "must be true or false, not %s", atm_json_kind(nf));
+    }
+    mf->allow_nonfinite = json_is_true(nf);
     if (version != MANIFEST_VERSION) {
         push_key(p, "version");
         return bad(p, "is %d; this library reads version %d", version,
@@ -860,5 +914,54 @@ ATMOE_API atmoe_status atmoe_manifest_get_expert(
         expert->scale = t.scale;
         expert->flags = t.flags;
     }
+    return ATMOE_STATUS_OK;
+}
+
+/* The bytes of a weight as held: absent ones are f32 zeros. */
+static uint64_t ref_bytes(const atm_mref *r, uint64_t count)
+{
+    return count * atmoe_dtype_size(r->file ? r->device : ATMOE_DTYPE_F32);
+}
+
+ATMOE_API atmoe_status atmoe_manifest_get_storage(
+    const atmoe_manifest *manifest, size_t module,
+    atmoe_manifest_storage *storage)
+{
+    const char *fn = __func__;
+    ATM_CHECK_NULL(NULL, manifest);
+    ATM_CHECK_NULL(manifest->ctx, storage);
+    if (!manifest->checked)
+        return atm_fail(manifest->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: the manifest is not checked yet "
+                        "(atmoe_manifest_check)", fn);
+    if (module >= manifest->count)
+        return atm_fail(manifest->ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                        "%s: module %zu; the manifest has %zu", fn, module,
+                        manifest->count);
+    const atm_mmodule *m = &manifest->modules[module];
+    const atm_mref *refs[4] = {&m->weight, &m->bias, &m->w_g, &m->w_d};
+    atmoe_safetensors_dtype file[4];
+    atmoe_dtype dev[4];
+    for (int i = 0; i < 4; i++) {
+        file[i] = refs[i]->file ? refs[i]->stored : ATMOE_SAFETENSORS_F32;
+        dev[i] = refs[i]->file ? refs[i]->device : ATMOE_DTYPE_F32;
+    }
+    uint64_t din = m->d_in, dout = m->d_out, G = m->groups, M = m->max_group;
+    uint64_t R = m->total_rank, E = m->count - (size_t)m->has_general;
+    int scaled = m->form == ATMOE_ROUTER_SCALED;
+    /* What atmoe_manifest_build allocates for the module: the constants,
+     * the expert set's A_all, B_all and f32 B^T and its per-channel
+     * arrays (experts.c), and the router's six control arrays
+     * (router.c). */
+    uint64_t bytes = ref_bytes(&m->weight, dout * din) +
+                     (m->bias.file ? 4 * dout : 0) +
+                     ref_bytes(&m->w_g, din * G) +
+                     ref_bytes(&m->w_d, scaled ? G * M : din * G * M) +
+                     R * din * atmoe_dtype_size(m->a_dtype) +
+                     R * dout * (atmoe_dtype_size(m->b_dtype) + 4) + 8 * R +
+                     4 * (3 * G + 2 * G * M + E);
+    *storage = (atmoe_manifest_storage){
+        file[0], file[1], file[2], file[3], m->a_stored, m->b_stored,
+        dev[0], dev[1], dev[2], dev[3], m->a_dtype, m->b_dtype, bytes};
     return ATMOE_STATUS_OK;
 }

@@ -5,10 +5,20 @@
 
 #include "base/error.h"
 
+/* How a weight is held on the device, as a manifest asks ("dtype"): as
+ * the manifest's default says, as the file stores it, or converted to an
+ * atmoe_dtype (f32, f16, bf16). */
+#define ATM_DTYPE_INHERIT (-2)
+#define ATM_DTYPE_STORED (-1)
+
 typedef struct atm_mref {
     char *file;   /* resolved; NULL when the entry is absent */
     char *tensor;
     int transposed;
+    int dtype;    /* asked: ATM_DTYPE_INHERIT, ATM_DTYPE_STORED or a type */
+    /* Set by the check: the file's type and the device's. */
+    atmoe_safetensors_dtype stored;
+    atmoe_dtype device;
 } atm_mref;
 
 typedef struct atm_mexpert {
@@ -45,6 +55,12 @@ typedef struct atm_mmodule {
     atm_mcontrol *masks, *fixed;
     size_t n_masks, n_fixed;
     size_t d_in, d_out; /* set by the check */
+    int experts_dtype;  /* asked for A and B ("experts_dtype") */
+    /* Set by the check: the adapters' A and B types (when they all agree;
+     * else F32), and the expert set's storage. */
+    atmoe_safetensors_dtype a_stored, b_stored;
+    atmoe_dtype a_dtype, b_dtype;
+    size_t total_rank; /* of the experts and the general LoRA */
 } atm_mmodule;
 
 typedef struct atm_mfile {
@@ -67,6 +83,13 @@ struct atmoe_manifest {
     size_t n_files;
     atm_madapter *adapters;
     size_t n_adapters;
+    int dtype;           /* the default of every weight ("dtype") */
+    int allow_nonfinite; /* "allow_nonfinite": NaN and Inf pass */
 };
+
+/* The device type of a weight the file stores as stored, asked as asked
+ * (after inheriting); -1 for a type the device cannot hold (F64 kept as
+ * stored). */
+int atm_manifest_device_dtype(int asked, atmoe_safetensors_dtype stored);
 
 #endif

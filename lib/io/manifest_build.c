@@ -2,13 +2,16 @@
  * against each other, and the stack they describe added to a graph. */
 #include <config.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "base/alloc.h"
+#include "base/half.h"
 #include "graph/graph.h"
 #include "base/log.h"
+#include "io/adapter.h"
 #include "io/manifest.h"
 
 /* Re-reports the message of a failed call under the JSON path of the
@@ -85,9 +88,10 @@ static atmoe_status open_adapter(atmoe_manifest *mf, const char *path,
 }
 
 /* Finds ref's tensor and checks it is floating point with the shape
- * wanted (rows or cols 0: any); *t receives it. */
+ * wanted (rows or cols 0: any), and that the device can hold it as the
+ * manifest asks; *t receives it, ref its file's and its device's types. */
 static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
-                                const char *key, const atm_mref *ref,
+                                const char *key, atm_mref *ref,
                                 int ndim, size_t rows, size_t cols,
                                 atmoe_safetensors_tensor *t)
 {
@@ -103,6 +107,16 @@ static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
                         "%s.%s: tensor %s of %s is %s, not a floating-point "
                         "type", m->where, key, ref->tensor, ref->file,
                         atmoe_safetensors_dtype_name(t->dtype));
+    int asked = ref->dtype == ATM_DTYPE_INHERIT ? mf->dtype : ref->dtype;
+    int device = atm_manifest_device_dtype(asked, t->dtype);
+    if (device < 0)
+        return atm_fail(mf->ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                        "%s.%s: tensor %s of %s is %s, which the device "
+                        "cannot hold; \"dtype\": \"f32\" (or \"f16\", "
+                        "\"bf16\") converts it", m->where, key, ref->tensor,
+                        ref->file, atmoe_safetensors_dtype_name(t->dtype));
+    ref->stored = t->dtype;
+    ref->device = (atmoe_dtype)device;
     size_t want[2] = {rows, cols};
     int ok = t->ndim == ndim;
     for (int i = 0; i < ndim && ok; i++)
@@ -132,15 +146,28 @@ static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
 static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
 {
     atmoe_safetensors_tensor t;
+    m->total_rank = 0; /* a check that failed may have begun the sum */
     atmoe_status st = find_tensor(mf, m, "weight", &m->weight, 2, 0, 0, &t);
     if (st != ATMOE_STATUS_OK)
         return st;
     /* A Conv1D weight is stored [in, out]. */
     m->d_in = m->weight.transposed ? t.shape[0] : t.shape[1];
     m->d_out = m->weight.transposed ? t.shape[1] : t.shape[0];
-    if (m->bias.file &&
-        (st = find_tensor(mf, m, "bias", &m->bias, 1, m->d_out, 0, &t)))
-        return st;
+    if (m->bias.file) {
+        /* The mixture adds its bias in f32: any type converts to it. */
+        if (m->bias.dtype == ATMOE_DTYPE_F16 ||
+            m->bias.dtype == ATMOE_DTYPE_BF16)
+            return atm_fail(mf->ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                            "%s.bias: the bias is held in f32 (the mixture "
+                            "adds it in f32), not %s", m->where,
+                            atmoe_dtype_name((atmoe_dtype)m->bias.dtype));
+        int keep = m->bias.dtype;
+        m->bias.dtype = ATMOE_DTYPE_F32;
+        st = find_tensor(mf, m, "bias", &m->bias, 1, m->d_out, 0, &t);
+        m->bias.dtype = keep;
+        if (st != ATMOE_STATUS_OK)
+            return st;
+    }
     for (size_t i = 0; i < m->count; i++) {
         atm_mexpert *e = &m->experts[i];
         char key[64];
@@ -169,7 +196,38 @@ static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
                             "than min(d_in %zu, d_out %zu)", m->where, key,
                             tg.module, e->adapter, tg.rank, m->d_in,
                             m->d_out);
+        m->total_rank += tg.rank;
+        /* One set holds every expert of the module: kept as stored, A
+         * (and B) take the adapters' type when they all agree, else f32,
+         * which holds f16 and bf16 exactly. */
+        atmoe_safetensors_dtype sa, sb;
+        if ((st = atm_adapter_stored_dtypes(
+                 mf->adapters[e->adapter_index].adapter, e->target, &sa,
+                 &sb)))
+            return at(mf->ctx, st, m->where, key);
+        if (i == 0) {
+            m->a_stored = sa;
+            m->b_stored = sb;
+        }
+        if (sa != m->a_stored)
+            m->a_stored = ATMOE_SAFETENSORS_F32;
+        if (sb != m->b_stored)
+            m->b_stored = ATMOE_SAFETENSORS_F32;
     }
+    int asked = m->experts_dtype == ATM_DTYPE_INHERIT ? mf->dtype
+                                                       : m->experts_dtype;
+    int da = atm_manifest_device_dtype(asked, m->a_stored);
+    int db = atm_manifest_device_dtype(asked, m->b_stored);
+    if (m->count && (da < 0 || db < 0))
+        return atm_fail(mf->ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                        "%s: the experts' %s matrices are %s, which the "
+                        "device cannot hold; \"experts_dtype\": \"f32\" (or "
+                        "\"f16\", \"bf16\") converts them", m->where,
+                        da < 0 ? "A" : "B",
+                        atmoe_safetensors_dtype_name(da < 0 ? m->a_stored
+                                                            : m->b_stored));
+    m->a_dtype = da < 0 ? ATMOE_DTYPE_F32 : (atmoe_dtype)da;
+    m->b_dtype = db < 0 ? ATMOE_DTYPE_F32 : (atmoe_dtype)db;
     size_t G = m->groups, M = m->max_group;
     int scaled = m->form == ATMOE_ROUTER_SCALED;
     if (m->w_g.file && (st = find_tensor(mf, m, "router.w_g", &m->w_g, 2,
@@ -229,17 +287,66 @@ ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *manifest)
 /* Building                                                                  */
 /* ------------------------------------------------------------------------ */
 
-/* A constant node holding ref's tensor as f32 [rows, cols] (cols 0: 1-D),
- * transposed from [cols, rows] when ref says so; zeros when ref is empty. */
+/* x as the device type holds it, widened back. */
+static float held(atmoe_dtype dtype, float x)
+{
+    if (dtype == ATMOE_DTYPE_F16)
+        return atm_f16_to_f32(atm_f32_to_f16(x));
+    if (dtype == ATMOE_DTYPE_BF16)
+        return atm_bf16_to_f32(atm_f32_to_bf16(x));
+    return x;
+}
+
+/* Refuses a NaN or an infinity among the n values of what (a tensor
+ * description) as dtype will hold them, unless the manifest allows them:
+ * a half-precision file's Inf, or an f32 value past f16's range, would
+ * otherwise turn a layer's output into NaN without a word.  cols (0: 1-D)
+ * places the element. */
+static atmoe_status check_finite(const atmoe_manifest *mf,
+                                 const atmoe_context *ctx, const char *what,
+                                 const float *v, size_t n, size_t cols,
+                                 atmoe_dtype dtype)
+{
+    if (mf->allow_nonfinite)
+        return ATMOE_STATUS_OK;
+    for (size_t i = 0; i < n; i++) {
+        float h = held(dtype, v[i]);
+        if (isfinite(h))
+            continue;
+        char where[64];
+        if (cols)
+            snprintf(where, sizeof where, "[%zu, %zu]", i / cols, i % cols);
+        else
+            snprintf(where, sizeof where, "[%zu]", i);
+        char from[48] = "";
+        if (isfinite(v[i])) /* finite in the file, not as held */
+            snprintf(from, sizeof from, " (from %g)", (double)v[i]);
+        return atm_fail(ctx, ATMOE_STATUS_FORMAT_ERROR,
+                        "%s: element %s is %g%s in %s; "
+                        "\"allow_nonfinite\": true lets such values through",
+                        what, where, (double)h, from, atmoe_dtype_name(dtype));
+    }
+    return ATMOE_STATUS_OK;
+}
+
+/* A constant node holding ref's tensor [rows, cols] (cols 0: 1-D) in the
+ * device type the check chose, transposed from [cols, rows] when ref says
+ * so; f32 zeros when ref is empty.  The file's values are read as f32
+ * (which holds f16 and bf16 exactly) and narrowed again, so that a tensor
+ * kept as stored arrives bit for bit. */
 static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
                                const atm_mref *ref, size_t rows, size_t cols,
                                atmoe_node *node)
 {
     size_t n = rows * (cols ? cols : 1);
+    atmoe_dtype dtype = ref->file ? ref->device : ATMOE_DTYPE_F32;
     float *data = atm_calloc(n, sizeof *data);
     float *t = ref->transposed ? atm_malloc(n * sizeof *t) : NULL;
+    uint16_t *half = dtype != ATMOE_DTYPE_F32 ? atm_malloc(n * sizeof *half)
+                                              : NULL;
     atmoe_status st = ATMOE_STATUS_OK;
-    if (data == NULL || (ref->transposed && t == NULL))
+    if (data == NULL || (ref->transposed && t == NULL) ||
+        (dtype != ATMOE_DTYPE_F32 && half == NULL))
         st = oom(g->ctx, "atmoe_manifest_build");
     atmoe_safetensors *file = NULL;
     if (st == ATMOE_STATUS_OK && ref->file) {
@@ -256,42 +363,65 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
         for (size_t i = 0; i < rows; i++)
             for (size_t j = 0; j < cols; j++)
                 data[i * cols + j] = t[j * rows + i];
+    if (st == ATMOE_STATUS_OK && ref->file) {
+        char what[256];
+        /* Elements are placed as the module holds them, [d_out, d_in]. */
+        snprintf(what, sizeof what, "tensor %s of %s%s", ref->tensor,
+                 ref->file, ref->transposed ? " (read transposed)" : "");
+        st = check_finite(mf, g->ctx, what, data, n, cols, dtype);
+    }
+    for (size_t i = 0; st == ATMOE_STATUS_OK && half && i < n; i++)
+        half[i] = dtype == ATMOE_DTYPE_F16 ? atm_f32_to_f16(data[i])
+                                           : atm_f32_to_bf16(data[i]);
     size_t shape[2] = {rows, cols};
     if (st == ATMOE_STATUS_OK)
-        st = atmoe_graph_constant(g, NULL, ATMOE_DTYPE_F32, cols ? 2 : 1,
-                                  shape, data, node);
+        st = atmoe_graph_constant(g, NULL, dtype, cols ? 2 : 1, shape,
+                                  half ? (const void *)half
+                                       : (const void *)data,
+                                  node);
     atm_free(data);
     atm_free(t);
+    atm_free(half);
     return st;
 }
 
-/* The module's expert set and router, with its masks and fixed weights. */
+/* The module's expert set, stored as the check chose, and its router,
+ * with its masks and fixed weights. */
 static atmoe_status make_router(atmoe_manifest *mf, atmoe_graph *g,
                                 const atm_mmodule *m, atmoe_experts **set,
                                 atmoe_router **router)
 {
     atmoe_status st = atmoe_experts_new(g->ctx, m->d_in, m->d_out, set);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_experts_set_dtype(*set, m->a_dtype, m->b_dtype);
     for (size_t i = 0; i < m->count && st == ATMOE_STATUS_OK; i++) {
         const atm_mexpert *e = &m->experts[i];
         const atmoe_adapter *ad = mf->adapters[e->adapter_index].adapter;
-        if (e->group >= 0) {
-            st = atmoe_experts_add_adapter(*set, e->group, ad, e->target,
-                                           NULL);
-            continue;
-        }
         atmoe_adapter_target t;
         if ((st = atmoe_adapter_get_target(ad, e->target, &t)) != ATMOE_STATUS_OK)
             break;
-        float *a = atm_malloc(t.rank * t.d_in * sizeof *a);
-        float *b = atm_malloc(t.d_out * t.rank * sizeof *b);
+        size_t na = t.rank * t.d_in, nb = t.d_out * t.rank;
+        float *a = atm_malloc(na * sizeof *a);
+        float *b = atm_malloc(nb * sizeof *b);
         if (a == NULL || b == NULL)
             st = oom(g->ctx, "atmoe_manifest_build");
         if (st == ATMOE_STATUS_OK &&
-            (st = atmoe_adapter_read(ad, e->target, a, t.rank * t.d_in, b,
-                                     t.d_out * t.rank)) &&
+            (st = atmoe_adapter_read(ad, e->target, a, na, b, nb)) &&
             g->ctx != mf->ctx)
             st = atm_fail(g->ctx, st, "%s", atmoe_errmsg(mf->ctx));
+        char what[256];
+        snprintf(what, sizeof what, "lora_A of %s in %s", t.module,
+                 e->adapter);
         if (st == ATMOE_STATUS_OK)
+            st = check_finite(mf, g->ctx, what, a, na, t.d_in, m->a_dtype);
+        snprintf(what, sizeof what, "lora_B of %s in %s", t.module,
+                 e->adapter);
+        if (st == ATMOE_STATUS_OK)
+            st = check_finite(mf, g->ctx, what, b, nb, t.rank, m->b_dtype);
+        if (st == ATMOE_STATUS_OK && e->group >= 0)
+            st = atmoe_experts_add(*set, e->group, t.rank, a, b, t.alpha,
+                                   t.flags, NULL);
+        else if (st == ATMOE_STATUS_OK)
             st = atmoe_experts_set_general(*set, t.rank, a, b, t.alpha,
                                            t.flags, m->lambda);
         atm_free(a);

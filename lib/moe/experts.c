@@ -6,8 +6,30 @@
 #include <string.h>
 
 #include "base/alloc.h"
+#include "base/half.h"
 #include "moe/experts.h"
 #include "base/log.h"
+
+int atm_weight_type(atmoe_dtype dtype)
+{
+    switch (dtype) {
+    case ATMOE_DTYPE_F32: return 0;
+    case ATMOE_DTYPE_F16: return 1;
+    case ATMOE_DTYPE_BF16: return 2;
+    case ATMOE_DTYPE_I32: break;
+    }
+    return -1;
+}
+
+/* x as the storage type holds it (f32, f16 or bf16), widened back. */
+static float stored_value(atmoe_dtype dtype, float x)
+{
+    if (dtype == ATMOE_DTYPE_F16)
+        return atm_f16_to_f32(atm_f32_to_f16(x));
+    if (dtype == ATMOE_DTYPE_BF16)
+        return atm_bf16_to_f32(atm_f32_to_bf16(x));
+    return x;
+}
 
 ATMOE_API atmoe_status atmoe_experts_new(atmoe_context *ctx, size_t d_in,
                                          size_t d_out, atmoe_experts **set)
@@ -249,15 +271,63 @@ ATMOE_API atmoe_status atmoe_experts_get_info(const atmoe_experts *set,
     return ATMOE_STATUS_OK;
 }
 
-/* Copies rows [row0, row0 + rows) of a device matrix of cols columns. */
+ATMOE_API atmoe_status atmoe_experts_set_dtype(atmoe_experts *set,
+                                               atmoe_dtype a_dtype,
+                                               atmoe_dtype b_dtype)
+{
+    const char *fn = __func__;
+    ATM_CHECK_NULL(NULL, set);
+    if (atm_weight_type(a_dtype) < 0 || atm_weight_type(b_dtype) < 0)
+        return atm_fail(set->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: A_all and B_all are stored as f32, f16 or bf16, "
+                        "not %s and %s", fn, atmoe_dtype_name(a_dtype),
+                        atmoe_dtype_name(b_dtype));
+    if (set->sealed)
+        return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: the expert set is in use by a router or a graph "
+                        "and its storage can no longer change", fn);
+    set->a_dtype = a_dtype;
+    set->b_dtype = b_dtype;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_experts_get_dtype(const atmoe_experts *set,
+                                               atmoe_dtype *a_dtype,
+                                               atmoe_dtype *b_dtype)
+{
+    ATM_CHECK_NULL(NULL, set);
+    if (a_dtype)
+        *a_dtype = set->a_dtype;
+    if (b_dtype)
+        *b_dtype = set->b_dtype;
+    return ATMOE_STATUS_OK;
+}
+
+/* Copies rows [row0, row0 + rows) of a device matrix of cols columns,
+ * widened to f32 from its storage type. */
 static atmoe_status read_rows(atmoe_tensor *t, size_t row0, size_t rows,
                               size_t cols, float *dst)
 {
-    size_t start[2] = {row0, 0}, shape[2] = {rows, cols};
+    size_t start[2] = {row0, 0}, shape[2] = {rows, cols}, n = rows * cols;
     atmoe_tensor *view;
     atmoe_status st = atmoe_tensor_view(t, start, shape, &view);
-    if (st == ATMOE_STATUS_OK)
-        st = atmoe_tensor_read(view, dst, rows * cols * sizeof *dst);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    if (t->dtype == ATMOE_DTYPE_F32) {
+        st = atmoe_tensor_read(view, dst, n * sizeof *dst);
+    } else {
+        /* Narrow elements fit in the caller's array; widened from the
+         * last down, so that none is overwritten before it is read (f32
+         * i covers narrow elements 2i and 2i + 1, consumed already). */
+        unsigned char *raw = (unsigned char *)dst;
+        st = atmoe_tensor_read(view, raw, n * sizeof(uint16_t));
+        for (size_t i = n; st == ATMOE_STATUS_OK && i-- > 0;) {
+            uint16_t h;
+            memcpy(&h, raw + i * sizeof h, sizeof h);
+            dst[i] = t->dtype == ATMOE_DTYPE_F16 ? atm_f16_to_f32(h)
+                                                 : atm_bf16_to_f32(h);
+        }
+    }
     atmoe_tensor_free(view);
     return st;
 }
@@ -324,6 +394,26 @@ static atmoe_status upload(atmoe_context *ctx, atmoe_dtype dtype, size_t rows,
     return st;
 }
 
+/* Uploads f32 rows [rows, cols] as storage type dtype (f32, f16, bf16). */
+static atmoe_status upload_as(atmoe_context *ctx, atmoe_dtype dtype,
+                              size_t rows, size_t cols, const float *data,
+                              atmoe_tensor **out)
+{
+    if (dtype == ATMOE_DTYPE_F32)
+        return upload(ctx, dtype, rows, cols, data, out);
+    size_t n = rows * cols;
+    uint16_t *h = atm_malloc(n * sizeof *h);
+    if (h == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                        "sealing the expert set: out of host memory");
+    for (size_t i = 0; i < n; i++)
+        h[i] = dtype == ATMOE_DTYPE_F16 ? atm_f32_to_f16(data[i])
+                                        : atm_f32_to_bf16(data[i]);
+    atmoe_status st = upload(ctx, dtype, rows, cols, h, out);
+    atm_free(h);
+    return st;
+}
+
 atmoe_status atm_experts_seal(atmoe_experts *set)
 {
     if (set->sealed)
@@ -353,14 +443,18 @@ atmoe_status atm_experts_seal(atmoe_experts *set)
                 e->scale * (general ? 1.0f - set->lambda : set->lambda);
         }
     }
+    /* The weights as stored: B's f32 copies (bt, for CLBlast) hold the
+     * rounded values too. */
+    for (size_t i = 0; i < up * set->d_out; i++)
+        set->bt_host[i] = stored_value(set->b_dtype, set->bt_host[i]);
     for (size_t r = 0; r < up; r++)
         for (size_t j = 0; j < set->d_out; j++)
             b[j * up + r] = set->bt_host[r * set->d_out + j];
-    if ((st = upload(ctx, ATMOE_DTYPE_F32, R, set->d_in, set->a_host,
-                     &set->a)) ||
+    if ((st = upload_as(ctx, set->a_dtype, R, set->d_in, set->a_host,
+                        &set->a)) ||
         (st = upload(ctx, ATMOE_DTYPE_F32, up, set->d_out, set->bt_host,
                      &set->bt)) ||
-        (st = upload(ctx, ATMOE_DTYPE_F32, set->d_out, up, b, &set->b)) ||
+        (st = upload_as(ctx, set->b_dtype, set->d_out, up, b, &set->b)) ||
         (st = upload(ctx, ATMOE_DTYPE_I32, R, 0, chan_e, &set->chan_expert)) ||
         (st = upload(ctx, ATMOE_DTYPE_F32, R, 0, chan_s, &set->chan_scale)))
         goto out;

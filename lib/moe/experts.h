@@ -28,6 +28,11 @@ struct atmoe_experts {
     float *bt_host; /* [total_rank, d_out]: B transposed, so that the
                        expand reads rank rows of length d_out */
     size_t dense_r2; /* a dense (T-REX) set: the up vectors' count */
+    /* Storage types of A_all (a) and B_all (b), atmoe_experts_set_dtype:
+     * the fused kernels read them as stored.  bt, which only CLBlast's
+     * GEMMs read, stays f32 and holds the rounded values, so that every
+     * route computes with the same weights. */
+    atmoe_dtype a_dtype, b_dtype;
     int sealed;
     atmoe_tensor *a;   /* device copies, made when sealed */
     atmoe_tensor *bt;
@@ -37,6 +42,10 @@ struct atmoe_experts {
     atmoe_tensor *chan_scale;  /* f32 [R]: its scale, with lambda or
                                   1 - lambda folded in */
 };
+
+/* Whether cl/linear.cl reads a weight of this storage type (f32, f16,
+ * bf16), and its code there (-DWT / -DBT: 0, 1, 2); -1 for none. */
+int atm_weight_type(atmoe_dtype dtype);
 
 /* Uploads the set and forbids further additions. */
 atmoe_status atm_experts_seal(atmoe_experts *set);

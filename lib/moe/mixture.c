@@ -22,8 +22,10 @@ typedef struct mixture_params {
     atmoe_merge merge;
     float c;
     atmoe_dtype w0_dtype; /* as stored: read so by cl/linear.cl */
-    /* The block of cl/linear.cl's tiles in force (tuning). */
-    unsigned sr, st;
+    /* The blocks of cl/linear.cl's tiles in force (tuning, by the storage
+     * type of the weight each product reads): the shrink's (A_all), the
+     * base's (W0) and the merged product's (W', f32). */
+    unsigned sr[3], st[3];
     /* Routes: a batch of T tokens runs merged when T >= merge_from, and
      * through cl/linear.cl when T <= linear_upto (else CLBlast). */
     size_t merge_from, linear_upto;
@@ -32,27 +34,17 @@ typedef struct mixture_params {
 extern const atm_op atm_op_mixture;
 
 /* Kernel slots: cl/linear.cl for 1, 2 and 3+ tokens (its tile) over the
- * experts' A (the shrink) and over W0 (the base and expand), the mix, the
- * fold of the merge path, the f32 copy, and the copy of W0 into f32 (for
- * CLBlast and the merge path, when W0 is stored in half precision). */
+ * experts' A (the shrink), over W0 (the base and expand), and over the
+ * merged W' in f32 when A is stored in half precision (else the shrink's
+ * serve), the mix, the fold of the merge path, the f32 copy, and the
+ * copies of W0 and of A into f32 (for CLBlast and the merge path, when
+ * they are stored in half precision). */
 enum {
     K_SHRINK1, K_SHRINK2, K_SHRINK3,
     K_BASE1, K_BASE2, K_BASE3,
-    K_MIX, K_FOLD, K_COPY, K_W0_F32
+    K_MIX, K_FOLD, K_COPY, K_W0_F32,
+    K_MERGED1, K_MERGED2, K_MERGED3, K_A_F32
 };
-
-/* cl/linear.cl's code of a weight's storage type, -1 for one it does not
- * read. */
-static int weight_type(atmoe_dtype dtype)
-{
-    switch (dtype) {
-    case ATMOE_DTYPE_F32: return 0;
-    case ATMOE_DTYPE_F16: return 1;
-    case ATMOE_DTYPE_BF16: return 2;
-    case ATMOE_DTYPE_I32: break;
-    }
-    return -1;
-}
 
 static const char *mix_name(atmoe_mix mix)
 {
@@ -80,9 +72,17 @@ typedef struct linear_shape {
     size_t sr, st;       /* the block */
 } linear_shape;
 
-static linear_shape linear_shape_for(const mixture_params *mp, size_t T)
+/* The blocks' index of the product whose kernels start at slot first. */
+static int block_of(int first)
 {
-    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4, mp->sr, mp->st};
+    return first == K_SHRINK1 ? 0 : first == K_BASE1 ? 1 : 2;
+}
+
+static linear_shape linear_shape_for(const mixture_params *mp, int first,
+                                     size_t T)
+{
+    int b = block_of(first);
+    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4, mp->sr[b], mp->st[b]};
     return s;
 }
 
@@ -168,7 +168,7 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
         (bn && bn->dtype != ATMOE_DTYPE_F32))
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: x, bias and gates must be f32", fn);
-    if (weight_type(wn->dtype) < 0)
+    if (atm_weight_type(wn->dtype) < 0)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: w0 must be f32, f16 or bf16; it is %s", fn,
                         atm_node_desc(wn, b1, sizeof b1));
@@ -281,15 +281,17 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
 /* ---------------------------------------------------------------- plan */
 
 /* The kernel of cl/linear.cl for batches of b tokens into the slot of
- * first (K_SHRINK1 or K_BASE1), its W read as storage type wt. */
+ * first (K_SHRINK1, K_BASE1 or K_MERGED1), its W and B read as storage
+ * types wt and bt. */
 static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
-                                  size_t b, int wt)
+                                  size_t b, int wt, int bt)
 {
-    linear_shape s = linear_shape_for(ATM_NODE_PARAMS(mixture_params, n), b);
+    linear_shape s =
+        linear_shape_for(ATM_NODE_PARAMS(mixture_params, n), first, b);
     char options[96];
     snprintf(options, sizeof options,
-             "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=0", s.rows,
-             s.tokens, s.sr, s.st, wt);
+             "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=%d", s.rows,
+             s.tokens, s.sr, s.st, wt, bt);
     return atm_node_kernel(g, n, linear_slot(first, b), "linear", options,
                            "linear");
 }
@@ -300,11 +302,17 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
     mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
     size_t T = g->nodes[n->src[0]].shape[0];
     long upto = atm_param_get(g->ctx, ATM_PARAM_LINEAR_MAX_TOKENS);
-    mp->sr = (unsigned)atm_param_get(g->ctx, ATM_PARAM_LINEAR_SR);
-    mp->st = (unsigned)atm_param_get(g->ctx, ATM_PARAM_LINEAR_ST);
+    const atmoe_dtype read[3] = {mp->experts->a_dtype, mp->w0_dtype,
+                                 ATMOE_DTYPE_F32};
+    for (int i = 0; i < 3; i++) {
+        mp->sr[i] = (unsigned)atm_param_linear_block(g->ctx, read[i], 0);
+        mp->st[i] = (unsigned)atm_param_linear_block(g->ctx, read[i], 1);
+    }
     mp->linear_upto = upto >= 1 ? (size_t)upto : 0;
     mp->merge_from = merge_from(g, n);
 
+    const atmoe_experts *set = mp->experts;
+    int at = atm_weight_type(set->a_dtype);
     atmoe_status st = atm_node_kernel(g, n, K_MIX, "mixture", NULL,
                                       mix_name(mp->mix));
     static const size_t tile_batches[] = {1, 2, 3};
@@ -312,17 +320,28 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
         size_t b = tile_batches[i];
         if (b > T || b > mp->linear_upto)
             break;
-        /* The shrink reads A_all (f32), the base W0 as stored and B_all. */
-        st = linear_kernel(g, n, K_SHRINK1, b, 0);
+        /* The shrink reads A_all, the base W0 and B_all, each as stored. */
+        st = linear_kernel(g, n, K_SHRINK1, b, at, 0);
         if (st == ATMOE_STATUS_OK)
-            st = linear_kernel(g, n, K_BASE1, b, weight_type(mp->w0_dtype));
+            st = linear_kernel(g, n, K_BASE1, b,
+                               atm_weight_type(mp->w0_dtype),
+                               atm_weight_type(set->b_dtype));
+        if (st == ATMOE_STATUS_OK && at != 0 && mp->merge_from <= T)
+            st = linear_kernel(g, n, K_MERGED1, b, 0, 0);
     }
     if (st == ATMOE_STATUS_OK && mp->w0_dtype != ATMOE_DTYPE_F32 &&
         (mp->merge_from <= T || T > mp->linear_upto))
         st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, mp->w0_dtype,
                              &n->kernel[K_W0_F32]);
-    if (st == ATMOE_STATUS_OK && mp->merge_from <= T)
-        st = atm_node_kernel(g, n, K_FOLD, "mixture", NULL, "fold_gates");
+    if (st == ATMOE_STATUS_OK && at != 0 && T > mp->linear_upto)
+        st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, set->a_dtype,
+                             &n->kernel[K_A_F32]);
+    if (st == ATMOE_STATUS_OK && mp->merge_from <= T) {
+        /* The fold reads A_all as stored too. */
+        char options[16];
+        snprintf(options, sizeof options, "-DAT=%d", at);
+        st = atm_node_kernel(g, n, K_FOLD, "mixture", options, "fold_gates");
+    }
     if (st == ATMOE_STATUS_OK &&
         (n->src[2] != ATMOE_NODE_NONE || mp->merge_from <= T))
         st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
@@ -330,8 +349,10 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
     return st;
 }
 
-/* Scratch while the node runs: u [T, R] and z [T, Z] unmerged; the folded
- * experts [Z, d_in] and W' [d_out, d_in] merged. */
+/* Scratch while the node runs: u [T, R] and z [T, Z] unmerged (then the
+ * f32 copies of W0 and of A_all that CLBlast reads when they are stored
+ * in half precision); the folded experts [Z, d_in] and W' [d_out, d_in]
+ * merged. */
 static size_t mixture_scratch(const atmoe_graph *g, const atm_node *n)
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
@@ -342,6 +363,8 @@ static size_t mixture_scratch(const atmoe_graph *g, const atm_node *n)
      * and z for batches that take it. */
     if (mp->w0_dtype != ATMOE_DTYPE_F32 && T > mp->linear_upto)
         unmerged += set->d_out * set->d_in;
+    if (set->a_dtype != ATMOE_DTYPE_F32 && T > mp->linear_upto)
+        unmerged += set->total_rank * set->d_in;
     size_t merged = 0;
     if (mp->merge_from <= T)
         merged = (z_width(set) + set->d_out) * set->d_in;
@@ -367,6 +390,11 @@ static atm_gemm mixture_gemm(const atmoe_graph *g, const atm_node *n,
     size_t R = set->total_rank, Z = z_width(set);
     size_t u_off = n->work_offset / sizeof(float), z_off = u_off + T * R;
     size_t fold_off = u_off, w_off = fold_off + Z * d_in;
+    /* The f32 copies of W0 and A_all after u and z, when CLBlast needs
+     * them (see mixture_scratch). */
+    size_t w0_off = z_off + T * Z;
+    size_t a_off =
+        w0_off + (mp->w0_dtype != ATMOE_DTYPE_F32 ? d_out * d_in : 0);
     float beta = n->src[2] != ATMOE_NODE_NONE ? 1.0f : 0.0f;
     atm_gemm p;
     switch (which) {
@@ -377,13 +405,18 @@ static atm_gemm mixture_gemm(const atmoe_graph *g, const atm_node *n,
                            w0->offset, d_in, y->offset, d_out};
         else
             p = (atm_gemm){0, 1, T, d_out, d_in, 1.0f, beta, x->buffer,
-                           g->arena, y->buffer, x->offset, d_in,
-                           z_off + T * Z, d_in, y->offset, d_out};
+                           g->arena, y->buffer, x->offset, d_in, w0_off,
+                           d_in, y->offset, d_out};
         break;
-    case G_SHRINK: /* u = x A_all^T */
-        p = (atm_gemm){0, 1, T, R, d_in, 1.0f, 0.0f, x->buffer,
-                       set->a->buffer, g->arena, x->offset, d_in,
-                       set->a->offset, d_in, u_off, R};
+    case G_SHRINK: /* u = x A_all^T; A_all in f32, or its f32 copy */
+        if (set->a_dtype == ATMOE_DTYPE_F32)
+            p = (atm_gemm){0, 1, T, R, d_in, 1.0f, 0.0f, x->buffer,
+                           set->a->buffer, g->arena, x->offset, d_in,
+                           set->a->offset, d_in, u_off, R};
+        else
+            p = (atm_gemm){0, 1, T, R, d_in, 1.0f, 0.0f, x->buffer,
+                           g->arena, g->arena, x->offset, d_in, a_off, d_in,
+                           u_off, R};
         break;
     case G_EXPAND: /* y += c z B_all^T */
         p = (atm_gemm){0, 0, T, d_out, Z, mp->c, 1.0f, g->arena,
@@ -440,7 +473,7 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
                            int first, const linear_call *c, cl_event *ev)
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
-    linear_shape shape = linear_shape_for(mp, T);
+    linear_shape shape = linear_shape_for(mp, first, T);
     /* Unused buffers are bound to x: kernels need a valid cl_mem. */
     const atmoe_tensor *bias = c->bias ? c->bias : c->x;
     atm_args args = {n->kernel[linear_slot(first, T)], 0, CL_SUCCESS};
@@ -542,10 +575,12 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
         return st;
 
     if (T <= mp->linear_upto) {
-        /* W' is f32 whatever W0's type: the shrink's kernels read it. */
+        /* W' is f32 whatever W0's type: the shrink's kernels read it, or
+         * their f32 twins when A_all is stored in half precision. */
         linear_call c = {y->buffer, w.buffer, NULL, y->offset, w.offset, 0,
                          x, bias, NULL, d_out, d_in, 0, 0.0f};
-        return linear(g, n, T, K_SHRINK1, &c, last);
+        int slot = set->a_dtype == ATMOE_DTYPE_F32 ? K_SHRINK1 : K_MERGED1;
+        return linear(g, n, T, slot, &c, last);
     }
     if (bias &&
         (st = atm_tensor_broadcast_rows(n->kernel[K_COPY], y, bias, NULL)))
@@ -610,6 +645,16 @@ static atmoe_status mixture_run(atmoe_graph *g, atm_node *n, cl_event *first,
         if ((st = atm_tensor_copy_with(n->kernel[K_W0_F32], &w, w0, NULL)))
             return st;
     }
+    if (mp->experts->a_dtype != ATMOE_DTYPE_F32) {
+        /* A_all likewise, into the scratch G_SHRINK reads. */
+        const atmoe_tensor *a = mp->experts->a;
+        atmoe_tensor w = *a;
+        w.dtype = ATMOE_DTYPE_F32;
+        w.buffer = g->arena;
+        w.offset = shrink.b_offset;
+        if ((st = atm_tensor_copy_with(n->kernel[K_A_F32], &w, a, NULL)))
+            return st;
+    }
     atm_gemm expand = mixture_gemm(g, n, G_EXPAND);
     size_t u_off = shrink.c_offset;
     if ((st = atm_graph_sgemm(g, &base, first)) ||
@@ -628,11 +673,11 @@ static void mixture_cost(const atmoe_graph *g, const atm_node *n,
     uint64_t Z = set->dense_r2 ? set->dense_r2 : R;
     *flops = 2 * T * dout * din + 2 * T * (R * din + Z * dout) +
              (set->dense_r2 ? 2 * T * R * Z : T * R);
-    /* Weights once (W0 as stored), activations in and out, gates. */
+    /* Weights once (as stored), activations in and out, gates. */
     uint64_t w0_size = atmoe_dtype_size(g->nodes[n->src[1]].dtype);
-    *bytes = w0_size * dout * din +
-             4 * (R * din + Z * dout + T * (din + dout) +
-                  T * g->nodes[n->src[3]].rt.shape[1]);
+    *bytes = w0_size * dout * din + atmoe_dtype_size(set->a_dtype) * R * din +
+             atmoe_dtype_size(set->b_dtype) * Z * dout +
+             4 * (T * (din + dout) + T * g->nodes[n->src[3]].rt.shape[1]);
 }
 
 static void mixture_release(atm_node *n)

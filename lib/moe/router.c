@@ -257,10 +257,17 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
     int projected = router->form == ATMOE_ROUTER_PROJECTED;
     size_t want_d[2] = {projected ? set->d_in : G, projected ? G * M : M};
     char b1[160], b2[160];
-    if (hn->dtype != ATMOE_DTYPE_F32 || gn->dtype != ATMOE_DTYPE_F32 ||
-        dn->dtype != ATMOE_DTYPE_F32)
+    if (hn->dtype != ATMOE_DTYPE_F32)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
-                        "%s: h, w_g and w_d must be f32", fn);
+                        "%s: h must be f32; it is %s", fn,
+                        atm_node_desc(hn, b1, sizeof b1));
+    /* The weights are read as stored; the logits are f32 whatever. */
+    if (atm_weight_type(gn->dtype) < 0 || atm_weight_type(dn->dtype) < 0)
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: w_g and %s must be f32, f16 or bf16; they are "
+                        "%s and %s", fn, projected ? "w_d" : "v_d",
+                        atm_node_desc(gn, b1, sizeof b1),
+                        atm_node_desc(dn, b2, sizeof b2));
     if (hn->ndim != 2 || hn->shape[1] != set->d_in || hn->batch_dim > 0)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: h must be [rows, %zu] (d_in of the expert set); "
@@ -323,16 +330,21 @@ ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
     return ATMOE_STATUS_OK;
 }
 
-static void router_options(const atmoe_router *r, char *buf, size_t size)
+/* The router's build options, with the storage types of the node's w_g
+ * and w_d. */
+static void router_options(const atmoe_graph *g, const atm_node *n,
+                           char *buf, size_t size)
 {
-    snprintf(buf, size, "%s -DWG=%d", r->options, ROUTER_WG);
+    const atmoe_router *r = ATM_NODE_PARAMS(router_params, n)->router;
+    snprintf(buf, size, "%s -DWG=%d -DGT=%d -DDT=%d", r->options, ROUTER_WG,
+             atm_weight_type(g->nodes[n->src[1]].dtype),
+             atm_weight_type(g->nodes[n->src[2]].dtype));
 }
 
 static atmoe_status router_prepare(atmoe_graph *g, atm_node *n)
 {
     char options[192];
-    router_options(ATM_NODE_PARAMS(router_params, n)->router, options,
-                   sizeof options);
+    router_options(g, n, options, sizeof options);
     return atm_node_kernel(g, n, 0, "router", options, "grouped_router");
 }
 
