@@ -1097,6 +1097,302 @@ START_TEST(test_loss_load_balance)
 }
 END_TEST
 
+
+/* ------------------------------------------------------------ the engine */
+
+static atmoe_node param(atmoe_context *ctx, atmoe_graph *g, const char *name,
+                        int ndim, const size_t *shape, test_rng *rng,
+                        atmoe_tensor **keep)
+{
+    size_t n = 1;
+    for (int i = 0; i < ndim; i++)
+        n *= shape[i];
+    float *data = malloc(n * sizeof *data);
+    test_fill_uniform(rng, data, n, -1, 1);
+    atmoe_tensor *t;
+    atmoe_node node;
+    ck_assert_status(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, ndim, shape, &t),
+                     ctx);
+    ck_assert_status(atmoe_tensor_write(t, data, n * sizeof *data), ctx);
+    ck_assert_status(atmoe_graph_parameter(g, name, t, &node), ctx);
+    free(data);
+    if (keep)
+        *keep = t;
+    else
+        atmoe_tensor_free(t);
+    return node;
+}
+
+static atmoe_node scalar_mean(atmoe_context *ctx, atmoe_graph *g,
+                              atmoe_node y, size_t count)
+{
+    atmoe_node flat, m;
+    size_t s[1] = {count};
+    ck_assert_status(atmoe_graph_reshape(g, y, 1, s, &flat), ctx);
+    ck_assert_status(atmoe_graph_mean(g, flat, 0, &m), ctx);
+    return m;
+}
+
+static int count_op(const atmoe_graph *g, const atm_op *op)
+{
+    int n = 0;
+    for (size_t i = 0; i < g->count; i++)
+        n += g->nodes[i].op == op;
+    return n;
+}
+
+/* y = x W + b, W frozen, b and x trainable: W gets no gradient node (one
+ * GEMM only, dx's; db sums over rows), the registry holds b alone, with
+ * its storage, and x's gradient comes back to the caller. */
+START_TEST(test_frozen_and_registry)
+{
+    atmoe_context *ctx = test_context();
+    atmoe_graph *g;
+    test_rng rng;
+    test_rng_seed(&rng, 201);
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t xs[2] = {T_MAX, 5}, ws[2] = {5, 3}, bs[1] = {3};
+    atmoe_node x, w, b, y, loss, gb, gx;
+    atmoe_tensor *bt;
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x),
+                     ctx);
+    w = param(ctx, g, "W", 2, ws, &rng, NULL);
+    b = param(ctx, g, "b", 1, bs, &rng, &bt);
+    ck_assert_status(atmoe_graph_set_trainable(g, b, 1), ctx);
+    ck_assert_status(atmoe_graph_set_trainable(g, x, 1), ctx);
+    ck_assert_status(atmoe_graph_matmul(g, x, w, b, 0, &y), ctx);
+    loss = scalar_mean(ctx, g, y, T_MAX * 3);
+    ck_assert_fails_with(atmoe_graph_get_grad(g, b, &gb), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "no gradients yet");
+    ck_assert_status(atmoe_graph_backward(g, loss), ctx);
+    /* Forward and dx = dy W^T; no dW = x^T dy. */
+    ck_assert_int_eq(count_op(g, &atm_op_matmul), 2);
+    ck_assert_fails_with(atmoe_graph_get_grad(g, w, &gb), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "not trainable");
+    ck_assert_status(atmoe_graph_get_grad(g, b, &gb), ctx);
+    ck_assert_status(atmoe_graph_get_grad(g, x, &gx), ctx);
+    ck_assert_int_eq(atm_graph_trainable_count(g), 1);
+    const atm_trainable *t = atm_graph_trainable_find(g, "b");
+    ck_assert_ptr_nonnull(t);
+    ck_assert_ptr_null(atm_graph_trainable_find(g, "x"));
+    ck_assert_ptr_eq(t->buffer, bt->buffer);
+    ck_assert_uint_eq(t->offset, bt->offset);
+    ck_assert_uint_eq(t->count, 3);
+    ck_assert_int_eq(t->ndim, 1);
+    ck_assert_uint_eq(t->shape[0], 3);
+    ck_assert_int_eq(t->grad, gb);
+    ck_assert_uint_eq(t->grad_offset, 0);
+    ck_assert(g->nodes[gb].is_output && g->nodes[gx].is_output &&
+              g->nodes[loss].is_output);
+    atmoe_node found;
+    ck_assert_status(atmoe_graph_find(g, "b.grad", &found), ctx);
+    ck_assert_int_eq(found, gb);
+
+    /* dL/db = 1 / 3 per column; dL/dx = rows of W summed / (3 T). */
+    ck_assert_status(atmoe_graph_plan(g, 0), ctx);
+    float xv[T_ROWS * 5], gbv[3], gxv[T_ROWS * 5];
+    test_fill_uniform(&rng, xv, T_ROWS * 5, -1, 1);
+    ck_assert_status(atmoe_graph_set_input(g, x, xv, sizeof xv, T_ROWS), ctx);
+    ck_assert_status(atmoe_graph_compute(g, T_ROWS), ctx);
+    ck_assert_status(atmoe_graph_read(g, gb, gbv, sizeof gbv), ctx);
+    ck_assert_status(atmoe_graph_read(g, gx, gxv, sizeof gxv), ctx);
+    for (int j = 0; j < 3; j++)
+        ck_assert_double_eq_tol(gbv[j], 1.0 / 3, 1e-6);
+    for (int i = 0; i < T_ROWS * 5; i++)
+        ck_assert(isfinite(gxv[i]));
+    atmoe_tensor_free(bt);
+    atmoe_graph_free(g);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+/* The values of top-k carry a gradient to their entries and to no other;
+ * the indices none. */
+START_TEST(test_topk_kept_only)
+{
+    atmoe_context *ctx = test_context();
+    atmoe_graph *g;
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t xs[2] = {T_MAX, 7};
+    atmoe_node x, v, ix, loss, gx;
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x),
+                     ctx);
+    ck_assert_status(atmoe_graph_set_trainable(g, x, 1), ctx);
+    ck_assert_status(atmoe_graph_topk(g, x, 2, 1, &v, &ix), ctx);
+    loss = scalar_mean(ctx, g, v, T_MAX * 2);
+    ck_assert_status(atmoe_graph_mark_output(g, ix), ctx);
+    ck_assert_status(atmoe_graph_backward(g, loss), ctx);
+    ck_assert_status(atmoe_graph_get_grad(g, x, &gx), ctx);
+    ck_assert_status(atmoe_graph_plan(g, 0), ctx);
+    poison_arena(g);
+    test_rng rng;
+    test_rng_seed(&rng, 202);
+    float xv[T_ROWS * 7], gv[T_ROWS * 7];
+    int32_t iv[T_ROWS * 2];
+    test_fill_uniform(&rng, xv, T_ROWS * 7, -1, 1);
+    ck_assert_status(atmoe_graph_set_input(g, x, xv, sizeof xv, T_ROWS), ctx);
+    ck_assert_status(atmoe_graph_compute(g, T_ROWS), ctx);
+    ck_assert_status(atmoe_graph_read(g, gx, gv, sizeof gv), ctx);
+    ck_assert_status(atmoe_graph_read(g, ix, iv, sizeof iv), ctx);
+    for (int r = 0; r < T_ROWS; r++)
+        for (int j = 0; j < 7; j++) {
+            int kept = iv[r * 2] == j || iv[r * 2 + 1] == j;
+            ck_assert_msg(gv[r * 7 + j] == (kept ? 1.0f / (T_ROWS * 2) : 0.0f),
+                          "row %d entry %d (kept %d): %g", r, j, kept,
+                          gv[r * 7 + j]);
+        }
+    atmoe_graph_free(g);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+/* Cross-entropy over logits [T, C] with labels; returns the loss and
+ * fills the gradient of the logits. */
+static float ce_with_labels(const int32_t *labels, float *grad)
+{
+    atmoe_context *ctx = test_context();
+    atmoe_graph *g;
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t xs[2] = {T_MAX, CLASSES}, ls[1] = {T_MAX};
+    atmoe_node x, l, loss, gx;
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x),
+                     ctx);
+    ck_assert_status(atmoe_graph_input(g, "l", ATMOE_DTYPE_I32, 1, ls, 1, &l),
+                     ctx);
+    ck_assert_status(atmoe_graph_set_trainable(g, x, 1), ctx);
+    ck_assert_status(atmoe_graph_loss_cross_entropy(g, x, l, IGNORE, &loss),
+                     ctx);
+    ck_assert_status(atmoe_graph_backward(g, loss), ctx);
+    ck_assert_status(atmoe_graph_get_grad(g, x, &gx), ctx);
+    ck_assert_status(atmoe_graph_plan(g, 0), ctx);
+    poison_arena(g);
+    test_rng rng;
+    test_rng_seed(&rng, 203);
+    float xv[T_ROWS * CLASSES], lv;
+    test_fill_uniform(&rng, xv, T_ROWS * CLASSES, -2, 2);
+    ck_assert_status(atmoe_graph_set_input(g, x, xv, sizeof xv, T_ROWS), ctx);
+    ck_assert_status(atmoe_graph_set_input(g, l, labels,
+                                           T_ROWS * sizeof *labels, T_ROWS),
+                     ctx);
+    ck_assert_status(atmoe_graph_compute(g, T_ROWS), ctx);
+    ck_assert_status(atmoe_graph_read(g, loss, &lv, sizeof lv), ctx);
+    ck_assert_status(atmoe_graph_read(g, gx, grad,
+                                      T_ROWS * CLASSES * sizeof *grad),
+                     ctx);
+    atmoe_graph_free(g);
+    atmoe_context_free(ctx);
+    return lv;
+}
+
+START_TEST(test_cross_entropy_all_ignored)
+{
+    int32_t labels[T_ROWS] = {IGNORE, IGNORE, IGNORE, IGNORE, IGNORE};
+    float grad[T_ROWS * CLASSES];
+    ck_assert(ce_with_labels(labels, grad) == 0.0f);
+    for (int i = 0; i < T_ROWS * CLASSES; i++)
+        ck_assert(grad[i] == 0.0f);
+}
+END_TEST
+
+/* A label outside [0, C) that is not the ignore index: the loss and that
+ * row's gradient are NaN (an optimiser's finiteness check reports it);
+ * the other rows' gradients stay finite. */
+START_TEST(test_cross_entropy_label_out_of_range)
+{
+    int32_t labels[T_ROWS] = {1, CLASSES, 0, -1, 2};
+    float grad[T_ROWS * CLASSES];
+    ck_assert(isnan(ce_with_labels(labels, grad)));
+    for (int r = 0; r < T_ROWS; r++)
+        for (int j = 0; j < CLASSES; j++)
+            ck_assert(isnan(grad[r * CLASSES + j]) == (r == 1 || r == 3));
+}
+END_TEST
+
+/* A row with no backward, from outside the library. */
+static const atm_op no_backward_op = {.name = "no_backward_op"};
+
+START_TEST(test_bad_input)
+{
+    atmoe_context *ctx = test_context();
+    atmoe_graph *g;
+    test_rng rng;
+    test_rng_seed(&rng, 204);
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t ws[2] = {3, 4}, xs[2] = {T_MAX, 4}, ls[1] = {T_MAX}, one[1] = {1};
+    atmoe_node w = param(ctx, g, "W", 2, ws, &rng, NULL);
+    atmoe_node x, lab, loss, out, ci;
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x),
+                     ctx);
+    ck_assert_status(atmoe_graph_input(g, "lab", ATMOE_DTYPE_I32, 1, ls, 1,
+                                       &lab),
+                     ctx);
+    static const int32_t zero = 0;
+    ck_assert_status(atmoe_graph_constant(g, "ci", ATMOE_DTYPE_I32, 1, one,
+                                          &zero, &ci),
+                     ctx);
+
+    /* Marking: parameters and inputs only, f32 only. */
+    ck_assert_fails_with(atmoe_graph_set_trainable(g, ci, 1), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "parameter or an input");
+    ck_assert_fails_with(atmoe_graph_set_trainable(g, lab, 1), ctx,
+                         ATMOE_STATUS_DTYPE_MISMATCH, "f32");
+    ck_assert_fails_with(atmoe_graph_set_trainable(g, 999, 1), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "not a node");
+
+    /* The loss: scalar f32, reached by something trainable. */
+    loss = scalar_mean(ctx, g, w, 12);
+    ck_assert_fails_clean(g, atmoe_graph_backward(g, loss), ctx,
+                          ATMOE_STATUS_INVALID_ARGUMENT, "nothing trainable");
+    ck_assert_status(atmoe_graph_set_trainable(g, w, 1), ctx);
+    ck_assert_fails_clean(g, atmoe_graph_backward(g, w), ctx,
+                          ATMOE_STATUS_SHAPE_MISMATCH, "scalar");
+    ck_assert_fails_clean(g, atmoe_graph_backward(g, ci), ctx,
+                          ATMOE_STATUS_DTYPE_MISMATCH, "f32");
+
+    /* Losses over mismatched operands. */
+    ck_assert_fails_clean(g, atmoe_graph_loss_mse(g, x, w, &out), ctx,
+                          ATMOE_STATUS_SHAPE_MISMATCH, "one shape");
+    ck_assert_fails_clean(g, atmoe_graph_loss_cross_entropy(g, x, x, 0, &out),
+                          ctx, ATMOE_STATUS_DTYPE_MISMATCH, "i32");
+    ck_assert_fails_clean(g, atmoe_graph_loss_cross_entropy(g, w, lab, 0, &out),
+                          ctx, ATMOE_STATUS_SHAPE_MISMATCH, "labels");
+    ck_assert_fails_clean(g, atmoe_graph_loss_load_balance(g, loss, &out), ctx,
+                          ATMOE_STATUS_SHAPE_MISMATCH, "[T, E]");
+    ck_assert_fails_clean(g, atmoe_graph_loss_load_balance(g, lab, &out), ctx,
+                          ATMOE_STATUS_DTYPE_MISMATCH, "f32");
+
+    /* An operation without a backward on the path. */
+    atm_node p;
+    atm_node_like(&p, &no_backward_op, &g->nodes[w], w);
+    atmoe_node nb, bad;
+    ck_assert_status(atm_graph_push(g, &p, "nb", "test", &nb), ctx);
+    bad = scalar_mean(ctx, g, nb, 12);
+    ck_assert_fails_clean(g, atmoe_graph_backward(g, bad), ctx,
+                          ATMOE_STATUS_NOT_SUPPORTED, "no_backward_op");
+
+    /* A trainable node that does not reach the loss has no gradient; one
+     * backward per graph; marking after it is refused. */
+    atmoe_node v = param(ctx, g, "V", 2, ws, &rng, NULL), gv;
+    ck_assert_status(atmoe_graph_set_trainable(g, v, 1), ctx);
+    ck_assert_status(atmoe_graph_backward(g, loss), ctx);
+    ck_assert_fails_with(atmoe_graph_get_grad(g, v, &gv), ctx,
+                         ATMOE_STATUS_NOT_FOUND, "does not reach");
+    ck_assert_fails_with(atmoe_graph_get_grad(g, x, &gv), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "not trainable");
+    ck_assert_fails_clean(g, atmoe_graph_backward(g, loss), ctx,
+                          ATMOE_STATUS_INVALID_ARGUMENT, "built already");
+    ck_assert_fails_with(atmoe_graph_set_trainable(g, x, 1), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "built already");
+    ck_assert_int_eq(atm_graph_trainable_count(g), 1);
+    ck_assert_fails_with(atmoe_graph_backward(NULL, loss), NULL,
+                         ATMOE_STATUS_NULL_POINTER, "graph");
+    ck_assert_fails_with(atmoe_graph_get_grad(g, w, NULL), ctx,
+                         ATMOE_STATUS_NULL_POINTER, "grad");
+    atmoe_graph_free(g);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
 /* ------------------------------------------------------------ suite */
 
 static Suite *backward_suite(void)
@@ -1133,6 +1429,13 @@ static Suite *backward_suite(void)
     tcase_add_test(tc, test_loss_cross_entropy);
     tcase_add_test(tc, test_loss_load_balance);
     suite_add_tcase(s, tc);
+    TCase *te = tcase_create("engine");
+    tcase_add_test(te, test_frozen_and_registry);
+    tcase_add_test(te, test_topk_kept_only);
+    tcase_add_test(te, test_cross_entropy_all_ignored);
+    tcase_add_test(te, test_cross_entropy_label_out_of_range);
+    tcase_add_test(te, test_bad_input);
+    suite_add_tcase(s, te);
     return s;
 }
 
