@@ -374,6 +374,41 @@ START_TEST(test_matmul_batched_inner)
 }
 END_TEST
 
+/* C = W x^T, batched in its columns, then transposed back to [T, 3]. */
+static atmoe_status build_matmul_cols(atmoe_graph *g, const gcase *c,
+                                      const atmoe_node *in, atmoe_node *y)
+{
+    (void)c;
+    atmoe_node t;
+    atmoe_status st = atmoe_graph_matmul(g, in[0], in[1], ATMOE_NODE_NONE,
+                                         ATMOE_MATMUL_TRANSPOSE_B, &t);
+    return st ? st : atmoe_graph_transpose(g, t, 0, 1, y);
+}
+
+static void ref_matmul_cols(const gcase *c, double *const *x, double *y)
+{
+    (void)c;
+    double t[3 * T_ROWS];
+    host_matmul(x[0], x[1], NULL, 0, 1, 3, T_ROWS, 5, t);
+    for (size_t r = 0; r < T_ROWS; r++)
+        for (size_t j = 0; j < 3; j++)
+            y[r * 3 + j] = t[j * T_ROWS + r];
+}
+
+START_TEST(test_matmul_batched_columns)
+{
+    gcase c = {0};
+    c.nleaf = 2;
+    c.leaf[0] = L(L_PARAM, 1, 2, 3, 5, 1);
+    c.leaf[1] = L(L_BATCHED, 1, 2, T_ROWS, 5, 1);
+    c.y_batched = 1;
+    c.ycount = T_ROWS * 3;
+    c.build = build_matmul_cols;
+    c.ref = ref_matmul_cols;
+    check_case(&c, 22);
+}
+END_TEST
+
 /* ------------------------------------------------------------ elementwise */
 
 /* (a + b) + c, or with mul: a [T, 4], b [4], c [T, 1]. */
@@ -569,12 +604,15 @@ START_TEST(test_softmax)
 {
     along_case(0, 1, L(L_BATCHED, 1, 2, T_ROWS, 6, 1), T_ROWS * 6, 1);
     along_case(0, 0, L(L_PARAM, 1, 2, 4, 5, 1), 20, 0);
+    /* Along the batch: over the rows computed. */
+    along_case(0, 0, L(L_BATCHED, 1, 2, T_ROWS, 3, 1), T_ROWS * 3, 1);
 }
 END_TEST
 
 START_TEST(test_l2norm)
 {
     along_case(1, 1, L(L_BATCHED, 1, 3, T_ROWS, 5, 3), T_ROWS * 15, 1);
+    along_case(1, 0, L(L_BATCHED, 1, 2, T_ROWS, 3, 1), T_ROWS * 3, 1);
 }
 END_TEST
 
@@ -1393,6 +1431,68 @@ START_TEST(test_bad_input)
 }
 END_TEST
 
+/* An operation with an f32 secondary output (as the router's traces): the
+ * engine hands the secondary's gradient to the source's backward as
+ * grad_out[1], and asks only for the operands on a path. */
+static int seen_gout[3], seen_need[2], seen_calls;
+
+static atmoe_status pair_backward(atmoe_graph *g, int node, const int *gout,
+                                  const unsigned char *need, int *gin)
+{
+    for (int i = 0; i < 3; i++)
+        seen_gout[i] = gout[i];
+    for (int i = 0; i < 2; i++)
+        seen_need[i] = need[i];
+    seen_calls++;
+    (void)node;
+    return atmoe_graph_add(g, gout[0], gout[1], &gin[0]);
+}
+
+static const atm_op pair_op = {.name = "pair", .backward = pair_backward};
+
+START_TEST(test_secondary_gradient)
+{
+    atmoe_context *ctx = test_context();
+    atmoe_graph *g;
+    test_rng rng;
+    test_rng_seed(&rng, 205);
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t ws[1] = {4};
+    atmoe_node w = param(ctx, g, "w", 1, ws, &rng, NULL);
+    atmoe_node f = param(ctx, g, "frozen", 1, ws, &rng, NULL);
+    ck_assert_status(atmoe_graph_set_trainable(g, w, 1), ctx);
+    atm_node p;
+    atm_node_like(&p, &pair_op, &g->nodes[w], w);
+    p.src[1] = f;
+    p.nsrc = 2;
+    atmoe_node t, sec, u, m, loss, gw;
+    ck_assert_status(atm_graph_push(g, &p, "pair", "test", &t), ctx);
+    atm_node q = g->nodes[t];
+    q.op = &atm_op_secondary;
+    q.label = "pair_second";
+    q.src[0] = t;
+    q.nsrc = 1;
+    ck_assert_status(atm_graph_push(g, &q, "pair.second", "test", &sec), ctx);
+    g->nodes[t].co[0] = sec;
+    ck_assert_status(atmoe_graph_mul(g, t, sec, &u), ctx);
+    ck_assert_status(atmoe_graph_mean(g, u, 0, &m), ctx);
+    loss = m;
+    seen_calls = 0;
+    ck_assert_status(atmoe_graph_backward(g, loss), ctx);
+    ck_assert_int_eq(seen_calls, 1);
+    ck_assert_int_ne(seen_gout[0], ATMOE_NODE_NONE);
+    ck_assert_int_ne(seen_gout[1], ATMOE_NODE_NONE);
+    ck_assert_int_eq(seen_gout[2], ATMOE_NODE_NONE);
+    ck_assert_int_eq(seen_need[0], 1);
+    ck_assert_int_eq(seen_need[1], 0); /* the frozen operand */
+    ck_assert_status(atmoe_graph_get_grad(g, w, &gw), ctx);
+    /* d(mean(t * sec))/dt = sec / 4: the mul's gradient of t. */
+    ck_assert_ptr_eq(g->nodes[seen_gout[0]].op, &atm_op_mul);
+    atmoe_graph_free(g);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
 /* ------------------------------------------------------------ suite */
 
 static Suite *backward_suite(void)
@@ -1404,6 +1504,7 @@ static Suite *backward_suite(void)
     tcase_add_test(tc, test_matmul_tn);
     tcase_add_test(tc, test_matmul_tt);
     tcase_add_test(tc, test_matmul_batched_inner);
+    tcase_add_test(tc, test_matmul_batched_columns);
     tcase_add_test(tc, test_add_broadcast);
     tcase_add_test(tc, test_mul_broadcast);
     tcase_add_test(tc, test_scale);
@@ -1435,6 +1536,7 @@ static Suite *backward_suite(void)
     tcase_add_test(te, test_cross_entropy_all_ignored);
     tcase_add_test(te, test_cross_entropy_label_out_of_range);
     tcase_add_test(te, test_bad_input);
+    tcase_add_test(te, test_secondary_gradient);
     suite_add_tcase(s, te);
     return s;
 }
