@@ -1493,6 +1493,82 @@ START_TEST(test_secondary_gradient)
 }
 END_TEST
 
+/* The loop an optimiser runs, by hand: gradient descent through the
+ * registry's buffers fits y = x W + b to targets made by known weights.
+ * The registered buffers are those the graph reads (an update shows in
+ * the next compute), and the loss falls by 1e4 within 100 steps. */
+START_TEST(test_descent_learns)
+{
+    enum { ROWS = 32, DIN = 4, DOUT = 2, STEPS = 100 };
+    atmoe_context *ctx = test_context();
+    atmoe_graph *g;
+    test_rng rng;
+    test_rng_seed(&rng, 206);
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    size_t xs[2] = {ROWS, DIN}, ys[2] = {ROWS, DOUT}, ws[2] = {DIN, DOUT},
+           bs[1] = {DOUT};
+    atmoe_node x, target, w, b, y, loss;
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x),
+                     ctx);
+    ck_assert_status(atmoe_graph_input(g, "target", ATMOE_DTYPE_F32, 2, ys, 1,
+                                       &target),
+                     ctx);
+    w = param(ctx, g, "W", 2, ws, &rng, NULL);
+    b = param(ctx, g, "b", 1, bs, &rng, NULL);
+    ck_assert_status(atmoe_graph_set_trainable(g, w, 1), ctx);
+    ck_assert_status(atmoe_graph_set_trainable(g, b, 1), ctx);
+    ck_assert_status(atmoe_graph_matmul(g, x, w, b, 0, &y), ctx);
+    ck_assert_status(atmoe_graph_loss_mse(g, y, target, &loss), ctx);
+    ck_assert_status(atmoe_graph_backward(g, loss), ctx);
+    ck_assert_status(atmoe_graph_plan(g, 0), ctx);
+    ck_assert_int_eq(atm_graph_trainable_count(g), 2);
+
+    float xv[ROWS * DIN], tv[ROWS * DOUT], wt[DIN * DOUT], bt[DOUT];
+    test_fill_uniform(&rng, xv, ROWS * DIN, -1, 1);
+    test_fill_uniform(&rng, wt, DIN * DOUT, -2, 2);
+    test_fill_uniform(&rng, bt, DOUT, -1, 1);
+    for (int r = 0; r < ROWS; r++)
+        for (int j = 0; j < DOUT; j++) {
+            double v = bt[j];
+            for (int k = 0; k < DIN; k++)
+                v += xv[r * DIN + k] * wt[k * DOUT + j];
+            tv[r * DOUT + j] = (float)v;
+        }
+    ck_assert_status(atmoe_graph_set_input(g, x, xv, sizeof xv, ROWS), ctx);
+    ck_assert_status(atmoe_graph_set_input(g, target, tv, sizeof tv, ROWS),
+                     ctx);
+    float first = 0, last = 0, grad[DIN * DOUT], value[DIN * DOUT];
+    for (int step = 0; step <= STEPS; step++) {
+        ck_assert_status(atmoe_graph_compute(g, ROWS), ctx);
+        ck_assert_status(atmoe_graph_read(g, loss, &last, sizeof last), ctx);
+        if (step == 0)
+            first = last;
+        for (size_t i = 0; i < atm_graph_trainable_count(g); i++) {
+            const atm_trainable *t = atm_graph_trainable_at(g, i);
+            size_t bytes = t->count * sizeof(float);
+            ck_assert_status(atmoe_graph_read(g, t->grad, grad, bytes), ctx);
+            ck_assert_int_eq(clEnqueueReadBuffer(ctx->queue, t->buffer,
+                                                 CL_TRUE,
+                                                 t->offset * sizeof(float),
+                                                 bytes, value, 0, NULL, NULL),
+                             CL_SUCCESS);
+            for (size_t e = 0; e < t->count; e++)
+                value[e] -= 1.0f * grad[e];
+            ck_assert_int_eq(clEnqueueWriteBuffer(ctx->queue, t->buffer,
+                                                  CL_TRUE,
+                                                  t->offset * sizeof(float),
+                                                  bytes, value, 0, NULL,
+                                                  NULL),
+                             CL_SUCCESS);
+        }
+    }
+    ck_assert_msg(first > 0.1f && last < 1e-4f * first,
+                  "loss %g after %d steps, from %g", last, STEPS, first);
+    atmoe_graph_free(g);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
 /* ------------------------------------------------------------ suite */
 
 static Suite *backward_suite(void)
@@ -1537,6 +1613,7 @@ static Suite *backward_suite(void)
     tcase_add_test(te, test_cross_entropy_label_out_of_range);
     tcase_add_test(te, test_bad_input);
     tcase_add_test(te, test_secondary_gradient);
+    tcase_add_test(te, test_descent_learns);
     suite_add_tcase(s, te);
     return s;
 }
