@@ -642,6 +642,61 @@ ATMOE_API atmoe_status atmoe_graph_dump(const atmoe_graph *graph,
 
 
 /* ------------------------------------------------------------------------ */
+/* Training                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Marks a parameter (its gradient is computed and its tensor registered
+ * for the optimiser) or an input (its gradient is computed, for chaining
+ * stacked layers or a host model) trainable, or frozen again (0, the
+ * default: no gradient, no gradient memory).  f32 nodes only; before
+ * atmoe_graph_backward. */
+ATMOE_API atmoe_status atmoe_graph_set_trainable(atmoe_graph *graph,
+                                                 atmoe_node node,
+                                                 int trainable);
+
+/* Extends graph with the gradient of loss, a scalar f32 node ([1], not
+ * batched), with respect to every trainable node that reaches it (reverse
+ * mode, through the nodes on a path from a trainable node to the loss).
+ * The gradients of trainable nodes and the loss become outputs.  Once per
+ * graph: a second call fails (ATMOE_STATUS_INVALID_ARGUMENT).  On failure
+ * the graph is as it was. */
+ATMOE_API atmoe_status atmoe_graph_backward(atmoe_graph *graph,
+                                            atmoe_node loss);
+
+/* The node holding dL/d(node) for a trainable node, after
+ * atmoe_graph_backward; read it with atmoe_graph_read after a compute.
+ * ATMOE_STATUS_NOT_FOUND when the node does not reach the loss. */
+ATMOE_API atmoe_status atmoe_graph_get_grad(const atmoe_graph *graph,
+                                            atmoe_node node,
+                                            atmoe_node *grad);
+
+/* mean((pred - target)^2) over every element at the computed batch: a
+ * scalar [1] node.  pred and target share shape and batch. */
+ATMOE_API atmoe_status atmoe_graph_loss_mse(atmoe_graph *graph,
+                                            atmoe_node pred,
+                                            atmoe_node target,
+                                            atmoe_node *loss);
+
+/* The mean over rows t whose label is not ignore_index of
+ * logsumexp(logits[t]) - logits[t, labels[t]]: logits f32 [T, C], labels
+ * i32 [T] (batched as the logits are).  0, with a zero gradient, when
+ * every row is ignored; a label outside [0, C) that is not ignore_index
+ * makes the loss and its row's gradient NaN. */
+ATMOE_API atmoe_status atmoe_graph_loss_cross_entropy(atmoe_graph *graph,
+                                                      atmoe_node logits,
+                                                      atmoe_node labels,
+                                                      int ignore_index,
+                                                      atmoe_node *loss);
+
+/* E sum_i f_i P_i over router weights [T, E]: f_i the fraction of tokens
+ * whose top-1 expert is i (no gradient), P_i the mean weight of expert i.
+ * Add it to a task loss with a weight through atmoe_graph_scale and
+ * atmoe_graph_add. */
+ATMOE_API atmoe_status atmoe_graph_loss_load_balance(atmoe_graph *graph,
+                                                     atmoe_node router_weights,
+                                                     atmoe_node *loss);
+
+/* ------------------------------------------------------------------------ */
 /* Expert sets, routers and the fused mixture                                */
 /* ------------------------------------------------------------------------ */
 

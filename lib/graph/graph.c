@@ -61,6 +61,7 @@ ATMOE_API void atmoe_graph_free(atmoe_graph *g)
     atm_graph_unplan(g);
     atm_graph_truncate(g, 0);
     atm_free(g->trainables);
+    atm_free(g->grad_of);
     atm_free(g->nodes);
     atm_free(g);
 }

@@ -109,6 +109,13 @@ struct atmoe_graph {
      * their gradient nodes. */
     struct atm_trainable *trainables;
     size_t trainable_count, trainable_capacity;
+    /* Reverse mode (graph/backward.c): whether atmoe_graph_backward has
+     * built the gradients (once per graph), and then the gradient node of
+     * each of the grad_of_count nodes that existed before it
+     * (ATMOE_NODE_NONE: none; kept for trainable nodes). */
+    int backward_built;
+    int *grad_of;
+    size_t grad_of_count;
 };
 
 /* The name of node n's operation, or its label (secondary outputs). */

@@ -106,6 +106,8 @@ extern const atm_op atm_op_softmax, atm_op_topk, atm_op_rmsnorm,
 extern const atm_op atm_op_gather_rows, atm_op_scatter_add_rows;  /* ops_rows.c */
 extern const atm_op atm_op_reshape, atm_op_view, atm_op_transpose,
     atm_op_concat, atm_op_cast;                                   /* ops_layout.c */
+extern const atm_op atm_op_loss_mse, atm_op_loss_cross_entropy,
+    atm_op_loss_load_balance;                                     /* loss.c */
 /* The MoE layer's rows (router, mixture) live in lib/moe, above this
  * layer, which never names them. */
 

@@ -4,6 +4,7 @@
 
 #include <string.h>
 
+#include "graph/backward.h"
 #include "graph/graph.h"
 
 /* Pads an operand to the output's rank and gives broadcast dimensions
@@ -78,23 +79,121 @@ static void four_flops(const atmoe_graph *g, const atm_node *n,
     *flops = 4 * atm_tensor_count(&n->rt);
 }
 
-#define ELEMENTWISE_OP(row, opname, kname, run_fn, cost_fn, extra)            \
+/* ---------------------------------------------------------------- backward */
+
+/* d(a + b): dy, summed over what each operand was broadcast along. */
+static atmoe_status add_backward(atmoe_graph *g, int node, const int *gout,
+                                 const unsigned char *need, int *gin)
+{
+    for (int i = 0; i < 2; i++)
+        if (need[i]) {
+            atmoe_status st =
+                atm_grad_sum_to(g, gout[0], g->nodes[node].src[i], &gin[i]);
+            if (st != ATMOE_STATUS_OK)
+                return st;
+        }
+    return ATMOE_STATUS_OK;
+}
+
+/* d(a b): dy b for a and dy a for b, each summed to its operand. */
+static atmoe_status mul_backward(atmoe_graph *g, int node, const int *gout,
+                                 const unsigned char *need, int *gin)
+{
+    for (int i = 0; i < 2; i++) {
+        if (!need[i])
+            continue;
+        int self = g->nodes[node].src[i], other = g->nodes[node].src[1 - i];
+        atmoe_node t;
+        atmoe_status st = atmoe_graph_mul(g, gout[0], other, &t);
+        if (st == ATMOE_STATUS_OK)
+            st = atm_grad_sum_to(g, t, self, &gin[i]);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+    }
+    return ATMOE_STATUS_OK;
+}
+
+static atmoe_status scale_backward(atmoe_graph *g, int node, const int *gout,
+                                   const unsigned char *need, int *gin)
+{
+    (void)need;
+    return atmoe_graph_scale(g, gout[0], g->nodes[node].p.alpha, &gin[0]);
+}
+
+/* dx = dy f'(x): one node of the activation's backward row over dy (its
+ * first operand, which it may overwrite) and x. */
+static atmoe_status act_backward(atmoe_graph *g, const atm_op *op, int node,
+                                 const int *gout, int *gin)
+{
+    atm_node p;
+    int x = g->nodes[node].src[0];
+    atm_grad_proto(g, op, x, &p);
+    p.src[0] = gout[0];
+    p.src[1] = x;
+    p.nsrc = 2;
+    return atm_grad_push(g, &p, &gin[0]);
+}
+
+static atmoe_status act_backward_run(atmoe_graph *g, atm_node *n,
+                                     cl_event *first, cl_event *last)
+{
+    (void)last;
+    const atmoe_tensor *out = &n->rt;
+    atm_args a = {n->kernel[0], 0, CL_SUCCESS};
+    atm_arg_tensor(&a, out);
+    atm_arg_tensor(&a, atm_src_rt(g, n, 0));
+    atm_arg_tensor(&a, atm_src_rt(g, n, 1));
+    atm_arg_ulong(&a, atm_tensor_count(out));
+    return atm_node_launch(g, n, &a, n->op->name, atm_tensor_count(out),
+                           first);
+}
+
+#define ACT_BACKWARD_OP(row, opname, kname)                                   \
+    static const atm_op row = {.name = opname,                               \
+                               .flags = ATM_OPF_INPLACE | ATM_OPF_ELEMENTWISE, \
+                               .program = "backward",                        \
+                               .kernel = kname,                              \
+                               .run = act_backward_run,                      \
+                               .cost = four_flops}
+
+ACT_BACKWARD_OP(atm_op_silu_backward, "silu_backward", "silu_backward_f32");
+ACT_BACKWARD_OP(atm_op_gelu_backward, "gelu_backward", "gelu_backward_f32");
+ACT_BACKWARD_OP(atm_op_sigmoid_backward, "sigmoid_backward",
+                "sigmoid_backward_f32");
+
+#define ACT_BACKWARD_FN(fname, row)                                           \
+    static atmoe_status fname(atmoe_graph *g, int node, const int *gout,     \
+                              const unsigned char *need, int *gin)            \
+    {                                                                         \
+        (void)need;                                                           \
+        return act_backward(g, &row, node, gout, gin);                        \
+    }
+
+ACT_BACKWARD_FN(silu_backward, atm_op_silu_backward)
+ACT_BACKWARD_FN(gelu_backward, atm_op_gelu_backward)
+ACT_BACKWARD_FN(sigmoid_backward, atm_op_sigmoid_backward)
+
+#define ELEMENTWISE_OP(row, opname, kname, run_fn, cost_fn, extra, bw)        \
     const atm_op row = {.name = opname,                                      \
                         .flags = ATM_OPF_INPLACE | (extra),                  \
                         .program = "elementwise",                            \
                         .kernel = kname,                                     \
                         .run = run_fn,                                       \
-                        .cost = cost_fn}
+                        .cost = cost_fn,                                     \
+                        .backward = bw}
 
 ELEMENTWISE_OP(atm_op_add, "add", "add_f32", binary_run, one_flop,
-               ATM_OPF_ELEMENTWISE);
+               ATM_OPF_ELEMENTWISE, add_backward);
 ELEMENTWISE_OP(atm_op_mul, "mul", "mul_f32", binary_run, one_flop,
-               ATM_OPF_ELEMENTWISE);
-ELEMENTWISE_OP(atm_op_scale, "scale", "scale_f32", unary_run, one_flop, 0);
-ELEMENTWISE_OP(atm_op_silu, "silu", "silu_f32", unary_run, four_flops, 0);
-ELEMENTWISE_OP(atm_op_gelu, "gelu", "gelu_f32", unary_run, four_flops, 0);
+               ATM_OPF_ELEMENTWISE, mul_backward);
+ELEMENTWISE_OP(atm_op_scale, "scale", "scale_f32", unary_run, one_flop, 0,
+               scale_backward);
+ELEMENTWISE_OP(atm_op_silu, "silu", "silu_f32", unary_run, four_flops, 0,
+               silu_backward);
+ELEMENTWISE_OP(atm_op_gelu, "gelu", "gelu_f32", unary_run, four_flops, 0,
+               gelu_backward);
 ELEMENTWISE_OP(atm_op_sigmoid, "sigmoid", "sigmoid_f32", unary_run,
-               four_flops, 0);
+               four_flops, 0, sigmoid_backward);
 
 /* ---------------------------------------------------------------- builders */
 

@@ -4,6 +4,7 @@
 
 #include <string.h>
 
+#include "graph/backward.h"
 #include "graph/graph.h"
 
 /* The copy kernel from the first operand's dtype to the node's. */
@@ -74,16 +75,115 @@ static atmoe_status concat_run(atmoe_graph *g, atm_node *n, cl_event *first,
     return copy_into(n->kernel[0], &n->rt, start, y, last);
 }
 
-const atm_op atm_op_reshape = {.name = "reshape", .flags = ATM_OPF_ALIAS};
+/* ---------------------------------------------------------------- backward */
 
-#define COPY_OP(row, opname, run_fn)                                          \
+static atmoe_status reshape_backward(atmoe_graph *g, int node,
+                                     const int *gout,
+                                     const unsigned char *need, int *gin)
+{
+    (void)need;
+    const atm_node *x = &g->nodes[g->nodes[node].src[0]];
+    size_t shape[ATMOE_MAX_DIMS];
+    int ndim = x->ndim;
+    memcpy(shape, x->shape, sizeof shape);
+    return atmoe_graph_reshape(g, gout[0], ndim, shape, &gin[0]);
+}
+
+static atmoe_status transpose_backward(atmoe_graph *g, int node,
+                                       const int *gout,
+                                       const unsigned char *need, int *gin)
+{
+    (void)need;
+    const atm_node *n = &g->nodes[node];
+    return atmoe_graph_transpose(g, gout[0], n->p.transpose.dim0,
+                                 n->p.transpose.dim1, &gin[0]);
+}
+
+/* Each operand's block of dy. */
+static atmoe_status concat_backward(atmoe_graph *g, int node,
+                                    const int *gout,
+                                    const unsigned char *need, int *gin)
+{
+    const atm_node *n = &g->nodes[node];
+    int d = n->p.concat_dim;
+    size_t start[ATMOE_MAX_DIMS] = {0}, shape[2][ATMOE_MAX_DIMS];
+    size_t split = g->nodes[n->src[0]].shape[d];
+    for (int i = 0; i < 2; i++)
+        memcpy(shape[i], g->nodes[n->src[i]].shape, sizeof shape[i]);
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (need[0])
+        st = atmoe_graph_view(g, gout[0], start, shape[0], &gin[0]);
+    start[d] = split;
+    if (st == ATMOE_STATUS_OK && need[1])
+        st = atmoe_graph_view(g, gout[0], start, shape[1], &gin[1]);
+    return st;
+}
+
+/* Conversions between f32, f16 and bf16 pass the (f32) gradient through:
+ * the rounding's derivative is taken as 1. */
+static atmoe_status cast_backward(atmoe_graph *g, int node, const int *gout,
+                                  const unsigned char *need, int *gin)
+{
+    (void)g;
+    (void)node;
+    (void)need;
+    gin[0] = gout[0];
+    return ATMOE_STATUS_OK;
+}
+
+/* A view's gradient: zeros, with dy in the view's block. */
+static atmoe_status view_backward_prepare(atmoe_graph *g, atm_node *n)
+{
+    return atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
+                           &n->kernel[1]);
+}
+
+static atmoe_status view_backward_run(atmoe_graph *g, atm_node *n,
+                                      cl_event *first, cl_event *last)
+{
+    const atmoe_tensor *dy = atm_src_rt(g, n, 0);
+    atm_args a = {n->kernel[0], 0, CL_SUCCESS};
+    atm_arg_tensor(&a, &n->rt);
+    atm_arg_ulong(&a, atm_tensor_count(&n->rt));
+    atmoe_status st = atm_node_launch(g, n, &a, "zero_f32",
+                                      atm_tensor_count(&n->rt), first);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    return copy_into(n->kernel[1], &n->rt, n->p.start, dy, last);
+}
+
+static const atm_op atm_op_view_backward = {
+    .name = "view_backward",
+    .program = "backward",
+    .kernel = "zero_f32",
+    .prepare = view_backward_prepare,
+    .run = view_backward_run,
+};
+
+static atmoe_status view_backward(atmoe_graph *g, int node, const int *gout,
+                                  const unsigned char *need, int *gin)
+{
+    (void)need;
+    atm_node p;
+    atm_grad_proto(g, &atm_op_view_backward, g->nodes[node].src[0], &p);
+    memcpy(p.p.start, g->nodes[node].p.start, sizeof p.p.start);
+    p.src[0] = gout[0];
+    p.nsrc = 1;
+    return atm_grad_push(g, &p, &gin[0]);
+}
+
+const atm_op atm_op_reshape = {.name = "reshape",
+                               .flags = ATM_OPF_ALIAS,
+                               .backward = reshape_backward};
+
+#define COPY_OP(row, opname, run_fn, bw)                                      \
     const atm_op row = {.name = opname, .prepare = copy_prepare,              \
-                        .run = run_fn}
+                        .run = run_fn, .backward = bw}
 
-COPY_OP(atm_op_view, "view", view_run);
-COPY_OP(atm_op_transpose, "transpose", transpose_run);
-COPY_OP(atm_op_concat, "concat", concat_run);
-COPY_OP(atm_op_cast, "cast", cast_run);
+COPY_OP(atm_op_view, "view", view_run, view_backward);
+COPY_OP(atm_op_transpose, "transpose", transpose_run, transpose_backward);
+COPY_OP(atm_op_concat, "concat", concat_run, concat_backward);
+COPY_OP(atm_op_cast, "cast", cast_run, cast_backward);
 
 /* ---------------------------------------------------------------- builders */
 

@@ -3,6 +3,7 @@
 #include <config.h>
 
 #include "device/blas.h"
+#include "graph/backward.h"
 #include "graph/graph.h"
 
 enum { K_COPY }; /* kernel slots: the bias's broadcast copy */
@@ -81,6 +82,38 @@ static void matmul_cost(const atmoe_graph *g, const atm_node *n,
     *flops = 2 * count * k + (n->src[2] != ATMOE_NODE_NONE ? count : 0);
 }
 
+/* C = op(A) op(B) + bias, with dC:
+ *   dA = dC op(B)^T   (stored transposed when A is: op(B) dC^T),
+ *   dB = op(A)^T dC   (stored transposed when B is: dC^T op(A)),
+ * each one GEMM whose transpose flags fold the cases; dbias = dC summed
+ * over rows.  A batch in the rows of C meets the batched operand's rows in
+ * dA; an unbatched weight's gradient sums over the batch in its GEMM. */
+static atmoe_status matmul_backward(atmoe_graph *g, int node,
+                                    const int *gout, const unsigned char *need,
+                                    int *gin)
+{
+    const atm_node *n = &g->nodes[node];
+    int a = n->src[0], b = n->src[1], bias = n->src[2], dc = gout[0];
+    unsigned f = n->p.matmul_flags;
+    int ta = !!(f & ATMOE_MATMUL_TRANSPOSE_A);
+    int tb = !!(f & ATMOE_MATMUL_TRANSPOSE_B);
+    const unsigned TA = ATMOE_MATMUL_TRANSPOSE_A, TB = ATMOE_MATMUL_TRANSPOSE_B;
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (need[0])
+        st = ta ? atmoe_graph_matmul(g, b, dc, ATMOE_NODE_NONE,
+                                     tb ? TA | TB : TB, &gin[0])
+                : atmoe_graph_matmul(g, dc, b, ATMOE_NODE_NONE, tb ? 0 : TB,
+                                     &gin[0]);
+    if (st == ATMOE_STATUS_OK && need[1])
+        st = tb ? atmoe_graph_matmul(g, dc, a, ATMOE_NODE_NONE,
+                                     ta ? TA | TB : TA, &gin[1])
+                : atmoe_graph_matmul(g, a, dc, ATMOE_NODE_NONE, ta ? 0 : TA,
+                                     &gin[1]);
+    if (st == ATMOE_STATUS_OK && need[2])
+        st = atm_grad_sum_to(g, dc, bias, &gin[2]);
+    return st;
+}
+
 const atm_op atm_op_matmul = {
     .name = "matmul",
     .flags = ATM_OPF_MARKER,
@@ -88,6 +121,7 @@ const atm_op atm_op_matmul = {
     .gemm_scratch = matmul_gemm_scratch,
     .run = matmul_run,
     .cost = matmul_cost,
+    .backward = matmul_backward,
 };
 
 ATMOE_API atmoe_status atmoe_graph_matmul(atmoe_graph *g, atmoe_node a,

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "graph/backward.h"
 #include "graph/graph.h"
 
 /* Outer, n, inner around dimension d of t. */
@@ -113,24 +114,188 @@ static void topk_cost(const atmoe_graph *g, const atm_node *n,
     *flops = atm_tensor_count(atm_src_rt(g, n, 0)) * (uint64_t)n->p.topk.k;
 }
 
-#define REDUCE_OP(row, opname, kname, run_fn, cost_fn, fl)                    \
+/* ---------------------------------------------------------------- backward */
+
+static const atm_op atm_op_softmax_backward, atm_op_topk_backward,
+    atm_op_mean_backward, atm_op_l2norm_backward, atm_op_rmsnorm_backward,
+    atm_op_layernorm_backward;
+
+/* The backward rows (cl/backward.cl) run over their result's lines: the
+ * shape of the forward's operand x, around the forward's dimension. */
+static atmoe_status line_backward_run(atmoe_graph *g, atm_node *n,
+                                      cl_event *first, cl_event *last)
+{
+    (void)last;
+    cl_ulong outer, len, inner;
+    int dim = n->p.reduce.dim;
+    if (n->op == &atm_op_topk_backward)
+        dim = n->p.topk.dim;
+    split3(&n->rt, dim, &outer, &len, &inner);
+    atm_args a = {n->kernel[0], 0, CL_SUCCESS};
+    atm_arg_tensor(&a, &n->rt);
+    atm_arg_tensor(&a, atm_src_rt(g, n, 0));
+    if (n->nsrc > 1)
+        atm_arg_tensor(&a, atm_src_rt(g, n, 1));
+    atm_arg_ulong(&a, outer);
+    atm_arg_ulong(&a, len);
+    atm_arg_ulong(&a, inner);
+    if (n->op == &atm_op_l2norm_backward)
+        atm_arg_float(&a, n->p.reduce.eps);
+    if (n->op == &atm_op_topk_backward)
+        atm_arg_ulong(&a, (cl_ulong)n->p.topk.k);
+    size_t items = n->op == &atm_op_mean_backward ? outer * len * inner
+                                                  : outer * inner;
+    return atm_node_launch(g, n, &a, n->op->name, items, first);
+}
+
+static atmoe_status norm_backward_run(atmoe_graph *g, atm_node *n,
+                                      cl_event *first, cl_event *last)
+{
+    (void)last;
+    const atmoe_tensor *x = atm_src_rt(g, n, 0), *w = atm_src_rt(g, n, 1);
+    cl_ulong outer, len, inner;
+    split3(x, x->ndim - 1, &outer, &len, &inner);
+    atm_args a = {n->kernel[0], 0, CL_SUCCESS};
+    atm_arg_tensor(&a, &n->rt);
+    atm_arg_tensor(&a, x);
+    atm_arg_tensor(&a, w ? w : x);
+    atm_arg_int(&a, w != NULL);
+    atm_arg_tensor(&a, atm_src_rt(g, n, 2));
+    atm_arg_ulong(&a, outer);
+    atm_arg_ulong(&a, len);
+    atm_arg_float(&a, n->p.reduce.eps);
+    return atm_node_launch(g, n, &a, n->op->name, outer, first);
+}
+
+#define BACKWARD_OP(row, opname, kname, run_fn)                               \
+    static const atm_op row = {.name = opname,                                      \
+                        .program = "backward",                               \
+                        .kernel = kname,                                     \
+                        .run = run_fn}
+
+BACKWARD_OP(atm_op_softmax_backward, "softmax_backward",
+            "softmax_backward_f32", line_backward_run);
+BACKWARD_OP(atm_op_topk_backward, "topk_backward", "topk_backward_f32",
+            line_backward_run);
+BACKWARD_OP(atm_op_mean_backward, "mean_backward", "mean_backward_f32",
+            line_backward_run);
+BACKWARD_OP(atm_op_l2norm_backward, "l2norm_backward", "l2norm_backward_f32",
+            line_backward_run);
+BACKWARD_OP(atm_op_rmsnorm_backward, "rmsnorm_backward",
+            "rmsnorm_backward_f32", norm_backward_run);
+BACKWARD_OP(atm_op_layernorm_backward, "layernorm_backward",
+            "layernorm_backward_f32", norm_backward_run);
+
+/* A node of row op shaped like x (the forward's operand 0) over the
+ * operands a and b, with the forward node's parameters. */
+static atmoe_status line_node(atmoe_graph *g, const atm_op *op, int node,
+                              int a, int b, int *out)
+{
+    atm_node p;
+    atm_grad_proto(g, op, g->nodes[node].src[0], &p);
+    p.p = g->nodes[node].p;
+    p.src[0] = a;
+    p.src[1] = b;
+    p.nsrc = b == ATMOE_NODE_NONE ? 1 : 2;
+    return atm_grad_push(g, &p, out);
+}
+
+/* From the result y: dx = y (dy - sum(dy y)). */
+static atmoe_status softmax_backward(atmoe_graph *g, int node,
+                                     const int *gout,
+                                     const unsigned char *need, int *gin)
+{
+    (void)need;
+    return line_node(g, &atm_op_softmax_backward, node, node, gout[0],
+                     &gin[0]);
+}
+
+/* Only the kept entries get a gradient; the indices (gout[1]) none. */
+static atmoe_status topk_backward(atmoe_graph *g, int node, const int *gout,
+                                  const unsigned char *need, int *gin)
+{
+    (void)need;
+    if (gout[0] == ATMOE_NODE_NONE)
+        return ATMOE_STATUS_OK;
+    return line_node(g, &atm_op_topk_backward, node, gout[0],
+                     g->nodes[node].co[0], &gin[0]);
+}
+
+static atmoe_status mean_backward(atmoe_graph *g, int node, const int *gout,
+                                  const unsigned char *need, int *gin)
+{
+    (void)need;
+    return line_node(g, &atm_op_mean_backward, node, gout[0],
+                     ATMOE_NODE_NONE, &gin[0]);
+}
+
+static atmoe_status l2norm_backward(atmoe_graph *g, int node,
+                                    const int *gout,
+                                    const unsigned char *need, int *gin)
+{
+    (void)need;
+    return line_node(g, &atm_op_l2norm_backward, node,
+                     g->nodes[node].src[0], gout[0], &gin[0]);
+}
+
+/* dx by a row of cl/backward.cl; the weight's gradient as the sum over
+ * rows of dy xhat, with xhat the norm without weight and bias (a forward
+ * node of the same operation); the bias's as the sum of dy. */
+static atmoe_status norm_backward(atmoe_graph *g, int node, const int *gout,
+                                  const unsigned char *need, int *gin)
+{
+    const atm_node *n = &g->nodes[node];
+    int layer = n->op == &atm_op_layernorm;
+    int x = n->src[0], w = n->src[1], bias = n->src[2], dy = gout[0];
+    float eps = n->p.reduce.eps;
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (need[0]) {
+        atm_node p;
+        atm_grad_proto(g, layer ? &atm_op_layernorm_backward
+                                : &atm_op_rmsnorm_backward, x, &p);
+        p.p.reduce = n->p.reduce;
+        p.src[0] = x;
+        p.src[1] = w;
+        p.src[2] = dy;
+        p.nsrc = 3;
+        st = atm_grad_push(g, &p, &gin[0]);
+    }
+    if (st == ATMOE_STATUS_OK && need[1]) {
+        atmoe_node xhat, t;
+        st = layer ? atmoe_graph_layernorm(g, x, ATMOE_NODE_NONE,
+                                           ATMOE_NODE_NONE, eps, &xhat)
+                   : atmoe_graph_rmsnorm(g, x, ATMOE_NODE_NONE, eps, &xhat);
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_graph_mul(g, dy, xhat, &t);
+        if (st == ATMOE_STATUS_OK)
+            st = atm_grad_sum_to(g, t, w, &gin[1]);
+    }
+    if (st == ATMOE_STATUS_OK && need[2])
+        st = atm_grad_sum_to(g, dy, bias, &gin[2]);
+    return st;
+}
+
+#define REDUCE_OP(row, opname, kname, run_fn, cost_fn, fl, bw)                \
     const atm_op row = {.name = opname,                                      \
                         .flags = (fl),                                       \
                         .program = "reduce",                                 \
                         .kernel = kname,                                     \
                         .run = run_fn,                                       \
-                        .cost = cost_fn}
+                        .cost = cost_fn,                                     \
+                        .backward = bw}
 
 REDUCE_OP(atm_op_softmax, "softmax", "softmax_f32", along_run, five_flops,
-          ATM_OPF_INPLACE);
-REDUCE_OP(atm_op_mean, "mean", "mean_f32", along_run, mean_cost, 0);
+          ATM_OPF_INPLACE, softmax_backward);
+REDUCE_OP(atm_op_mean, "mean", "mean_f32", along_run, mean_cost, 0,
+          mean_backward);
 REDUCE_OP(atm_op_l2norm, "l2norm", "l2norm_f32", along_run, three_flops,
-          ATM_OPF_INPLACE);
-REDUCE_OP(atm_op_topk, "topk", "topk_f32", topk_run, topk_cost, 0);
+          ATM_OPF_INPLACE, l2norm_backward);
+REDUCE_OP(atm_op_topk, "topk", "topk_f32", topk_run, topk_cost, 0,
+          topk_backward);
 REDUCE_OP(atm_op_rmsnorm, "rmsnorm", "rmsnorm_f32", norm_run, three_flops,
-          ATM_OPF_INPLACE);
+          ATM_OPF_INPLACE, norm_backward);
 REDUCE_OP(atm_op_layernorm, "layernorm", "layernorm_f32", norm_run,
-          five_flops, ATM_OPF_INPLACE);
+          five_flops, ATM_OPF_INPLACE, norm_backward);
 
 /* ---------------------------------------------------------------- builders */
 

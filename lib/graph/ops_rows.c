@@ -2,6 +2,7 @@
  * operation that routes rows back (and the gradient of a gather). */
 #include <config.h>
 
+#include "graph/backward.h"
 #include "graph/graph.h"
 
 enum { K_ROWS, K_COPY }; /* kernel slots */
@@ -63,11 +64,39 @@ static void scatter_cost(const atmoe_graph *g, const atm_node *n,
     *flops = atm_tensor_count(atm_src_rt(g, n, 2));
 }
 
+/* Gather and scatter-add are each other's adjoints: a gathered row's
+ * gradient adds into its table row (repeated indices add up), a scattered
+ * row's gradient is gathered back.  Indices out of range drop a row in
+ * both directions; the indices themselves get no gradient. */
+static atmoe_status gather_backward(atmoe_graph *g, int node, const int *gout,
+                                    const unsigned char *need, int *gin)
+{
+    (void)need;
+    int table = g->nodes[node].src[0], idx = g->nodes[node].src[1], z;
+    atmoe_status st = atm_grad_zeros(g, table, &z);
+    return st != ATMOE_STATUS_OK
+               ? st
+               : atmoe_graph_scatter_add_rows(g, z, idx, gout[0], &gin[0]);
+}
+
+static atmoe_status scatter_backward(atmoe_graph *g, int node,
+                                     const int *gout,
+                                     const unsigned char *need, int *gin)
+{
+    if (need[0])
+        gin[0] = gout[0];
+    if (need[2])
+        return atmoe_graph_gather_rows(g, gout[0], g->nodes[node].src[1],
+                                       &gin[2]);
+    return ATMOE_STATUS_OK;
+}
+
 const atm_op atm_op_gather_rows = {
     .name = "gather_rows",
     .program = "rows",
     .kernel = "gather_rows_f32",
     .run = gather_run,
+    .backward = gather_backward,
 };
 
 const atm_op atm_op_scatter_add_rows = {
@@ -78,6 +107,7 @@ const atm_op atm_op_scatter_add_rows = {
     .prepare = scatter_prepare,
     .run = scatter_run,
     .cost = scatter_cost,
+    .backward = scatter_backward,
 };
 
 /* ---------------------------------------------------------------- builders */
