@@ -13,6 +13,7 @@ typedef struct atm_expert {
     float scale;   /* alpha / rank or alpha / sqrt(rank) */
     float alpha;   /* as given, for reading the expert back */
     unsigned flags;
+    unsigned train; /* ATMOE_TRAIN_A | ATMOE_TRAIN_B; 0: frozen */
 } atm_expert;
 
 struct atmoe_experts {
@@ -37,6 +38,11 @@ struct atmoe_experts {
     atmoe_tensor *chan_scale;  /* f32 [R]: its scale, with lambda or
                                   1 - lambda folded in */
 };
+
+/* Whether some expert of the set has a trainable B: the optimiser then
+ * updates the transposed copy bt only, so the forward must not read b
+ * (cl/linear.cl's copy), which goes stale. */
+int atm_experts_trains_b(const atmoe_experts *set);
 
 /* Uploads the set and forbids further additions. */
 atmoe_status atm_experts_seal(atmoe_experts *set);
