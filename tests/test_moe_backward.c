@@ -35,7 +35,7 @@ static test_rng RNG;
  * of at most T d_out = 77 terms per GEMM, chained through two GEMMs and
  * the mix (about 3 * 77 * 6e-8 = 1.4e-5 of the scale in the worst case).
  * The largest error seen is 3e-7 (y: 1e-7). */
-#define TOL_GRAD 5e-5
+#define TOL_GRAD 2e-5
 
 /* ------------------------------------------------------------------ data */
 
@@ -674,6 +674,431 @@ START_TEST(test_mixture_bad_input)
 }
 END_TEST
 
+
+/* ---------------------------------------------------------- the router */
+
+#define RG 3 /* groups, at most */
+#define RM 3 /* experts per group, at most */
+
+typedef struct rcase {
+    const char *name;
+    atmoe_router_form form;
+    size_t rows, d_in;
+    int batched; /* h per token (batched) or per sequence */
+    int G, counts[RG];
+    float tau_g, tau_d;
+    int topk_g, topk_e;
+    int gmask_off[RG], emask_off[RG * RM]; /* 1: switched off */
+    float gfix[RG], efix[RG * RM];         /* 0: free (set below) */
+    int has_da, has_dd;
+
+    /* derived */
+    int M, E, slot[RG * RM];
+    float *h, *wg, *wd, *dw, *da, *dd; /* wd: W_D [d_in, G*M] or V_D [G, M] */
+    double min_gap; /* of the top-k choices, unperturbed */
+} rcase;
+
+typedef struct rparams {
+    double *h, *wg, *wd;
+} rparams;
+
+static void r_softmax(double *x, const int *keep, int n, double tau)
+{
+    double m = -INFINITY, sum = 0.0;
+    for (int i = 0; i < n; i++)
+        if (keep[i])
+            m = fmax(m, x[i] / tau);
+    for (int i = 0; i < n; i++) {
+        x[i] = keep[i] ? exp(x[i] / tau - m) : 0.0;
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++)
+        x[i] = sum > 0.0 ? x[i] / sum : 0.0;
+}
+
+/* cl/router.cl's keep_top, noting the gap between the last kept and the
+ * first dropped value. */
+static void r_keep_top(const double *v, int *keep, int n, int k,
+                       double *gap)
+{
+    if (k <= 0)
+        return;
+    int kept = 0;
+    for (int i = 0; i < n; i++)
+        kept += keep[i];
+    double dropped = -INFINITY;
+    for (; kept > k; kept--) {
+        int worst = -1;
+        for (int i = 0; i < n; i++)
+            if (keep[i] && (worst < 0 || v[i] <= v[worst]))
+                worst = i;
+        keep[worst] = 0;
+        dropped = fmax(dropped, v[worst]);
+    }
+    for (int i = 0; i < n; i++)
+        if (keep[i] && dropped > -INFINITY)
+            *gap = fmin(*gap, v[i] - dropped);
+}
+
+static void r_apply_fixed(double *v, const int *keep, const float *fixed,
+                          int n)
+{
+    double fs = 0.0, free_sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        if (!keep[i])
+            continue;
+        if (isnan(fixed[i]))
+            free_sum += v[i];
+        else
+            fs += fixed[i];
+    }
+    double room = fmax(1.0 - fs, 0.0);
+    for (int i = 0; i < n; i++)
+        v[i] = !keep[i]            ? 0.0
+               : !isnan(fixed[i])  ? fixed[i]
+               : free_sum > 0.0    ? v[i] * room / free_sum
+                                   : 0.0;
+}
+
+/* The forward in float64 (cl/router.cl's steps) and the loss
+ * sum(dw w) + sum(da a) + sum(dd d); outputs may be NULL. */
+static double r_loss(rcase *c, const rparams *p, double *a_out,
+                     double *d_out, double *w_out)
+{
+    int G = c->G, M = c->M;
+    double loss = 0.0;
+    for (size_t r = 0; r < c->rows; r++) {
+        const double *h = p->h + r * c->d_in;
+        double a[RG], d[RG * RM];
+        int keep_g[RG], free_g[RG];
+        for (int g = 0; g < G; g++) {
+            double acc = 0.0;
+            for (size_t k = 0; k < c->d_in; k++)
+                acc += h[k] * p->wg[k * G + g];
+            a[g] = acc;
+            int any = 0;
+            for (int m = 0; m < c->counts[g]; m++)
+                any |= !c->emask_off[g * M + m];
+            keep_g[g] = !c->gmask_off[g] && any;
+        }
+        r_softmax(a, keep_g, G, c->tau_g);
+        for (int g = 0; g < G; g++)
+            free_g[g] = keep_g[g] && isnan(c->gfix[g]);
+        r_keep_top(a, free_g, G, c->topk_g, &c->min_gap);
+        for (int g = 0; g < G; g++)
+            keep_g[g] = free_g[g] || (keep_g[g] && !isnan(c->gfix[g]));
+        r_apply_fixed(a, keep_g, c->gfix, G);
+        for (int g = 0; g < G; g++) {
+            double *dg = d + g * M;
+            int keep_e[RM], free_e[RM];
+            for (int m = 0; m < M; m++) {
+                keep_e[m] = m < c->counts[g] && !c->emask_off[g * M + m];
+                double acc = 0.0;
+                if (c->form == ATMOE_ROUTER_PROJECTED)
+                    for (size_t k = 0; k < c->d_in; k++)
+                        acc += h[k] * p->wd[k * G * M + g * M + m];
+                else
+                    acc = a[g] * p->wd[g * M + m];
+                dg[m] = acc;
+            }
+            r_softmax(dg, keep_e, M, c->tau_d);
+            for (int m = 0; m < M; m++)
+                free_e[m] = keep_e[m] && isnan(c->efix[g * M + m]);
+            r_keep_top(dg, free_e, M, c->topk_e, &c->min_gap);
+            for (int m = 0; m < M; m++)
+                keep_e[m] = free_e[m] ||
+                            (keep_e[m] && !isnan(c->efix[g * M + m]));
+            r_apply_fixed(dg, keep_e, c->efix + g * M, M);
+            for (int m = 0; m < M; m++)
+                if (!keep_g[g])
+                    dg[m] = 0.0;
+        }
+        for (int g = 0; g < G; g++) {
+            if (c->has_da)
+                loss += c->da[r * G + g] * a[g];
+            if (a_out)
+                a_out[r * G + g] = a[g];
+        }
+        for (int s = 0; s < G * M; s++) {
+            if (c->has_dd)
+                loss += c->dd[r * G * M + s] * d[s];
+            if (d_out)
+                d_out[r * G * M + s] = d[s];
+        }
+        for (int e = 0; e < c->E; e++) {
+            int s = c->slot[e];
+            double w = a[s / M] * d[s];
+            loss += c->dw[r * c->E + e] * w;
+            if (w_out)
+                w_out[r * c->E + e] = w;
+        }
+    }
+    return loss;
+}
+
+static double *r_fd(rcase *c, rparams *p, double *v, size_t n)
+{
+    double *g = malloc((n ? n : 1) * sizeof *g);
+    ck_assert_ptr_nonnull(g);
+    double gap = c->min_gap;
+    for (size_t i = 0; i < n; i++) {
+        double keep = v[i], h = 1e-6;
+        v[i] = keep + h;
+        double lp = r_loss(c, p, NULL, NULL, NULL);
+        v[i] = keep - h;
+        double lm = r_loss(c, p, NULL, NULL, NULL);
+        v[i] = keep;
+        g[i] = (lp - lm) / (2 * h);
+    }
+    c->min_gap = gap;
+    return g;
+}
+
+/* Tolerance of the router's gradients, relative to the largest |FD|:
+ * central differences with step 1e-6 in float64 carry 1e-9 of truncation
+ * and rounding; the device's f32 forward weights (within 2e-5, see
+ * tests/test_moe.c) and the backward's own sums over d_in = 13 and
+ * rows <= 7 give the rest.  The largest error seen is 1e-6. */
+#define TOL_ROUTER_GRAD 2e-5
+
+static void run_router_case(rcase *c)
+{
+    int G = c->G;
+    c->M = 0;
+    c->E = 0;
+    for (int g = 0; g < G; g++)
+        c->M = c->counts[g] > c->M ? c->counts[g] : c->M;
+    int M = c->M;
+    for (int g = 0; g < G; g++)
+        for (int m = 0; m < c->counts[g]; m++)
+            c->slot[c->E++] = g * M + m;
+    for (int i = 0; i < RG; i++)
+        if (c->gfix[i] == 0.0f)
+            c->gfix[i] = NAN;
+    for (int i = 0; i < RG * RM; i++)
+        if (c->efix[i] == 0.0f)
+            c->efix[i] = NAN;
+    int projected = c->form == ATMOE_ROUTER_PROJECTED;
+    size_t nwd = projected ? c->d_in * G * M : (size_t)G * M;
+    c->h = rnd(c->rows * c->d_in, -1, 1);
+    c->wg = rnd(c->d_in * G, -0.8, 0.8);
+    c->wd = rnd(nwd, projected ? -0.8 : -3, projected ? 0.8 : 3);
+    c->dw = rnd(c->rows * c->E, -1, 1);
+    c->da = rnd(c->rows * G, -1, 1);
+    c->dd = rnd(c->rows * G * M, -1, 1);
+
+    /* The set: experts in group order, so expert e is slot[e]. */
+    atmoe_experts *set;
+    size_t d_out = 5;
+    OK(atmoe_experts_new(CTX, c->d_in, d_out, &set));
+    float *ea = rnd(c->d_in, -0.5, 0.5), *eb = rnd(d_out, -0.5, 0.5);
+    for (int g = 0; g < G; g++)
+        for (int m = 0; m < c->counts[g]; m++)
+            OK(atmoe_experts_add(set, g, 1, ea, eb, 1.0f, 0, NULL));
+    free(ea);
+    free(eb);
+    atmoe_router *router;
+    OK(atmoe_router_new(set, c->form, c->tau_g, c->tau_d, c->topk_g,
+                        c->topk_e, &router));
+    for (int g = 0; g < G; g++) {
+        if (c->gmask_off[g])
+            OK(atmoe_router_set_mask(router, g, -1, 0));
+        if (!isnan(c->gfix[g]))
+            OK(atmoe_router_set_fixed(router, g, -1, c->gfix[g]));
+        for (int m = 0; m < c->counts[g]; m++) {
+            if (c->emask_off[g * M + m])
+                OK(atmoe_router_set_mask(router, g, m, 0));
+            if (!isnan(c->efix[g * M + m]))
+                OK(atmoe_router_set_fixed(router, g, m, c->efix[g * M + m]));
+        }
+    }
+
+    atmoe_graph *gr;
+    OK(atmoe_graph_new(CTX, &gr));
+    atmoe_node h = input(gr, "h", ATMOE_DTYPE_F32, c->rows, c->d_in,
+                         c->batched);
+    atmoe_node wg = input(gr, "w_g", ATMOE_DTYPE_F32, c->d_in, G, 0);
+    atmoe_node wd = projected
+                        ? input(gr, "w_d", ATMOE_DTYPE_F32, c->d_in, G * M, 0)
+                        : input(gr, "v_d", ATMOE_DTYPE_F32, G, M, 0);
+    atmoe_node dw = input(gr, "dw", ATMOE_DTYPE_F32, c->rows, c->E,
+                          c->batched);
+    atmoe_node da = c->has_da ? input(gr, "da", ATMOE_DTYPE_F32, c->rows, G,
+                                      c->batched)
+                              : ATMOE_NODE_NONE;
+    atmoe_node dd = c->has_dd ? input(gr, "dd", ATMOE_DTYPE_F32, c->rows,
+                                      G * M, c->batched)
+                              : ATMOE_NODE_NONE;
+    atmoe_node a, d, w;
+    OK(atmoe_graph_router(gr, h, router, wg, wd, &a, &d, &w));
+    int grad_out[3] = {dw, da, dd};
+    unsigned char need[ATM_MAX_SRC] = {1, 1, 1};
+    int grad_in[ATM_MAX_SRC];
+    OK(call_backward(gr, w, grad_out, need, grad_in));
+    OK(atmoe_graph_mark_output(gr, w));
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_ne(grad_in[i], ATMOE_NODE_NONE);
+        OK(atmoe_graph_mark_output(gr, grad_in[i]));
+    }
+    OK(atmoe_graph_plan(gr, 0));
+    poison_arena(gr);
+    size_t br = c->batched ? c->rows : 0;
+    OK(atmoe_graph_set_input(gr, h, c->h, c->rows * c->d_in * 4, br));
+    OK(atmoe_graph_set_input(gr, wg, c->wg, c->d_in * G * 4, 0));
+    OK(atmoe_graph_set_input(gr, wd, c->wd, nwd * 4, 0));
+    OK(atmoe_graph_set_input(gr, dw, c->dw, c->rows * c->E * 4, br));
+    if (c->has_da)
+        OK(atmoe_graph_set_input(gr, da, c->da, c->rows * G * 4, br));
+    if (c->has_dd)
+        OK(atmoe_graph_set_input(gr, dd, c->dd, c->rows * G * M * 4, br));
+    OK(atmoe_graph_compute(gr, 0));
+
+    rparams p = {dup_d(c->h, c->rows * c->d_in), dup_d(c->wg, c->d_in * G),
+                 dup_d(c->wd, nwd)};
+    c->min_gap = INFINITY;
+    double *wref = malloc(c->rows * c->E * sizeof *wref);
+    r_loss(c, &p, NULL, NULL, wref);
+    /* Top-k on random data: a near tie would make the choice flip under
+     * the finite differences' step. */
+    ck_assert_msg(c->min_gap > 1e-3, "%s: top-k near tie (%g)", c->name,
+                  c->min_gap);
+    char what[160];
+    float *got = read_node(gr, w, c->rows * c->E);
+    snprintf(what, sizeof what, "%s: w", c->name);
+    expect_grad(what, got, wref, c->rows * c->E, 1e-5);
+    free(got);
+    free(wref);
+    struct {
+        const char *name;
+        double *v;
+        size_t n;
+    } ops[3] = {{"dh", p.h, c->rows * c->d_in},
+                {"dW_G", p.wg, c->d_in * G},
+                {projected ? "dW_D" : "dV_D", p.wd, nwd}};
+    for (int i = 0; i < 3; i++) {
+        double *want = r_fd(c, &p, ops[i].v, ops[i].n);
+        got = read_node(gr, grad_in[i], ops[i].n);
+        snprintf(what, sizeof what, "%s: %s", c->name, ops[i].name);
+        expect_grad(what, got, want, ops[i].n, TOL_ROUTER_GRAD);
+        free(got);
+        free(want);
+    }
+    free(p.h);
+    free(p.wg);
+    free(p.wd);
+    atmoe_graph_free(gr);
+    atmoe_router_free(router);
+    atmoe_experts_free(set);
+    free(c->h);
+    free(c->wg);
+    free(c->wd);
+    free(c->dw);
+    free(c->da);
+    free(c->dd);
+}
+
+START_TEST(test_router_projected)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 21);
+    rcase c = {.name = "projected", .form = ATMOE_ROUTER_PROJECTED,
+               .rows = 7, .d_in = 13, .batched = 1, .G = 2,
+               .counts = {2, 3}, .tau_g = 0.7f, .tau_d = 1.3f, .has_da = 1,
+               .has_dd = 1};
+    run_router_case(&c);
+    /* Top-k groups and experts; only dL/dw read. */
+    rcase k = {.name = "projected, top-k", .form = ATMOE_ROUTER_PROJECTED,
+               .rows = 7, .d_in = 13, .batched = 1, .G = 3,
+               .counts = {2, 3, 2}, .tau_g = 1.1f, .tau_d = 0.9f,
+               .topk_g = 2, .topk_e = 2};
+    run_router_case(&k);
+    /* Masks and fixed weights, per sequence. */
+    rcase f = {.name = "projected, masks and fixed",
+               .form = ATMOE_ROUTER_PROJECTED, .rows = 3, .d_in = 13,
+               .G = 3, .counts = {2, 3, 2}, .tau_g = 0.8f, .tau_d = 1.0f,
+               .has_da = 1, .has_dd = 1};
+    f.gfix[2] = 0.25f;
+    f.emask_off[1 * 3 + 1] = 1;
+    f.efix[1 * 3 + 0] = 0.3f;
+    run_router_case(&f);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
+START_TEST(test_router_scaled)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 22);
+    rcase c = {.name = "scaled", .form = ATMOE_ROUTER_SCALED, .rows = 7,
+               .d_in = 13, .batched = 1, .G = 2, .counts = {2, 3},
+               .tau_g = 1.2f, .tau_d = 0.8f, .has_da = 1, .has_dd = 1};
+    run_router_case(&c);
+    rcase k = {.name = "scaled, top-k, masks, fixed",
+               .form = ATMOE_ROUTER_SCALED, .rows = 7, .d_in = 13,
+               .batched = 1, .G = 3, .counts = {2, 3, 2}, .tau_g = 0.9f,
+               .tau_d = 1.4f, .topk_g = 2, .topk_e = 2, .has_dd = 1};
+    k.emask_off[2 * 3 + 1] = 1;
+    k.efix[1 * 3 + 2] = 0.2f;
+    run_router_case(&k);
+    rcase s = {.name = "scaled, per sequence", .form = ATMOE_ROUTER_SCALED,
+               .rows = 3, .d_in = 13, .G = 3, .counts = {2, 3, 2},
+               .tau_g = 1.0f, .tau_d = 0.6f, .has_da = 1};
+    /* A fixed group: the free ones share what is left. */
+    s.gfix[0] = 0.3f;
+    s.emask_off[1 * 3 + 0] = 1;
+    run_router_case(&s);
+    /* A group masked off. */
+    rcase o = {.name = "scaled, a group masked", .form = ATMOE_ROUTER_SCALED,
+               .rows = 5, .d_in = 13, .batched = 1, .G = 3,
+               .counts = {2, 3, 2}, .tau_g = 1.0f, .tau_d = 1.0f,
+               .has_da = 1, .has_dd = 1};
+    o.gmask_off[1] = 1;
+    run_router_case(&o);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
+START_TEST(test_router_bad_input)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 23);
+    atmoe_experts *set;
+    OK(atmoe_experts_new(CTX, 13, 5, &set));
+    float *ea = rnd(13, -0.5, 0.5), *eb = rnd(5, -0.5, 0.5);
+    for (int e = 0; e < 3; e++)
+        OK(atmoe_experts_add(set, e / 2, 1, ea, eb, 1.0f, 0, NULL));
+    free(ea);
+    free(eb);
+    atmoe_router *router;
+    OK(atmoe_router_new(set, ATMOE_ROUTER_PROJECTED, 1.0f, 1.0f, 0, 0,
+                        &router));
+    atmoe_graph *gr;
+    OK(atmoe_graph_new(CTX, &gr));
+    atmoe_node h = input(gr, "h", ATMOE_DTYPE_F32, 7, 13, 1);
+    atmoe_node wg = input(gr, "w_g", ATMOE_DTYPE_F32, 13, 2, 0);
+    atmoe_node wd = input(gr, "w_d", ATMOE_DTYPE_F32, 13, 4, 0);
+    atmoe_node bad = input(gr, "dw", ATMOE_DTYPE_F32, 7, 4, 1);
+    atmoe_node w;
+    OK(atmoe_graph_router(gr, h, router, wg, wd, NULL, NULL, &w));
+    int grad_out[3] = {bad, ATMOE_NODE_NONE, ATMOE_NODE_NONE};
+    unsigned char need[ATM_MAX_SRC] = {1, 1, 1};
+    int grad_in[ATM_MAX_SRC];
+    size_t before = gr->count;
+    ck_assert_fails_with(call_backward(gr, w, grad_out, need, grad_in), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH, "dL/dw");
+    ck_assert_uint_eq(gr->count, before);
+    /* No output read: no gradient, nothing added. */
+    int none[3] = {ATMOE_NODE_NONE, ATMOE_NODE_NONE, ATMOE_NODE_NONE};
+    OK(call_backward(gr, w, none, need, grad_in));
+    ck_assert_uint_eq(gr->count, before);
+    ck_assert_int_eq(grad_in[0], ATMOE_NODE_NONE);
+    atmoe_graph_free(gr);
+    atmoe_router_free(router);
+    atmoe_experts_free(set);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
 static Suite *backward_suite(void)
 {
     Suite *s = suite_create("moe_backward");
@@ -683,6 +1108,11 @@ static Suite *backward_suite(void)
     tcase_add_test(tc, test_mixture_dense);
     tcase_add_test(tc, test_mixture_frozen_no_work);
     tcase_add_test(tc, test_mixture_bad_input);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("router");
+    tcase_add_test(tc, test_router_projected);
+    tcase_add_test(tc, test_router_scaled);
+    tcase_add_test(tc, test_router_bad_input);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -27,4 +27,11 @@ atmoe_status atm_mixture_backward(atmoe_graph *g, int node,
                                   const int *grad_out,
                                   const unsigned char *need, int *grad_in);
 
+/* A node of shape [ndim, shape] (count: x's columns) holding the column
+ * sums of x [rows, cols] over its rows: the gradient of a weight that
+ * every row shares (a bias, the router's V_D).  name may be NULL. */
+atmoe_status atm_graph_column_sum(atmoe_graph *g, atmoe_node x, int ndim,
+                                  const size_t *shape, const char *name,
+                                  atmoe_node *out);
+
 #endif

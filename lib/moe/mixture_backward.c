@@ -54,6 +54,8 @@ enum { S_X, S_GATES, S_INDEX, S_DY };
 enum { K_ADJOINT, K_GATES };
 
 static const atm_op atm_op_mixture_backward, atm_op_column_sum;
+static atmoe_status push(atmoe_graph *g, const atm_node *p, const char *name,
+                         atmoe_node *out);
 
 static size_t z_width(const atmoe_experts *set)
 {
@@ -255,12 +257,23 @@ static const atm_op atm_op_column_sum = {
 
 /* ------------------------------------------------------------ building */
 
+atmoe_status atm_graph_column_sum(atmoe_graph *g, atmoe_node x, int ndim,
+                                  const size_t *shape, const char *name,
+                                  atmoe_node *out)
+{
+    atm_node p;
+    atm_node_init(&p, &atm_op_column_sum, ATMOE_DTYPE_F32, ndim, shape);
+    p.src[0] = x;
+    p.nsrc = 1;
+    return push(g, &p, name, out);
+}
+
 /* Pushes p as name, or under a default name when a node has it already
  * (a second backward pass over the same graph). */
 static atmoe_status push(atmoe_graph *g, const atm_node *p, const char *name,
                          atmoe_node *out)
 {
-    if (atm_graph_lookup(g, name) != ATMOE_NODE_NONE)
+    if (name && atm_graph_lookup(g, name) != ATMOE_NODE_NONE)
         name = NULL;
     return atm_graph_push(g, p, name, "mixture backward", out);
 }
@@ -456,13 +469,9 @@ static atmoe_status build(atmoe_graph *g, int node, atmoe_node dy,
     }
     if (need[2] && bias != ATMOE_NODE_NONE) {
         size_t d_out = set->d_out;
-        atm_node p;
-        atm_node_init(&p, &atm_op_column_sum, ATMOE_DTYPE_F32, 1, &d_out);
-        p.src[0] = dy;
-        p.nsrc = 1;
         char name[ATM_NODE_NAME_SIZE];
         snprintf(name, sizeof name, "%.40s/dbias", base);
-        if ((st = push(g, &p, name, &t)))
+        if ((st = atm_graph_column_sum(g, dy, 1, &d_out, name, &t)))
             return st;
         grad_in[2] = t;
     }
