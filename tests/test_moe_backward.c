@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "graph/graph.h"
+#include "base/half.h"
 #include "graph/trainable.h"
 #include "moe/experts.h"
 #include "testutil.h"
@@ -143,6 +144,9 @@ typedef struct mcase {
     float c;
     unsigned train[MAX_EXPERTS + 1]; /* per set index */
     atmoe_merge merge;
+    size_t batch; /* tokens computed (0: T, the planned batch) */
+    int w0_f16;   /* W0 stored in f16 (rounded on the host for the
+                     reference) */
 
     /* derived */
     size_t count;  /* set entries: experts (+ general) */
@@ -266,6 +270,9 @@ static void mcase_setup(mcase *m)
                                            : 1;
     m->x = rnd(m->T * m->d_in, -1, 1);
     m->w0 = rnd(m->d_out * m->d_in, -0.5, 0.5);
+    if (m->w0_f16)
+        for (size_t i = 0; i < m->d_out * m->d_in; i++)
+            m->w0[i] = atm_f16_to_f32(atm_f32_to_f16(m->w0[i]));
     m->bias = rnd(m->d_out, -0.5, 0.5);
     m->g = rnd(m->rows * m->width, 0.1, 1);
     m->A = rnd(m->R * m->d_in, -0.5, 0.5);
@@ -342,7 +349,9 @@ static void run_mixture_case(mcase *m)
     atmoe_graph *g;
     OK(atmoe_graph_new(CTX, &g));
     atmoe_node x = input(g, "x", ATMOE_DTYPE_F32, m->T, m->d_in, 1);
-    atmoe_node w0 = input(g, "w0", ATMOE_DTYPE_F32, m->d_out, m->d_in, 0);
+    atmoe_node w0 = input(g, "w0",
+                          m->w0_f16 ? ATMOE_DTYPE_F16 : ATMOE_DTYPE_F32,
+                          m->d_out, m->d_in, 0);
     atmoe_node bias = m->has_bias
                           ? input(g, "bias", ATMOE_DTYPE_F32, m->d_out, 0, 0)
                           : ATMOE_NODE_NONE;
@@ -379,16 +388,37 @@ static void run_mixture_case(mcase *m)
 
     OK(atmoe_graph_plan(g, 0));
     poison_arena(g);
-    OK(atmoe_graph_set_input(g, x, m->x, m->T * m->d_in * 4, m->T));
-    OK(atmoe_graph_set_input(g, w0, m->w0, m->d_out * m->d_in * 4, 0));
+    /* A smaller batch than planned computes its own tokens: the reference
+     * is then that of the first `batch` tokens. */
+    if (m->batch) {
+        m->T = m->batch;
+        if (m->gates == GATES_TOKEN)
+            m->rows = m->T;
+    }
+    size_t T = m->T;
+    OK(atmoe_graph_set_input(g, x, m->x, T * m->d_in * 4, T));
+    if (m->w0_f16) {
+        uint16_t *h = malloc(m->d_out * m->d_in * sizeof *h);
+        ck_assert_ptr_nonnull(h);
+        for (size_t i = 0; i < m->d_out * m->d_in; i++)
+            h[i] = atm_f32_to_f16(m->w0[i]);
+        OK(atmoe_graph_set_input(g, w0, h, m->d_out * m->d_in * 2, 0));
+        free(h);
+    } else {
+        OK(atmoe_graph_set_input(g, w0, m->w0, m->d_out * m->d_in * 4, 0));
+    }
     if (m->has_bias)
         OK(atmoe_graph_set_input(g, bias, m->bias, m->d_out * 4, 0));
     OK(atmoe_graph_set_input(g, gates, m->g, m->rows * m->width * 4,
-                             m->gates == GATES_TOKEN ? m->T : 0));
+                             m->gates == GATES_TOKEN ? T : 0));
     if (seq)
-        OK(atmoe_graph_set_input(g, gidx, m->gidx, m->T * 4, m->T));
-    OK(atmoe_graph_set_input(g, dy, m->dy, m->T * m->d_out * 4, m->T));
-    OK(atmoe_graph_compute(g, 0));
+        OK(atmoe_graph_set_input(g, gidx, m->gidx, T * 4, T));
+    OK(atmoe_graph_set_input(g, dy, m->dy, T * m->d_out * 4, T));
+    OK(atmoe_graph_compute(g, T));
+    /* A training step allocates nothing on the host. */
+    atmoe_compute_stats cs;
+    OK(atmoe_graph_get_compute_stats(g, &cs));
+    ck_assert_uint_eq(cs.host_allocations, 0);
 
     mparams p = {dup_d(m->x, m->T * m->d_in),
                  dup_d(m->w0, m->d_out * m->d_in), dup_d(m->bias, m->d_out),
@@ -524,6 +554,17 @@ START_TEST(test_mixture_block)
     for (int e = 0; e < 5; e++)
         o.train[e] = ATMOE_TRAIN_A | ATMOE_TRAIN_B;
     run_mixture_case(&o);
+
+    /* W0 in f16 (dx reads its f32 copy), computed at 4 of the 7 planned
+     * tokens. */
+    mcase h = {.name = "block, f16 W0, batch 4", .mix = ATMOE_MIX_BLOCK,
+               .T = 7, .d_in = 13, .d_out = 11, .rank_p = 2, .lambda = 0.5f,
+               .gates = GATES_TOKEN, .has_bias = 1, .c = 1.0f, .batch = 4,
+               .w0_f16 = 1};
+    five_experts(&h);
+    h.train[1] = ATMOE_TRAIN_A | ATMOE_TRAIN_B;
+    h.train[5] = ATMOE_TRAIN_B;
+    run_mixture_case(&h);
     atmoe_context_free(CTX);
 }
 END_TEST
@@ -558,6 +599,14 @@ START_TEST(test_mixture_diagonal)
     q.lambda = 1.0f;
     q.train[1] = ATMOE_TRAIN_A;
     run_mixture_case(&q);
+
+    mcase b = {.name = "diagonal, per sequence, batch 5",
+               .mix = ATMOE_MIX_DIAGONAL, .T = 7, .d_in = 13, .d_out = 11,
+               .gates = GATES_SEQUENCE, .S = 3, .c = 0.9f, .batch = 5};
+    five_experts(&b);
+    b.lambda = 1.0f;
+    b.train[0] = b.train[4] = ATMOE_TRAIN_A | ATMOE_TRAIN_B;
+    run_mixture_case(&b);
     atmoe_context_free(CTX);
 }
 END_TEST
@@ -625,6 +674,97 @@ START_TEST(test_mixture_frozen_no_work)
     ck_assert_uint_eq(g->count, before);
     ck_assert_int_eq(grad_in[1], ATMOE_NODE_NONE);
     atmoe_graph_free(g);
+    atmoe_experts_free(set);
+    mcase_free(&m);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
+/* y of x (rows T) through a fresh graph over set, planned now. */
+static float *forward_once(mcase *m, atmoe_experts *set)
+{
+    atmoe_graph *g;
+    OK(atmoe_graph_new(CTX, &g));
+    atmoe_node x = input(g, "x", ATMOE_DTYPE_F32, m->T, m->d_in, 1);
+    atmoe_node w0 = input(g, "w0", ATMOE_DTYPE_F32, m->d_out, m->d_in, 0);
+    atmoe_node gates = input(g, "gates", ATMOE_DTYPE_F32, m->T, m->width, 1);
+    atmoe_node y;
+    OK(atmoe_graph_mixture(g, x, w0, ATMOE_NODE_NONE, set, m->mix, gates,
+                           ATMOE_NODE_NONE, m->c, &y));
+    OK(atmoe_graph_mark_output(g, y));
+    OK(atmoe_graph_plan(g, 0));
+    OK(atmoe_graph_set_input(g, x, m->x, m->T * m->d_in * 4, m->T));
+    OK(atmoe_graph_set_input(g, w0, m->w0, m->d_out * m->d_in * 4, 0));
+    OK(atmoe_graph_set_input(g, gates, m->g, m->T * m->width * 4, m->T));
+    OK(atmoe_graph_compute(g, 0));
+    float *out = read_node(g, y, m->T * m->d_out);
+    atmoe_graph_free(g);
+    return out;
+}
+
+/* The optimiser updates an expert's B^T (the registered range) only; the
+ * forward must follow it whatever route its batch takes, and the set's
+ * second copy of B is current again once no B trains. */
+START_TEST(test_mixture_trained_b_forward)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 16);
+    /* Two tokens: cl/linear.cl's route unless B trains. */
+    mcase m = {.mix = ATMOE_MIX_BLOCK, .T = 2, .d_in = 13, .d_out = 11,
+               .gates = GATES_TOKEN, .c = 1.0f};
+    five_experts(&m);
+    m.lambda = 1.0f;
+    mcase_setup(&m);
+    atmoe_experts *set = mcase_set(&m);
+    /* A graph planned while B is frozen, on the linear route. */
+    atmoe_graph *g;
+    OK(atmoe_graph_new(CTX, &g));
+    atmoe_node x = input(g, "x", ATMOE_DTYPE_F32, m.T, m.d_in, 1);
+    atmoe_node w0 = input(g, "w0", ATMOE_DTYPE_F32, m.d_out, m.d_in, 0);
+    atmoe_node gates = input(g, "gates", ATMOE_DTYPE_F32, m.T, m.width, 1);
+    atmoe_node y;
+    OK(atmoe_graph_mixture(g, x, w0, ATMOE_NODE_NONE, set, m.mix, gates,
+                           ATMOE_NODE_NONE, 1.0f, &y));
+    OK(atmoe_graph_mark_output(g, y));
+    OK(atmoe_graph_plan(g, 0));
+    OK(atmoe_graph_set_input(g, x, m.x, m.T * m.d_in * 4, m.T));
+    OK(atmoe_graph_set_input(g, w0, m.w0, m.d_out * m.d_in * 4, 0));
+    OK(atmoe_graph_set_input(g, gates, m.g, m.T * m.width * 4, m.T));
+    OK(atmoe_graph_compute(g, 0));
+
+    OK(atmoe_experts_set_trainable(set, 2, ATMOE_TRAIN_B));
+    /* As the optimiser would: expert 2's B^T rows change on the device. */
+    size_t n = m.Z * m.d_out;
+    for (size_t i = m.offset[2] * m.d_out;
+         i < (m.offset[2] + m.erank[2]) * m.d_out; i++)
+        m.Bt[i] = -m.Bt[i] + 0.25f;
+    OK(atmoe_tensor_write(set->bt, m.Bt, n * sizeof(float)));
+    /* The graph planned before reads the stale copy: refused. */
+    ck_assert_fails_with(atmoe_graph_compute(g, 0), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "plan it again");
+    atmoe_graph_free(g);
+
+    mparams p = {dup_d(m.x, m.T * m.d_in), dup_d(m.w0, m.d_out * m.d_in),
+                 dup_d(m.bias, m.d_out), dup_d(m.g, m.rows * m.width),
+                 dup_d(m.A, m.R * m.d_in), dup_d(m.Bt, n)};
+    double *yref = malloc(m.T * m.d_out * sizeof *yref);
+    ref_loss(&m, &p, yref);
+    float *got = forward_once(&m, set);
+    expect_grad("trained B, forward", got, yref, m.T * m.d_out, 2e-6);
+    free(got);
+    /* Frozen again: the second copy is made current, and the linear
+     * route reads it. */
+    OK(atmoe_experts_set_trainable(set, 2, 0));
+    got = forward_once(&m, set);
+    expect_grad("trained B, frozen again", got, yref, m.T * m.d_out, 2e-6);
+    free(got);
+    free(yref);
+    free(p.x);
+    free(p.w0);
+    free(p.bias);
+    free(p.gates);
+    free(p.A);
+    free(p.Bt);
     atmoe_experts_free(set);
     mcase_free(&m);
     atmoe_context_free(CTX);
@@ -1107,6 +1247,7 @@ static Suite *backward_suite(void)
     tcase_add_test(tc, test_mixture_diagonal);
     tcase_add_test(tc, test_mixture_dense);
     tcase_add_test(tc, test_mixture_frozen_no_work);
+    tcase_add_test(tc, test_mixture_trained_b_forward);
     tcase_add_test(tc, test_mixture_bad_input);
     suite_add_tcase(s, tc);
     tc = tcase_create("router");
