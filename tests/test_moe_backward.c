@@ -1239,6 +1239,162 @@ START_TEST(test_router_bad_input)
 }
 END_TEST
 
+/* ----------------------------------------------------- router + mixture */
+
+/* An AT-MoE layer routed per token (h = x, gates = the router's w): the
+ * loss sum(dy .* y) through both rows' backward, chained as the engine
+ * will chain them (the mixture's d(gates) is the router's dL/dw, and x
+ * gets both rows' contributions). */
+static double layer_loss(mcase *m, mparams *mp, rcase *c, rparams *rp)
+{
+    double *w = malloc(m->T * (size_t)c->E * sizeof *w);
+    ck_assert_ptr_nonnull(w);
+    r_loss(c, rp, NULL, NULL, w);
+    double *keep = mp->gates;
+    mp->gates = w;
+    double loss = ref_loss(m, mp, NULL);
+    mp->gates = keep;
+    free(w);
+    return loss;
+}
+
+static double *layer_fd(mcase *m, mparams *mp, rcase *c, rparams *rp,
+                        double *v, size_t n)
+{
+    double *g = malloc((n ? n : 1) * sizeof *g);
+    ck_assert_ptr_nonnull(g);
+    for (size_t i = 0; i < n; i++) {
+        double keep = v[i], h = 1e-6;
+        v[i] = keep + h;
+        double lp = layer_loss(m, mp, c, rp);
+        v[i] = keep - h;
+        double lm = layer_loss(m, mp, c, rp);
+        v[i] = keep;
+        g[i] = (lp - lm) / (2 * h);
+    }
+    return g;
+}
+
+START_TEST(test_layer_chain)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 31);
+    mcase m = {.name = "layer", .mix = ATMOE_MIX_BLOCK, .T = 7, .d_in = 13,
+               .d_out = 11, .rank_p = 2, .lambda = 0.8f,
+               .gates = GATES_TOKEN, .has_bias = 1, .c = 1.0f};
+    five_experts(&m);
+    m.train[1] = m.train[3] = ATMOE_TRAIN_A | ATMOE_TRAIN_B;
+    mcase_setup(&m);
+    atmoe_experts *set = mcase_set(&m);
+    rcase c = {.form = ATMOE_ROUTER_PROJECTED, .rows = 7, .d_in = 13,
+               .batched = 1, .G = 2, .counts = {2, 3}, .tau_g = 0.9f,
+               .tau_d = 1.1f, .topk_e = 2, .M = 3, .E = 5};
+    for (int e = 0; e < 5; e++)
+        c.slot[e] = m.group[e] * 3 + (e < 2 ? e : e - 2);
+    for (int i = 0; i < RG; i++)
+        c.gfix[i] = NAN;
+    for (int i = 0; i < RG * RM; i++)
+        c.efix[i] = NAN;
+    c.efix[1 * 3 + 2] = 0.25f; /* a fixed expert */
+    size_t G = 2, M = 3, E = 5;
+    c.wg = rnd(m.d_in * G, -0.8, 0.8);
+    c.wd = rnd(m.d_in * G * M, -0.8, 0.8);
+    c.dw = calloc(m.T * E, sizeof *c.dw); /* the mixture's loss only */
+    ck_assert_ptr_nonnull(c.dw);
+    atmoe_router *router;
+    OK(atmoe_router_new(set, c.form, c.tau_g, c.tau_d, 0, c.topk_e,
+                        &router));
+    OK(atmoe_router_set_fixed(router, 1, 2, 0.25f));
+
+    atmoe_graph *g;
+    OK(atmoe_graph_new(CTX, &g));
+    atmoe_node x = input(g, "x", ATMOE_DTYPE_F32, m.T, m.d_in, 1);
+    atmoe_node w0 = input(g, "w0", ATMOE_DTYPE_F32, m.d_out, m.d_in, 0);
+    atmoe_node bias = input(g, "bias", ATMOE_DTYPE_F32, m.d_out, 0, 0);
+    atmoe_node wg = input(g, "w_g", ATMOE_DTYPE_F32, m.d_in, G, 0);
+    atmoe_node wd = input(g, "w_d", ATMOE_DTYPE_F32, m.d_in, G * M, 0);
+    atmoe_node dy = input(g, "dy", ATMOE_DTYPE_F32, m.T, m.d_out, 1);
+    atmoe_layer layer = {w0, bias, set, router, wg, wd, ATMOE_NODE_NONE,
+                         ATMOE_NODE_NONE, 1.0f};
+    atmoe_node y;
+    atmoe_layer_trace tr;
+    OK(atmoe_graph_moe_layer(g, x, &layer, &y, &tr));
+    OK(atmoe_graph_set_name(g, y, "mix"));
+    int go[3] = {dy, ATMOE_NODE_NONE, ATMOE_NODE_NONE};
+    unsigned char need_m[ATM_MAX_SRC] = {1, 0, 0, 1, 0};
+    int gm[ATM_MAX_SRC], gr[ATM_MAX_SRC];
+    OK(call_backward(g, y, go, need_m, gm));
+    int go_r[3] = {gm[3], ATMOE_NODE_NONE, ATMOE_NODE_NONE};
+    unsigned char need_r[ATM_MAX_SRC] = {1, 1, 1};
+    OK(call_backward(g, tr.w, go_r, need_r, gr));
+    atmoe_node dx;
+    OK(atmoe_graph_add(g, gm[0], gr[0], &dx));
+    OK(atmoe_graph_mark_output(g, dx));
+    OK(atmoe_graph_mark_output(g, gr[1]));
+    OK(atmoe_graph_mark_output(g, gr[2]));
+    ck_assert_uint_eq(atm_graph_trainable_count(g), 4);
+    for (size_t i = 0; i < 4; i++)
+        OK(atmoe_graph_mark_output(g, atm_graph_trainable_at(g, i)->grad));
+    OK(atmoe_graph_plan(g, 0));
+    poison_arena(g);
+    OK(atmoe_graph_set_input(g, x, m.x, m.T * m.d_in * 4, m.T));
+    OK(atmoe_graph_set_input(g, w0, m.w0, m.d_out * m.d_in * 4, 0));
+    OK(atmoe_graph_set_input(g, bias, m.bias, m.d_out * 4, 0));
+    OK(atmoe_graph_set_input(g, wg, c.wg, m.d_in * G * 4, 0));
+    OK(atmoe_graph_set_input(g, wd, c.wd, m.d_in * G * M * 4, 0));
+    OK(atmoe_graph_set_input(g, dy, m.dy, m.T * m.d_out * 4, m.T));
+    OK(atmoe_graph_compute(g, 0));
+
+    mparams mp = {dup_d(m.x, m.T * m.d_in), dup_d(m.w0, m.d_out * m.d_in),
+                  dup_d(m.bias, m.d_out), NULL, dup_d(m.A, m.R * m.d_in),
+                  dup_d(m.Bt, m.Z * m.d_out)};
+    rparams rp = {mp.x, dup_d(c.wg, m.d_in * G), dup_d(c.wd, m.d_in * G * M)};
+    c.min_gap = INFINITY;
+    layer_loss(&m, &mp, &c, &rp);
+    ck_assert_msg(c.min_gap > 1e-3, "layer: top-k near tie (%g)", c.min_gap);
+    struct {
+        const char *name;
+        atmoe_node node;
+        double *v;
+        size_t n, offset, total;
+    } ops[5] = {{"dx", dx, mp.x, m.T * m.d_in, 0, m.T * m.d_in},
+                {"dW_G", gr[1], rp.wg, m.d_in * G, 0, m.d_in * G},
+                {"dW_D", gr[2], rp.wd, m.d_in * G * M, 0, m.d_in * G * M},
+                {"expert1/A", atm_graph_trainable_find(g, "mix/expert1/A")->grad,
+                 mp.A + m.offset[1] * m.d_in, m.erank[1] * m.d_in,
+                 m.offset[1] * m.d_in, m.R * m.d_in},
+                {"expert3/B_T",
+                 atm_graph_trainable_find(g, "mix/expert3/B_T")->grad,
+                 mp.Bt + m.offset[3] * m.d_out, m.erank[3] * m.d_out,
+                 m.offset[3] * m.d_out, m.Z * m.d_out}};
+    for (int i = 0; i < 5; i++) {
+        double *want = layer_fd(&m, &mp, &c, &rp, ops[i].v, ops[i].n);
+        float *got = read_node(g, ops[i].node, ops[i].total);
+        char what[64];
+        snprintf(what, sizeof what, "layer: %s", ops[i].name);
+        expect_grad(what, got + ops[i].offset, want, ops[i].n,
+                    TOL_ROUTER_GRAD);
+        free(got);
+        free(want);
+    }
+    free(mp.x);
+    free(mp.w0);
+    free(mp.bias);
+    free(mp.A);
+    free(mp.Bt);
+    free(rp.wg);
+    free(rp.wd);
+    free(c.wg);
+    free(c.wd);
+    free(c.dw);
+    atmoe_graph_free(g);
+    atmoe_router_free(router);
+    atmoe_experts_free(set);
+    mcase_free(&m);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
 static Suite *backward_suite(void)
 {
     Suite *s = suite_create("moe_backward");
@@ -1254,6 +1410,9 @@ static Suite *backward_suite(void)
     tcase_add_test(tc, test_router_projected);
     tcase_add_test(tc, test_router_scaled);
     tcase_add_test(tc, test_router_bad_input);
+    suite_add_tcase(s, tc);
+    tc = tcase_create("layer");
+    tcase_add_test(tc, test_layer_chain);
     suite_add_tcase(s, tc);
     return s;
 }
