@@ -4,7 +4,9 @@
  * the upstream gradients (random dy ...), the row's backward, the returned
  * gradient nodes and the registered expert gradients marked as outputs,
  * planned, computed and compared with central finite differences of a
- * float64 host reference of the forward, with loss = sum(dy .* y).
+ * float64 host reference of the forward, with loss = sum(dy .* y) (and
+ * sum(dw .* w) + sum(da .* a) + sum(dd .* d) for the router).  A layer's
+ * two rows are also chained, as the engine will chain them.
  *
  * Shapes are small and odd (T 7, d_in 13, d_out 11, ranks 3 and 2, groups
  * of 2 and 3 experts); data are random, never zero; the whole arena is
