@@ -917,6 +917,26 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *graph,
                                                      atmoe_merge mode);
 
 /* ------------------------------------------------------------------------ */
+/* Training the experts of a set                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Flags of atmoe_experts_set_trainable. */
+#define ATMOE_TRAIN_A 1u /* the expert's A (down projection) */
+#define ATMOE_TRAIN_B 2u /* the expert's B (up projection) */
+
+/* Marks expert index of set trainable (what: ATMOE_TRAIN_A | ATMOE_TRAIN_B)
+ * or frozen (0, the default).  index == experts is the general LoRA; a
+ * dense set's index 0 is its down (A) and up (B) vectors.  The backward
+ * pass of every mixture over the set built afterwards registers the
+ * gradients of exactly those weights, named "<mixture>/expert<i>/A" and
+ * "<mixture>/expert<i>/B_T" (B transposed, [rank, d_out], as the set
+ * stores it), "<mixture>/general/..." and "<mixture>/dense/...".  Training
+ * needs f32 storage.  Plan graphs over the set after changing B's flag. */
+ATMOE_API atmoe_status atmoe_experts_set_trainable(atmoe_experts *set,
+                                                   size_t index,
+                                                   unsigned what);
+
+/* ------------------------------------------------------------------------ */
 /* safetensors files                                                         */
 /* ------------------------------------------------------------------------ */
 

@@ -8,7 +8,7 @@
 #include "tensor/tensor.h"
 
 #define ATM_NODE_NAME_SIZE 64
-#define ATM_MAX_SRC 5
+#define ATM_MAX_SRC 6 /* the router's backward reads six */
 /* Kernel handles a node keeps from planning on (the mixture uses most). */
 #define ATM_NODE_KERNELS 14
 #define ATM_NODE_USER_BYTES 64

@@ -168,7 +168,7 @@ ATMOE_API atmoe_status atmoe_experts_add(atmoe_experts *set, int group,
     if (set->has_general)
         general = set->experts[--set->count];
     atm_expert e = {group, 0, rank, 0, lora_scale(rank, alpha, flags), alpha,
-                    flags};
+                    flags, 0};
     for (size_t i = 0; i < set->count; i++)
         e.slot += set->experts[i].group == group;
     st = append(set, fn, rank, a, b, &e.offset);
@@ -205,7 +205,7 @@ ATMOE_API atmoe_status atmoe_experts_set_general(atmoe_experts *set,
     if ((st = grow(set, fn)) != ATMOE_STATUS_OK)
         return st;
     atm_expert e = {-1, 0, rank, 0, lora_scale(rank, alpha, flags), alpha,
-                    flags};
+                    flags, 0};
     if ((st = append(set, fn, rank, a, b, &e.offset)) != ATMOE_STATUS_OK)
         return st;
     set->experts[set->count++] = e;
@@ -249,7 +249,7 @@ ATMOE_API atmoe_status atmoe_experts_set_dense(atmoe_experts *set, size_t r1,
     set->bt_host = nb;
     set->total_rank = r1;
     set->dense_r2 = r2;
-    set->experts[set->count++] = (atm_expert){0, 0, r1, 0, 1.0f, 1.0f, 0};
+    set->experts[set->count++] = (atm_expert){0, 0, r1, 0, 1.0f, 1.0f, 0, 0};
     set->groups = set->max_group = 1;
     return ATMOE_STATUS_OK;
 }
@@ -286,6 +286,12 @@ ATMOE_API atmoe_status atmoe_experts_set_dtype(atmoe_experts *set,
         return atm_fail(set->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: the expert set is in use by a router or a graph "
                         "and its storage can no longer change", fn);
+    for (size_t i = 0; i < set->count; i++)
+        if (set->experts[i].train &&
+            (a_dtype != ATMOE_DTYPE_F32 || b_dtype != ATMOE_DTYPE_F32))
+            return atm_fail(set->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                            "%s: expert %zu is trainable, and training "
+                            "needs f32 storage", fn, i);
     set->a_dtype = a_dtype;
     set->b_dtype = b_dtype;
     return ATMOE_STATUS_OK;
@@ -476,4 +482,74 @@ out:
     atm_free(chan_e);
     atm_free(chan_s);
     return st;
+}
+
+/* ---------------------------------------------------------------- training */
+
+int atm_experts_trains_b(const atmoe_experts *set)
+{
+    for (size_t i = 0; i < set->count; i++)
+        if (set->experts[i].train & ATMOE_TRAIN_B)
+            return 1;
+    return 0;
+}
+
+/* b = (bt)^T on the device, through the host: the set's second copy of B,
+ * which cl/linear.cl reads, made current again once no B trains (the
+ * optimiser updates bt only).  Not a compute: it may allocate. */
+static atmoe_status resync_b(atmoe_experts *set, const char *fn)
+{
+    size_t up = set->dense_r2 ? set->dense_r2 : set->total_rank;
+    size_t n = up * set->d_out;
+    float *bt = atm_malloc(n * sizeof *bt), *b = atm_malloc(n * sizeof *b);
+    atmoe_status st = ATMOE_STATUS_OK;
+    if (bt == NULL || b == NULL)
+        st = atm_fail(set->ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      "%s: out of host memory", fn);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_read(set->bt, bt, n * sizeof *bt);
+    if (st == ATMOE_STATUS_OK) {
+        for (size_t r = 0; r < up; r++)
+            for (size_t j = 0; j < set->d_out; j++)
+                b[j * up + r] = bt[r * set->d_out + j];
+        st = atmoe_tensor_write(set->b, b, n * sizeof *b);
+    }
+    atm_free(bt);
+    atm_free(b);
+    return st;
+}
+
+ATMOE_API atmoe_status atmoe_experts_set_trainable(atmoe_experts *set,
+                                                   size_t index,
+                                                   unsigned what)
+{
+    const char *fn = __func__;
+    ATM_CHECK_NULL(NULL, set);
+    atmoe_context *ctx = set->ctx;
+    if (what & ~(ATMOE_TRAIN_A | ATMOE_TRAIN_B))
+        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "%s: unknown flags 0x%x (ATMOE_TRAIN_A, "
+                        "ATMOE_TRAIN_B)", fn, what);
+    if (index >= set->count)
+        return atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                        "%s: index %zu; the set has %zu expert(s)%s", fn,
+                        index, set->count - (size_t)set->has_general,
+                        set->has_general ? " and the general LoRA after them"
+                        : set->dense_r2 ? " (a dense set: index 0 is its "
+                                          "down and up vectors)"
+                                        : "");
+    /* The optimiser updates the stored elements in place with f32
+     * arithmetic: weights kept in another type could not take it. */
+    if (what &&
+        (set->a_dtype != ATMOE_DTYPE_F32 || set->b_dtype != ATMOE_DTYPE_F32))
+        return atm_fail(ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: the set stores its experts as %s (A) and %s "
+                        "(B); training needs f32 storage", fn,
+                        atmoe_dtype_name(set->a_dtype),
+                        atmoe_dtype_name(set->b_dtype));
+    int trained_b = atm_experts_trains_b(set);
+    set->experts[index].train = what;
+    if (trained_b && !atm_experts_trains_b(set) && set->sealed)
+        return resync_b(set, fn);
+    return ATMOE_STATUS_OK;
 }

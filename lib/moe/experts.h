@@ -13,6 +13,7 @@ typedef struct atm_expert {
     float scale;   /* alpha / rank or alpha / sqrt(rank) */
     float alpha;   /* as given, for reading the expert back */
     unsigned flags;
+    unsigned train; /* ATMOE_TRAIN_A | ATMOE_TRAIN_B; 0: frozen */
 } atm_expert;
 
 struct atmoe_experts {
@@ -46,6 +47,11 @@ struct atmoe_experts {
 /* Whether cl/linear.cl reads a weight of this storage type (f32, f16,
  * bf16), and its code there (-DWT / -DBT: 0, 1, 2); -1 for none. */
 int atm_weight_type(atmoe_dtype dtype);
+
+/* Whether some expert of the set has a trainable B: the optimiser then
+ * updates the transposed copy bt only, so the forward must not read b
+ * (cl/linear.cl's copy), which goes stale. */
+int atm_experts_trains_b(const atmoe_experts *set);
 
 /* Uploads the set and forbids further additions. */
 atmoe_status atm_experts_seal(atmoe_experts *set);

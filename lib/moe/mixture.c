@@ -14,24 +14,8 @@
 #include "device/tuning.h"
 #include "graph/graph.h"
 #include "moe/experts.h"
+#include "moe/mixture.h"
 
-/* The mixture node's parameters (atm_node.p), and what planning decided. */
-typedef struct mixture_params {
-    atmoe_experts *experts; /* a reference */
-    atmoe_mix mix;
-    atmoe_merge merge;
-    float c;
-    atmoe_dtype w0_dtype; /* as stored: read so by cl/linear.cl */
-    /* The blocks of cl/linear.cl's tiles in force (tuning, by the storage
-     * type of the weight each product reads): the shrink's (A_all), the
-     * base's (W0) and the merged product's (W', f32). */
-    unsigned sr[3], st[3];
-    /* Routes: a batch of T tokens runs merged when T >= merge_from, and
-     * through cl/linear.cl when T <= linear_upto (else CLBlast). */
-    size_t merge_from, linear_upto;
-} mixture_params;
-
-extern const atm_op atm_op_mixture;
 
 /* Kernel slots: cl/linear.cl for 1, 2 and 3+ tokens (its tile) over the
  * experts' A (the shrink), over W0 (the base and expand), and over the
@@ -309,6 +293,11 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
         mp->st[i] = (unsigned)atm_param_linear_block(g->ctx, read[i], 1);
     }
     mp->linear_upto = upto >= 1 ? (size_t)upto : 0;
+    /* cl/linear.cl reads the set's second copy of B, which the optimiser
+     * does not update (experts.h): training runs through CLBlast, which
+     * reads B^T. */
+    if (atm_experts_trains_b(mp->experts))
+        mp->linear_upto = 0;
     mp->merge_from = merge_from(g, n);
 
     const atmoe_experts *set = mp->experts;
@@ -622,8 +611,14 @@ static atmoe_status mixture_run(atmoe_graph *g, atm_node *n, cl_event *first,
     atmoe_status st;
     if (T >= mp->merge_from)
         return run_merged(g, n, first, last);
-    if (T <= mp->linear_upto)
+    if (T <= mp->linear_upto) {
+        if (atm_experts_trains_b(mp->experts))
+            return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                            "mixture '%s': an expert's B became trainable "
+                            "after the graph was planned; plan it again",
+                            n->name);
         return run_linear(g, n, T, first, last);
+    }
 
     /* CLBlast: y = bias (broadcast), y += x W0^T, u = x A_all^T in the
      * node's scratch, z = M(gates) u, y += c z B_all^T. */
@@ -694,4 +689,5 @@ const atm_op atm_op_mixture = {
     .run = mixture_run,
     .cost = mixture_cost,
     .release = mixture_release,
+    .backward = atm_mixture_backward,
 };

@@ -9,6 +9,7 @@
 
 #include "base/alloc.h"
 #include "moe/experts.h"
+#include "moe/router.h"
 #include "graph/graph.h"
 #include "base/log.h"
 #include "device/program.h"
@@ -226,12 +227,6 @@ atmoe_status atm_router_upload(atmoe_router *r)
 
 #define ROUTER_WG 64
 
-/* The router node's parameters (atm_node.p). */
-typedef struct router_params {
-    atmoe_router *router; /* a reference */
-} router_params;
-
-extern const atm_op atm_op_router;
 
 ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
                                           atmoe_router *router,
@@ -412,4 +407,5 @@ const atm_op atm_op_router = {
     .run = router_run,
     .cost = router_cost,
     .release = router_release,
+    .backward = atm_router_backward,
 };
