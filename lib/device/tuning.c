@@ -539,7 +539,7 @@ static int check_db(json_t *root, const char *file, char *err)
     return 0;
 }
 
-typedef enum load_result { LOAD_OK, LOAD_MISSING, LOAD_BAD } load_result;
+typedef enum load_result { LOAD_OK, LOAD_MISSING, LOAD_BAD, LOAD_IO } load_result;
 
 /* Reads and checks a database; the message says why on LOAD_BAD.
  * Leniently (for the databases a context reads), a fault in a "kernels"
@@ -548,11 +548,18 @@ static load_result load_db(const char *path, int lenient, json_t **root,
                            char *err)
 {
     *root = NULL;
-    struct stat sb;
-    if (stat(path, &sb) != 0 && (errno == ENOENT || errno == ENOTDIR))
-        return LOAD_MISSING;
+    /* The regular-file open: a FIFO at the path would block every
+     * context creation. */
+    FILE *f = atm_file_open_regular(path);
+    if (f == NULL) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            return LOAD_MISSING;
+        bad(err, "cannot read: %s", atm_file_strerror(errno));
+        return LOAD_IO;
+    }
     json_error_t je;
-    json_t *r = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    json_t *r = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
+    fclose(f);
     if (r == NULL) {
         bad(err, "line %d: %s", je.line, je.text);
         return LOAD_BAD;
@@ -613,6 +620,9 @@ ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries)
     if (r == LOAD_MISSING)
         return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
                         "atmoe_tuning_check: %s: no such file", path);
+    if (r == LOAD_IO)
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_check: %s: %s", path, err);
     if (r == LOAD_BAD)
         return atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
                         "atmoe_tuning_check: %s: %s", path, err);
@@ -694,6 +704,12 @@ ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
     json_t *root = NULL;
     char err[ERR_SIZE];
     load_result r = load_db(path, 0, &root, err);
+    if (r == LOAD_IO) {
+        json_decref(set);
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_save: %s: %s; it is left as it is",
+                        path, err);
+    }
     if (r == LOAD_BAD) {
         json_decref(set);
         return atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
@@ -779,7 +795,9 @@ static json_t *load_logged(const char *path)
 {
     json_t *root = NULL;
     char err[ERR_SIZE];
-    if (path && *path && load_db(path, 1, &root, err) == LOAD_BAD)
+    load_result r =
+        path && *path ? load_db(path, 1, &root, err) : LOAD_MISSING;
+    if (r == LOAD_BAD || r == LOAD_IO)
         atm_log(ATMOE_LOG_WARNING, "tuning database %s is ignored: %s", path,
                 err);
     return root;
