@@ -783,6 +783,18 @@ START_TEST(test_set_params_errors)
     ck_assert_fails(atmoe_context_set_params(ctx, text), ctx,
                     ATMOE_STATUS_NOT_SUPPORTED);
     ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "local memory"));
+    /* A 1024 x 1024 tile over 16 x 16 threads: valid in form, within the
+     * work-group size, no local memory, but 4096 accumulators a thread
+     * (issue 16: the first GEMM took minutes). */
+    ck_assert_fails(
+        atmoe_context_set_params(
+            ctx, "{\"clblast\": {\"Xgemm\": {\"GEMMK\": 0, \"KREG\": 1, "
+                 "\"KWG\": 16, \"KWI\": 2, \"MDIMA\": 16, \"MDIMC\": 16, "
+                 "\"MWG\": 1024, \"NDIMB\": 16, \"NDIMC\": 16, "
+                 "\"NWG\": 1024, \"SA\": 0, \"SB\": 0, \"STRM\": 0, "
+                 "\"STRN\": 0, \"VWM\": 1, \"VWN\": 1}}}"),
+        ctx, ATMOE_STATUS_NOT_SUPPORTED);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "accumulators"));
     /* Refused sets changed nothing. */
     json_t *p = params_of(ctx);
     ck_assert_uint_eq(json_object_size(json_object_get(p, "clblast")), 0);

@@ -220,20 +220,30 @@ static int check_clblast_set(const char *kernel, const json_t *set, char *err)
     return 0;
 }
 
+/* Accumulators of C a GEMM thread may hold in registers.  OpenCL reports
+ * no register file, so the bound is the largest of CLBlast's own tuner
+ * (16 x 16: tiles of 128 over 8 threads): a 1024 x 1024 tile over 16 x 16
+ * threads holds 4096 a thread, spills them all to memory, and makes the
+ * first GEMM take minutes. */
+#define MAX_THREAD_ACCUMULATORS 256
+
 /* What a set asks of the device, which a file cannot be checked against:
- * threads per work-group and bytes of local memory. */
+ * threads per work-group, bytes of local memory, and registers a thread
+ * (where the device's limit is not known, CLBlast's tuner's bound). */
 static int check_on_device(const char *kernel, const json_t *s,
                            const atmoe_device_info *dev, char *err)
 {
-    json_int_t threads = 1, local = 0;
+    json_int_t threads = 1, local = 0, acc = 0;
     if (strcmp(kernel, "Xgemm") == 0) {
         threads = pv(s, "MDIMC") * pv(s, "NDIMC");
         local = 4 * pv(s, "KWG") *
                 (pv(s, "SA") * pv(s, "MWG") + pv(s, "SB") * pv(s, "NWG"));
+        acc = (pv(s, "MWG") / pv(s, "MDIMC")) * (pv(s, "NWG") / pv(s, "NDIMC"));
     } else if (strcmp(kernel, "XgemmDirect") == 0) {
         threads = pv(s, "MDIMCD") * pv(s, "NDIMCD");
         local = 4 * pv(s, "WGD") *
                 (2 * pv(s, "WGD") + pv(s, "PADA") + pv(s, "PADB"));
+        acc = (pv(s, "WGD") / pv(s, "MDIMCD")) * (pv(s, "WGD") / pv(s, "NDIMCD"));
     } else if (strcmp(kernel, "Copy") == 0) {
         threads = pv(s, "COPY_DIMX") * pv(s, "COPY_DIMY");
     } else if (strcmp(kernel, "Pad") == 0) {
@@ -255,6 +265,11 @@ static int check_on_device(const char *kernel, const json_t *s,
         return bad(err, "%s needs %lld bytes of local memory, more than %s "
                    "has (%llu)", kernel, (long long)local, dev->name,
                    (unsigned long long)dev->local_mem_bytes);
+    if (acc > MAX_THREAD_ACCUMULATORS)
+        return bad(err, "%s holds %lld accumulators a thread, more than the "
+                   "%d that fit in registers (a tile too large for its "
+                   "threads)", kernel, (long long)acc,
+                   MAX_THREAD_ACCUMULATORS);
     return 0;
 }
 
