@@ -201,7 +201,7 @@ unsigned char *atm_cache_load(atmoe_context *ctx, const char *name,
 void atm_cache_store(atmoe_context *ctx, const char *name, const char *key,
                      const unsigned char *binary, size_t size)
 {
-    char path[PATH_MAX + 64], tmp[PATH_MAX + 80];
+    char path[PATH_MAX + 64], tmp[PATH_MAX + 64 + ATM_FILE_TMP_EXTRA];
     entry_path(ctx, name, key, path, sizeof path);
 
     cache_header h;

@@ -649,7 +649,7 @@ ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries)
 
 static atmoe_status write_db(const char *path, json_t *root)
 {
-    char tmp[4096 + 16];
+    char tmp[4096 + ATM_FILE_TMP_EXTRA];
     if (atm_mkdir_parent(path, 0755) != 0)
         return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
                         "atmoe_tuning_save: cannot create the directory of "
