@@ -145,6 +145,8 @@ to_run run "$tmp/fifo" --input "$m/x.safetensors" --output "$tmp/y.safetensors"
 expect 1 "not a regular file" "atmoe run of a FIFO manifest"
 to_run run "$m/manifest.json" --input "$tmp/fifo" --output "$tmp/y.safetensors"
 expect 1 "not a regular file" "atmoe run of a FIFO input"
+to_run inspect "$tmp/fifo"
+expect 1 "not a regular file" "atmoe inspect of a FIFO"
 for f in adapter_config.json adapter_model.safetensors; do
     mkdir -p "$tmp/ad-$f"
     cp "$fx/peft/code/"* "$tmp/ad-$f/"
@@ -249,6 +251,22 @@ if [ "$(id -u)" -eq 0 ] && mkdir "$tmp/full" &&
 else
     echo "SKIP (not root, or no tmpfs mount here): a full file system"
 fi
+
+# --- atmoe run writes its output and trace both or neither: a destination
+# that cannot take the rename (a directory) is found before either moves.
+printf 'the old trace\n' > "$tmp/old-trace"
+cp "$tmp/old-trace" "$tmp/trace.safetensors"
+mkdir "$tmp/out-dir"
+to_run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/out-dir" \
+    --trace "$tmp/trace.safetensors"
+expect 1 "is a directory" "atmoe run with a directory as --output"
+cmp -s "$tmp/trace.safetensors" "$tmp/old-trace" ||
+    fail "atmoe run replaced the trace although the output could not be written"
+to_run run "$m/manifest.json" --input "$m/x.safetensors" \
+    --output "$tmp/y1.safetensors" --trace "$tmp/out-dir"
+expect 1 "is a directory" "atmoe run with a directory as --trace"
+[ -e "$tmp/y1.safetensors" ] && fail "atmoe run wrote the output although the trace could not be"
+ls "$tmp" | grep -q '\.tmp-' && fail "a failed atmoe run left a temporary file"
 
 # --- 6. kill -9 mid-write: the old file or the whole new one
 to_run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/new.safetensors"
