@@ -29,7 +29,7 @@ tune=./bench/atmoe-tune
 srcdir=${srcdir:-.}
 fx=$(cd "$srcdir/tests/fixtures" && pwd) || exit 99
 m="$fx/manifest"
-max_runs=${FAULT_MAX_RUNS:-24}
+max_runs=${FAULT_MAX_RUNS:-20}
 
 # shellcheck source=tests/testlib.sh
 . "$(dirname "$0")/testlib.sh"
@@ -85,11 +85,13 @@ run_scenario() {
     rc=$?
 }
 
-# points TOTAL: the N to sweep, 1..TOTAL, strided to about max_runs.
+# points TOTAL [MAX]: the N to sweep, 1..TOTAL, strided to about MAX
+# (max_runs unless given) runs.
 points() {
     step=1
-    if [ "$max_runs" -gt 0 ] && [ "$1" -gt "$max_runs" ]; then
-        step=$((($1 + max_runs - 1) / max_runs))
+    most=${2:-$max_runs}
+    if [ "$most" -gt 0 ] && [ "$1" -gt "$most" ]; then
+        step=$((($1 + most - 1) / most))
     fi
     n=1
     while [ "$n" -le "$1" ]; do
@@ -124,6 +126,35 @@ for s in context plan layer manifest tune; do
         runs=$((runs + 1))
     done
     echo "$s: $calls OpenCL calls, $allocs host allocations swept"
+done
+# The same through the atmoe command: a manifest run, writing its output
+# and trace, fails with exit status 1 and a message, writes both or
+# neither, and releases everything.
+cli_run() {
+    rm -f "$tmp/rep" "$tmp/cy.safetensors" "$tmp/ct.safetensors"
+    env LD_PRELOAD="$shim" CLSHIM_REPORT="$tmp/rep" "$@" "$atmoe" run \
+        "$m/manifest.json" --input "$m/x.safetensors" \
+        --output "$tmp/cy.safetensors" --trace "$tmp/ct.safetensors" \
+        > "$tmp/out" 2> "$tmp/err"
+    rc=$?
+}
+cli_run
+[ "$rc" -eq 0 ] || fail "atmoe run under the shim exited $rc"
+calls=$(sed -n 's/^calls=\([0-9]*\).*/\1/p' "$tmp/rep")
+for n in $(points "$calls" $((max_runs / 2))); do
+    cli_run CLSHIM_FAIL_AT="$n"
+    what="atmoe run, OpenCL call $n of $calls failing"
+    case $rc in
+    0) [ -f "$tmp/cy.safetensors" ] && [ -f "$tmp/ct.safetensors" ] ||
+        fail "$what: exit 0 without both files" ;;
+    1) grep -q "^atmoe[ :]" "$tmp/err" || fail "$what: exit 1 without a message"
+       [ -e "$tmp/cy.safetensors" ] || [ -e "$tmp/ct.safetensors" ] &&
+           fail "$what: a failed run left a file" ;;
+    *) fail "$what: exit status $rc (a signal or an abort)" ;;
+    esac
+    l=$(leaks_of "$tmp/rep")
+    [ -z "$l" ] || fail "$what: OpenCL objects never released: $l"
+    runs=$((runs + 1))
 done
 echo "fault sweeps: $runs runs"
 
