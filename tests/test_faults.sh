@@ -9,7 +9,9 @@
 #     FAULT_MAX_RUNS=0 sweeps every N), once failing that call alone and
 #     at a stride failing every call from it on; the shim's count of
 #     objects never released must be zero (CLBlast's own program cache
-#     excepted, which lives as long as the process).
+#     excepted, which lives as long as the process).  Then the same for
+#     `atmoe run` itself, which must also write its output and trace both
+#     or neither.
 #  2. Host allocations: ATMOE_TEST_FAIL_ALLOC=N over the same scenarios.
 #  3. FIFOs at every path the library reads, under a timeout.
 #  4. A group-writable and a foreign cache directory; corrupt cache
