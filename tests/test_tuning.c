@@ -787,8 +787,8 @@ START_TEST(test_set_params_errors)
                     ATMOE_STATUS_NOT_SUPPORTED);
     ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "local memory"));
     /* A 1024 x 1024 tile over 16 x 16 threads: valid in form, within the
-     * work-group size, no local memory, but 4096 accumulators a thread
-     * (issue 16: the first GEMM took minutes). */
+     * work-group size, no local memory, but far more of C than registers
+     * hold (issue 16: the first GEMM took minutes). */
     ck_assert_fails(
         atmoe_context_set_params(
             ctx, "{\"clblast\": {\"Xgemm\": {\"GEMMK\": 0, \"KREG\": 1, "
@@ -797,7 +797,18 @@ START_TEST(test_set_params_errors)
                  "\"NWG\": 1024, \"SA\": 0, \"SB\": 0, \"STRM\": 0, "
                  "\"STRN\": 0, \"VWM\": 1, \"VWN\": 1}}}"),
         ctx, ATMOE_STATUS_NOT_SUPPORTED);
-    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "accumulators"));
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "tile of C holds 1048576"));
+    /* 256 x 256 over 2 x 2 threads: within the bound on tiles, but 128 x
+     * 128 values a thread, past the 64 x 64 of CLBlast's tuner. */
+    ck_assert_fails(
+        atmoe_context_set_params(
+            ctx, "{\"clblast\": {\"Xgemm\": {\"GEMMK\": 1, \"KREG\": 1, "
+                 "\"KWG\": 1, \"KWI\": 1, \"MDIMA\": 2, \"MDIMC\": 2, "
+                 "\"MWG\": 256, \"NDIMB\": 2, \"NDIMC\": 2, "
+                 "\"NWG\": 256, \"SA\": 0, \"SB\": 0, \"STRM\": 0, "
+                 "\"STRN\": 0, \"VWM\": 1, \"VWN\": 1}}}"),
+        ctx, ATMOE_STATUS_NOT_SUPPORTED);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "16384 values of C"));
     /* Refused sets changed nothing. */
     json_t *p = params_of(ctx);
     ck_assert_uint_eq(json_object_size(json_object_get(p, "clblast")), 0);

@@ -220,30 +220,33 @@ static int check_clblast_set(const char *kernel, const json_t *set, char *err)
     return 0;
 }
 
-/* Accumulators of C a GEMM thread may hold in registers.  OpenCL reports
- * no register file, so the bound is the largest of CLBlast's own tuner
- * (16 x 16: tiles of 128 over 8 threads): a 1024 x 1024 tile over 16 x 16
- * threads holds 4096 a thread, spills them all to memory, and makes the
- * first GEMM take minutes. */
-#define MAX_THREAD_ACCUMULATORS 256
+/* The tile of C a GEMM work-group holds in registers, and its share a
+ * thread.  OpenCL reports no register file, so the bounds are CLBlast's
+ * own tuners' spaces with room to spare: tiles of at most 128 x 128 (here
+ * 256 x 256), at most 64 x 64 values a thread (GEMMK 1 over 2 x 2
+ * threads).  A 1024 x 1024 tile passes every other check, spills to
+ * memory, pads each matrix to its size, and makes the first GEMM take
+ * minutes. */
+#define MAX_TILE_VALUES (256 * 256)
+#define MAX_THREAD_VALUES (64 * 64)
 
 /* What a set asks of the device, which a file cannot be checked against:
- * threads per work-group, bytes of local memory, and registers a thread
- * (where the device's limit is not known, CLBlast's tuner's bound). */
+ * threads per work-group, bytes of local memory, and registers (whose
+ * limit no device reports: the bounds above). */
 static int check_on_device(const char *kernel, const json_t *s,
                            const atmoe_device_info *dev, char *err)
 {
-    json_int_t threads = 1, local = 0, acc = 0;
+    json_int_t threads = 1, local = 0, tile = 0;
     if (strcmp(kernel, "Xgemm") == 0) {
         threads = pv(s, "MDIMC") * pv(s, "NDIMC");
         local = 4 * pv(s, "KWG") *
                 (pv(s, "SA") * pv(s, "MWG") + pv(s, "SB") * pv(s, "NWG"));
-        acc = (pv(s, "MWG") / pv(s, "MDIMC")) * (pv(s, "NWG") / pv(s, "NDIMC"));
+        tile = pv(s, "MWG") * pv(s, "NWG");
     } else if (strcmp(kernel, "XgemmDirect") == 0) {
         threads = pv(s, "MDIMCD") * pv(s, "NDIMCD");
         local = 4 * pv(s, "WGD") *
                 (2 * pv(s, "WGD") + pv(s, "PADA") + pv(s, "PADB"));
-        acc = (pv(s, "WGD") / pv(s, "MDIMCD")) * (pv(s, "WGD") / pv(s, "NDIMCD"));
+        tile = pv(s, "WGD") * pv(s, "WGD");
     } else if (strcmp(kernel, "Copy") == 0) {
         threads = pv(s, "COPY_DIMX") * pv(s, "COPY_DIMY");
     } else if (strcmp(kernel, "Pad") == 0) {
@@ -265,11 +268,14 @@ static int check_on_device(const char *kernel, const json_t *s,
         return bad(err, "%s needs %lld bytes of local memory, more than %s "
                    "has (%llu)", kernel, (long long)local, dev->name,
                    (unsigned long long)dev->local_mem_bytes);
-    if (acc > MAX_THREAD_ACCUMULATORS)
-        return bad(err, "%s holds %lld accumulators a thread, more than the "
-                   "%d that fit in registers (a tile too large for its "
-                   "threads)", kernel, (long long)acc,
-                   MAX_THREAD_ACCUMULATORS);
+    if (tile > MAX_TILE_VALUES)
+        return bad(err, "%s's tile of C holds %lld values, more than the %d "
+                   "a work-group keeps in registers", kernel, (long long)tile,
+                   MAX_TILE_VALUES);
+    if (tile / threads > MAX_THREAD_VALUES)
+        return bad(err, "%s gives each thread %lld values of C, more than "
+                   "the %d that fit in its registers", kernel,
+                   (long long)(tile / threads), MAX_THREAD_VALUES);
     return 0;
 }
 
