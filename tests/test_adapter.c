@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -582,7 +583,7 @@ static void open_with_config(const char *dir, const char *config,
     if (st == ATMOE_STATUS_OK)
         atmoe_adapter_free(ad);
     else if (says)
-        ck_assert_ptr_nonnull(strstr(atmoe_errmsg(NULL), says));
+        ck_assert_msg(strstr(atmoe_errmsg(NULL), says) != NULL, "%s: \"%s\" lacks \"%s\"", config, atmoe_errmsg(NULL), says);
 }
 
 /* Inputs the review found mishandled: a lora tensor named by the key
@@ -647,6 +648,57 @@ START_TEST(test_odd_names_and_files)
     FAILS(atmoe_adapter_open(NULL, path, &ad), NULL, ATMOE_STATUS_IO_ERROR,
           "adapter_config.json");
     test_rmdir_r(dir);
+}
+END_TEST
+
+/* target_modules patterns are bounded: PEFT's own (alternations, \d+) pass,
+ * an automaton that would take gigabytes is refused at once with why. */
+START_TEST(test_pattern_bounds)
+{
+    char dir[4200];
+    test_mkdtemp(dir, sizeof dir, "adapter");
+    atmoe_adapter *ad;
+    OK(atmoe_adapter_new(NULL, &ad));
+    float a[4 * 6] = {0}, b[6 * 4] = {0};
+    OK(atmoe_adapter_set(ad, Q0, 2, 6, 6, a, b, 4, 0));
+    OK(atmoe_adapter_set(ad, V0, 2, 6, 6, a, b, 4, 0));
+    OK(atmoe_adapter_save(ad, dir, ATMOE_SAFETENSORS_F32));
+    atmoe_adapter_free(ad);
+
+    char long_pattern[1200];
+    memset(long_pattern, 'a', sizeof long_pattern - 1);
+    long_pattern[sizeof long_pattern - 1] = '\0';
+    static const struct {
+        const char *target; /* a JSON string's body */
+        atmoe_status status;
+        const char *says;
+    } cases[] = {
+        {".*\\\\.(q_proj|v_proj)$", ATMOE_STATUS_OK, ""},
+        {"^model\\\\.layers\\\\.\\\\d+\\\\.self_attn\\\\.(q|k|v|o)_proj$",
+         ATMOE_STATUS_OK, ""},
+        {"model\\\\.layers\\\\.[0-9]{1,3}\\\\.self_attn\\\\.(?:q|v)_proj",
+         ATMOE_STATUS_OK, ""},
+        {"(((.{0,255}){0,255}){0,255}){0,255}", ATMOE_STATUS_FORMAT_ERROR,
+         "counted repetitions"},
+        {"(.{0,200}){0,200}", ATMOE_STATUS_FORMAT_ERROR,
+         "counted repetitions"},
+        {"((a|b){0,50}(c{0,20}){0,20}){0,40}", ATMOE_STATUS_FORMAT_ERROR,
+         "counted repetitions"},
+        {NULL, ATMOE_STATUS_FORMAT_ERROR, "1199 bytes long"},
+    };
+    char config[2048];
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        snprintf(config, sizeof config,
+                 "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, "
+                 "\"target_modules\": \"%s\"}",
+                 cases[k].target ? cases[k].target : long_pattern);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        open_with_config(dir, config, cases[k].status, cases[k].says);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        ck_assert_msg(t1.tv_sec - t0.tv_sec < 2, "case %zu took %lds", k,
+                      (long)(t1.tv_sec - t0.tv_sec));
+    }
 }
 END_TEST
 
@@ -942,6 +994,7 @@ int main(void)
     tcase_add_test(tc, test_find);
     tcase_add_test(tc, test_refused);
     tcase_add_test(tc, test_patterns);
+    tcase_add_test(tc, test_pattern_bounds);
     tcase_add_test(tc, test_arguments);
     suite_add_tcase(s, tc);
     tc = tcase_create("save");

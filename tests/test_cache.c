@@ -696,6 +696,143 @@ START_TEST(test_kernel_dir_build_failure)
 }
 END_TEST
 
+/* ------------------------------------------------ trust and special files */
+
+/* Another user's uid for chown: only root can give files away, so the
+ * tests that need it check nothing for others. */
+#define OTHER_UID 65534
+
+/* A directory that group or others may write is not used, whether from the
+ * environment or through the API, and the log says why (issue 16). */
+START_TEST(test_group_writable_dir)
+{
+    char dir[PATH_MAX];
+    path_in(dir, sizeof dir, root, "shared");
+    ck_assert_int_eq(mkdir(dir, 0700), 0);
+    ck_assert_int_eq(chmod(dir, 0770), 0);
+    memset(&warned, 0, sizeof warned);
+    ck_assert_status(atmoe_log_set(record_warning, NULL, ATMOE_LOG_WARNING),
+                     NULL);
+    atmoe_context *ctx = context_on(dir);
+    ck_assert_msg(strstr(warned.last, "writable by group or others") != NULL,
+                  "warning: %s", warned.last);
+    ck_assert_int_eq(stats_of(ctx).disk_enabled, 0);
+    fill_ok(ctx, 1.5);
+    ck_assert_uint_eq(stats_of(ctx).disk_writes, 0);
+    ck_assert_fails(atmoe_context_set_cache_dir(ctx, dir), ctx,
+                    ATMOE_STATUS_IO_ERROR);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "group or others"));
+    /* Made private, it is used. */
+    ck_assert_int_eq(chmod(dir, 0700), 0);
+    ck_assert_status(atmoe_context_set_cache_dir(ctx, dir), ctx);
+    ck_assert_int_eq(stats_of(ctx).disk_enabled, 1);
+    atmoe_context_free(ctx);
+    ck_assert_int_eq(count_bins(dir, NULL, 0), 0);
+}
+END_TEST
+
+/* A directory of another user is not used; an entry of another user in
+ * our own directory (a forged one: right key, right checksum) is not
+ * run but rebuilt. */
+START_TEST(test_foreign_owner)
+{
+    if (geteuid() != 0)
+        return; /* cannot give a file away */
+    char dir[PATH_MAX], bin[PATH_MAX * 2];
+    path_in(dir, sizeof dir, root, "theirs");
+    ck_assert_int_eq(mkdir(dir, 0700), 0);
+    ck_assert_int_eq(chown(dir, OTHER_UID, OTHER_UID), 0);
+    memset(&warned, 0, sizeof warned);
+    ck_assert_status(atmoe_log_set(record_warning, NULL, ATMOE_LOG_WARNING),
+                     NULL);
+    atmoe_context *ctx = context_on(dir);
+    ck_assert_msg(strstr(warned.last, "not by this user") != NULL,
+                  "warning: %s", warned.last);
+    ck_assert_int_eq(stats_of(ctx).disk_enabled, 0);
+    atmoe_context_free(ctx);
+
+    path_in(dir, sizeof dir, root, "ours");
+    ctx = context_on(dir);
+    fill_ok(ctx, 1.0);
+    atmoe_context_free(ctx);
+    ck_assert_int_eq(count_bins(dir, bin, sizeof bin), 1);
+    ck_assert_int_eq(chown(bin, OTHER_UID, OTHER_UID), 0);
+    ctx = context_on(dir);
+    fill_ok(ctx, 2.0);
+    atmoe_cache_stats st = stats_of(ctx);
+    ck_assert_uint_eq(st.disk_hits, 0);
+    ck_assert_uint_eq(st.disk_rejected, 1);
+    ck_assert_uint_eq(st.builds, 1);
+    ck_assert_msg(strstr(warned.last, "not owned by this user") != NULL,
+                  "warning: %s", warned.last);
+    atmoe_context_free(ctx);
+    /* The rebuilt entry replaced it, and is ours. */
+    struct stat sb;
+    ck_assert_int_eq(stat(bin, &sb), 0);
+    ck_assert_uint_eq(sb.st_uid, geteuid());
+}
+END_TEST
+
+/* A FIFO or a directory at an entry's path is rejected at once, never
+ * waited on or read. */
+START_TEST(test_special_entry)
+{
+    char dir[PATH_MAX], bin[PATH_MAX * 2];
+    path_in(dir, sizeof dir, root, "c");
+    atmoe_context *ctx = context_on(dir);
+    fill_ok(ctx, 1.0);
+    atmoe_context_free(ctx);
+    ck_assert_int_eq(count_bins(dir, bin, sizeof bin), 1);
+    for (int k = 0; k < 2; k++) {
+        ck_assert_int_eq(unlink(bin), 0);
+        ck_assert_int_eq(k == 0 ? mkfifo(bin, 0600) : mkdir(bin, 0700), 0);
+        alarm(60); /* a hang fails the test instead of the run */
+        ctx = context_on(dir);
+        fill_ok(ctx, 2.0);
+        alarm(0);
+        atmoe_cache_stats st = stats_of(ctx);
+        ck_assert_uint_eq(st.disk_rejected, 1);
+        ck_assert_uint_eq(st.builds, 1);
+        atmoe_context_free(ctx);
+        if (k == 1)
+            ck_assert_int_eq(rmdir(bin), 0);
+    }
+}
+END_TEST
+
+/* A kernel source in ATMOE_KERNEL_DIR that is a FIFO or a directory is an
+ * I/O error that says what it is (a directory read as out of host memory
+ * before). */
+START_TEST(test_kernel_dir_special_file)
+{
+    char kdir[PATH_MAX], file[PATH_MAX * 2], cache[PATH_MAX];
+    write_kernel_dir(kdir, sizeof kdir, "special", NULL);
+    path_in(file, sizeof file, kdir, "tensor.cl");
+    path_in(cache, sizeof cache, root, "sc");
+    ck_assert_int_eq(setenv("ATMOE_KERNEL_DIR", kdir, 1), 0);
+    static const char *const says[] = {"not a regular file", "directory"};
+    for (int k = 0; k < 2; k++) {
+        ck_assert_int_eq(k == 0 ? mkfifo(file, 0600) : mkdir(file, 0700), 0);
+        atmoe_context *ctx = context_on(cache);
+        size_t shape[1] = {5};
+        atmoe_tensor *t = NULL;
+        ck_assert_status(atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 1, shape, &t),
+                         ctx);
+        alarm(60);
+        ck_assert_fails(atmoe_tensor_fill(t, 1.0), ctx,
+                        ATMOE_STATUS_IO_ERROR);
+        alarm(0);
+        ck_assert_msg(strstr(atmoe_errmsg(ctx), says[k]) != NULL,
+                      "message: %s", atmoe_errmsg(ctx));
+        ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), file));
+        atmoe_tensor_free(t);
+        atmoe_context_free(ctx);
+        ck_assert_int_eq(k == 0 ? unlink(file) : rmdir(file), 0);
+    }
+    unsetenv("ATMOE_KERNEL_DIR");
+}
+END_TEST
+
 static Suite *cache_suite(void)
 {
     Suite *s = suite_create("cache");
@@ -724,6 +861,14 @@ static Suite *cache_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_kernel_dir_override);
     tcase_add_test(tc, test_kernel_dir_build_failure);
+    tcase_add_test(tc, test_kernel_dir_special_file);
+    suite_add_tcase(s, tc);
+
+    tc = tcase_create("trust");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_group_writable_dir);
+    tcase_add_test(tc, test_foreign_owner);
+    tcase_add_test(tc, test_special_entry);
     suite_add_tcase(s, tc);
     return s;
 }

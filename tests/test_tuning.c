@@ -10,12 +10,15 @@
  * CK_FORK=no), and the lookup tests use "kernels" sections only (the
  * parameters of cl/linear.cl), which stay within their context. */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -839,6 +842,29 @@ START_TEST(test_set_params_errors)
     ck_assert_fails(atmoe_context_set_params(ctx, text), ctx,
                     ATMOE_STATUS_NOT_SUPPORTED);
     ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "local memory"));
+    /* A 1024 x 1024 tile over 16 x 16 threads: valid in form, within the
+     * work-group size, no local memory, but far more of C than registers
+     * hold (issue 16: the first GEMM took minutes). */
+    ck_assert_fails(
+        atmoe_context_set_params(
+            ctx, "{\"clblast\": {\"Xgemm\": {\"GEMMK\": 0, \"KREG\": 1, "
+                 "\"KWG\": 16, \"KWI\": 2, \"MDIMA\": 16, \"MDIMC\": 16, "
+                 "\"MWG\": 1024, \"NDIMB\": 16, \"NDIMC\": 16, "
+                 "\"NWG\": 1024, \"SA\": 0, \"SB\": 0, \"STRM\": 0, "
+                 "\"STRN\": 0, \"VWM\": 1, \"VWN\": 1}}}"),
+        ctx, ATMOE_STATUS_NOT_SUPPORTED);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "tile of C holds 1048576"));
+    /* 256 x 256 over 2 x 2 threads: within the bound on tiles, but 128 x
+     * 128 values a thread, past the 64 x 64 of CLBlast's tuner. */
+    ck_assert_fails(
+        atmoe_context_set_params(
+            ctx, "{\"clblast\": {\"Xgemm\": {\"GEMMK\": 1, \"KREG\": 1, "
+                 "\"KWG\": 1, \"KWI\": 1, \"MDIMA\": 2, \"MDIMC\": 2, "
+                 "\"MWG\": 256, \"NDIMB\": 2, \"NDIMC\": 2, "
+                 "\"NWG\": 256, \"SA\": 0, \"SB\": 0, \"STRM\": 0, "
+                 "\"STRN\": 0, \"VWM\": 1, \"VWN\": 1}}}"),
+        ctx, ATMOE_STATUS_NOT_SUPPORTED);
+    ck_assert_ptr_nonnull(strstr(atmoe_errmsg(ctx), "16384 values of C"));
     /* Refused sets changed nothing. */
     json_t *p = params_of(ctx);
     ck_assert_uint_eq(json_object_size(json_object_get(p, "clblast")), 0);
@@ -988,6 +1014,103 @@ START_TEST(test_save)
 }
 END_TEST
 
+/* A FIFO, a directory or a device where a database should be is an I/O
+ * error for the calls that read it and is ignored (logged) by a context,
+ * never waited on (issue 16: a FIFO as ATMOE_TUNING_FILE hung every
+ * command). */
+START_TEST(test_special_files)
+{
+    char fifo[4300], dir[4300];
+    snprintf(fifo, sizeof fifo, "%s/fifo.json", tmpdir);
+    snprintf(dir, sizeof dir, "%s/dir.json", tmpdir);
+    ck_assert_int_eq(mkfifo(fifo, 0600), 0);
+    ck_assert_int_eq(mkdir(dir, 0700), 0);
+    const char *const paths[] = {fifo, dir, "/dev/null"};
+    const char *const says[] = {"not a regular file", "directory",
+                                "not a regular file"};
+    const char *set = "{\"kernels\": {\"linear\": {\"SR\": 1}}}";
+    alarm(60); /* a hang fails the test instead of the run */
+    for (int k = 0; k < 3; k++) {
+        ck_assert_fails(atmoe_tuning_check(paths[k], NULL), NULL,
+                        ATMOE_STATUS_IO_ERROR);
+        ck_assert_msg(strstr(atmoe_errmsg(NULL), says[k]) != NULL,
+                      "message: %s", atmoe_errmsg(NULL));
+        ck_assert_fails(atmoe_tuning_save(paths[k], &dev, set), NULL,
+                        ATMOE_STATUS_IO_ERROR);
+        setenv("ATMOE_TUNING_FILE", paths[k], 1);
+        setenv("ATMOE_TUNING_SYSTEM_FILE", paths[(k + 1) % 3], 1);
+        logged[0] = '\0';
+        atmoe_context *ctx = test_context();
+        ck_assert_msg(strstr(logged, "is ignored") != NULL, "log: %s", logged);
+        atmoe_context_free(ctx);
+    }
+    alarm(0);
+    struct stat sb;
+    ck_assert_int_eq(stat(fifo, &sb), 0);
+    ck_assert(S_ISFIFO(sb.st_mode));
+}
+END_TEST
+
+/* Sets a file's modification time seconds ago. */
+static void age(const char *path, long seconds)
+{
+    struct timespec t[2];
+    clock_gettime(CLOCK_REALTIME, &t[0]);
+    t[0].tv_sec -= seconds;
+    t[1] = t[0];
+    ck_assert_int_eq(utimensat(AT_FDCWD, path, t, 0), 0);
+}
+
+/* A killed writer's temporary is removed by the next save to the same
+ * path; a live writer's, another path's and names not of the library's
+ * making are left alone (issue 16). */
+START_TEST(test_stale_temporaries)
+{
+    pid_t child = fork();
+    if (child == 0)
+        _exit(0);
+    ck_assert_int_eq(waitpid(child, NULL, 0), child);
+    long dead = (long)child, self = (long)getpid();
+    static const struct {
+        int pid;           /* 0: dead, 1: this process, 2: init */
+        const char *tail;  /* after "<path>" */
+        long age;          /* seconds */
+        int removed;
+    } cases[] = {
+        {0, ".atmoe-%ld-aB3dE9", 120, 1},         /* dead writer */
+        {0, ".atmoe-%ld-fresh1", 0, 0},           /* dead, but just written */
+        {1, ".atmoe-%ld-live01", 3600, 0},        /* a live writer */
+        {2, ".atmoe-%ld-pidRe1", 3 * 86400, 1},   /* a day untouched */
+        {0, ".atmoe-%ld-toolong1", 120, 0},       /* not our naming */
+        {0, ".backup", 120, 0},                   /* the user's own */
+    };
+    char target[4300], names[6][4400];
+    snprintf(target, sizeof target, "%s/t.json", tmpdir);
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        char tail[64];
+        long pid = cases[k].pid == 0 ? dead : cases[k].pid == 1 ? self : 1;
+        snprintf(tail, sizeof tail, cases[k].tail, pid);
+        snprintf(names[k], sizeof names[k], "%s%s", target, tail);
+        write_file(names[k], "partial");
+        age(names[k], cases[k].age);
+    }
+    char other[4400];
+    snprintf(other, sizeof other, "%s/u.json.atmoe-%ld-aB3dE9", tmpdir, dead);
+    write_file(other, "partial");
+    age(other, 120);
+    ck_assert_status(atmoe_tuning_save(target, &dev,
+                                       "{\"kernels\": {\"linear\": "
+                                       "{\"SR\": 1}}}"),
+                     NULL);
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++)
+        ck_assert_msg((access(names[k], F_OK) != 0) == cases[k].removed,
+                      "%s: %s", names[k],
+                      cases[k].removed ? "left" : "removed");
+    ck_assert_int_eq(access(other, F_OK), 0);
+    ck_assert_status(atmoe_tuning_check(target, NULL), NULL);
+}
+END_TEST
+
 static Suite *tuning_suite(void)
 {
     Suite *s = suite_create("tuning");
@@ -1005,6 +1128,8 @@ static Suite *tuning_suite(void)
     tcase_add_test(tc, test_lookup_order);
     tcase_add_test(tc, test_user_path);
     tcase_add_test(tc, test_save);
+    tcase_add_test(tc, test_special_files);
+    tcase_add_test(tc, test_stale_temporaries);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("apply");

@@ -287,6 +287,11 @@ static int inspect(int argc, char **argv)
     }
     if (S_ISDIR(sb.st_mode))
         return inspect_adapter(path);
+    /* Opening a FIFO to sniff its first byte would wait for a writer. */
+    if (!S_ISREG(sb.st_mode)) {
+        fprintf(stderr, "atmoe inspect: %s: not a regular file\n", path);
+        return EXIT_FAILED;
+    }
     /* An adapter named by its config file. */
     const char *base = strrchr(path, '/');
     base = base ? base + 1 : path;

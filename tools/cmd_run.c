@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -134,9 +135,30 @@ static char *temp_name(const char *path)
  * into place.  Two renames cannot be one step: the output goes last, so
  * that a failure between them leaves the old output with a new trace,
  * never a new output with a trace of an older run. */
+/* Whether a file may be renamed over path: absent or not a directory (a
+ * rename over a directory fails, and must not fail after the first one). */
+static int destination_ok(const char *path)
+{
+    struct stat sb;
+    if (stat(path, &sb) != 0 || !S_ISDIR(sb.st_mode))
+        return 1;
+    fprintf(stderr, "atmoe run: cannot write %s: it is a directory; nothing "
+            "written\n", path);
+    return 0;
+}
+
 static int rename_both(const char *from_out, const char *out,
                        const char *from_tr, const char *tr)
 {
+    /* Every destination checked before the first rename: both or
+     * neither. */
+    if (!destination_ok(out) || (tr && !destination_ok(tr)))
+        return EXIT_FAILED;
+    if (tr && strcmp(out, tr) == 0) {
+        fprintf(stderr, "atmoe run: --output and --trace name the same file "
+                "%s; nothing written\n", out);
+        return EXIT_FAILED;
+    }
     const char *from = from_tr, *to = tr;
     if (from_tr == NULL || rename(from_tr, tr) == 0) {
         if (rename(from_out, out) == 0)

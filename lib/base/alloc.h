@@ -17,4 +17,13 @@ void atm_free(void *p);
  * through the functions above since it started. */
 uint64_t atm_alloc_count(void);
 
+/* Tests only: makes the nth allocation of the process from now fail (0:
+ * none), and with persist every one after it too; the environment's
+ * ATMOE_TEST_FAIL_ALLOC=N (or N+) does the same from the start. */
+void atm_alloc_fail_at(uint64_t n, int persist);
+
+/* Allocations of the process through these functions since the start or
+ * the last atm_alloc_fail_at. */
+uint64_t atm_alloc_process_count(void);
+
 #endif

@@ -6,8 +6,14 @@
 
 #include <stdio.h>
 
-/* Opens a new temporary file beside path (its name goes to tmp, of
- * tmp_size bytes).  NULL with errno set on failure. */
+/* Bytes a temporary's name takes beyond its path's (and the NUL). */
+#define ATM_FILE_TMP_EXTRA 32
+
+/* Opens a new temporary file beside path, named <path>.atmoe-<pid>-XXXXXX
+ * (the name goes to tmp, of tmp_size >= strlen(path) + ATM_FILE_TMP_EXTRA
+ * bytes), after removing the stale temporaries of that naming a killed
+ * writer left for path (its pid dead and the file a minute unchanged, or
+ * a day unchanged).  NULL with errno set on failure. */
 FILE *atm_file_begin(const char *path, char *tmp, size_t tmp_size);
 
 /* Closes f and renames tmp over path; ok says whether everything written

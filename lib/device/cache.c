@@ -61,13 +61,39 @@ static int use_dir(atmoe_context *ctx, const char *dir, char *why)
                  "bytes); disk cache off", strlen(dir));
         return -1;
     }
-    /* Private: compiled programs are run without further checks than the
-     * key and checksum, so nobody else should write them. */
+    /* Private: compiled programs carry native code and are run without
+     * further checks than the key and checksum, so nobody else may write
+     * them.  As ssh does with ~/.ssh: the directory must be the user's own
+     * and writable by nobody else, or it is not used at all. */
     if (atm_mkdir_p(dir, 0700) != 0 || access(dir, W_OK | X_OK) != 0) {
         int e = errno;
         disable(ctx);
         snprintf(why, WHY_SIZE, "cannot use %s as the program cache: %s; "
                  "disk cache off", dir, strerror(e));
+        return -1;
+    }
+    struct stat sb;
+    if (stat(dir, &sb) != 0) {
+        int e = errno;
+        disable(ctx);
+        snprintf(why, WHY_SIZE, "cannot use %s as the program cache: %s; "
+                 "disk cache off", dir, strerror(e));
+        return -1;
+    }
+    if (sb.st_uid != geteuid()) {
+        disable(ctx);
+        snprintf(why, WHY_SIZE, "the program cache %s is owned by uid %ld, "
+                 "not by this user (uid %ld), and its programs would run as "
+                 "this user; disk cache off", dir, (long)sb.st_uid,
+                 (long)geteuid());
+        return -1;
+    }
+    if ((sb.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+        disable(ctx);
+        snprintf(why, WHY_SIZE, "the program cache %s is writable by group "
+                 "or others (mode %03o), who could replace its programs; "
+                 "disk cache off (chmod go-w to use it)", dir,
+                 (unsigned)(sb.st_mode & 0777));
         return -1;
     }
     snprintf(ctx->cache.dir, sizeof ctx->cache.dir, "%s", dir);
@@ -128,14 +154,24 @@ unsigned char *atm_cache_load(atmoe_context *ctx, const char *name,
 {
     char path[PATH_MAX + 64];
     entry_path(ctx, name, key, path, sizeof path);
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return NULL; /* a miss */
+    /* The regular-file open: a FIFO at an entry's path would block. */
+    FILE *f = atm_file_open_regular(path);
+    if (f == NULL) {
+        if (errno == ENOENT)
+            return NULL; /* a miss */
+        return reject(ctx, path, atm_file_strerror(errno), NULL, NULL);
+    }
 
     cache_header h;
     struct stat sb;
     size_t key_size = strlen(key);
-    if (fstat(fileno(f), &sb) != 0 || fread(&h, sizeof h, 1, f) != 1)
+    if (fstat(fileno(f), &sb) != 0)
+        return reject(ctx, path, strerror(errno), f, NULL);
+    /* Another user's entry in our directory (put there before it was
+     * ours, or by root) is not run. */
+    if (sb.st_uid != geteuid())
+        return reject(ctx, path, "not owned by this user", f, NULL);
+    if (fread(&h, sizeof h, 1, f) != 1)
         return reject(ctx, path, "shorter than its header", f, NULL);
     if (memcmp(h.magic, CACHE_MAGIC, sizeof h.magic) != 0)
         return reject(ctx, path, "not an atmoe cache file", f, NULL);
@@ -165,7 +201,7 @@ unsigned char *atm_cache_load(atmoe_context *ctx, const char *name,
 void atm_cache_store(atmoe_context *ctx, const char *name, const char *key,
                      const unsigned char *binary, size_t size)
 {
-    char path[PATH_MAX + 64], tmp[PATH_MAX + 80];
+    char path[PATH_MAX + 64], tmp[PATH_MAX + 64 + ATM_FILE_TMP_EXTRA];
     entry_path(ctx, name, key, path, sizeof path);
 
     cache_header h;

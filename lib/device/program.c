@@ -5,9 +5,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "base/alloc.h"
 #include "base/env.h"
+#include "base/file.h"
 #include "base/log.h"
 #include "device/program.h"
 
@@ -29,38 +31,41 @@ void atm_programs_init(atmoe_context *ctx)
 static atmoe_status read_override(atmoe_context *ctx, const char *path,
                                   char **text, size_t *size)
 {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
+    /* The regular-file open: a FIFO there would block, and a directory
+     * would read as a file of absurd size. */
+    size_t len = 0;
+    int fd = atm_file_open_fd(path, &len);
+    if (fd < 0)
         return errno == ENOENT ? ATMOE_STATUS_NOT_SUPPORTED
                                : atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
                                           "cannot open kernel source %s: %s",
-                                          path, strerror(errno));
+                                          path, atm_file_strerror(errno));
     atmoe_status st = ATMOE_STATUS_OK;
-    char *buf = NULL;
-    long len = -1;
-    if (fseek(f, 0, SEEK_END) == 0)
-        len = ftell(f);
-    if (len < 0 || fseek(f, 0, SEEK_SET) != 0) {
-        st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, "cannot read %s", path);
-        goto out;
-    }
-    buf = atm_malloc((size_t)len + 1);
+    char *buf = atm_malloc(len + 1);
     if (buf == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       "out of host memory reading %s", path);
         goto out;
     }
-    if (fread(buf, 1, (size_t)len, f) != (size_t)len) {
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, buf + got, len - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    if (got != len) {
         atm_free(buf);
-        buf = NULL;
         st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, "short read on %s", path);
         goto out;
     }
     buf[len] = '\0';
     *text = buf;
-    *size = (size_t)len;
+    *size = len;
 out:
-    fclose(f);
+    close(fd);
     return st;
 }
 

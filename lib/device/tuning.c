@@ -220,20 +220,33 @@ static int check_clblast_set(const char *kernel, const json_t *set, char *err)
     return 0;
 }
 
+/* The tile of C a GEMM work-group holds in registers, and its share a
+ * thread.  OpenCL reports no register file, so the bounds are CLBlast's
+ * own tuners' spaces with room to spare: tiles of at most 128 x 128 (here
+ * 256 x 256), at most 64 x 64 values a thread (GEMMK 1 over 2 x 2
+ * threads).  A 1024 x 1024 tile passes every other check, spills to
+ * memory, pads each matrix to its size, and makes the first GEMM take
+ * minutes. */
+#define MAX_TILE_VALUES (256 * 256)
+#define MAX_THREAD_VALUES (64 * 64)
+
 /* What a set asks of the device, which a file cannot be checked against:
- * threads per work-group and bytes of local memory. */
+ * threads per work-group, bytes of local memory, and registers (whose
+ * limit no device reports: the bounds above). */
 static int check_on_device(const char *kernel, const json_t *s,
                            const atmoe_device_info *dev, char *err)
 {
-    json_int_t threads = 1, local = 0;
+    json_int_t threads = 1, local = 0, tile = 0;
     if (strcmp(kernel, "Xgemm") == 0) {
         threads = pv(s, "MDIMC") * pv(s, "NDIMC");
         local = 4 * pv(s, "KWG") *
                 (pv(s, "SA") * pv(s, "MWG") + pv(s, "SB") * pv(s, "NWG"));
+        tile = pv(s, "MWG") * pv(s, "NWG");
     } else if (strcmp(kernel, "XgemmDirect") == 0) {
         threads = pv(s, "MDIMCD") * pv(s, "NDIMCD");
         local = 4 * pv(s, "WGD") *
                 (2 * pv(s, "WGD") + pv(s, "PADA") + pv(s, "PADB"));
+        tile = pv(s, "WGD") * pv(s, "WGD");
     } else if (strcmp(kernel, "Copy") == 0) {
         threads = pv(s, "COPY_DIMX") * pv(s, "COPY_DIMY");
     } else if (strcmp(kernel, "Pad") == 0) {
@@ -255,6 +268,14 @@ static int check_on_device(const char *kernel, const json_t *s,
         return bad(err, "%s needs %lld bytes of local memory, more than %s "
                    "has (%llu)", kernel, (long long)local, dev->name,
                    (unsigned long long)dev->local_mem_bytes);
+    if (tile > MAX_TILE_VALUES)
+        return bad(err, "%s's tile of C holds %lld values, more than the %d "
+                   "a work-group keeps in registers", kernel, (long long)tile,
+                   MAX_TILE_VALUES);
+    if (tile / threads > MAX_THREAD_VALUES)
+        return bad(err, "%s gives each thread %lld values of C, more than "
+                   "the %d that fit in its registers", kernel,
+                   (long long)(tile / threads), MAX_THREAD_VALUES);
     return 0;
 }
 
@@ -563,7 +584,7 @@ static int check_db(json_t *root, const char *file, char *err)
     return 0;
 }
 
-typedef enum load_result { LOAD_OK, LOAD_MISSING, LOAD_BAD } load_result;
+typedef enum load_result { LOAD_OK, LOAD_MISSING, LOAD_BAD, LOAD_IO } load_result;
 
 /* Reads and checks a database; the message says why on LOAD_BAD.
  * Leniently (for the databases a context reads), a fault in a "kernels"
@@ -572,11 +593,18 @@ static load_result load_db(const char *path, int lenient, json_t **root,
                            char *err)
 {
     *root = NULL;
-    struct stat sb;
-    if (stat(path, &sb) != 0 && (errno == ENOENT || errno == ENOTDIR))
-        return LOAD_MISSING;
+    /* The regular-file open: a FIFO at the path would block every
+     * context creation. */
+    FILE *f = atm_file_open_regular(path);
+    if (f == NULL) {
+        if (errno == ENOENT || errno == ENOTDIR)
+            return LOAD_MISSING;
+        bad(err, "cannot read: %s", atm_file_strerror(errno));
+        return LOAD_IO;
+    }
     json_error_t je;
-    json_t *r = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    json_t *r = json_loadf(f, JSON_REJECT_DUPLICATES, &je);
+    fclose(f);
     if (r == NULL) {
         bad(err, "line %d: %s", je.line, je.text);
         return LOAD_BAD;
@@ -637,6 +665,9 @@ ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries)
     if (r == LOAD_MISSING)
         return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
                         "atmoe_tuning_check: %s: no such file", path);
+    if (r == LOAD_IO)
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_check: %s: %s", path, err);
     if (r == LOAD_BAD)
         return atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
                         "atmoe_tuning_check: %s: %s", path, err);
@@ -648,7 +679,7 @@ ATMOE_API atmoe_status atmoe_tuning_check(const char *path, size_t *entries)
 
 static atmoe_status write_db(const char *path, json_t *root)
 {
-    char tmp[4096 + 16];
+    char tmp[4096 + ATM_FILE_TMP_EXTRA];
     if (atm_mkdir_parent(path, 0755) != 0)
         return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
                         "atmoe_tuning_save: cannot create the directory of "
@@ -718,6 +749,12 @@ ATMOE_API atmoe_status atmoe_tuning_save(const char *path,
     json_t *root = NULL;
     char err[ERR_SIZE];
     load_result r = load_db(path, 0, &root, err);
+    if (r == LOAD_IO) {
+        json_decref(set);
+        return atm_fail(NULL, ATMOE_STATUS_IO_ERROR,
+                        "atmoe_tuning_save: %s: %s; it is left as it is",
+                        path, err);
+    }
     if (r == LOAD_BAD) {
         json_decref(set);
         return atm_fail(NULL, ATMOE_STATUS_FORMAT_ERROR,
@@ -803,7 +840,9 @@ static json_t *load_logged(const char *path)
 {
     json_t *root = NULL;
     char err[ERR_SIZE];
-    if (path && *path && load_db(path, 1, &root, err) == LOAD_BAD)
+    load_result r =
+        path && *path ? load_db(path, 1, &root, err) : LOAD_MISSING;
+    if (r == LOAD_BAD || r == LOAD_IO)
         atm_log(ATMOE_LOG_WARNING, "tuning database %s is ignored: %s", path,
                 err);
     return root;

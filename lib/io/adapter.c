@@ -1155,7 +1155,7 @@ ATMOE_API atmoe_status atmoe_adapter_save(const atmoe_adapter *adapter,
                         "%s: %s is not a directory", fn, dir);
     char *cpath = join_path(dir, CONFIG_NAME);
     char *wpath = join_path(dir, WEIGHTS_NAME);
-    size_t tmp_size = cpath ? strlen(cpath) + 16 : 0;
+    size_t tmp_size = cpath ? strlen(cpath) + ATM_FILE_TMP_EXTRA : 0;
     char *tmp = atm_malloc(tmp_size ? tmp_size : 1);
     json_t *root = NULL;
     atmoe_safetensors_writer *w = NULL;

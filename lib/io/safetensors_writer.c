@@ -410,7 +410,7 @@ ATMOE_API atmoe_status atmoe_safetensors_writer_save(
     }
 
     atmoe_status st = ATMOE_STATUS_OK;
-    size_t tmp_size = strlen(path) + 8;
+    size_t tmp_size = strlen(path) + ATM_FILE_TMP_EXTRA;
     char *tmp = atm_malloc(tmp_size);
     FILE *f = tmp ? atm_file_begin(path, tmp, tmp_size) : NULL;
     if (tmp == NULL)
