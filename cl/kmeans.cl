@@ -4,7 +4,50 @@
  * Every matrix is dense row-major f32 with an element offset (a tensor may
  * start inside its buffer).  No kernel uses atomics: each output element
  * has one work-item that adds its terms in a fixed order, so a run gives
- * the same bits every time on a device. */
+ * the same bits every time on a device.
+ *
+ * The passes over the points walk rows in float8 steps (vload8, a scalar
+ * tail for D not a multiple of 8): explicit vectors that a CPU's SIMD units
+ * run as they are, where an implicit per-row loop would stay scalar. */
+
+inline float hsum8(float8 v)
+{
+    float4 h = v.lo + v.hi;
+    float2 q = h.lo + h.hi;
+    return q.x + q.y;
+}
+
+/* sum over j of a[j] b[j], a and b rows of d floats. */
+inline float dot_row(__global const float *a, __global const float *b,
+                     ulong d)
+{
+    float8 acc = 0.0f;
+    ulong j = 0;
+    for (; j + 8 <= d; j += 8)
+        acc = fma(vload8(0, a + j), vload8(0, b + j), acc);
+    float s = hsum8(acc);
+    for (; j < d; j++)
+        s = fma(a[j], b[j], s);
+    return s;
+}
+
+/* sum over j of (a[j] - b[j])^2. */
+inline float sqdist_row(__global const float *a, __global const float *b,
+                        ulong d)
+{
+    float8 acc = 0.0f;
+    ulong j = 0;
+    for (; j + 8 <= d; j += 8) {
+        float8 t = vload8(0, a + j) - vload8(0, b + j);
+        acc = fma(t, t, acc);
+    }
+    float s = hsum8(acc);
+    for (; j < d; j++) {
+        float t = a[j] - b[j];
+        s = fma(t, t, s);
+    }
+    return s;
+}
 
 /* out[n, j] = mean of tokens[n, l, j] over the l whose mask[n, l] is not
  * zero (every l without a mask).  The host has checked that every masked
@@ -41,10 +84,7 @@ __kernel void row_sqnorm(__global float *sq, __global const float *x,
     if (r >= n)
         return;
     x += x_offset + r * d;
-    float s = 0.0f;
-    for (ulong j = 0; j < d; j++)
-        s += x[j] * x[j];
-    sq[r] = s;
+    sq[r] = dot_row(x, x, d);
 }
 
 /* out[r, j] = x[r, j] / sqrt(sq[r]); out may be x. */
@@ -69,17 +109,62 @@ __kernel void seed_distance(__global float *dmin, __global const float *x,
     ulong r = get_global_id(0);
     if (r >= n)
         return;
-    x += x_offset + r * d;
-    cent += row * d;
-    float s = 0.0f;
-    for (ulong j = 0; j < d; j++) {
-        float t = x[j] - cent[j];
-        s += t * t;
-    }
+    float s = sqdist_row(x + x_offset + r * d, cent + row * d, d);
     dmin[r] = first ? s : fmin(dmin[r], s);
 }
 
-/* The assignment step after the GEMM dots = x C^T [n, k]: each point's
+/* dots [n, k] = x C^T, in blocks of 4 points by 4 centroids per
+ * work-item: each float8 step loads 8 vectors for 16 multiply-adds, which
+ * keeps a CPU core's FMA units busy rather than waiting on loads.  The
+ * block is spelled out in named variables (not arrays), which compilers
+ * keep in registers.  Rows and centroids past the end are clamped to the
+ * last (computed, not written). */
+#define DOT_FOR_BLOCK(X)                                                     \
+    X(0, 0) X(0, 1) X(0, 2) X(0, 3) X(1, 0) X(1, 1) X(1, 2) X(1, 3)          \
+    X(2, 0) X(2, 1) X(2, 2) X(2, 3) X(3, 0) X(3, 1) X(3, 2) X(3, 3)
+#define DOT_ZERO(p, q) float8 a##p##q = 0.0f;
+#define DOT_FMA(p, q) a##p##q = fma(x##p, y##q, a##p##q);
+#define DOT_STORE(p, q)                                                      \
+    {                                                                        \
+        float s = hsum8(a##p##q);                                            \
+        for (ulong t = j; t < d; t++)                                        \
+            s = fma(xr##p[t], cr##q[t], s);                                  \
+        if (r0 + p < n && c0 + q < k)                                        \
+            dots[dots_offset + (r0 + p) * k + c0 + q] = s;                   \
+    }
+__kernel void dots_blocked(__global float *dots, ulong dots_offset,
+                           __global const float *x, ulong x_offset,
+                           __global const float *cent, ulong cent_offset,
+                           ulong n, ulong k, ulong d)
+{
+    ulong g = get_global_id(0);
+    ulong blocks_c = (k + 3) / 4;
+    ulong r0 = g / blocks_c * 4, c0 = g % blocks_c * 4;
+    if (r0 >= n)
+        return;
+    x += x_offset;
+    cent += cent_offset;
+    __global const float *xr0 = x + min(r0 + 0, n - 1) * d;
+    __global const float *xr1 = x + min(r0 + 1, n - 1) * d;
+    __global const float *xr2 = x + min(r0 + 2, n - 1) * d;
+    __global const float *xr3 = x + min(r0 + 3, n - 1) * d;
+    __global const float *cr0 = cent + min(c0 + 0, k - 1) * d;
+    __global const float *cr1 = cent + min(c0 + 1, k - 1) * d;
+    __global const float *cr2 = cent + min(c0 + 2, k - 1) * d;
+    __global const float *cr3 = cent + min(c0 + 3, k - 1) * d;
+    DOT_FOR_BLOCK(DOT_ZERO)
+    ulong j = 0;
+    for (; j + 8 <= d; j += 8) {
+        float8 x0 = vload8(0, xr0 + j), x1 = vload8(0, xr1 + j);
+        float8 x2 = vload8(0, xr2 + j), x3 = vload8(0, xr3 + j);
+        float8 y0 = vload8(0, cr0 + j), y1 = vload8(0, cr1 + j);
+        float8 y2 = vload8(0, cr2 + j), y3 = vload8(0, cr3 + j);
+        DOT_FOR_BLOCK(DOT_FMA)
+    }
+    DOT_FOR_BLOCK(DOT_STORE)
+}
+
+/* The assignment step after the product dots = x C^T [n, k]: each point's
  * nearest centroid by ||c||^2 - 2 x.c (the lowest index among equals).
  * Its squared distance is then formed directly from the difference: the
  * expanded form loses to cancellation what the objective and the choice of
@@ -107,42 +192,50 @@ __kernel void assign_nearest(__global int *assign, ulong assign_offset,
         }
     }
     assign[assign_offset + r] = arg;
-    x += x_offset + r * d;
-    cent += cent_offset + (ulong)arg * d;
-    float s = 0.0f;
-    for (ulong j = 0; j < d; j++) {
-        float t = x[j] - cent[j];
-        s += t * t;
-    }
-    dist[r] = s;
+    dist[r] = sqdist_row(x + x_offset + r * d,
+                         cent + cent_offset + (ulong)arg * d, d);
 }
 
 /* The update step, first half: chunk p of `chunk` points adds its points
- * into partial[p, c, j] for their cluster c, and the work-item of column 0
- * counts them into pcount[p, c].  Each (p, j) belongs to one work-item,
- * which is what makes the sums deterministic without atomics. */
+ * into partial[p, c, j] for their cluster c, eight columns per work-item
+ * (fewer in the last block), and the work-item of the first block counts
+ * them into pcount[p, c].  Each (p, j) belongs to one work-item, which is
+ * what makes the sums deterministic without atomics. */
 __kernel void partial_sums(__global float *partial, __global int *pcount,
                            __global const float *x, ulong x_offset,
                            __global const int *assign, ulong n, ulong d,
                            ulong k, ulong chunk, ulong chunks)
 {
     ulong g = get_global_id(0);
-    if (g >= chunks * d)
+    ulong blocks = (d + 7) / 8;
+    if (g >= chunks * blocks)
         return;
-    ulong p = g / d, j = g % d;
-    __global float *sums = partial + p * k * d + j;
+    ulong p = g / blocks, j0 = g % blocks * 8;
+    ulong w = min((ulong)8, d - j0);
+    __global float *sums = partial + p * k * d + j0;
     __global int *counts = pcount + p * k;
-    for (ulong c = 0; c < k; c++)
-        sums[c * d] = 0.0f;
-    if (j == 0)
+    for (ulong c = 0; c < k; c++) {
+        if (w == 8)
+            vstore8((float8)0.0f, 0, sums + c * d);
+        else
+            for (ulong t = 0; t < w; t++)
+                sums[c * d + t] = 0.0f;
+    }
+    if (j0 == 0)
         for (ulong c = 0; c < k; c++)
             counts[c] = 0;
     ulong begin = p * chunk, end = min(begin + chunk, n);
-    x += x_offset + j;
+    x += x_offset + j0;
     for (ulong r = begin; r < end; r++) {
         int c = assign[r];
-        sums[(ulong)c * d] += x[r * d];
-        if (j == 0)
+        __global float *s = sums + (ulong)c * d;
+        __global const float *xr = x + r * d;
+        if (w == 8)
+            vstore8(vload8(0, s) + vload8(0, xr), 0, s);
+        else
+            for (ulong t = 0; t < w; t++)
+                s[t] += xr[t];
+        if (j0 == 0)
             counts[c]++;
     }
 }

@@ -5,9 +5,10 @@
 # means, the scores the dot products, the same bytes for the same seed),
 # and its errors: bad options, more clusters than points, an empty or
 # missing tensor, NaN and zero-norm embeddings, Ctrl-C.  No failed run may
-# leave an output or a temporary file behind.  Inputs are written and
-# outputs read by python3's standard library (skipped without it); exit 77
-# (a skip) when there is no OpenCL device.
+# leave an output or a temporary file behind.  Then atmoe-kmeans-bench at
+# its small scale, with scikit-learn when it is installed.  Inputs are
+# written and outputs read by python3's standard library (skipped without
+# it); exit 77 (a skip) when there is no OpenCL device.
 set -u
 
 tool=./tools/atmoe
@@ -203,5 +204,24 @@ wait $pid
 rc=$?
 expect 1 "interrupted; $tmp/bad.safetensors not written" "Ctrl-C" err
 nofile "Ctrl-C"
+
+# --- the bench at its small scale, and its peer when scikit-learn is there
+bench=./bench/atmoe-kmeans-bench
+"$bench" --scale small --iterations 3 > "$tmp/out" 2> "$tmp/err"
+rc=$?
+expect 0 "s per iteration" "atmoe-kmeans-bench --scale small" out
+grep -q "read ceiling [0-9.]* GB/s" "$tmp/out" ||
+    fail "atmoe-kmeans-bench reports no read ceiling"
+"$bench" --k 0 > "$tmp/out" 2> "$tmp/err"
+rc=$?
+expect 2 "--k '0' must be an integer" "atmoe-kmeans-bench --k 0" err
+if /usr/bin/python3 -c 'import sklearn' > /dev/null 2>&1; then
+    "$bench" --scale small --iterations 3 --peer sklearn > "$tmp/out" \
+        2> "$tmp/err"
+    rc=$?
+    expect 0 "sklearn / atmoe per iteration" "atmoe-kmeans-bench --peer" out
+else
+    echo "SKIP (part): no scikit-learn, --peer sklearn is not checked"
+fi
 
 finish "atmoe cluster"
