@@ -143,11 +143,12 @@ static int on_iteration(const atmoe_kmeans_progress *p, void *user)
 }
 
 /* The device's read bandwidth, measured as atmoe-bench measures it: the
- * read_bandwidth kernel of bench/ceilings.cl over a buffer of 1 GiB (less
+ * read_bandwidth kernel of bench/ceilings.cl over a buffer twice the
+ * points' size, at least 256 MiB (past any cache) and at most 1 GiB (less
  * where the device holds less), 8 work-groups per compute unit of 256 or
  * 1 work-items, whichever runs faster, the best of five timed runs after
  * a warm-up.  Bytes per second, or NaN with errbuf set. */
-static double read_gbs(const atmoe_device_info *info)
+static double read_gbs(const atmoe_device_info *info, uint64_t points)
 {
     cl_platform_id plats[16];
     cl_uint np = 0;
@@ -198,7 +199,11 @@ static double read_gbs(const atmoe_device_info *info)
     if (!err)
         err = clBuildProgram(prog, 1, &dev, "-DVEC=4", NULL, NULL);
     cl_kernel k = err ? NULL : clCreateKernel(prog, "read_bandwidth", &err);
-    uint64_t bytes = (uint64_t)1 << 30;
+    uint64_t bytes = 2 * points;
+    if (bytes < (uint64_t)256 << 20)
+        bytes = (uint64_t)256 << 20;
+    if (bytes > (uint64_t)1 << 30)
+        bytes = (uint64_t)1 << 30;
     if (bytes > info->max_alloc_bytes)
         bytes = info->max_alloc_bytes;
     if (bytes > info->global_mem_bytes / 2)
@@ -382,7 +387,7 @@ int main(int argc, char **argv)
     if ((st = atmoe_kmeans(ctx, tx, &ko, tc, NULL, &r)))
         goto fail;
     t1 = now_s();
-    double gbs = read_gbs(&info);
+    double gbs = read_gbs(&info, (uint64_t)o.n * o.d * 4);
     if (isnan(gbs))
         fprintf(stderr, "atmoe-kmeans-bench: no read ceiling: %s\n",
                 errbuf);
