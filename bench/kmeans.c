@@ -387,14 +387,27 @@ int main(int argc, char **argv)
     if ((st = atmoe_kmeans(ctx, tx, &ko, tc, NULL, &r)))
         goto fail;
     t1 = now_s();
-    double gbs = read_gbs(&info, (uint64_t)o.n * o.d * 4);
-    if (isnan(gbs))
-        fprintf(stderr, "atmoe-kmeans-bench: no read ceiling: %s\n",
-                errbuf);
     /* Between the first and the last iteration's callbacks: whole
      * iterations, without the setup and the first assignment. */
     double per_it = t.count > 1 ? (t.t[t.count - 1] - t.t[0]) / (t.count - 1)
                                 : (t1 - t0) / (t.count ? t.count : 1);
+    unsigned timed = t.count;
+    /* k-means++ seeding, once: a run of one iteration from the seeds; its
+     * first callback comes after the seeding, the first assignment and
+     * one iteration. */
+    atmoe_kmeans_options so = ko;
+    so.init_given = 0;
+    so.max_iterations = 1;
+    so.seed = 1;
+    t.count = 0;
+    double s0 = now_s();
+    if ((st = atmoe_kmeans(ctx, tx, &so, tc, NULL, NULL)))
+        goto fail;
+    double seeding = t.t[0] - s0 - per_it;
+    double gbs = read_gbs(&info, (uint64_t)o.n * o.d * 4);
+    if (isnan(gbs))
+        fprintf(stderr, "atmoe-kmeans-bench: no read ceiling: %s\n",
+                errbuf);
     double min_bytes = (double)o.n * o.d * 4;
     double eff = min_bytes / per_it / 1e9;
     printf("device          %s (%u compute units)\n", info.name,
@@ -403,8 +416,10 @@ int main(int argc, char **argv)
            o.scale);
     printf("atmoe           %u iteration(s)%s, %.4f s per iteration "
            "(%.3f s the whole call), objective %.9g\n",
-           r.iterations, r.converged ? " (converged)" : "", per_it, t1 - t0,
+           timed, r.converged ? " (converged)" : "", per_it, t1 - t0,
            r.objective);
+    printf("seeding         k-means++ %.3f s (%zu passes over the points, "
+           "and the first assignment)\n", seeding, o.k - 1);
     printf("bandwidth       %.2f GB/s of the points read once per "
            "iteration (%.0f MB), read ceiling %.2f GB/s: %.1f%%\n",
            eff, min_bytes / 1e6, gbs, 100.0 * eff / gbs);
