@@ -62,11 +62,10 @@ __kernel void pool_mean(__global float *out, ulong out_offset,
         return;
     ulong row = g / d, j = g % d;
     tokens += tokens_offset + row * l * d + j;
-    mask += mask_offset + row * l;
     float sum = 0.0f;
     uint kept = 0;
     for (ulong t = 0; t < l; t++) {
-        if (has_mask && mask[t] == 0)
+        if (has_mask && mask[mask_offset + row * l + t] == 0)
             continue;
         sum += tokens[t * d];
         kept++;

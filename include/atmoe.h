@@ -1238,7 +1238,8 @@ typedef struct atmoe_kmeans_options {
     int normalize;           /* L2-normalise the points first (into a copy;
                                 zero-norm rows are then an error) */
     int init_given;          /* start from the centroids passed in instead
-                                of k-means++ (restarts must be 1) */
+                                of k-means++ (restarts must be 1; they must
+                                be finite) */
     atmoe_kmeans_progress_fn progress; /* may be NULL */
     void *user;
 } atmoe_kmeans_options;

@@ -746,6 +746,10 @@ START_TEST(test_kmeans_refusals)
     o.restarts = 2;
     ck_assert_fails_with(atmoe_kmeans(ctx, tx, &o, tc, NULL, NULL), ctx,
                          ATMOE_STATUS_INVALID_ARGUMENT, "restarts must be 1");
+    o.restarts = 1;
+    ck_assert_fails_with(atmoe_kmeans(ctx, tx, &o, tc, NULL, NULL), ctx,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "row 0 of centroids is not finite");
     o.init_given = 0;
     ck_assert_fails(atmoe_kmeans(ctx, tx, NULL, tc, NULL, NULL), ctx,
                     ATMOE_STATUS_NULL_POINTER);

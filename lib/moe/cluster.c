@@ -701,6 +701,10 @@ ATMOE_API atmoe_status atmoe_kmeans(atmoe_context *ctx,
         x.offset = w.x_off;
         st = checked_sqnorms(ctx, fn, "points", &x, w.xsq, w.hdist, 0);
     }
+    /* Given centroids with a NaN would attract no point and never move. */
+    if (st == ATMOE_STATUS_OK && options->init_given)
+        st = checked_sqnorms(ctx, fn, "centroids", centroids, w.csq, w.hdist,
+                             0);
     if (st == ATMOE_STATUS_OK && options->init_given)
         st = copy_buffer(ctx, centroids->buffer, centroids->offset * 4,
                          w.cent, 0, k * d * 4);
