@@ -14,9 +14,10 @@
  * The bandwidth figure is the least an iteration must move, the points
  * read once (N D 4 bytes), over the measured seconds, as a fraction of the
  * device's read bandwidth, measured with atmoe-bench's own kernel
- * (bench/ceilings.cl).  An iteration reads the points three times (the
- * product x C^T, the distances to the chosen centroids, the sums), so
- * 33% of the ceiling is what it could reach if it were bound by memory. */
+ * (bench/ceilings.cl).  An iteration reads the points twice (the fused
+ * assignment, then the sums), so 50% of the ceiling is what it could
+ * reach if it were bound by memory; at K = 32 its FLOPs bind it first on
+ * a CPU. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>

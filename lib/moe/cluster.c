@@ -310,6 +310,31 @@ static atmoe_status dots(atmoe_context *ctx, cl_mem out, cl_ulong out_off,
     return atm_launch_1d(ctx, kd, items, "dots_blocked", NULL);
 }
 
+/* The assignment in one pass (assign_blocked): assign [n] (i32, at
+ * assign_off) the nearest centroid of each point, dist [n] its squared
+ * distance; csq holds the centroids' squared norms. */
+static atmoe_status assign_pass(atmoe_context *ctx, cl_kernel a,
+                                cl_mem assign, cl_ulong assign_off,
+                                cl_mem dist, cl_mem x, cl_ulong x_off,
+                                cl_mem cent, cl_ulong cent_off, cl_mem csq,
+                                cl_ulong n, cl_ulong k, cl_ulong d)
+{
+    cl_int err = SET_ARG(a, 0, assign);
+    err |= SET_ARG(a, 1, assign_off);
+    err |= SET_ARG(a, 2, dist);
+    err |= SET_ARG(a, 3, x);
+    err |= SET_ARG(a, 4, x_off);
+    err |= SET_ARG(a, 5, cent);
+    err |= SET_ARG(a, 6, cent_off);
+    err |= SET_ARG(a, 7, csq);
+    err |= SET_ARG(a, 8, n);
+    err |= SET_ARG(a, 9, k);
+    err |= SET_ARG(a, 10, d);
+    if (err != CL_SUCCESS)
+        return arg_fail(ctx, "assign_blocked");
+    return atm_launch_1d(ctx, a, (n + 3) / 4, "assign_blocked", NULL);
+}
+
 /* SplitMix64 (Steele, Lea and Flood 2014), the generator documented in
  * atmoe.h: a test can draw the same numbers. */
 static uint64_t mix64(uint64_t z)
@@ -337,7 +362,6 @@ typedef struct kmeans_work {
     cl_mem xsq;    /* [n] ||x||^2, read back to check the points */
     cl_mem cent;   /* [k, d] the run's centroids */
     cl_mem csq;    /* [k] */
-    cl_mem dots;   /* [n, k] x C^T */
     cl_mem assign; /* [n] i32 */
     cl_mem dist;   /* [n] squared distance to the assigned centroid */
     cl_mem partial, pcount, counts;
@@ -349,9 +373,9 @@ typedef struct kmeans_work {
 
 static void work_release(kmeans_work *w)
 {
-    cl_mem *bufs[] = {&w->x,       &w->xsq,    &w->cent,   &w->csq,
-                      &w->dots,    &w->assign, &w->dist,   &w->partial,
-                      &w->pcount,  &w->counts, &w->best,   &w->best_assign};
+    cl_mem *bufs[] = {&w->x,      &w->xsq,     &w->cent,   &w->csq,
+                      &w->assign, &w->dist,    &w->partial, &w->pcount,
+                      &w->counts, &w->best,    &w->best_assign};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (*bufs[i])
             clReleaseMemObject(*bufs[i]);
@@ -373,7 +397,7 @@ static atmoe_status work_init(kmeans_work *w)
         size_t bytes;
     } need[] = {
         {&w->xsq, n * 4},         {&w->cent, k * d * 4},
-        {&w->csq, k * 4},         {&w->dots, n * k * 4},
+        {&w->csq, k * 4},
         {&w->assign, n * 4},      {&w->dist, n * 4},
         {&w->partial, w->chunks * k * d * 4},
         {&w->pcount, w->chunks * k * 4},
@@ -395,7 +419,7 @@ static atmoe_status work_init(kmeans_work *w)
     if (!st)
         st = kernel(ctx, "row_sqnorm", &w->k_sqnorm);
     if (!st)
-        st = kernel(ctx, "assign_nearest", &w->k_assign);
+        st = kernel(ctx, "assign_blocked", &w->k_assign);
     if (!st)
         st = kernel(ctx, "partial_sums", &w->k_partial);
     if (!st)
@@ -488,26 +512,8 @@ static atmoe_status assign_step(kmeans_work *w, double *objective)
     atmoe_status st = atm_launch_1d(ctx, q, w->k, "row_sqnorm", NULL);
     if (st != ATMOE_STATUS_OK)
         return st;
-    st = dots(ctx, w->dots, 0, w->x, w->x_off, w->cent, 0, n, k, d);
-    if (st != ATMOE_STATUS_OK)
-        return st;
-    cl_kernel a = w->k_assign;
-    err = SET_ARG(a, 0, w->assign);
-    err |= SET_ARG(a, 1, zero);
-    err |= SET_ARG(a, 2, w->dist);
-    err |= SET_ARG(a, 3, w->dots);
-    err |= SET_ARG(a, 4, zero);
-    err |= SET_ARG(a, 5, w->csq);
-    err |= SET_ARG(a, 6, w->x);
-    err |= SET_ARG(a, 7, w->x_off);
-    err |= SET_ARG(a, 8, w->cent);
-    err |= SET_ARG(a, 9, zero);
-    err |= SET_ARG(a, 10, n);
-    err |= SET_ARG(a, 11, k);
-    err |= SET_ARG(a, 12, d);
-    if (err != CL_SUCCESS)
-        return arg_fail(ctx, "assign_nearest");
-    st = atm_launch_1d(ctx, a, w->n, "assign_nearest", NULL);
+    st = assign_pass(ctx, w->k_assign, w->assign, 0, w->dist, w->x,
+                     w->x_off, w->cent, 0, w->csq, n, k, d);
     if (st == ATMOE_STATUS_OK)
         st = read_buffer(ctx, w->dist, 0, w->hdist, w->n * sizeof(float),
                          w->fn);
@@ -541,8 +547,8 @@ static atmoe_status update_step(kmeans_work *w, size_t *reseeded)
     err |= SET_ARG(p, 9, chunks);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "partial_sums");
-    atmoe_status st = atm_launch_1d(ctx, p, w->chunks * ((w->d + 7) / 8),
-                                    "partial_sums", NULL);
+    atmoe_status st = atm_launch_1d_local(ctx, p, w->chunks, 1,
+                                          "partial_sums", NULL);
     if (st != ATMOE_STATUS_OK)
         return st;
     cl_kernel f = w->k_finish;
@@ -788,34 +794,36 @@ ATMOE_API atmoe_status atmoe_kmeans_assign(atmoe_context *ctx,
     } need[] = {{&w.xsq, n * 4}, {&w.csq, k * 4}, {&w.dist, n * 4}};
     for (size_t i = 0; i < sizeof need / sizeof need[0] && !st; i++)
         st = atm_buffer_new(ctx, need[i].bytes, need[i].buf, fn);
-    if (!st && scores == NULL)
-        st = atm_buffer_new(ctx, n * k * 4, &w.dots, fn);
     if (!st && assignments == NULL)
         st = atm_buffer_new(ctx, n * 4, &w.assign, fn);
     if (!st)
         st = checked_sqnorms(ctx, fn, "points", points, w.xsq, hsq, 0);
     if (!st)
         st = checked_sqnorms(ctx, fn, "centroids", centroids, w.csq, hsq, 0);
-    cl_mem out = scores ? scores->buffer : w.dots;
-    cl_ulong dots_off = scores ? scores->offset : 0;
     cl_mem assign = assignments ? assignments->buffer : w.assign;
     cl_ulong assign_off = assignments ? assignments->offset : 0;
-    if (!st) {
-        st = dots(ctx, out, dots_off, points->buffer, points->offset,
-                  centroids->buffer, centroids->offset, n, k, d);
-    }
-    if (!st) {
-        cl_kernel a;
-        cl_ulong cn = n, ck = k;
-        st = kernel(ctx, "assign_nearest", &a);
+    cl_ulong xoff = points->offset, coff = centroids->offset, cn = n, ck = k,
+             cd = d;
+    cl_kernel a;
+    if (!st && scores == NULL) {
+        /* Assignments alone: one pass, no [N, K] matrix. */
+        st = kernel(ctx, "assign_blocked", &a);
+        if (!st)
+            st = assign_pass(ctx, a, assign, assign_off, w.dist,
+                             points->buffer, xoff, centroids->buffer, coff,
+                             w.csq, cn, ck, cd);
+    } else if (!st) {
+        cl_ulong soff = scores->offset;
+        st = dots(ctx, scores->buffer, soff, points->buffer, xoff,
+                  centroids->buffer, coff, n, k, d);
+        if (!st)
+            st = kernel(ctx, "assign_nearest", &a);
         if (!st) {
             cl_int err = SET_ARG(a, 0, assign);
             err |= SET_ARG(a, 1, assign_off);
             err |= SET_ARG(a, 2, w.dist);
-            err |= SET_ARG(a, 3, out);
-            err |= SET_ARG(a, 4, dots_off);
-            cl_ulong xoff = points->offset, coff = centroids->offset,
-                     cd = d;
+            err |= SET_ARG(a, 3, scores->buffer);
+            err |= SET_ARG(a, 4, soff);
             err |= SET_ARG(a, 5, w.csq);
             err |= SET_ARG(a, 6, points->buffer);
             err |= SET_ARG(a, 7, xoff);
