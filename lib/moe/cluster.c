@@ -23,8 +23,11 @@
 
 #define PROGRAM "kmeans"
 #define DEFAULT_ITERATIONS 100
-/* Points per chunk of the update's partial sums: enough chunks to fill a
- * device, few enough that the partial sums stay small next to the data. */
+/* The update's partial sums: one work-item per chunk of at least
+ * CHUNK_POINTS points, which streams its rows once; up to MAX_CHUNKS of
+ * them keep a CPU's cores busy while their sums (MAX_CHUNKS K D floats)
+ * stay small next to the points.  A GPU would want more, narrower
+ * work-items (left to a tuned parameter). */
 #define CHUNK_POINTS 256
 #define MAX_CHUNKS 64
 
@@ -547,6 +550,7 @@ static atmoe_status update_step(kmeans_work *w, size_t *reseeded)
     err |= SET_ARG(p, 9, chunks);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "partial_sums");
+    /* Work-groups of one, so that the chunks spread over the cores. */
     atmoe_status st = atm_launch_1d_local(ctx, p, w->chunks, 1,
                                           "partial_sums", NULL);
     if (st != ATMOE_STATUS_OK)
