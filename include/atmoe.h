@@ -73,7 +73,8 @@ ATMOE_API const char *atmoe_version(void);
     X(WRONG_CONTEXT, "objects belong to different contexts")                  \
     X(NUMERIC_ERROR, "a result differs from its reference")                \
     X(NOT_FOUND, "no tensor, key or file of that name")                       \
-    X(NOT_FINITE, "a loss or gradient is NaN or infinite")
+    X(NOT_FINITE, "a loss or gradient is NaN or infinite")                    \
+    X(CANCELLED, "stopped at the caller's request")
 
 typedef enum atmoe_status {
 #define ATMOE_STATUS_ENUM_(name, text) ATMOE_STATUS_##name,
@@ -1429,6 +1430,119 @@ ATMOE_API atmoe_status atmoe_optimizer_save(atmoe_optimizer *opt,
  * optimiser's own. */
 ATMOE_API atmoe_status atmoe_optimizer_load(atmoe_optimizer *opt,
                                             const char *path);
+
+/* ------------------------------------------------------------------------ */
+/* Clustering                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Instruction embeddings and their k-means clustering on the device, the
+ * intuition router's centroids (SPEC section 4).  These calls work on
+ * tensors, not graphs: k-means decides between its device passes (random
+ * draws, convergence, empty clusters), which a planned graph cannot.  Every
+ * matrix is a contiguous f32 tensor; every call is a use of the tensors'
+ * context and waits for its result.  The device passes add in a fixed
+ * order (no atomics), so a call gives the same bits on the same device
+ * every time. */
+
+/* out [N, D] = the mean of tokens [N, L, D] over the positions l whose
+ * mask [N, L] (i32; NULL: every position) is not zero.  A row whose mask
+ * keeps no token is an INVALID_ARGUMENT naming the row. */
+ATMOE_API atmoe_status atmoe_embeddings_pool(atmoe_context *ctx,
+                                             const atmoe_tensor *tokens,
+                                             const atmoe_tensor *mask,
+                                             atmoe_tensor *out);
+
+/* dst [N, D] = each row of src [N, D] over its L2 norm; dst may be src.  A
+ * row of zero norm or with a NaN or infinite element is an
+ * INVALID_ARGUMENT naming the first such row (dst is then unchanged). */
+ATMOE_API atmoe_status atmoe_embeddings_normalize(atmoe_context *ctx,
+                                                  const atmoe_tensor *src,
+                                                  atmoe_tensor *dst);
+
+/* Where a k-means run stands after a Lloyd iteration. */
+typedef struct atmoe_kmeans_progress {
+    unsigned restart;   /* from 0 */
+    unsigned iteration; /* from 1, within the restart */
+    double objective;   /* sum of squared distances to the centroids */
+    double change;      /* (previous - objective) / previous */
+    size_t reseeded;    /* empty clusters re-seeded in this iteration */
+} atmoe_kmeans_progress;
+
+/* Called after every iteration; a non-zero return stops the run, which
+ * then returns ATMOE_STATUS_CANCELLED with its outputs unwritten. */
+typedef int (*atmoe_kmeans_progress_fn)(const atmoe_kmeans_progress *p,
+                                        void *user);
+
+typedef struct atmoe_kmeans_options {
+    size_t k;                /* clusters, 1 to N */
+    uint64_t seed;           /* of the k-means++ draws */
+    unsigned restarts;       /* runs from new seeds, best kept; 0 means 1 */
+    unsigned max_iterations; /* Lloyd iterations per run; 0 means 100 */
+    double tolerance;        /* stop when the objective's relative decrease
+                                is at most this (0: until it stops
+                                decreasing) */
+    int normalize;           /* L2-normalise the points first (into a copy;
+                                zero-norm rows are then an error) */
+    int init_given;          /* start from the centroids passed in instead
+                                of k-means++ (restarts must be 1; they must
+                                be finite) */
+    atmoe_kmeans_progress_fn progress; /* may be NULL */
+    void *user;
+} atmoe_kmeans_options;
+
+typedef struct atmoe_kmeans_result {
+    double objective;      /* of the best run */
+    unsigned iterations;   /* of the best run */
+    unsigned restarts;     /* runs completed */
+    unsigned best_restart; /* from 0 */
+    size_t reseeded;       /* empty clusters re-seeded in the best run */
+    int converged;         /* the best run met the tolerance */
+} atmoe_kmeans_result;
+
+/* k-means of points [N, D] into centroids [K, D] (K = options->k), and
+ * optionally each point's cluster into assignments (i32 [N], may be NULL).
+ * Seeding is k-means++: run r draws from SplitMix64 started at
+ * mix(seed + (r + 1) * 0x9e3779b97f4a7c15) (mix being SplitMix64's output
+ * function), one uniform u = (draw >> 11) * 2^-53 per centroid: the first
+ * is point floor(u N), each next the first point whose running sum of
+ * squared distances to the nearest chosen centroid exceeds u times their
+ * total.  A Lloyd iteration updates the centroids to the means of their
+ * points, re-seeds each empty cluster (in index order) with the point
+ * farthest from its centroid not yet taken, and assigns every point to its
+ * nearest centroid (lowest index among equals).  Points with a NaN or
+ * infinite element are an INVALID_ARGUMENT naming the row.  result may be
+ * NULL. */
+ATMOE_API atmoe_status atmoe_kmeans(atmoe_context *ctx,
+                                    const atmoe_tensor *points,
+                                    const atmoe_kmeans_options *options,
+                                    atmoe_tensor *centroids,
+                                    atmoe_tensor *assignments,
+                                    atmoe_kmeans_result *result);
+
+/* Assigns points [N, D] to centroids [K, D]: assignments (i32 [N]) the
+ * nearest centroid by squared distance, as atmoe_kmeans does, and scores
+ * [N, K] the dot products C e of the intuition router.  Either output may
+ * be NULL, not both. */
+ATMOE_API atmoe_status atmoe_kmeans_assign(atmoe_context *ctx,
+                                           const atmoe_tensor *centroids,
+                                           const atmoe_tensor *points,
+                                           atmoe_tensor *assignments,
+                                           atmoe_tensor *scores);
+
+/* Writes centroids [K, D] to a safetensors file at path as the F32 tensor
+ * "centroids", with the objective (NaN: none) in the metadata key
+ * "objective" as a decimal string; atomically, like every writer. */
+ATMOE_API atmoe_status atmoe_centroids_save(const atmoe_tensor *centroids,
+                                            double objective,
+                                            const char *path);
+
+/* Reads the tensor "centroids" [K, D] (any float dtype) of the safetensors
+ * file at path into a new f32 tensor of ctx; *objective (may be NULL)
+ * receives the metadata's objective, NaN when the file has none. */
+ATMOE_API atmoe_status atmoe_centroids_load(atmoe_context *ctx,
+                                            const char *path,
+                                            atmoe_tensor **centroids,
+                                            double *objective);
 
 #ifdef __cplusplus
 }

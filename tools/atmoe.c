@@ -26,6 +26,7 @@
     ROW(selfcheck)                                                           \
     ROW(inspect)                                                             \
     ROW(run)                                                                 \
+    ROW(cluster)                                                             \
     ROW(params)                                                              \
     ROW(version)
 
