@@ -5,8 +5,8 @@
  *
  *   shrink  u_all [T, r1 + E] = x [A; W_r]^T: the router's logits in the
  *           same pass over x as the rank channels (W_r holds more
- *           parameters than A and B together, so its product dominates);
- *           the stacking of A and W_r is a concat node
+ *           parameters than A and B together, so its product dominates),
+ *           A and W_r stacked in its scratch
  *   route   z [T, Z] = c M(g) u from u_all and the intuition scores, with
  *           p and g as secondary outputs (cl/mor1e.cl)
  *   expand  y = x W0^T + bias + B z, the base projection with the expand in
@@ -75,19 +75,66 @@ static atmoe_status linear_kernels(atmoe_graph *g, atm_node *n, size_t T,
 
 /* ---------------------------------------------------------------- shrink */
 
+/* The shrink's operands are x, A and W_r (ATMOE_NODE_NONE with the router
+ * off).  With the router, A and W_r are stacked into the node's scratch
+ * before the one pass over x: two buffer copies (memcpy on CPU drivers),
+ * where a concat node's strided copy kernel cost more than the shrink. */
 static atmoe_status shrink_prepare(atmoe_graph *g, atm_node *n)
 {
     linear_params *lp = ATM_NODE_PARAMS(linear_params, n);
     linear_params_init(g, lp);
-    return linear_kernels(g, n, g->nodes[n->src[0]].shape[0], 0);
+    atmoe_status st = linear_kernels(g, n, g->nodes[n->src[0]].shape[0], 0);
+    if (st == ATMOE_STATUS_OK && n->src[2] != ATMOE_NODE_NONE)
+        st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
+                             &n->kernel[K_COPY]);
+    return st;
+}
+
+static size_t shrink_scratch(const atmoe_graph *g, const atm_node *n)
+{
+    if (n->src[2] == ATMOE_NODE_NONE)
+        return 0;
+    const atm_node *a = &g->nodes[n->src[1]], *w_r = &g->nodes[n->src[2]];
+    return (a->shape[0] + w_r->shape[0]) * a->shape[1] * sizeof(float);
+}
+
+/* The weight the shrink reads: A, or the stacked [A; W_r] in scratch. */
+static atmoe_tensor shrink_weight(const atmoe_graph *g, const atm_node *n)
+{
+    atmoe_tensor w = *atm_src_rt(g, n, 1);
+    if (n->src[2] != ATMOE_NODE_NONE) {
+        w.buffer = g->arena;
+        w.offset = n->work_offset / sizeof(float);
+        w.shape[0] += atm_src_rt(g, n, 2)->shape[0];
+        w.stride[0] = w.shape[1];
+        w.stride[1] = 1;
+    }
+    return w;
+}
+
+/* dst (dense, in the arena) = src: a buffer copy when src is dense. */
+static atmoe_status stack_copy(atmoe_graph *g, const atm_node *n,
+                               const atmoe_tensor *dst,
+                               const atmoe_tensor *src, cl_event *ev)
+{
+    if (!atm_tensor_is_contiguous(src))
+        return atm_tensor_copy_with(n->kernel[K_COPY], dst, src, ev);
+    cl_int err = clEnqueueCopyBuffer(
+        g->ctx->queue, src->buffer, dst->buffer, src->offset * sizeof(float),
+        dst->offset * sizeof(float), atm_tensor_count(src) * sizeof(float),
+        0, NULL, ev);
+    if (err != CL_SUCCESS)
+        return atm_fail_cl(g->ctx, err, "clEnqueueCopyBuffer(mor1e_shrink)");
+    return ATMOE_STATUS_OK;
 }
 
 static atm_gemm shrink_gemm(const atmoe_graph *g, const atm_node *n)
 {
-    const atmoe_tensor *x = atm_src_rt(g, n, 0), *w = atm_src_rt(g, n, 1);
-    size_t T = x->shape[0], U = w->shape[0], k = w->shape[1];
-    return (atm_gemm){0, 1, T, U, k, 1.0f, 0.0f, x->buffer, w->buffer,
-                      n->rt.buffer, x->offset, k, w->offset, k,
+    const atmoe_tensor *x = atm_src_rt(g, n, 0);
+    atmoe_tensor w = shrink_weight(g, n);
+    size_t T = x->shape[0], U = w.shape[0], k = w.shape[1];
+    return (atm_gemm){0, 1, T, U, k, 1.0f, 0.0f, x->buffer, w.buffer,
+                      n->rt.buffer, x->offset, k, w.offset, k,
                       n->rt.offset, U};
 }
 
@@ -104,17 +151,32 @@ static atmoe_status shrink_run(atmoe_graph *g, atm_node *n, cl_event *first,
                                cl_event *last)
 {
     const linear_params *lp = ATM_NODE_PARAMS(linear_params, n);
-    const atmoe_tensor *x = atm_src_rt(g, n, 0), *w = atm_src_rt(g, n, 1);
+    const atmoe_tensor *x = atm_src_rt(g, n, 0);
+    atmoe_tensor w = shrink_weight(g, n);
     size_t T = x->shape[0];
+    atmoe_status st;
     (void)last;
+    if (n->src[2] != ATMOE_NODE_NONE) {
+        const atmoe_tensor *a = atm_src_rt(g, n, 1);
+        const atmoe_tensor *w_r = atm_src_rt(g, n, 2);
+        atmoe_tensor top = w, bottom = w;
+        top.shape[0] = a->shape[0];
+        bottom.shape[0] = w_r->shape[0];
+        bottom.offset += a->shape[0] * a->shape[1];
+        if ((st = stack_copy(g, n, &top, a, first)) ||
+            (st = stack_copy(g, n, &bottom, w_r, NULL)))
+            return st;
+        first = NULL;
+    }
     if (T > lp->linear_upto) {
         atm_gemm p = shrink_gemm(g, n);
-        return atm_graph_sgemm(g, &p, first);
+        return atm_graph_sgemm(g, &p, first ? first : last);
     }
-    atm_linear_call c = {n->rt.buffer, w->buffer, NULL, n->rt.offset,
-                         w->offset, 0, x, NULL, NULL, w->shape[0],
-                         w->shape[1], 0, 0.0f};
-    return atm_linear_run(g, n, T, K_LIN1, lp->sr, lp->st, &c, first);
+    atm_linear_call c = {n->rt.buffer, w.buffer, NULL, n->rt.offset,
+                         w.offset, 0, x, NULL, NULL, w.shape[0],
+                         w.shape[1], 0, 0.0f};
+    return atm_linear_run(g, n, T, K_LIN1, lp->sr, lp->st, &c,
+                          first ? first : last);
 }
 
 static void shrink_cost(const atmoe_graph *g, const atm_node *n,
@@ -129,6 +191,7 @@ const atm_op atm_op_mor1e_shrink = {
     .name = "mor1e_shrink",
     .flags = ATM_OPF_MARKER,
     .prepare = shrink_prepare,
+    .scratch = shrink_scratch,
     .gemm_scratch = shrink_gemm_scratch,
     .run = shrink_run,
     .cost = shrink_cost,
@@ -583,10 +646,8 @@ static atmoe_status build_layer(atmoe_graph *g, atmoe_node x,
     const char *fn = "atmoe_graph_mor1e_layer";
     int router = c->w_r != NULL, dense = L->variant == ATMOE_MOR1E_V2;
     atmoe_status st;
-    atmoe_node w = L->a, s = L->scores, u, z, pid = ATMOE_NODE_NONE, gid,
+    atmoe_node s = L->scores, u, z, pid = ATMOE_NODE_NONE, gid,
                load, imp = ATMOE_NODE_NONE;
-    if (router && (st = atmoe_graph_concat(g, L->a, L->w_r, 0, &w)))
-        return st;
     if (c->map && (st = atmoe_graph_matmul(g, L->scores, L->score_map,
                                            ATMOE_NODE_NONE, 0, &s)))
         return st;
@@ -599,8 +660,9 @@ static atmoe_status build_layer(atmoe_graph *g, atmoe_node x,
     p.batch_dim = c->x->batch_dim;
     p.batch_factor = c->x->batch_factor;
     p.src[0] = x;
-    p.src[1] = w;
-    p.nsrc = 2;
+    p.src[1] = L->a;
+    p.src[2] = router ? L->w_r : ATMOE_NODE_NONE;
+    p.nsrc = 3;
     if ((st = atm_graph_push(g, &p, NULL, fn, &u)))
         return st;
 
