@@ -1202,6 +1202,11 @@ typedef struct atmoe_manifest_info {
     int checked;     /* atmoe_manifest_check() has succeeded */
     size_t d_in;     /* the stack's input and output widths, once checked */
     size_t d_out;
+    /* The centroids C [clusters, embedding_dim] that score the samples of
+     * rank-1 modules (file NULL when the manifest names none); the sizes
+     * once checked, else 0. */
+    const char *centroids_file, *centroids_tensor;
+    size_t clusters, embedding_dim;
 } atmoe_manifest_info;
 
 ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *manifest,
@@ -1232,6 +1237,15 @@ typedef struct atmoe_manifest_module {
     int top_k_groups, top_k_experts;
     size_t masks, fixed;   /* the router's masks and fixed weights */
     size_t d_in, d_out;    /* once checked, else 0 */
+    /* A rank-1 expert module (atmoe_graph_mor1e_layer): rank1 is 1, and
+     * groups and experts are 0. */
+    int rank1;
+    atmoe_mor1e_variant variant;
+    atmoe_mor1e_routing routing;
+    atmoe_manifest_tensor a, b, w_r, w_om, w_c, score_map;
+    float k_router, k_intuition;
+    int top_k;
+    size_t r1, r2, rank1_experts; /* once checked, else 0 */
 } atmoe_manifest_module;
 
 ATMOE_API atmoe_status atmoe_manifest_get_module(
@@ -1281,6 +1295,29 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
                                             atmoe_node *outputs,
                                             atmoe_layer_trace *traces,
                                             atmoe_node *y);
+
+/* The per-sample inputs of atmoe_manifest_build_with.  Fill every field
+ * (ATMOE_NODE_NONE for absent nodes). */
+typedef struct atmoe_manifest_inputs {
+    atmoe_node router_input; /* AT-MoE modules: [S, d_in] or NONE */
+    atmoe_node gate_index;   /* i32 [T]: each token's sample, or NONE */
+    /* Rank-1 modules' intuition: the samples' instruction embeddings
+     * e [S, D] (mean-pooled), L2-normalised and scored s = C e against the
+     * manifest's centroids, or the scores [S, K] themselves (scores wins
+     * when both are given); [1, .] serves every token without gate_index. */
+    atmoe_node embeddings, scores;
+} atmoe_manifest_inputs;
+
+/* atmoe_manifest_build for manifests with rank-1 modules (it also builds
+ * the others): inputs as above; rank1_traces (may be NULL) receives one
+ * entry per module, ATMOE_NODE_NONE in those of modules of LoRA experts
+ * (as traces does for rank-1 modules).  A rank-1 module whose routing uses
+ * the intuition needs scores, or embeddings and the manifest's centroids. */
+ATMOE_API atmoe_status atmoe_manifest_build_with(
+    atmoe_manifest *manifest, atmoe_graph *graph, atmoe_node x,
+    const atmoe_manifest_inputs *inputs, atmoe_node *outputs,
+    atmoe_layer_trace *traces, atmoe_mor1e_trace *rank1_traces,
+    atmoe_node *y);
 
 #ifdef __cplusplus
 }

@@ -660,6 +660,209 @@ START_TEST(test_init)
 }
 END_TEST
 
+/* ------------------------------------------------------------------------ */
+/* Manifests                                                                 */
+/* ------------------------------------------------------------------------ */
+
+#define EMB 6 /* the instruction embeddings' width */
+
+/* Writes the spec's weights, and centroids [K, EMB], to dir/w.safetensors. */
+static void write_weights(const spec *s, const float *centroids,
+                          const char *dir)
+{
+    atmoe_safetensors_writer *w;
+    char path[600];
+    float om[1] = {s->w_om}, c[1] = {s->w_c};
+    uint64_t sw0[2] = {s->d_out, s->d_in}, sb[1] = {s->d_out},
+             sa[2] = {s->r1, s->d_in}, sbb[2] = {s->d_out, s->r2},
+             sr[2] = {s->E, s->d_in}, s1[1] = {1}, sc[2] = {s->K, EMB};
+    OK(atmoe_safetensors_writer_new(CTX, &w));
+    OK(atmoe_safetensors_writer_add_f32(w, "w0", ATMOE_SAFETENSORS_F32, 2,
+                                        sw0, s->w0));
+    OK(atmoe_safetensors_writer_add_f32(w, "bias", ATMOE_SAFETENSORS_F32, 1,
+                                        sb, s->bias));
+    OK(atmoe_safetensors_writer_add_f32(w, "a", ATMOE_SAFETENSORS_F32, 2, sa,
+                                        s->a));
+    OK(atmoe_safetensors_writer_add_f32(w, "b", ATMOE_SAFETENSORS_F32, 2, sbb,
+                                        s->b));
+    OK(atmoe_safetensors_writer_add_f32(w, "w_r", ATMOE_SAFETENSORS_F32, 2,
+                                        sr, s->wr));
+    OK(atmoe_safetensors_writer_add_f32(w, "w_om", ATMOE_SAFETENSORS_F32, 1,
+                                        s1, om));
+    OK(atmoe_safetensors_writer_add_f32(w, "w_c", ATMOE_SAFETENSORS_F32, 1,
+                                        s1, c));
+    OK(atmoe_safetensors_writer_add_f32(w, "centroids", ATMOE_SAFETENSORS_F32,
+                                        2, sc, centroids));
+    snprintf(path, sizeof path, "%s/w.safetensors", dir);
+    OK(atmoe_safetensors_writer_save(w, path));
+    atmoe_safetensors_writer_free(w);
+}
+
+static const char *RANK1_MANIFEST =
+    "{\"version\": 1, \"weights\": \"w.safetensors\", "
+    "\"centroids\": \"centroids\", \"layers\": [{\"modules\": {\"q_proj\": "
+    "{\"weight\": \"w0\", \"bias\": \"bias\", \"rank1\": {\"variant\": "
+    "\"v2\", \"a\": \"a\", \"b\": \"b\", \"w_r\": \"w_r\", \"w_om\": "
+    "\"w_om\", \"w_c\": \"w_c\", \"top_k\": 4}}}}]}";
+
+static atmoe_status parse_text(const char *text, const char *dir,
+                               atmoe_manifest **m)
+{
+    return atmoe_manifest_parse(CTX, text, strlen(text), dir, m);
+}
+
+/* A manifest's rank-1 module built with embeddings against the float64
+ * reference fed by the host's scores C e / |e|. */
+START_TEST(test_manifest)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 1206);
+    char dir[512];
+    test_mkdtemp(dir, sizeof dir, "mor1e");
+    spec s;
+    spec_make(&s, ATMOE_MOR1E_V2, 3, 5, ATMOE_MOR1E_ROUTE_BOTH, 1, 0);
+    s.top_k = 4;
+    float *emb = alloc_uniform(s.S * EMB, -1, 1);
+    float *cent = alloc_uniform(s.K * EMB, -1, 1);
+    for (size_t b = 0; b < s.S; b++) {
+        double n = 0.0;
+        for (size_t d = 0; d < EMB; d++)
+            n += (double)emb[b * EMB + d] * emb[b * EMB + d];
+        for (size_t k = 0; k < s.K; k++) {
+            double v = 0.0;
+            for (size_t d = 0; d < EMB; d++)
+                v += (double)cent[k * EMB + d] * emb[b * EMB + d];
+            s.scores[b * s.K + k] = (float)(v / sqrt(n));
+        }
+    }
+    write_weights(&s, cent, dir);
+
+    atmoe_manifest *m;
+    OK(parse_text(RANK1_MANIFEST, dir, &m));
+    atmoe_manifest_module mod;
+    OK(atmoe_manifest_get_module(m, 0, &mod));
+    ck_assert_int_eq(mod.rank1, 1);
+    ck_assert_int_eq(mod.variant, ATMOE_MOR1E_V2);
+    ck_assert_int_eq(mod.routing, ATMOE_MOR1E_ROUTE_BOTH);
+    ck_assert_int_eq(mod.top_k, 4);
+    ck_assert(mod.k_router == ATMOE_MOR1E_K_ROUTER &&
+              mod.k_intuition == ATMOE_MOR1E_K_INTUITION);
+    ck_assert_uint_eq(mod.groups, 0);
+    ck_assert_str_eq(mod.a.tensor, "a");
+    ck_assert_ptr_null(mod.score_map.file);
+    OK(atmoe_manifest_check(m));
+    OK(atmoe_manifest_get_module(m, 0, &mod));
+    ck_assert_uint_eq(mod.r1, 3);
+    ck_assert_uint_eq(mod.r2, 5);
+    ck_assert_uint_eq(mod.rank1_experts, 15);
+    atmoe_manifest_info info;
+    OK(atmoe_manifest_get_info(m, &info));
+    ck_assert_uint_eq(info.clusters, 15);
+    ck_assert_uint_eq(info.embedding_dim, EMB);
+    ck_assert_str_eq(info.centroids_tensor, "centroids");
+
+    atmoe_graph *g;
+    OK(atmoe_graph_new(CTX, &g));
+    atmoe_node x = input2(g, "x", ATMOE_DTYPE_F32, s.T, s.d_in, 1);
+    atmoe_manifest_inputs in = {
+        ATMOE_NODE_NONE, input2(g, "seq", ATMOE_DTYPE_I32, s.T, 0, 1),
+        const2(g, ATMOE_DTYPE_F32, s.S, EMB, emb), ATMOE_NODE_NONE};
+    atmoe_node y, out;
+    atmoe_layer_trace lt;
+    atmoe_mor1e_trace rt;
+    /* Plain atmoe_manifest_build has no scores for the module. */
+    FAILS_CLEAN(g, atmoe_manifest_build(m, g, x, ATMOE_NODE_NONE,
+                                        ATMOE_NODE_NONE, NULL, NULL, &y),
+                ATMOE_STATUS_INVALID_ARGUMENT, "uses the intuition");
+    OK(atmoe_manifest_build_with(m, g, x, &in, &out, &lt, &rt, &y));
+    ck_assert_int_eq(out, y);
+    ck_assert_int_eq(lt.w, ATMOE_NODE_NONE);
+    OK(atmoe_graph_mark_output(g, y));
+    OK(atmoe_graph_mark_output(g, rt.gates));
+    OK(atmoe_graph_plan(g, 0));
+    OK(atmoe_graph_set_input(g, x, s.x, s.T * s.d_in * sizeof(float), s.T));
+    OK(atmoe_graph_set_input(g, in.gate_index, s.index, s.T * sizeof(int),
+                             s.T));
+    OK(atmoe_graph_compute(g, s.T));
+    ref r;
+    ref_layer(&s, s.T, &r);
+    float *got = read_out(g, y, s.T * s.d_out);
+    expect_scaled("manifest: y", got, r.y, r.yscale, s.T, s.d_out, TOL_Y);
+    free(got);
+    ref_free(&r);
+    atmoe_graph_free(g);
+    atmoe_manifest_free(m);
+
+    /* Refusals: at parsing, with the JSON path; at the check. */
+    static const struct {
+        const char *text, *sub;
+        atmoe_status st;
+    } bad[] = {
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"c\": 1, "
+         "\"rank1\": {\"a\": \"a\", \"b\": \"b\"}}}}]}",
+         "layers[0].modules.q.c: belongs to a module of LoRA experts",
+         ATMOE_STATUS_FORMAT_ERROR},
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"rank1\": {\"a\": "
+         "\"a\", \"b\": \"b\", \"variant\": \"v3\"}}}}]}",
+         "layers[0].modules.q.rank1.variant: is \"v3\"",
+         ATMOE_STATUS_FORMAT_ERROR},
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"rank1\": {\"a\": "
+         "\"a\", \"b\": \"b\", \"tau\": 1}}}}]}",
+         "rank1: unknown key \"tau\"", ATMOE_STATUS_FORMAT_ERROR},
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"rank1\": {\"b\": "
+         "\"b\"}}}}]}",
+         "rank1.a: is missing", ATMOE_STATUS_FORMAT_ERROR},
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"rank1\": {\"a\": "
+         "\"a\", \"b\": \"b\", \"w_r\": \"w_r\", \"routing\": "
+         "\"intuition\"}}}}]}",
+         "rank1.w_r: is given but the routing is \"intuition\"",
+         ATMOE_STATUS_FORMAT_ERROR},
+        /* v1 with r1 = 3, r2 = 5 */
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"rank1\": {\"a\": "
+         "\"a\", \"b\": \"b\", \"variant\": \"v1\"}}}}]}",
+         "rank1: v1 needs r1 = r2", ATMOE_STATUS_SHAPE_MISMATCH},
+        /* k > E */
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"rank1\": {\"a\": "
+         "\"a\", \"b\": \"b\", \"top_k\": 16}}}}]}",
+         "rank1.top_k: is 16, more than the 15 experts",
+         ATMOE_STATUS_SHAPE_MISMATCH},
+        /* K x E: the map's rows are not the 15 clusters */
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"centroids\": "
+         "\"centroids\", \"layers\": [{\"modules\": {\"q\": {\"weight\": "
+         "\"w0\", \"rank1\": {\"a\": \"a\", \"b\": \"b\", \"score_map\": "
+         "\"w_r\"}}}}]}",
+         "rank1.score_map: tensor w_r", ATMOE_STATUS_SHAPE_MISMATCH},
+        {"{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+         "[{\"modules\": {\"q\": {\"weight\": \"w0\", \"rank1\": {\"a\": "
+         "\"b\", \"b\": \"b\"}}}}]}",
+         "rank1.a: tensor b", ATMOE_STATUS_SHAPE_MISMATCH},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        atmoe_status st = parse_text(bad[i].text, dir, &m);
+        if (st == ATMOE_STATUS_OK) {
+            st = atmoe_manifest_check(m);
+            atmoe_manifest_free(m);
+        }
+        ck_assert_msg(st == bad[i].st && strstr(atmoe_errmsg(CTX), bad[i].sub),
+                      "manifest %zu: %s, \"%s\"; wanted %s, \"%s\"", i,
+                      atmoe_status_name(st), atmoe_errmsg(CTX),
+                      atmoe_status_name(bad[i].st), bad[i].sub);
+    }
+    free(emb);
+    free(cent);
+    spec_free(&s);
+    test_rmdir_r(dir);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
 static Suite *mor1e_suite(void)
 {
     Suite *s = suite_create("mor1e");
@@ -671,6 +874,7 @@ static Suite *mor1e_suite(void)
     tcase_add_test(tc, test_clblast_route);
     tcase_add_test(tc, test_errors);
     tcase_add_test(tc, test_init);
+    tcase_add_test(tc, test_manifest);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -45,6 +45,15 @@ typedef struct atm_mmodule {
     atm_mcontrol *masks, *fixed;
     size_t n_masks, n_fixed;
     size_t d_in, d_out; /* set by the check */
+    /* A rank-1 expert module ("rank1"; atmoe_graph_mor1e_layer) instead of
+     * groups of LoRA experts. */
+    int rank1;
+    atmoe_mor1e_variant variant;
+    atmoe_mor1e_routing routing;
+    atm_mref a, b, w_r, w_om, w_c, score_map;
+    float k_router, k_intuition;
+    int top_k;
+    size_t r1, r2, E; /* set by the check */
 } atm_mmodule;
 
 typedef struct atm_mfile {
@@ -67,6 +76,10 @@ struct atmoe_manifest {
     size_t n_files;
     atm_madapter *adapters;
     size_t n_adapters;
+    /* The clustering's centroids C [K, D] that score the samples of rank-1
+     * modules; K and D set by the check. */
+    atm_mref centroids;
+    size_t clusters, embedding_dim;
 };
 
 #endif
