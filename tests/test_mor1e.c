@@ -47,6 +47,7 @@ typedef struct spec {
     atmoe_mor1e_variant variant;
     atmoe_mor1e_routing routing;
     int top_k, has_bias, has_map;
+    int w0_f16; /* W0 cast to f16 in the graph (its values exact in f16) */
     int score_mode; /* 0 per token [T, K], 1 per sample [S, K] + index,
                        2 one row [1, K] */
     float k_r, k_s, w_om, w_c;
@@ -274,6 +275,8 @@ static atmoe_node spec_layer(const spec *s, atmoe_graph *g, atmoe_node x,
             BATCHED_INDEX = L.gate_index;
         }
     }
+    if (s->w0_f16)
+        OK(atmoe_graph_cast(g, L.w0, ATMOE_DTYPE_F16, &L.w0));
     atmoe_node y;
     OK(atmoe_graph_mor1e_layer(g, x, &L, &y, trace));
     return y;
@@ -313,6 +316,10 @@ static void check_layer(const char *what, const spec *s, size_t T)
     OK(atmoe_graph_plan(g, 0));
     set_inputs(g, s, x, T);
     OK(atmoe_graph_compute(g, T));
+    /* A compute allocates nothing on the host. */
+    atmoe_compute_stats cs;
+    OK(atmoe_graph_get_compute_stats(g, &cs));
+    ck_assert_uint_eq(cs.host_allocations, 0);
     ref r;
     ref_layer(s, T, &r);
     char name[96];
@@ -466,6 +473,15 @@ START_TEST(test_clblast_route)
     check_layer("CLBlast v2, T = 2 (cl/linear.cl)", &s, 2);
     s.has_bias = 0;
     check_layer("CLBlast v2 no bias", &s, s.T);
+    /* W0 in f16: CLBlast reads its f32 copy, cl/linear.cl W0 as stored.
+     * Multiples of 1/1024 in [-1, 1] are exact in f16, so the reference
+     * stands. */
+    for (size_t i = 0; i < s.d_out * s.d_in; i++)
+        s.w0[i] = roundf(s.w0[i] * 1024.0f) / 1024.0f;
+    s.w0_f16 = 1;
+    s.has_bias = 1;
+    check_layer("CLBlast v2, W0 f16", &s, s.T);
+    check_layer("cl/linear.cl v2, W0 f16", &s, 2);
     spec_free(&s);
     atmoe_context_free(CTX);
 }
