@@ -411,6 +411,30 @@ START_TEST(test_v2)
 }
 END_TEST
 
+/* A NaN score reaches the outputs of its sample's tokens (top-k does not
+ * drop it quietly), and only those. */
+START_TEST(test_nan_scores)
+{
+    CTX = test_context();
+    test_rng_seed(&RNG, 1207);
+    spec s;
+    spec_make(&s, ATMOE_MOR1E_V2, 3, 5, ATMOE_MOR1E_ROUTE_BOTH, 1, 0);
+    s.scores[1 * s.K + 4] = NAN; /* sample 1: tokens 4 and 5 */
+    for (int k = 0; k <= 3; k += 3) {
+        s.top_k = k;
+        float *y = layer_output(&s);
+        for (size_t t = 0; t < s.T; t++)
+            for (size_t o = 0; o < s.d_out; o++)
+                ck_assert_msg(isnan(y[t * s.d_out + o]) == (s.index[t] == 1),
+                              "top-%d: y[%zu, %zu] = %g", k, t, o,
+                              y[t * s.d_out + o]);
+        free(y);
+    }
+    spec_free(&s);
+    atmoe_context_free(CTX);
+}
+END_TEST
+
 START_TEST(test_v1)
 {
     CTX = test_context();
@@ -885,6 +909,7 @@ static Suite *mor1e_suite(void)
     TCase *tc = tcase_create("layer");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_v2);
+    tcase_add_test(tc, test_nan_scores);
     tcase_add_test(tc, test_v1);
     tcase_add_test(tc, test_ablations_and_map);
     tcase_add_test(tc, test_clblast_route);
