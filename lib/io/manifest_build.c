@@ -518,14 +518,18 @@ ATMOE_API atmoe_status atmoe_manifest_build_with(
     /* The samples are scored once, for every layer.  gate_index goes to
      * modules of LoRA experts with their router_input (or, in a manifest
      * without rank-1 modules, to be refused there without it). */
-    int any_rank1 = 0;
-    for (size_t i = 0; i < manifest->count; i++)
-        any_rank1 |= manifest->modules[i].rank1;
+    int any_rank1 = 0, intuition = 0;
+    for (size_t i = 0; i < manifest->count; i++) {
+        const atm_mmodule *m = &manifest->modules[i];
+        any_rank1 |= m->rank1;
+        intuition |= m->rank1 && m->routing != ATMOE_MOR1E_ROUTE_ROUTER;
+    }
     atmoe_node lora_index =
         inputs->router_input != ATMOE_NODE_NONE || !any_rank1
             ? inputs->gate_index
             : ATMOE_NODE_NONE;
-    st = sample_scores(manifest, graph, inputs, &scores);
+    if (intuition)
+        st = sample_scores(manifest, graph, inputs, &scores);
     for (size_t i = 0; i < manifest->count && st == ATMOE_STATUS_OK; i++) {
         const atm_mmodule *m = &manifest->modules[i];
         if (i > 0 && m->layer != manifest->modules[i - 1].layer)
