@@ -77,17 +77,14 @@ static atmoe_status linear_kernels(atmoe_graph *g, atm_node *n, size_t T,
 
 /* The shrink's operands are x, A and W_r (ATMOE_NODE_NONE with the router
  * off).  With the router, A and W_r are stacked into the node's scratch
- * before the one pass over x: two buffer copies (memcpy on CPU drivers),
- * where a concat node's strided copy kernel cost more than the shrink. */
+ * before the one pass over x: two buffer copies (memcpy on CPU drivers;
+ * graph nodes are dense), where a concat node's strided copy kernel cost
+ * more than the shrink. */
 static atmoe_status shrink_prepare(atmoe_graph *g, atm_node *n)
 {
     linear_params *lp = ATM_NODE_PARAMS(linear_params, n);
     linear_params_init(g, lp);
-    atmoe_status st = linear_kernels(g, n, g->nodes[n->src[0]].shape[0], 0);
-    if (st == ATMOE_STATUS_OK && n->src[2] != ATMOE_NODE_NONE)
-        st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
-                             &n->kernel[K_COPY]);
-    return st;
+    return linear_kernels(g, n, g->nodes[n->src[0]].shape[0], 0);
 }
 
 static size_t shrink_scratch(const atmoe_graph *g, const atm_node *n)
@@ -112,13 +109,10 @@ static atmoe_tensor shrink_weight(const atmoe_graph *g, const atm_node *n)
     return w;
 }
 
-/* dst (dense, in the arena) = src: a buffer copy when src is dense. */
-static atmoe_status stack_copy(atmoe_graph *g, const atm_node *n,
-                               const atmoe_tensor *dst,
+/* dst (in the arena) = src, both dense. */
+static atmoe_status stack_copy(atmoe_graph *g, const atmoe_tensor *dst,
                                const atmoe_tensor *src, cl_event *ev)
 {
-    if (!atm_tensor_is_contiguous(src))
-        return atm_tensor_copy_with(n->kernel[K_COPY], dst, src, ev);
     cl_int err = clEnqueueCopyBuffer(
         g->ctx->queue, src->buffer, dst->buffer, src->offset * sizeof(float),
         dst->offset * sizeof(float), atm_tensor_count(src) * sizeof(float),
@@ -163,8 +157,8 @@ static atmoe_status shrink_run(atmoe_graph *g, atm_node *n, cl_event *first,
         top.shape[0] = a->shape[0];
         bottom.shape[0] = w_r->shape[0];
         bottom.offset += a->shape[0] * a->shape[1];
-        if ((st = stack_copy(g, n, &top, a, first)) ||
-            (st = stack_copy(g, n, &bottom, w_r, NULL)))
+        if ((st = stack_copy(g, &top, a, first)) ||
+            (st = stack_copy(g, &bottom, w_r, NULL)))
             return st;
         first = NULL;
     }
