@@ -639,10 +639,15 @@ static atmoe_status build_layer(atmoe_graph *g, atmoe_node x,
 {
     const char *fn = "atmoe_graph_mor1e_layer";
     int router = c->w_r != NULL, dense = L->variant == ATMOE_MOR1E_V2;
+    /* c's node pointers die with the first push (g->nodes may move). */
+    const int has_scores = c->scores != NULL, has_map = c->map != NULL;
+    const int bdim = c->x->batch_dim;
+    const size_t bfac = c->x->batch_factor;
+    const atmoe_dtype w0_dtype = c->w0->dtype;
     atmoe_status st;
     atmoe_node s = L->scores, u, z, pid = ATMOE_NODE_NONE, gid,
                load, imp = ATMOE_NODE_NONE;
-    if (c->map && (st = atmoe_graph_matmul(g, L->scores, L->score_map,
+    if (has_map && (st = atmoe_graph_matmul(g, L->scores, L->score_map,
                                            ATMOE_NODE_NONE, 0, &s)))
         return st;
 
@@ -651,8 +656,8 @@ static atmoe_status build_layer(atmoe_graph *g, atmoe_node x,
            se[1] = {c->E};
     atm_node p;
     atm_node_init(&p, &atm_op_mor1e_shrink, ATMOE_DTYPE_F32, 2, su);
-    p.batch_dim = c->x->batch_dim;
-    p.batch_factor = c->x->batch_factor;
+    p.batch_dim = bdim;
+    p.batch_factor = bfac;
     p.src[0] = x;
     p.src[1] = L->a;
     p.src[2] = router ? L->w_r : ATMOE_NODE_NONE;
@@ -661,17 +666,17 @@ static atmoe_status build_layer(atmoe_graph *g, atmoe_node x,
         return st;
 
     atm_node_init(&p, &atm_op_mor1e_route, ATMOE_DTYPE_F32, 2, sz);
-    p.batch_dim = c->x->batch_dim;
-    p.batch_factor = c->x->batch_factor;
+    p.batch_dim = bdim;
+    p.batch_factor = bfac;
     p.src[0] = u;
-    p.src[1] = c->scores ? s : ATMOE_NODE_NONE;
+    p.src[1] = has_scores ? s : ATMOE_NODE_NONE;
     p.src[2] = L->gate_index;
     p.src[3] = L->w_om;
     p.src[4] = L->w_c;
     p.nsrc = 5;
     route_params *rp = ATM_NODE_PARAMS(route_params, &p);
     *rp = (route_params){c->r1, c->r2, c->E, dense, router,
-                         c->scores != NULL, L->k_router, L->k_intuition,
+                         has_scores, L->k_router, L->k_intuition,
                          L->top_k};
     if ((st = atm_graph_push(g, &p, NULL, fn, &z)) ||
         (router && (st = push_secondary(g, z, "mor1e_p", 2, sg, fn, &pid))) ||
@@ -682,15 +687,15 @@ static atmoe_status build_layer(atmoe_graph *g, atmoe_node x,
 
     atm_node_init(&p, &atm_op_mor1e_expand, ATMOE_DTYPE_F32, 2,
                   (size_t[2]){c->T, c->d_out});
-    p.batch_dim = c->x->batch_dim;
-    p.batch_factor = c->x->batch_factor;
+    p.batch_dim = bdim;
+    p.batch_factor = bfac;
     p.src[0] = x;
     p.src[1] = L->w0;
     p.src[2] = L->bias;
     p.src[3] = z;
     p.src[4] = L->b;
     p.nsrc = 5;
-    ATM_NODE_PARAMS(linear_params, &p)->w0_dtype = c->w0->dtype;
+    ATM_NODE_PARAMS(linear_params, &p)->w0_dtype = w0_dtype;
     if ((st = atm_graph_push(g, &p, NULL, fn, y)))
         return st;
 
