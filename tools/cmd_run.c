@@ -184,6 +184,21 @@ static int rename_both(const char *from_out, const char *out,
     return EXIT_FAILED;
 }
 
+/* A module's traces, named as trace_names says: a, d and w of a router,
+ * or p, gates, load and importance of rank-1 experts; ATMOE_NODE_NONE
+ * where it has none. */
+enum { TRACES = 7 };
+static const char *const trace_names[TRACES] = {"a", "d", "w", "p", "gates",
+                                                "load", "importance"};
+
+static void trace_nodes(const atmoe_layer_trace *t,
+                        const atmoe_mor1e_trace *r, atmoe_node out[TRACES])
+{
+    const atmoe_node all[TRACES] = {t->a, t->d, t->w, r->p, r->gates,
+                                    r->load, r->importance};
+    memcpy(out, all, sizeof all);
+}
+
 static int run_usage(void)
 {
     fprintf(stderr, "usage: atmoe run MANIFEST --input X.safetensors --output "
@@ -258,17 +273,11 @@ static int run(int argc, char **argv)
                                 scores ? smp : ATMOE_NODE_NONE};
     if ((st = atmoe_manifest_build_with(m, g, x, &mi, ys, ts, rts, &y)))
         goto fail;
-    /* A module's traces: a, d, w of a router, or p, gates, load and
-     * importance of rank-1 experts (NONE where it has none). */
-    static const char *const trace_names[7] = {"a", "d", "w", "p", "gates",
-                                               "load", "importance"};
-#define TRACE_NODES(i)                                                        \
-    {ts[i].a, ts[i].d, ts[i].w, rts[i].p, rts[i].gates, rts[i].load,         \
-     rts[i].importance}
     for (size_t i = 0; i < info.modules && st == ATMOE_STATUS_OK; i++) {
         st = atmoe_graph_mark_output(g, ys[i]);
-        const atmoe_node tn[7] = TRACE_NODES(i);
-        for (int k = 0; trace && k < 7 && st == ATMOE_STATUS_OK; k++)
+        atmoe_node tn[TRACES];
+        trace_nodes(&ts[i], &rts[i], tn);
+        for (int k = 0; trace && k < TRACES && st == ATMOE_STATUS_OK; k++)
             if (tn[k] != ATMOE_NODE_NONE)
                 st = atmoe_graph_mark_output(g, tn[k]);
     }
@@ -301,10 +310,10 @@ static int run(int argc, char **argv)
     /* One buffer, for the largest result read back. */
     size_t largest = 0;
     for (size_t i = 0; i < info.modules; i++) {
-        const atmoe_node tn[8] = {ys[i], ts[i].a, ts[i].d, ts[i].w,
-                                  rts[i].p, rts[i].gates, rts[i].load,
-                                  rts[i].importance};
-        for (int k = 0; k < (trace ? 8 : 1); k++) {
+        atmoe_node tn[TRACES + 1];
+        tn[0] = ys[i];
+        trace_nodes(&ts[i], &rts[i], tn + 1);
+        for (int k = 0; k < (trace ? TRACES + 1 : 1); k++) {
             if (tn[k] == ATMOE_NODE_NONE)
                 continue;
             int nd;
@@ -327,8 +336,9 @@ static int run(int argc, char **argv)
         atmoe_manifest_get_module(m, i, &mod);
         snprintf(name, sizeof name, "layers.%zu.%s", mod.layer, mod.name);
         st = save_node(g, ys[i], out, name, buf);
-        const atmoe_node tn[7] = TRACE_NODES(i);
-        for (int k = 0; trace && k < 7 && st == ATMOE_STATUS_OK; k++) {
+        atmoe_node tn[TRACES];
+        trace_nodes(&ts[i], &rts[i], tn);
+        for (int k = 0; trace && k < TRACES && st == ATMOE_STATUS_OK; k++) {
             if (tn[k] == ATMOE_NODE_NONE)
                 continue;
             snprintf(name, sizeof name, "layers.%zu.%s.%s", mod.layer,
