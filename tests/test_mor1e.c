@@ -829,6 +829,26 @@ START_TEST(test_manifest)
     float *got = read_out(g, y, s.T * s.d_out);
     expect_scaled("manifest: y", got, r.y, r.yscale, s.T, s.d_out, TOL_Y);
     free(got);
+    atmoe_graph_free(g);
+
+    /* The scores themselves instead of embeddings (scores win when both
+     * are given). */
+    OK(atmoe_graph_new(CTX, &g));
+    x = input2(g, "x", ATMOE_DTYPE_F32, s.T, s.d_in, 1);
+    in.gate_index = input2(g, "seq", ATMOE_DTYPE_I32, s.T, 0, 1);
+    in.embeddings = const2(g, ATMOE_DTYPE_F32, s.S, EMB, emb);
+    in.scores = const2(g, ATMOE_DTYPE_F32, s.S, s.K, s.scores);
+    OK(atmoe_manifest_build_with(m, g, x, &in, NULL, NULL, NULL, &y));
+    OK(atmoe_graph_mark_output(g, y));
+    OK(atmoe_graph_plan(g, 0));
+    OK(atmoe_graph_set_input(g, x, s.x, s.T * s.d_in * sizeof(float), s.T));
+    OK(atmoe_graph_set_input(g, in.gate_index, s.index, s.T * sizeof(int),
+                             s.T));
+    OK(atmoe_graph_compute(g, s.T));
+    got = read_out(g, y, s.T * s.d_out);
+    expect_scaled("manifest, scores: y", got, r.y, r.yscale, s.T, s.d_out,
+                  TOL_Y);
+    free(got);
     ref_free(&r);
     atmoe_graph_free(g);
     atmoe_manifest_free(m);
