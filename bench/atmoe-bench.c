@@ -9,11 +9,13 @@
  *
  *   fused     the library's AT-MoE layer (atmoe_graph_moe_layer): the
  *             grouped router kernel, then the fused mixture; for mor1e the
- *             T-REX router from graph operations, then the dense mixture
+ *             rank-1 expert layer (atmoe_graph_mor1e_layer)
  *   unfused   what a user without the mixture would write with the same
  *             graph API: a CLBlast GEMM for the base, two GEMMs per expert
  *             (shrink and expand), scale, mul and add for the gating, and the
- *             router as matmul and softmax nodes
+ *             router as matmul and softmax nodes; for mor1e the layer
+ *             composed from graph operations: the T-REX router (matmul,
+ *             softmax, scale, sigmoid, mul, add), then the dense mixture
  *   merged    one gate row for every token (per-sequence routing from a
  *             pooled embedding), the experts folded into the base weight on
  *             every compute (atmoe_graph_mixture_set_merge ALWAYS)
@@ -84,7 +86,7 @@ typedef struct workload_def {
 static const workload_def workloads[] = {
     {"decode", 1, "T = 1, 4, 16; 8 experts in 4 groups, rank 16"},
     {"prefill", 1, "T = 512; 8 experts in 4 groups, rank 16"},
-    {"mor1e", 1, "T = 512; T-REX rank-1 experts, r1 = 4, r2 = 8 (E = 32)"},
+    {"mor1e", 1, "T = 1, 16, 512; T-REX rank-1 experts, r1 = 4, r2 = 8 (E = 32)"},
     {"many-experts", 1,
      "T = 64; 64 experts in 8 groups, top-2 groups, ranks 8 to 64"},
     {"train-step", 0, "T = 256, d = 2048; forward, backward and AdamW"},
@@ -123,7 +125,11 @@ static wl_shape make_shape(size_t index, int full)
     } else if (strcmp(s.name, "prefill") == 0) {
         s.T[0] = 512;
     } else if (strcmp(s.name, "mor1e") == 0) {
-        s.T[0] = 512;
+        /* prefill, and the decode shapes of the same layer */
+        s.n_T = 3;
+        s.T[0] = 1;
+        s.T[1] = 16;
+        s.T[2] = 512;
         s.r1 = 4;
         s.r2 = 8;
         s.groups = 1;
@@ -152,9 +158,9 @@ static size_t expert_rank(const wl_shape *s, size_t e)
  * [d, r_e] with their tensors ta and tb, and the router's W_G [d, G] and
  * W_D [d, G*M].
  *
- * T-REX (mor1e): the dense adapter A [r1, d] and B [d, r2], also kept as
- * r1 down vectors a[i] [1, d] and r2 up vectors b[j] [d, 1] for the
- * unfused variant (expert (i, j) is b[j] a[i]); the router's W_r [E, d];
+ * T-REX (mor1e): the dense adapter A [r1, d] and B [d, r2], as an expert
+ * set (the unfused and merged variants) and as tensors tda and tdb (the
+ * fused layer's parameters); the router's W_r [E, d];
  * the intuition score s_b [1, E] of the one sequence; w_om and w_c; and a
  * bias, as T-REX wraps a linear layer that has one. */
 typedef struct wl_data {
@@ -171,7 +177,7 @@ typedef struct wl_data {
     atmoe_dtype w0_dtype;
     atmoe_tensor *tw0s;
     float *bias, *wr, *sb, *dense_a, *dense_b;
-    atmoe_tensor *tbias, *twr, *twom, *twc;
+    atmoe_tensor *tbias, *twr, *twom, *twc, *tda, *tdb;
     atmoe_experts *set;
     atmoe_router *router;
     uint64_t seed, state;
@@ -213,6 +219,8 @@ static void wl_free(wl_data *w)
     atmoe_tensor_free(w->twd);
     atmoe_tensor_free(w->tbias);
     atmoe_tensor_free(w->twr);
+    atmoe_tensor_free(w->tda);
+    atmoe_tensor_free(w->tdb);
     atmoe_tensor_free(w->twom);
     atmoe_tensor_free(w->twc);
     atmoe_router_free(w->router);
@@ -316,8 +324,6 @@ static int init_trex(atmoe_context *ctx, wl_data *w)
     const wl_shape *s = &w->s;
     size_t d = s->d, r1 = s->r1, r2 = s->r2, one = 1;
     w->E = w->R = r1 * r2; /* rank-1 experts */
-    w->n_a = r1;
-    w->n_b = r2;
     float sd = 1.0f / sqrtf((float)d);
     w->w0 = draw(w, "w0", d, d, sd);
     w->bias = draw(w, "bias", 1, d, sd);
@@ -328,23 +334,6 @@ static int init_trex(atmoe_context *ctx, wl_data *w)
     w->dense_a = draw(w, "a", r1, d, sd);
     w->dense_b = draw(w, "b", d, r2, 1.0f / sqrtf((float)r2));
 
-    w->a = xcalloc(r1, sizeof *w->a);
-    w->ta = xcalloc(r1, sizeof *w->ta);
-    w->b = xcalloc(r2, sizeof *w->b);
-    w->tb = xcalloc(r2, sizeof *w->tb);
-    for (size_t i = 0; i < r1; i++) {
-        w->a[i] = xcalloc(d, sizeof(float));
-        memcpy(w->a[i], w->dense_a + i * d, d * sizeof(float));
-        if (upload(ctx, 1, d, w->a[i], &w->ta[i]))
-            return -1;
-    }
-    for (size_t j = 0; j < r2; j++) {
-        w->b[j] = xcalloc(d, sizeof(float));
-        for (size_t o = 0; o < d; o++)
-            w->b[j][o] = w->dense_b[o * r2 + j];
-        if (upload(ctx, d, 1, w->b[j], &w->tb[j]))
-            return -1;
-    }
     atmoe_status st = atmoe_experts_new(ctx, d, d, &w->set);
     if (st == ATMOE_STATUS_OK)
         st = atmoe_experts_set_dense(w->set, r1, w->dense_a, r2, w->dense_b);
@@ -353,6 +342,8 @@ static int init_trex(atmoe_context *ctx, wl_data *w)
     if (upload(ctx, d, d, w->w0, &w->tw0) ||
         upload_shape(ctx, 1, &d, w->bias, &w->tbias) ||
         upload(ctx, w->E, d, w->wr, &w->twr) ||
+        upload(ctx, r1, d, w->dense_a, &w->tda) ||
+        upload(ctx, d, r2, w->dense_b, &w->tdb) ||
         upload_shape(ctx, 1, &one, &TREX_W_OM, &w->twom) ||
         upload_shape(ctx, 1, &one, &TREX_W_C, &w->twc))
         return -1;
@@ -683,7 +674,7 @@ fail:
     return st;
 }
 
-/* mor1e fused: the router per token, then the dense mixture; merged: the
+/* mor1e unfused: the router per token, then the dense mixture; merged: the
  * router on the pooled row h, its single gate row folded into W0 (or not,
  * for the reference). */
 static atmoe_status build_trex_mixture(atmoe_graph *g, const wl_data *w,
@@ -707,50 +698,35 @@ fail:
     return st;
 }
 
-/* mor1e unfused: the same router, then each of the E = r1 r2 rank-1
- * experts as a LoRA of its own, as a user holding 32 rank-1 adapters would
- * run them: expert (i, j) is a shrink GEMM with down vector a_i, a product
- * with its gate column, an expand GEMM with up vector b_j, and an add.
- *
- *   y = x W0^T + bias + sum_(i,j) ((x a_i^T) * gates[:, i r2 + j]) b_j^T */
-static atmoe_status build_trex_unfused(atmoe_graph *g, const wl_data *w,
-                                       size_t T, built *b)
+/* mor1e fused: the library's rank-1 expert layer (atmoe_graph_mor1e_layer):
+ * the router's logits in the shrink's pass over x, one kernel for the
+ * router and the mix, then the base projection with the expand. */
+static atmoe_status build_trex_layer(atmoe_graph *g, const wl_data *w,
+                                     size_t T, built *b)
 {
     atmoe_status st;
-    const size_t r1 = w->s.r1, r2 = w->s.r2;
-    size_t xs[2] = {T, w->s.d};
-    atmoe_node w0, bias, gates, y, *av = xcalloc(r1, sizeof *av),
-                                  *bv = xcalloc(r2, sizeof *bv);
+    size_t xs[2] = {T, w->s.d}, ss[2] = {1, w->E};
+    atmoe_mor1e_layer L;
+    memset(&L, 0, sizeof L);
     TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
-    TRY(atmoe_graph_parameter(g, "w0", w->tw0, &w0));
-    TRY(atmoe_graph_parameter(g, "bias", w->tbias, &bias));
-    TRY(build_trex_router(g, w, b->x, b, &gates));
-    for (size_t i = 0; i < r1; i++) {
-        char name[32];
-        snprintf(name, sizeof name, "a%zu", i);
-        TRY(atmoe_graph_parameter(g, name, w->ta[i], &av[i]));
-    }
-    for (size_t j = 0; j < r2; j++) {
-        char name[32];
-        snprintf(name, sizeof name, "b%zu", j);
-        TRY(atmoe_graph_parameter(g, name, w->tb[j], &bv[j]));
-    }
-    TRY(atmoe_graph_matmul(g, b->x, w0, bias, ATMOE_MATMUL_TRANSPOSE_B, &y));
-    for (size_t e = 0; e < w->E; e++) {
-        atmoe_node gate, u, z, ye;
-        size_t start[2] = {0, e}, one[2] = {T, 1};
-        TRY(atmoe_graph_view(g, gates, start, one, &gate));
-        TRY(atmoe_graph_matmul(g, b->x, av[e / r2], ATMOE_NODE_NONE,
-                               ATMOE_MATMUL_TRANSPOSE_B, &u));
-        TRY(atmoe_graph_mul(g, u, gate, &z));
-        TRY(atmoe_graph_matmul(g, z, bv[e % r2], ATMOE_NODE_NONE,
-                               ATMOE_MATMUL_TRANSPOSE_B, &ye));
-        TRY(atmoe_graph_add(g, y, ye, &y));
-    }
-    b->y = y;
+    TRY(atmoe_graph_input(g, "s_b", ATMOE_DTYPE_F32, 2, ss, 0, &b->sb));
+    TRY(atmoe_graph_parameter(g, "w0", w0_stored(w), &L.w0));
+    TRY(atmoe_graph_parameter(g, "bias", w->tbias, &L.bias));
+    TRY(atmoe_graph_parameter(g, "a", w->tda, &L.a));
+    TRY(atmoe_graph_parameter(g, "b", w->tdb, &L.b));
+    TRY(atmoe_graph_parameter(g, "w_r", w->twr, &L.w_r));
+    TRY(atmoe_graph_parameter(g, "w_om", w->twom, &L.w_om));
+    TRY(atmoe_graph_parameter(g, "w_c", w->twc, &L.w_c));
+    L.scores = b->sb;
+    L.score_map = ATMOE_NODE_NONE;
+    L.gate_index = ATMOE_NODE_NONE;
+    L.variant = ATMOE_MOR1E_V2;
+    L.routing = ATMOE_MOR1E_ROUTE_BOTH;
+    L.k_router = TREX_K_R;
+    L.k_intuition = TREX_K_S;
+    L.top_k = 0;
+    TRY(atmoe_graph_mor1e_layer(g, b->x, &L, &b->y, NULL));
 fail:
-    free(av);
-    free(bv);
     return st;
 }
 
@@ -764,8 +740,10 @@ static int build(atmoe_context *ctx, const wl_data *w, size_t T, variant v,
     atmoe_status st = atmoe_graph_new(ctx, &b->g);
     if (st != ATMOE_STATUS_OK)
         return lib_error(ctx, st, "creating a graph");
-    if (w->s.r1 && v == VARIANT_UNFUSED)
-        st = build_trex_unfused(b->g, w, T, b);
+    if (w->s.r1 && v == VARIANT_FUSED)
+        st = build_trex_layer(b->g, w, T, b);
+    else if (w->s.r1 && v == VARIANT_UNFUSED)
+        st = build_trex_mixture(b->g, w, T, 0, ATMOE_MERGE_NEVER, b);
     else if (w->s.r1)
         st = build_trex_mixture(b->g, w, T, v == VARIANT_MERGED, merge, b);
     else if (v == VARIANT_FUSED)
@@ -901,9 +879,10 @@ static void usage(FILE *f)
                 workloads[i].implemented ? "" : " (not available yet)");
     fprintf(f,
         "\n"
-        "variants: fused (atmoe_graph_moe_layer; for mor1e the dense\n"
-        "mixture), unfused (a GEMM per base and two per expert, the router\n"
-        "from matmul and softmax nodes), merged (one gate row per sequence,\n"
+        "variants: fused (atmoe_graph_moe_layer; for mor1e\n"
+        "atmoe_graph_mor1e_layer), unfused (a GEMM per base and two per\n"
+        "expert, the router from matmul and softmax nodes; for mor1e the\n"
+        "router from graph operations and the dense mixture), merged (one gate row per sequence,\n"
         "experts folded into W0 every compute), torch (--peer torch: the\n"
         "same layer in PyTorch on the same weights, as many threads as the\n"
         "device has compute units).\n"

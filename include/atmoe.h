@@ -938,6 +938,104 @@ ATMOE_API atmoe_status atmoe_experts_set_trainable(atmoe_experts *set,
                                                    unsigned what);
 
 /* ------------------------------------------------------------------------ */
+/* Rank-1 expert layers (Intuition-MoR1E / T-REX)                            */
+/* ------------------------------------------------------------------------ */
+
+/* A layer of rank-1 experts with an intuition-aware router (SPEC section
+ * 4), per token x:
+ *
+ *   p  = softmax(W_r x)                                   [E]
+ *   om = sigmoid(100 w_om)
+ *   g  = k_router om p + k_intuition (1 - om) s           [E]
+ *   v1: z = g (.) (A x)          (E = r1 = r2, expert i the channel i)
+ *   v2: z = G^T (A x), G = g as [r1, r2] row-major  (E = r1 r2)
+ *   c  = sigmoid(100 w_c)
+ *   y  = x W0^T + bias + c B z
+ *
+ * with no alpha / r scale on the experts (c takes that role).  s is the
+ * token's intuition score: the row of its sample in scores [S, K] (raw dot
+ * products C e of the clustering's centroids with the sample's instruction
+ * embedding), mapped to the experts by score_map [K, E] when given
+ * (s = scores_row score_map), else K = E and cluster k drives expert k.
+ *
+ * Sparse routing: top_k (1..E) keeps the top_k largest g per token (ties:
+ * the lower expert first); the router's p is renormalised over the kept
+ * experts before g is formed again, the others get g = 0, and the mix
+ * skips them.  top_k = 0 (or E) keeps all: with top_k = E the result is
+ * that of dense routing. */
+typedef enum atmoe_mor1e_variant {
+    ATMOE_MOR1E_V1, /* rank1: E = r, diagonal mix */
+    ATMOE_MOR1E_V2  /* mix-and-match: E = r1 r2, dense mix */
+} atmoe_mor1e_variant;
+
+/* The ablations of the gate g. */
+typedef enum atmoe_mor1e_routing {
+    ATMOE_MOR1E_ROUTE_BOTH,      /* router and intuition (T-REX) */
+    ATMOE_MOR1E_ROUTE_ROUTER,    /* s = 0: g = k_router om p */
+    ATMOE_MOR1E_ROUTE_INTUITION  /* router off: g = k_intuition (1 - om) s */
+} atmoe_mor1e_routing;
+
+/* The reference code's constants k_router and k_intuition. */
+#define ATMOE_MOR1E_K_ROUTER 32.0f
+#define ATMOE_MOR1E_K_INTUITION 4.0f
+
+/* A rank-1 expert layer.  Fill every field (ATMOE_NODE_NONE for absent
+ * nodes); all nodes are f32 (w0 also f16 or bf16) and unbatched except
+ * scores and gate_index. */
+typedef struct atmoe_mor1e_layer {
+    atmoe_node w0;        /* [d_out, d_in] base weight */
+    atmoe_node bias;      /* [d_out] or ATMOE_NODE_NONE */
+    atmoe_node a;         /* [r1, d_in] down vectors */
+    atmoe_node b;         /* [d_out, r2] up vectors */
+    atmoe_node w_r;       /* [E, d_in] router; ATMOE_NODE_NONE with
+                             ATMOE_MOR1E_ROUTE_INTUITION */
+    atmoe_node w_om, w_c; /* [1] gate weights */
+    atmoe_node scores;    /* intuition scores: [S, K] with gate_index, [1, K]
+                             for every token, or [T, K] (batched like x)
+                             one row per token; ATMOE_NODE_NONE with
+                             ATMOE_MOR1E_ROUTE_ROUTER */
+    atmoe_node score_map; /* [K, E], or ATMOE_NODE_NONE when K = E */
+    atmoe_node gate_index; /* i32 [T]: each token's row of scores (its
+                              sample); a token whose index is outside
+                              [0, S) gets s = 0.  Or ATMOE_NODE_NONE */
+    atmoe_mor1e_variant variant;
+    atmoe_mor1e_routing routing;
+    float k_router, k_intuition; /* ATMOE_MOR1E_K_ROUTER, _K_INTUITION */
+    int top_k;                   /* 0 keeps all */
+} atmoe_mor1e_layer;
+
+/* The layer's router, for interpretability and load balancing; mark the
+ * nodes as outputs to read them.  p [T, E]: the router's softmax (before
+ * top-k; ATMOE_NODE_NONE with the router off); gates [T, E]: g as it
+ * drives the mix (0 for experts top-k dropped); load [E]: the fraction of
+ * tokens whose largest gate is the expert's (the f_i of a Switch-style
+ * balancing loss N sum_i f_i P_i); importance [E]: the mean of p over the
+ * tokens (P_i; ATMOE_NODE_NONE with the router off).  load and importance
+ * are computed only when an output needs them. */
+typedef struct atmoe_mor1e_trace {
+    atmoe_node p, gates, load, importance;
+} atmoe_mor1e_trace;
+
+/* Adds one rank-1 expert layer over x [T, d_in]: the router's logits in
+ * the same pass over x as the shrink (W_r stacked under A), one kernel for
+ * softmax, intuition mix, top-k, gates and mix, then the base projection
+ * with the expand.  trace may be NULL. */
+ATMOE_API atmoe_status atmoe_graph_mor1e_layer(atmoe_graph *graph,
+                                               atmoe_node x,
+                                               const atmoe_mor1e_layer *layer,
+                                               atmoe_node *y,
+                                               atmoe_mor1e_trace *trace);
+
+/* The reference initialisation: a [r1, d_in] Kaiming-uniform as PyTorch's
+ * kaiming_uniform_(a = sqrt(5)) (uniform in +-1/sqrt(d_in)) from seed,
+ * b, w_r, w_om and w_c zero.  Any of b, w_r, w_om, w_c may be NULL (left
+ * as they are); all are f32 tensors of one context. */
+ATMOE_API atmoe_status atmoe_mor1e_init(atmoe_tensor *a, atmoe_tensor *b,
+                                        atmoe_tensor *w_r,
+                                        atmoe_tensor *w_om,
+                                        atmoe_tensor *w_c, uint64_t seed);
+
+/* ------------------------------------------------------------------------ */
 /* safetensors files                                                         */
 /* ------------------------------------------------------------------------ */
 
@@ -1195,6 +1293,11 @@ typedef struct atmoe_manifest_info {
     int checked;     /* atmoe_manifest_check() has succeeded */
     size_t d_in;     /* the stack's input and output widths, once checked */
     size_t d_out;
+    /* The centroids C [clusters, embedding_dim] that score the samples of
+     * rank-1 modules (file NULL when the manifest names none); the sizes
+     * once checked, else 0. */
+    const char *centroids_file, *centroids_tensor;
+    size_t clusters, embedding_dim;
 } atmoe_manifest_info;
 
 ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *manifest,
@@ -1225,6 +1328,15 @@ typedef struct atmoe_manifest_module {
     int top_k_groups, top_k_experts;
     size_t masks, fixed;   /* the router's masks and fixed weights */
     size_t d_in, d_out;    /* once checked, else 0 */
+    /* A rank-1 expert module (atmoe_graph_mor1e_layer): rank1 is 1, and
+     * groups and experts are 0. */
+    int rank1;
+    atmoe_mor1e_variant variant;
+    atmoe_mor1e_routing routing;
+    atmoe_manifest_tensor a, b, w_r, w_om, w_c, score_map;
+    float k_router, k_intuition;
+    int top_k;
+    size_t r1, r2, rank1_experts; /* once checked, else 0 */
 } atmoe_manifest_module;
 
 ATMOE_API atmoe_status atmoe_manifest_get_module(
@@ -1293,6 +1405,29 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
                                             atmoe_node *outputs,
                                             atmoe_layer_trace *traces,
                                             atmoe_node *y);
+
+/* The per-sample inputs of atmoe_manifest_build_with.  Fill every field
+ * (ATMOE_NODE_NONE for absent nodes). */
+typedef struct atmoe_manifest_inputs {
+    atmoe_node router_input; /* AT-MoE modules: [S, d_in] or NONE */
+    atmoe_node gate_index;   /* i32 [T]: each token's sample, or NONE */
+    /* Rank-1 modules' intuition: the samples' instruction embeddings
+     * e [S, D] (mean-pooled), L2-normalised and scored s = C e against the
+     * manifest's centroids, or the scores [S, K] themselves (scores wins
+     * when both are given); [1, .] serves every token without gate_index. */
+    atmoe_node embeddings, scores;
+} atmoe_manifest_inputs;
+
+/* atmoe_manifest_build for manifests with rank-1 modules (it also builds
+ * the others): inputs as above; rank1_traces (may be NULL) receives one
+ * entry per module, ATMOE_NODE_NONE in those of modules of LoRA experts
+ * (as traces does for rank-1 modules).  A rank-1 module whose routing uses
+ * the intuition needs scores, or embeddings and the manifest's centroids. */
+ATMOE_API atmoe_status atmoe_manifest_build_with(
+    atmoe_manifest *manifest, atmoe_graph *graph, atmoe_node x,
+    const atmoe_manifest_inputs *inputs, atmoe_node *outputs,
+    atmoe_layer_trace *traces, atmoe_mor1e_trace *rank1_traces,
+    atmoe_node *y);
 
 /* ------------------------------------------------------------------------ */
 /* Training: trainable parameters by name, the optimiser, checkpoints        */

@@ -85,6 +85,22 @@ expect 0 "on 6 token(s)" "run with one router row per sequence"
     "$tmp/trace-seq.safetensors" ||
     fail "run's per-sequence outputs differ from the reference"
 
+# Rank-1 experts (tests/fixtures/make_mor1e.py): scored from the input's
+# embeddings against the manifest's centroids, traced.
+r1="$fx/mor1e"
+run run "$r1/manifest.json" --input "$r1/x.safetensors" \
+    --output "$tmp/y-r1.safetensors" --trace "$tmp/trace-r1.safetensors"
+expect 0 "ran 2 layer(s), 2 module(s) on 5 token(s)" "run of rank-1 experts"
+"$compare" "$r1/expected.safetensors" 1e-5 "$tmp/y-r1.safetensors" \
+    "$tmp/trace-r1.safetensors" ||
+    fail "run's rank-1 outputs and traces differ from the reference"
+run inspect "$r1/manifest.json"
+expect 0 "rank-1 experts v2 (r1 2, r2 3, 6 experts)" "inspect of rank-1 modules"
+run run "$r1/manifest.json" --input "$m/x.safetensors" \
+    --output "$tmp/y-r1b.safetensors"
+expect 1 "uses the intuition" "run of rank-1 experts without embeddings"
+[ -e "$tmp/y-r1b.safetensors" ] && fail "a failed rank-1 run wrote its output"
+
 # Without --trace only the outputs are written.
 run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/y2.safetensors"
 expect 0 "wrote $tmp/y2.safetensors" "run without a trace"

@@ -141,13 +141,15 @@ if [ "$have_torch" -eq 1 ]; then
         grep -q "^decode  *small  *$T torch " "$tmp/out" ||
             fail "the table has no decode T=$T torch row"
     done
-    grep -q "^mor1e  *small  *512 torch " "$tmp/out" ||
-        fail "the table has no mor1e torch row"
+    for T in 1 16 512; do
+        grep -q "^mor1e  *small  *$T torch " "$tmp/out" ||
+            fail "the table has no mor1e T=$T torch row"
+    done
     n=$(grep -c '"variant": "torch"' "$tmp/peer.json")
-    [ "$n" -eq 4 ] || fail "the JSON holds $n torch results, not 4"
+    [ "$n" -eq 6 ] || fail "the JSON holds $n torch results, not 6"
     n=$(grep -c '"host_allocations_max": null' "$tmp/peer.json")
-    [ "$n" -eq 4 ] ||
-        fail "$n results, not the 4 torch ones, have no host figures"
+    [ "$n" -eq 6 ] ||
+        fail "$n results, not the 6 torch ones, have no host figures"
     grep -q '"peer": {' "$tmp/peer.json" || fail "the JSON has no peer"
 fi
 if [ "$have_gnuplot" -eq 1 ]; then

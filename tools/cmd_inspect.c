@@ -185,6 +185,14 @@ static int inspect_manifest(const char *path)
     if (info.checked)
         printf(", %zu -> %zu features", info.d_in, info.d_out);
     printf("\n");
+    if (info.centroids_file) {
+        printf("  centroids %s in %s", info.centroids_tensor,
+               info.centroids_file);
+        if (info.checked)
+            printf(": %zu clusters of %zu", info.clusters,
+                   info.embedding_dim);
+        printf("\n");
+    }
     size_t last_layer = 0;
     uint64_t device_bytes = 0;
     for (size_t i = 0; i < info.modules; i++) {
@@ -203,6 +211,32 @@ static int inspect_manifest(const char *path)
         printf("    %s%s", mod.name, mod.is_output ? " (output)" : "");
         if (info.checked)
             printf(": %zu -> %zu", mod.d_in, mod.d_out);
+        if (mod.rank1) {
+            static const char *const routing[] = {"router and intuition",
+                                                  "router only",
+                                                  "intuition only"};
+            printf(", rank-1 experts %s", mod.variant == ATMOE_MOR1E_V1
+                                              ? "v1" : "v2");
+            if (info.checked)
+                printf(" (r1 %zu, r2 %zu, %zu experts)", mod.r1, mod.r2,
+                       mod.rank1_experts);
+            printf("\n");
+            print_tensor("weight", &mod.weight, s, 0);
+            print_tensor("bias", &mod.bias, s, 1);
+            printf("      gates   %s, k_router %g, k_intuition %g, top-k %d "
+                   "(0: all)\n", routing[mod.routing], mod.k_router,
+                   mod.k_intuition, mod.top_k);
+            print_tensor("a", &mod.a, NULL, 0);
+            print_tensor("b", &mod.b, NULL, 0);
+            print_tensor("w_r", &mod.w_r, NULL, 0);
+            print_tensor("w_om", &mod.w_om, NULL, 0);
+            print_tensor("w_c", &mod.w_c, NULL, 0);
+            print_tensor("map", &mod.score_map, NULL, 0);
+            if ((!mod.w_r.file && mod.routing != ATMOE_MOR1E_ROUTE_INTUITION) ||
+                !mod.w_om.file || !mod.w_c.file)
+                printf("      (absent w_r, w_om, w_c are zeros)\n");
+            continue;
+        }
         printf(", c %g", mod.c);
         if (s)
             printf(", %llu bytes on the device",

@@ -1,6 +1,8 @@
 /* atmoe run MANIFEST --input X --output Y [--trace T] [--device D]: applies
  * a manifest's layers to the tokens of X and writes every module's output,
- * and with --trace the router's gates, as safetensors files. */
+ * and with --trace the routers' gates, as safetensors files.  Rank-1
+ * modules read the samples' instruction embeddings or intuition scores
+ * from X. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -13,23 +15,36 @@
 #include "cli.h"
 
 typedef struct run_inputs {
-    float *x, *router_input;
+    float *x, *router_input, *samples;
     int32_t *gate_index;
     size_t tokens, rows; /* rows of router_input, 0 without */
+    int has_index;
+    /* Rank-1 modules: "embeddings" [S, D] or "scores" [S, K]. */
+    const char *samples_name; /* NULL without either */
+    size_t sample_rows, sample_cols;
 } run_inputs;
 
-/* Reads x [T, d_in], and router_input [S, d_in] with gate_index [T] when
- * the file has them. */
-static int read_inputs(const char *path, size_t d_in, run_inputs *in)
+/* Reads x [T, d_in], router_input [S, d_in], gate_index [T], and
+ * embeddings [S, D] or scores [S, K] when the file has them. */
+static int read_inputs(const char *path, const atmoe_manifest_info *info,
+                       run_inputs *in)
 {
+    size_t d_in = info->d_in;
     atmoe_safetensors *f;
     atmoe_status st = atmoe_safetensors_open(NULL, path, &f);
     if (st != ATMOE_STATUS_OK)
         return cli_fail(path, st, NULL);
     int rc = EXIT_OK;
-    atmoe_safetensors_tensor x, r, g;
+    atmoe_safetensors_tensor x, r, g, e;
     int has_r = atmoe_safetensors_find(f, "router_input", &r) == ATMOE_STATUS_OK;
     int has_g = atmoe_safetensors_find(f, "gate_index", &g) == ATMOE_STATUS_OK;
+    /* Scores win over embeddings, as atmoe_manifest_build_with says. */
+    in->samples_name =
+        atmoe_safetensors_find(f, "scores", &e) == ATMOE_STATUS_OK ? "scores"
+        : atmoe_safetensors_find(f, "embeddings", &e) == ATMOE_STATUS_OK
+            ? "embeddings"
+            : NULL;
+    int has_e = in->samples_name != NULL;
     if ((st = atmoe_safetensors_find(f, "x", &x)) != ATMOE_STATUS_OK) {
         rc = cli_fail(path, st, NULL);
     } else if (x.ndim != 2 || x.shape[1] != d_in || x.shape[0] == 0 ||
@@ -37,10 +52,21 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
         fprintf(stderr, "atmoe run: %s: tensor x must be [T, %zu], T >= 1\n",
                 path, d_in);
         rc = EXIT_FAILED;
-    } else if (has_r != has_g) {
+    } else if (has_r != has_g && !has_e) {
         fprintf(stderr, "atmoe run: %s: router_input and gate_index go "
                         "together (one router row per sequence, one index "
                         "per token)\n", path);
+        rc = EXIT_FAILED;
+    } else if (has_e && (e.ndim != 2 || e.shape[0] == 0 || e.shape[1] == 0 ||
+                         e.shape[0] > INT32_MAX || e.shape[1] > INT32_MAX ||
+                         (!strcmp(in->samples_name, "embeddings") &&
+                          e.shape[1] != info->embedding_dim))) {
+        fprintf(stderr, "atmoe run: %s: tensor %s must be [S, %s]\n", path,
+                in->samples_name,
+                strcmp(in->samples_name, "embeddings") ? "K"
+                : info->embedding_dim ? "D of the manifest's centroids"
+                                      : "D (and the manifest names no "
+                                        "centroids)");
         rc = EXIT_FAILED;
     } else if (has_r && (r.ndim != 2 || r.shape[1] != d_in || r.shape[0] == 0 ||
                          r.shape[0] > INT32_MAX)) {
@@ -57,20 +83,29 @@ static int read_inputs(const char *path, size_t d_in, run_inputs *in)
     if (rc == EXIT_OK) {
         in->tokens = x.shape[0];
         in->rows = has_r ? r.shape[0] : 0;
+        in->has_index = has_g;
+        in->sample_rows = has_e ? e.shape[0] : 0;
+        in->sample_cols = has_e ? e.shape[1] : 0;
         in->x = malloc(in->tokens * d_in * sizeof *in->x);
-        if (has_r) {
+        if (has_r)
             in->router_input = malloc(in->rows * d_in * sizeof *in->router_input);
+        if (has_g)
             in->gate_index = malloc(in->tokens * sizeof *in->gate_index);
-        }
-        if (in->x == NULL || (has_r && (in->router_input == NULL ||
-                                        in->gate_index == NULL)))
+        if (has_e)
+            in->samples = malloc(in->sample_rows * in->sample_cols *
+                                 sizeof *in->samples);
+        if (in->x == NULL || (has_r && in->router_input == NULL) ||
+            (has_g && in->gate_index == NULL) || (has_e && in->samples == NULL))
             rc = cli_out_of_memory(path);
     }
     if (rc == EXIT_OK &&
         ((st = atmoe_safetensors_read_f32(f, "x", in->x, in->tokens * d_in)) ||
          (has_r && (st = atmoe_safetensors_read_f32(f, "router_input",
                                                     in->router_input,
-                                                    in->rows * d_in)))))
+                                                    in->rows * d_in))) ||
+         (has_e && (st = atmoe_safetensors_read_f32(
+                        f, in->samples_name, in->samples,
+                        in->sample_rows * in->sample_cols)))))
         rc = cli_fail(path, st, NULL);
     /* Indexes are little-endian, as stored; out-of-range ones route a
      * token to no gate row, as atmoe_graph_mixture says. */
@@ -171,6 +206,21 @@ static int rename_both(const char *from_out, const char *out,
     return EXIT_FAILED;
 }
 
+/* A module's traces, named as trace_names says: a, d and w of a router,
+ * or p, gates, load and importance of rank-1 experts; ATMOE_NODE_NONE
+ * where it has none. */
+enum { TRACES = 7 };
+static const char *const trace_names[TRACES] = {"a", "d", "w", "p", "gates",
+                                                "load", "importance"};
+
+static void trace_nodes(const atmoe_layer_trace *t,
+                        const atmoe_mor1e_trace *r, atmoe_node out[TRACES])
+{
+    const atmoe_node all[TRACES] = {t->a, t->d, t->w, r->p, r->gates,
+                                    r->load, r->importance};
+    memcpy(out, all, sizeof all);
+}
+
 static int run_usage(void)
 {
     fprintf(stderr, "usage: atmoe run MANIFEST --input X.safetensors --output "
@@ -210,36 +260,48 @@ static int run(int argc, char **argv)
     atmoe_manifest_info info;
     atmoe_manifest_get_info(m, &info);
     run_inputs in = {0};
-    int rc = read_inputs(input, info.d_in, &in);
+    int rc = read_inputs(input, &info, &in);
     atmoe_context *ctx = NULL;
     atmoe_graph *g = NULL;
     atmoe_safetensors_writer *out = NULL, *tr = NULL;
     atmoe_node *ys = malloc(info.modules * sizeof *ys);
     atmoe_layer_trace *ts = malloc(info.modules * sizeof *ts);
+    atmoe_mor1e_trace *rts = malloc(info.modules * sizeof *rts);
     float *buf = NULL;
     const char *what = "building the graph";
-    if (rc == EXIT_OK && (ys == NULL || ts == NULL))
+    if (rc == EXIT_OK && (ys == NULL || ts == NULL || rts == NULL))
         rc = cli_out_of_memory("atmoe run");
     if (rc == EXIT_OK)
         rc = cli_open_device(device, &ctx);
     if (rc != EXIT_OK)
         goto out;
-    atmoe_node x, rin = ATMOE_NODE_NONE, gix = ATMOE_NODE_NONE, y;
+    atmoe_node x, rin = ATMOE_NODE_NONE, gix = ATMOE_NODE_NONE,
+                  smp = ATMOE_NODE_NONE, y;
     size_t xs[2] = {in.tokens, info.d_in}, rs[2] = {in.rows, info.d_in};
+    size_t ss[2] = {in.sample_rows, in.sample_cols};
     if ((st = atmoe_graph_new(ctx, &g)) ||
         (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &x)) ||
         (in.rows && (st = atmoe_graph_input(g, "router_input", ATMOE_DTYPE_F32,
                                             2, rs, 0, &rin))) ||
-        (in.rows && (st = atmoe_graph_input(g, "gate_index", ATMOE_DTYPE_I32,
-                                            1, xs, 0, &gix))) ||
-        (st = atmoe_manifest_build(m, g, x, rin, gix, ys, ts, &y)))
+        (in.has_index && (st = atmoe_graph_input(g, "gate_index",
+                                                 ATMOE_DTYPE_I32, 1, xs, 0,
+                                                 &gix))) ||
+        (in.samples_name &&
+         (st = atmoe_graph_input(g, in.samples_name, ATMOE_DTYPE_F32, 2, ss,
+                                 0, &smp))))
+        goto fail;
+    int scores = in.samples_name && strcmp(in.samples_name, "scores") == 0;
+    atmoe_manifest_inputs mi = {rin, gix, scores ? ATMOE_NODE_NONE : smp,
+                                scores ? smp : ATMOE_NODE_NONE};
+    if ((st = atmoe_manifest_build_with(m, g, x, &mi, ys, ts, rts, &y)))
         goto fail;
     for (size_t i = 0; i < info.modules && st == ATMOE_STATUS_OK; i++) {
         st = atmoe_graph_mark_output(g, ys[i]);
-        if (trace && st == ATMOE_STATUS_OK &&
-            (st = atmoe_graph_mark_output(g, ts[i].a)) == ATMOE_STATUS_OK &&
-            (st = atmoe_graph_mark_output(g, ts[i].d)) == ATMOE_STATUS_OK)
-            st = atmoe_graph_mark_output(g, ts[i].w);
+        atmoe_node tn[TRACES];
+        trace_nodes(&ts[i], &rts[i], tn);
+        for (int k = 0; trace && k < TRACES && st == ATMOE_STATUS_OK; k++)
+            if (tn[k] != ATMOE_NODE_NONE)
+                st = atmoe_graph_mark_output(g, tn[k]);
     }
     if (st != ATMOE_STATUS_OK)
         goto fail;
@@ -251,9 +313,14 @@ static int run(int argc, char **argv)
         (in.rows &&
          (st = atmoe_graph_set_input(g, rin, in.router_input,
                                      in.rows * info.d_in * sizeof(float), 0))) ||
-        (in.rows && (st = atmoe_graph_set_input(g, gix, in.gate_index,
-                                                in.tokens * sizeof(int32_t),
-                                                0))) ||
+        (in.has_index && (st = atmoe_graph_set_input(
+                              g, gix, in.gate_index,
+                              in.tokens * sizeof(int32_t), 0))) ||
+        (in.samples_name &&
+         (st = atmoe_graph_set_input(g, smp, in.samples,
+                                     in.sample_rows * in.sample_cols *
+                                         sizeof(float),
+                                     0))) ||
         (st = atmoe_context_finish(ctx)))
         goto fail;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -265,8 +332,12 @@ static int run(int argc, char **argv)
     /* One buffer, for the largest result read back. */
     size_t largest = 0;
     for (size_t i = 0; i < info.modules; i++) {
-        const atmoe_node tn[4] = {ys[i], ts[i].a, ts[i].d, ts[i].w};
-        for (int k = 0; k < (trace ? 4 : 1); k++) {
+        atmoe_node tn[TRACES + 1];
+        tn[0] = ys[i];
+        trace_nodes(&ts[i], &rts[i], tn + 1);
+        for (int k = 0; k < (trace ? TRACES + 1 : 1); k++) {
+            if (tn[k] == ATMOE_NODE_NONE)
+                continue;
             int nd;
             uint64_t sh[ATMOE_MAX_DIMS];
             size_t n = node_count(g, tn[k], &nd, sh);
@@ -287,10 +358,13 @@ static int run(int argc, char **argv)
         atmoe_manifest_get_module(m, i, &mod);
         snprintf(name, sizeof name, "layers.%zu.%s", mod.layer, mod.name);
         st = save_node(g, ys[i], out, name, buf);
-        const atmoe_node tn[3] = {ts[i].a, ts[i].d, ts[i].w};
-        for (int k = 0; trace && k < 3 && st == ATMOE_STATUS_OK; k++) {
-            snprintf(name, sizeof name, "layers.%zu.%s.%c", mod.layer,
-                     mod.name, "adw"[k]);
+        atmoe_node tn[TRACES];
+        trace_nodes(&ts[i], &rts[i], tn);
+        for (int k = 0; trace && k < TRACES && st == ATMOE_STATUS_OK; k++) {
+            if (tn[k] == ATMOE_NODE_NONE)
+                continue;
+            snprintf(name, sizeof name, "layers.%zu.%s.%s", mod.layer,
+                     mod.name, trace_names[k]);
             st = save_node(g, tn[k], tr, name, buf);
         }
     }
@@ -337,10 +411,12 @@ out:
     atmoe_manifest_free(m);
     free(ys);
     free(ts);
+    free(rts);
     free(buf);
     free(in.x);
     free(in.router_input);
     free(in.gate_index);
+    free(in.samples);
     return rc;
 }
 

@@ -533,19 +533,110 @@ out:
     return st;
 }
 
+/* A string member that is one of names (NULL-terminated); *out its
+ * index, def when absent. */
+static atmoe_status get_choice(parser *p, const json_t *obj, const char *key,
+                               const char *const *names, int def, int *out)
+{
+    const char *v;
+    atmoe_status st = get_str(p, obj, key, 0, &v);
+    *out = def;
+    if (st != ATMOE_STATUS_OK || v == NULL)
+        return st;
+    for (int i = 0; names[i]; i++)
+        if (strcmp(v, names[i]) == 0) {
+            *out = i;
+            return ATMOE_STATUS_OK;
+        }
+    size_t mark = push_key(p, key);
+    char list[128] = "";
+    size_t n = 0;
+    for (int i = 0; names[i] && n < sizeof list; i++)
+        n += (size_t)snprintf(list + n, sizeof list - n, "%s\"%s\"",
+                              i ? ", " : "", names[i]);
+    st = bad(p, "is \"%s\", must be one of %s", v, list);
+    pop(p, mark);
+    return st;
+}
+
+/* "rank1": {"variant", "routing", "a", "b", "w_r", "w_om", "w_c",
+ * "score_map", "k_router", "k_intuition", "top_k"}. */
+static atmoe_status parse_rank1(parser *p, const json_t *mod, atm_mmodule *m)
+{
+    static const char *const keys[] = {
+        "variant", "routing", "a", "b", "w_r", "w_om", "w_c", "score_map",
+        "k_router", "k_intuition", "top_k", NULL};
+    static const char *const variants[] = {"v1", "v2", NULL};
+    static const char *const routings[] = {"both", "router", "intuition",
+                                           NULL};
+    static const char *const other[] = {"groups", "general", "router", "c",
+                                        NULL};
+    const json_t *r = json_object_get(mod, "rank1");
+    for (const char *const *k = other; *k; k++)
+        if (json_object_get(mod, *k)) {
+            size_t mark = push_key(p, *k);
+            atmoe_status st = bad(p, "belongs to a module of LoRA experts; "
+                                     "this one has \"rank1\" experts");
+            pop(p, mark);
+            return st;
+        }
+    size_t mark = push_key(p, "rank1");
+    int variant, routing;
+    atmoe_status st;
+    m->rank1 = 1;
+    if ((st = expect_object(p, r)) || (st = only_keys(p, r, keys)) ||
+        (st = get_choice(p, r, "variant", variants, 1, &variant)) ||
+        (st = get_choice(p, r, "routing", routings, 0, &routing)))
+        goto out;
+    m->variant = variant ? ATMOE_MOR1E_V2 : ATMOE_MOR1E_V1;
+    m->routing = routing == 0   ? ATMOE_MOR1E_ROUTE_BOTH
+                 : routing == 1 ? ATMOE_MOR1E_ROUTE_ROUTER
+                                : ATMOE_MOR1E_ROUTE_INTUITION;
+    if ((st = parse_ref(p, r, "a", 0, 1, &m->a)) ||
+        (st = parse_ref(p, r, "b", 0, 1, &m->b)) ||
+        (st = parse_ref(p, r, "w_r", 0, 0, &m->w_r)) ||
+        (st = parse_ref(p, r, "w_om", 0, 0, &m->w_om)) ||
+        (st = parse_ref(p, r, "w_c", 0, 0, &m->w_c)) ||
+        (st = parse_ref(p, r, "score_map", 0, 0, &m->score_map)) ||
+        (st = get_num(p, r, "k_router", -INFINITY, INFINITY, 0,
+                      ATMOE_MOR1E_K_ROUTER, &m->k_router)) ||
+        (st = get_num(p, r, "k_intuition", -INFINITY, INFINITY, 0,
+                      ATMOE_MOR1E_K_INTUITION, &m->k_intuition)) ||
+        (st = get_int(p, r, "top_k", 0, MAX_ITEMS, 0, 0, &m->top_k)))
+        goto out;
+    if (m->routing == ATMOE_MOR1E_ROUTE_INTUITION && m->w_r.file) {
+        push_key(p, "w_r");
+        st = bad(p, "is given but the routing is \"intuition\" (router "
+                    "off)");
+    } else if (m->routing == ATMOE_MOR1E_ROUTE_ROUTER && m->score_map.file) {
+        push_key(p, "score_map");
+        st = bad(p, "is given but the routing is \"router\" (no "
+                    "intuition)");
+    }
+out:
+    pop(p, mark);
+    return st;
+}
+
 static atmoe_status parse_module(parser *p, const json_t *v, atm_mmodule *m)
 {
     static const char *const keys[] = {"weight", "bias", "groups", "general",
-                                       "router", "c", "experts_dtype", NULL};
+                                       "router", "c", "experts_dtype", "rank1",
+                                       NULL};
     atmoe_status st;
     m->lambda = 1.0f;
     m->experts_dtype = ATM_DTYPE_INHERIT;
     if ((st = expect_object(p, v)) || (st = only_keys(p, v, keys)) ||
         (st = get_dtype(p, v, "experts_dtype", &m->experts_dtype)) ||
         (st = parse_ref(p, v, "weight", 1, 1, &m->weight)) ||
-        (st = parse_ref(p, v, "bias", 0, 0, &m->bias)) ||
-        (st = parse_groups(p, v, m)) || (st = parse_router(p, v, m)) ||
-        (st = get_num(p, v, "c", -INFINITY, INFINITY, 0, 1.0f, &m->c)))
+        (st = parse_ref(p, v, "bias", 0, 0, &m->bias)))
+        return st;
+    if (json_object_get(v, "rank1"))
+        st = parse_rank1(p, v, m);
+    else if ((st = parse_groups(p, v, m)) == ATMOE_STATUS_OK &&
+             (st = parse_router(p, v, m)) == ATMOE_STATUS_OK)
+        st = get_num(p, v, "c", -INFINITY, INFINITY, 0, 1.0f, &m->c);
+    if (st != ATMOE_STATUS_OK)
         return st;
     if ((m->where = dup_str(p->path)) == NULL)
         return oom(p);
@@ -633,8 +724,8 @@ static atmoe_status parse_root(parser *p, atmoe_manifest *mf,
                                const json_t *root)
 {
     static const char *const keys[] = {"version", "description", "weights",
-                                       "dtype", "allow_nonfinite", "layers",
-                                       NULL};
+                                       "dtype", "allow_nonfinite", "centroids",
+                                       "layers", NULL};
     atmoe_status st;
     int version;
     const char *weights, *description;
@@ -659,6 +750,8 @@ static atmoe_status parse_root(parser *p, atmoe_manifest *mf,
         return st;
     if (weights && (p->weights = resolve(p, weights)) == NULL)
         return oom(p);
+    if ((st = parse_ref(p, root, "centroids", 0, 0, &mf->centroids)))
+        return st;
     const json_t *layers = json_object_get(root, "layers");
     push_key(p, "layers");
     if (layers == NULL)
@@ -702,6 +795,12 @@ ATMOE_API void atmoe_manifest_free(atmoe_manifest *manifest)
         free_ref(&m->bias);
         free_ref(&m->w_g);
         free_ref(&m->w_d);
+        free_ref(&m->a);
+        free_ref(&m->b);
+        free_ref(&m->w_r);
+        free_ref(&m->w_om);
+        free_ref(&m->w_c);
+        free_ref(&m->score_map);
         for (size_t e = 0; m->experts && e < m->count; e++) {
             atm_free(m->experts[e].adapter);
             atm_free(m->experts[e].module);
@@ -721,6 +820,7 @@ ATMOE_API void atmoe_manifest_free(atmoe_manifest *manifest)
         atmoe_adapter_free(manifest->adapters[i].adapter);
     }
     atm_free(manifest->adapters);
+    free_ref(&manifest->centroids);
     atm_free(manifest);
 }
 
@@ -836,6 +936,10 @@ ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *manifest,
     info->checked = manifest->checked;
     info->d_in = manifest->d_in;
     info->d_out = manifest->d_out;
+    info->centroids_file = manifest->centroids.file;
+    info->centroids_tensor = manifest->centroids.tensor;
+    info->clusters = manifest->checked ? manifest->clusters : 0;
+    info->embedding_dim = manifest->checked ? manifest->embedding_dim : 0;
     return ATMOE_STATUS_OK;
 }
 
@@ -877,6 +981,21 @@ ATMOE_API atmoe_status atmoe_manifest_get_module(
         .fixed = m->n_fixed,
         .d_in = manifest->checked ? m->d_in : 0,
         .d_out = manifest->checked ? m->d_out : 0,
+        .rank1 = m->rank1,
+        .variant = m->variant,
+        .routing = m->routing,
+        .a = public_ref(&m->a),
+        .b = public_ref(&m->b),
+        .w_r = public_ref(&m->w_r),
+        .w_om = public_ref(&m->w_om),
+        .w_c = public_ref(&m->w_c),
+        .score_map = public_ref(&m->score_map),
+        .k_router = m->k_router,
+        .k_intuition = m->k_intuition,
+        .top_k = m->top_k,
+        .r1 = manifest->checked ? m->r1 : 0,
+        .r2 = manifest->checked ? m->r2 : 0,
+        .rank1_experts = manifest->checked ? m->E : 0,
     };
     return ATMOE_STATUS_OK;
 }

@@ -61,6 +61,15 @@ typedef struct atm_mmodule {
     atmoe_safetensors_dtype a_stored, b_stored;
     atmoe_dtype a_dtype, b_dtype;
     size_t total_rank; /* of the experts and the general LoRA */
+    /* A rank-1 expert module ("rank1"; atmoe_graph_mor1e_layer) instead of
+     * groups of LoRA experts. */
+    int rank1;
+    atmoe_mor1e_variant variant;
+    atmoe_mor1e_routing routing;
+    atm_mref a, b, w_r, w_om, w_c, score_map;
+    float k_router, k_intuition;
+    int top_k;
+    size_t r1, r2, E; /* set by the check */
 } atm_mmodule;
 
 typedef struct atm_mfile {
@@ -85,6 +94,10 @@ struct atmoe_manifest {
     size_t n_adapters;
     int dtype;           /* the default of every weight ("dtype") */
     int allow_nonfinite; /* "allow_nonfinite": NaN and Inf pass */
+    /* The clustering's centroids C [K, D] that score the samples of rank-1
+     * modules; K and D set by the check. */
+    atm_mref centroids;
+    size_t clusters, embedding_dim;
 };
 
 /* The device type of a weight the file stores as stored, asked as asked

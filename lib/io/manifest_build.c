@@ -143,6 +143,49 @@ static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
     return ATMOE_STATUS_OK;
 }
 
+/* The tensors of a rank-1 module: A [r1, d_in], B [d_out, r2], W_r
+ * [E, d_in], the gates [1], the score map [K, E]; v1 with r1 = r2, top_k
+ * at most E, and K = E without a map when the centroids give K. */
+static atmoe_status check_rank1(atmoe_manifest *mf, atm_mmodule *m)
+{
+    atmoe_safetensors_tensor t;
+    atmoe_status st;
+    if ((st = find_tensor(mf, m, "rank1.a", &m->a, 2, 0, m->d_in, &t)))
+        return st;
+    m->r1 = t.shape[0];
+    if ((st = find_tensor(mf, m, "rank1.b", &m->b, 2, m->d_out, 0, &t)))
+        return st;
+    m->r2 = t.shape[1];
+    if (m->variant == ATMOE_MOR1E_V1 && m->r1 != m->r2)
+        return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s.rank1: v1 needs r1 = r2; a has %zu down vectors "
+                        "and b %zu up vectors", m->where, m->r1, m->r2);
+    m->E = m->variant == ATMOE_MOR1E_V1 ? m->r1 : m->r1 * m->r2;
+    if (m->top_k < 0 || (size_t)m->top_k > m->E)
+        return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s.rank1.top_k: is %d, more than the %zu experts",
+                        m->where, m->top_k, m->E);
+    if ((m->w_r.file &&
+         (st = find_tensor(mf, m, "rank1.w_r", &m->w_r, 2, m->E, m->d_in,
+                           &t))) ||
+        (m->w_om.file &&
+         (st = find_tensor(mf, m, "rank1.w_om", &m->w_om, 1, 1, 0, &t))) ||
+        (m->w_c.file &&
+         (st = find_tensor(mf, m, "rank1.w_c", &m->w_c, 1, 1, 0, &t))))
+        return st;
+    if (m->score_map.file &&
+        (st = find_tensor(mf, m, "rank1.score_map", &m->score_map, 2,
+                          mf->clusters, m->E, &t)))
+        return st;
+    if (!m->score_map.file && mf->centroids.file &&
+        m->routing != ATMOE_MOR1E_ROUTE_ROUTER && mf->clusters != m->E)
+        return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "%s.rank1: the centroids hold %zu clusters for %zu "
+                        "experts; give a score_map [%zu, %zu]", m->where,
+                        mf->clusters, m->E, mf->clusters, m->E);
+    return ATMOE_STATUS_OK;
+}
+
 static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
 {
     atmoe_safetensors_tensor t;
@@ -168,6 +211,8 @@ static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
         if (st != ATMOE_STATUS_OK)
             return st;
     }
+    if (m->rank1)
+        return check_rank1(mf, m);
     for (size_t i = 0; i < m->count; i++) {
         atm_mexpert *e = &m->experts[i];
         char key[64];
@@ -246,6 +291,23 @@ ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *manifest)
     ATM_CHECK_NULL(NULL, manifest);
     if (manifest->checked)
         return ATMOE_STATUS_OK;
+    if (manifest->centroids.file) {
+        atmoe_safetensors *file;
+        atmoe_safetensors_tensor t;
+        atmoe_status st = open_file(manifest, manifest->centroids.file, &file);
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_safetensors_find(file, manifest->centroids.tensor, &t);
+        if (st != ATMOE_STATUS_OK)
+            return at(manifest->ctx, st, "centroids", "");
+        if (t.ndim != 2 || t.shape[0] == 0 || t.shape[1] == 0 ||
+            t.shape[0] > UINT32_MAX || t.shape[1] > UINT32_MAX)
+            return atm_fail(manifest->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                            "centroids: tensor %s of %s must be [K, D]",
+                            manifest->centroids.tensor,
+                            manifest->centroids.file);
+        manifest->clusters = t.shape[0];
+        manifest->embedding_dim = t.shape[1];
+    }
     for (size_t i = 0; i < manifest->count; i++) {
         atmoe_status st = check_module(manifest, &manifest->modules[i]);
         if (st != ATMOE_STATUS_OK)
@@ -473,6 +535,70 @@ static atmoe_status add_module(atmoe_manifest *mf, atmoe_graph *g,
     return st;
 }
 
+/* A rank-1 module over x, scored by scores (NONE: none). */
+static atmoe_status add_rank1(atmoe_manifest *mf, atmoe_graph *g,
+                              const atm_mmodule *m, atmoe_node x,
+                              atmoe_node scores, atmoe_node gate_index,
+                              atmoe_node *y, atmoe_mor1e_trace *trace)
+{
+    int router = m->routing != ATMOE_MOR1E_ROUTE_INTUITION;
+    int intuition = m->routing != ATMOE_MOR1E_ROUTE_ROUTER;
+    atmoe_mor1e_layer L = {
+        .w0 = ATMOE_NODE_NONE, .bias = ATMOE_NODE_NONE, .a = ATMOE_NODE_NONE,
+        .b = ATMOE_NODE_NONE, .w_r = ATMOE_NODE_NONE,
+        .w_om = ATMOE_NODE_NONE, .w_c = ATMOE_NODE_NONE,
+        .scores = intuition ? scores : ATMOE_NODE_NONE,
+        .score_map = ATMOE_NODE_NONE,
+        .gate_index = intuition ? gate_index : ATMOE_NODE_NONE,
+        .variant = m->variant, .routing = m->routing,
+        .k_router = m->k_router, .k_intuition = m->k_intuition,
+        .top_k = m->top_k};
+    if (intuition && scores == ATMOE_NODE_NONE)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "the module's routing uses the intuition: its "
+                        "samples need scores, or embeddings and the "
+                        "manifest's centroids (atmoe_manifest_build_with)");
+    /* Absent W_r, w_om and w_c are zeros: the reference initialisation. */
+    atmoe_status st;
+    if ((st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, &L.w0)) ||
+        (m->bias.file &&
+         (st = add_tensor(mf, g, &m->bias, m->d_out, 0, &L.bias))) ||
+        (st = add_tensor(mf, g, &m->a, m->r1, m->d_in, &L.a)) ||
+        (st = add_tensor(mf, g, &m->b, m->d_out, m->r2, &L.b)) ||
+        (router && (st = add_tensor(mf, g, &m->w_r, m->E, m->d_in, &L.w_r))) ||
+        (st = add_tensor(mf, g, &m->w_om, 1, 0, &L.w_om)) ||
+        (st = add_tensor(mf, g, &m->w_c, 1, 0, &L.w_c)))
+        return st;
+    if (m->score_map.file) {
+        size_t K = g->nodes[scores].shape[1];
+        if ((st = add_tensor(mf, g, &m->score_map, K, m->E, &L.score_map)))
+            return st;
+    }
+    return atmoe_graph_mor1e_layer(g, x, &L, y, trace);
+}
+
+/* The samples' scores: given, or C e from L2-normalised embeddings. */
+static atmoe_status sample_scores(atmoe_manifest *mf, atmoe_graph *g,
+                                  const atmoe_manifest_inputs *in,
+                                  atmoe_node *scores)
+{
+    *scores = in->scores;
+    if (in->scores != ATMOE_NODE_NONE || in->embeddings == ATMOE_NODE_NONE)
+        return ATMOE_STATUS_OK;
+    if (mf->centroids.file == NULL)
+        return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "atmoe_manifest_build_with: embeddings are given but "
+                        "the manifest names no centroids to score them");
+    atmoe_node c, e;
+    atmoe_status st;
+    if ((st = add_tensor(mf, g, &mf->centroids, mf->clusters,
+                         mf->embedding_dim, &c)) ||
+        (st = atmoe_graph_l2norm(g, in->embeddings, -1, 1e-12f, &e)))
+        return st;
+    return atmoe_graph_matmul(g, e, c, ATMOE_NODE_NONE,
+                              ATMOE_MATMUL_TRANSPOSE_B, scores);
+}
+
 ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
                                             atmoe_graph *graph, atmoe_node x,
                                             atmoe_node router_input,
@@ -481,8 +607,21 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
                                             atmoe_layer_trace *traces,
                                             atmoe_node *y)
 {
+    atmoe_manifest_inputs in = {router_input, gate_index, ATMOE_NODE_NONE,
+                                ATMOE_NODE_NONE};
+    return atmoe_manifest_build_with(manifest, graph, x, &in, outputs, traces,
+                                     NULL, y);
+}
+
+ATMOE_API atmoe_status atmoe_manifest_build_with(
+    atmoe_manifest *manifest, atmoe_graph *graph, atmoe_node x,
+    const atmoe_manifest_inputs *inputs, atmoe_node *outputs,
+    atmoe_layer_trace *traces, atmoe_mor1e_trace *rank1_traces,
+    atmoe_node *y)
+{
     ATM_CHECK_NULL(NULL, manifest);
     ATM_CHECK_NULL(manifest->ctx, graph);
+    ATM_CHECK_NULL(graph->ctx, inputs);
     ATM_CHECK_NULL(graph->ctx, y);
     atmoe_status st = atmoe_manifest_check(manifest);
     if (st != ATMOE_STATUS_OK)
@@ -492,19 +631,47 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
     /* Outputs and traces reach the caller only when every module went in. */
     atmoe_node *outs = atm_malloc(manifest->count * sizeof *outs);
     atmoe_layer_trace *ts = atm_malloc(manifest->count * sizeof *ts);
-    if (outs == NULL || ts == NULL) {
+    atmoe_mor1e_trace *rs = atm_malloc(manifest->count * sizeof *rs);
+    if (outs == NULL || ts == NULL || rs == NULL) {
         atm_free(outs);
         atm_free(ts);
+        atm_free(rs);
         return oom(graph->ctx, "atmoe_manifest_build");
     }
     size_t mark = graph->count;
-    atmoe_node h = x, next = x;
+    atmoe_node h = x, next = x, scores = ATMOE_NODE_NONE;
+    static const atmoe_layer_trace no_trace = {ATMOE_NODE_NONE,
+                                               ATMOE_NODE_NONE,
+                                               ATMOE_NODE_NONE};
+    static const atmoe_mor1e_trace no_rank1 = {
+        ATMOE_NODE_NONE, ATMOE_NODE_NONE, ATMOE_NODE_NONE, ATMOE_NODE_NONE};
+    /* The samples are scored once, for every layer.  gate_index goes to
+     * modules of LoRA experts with their router_input (or, in a manifest
+     * without rank-1 modules, to be refused there without it). */
+    int any_rank1 = 0, intuition = 0;
+    for (size_t i = 0; i < manifest->count; i++) {
+        const atm_mmodule *m = &manifest->modules[i];
+        any_rank1 |= m->rank1;
+        intuition |= m->rank1 && m->routing != ATMOE_MOR1E_ROUTE_ROUTER;
+    }
+    atmoe_node lora_index =
+        inputs->router_input != ATMOE_NODE_NONE || !any_rank1
+            ? inputs->gate_index
+            : ATMOE_NODE_NONE;
+    if (intuition)
+        st = sample_scores(manifest, graph, inputs, &scores);
     for (size_t i = 0; i < manifest->count && st == ATMOE_STATUS_OK; i++) {
         const atm_mmodule *m = &manifest->modules[i];
         if (i > 0 && m->layer != manifest->modules[i - 1].layer)
             h = next;
-        st = add_module(manifest, graph, m, h, router_input, gate_index, &outs[i],
-                        &ts[i]);
+        ts[i] = no_trace;
+        rs[i] = no_rank1;
+        if (m->rank1)
+            st = add_rank1(manifest, graph, m, h, scores, inputs->gate_index,
+                           &outs[i], &rs[i]);
+        else
+            st = add_module(manifest, graph, m, h, inputs->router_input,
+                            lora_index, &outs[i], &ts[i]);
         if (st != ATMOE_STATUS_OK)
             st = at(graph->ctx, st, m->where, "");
         else if (m->is_output)
@@ -514,8 +681,11 @@ ATMOE_API atmoe_status atmoe_manifest_build(atmoe_manifest *manifest,
         memcpy(outputs, outs, manifest->count * sizeof *outs);
     if (st == ATMOE_STATUS_OK && traces)
         memcpy(traces, ts, manifest->count * sizeof *ts);
+    if (st == ATMOE_STATUS_OK && rank1_traces)
+        memcpy(rank1_traces, rs, manifest->count * sizeof *rs);
     atm_free(outs);
     atm_free(ts);
+    atm_free(rs);
     if (st != ATMOE_STATUS_OK) {
         atm_graph_truncate(graph, mark);
         return st;

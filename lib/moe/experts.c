@@ -10,17 +10,6 @@
 #include "moe/experts.h"
 #include "base/log.h"
 
-int atm_weight_type(atmoe_dtype dtype)
-{
-    switch (dtype) {
-    case ATMOE_DTYPE_F32: return 0;
-    case ATMOE_DTYPE_F16: return 1;
-    case ATMOE_DTYPE_BF16: return 2;
-    case ATMOE_DTYPE_I32: break;
-    }
-    return -1;
-}
-
 /* x as the storage type holds it (f32, f16 or bf16), widened back. */
 static float stored_value(atmoe_dtype dtype, float x)
 {

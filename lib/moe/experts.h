@@ -4,6 +4,7 @@
 #define ATMOE_EXPERTS_H
 
 #include "tensor/tensor.h"
+#include "moe/linear.h" /* atm_weight_type */
 
 typedef struct atm_expert {
     int group;     /* -1 for the general LoRA */
@@ -44,9 +45,6 @@ struct atmoe_experts {
                                   1 - lambda folded in */
 };
 
-/* Whether cl/linear.cl reads a weight of this storage type (f32, f16,
- * bf16), and its code there (-DWT / -DBT: 0, 1, 2); -1 for none. */
-int atm_weight_type(atmoe_dtype dtype);
 
 /* Whether some expert of the set has a trainable B: the optimiser then
  * updates the transposed copy bt only, so the forward must not read b

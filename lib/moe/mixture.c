@@ -15,6 +15,7 @@
 #include "graph/graph.h"
 #include "moe/experts.h"
 #include "moe/mixture.h"
+#include "moe/linear.h"
 
 
 /* Kernel slots: cl/linear.cl for 1, 2 and 3+ tokens (its tile) over the
@@ -40,41 +41,10 @@ static const char *mix_name(atmoe_mix mix)
     return "mix_dense";
 }
 
-/* The shape of a launch of cl/linear.cl for T tokens: the tile, rows and
- * tokens per work-item, and the block of SR x ST tiles walked together.
- * The launch size depends on all four, so the host chooses them and passes
- * them as build options.
- *
- * The tile: one token streams 8 rows; more tokens share each row load, up
- * to a 4 x 4 tile of float16 sums, which fills half of AVX-512's
- * registers.  Larger tiles spill; on PoCL 3.1 (2-core AVX-512) 4 x 4 was
- * within 10% of the best tile from 4 to 512 tokens.  The block comes from
- * the "linear" entry of the tuning database when it has one: 8 x 8 was the
- * best of 4 to 64 at 64 and 512 tokens on PoCL. */
-typedef struct linear_shape {
-    size_t rows, tokens; /* the tile */
-    size_t sr, st;       /* the block */
-} linear_shape;
-
 /* The blocks' index of the product whose kernels start at slot first. */
 static int block_of(int first)
 {
     return first == K_SHRINK1 ? 0 : first == K_BASE1 ? 1 : 2;
-}
-
-static linear_shape linear_shape_for(const mixture_params *mp, int first,
-                                     size_t T)
-{
-    int b = block_of(first);
-    linear_shape s = {T <= 2 ? 8 : 4, T <= 2 ? T : 4, mp->sr[b], mp->st[b]};
-    return s;
-}
-
-/* The kernel slot of a batch of T tokens, from the first of its three
- * (K_SHRINK1 or K_BASE1). */
-static int linear_slot(int first, size_t T)
-{
-    return first + (T == 1 ? 0 : T == 2 ? 1 : 2);
 }
 
 /* Whether every token uses the same (single) gate row. */
@@ -266,18 +236,13 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
 
 /* The kernel of cl/linear.cl for batches of b tokens into the slot of
  * first (K_SHRINK1, K_BASE1 or K_MERGED1), its W and B read as storage
- * types wt and bt. */
+ * types wt and bt, with the blocks of that product. */
 static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
                                   size_t b, int wt, int bt)
 {
-    linear_shape s =
-        linear_shape_for(ATM_NODE_PARAMS(mixture_params, n), first, b);
-    char options[96];
-    snprintf(options, sizeof options,
-             "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=%d", s.rows,
-             s.tokens, s.sr, s.st, wt, bt);
-    return atm_node_kernel(g, n, linear_slot(first, b), "linear", options,
-                           "linear");
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    int k = block_of(first);
+    return atm_linear_kernel(g, n, first, b, wt, bt, mp->sr[k], mp->st[k]);
 }
 
 /* The routes and the kernels every batch up to the planned one may use. */
@@ -447,51 +412,13 @@ static size_t mixture_gemm_scratch(atmoe_graph *g, const atm_node *n)
 
 /* ---------------------------------------------------------------- runs */
 
-/* One product of cl/linear.cl: y [T, rows] = x [T, k] w^T (+ bias)
- * (+ alpha z b^T with z [T, zw], b [rows, zw]); w and z may lie in the
- * arena, hence buffers and offsets. */
-typedef struct linear_call {
-    cl_mem y, w, z;
-    size_t y_offset, w_offset, z_offset;
-    const atmoe_tensor *x, *bias, *b;
-    size_t rows, k, zw;
-    float alpha;
-} linear_call;
-
+/* One product of cl/linear.cl with the kernels of linear_kernel(first). */
 static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
-                           int first, const linear_call *c, cl_event *ev)
+                           int first, const atm_linear_call *c, cl_event *ev)
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
-    linear_shape shape = linear_shape_for(mp, first, T);
-    /* Unused buffers are bound to x: kernels need a valid cl_mem. */
-    const atmoe_tensor *bias = c->bias ? c->bias : c->x;
-    atm_args args = {n->kernel[linear_slot(first, T)], 0, CL_SUCCESS};
-    atm_arg_buffer(&args, c->y);
-    atm_arg_ulong(&args, c->y_offset);
-    atm_arg_tensor(&args, c->x);
-    atm_arg_buffer(&args, c->w);
-    atm_arg_ulong(&args, c->w_offset);
-    atm_arg_ulong(&args, c->rows);
-    atm_arg_ulong(&args, c->k);
-    atm_arg_ulong(&args, T);
-    atm_arg_tensor(&args, bias);
-    atm_arg_int(&args, c->bias != NULL);
-    atm_arg_buffer(&args, c->zw ? c->z : c->x->buffer);
-    atm_arg_ulong(&args, c->z_offset);
-    atm_arg_tensor(&args, c->zw ? c->b : c->x);
-    atm_arg_ulong(&args, c->zw);
-    atm_arg_float(&args, c->alpha);
-    /* Whole blocks of SR x st tiles, as the kernel walks them. */
-    size_t row_tiles = (c->rows + shape.rows - 1) / shape.rows;
-    size_t token_tiles = (T + shape.tokens - 1) / shape.tokens;
-    size_t bt = token_tiles < shape.st ? token_tiles : shape.st;
-    size_t items = (row_tiles + shape.sr - 1) / shape.sr * shape.sr *
-                   ((token_tiles + bt - 1) / bt * bt);
-    /* CPU drivers run a work-group's items in a loop; one item per group
-     * lets each core take whole rows.  GPUs choose their own grouping. */
-    size_t local =
-        g->ctx->device->info.type == ATMOE_DEVICE_TYPE_CPU ? 1 : 0;
-    return atm_node_launch_local(g, n, &args, "linear", items, local, ev);
+    int k = block_of(first);
+    return atm_linear_run(g, n, T, first, mp->sr[k], mp->st[k], c, ev);
 }
 
 /* z = M(gates) u for T tokens, u and z in the node's scratch. */
@@ -566,7 +493,7 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     if (T <= mp->linear_upto) {
         /* W' is f32 whatever W0's type: the shrink's kernels read it, or
          * their f32 twins when A_all is stored in half precision. */
-        linear_call c = {y->buffer, w.buffer, NULL, y->offset, w.offset, 0,
+        atm_linear_call c = {y->buffer, w.buffer, NULL, y->offset, w.offset, 0,
                          x, bias, NULL, d_out, d_in, 0, 0.0f};
         int slot = set->a_dtype == ATMOE_DTYPE_F32 ? K_SHRINK1 : K_MERGED1;
         return linear(g, n, T, slot, &c, last);
@@ -588,12 +515,13 @@ static atmoe_status run_linear(atmoe_graph *g, atm_node *n, size_t T,
     const atmoe_tensor *x = atm_src_rt(g, n, 0), *w0 = atm_src_rt(g, n, 1);
     size_t u_off = n->work_offset / sizeof(float);
     size_t z_off = u_off + T * set->total_rank;
-    linear_call shrink = {g->arena, set->a->buffer, NULL, u_off,
-                          set->a->offset, 0, x, NULL, NULL,
-                          set->total_rank, set->d_in, 0, 0.0f};
-    linear_call base = {n->rt.buffer, w0->buffer, g->arena, n->rt.offset,
-                        w0->offset, z_off, x, atm_src_rt(g, n, 2),
-                        set->b, set->d_out, set->d_in, z_width(set), mp->c};
+    atm_linear_call shrink = {g->arena, set->a->buffer, NULL, u_off,
+                              set->a->offset, 0, x, NULL, NULL,
+                              set->total_rank, set->d_in, 0, 0.0f};
+    atm_linear_call base = {n->rt.buffer, w0->buffer, g->arena,
+                            n->rt.offset, w0->offset, z_off, x,
+                            atm_src_rt(g, n, 2), set->b, set->d_out,
+                            set->d_in, z_width(set), mp->c};
     atmoe_status st;
     if ((st = linear(g, n, T, K_SHRINK1, &shrink, first)) !=
             ATMOE_STATUS_OK ||
