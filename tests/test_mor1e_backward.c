@@ -47,6 +47,7 @@ typedef struct bcase {
     int top_k, score_mode, has_map; /* score_mode 0 per token, 1 per sample
                                        + gate_index, 2 one row */
     unsigned train;                 /* 1 << L_*: leaves trained */
+    int w0_f16; /* the frozen base stored as f16 (values exact in f16) */
     /* derived */
     size_t r1, r2, E, K, S, n[NL];
     double *v[NL], *target;
@@ -86,6 +87,9 @@ static void case_make(bcase *c, uint64_t seed)
     c->v[L_C][0] = -0.003;
     for (size_t e = 0; e < n[L_MAP]; e++)
         c->v[L_MAP][e] = 0.5 * (c->v[L_MAP][e] + 1.0);
+    if (c->w0_f16) /* multiples of 1/64 in [-1, 1]: exact in f16 */
+        for (size_t e = 0; e < n[L_W0]; e++)
+            c->v[L_W0][e] = round(c->v[L_W0][e] * 64.0) / 64.0;
     c->target = malloc(T_ROWS * D_OUT * sizeof(double));
     for (size_t e = 0; e < T_ROWS * D_OUT; e++)
         c->target[e] = test_uniform(&rng, -1, 1);
@@ -279,6 +283,9 @@ static void check_case(bcase *c, uint64_t seed)
         .k_router = ATMOE_MOR1E_K_ROUTER,
         .k_intuition = ATMOE_MOR1E_K_INTUITION, .top_k = c->top_k,
     };
+    if (c->w0_f16)
+        ck_assert_status(atmoe_graph_cast(g, L.w0, ATMOE_DTYPE_F16, &L.w0),
+                         ctx);
     atmoe_node y, target, loss;
     ck_assert_status(atmoe_graph_mor1e_layer(g, nd[L_X], &L, &y, NULL), ctx);
     target = input(g, "target", ATMOE_DTYPE_F32, 2, D_OUT);
@@ -383,11 +390,12 @@ START_TEST(test_v2_topk_samples_map)
 }
 END_TEST
 
-/* v1, top-2 of 3, one score row for all tokens. */
+/* v1, top-2 of 3, one score row for all tokens; the base stored as f16
+ * (dx through its f32 copy). */
 START_TEST(test_v1_topk_row)
 {
     bcase c = {.variant = ATMOE_MOR1E_V1, .routing = ATMOE_MOR1E_ROUTE_BOTH,
-               .top_k = 2, .score_mode = 2,
+               .top_k = 2, .score_mode = 2, .w0_f16 = 1,
                .train = TRAIN_ALL | 1u << L_X | 1u << L_SCORES};
     check_case(&c, 13);
 }
@@ -530,6 +538,56 @@ START_TEST(test_train)
 }
 END_TEST
 
+/* Bad input: a loss that reads the router's trace p, or the stats, is
+ * refused with a status and a message, and the graph is as it was (a
+ * plain loss over y then trains). */
+START_TEST(test_errors)
+{
+    atmoe_context *ctx = CTX = test_context();
+    bcase c = {.variant = ATMOE_MOR1E_V2, .routing = ATMOE_MOR1E_ROUTE_BOTH};
+    case_make(&c, 31);
+    atmoe_graph *g;
+    ck_assert_status(atmoe_graph_new(ctx, &g), ctx);
+    atmoe_node x = input(g, "x", ATMOE_DTYPE_F32, 2, D_IN);
+    atmoe_node a = param(g, "a", 2, c.r1, D_IN, c.v[L_A]);
+    atmoe_node w_r = param(g, "w_r", 2, c.E, D_IN, c.v[L_WR]);
+    ck_assert_status(atmoe_graph_set_trainable(g, a, 1), ctx);
+    ck_assert_status(atmoe_graph_set_trainable(g, w_r, 1), ctx);
+    atmoe_mor1e_layer L = {
+        .w0 = param(g, "w0", 2, D_OUT, D_IN, c.v[L_W0]),
+        .bias = ATMOE_NODE_NONE, .a = a,
+        .b = param(g, "b", 2, D_OUT, c.r2, c.v[L_B]), .w_r = w_r,
+        .w_om = param(g, "w_om", 1, 1, 0, c.v[L_OM]),
+        .w_c = param(g, "w_c", 1, 1, 0, c.v[L_C]),
+        .scores = input(g, "scores", ATMOE_DTYPE_F32, 2, c.K),
+        .score_map = ATMOE_NODE_NONE, .gate_index = ATMOE_NODE_NONE,
+        .variant = c.variant, .routing = c.routing,
+        .k_router = ATMOE_MOR1E_K_ROUTER,
+        .k_intuition = ATMOE_MOR1E_K_INTUITION,
+    };
+    atmoe_node y, target, mse, lb, loss, stats_loss;
+    atmoe_mor1e_trace tr;
+    ck_assert_status(atmoe_graph_mor1e_layer(g, x, &L, &y, &tr), ctx);
+    target = input(g, "target", ATMOE_DTYPE_F32, 2, D_OUT);
+    ck_assert_status(atmoe_graph_loss_mse(g, y, target, &mse), ctx);
+    ck_assert_status(atmoe_graph_loss_load_balance(g, tr.p, &lb), ctx);
+    ck_assert_status(atmoe_graph_add(g, mse, lb, &loss), ctx);
+    ck_assert_fails_clean(g, atmoe_graph_backward(g, loss), ctx,
+                          ATMOE_STATUS_NOT_SUPPORTED, "p trace");
+    /* The stats (counts and means of the traces) have no gradient. */
+    ck_assert_status(atmoe_graph_mean(g, tr.importance, 0, &stats_loss), ctx);
+    ck_assert_fails_clean(g, atmoe_graph_backward(g, stats_loss), ctx,
+                          ATMOE_STATUS_NOT_SUPPORTED, "mor1e_stats");
+    ck_assert_status(atmoe_graph_backward(g, mse), ctx);
+    atmoe_node ga;
+    ck_assert_status(atmoe_graph_get_grad(g, a, &ga), ctx);
+    ck_assert_status(atmoe_graph_plan(g, 0), ctx);
+    atmoe_graph_free(g);
+    case_free(&c);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("mor1e_backward");
@@ -540,6 +598,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_v1_topk_row);
     tcase_add_test(tc, test_ablations);
     tcase_add_test(tc, test_train);
+    tcase_add_test(tc, test_errors);
     suite_add_tcase(s, tc);
     return s;
 }
