@@ -419,6 +419,19 @@ START_TEST(test_ablations)
 }
 END_TEST
 
+/* Only the gates trained (A, B, W_r frozen): the route's kernel still
+ * runs for them alone; and only B (nothing through the route). */
+START_TEST(test_frozen)
+{
+    bcase c = {.variant = ATMOE_MOR1E_V2, .routing = ATMOE_MOR1E_ROUTE_BOTH,
+               .top_k = 3, .train = 1u << L_OM | 1u << L_C};
+    check_case(&c, 17);
+    bcase b = {.variant = ATMOE_MOR1E_V1, .routing = ATMOE_MOR1E_ROUTE_BOTH,
+               .train = 1u << L_B};
+    check_case(&b, 18);
+}
+END_TEST
+
 /* Training: a T-REX layer from atmoe_mor1e_init (B, W_r and the gates at
  * zero, A at PEFT's Kaiming bound) fitted with AdamW to the outputs of a
  * random teacher layer over the same frozen base and per-token scores,
@@ -597,6 +610,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_v2_topk_samples_map);
     tcase_add_test(tc, test_v1_topk_row);
     tcase_add_test(tc, test_ablations);
+    tcase_add_test(tc, test_frozen);
     tcase_add_test(tc, test_train);
     tcase_add_test(tc, test_errors);
     suite_add_tcase(s, tc);
