@@ -26,6 +26,7 @@
 #include "device/tuning.h"
 #include "graph/graph.h"
 #include "moe/linear.h"
+#include "moe/mor1e.h"
 
 /* The parameters of the shrink and expand nodes: the block of
  * cl/linear.cl's tiles and the largest batch it runs (then CLBlast). */
@@ -35,13 +36,8 @@ typedef struct linear_params {
     atmoe_dtype w0_dtype; /* expand: W0 as stored */
 } linear_params;
 
-/* The route node's: what the kernel needs beyond its operands. */
-typedef struct route_params {
-    size_t r1, r2, E;
-    int dense, has_router, has_scores;
-    float k_router, k_intuition;
-    int top_k;
-} route_params;
+/* The route node's (moe/mor1e.h: its backward reads them too). */
+typedef atm_mor1e_route route_params;
 
 extern const atm_op atm_op_mor1e_shrink, atm_op_mor1e_route,
     atm_op_mor1e_expand, atm_op_mor1e_stats;
@@ -191,6 +187,7 @@ const atm_op atm_op_mor1e_shrink = {
     .gemm_scratch = shrink_gemm_scratch,
     .run = shrink_run,
     .cost = shrink_cost,
+    .backward = atm_mor1e_shrink_backward,
 };
 
 /* ---------------------------------------------------------------- route */
@@ -253,6 +250,7 @@ const atm_op atm_op_mor1e_route = {
     .kernel = "mor1e_route",
     .run = route_run,
     .cost = route_cost,
+    .backward = atm_mor1e_route_backward,
 };
 
 /* ---------------------------------------------------------------- expand */
@@ -382,6 +380,7 @@ const atm_op atm_op_mor1e_expand = {
     .gemm_scratch = expand_gemm_scratch,
     .run = expand_run,
     .cost = expand_cost,
+    .backward = atm_mor1e_expand_backward,
 };
 
 /* ---------------------------------------------------------------- stats */
