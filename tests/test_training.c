@@ -58,6 +58,10 @@ static const int GROUP6[6] = {0, 0, 0, 1, 1, 2};
 static const size_t RANK6[6] = {3, 2, 2, 3, 2, 1};
 /* The layout tlayer_init gives layer 0 (later layers get GROUP5). */
 static int THREE_GROUPS;
+/* The gate c of the layers tlayer_init makes: the mixture's backward
+ * takes cl/linear.cl's route for c = 1 (AT-MoE's) and CLBlast's for any
+ * other c, so cases use both. */
+static float LAYER_C = 0.7f;
 
 static void tlayer_init(tlayer *L, size_t d_in, size_t d_out,
                         atmoe_router_form form, int topk_g, int topk_e,
@@ -78,7 +82,7 @@ static void tlayer_init(tlayer *L, size_t d_in, size_t d_out,
                       ? d_in * (size_t)(L->m.G * L->m.M)
                       : (size_t)(L->m.G * L->m.M);
     L->wd = alloc_uniform(L->wd_count, -1, 1);
-    L->c = 0.7f;
+    L->c = LAYER_C;
     snprintf(L->name, sizeof L->name, "%s", name);
 }
 
@@ -414,6 +418,14 @@ START_TEST(test_grad_projected)
 }
 END_TEST
 
+START_TEST(test_grad_projected_c1)
+{
+    LAYER_C = 1.0f;
+    run_grad_case(ATMOE_ROUTER_PROJECTED, 0, 0, NULL, 0);
+    LAYER_C = 0.7f;
+}
+END_TEST
+
 START_TEST(test_grad_scaled)
 {
     run_grad_case(ATMOE_ROUTER_SCALED, 0, 0, NULL, 0);
@@ -453,7 +465,9 @@ END_TEST
 
 START_TEST(test_grad_stacked)
 {
+    LAYER_C = 1.0f;
     run_grad_case(ATMOE_ROUTER_PROJECTED, 0, 2, NULL, 1);
+    LAYER_C = 0.7f;
 }
 END_TEST
 
@@ -951,6 +965,7 @@ static Suite *training_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_grad_projected);
+    tcase_add_test(tc, test_grad_projected_c1);
     tcase_add_test(tc, test_grad_scaled);
     tcase_add_test(tc, test_grad_topk);
     tcase_add_test(tc, test_grad_topk_groups);
