@@ -22,6 +22,18 @@
  *
  * and, with --peer torch, the same work in PyTorch (bench/peer.c).
  *
+ * train-step times a training step instead of a forward: the layer, an MSE
+ * loss against a target, atmoe_graph_backward (base frozen; experts' A and
+ * B and the router's W_G and W_D trainable), a read of the loss and
+ * atmoe_optimizer_step (AdamW).  fused is the AT-MoE layer, whose
+ * gradients come from the router's and the mixture's own backward rows;
+ * unfused the same composed graph as above, its gradients through the
+ * generic engine's matmul, softmax, mul, view ... backwards; torch the
+ * same layer under autograd with torch.optim.AdamW.  Its check compares
+ * the first forward's y (before any step); after each variant the
+ * router's and the unfused experts' weights are uploaded again, so that
+ * the next variant starts from the same weights.
+ *
  * Each run is timed by the wall clock around atmoe_graph_compute() and
  * atmoe_context_finish(), over --reps repetitions after --warmup ones, and
  * after each timed compute atmoe_graph_get_compute_stats() says what it cost
@@ -89,7 +101,7 @@ static const workload_def workloads[] = {
     {"mor1e", 1, "T = 1, 16, 512; T-REX rank-1 experts, r1 = 4, r2 = 8 (E = 32)"},
     {"many-experts", 1,
      "T = 64; 64 experts in 8 groups, top-2 groups, ranks 8 to 64"},
-    {"train-step", 0, "T = 256, d = 2048; forward, backward and AdamW"},
+    {"train-step", 1, "T = 256, d = 2048; forward, backward and AdamW"},
 };
 #define N_WORKLOADS (sizeof workloads / sizeof workloads[0])
 
@@ -102,6 +114,7 @@ typedef struct wl_shape {
     int mixed_ranks;    /* ranks 8..64 mixed, else 16 for every expert */
     int top_k_groups;   /* 0 keeps all */
     size_t r1, r2;      /* a T-REX adapter (mor1e); 0 for AT-MoE */
+    int train;          /* train-step: a training step, not a forward */
 } wl_shape;
 
 static const float TAU = 1.0f; /* both router temperatures */
@@ -116,7 +129,7 @@ static const float TREX_W_OM = 0.004f, TREX_W_C = -0.003f;
 static wl_shape make_shape(size_t index, int full)
 {
     wl_shape s = {workloads[index].name, full ? 4096 : 1024, 1, {0, 0, 0},
-                  4, 2, 0, 0, 0, 0};
+                  4, 2, 0, 0, 0, 0, 0};
     if (strcmp(s.name, "decode") == 0) {
         s.n_T = 3;
         s.T[0] = 1;
@@ -134,6 +147,13 @@ static wl_shape make_shape(size_t index, int full)
         s.r2 = 8;
         s.groups = 1;
         s.per_group = s.r1 * s.r2;
+    } else if (strcmp(s.name, "train-step") == 0) {
+        /* SPEC section 6: T = 256, d = 2048, 8 experts in 4 groups of
+         * rank 16; the small scale keeps the shape at a quarter of d and
+         * T (a step of tests/test_bench.sh). */
+        s.train = 1;
+        s.d = full ? 2048 : 512;
+        s.T[0] = full ? 256 : 64;
     } else { /* many-experts */
         s.T[0] = 64;
         s.groups = 8;
@@ -168,6 +188,7 @@ typedef struct wl_data {
     size_t E, R, T_max;
     size_t *rank;
     float *w0, *wg, *wd, *x, *h;
+    float *target; /* train-step: the MSE's target [T_max, d] */
     float **a, **b;
     size_t n_a, n_b; /* entries of a and ta, of b and tb */
     atmoe_tensor *tw0, *twg, *twd, **ta, **tb;
@@ -208,6 +229,7 @@ static void wl_free(wl_data *w)
     free(w->wd);
     free(w->x);
     free(w->h);
+    free(w->target);
     free(w->bias);
     free(w->wr);
     free(w->sb);
@@ -283,6 +305,8 @@ static int init_atmoe(atmoe_context *ctx, wl_data *w)
     w->wd = draw(w, "w_d", d, G * M, sd);
     w->x = draw(w, "x", w->T_max, d, 1.0f);
     w->h = draw(w, "h", 1, d, 1.0f);
+    if (s->train)
+        w->target = draw(w, "target", w->T_max, d, 1.0f);
 
     atmoe_status st = atmoe_experts_new(ctx, d, d, &w->set);
     if (st != ATMOE_STATUS_OK)
@@ -305,6 +329,10 @@ static int init_atmoe(atmoe_context *ctx, wl_data *w)
         if (upload(ctx, r, d, w->a[e], &w->ta[e]) ||
             upload(ctx, d, r, w->b[e], &w->tb[e]))
             return -1;
+        if (s->train &&
+            (st = atmoe_experts_set_trainable(w->set, e, ATMOE_TRAIN_A |
+                                                             ATMOE_TRAIN_B)))
+            return lib_error(ctx, st, "making an expert trainable");
     }
     st = atmoe_router_new(w->set, ATMOE_ROUTER_PROJECTED, TAU, TAU,
                           s->top_k_groups, 0, &w->router);
@@ -431,7 +459,26 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
  *            + (merged ? d_in : 0))          the pooled router input
  *
  * This is the least traffic any implementation needs (every weight read
- * once, no intermediate leaving the chip), the bound the roofline takes. */
+ * once, no intermediate leaving the chip), the bound the roofline takes.
+ *
+ * train-step adds to the forward's, with P = R (d_in + d_out) + d_in G
+ * (1 + M) trainable weights (the base is frozen and x needs no gradient,
+ * so nothing of the backward touches W0):
+ *
+ *   FLOPs += 3 T d_out                       the MSE and its gradient
+ *          + 2 T R d_out                     dz = dy B_all
+ *          + 2 T R                           d(gates) and du
+ *          + 2 T R d_out + 2 T R d_in        dB = dy^T z, dA = du^T x
+ *          + 2 T d_in G (1 + M)              dW_G and dW_D
+ *          + 12 P                            AdamW (moments, bias
+ *                                            corrections, decay, update)
+ *   (the router's softmax backward, O(T G M), left out as above)
+ *
+ *   bytes += 4 (T d_out                      the target
+ *             + T (d_in + d_out)             x and dy read again
+ *             + P                            the gradients written
+ *             + 7 P)                         AdamW: weight, gradient, m, v
+ *                                            read, weight, m, v written */
 static void count_work(const wl_data *w, size_t T, variant v, double *flops,
                        double *bytes)
 {
@@ -457,6 +504,13 @@ static void count_work(const wl_data *w, size_t T, variant v, double *flops,
     *bytes = w0b * d_out * d_in +
              4.0 * (R * (d_in + d_out) + d_in * G * (1.0 + M) +
                     t * (d_in + d_out) + rows * E + pooled);
+    if (w->s.train) {
+        double P = R * (d_in + d_out) + d_in * G * (1.0 + M);
+        *flops += 3.0 * t * d_out + 4.0 * t * R * d_out + 2.0 * t * R +
+                  2.0 * t * R * d_in + 2.0 * t * d_in * G * (1.0 + M) +
+                  12.0 * P;
+        *bytes += 4.0 * (t * d_out + t * (d_in + d_out) + 8.0 * P);
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -467,6 +521,7 @@ typedef struct built {
     atmoe_graph *g;
     atmoe_node x, h, y; /* h: ATMOE_NODE_NONE unless merged */
     atmoe_node sb;      /* T-REX's intuition score, else ATMOE_NODE_NONE */
+    atmoe_node target, loss; /* train-step, else ATMOE_NODE_NONE */
 } built;
 
 #define TRY(call)                                                            \
@@ -507,6 +562,10 @@ static atmoe_status build_fused(atmoe_graph *g, const wl_data *w, size_t T,
                          ATMOE_NODE_NONE, MIX_C};
     TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
     TRY(add_weights(g, w, 1, &layer.w0, &layer.w_g, &layer.w_d));
+    if (w->s.train) {
+        TRY(atmoe_graph_set_trainable(g, layer.w_g, 1));
+        TRY(atmoe_graph_set_trainable(g, layer.w_d, 1));
+    }
     TRY(atmoe_graph_moe_layer(g, b->x, &layer, &b->y, NULL));
 fail:
     return st;
@@ -561,6 +620,10 @@ static atmoe_status build_unfused(atmoe_graph *g, const wl_data *w, size_t T,
     float *eye = NULL, *stack = NULL, *neg = NULL;
     TRY(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0, &b->x));
     TRY(add_weights(g, w, 0, &w0, &wg, &wd));
+    if (w->s.train) {
+        TRY(atmoe_graph_set_trainable(g, wg, 1));
+        TRY(atmoe_graph_set_trainable(g, wd, 1));
+    }
 
     TRY(atmoe_graph_matmul(g, b->x, wg, ATMOE_NODE_NONE, 0, &lg));
     if (TAU != 1.0f)
@@ -615,6 +678,10 @@ static atmoe_status build_unfused(atmoe_graph *g, const wl_data *w, size_t T,
         TRY(atmoe_graph_parameter(g, name, w->ta[e], &ae));
         snprintf(name, sizeof name, "b%zu", e);
         TRY(atmoe_graph_parameter(g, name, w->tb[e], &be));
+        if (w->s.train) {
+            TRY(atmoe_graph_set_trainable(g, ae, 1));
+            TRY(atmoe_graph_set_trainable(g, be, 1));
+        }
         TRY(atmoe_graph_view(g, gates, start, one, &gate));
         TRY(atmoe_graph_scale(g, gate, MIX_C * s_e, &gate));
         TRY(atmoe_graph_matmul(g, b->x, ae, ATMOE_NODE_NONE,
@@ -736,7 +803,7 @@ static int build(atmoe_context *ctx, const wl_data *w, size_t T, variant v,
                  atmoe_merge merge, built *b)
 {
     memset(b, 0, sizeof *b);
-    b->h = b->sb = ATMOE_NODE_NONE;
+    b->h = b->sb = b->target = b->loss = ATMOE_NODE_NONE;
     atmoe_status st = atmoe_graph_new(ctx, &b->g);
     if (st != ATMOE_STATUS_OK)
         return lib_error(ctx, st, "creating a graph");
@@ -754,6 +821,16 @@ static int build(atmoe_context *ctx, const wl_data *w, size_t T, variant v,
         st = build_merged(b->g, w, T, merge, b);
     if (st == ATMOE_STATUS_OK)
         st = atmoe_graph_mark_output(b->g, b->y);
+    if (st == ATMOE_STATUS_OK && w->s.train) {
+        /* The loss and every trainable weight's gradient. */
+        size_t ts[2] = {T, w->s.d};
+        st = atmoe_graph_input(b->g, "target", ATMOE_DTYPE_F32, 2, ts, 0,
+                               &b->target);
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_graph_loss_mse(b->g, b->y, b->target, &b->loss);
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_graph_backward(b->g, b->loss);
+    }
     if (st != ATMOE_STATUS_OK) {
         lib_error(ctx, st, "building the graph");
         atmoe_graph_free(b->g);
@@ -780,6 +857,9 @@ static int set_inputs(atmoe_context *ctx, const wl_data *w, size_t T,
     if (st == ATMOE_STATUS_OK && b->sb != ATMOE_NODE_NONE)
         st = atmoe_graph_set_input(b->g, b->sb, w->sb, w->E * sizeof(float),
                                    0);
+    if (st == ATMOE_STATUS_OK && b->target != ATMOE_NODE_NONE)
+        st = atmoe_graph_set_input(b->g, b->target, w->target,
+                                   T * w->s.d * sizeof(float), 0);
     return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "setting inputs");
 }
 
@@ -796,6 +876,43 @@ static int read_output(atmoe_context *ctx, const built *b, float *y,
 {
     atmoe_status st = atmoe_graph_read(b->g, b->y, y, count * sizeof(float));
     return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "reading y");
+}
+
+/* A training step of train-step: the compute (forward and backward), the
+ * loss read back as a training loop reads it, and the AdamW step (which
+ * waits for the gradient norm), finished. */
+static int train_once(atmoe_context *ctx, const built *b,
+                      atmoe_optimizer *opt)
+{
+    float loss = NAN;
+    atmoe_status st = atmoe_graph_compute(b->g, 0);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_graph_read(b->g, b->loss, &loss, sizeof loss);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_optimizer_step(opt, loss, NULL);
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_context_finish(ctx);
+    return st == ATMOE_STATUS_OK ? 0 : lib_error(ctx, st, "a training step");
+}
+
+/* The weights a training step moves, uploaded again from the host: the
+ * router's (every variant's) and the unfused experts' (the fused ones are
+ * the set's own copy, which only the fused variant uses). */
+static int restore_weights(atmoe_context *ctx, const wl_data *w)
+{
+    size_t d = w->s.d, G = w->s.groups, GM = G * w->s.per_group;
+    atmoe_status st = atmoe_tensor_write(w->twg, w->wg, d * G * sizeof(float));
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_tensor_write(w->twd, w->wd, d * GM * sizeof(float));
+    for (size_t e = 0; st == ATMOE_STATUS_OK && e < w->E; e++) {
+        st = atmoe_tensor_write(w->ta[e], w->a[e],
+                                w->rank[e] * d * sizeof(float));
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_tensor_write(w->tb[e], w->b[e],
+                                    d * w->rank[e] * sizeof(float));
+    }
+    return st == ATMOE_STATUS_OK ? 0
+                                 : lib_error(ctx, st, "restoring weights");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -933,9 +1050,8 @@ static int parse_workloads(const char *list, int *selected)
             break;
         }
         if (!workloads[i].implemented) {
-            fprintf(stderr, PROGRAM ": workload %s is not available yet: "
-                    "the library has no backward pass (nor AdamW) to "
-                    "train with\n", t);
+            fprintf(stderr, PROGRAM ": workload %s is not available yet\n",
+                    t);
             rc = -1;
             break;
         }
@@ -1524,7 +1640,8 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
     size_t count = T * w->s.d;
     float *y = xcalloc(count, sizeof *y);
     float *mref = NULL;
-    built b = {NULL, 0, 0, 0, 0};
+    built b = {NULL, 0, 0, 0, 0, 0, 0};
+    atmoe_optimizer *opt = NULL;
     int rc = -1;
     *diff = NAN;
     if (v == VARIANT_MERGED) {
@@ -1541,9 +1658,24 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
     if (build(ctx, w, T, v, ATMOE_MERGE_ALWAYS, &b) ||
         set_inputs(ctx, w, T, &b))
         goto done;
+    if (w->s.train) {
+        /* torch.optim.AdamW's defaults, as the peer's. */
+        atmoe_optimizer_config cfg;
+        atmoe_status st = atmoe_optimizer_config_default(&cfg);
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_optimizer_new(b.g, &cfg, &opt);
+        if (st != ATMOE_STATUS_OK) {
+            lib_error(ctx, st, "creating the optimiser");
+            goto done;
+        }
+        /* The check: y of the first forward, before any step moves the
+         * weights. */
+        if (train_once(ctx, &b, opt) || read_output(ctx, &b, y, count))
+            goto done;
+    }
     for (int i = 0; i < o->warmup; i++) {
         progress_show(prog, w->s.name, T, v, "warm-up");
-        if (compute_once(ctx, b.g))
+        if (w->s.train ? train_once(ctx, &b, opt) : compute_once(ctx, b.g))
             goto done;
     }
     s->host_allocations_max = 0;
@@ -1552,7 +1684,7 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
         snprintf(stage, sizeof stage, "rep %d/%d", i + 1, o->reps);
         progress_show(prog, w->s.name, T, v, stage);
         double t0 = now_s();
-        if (compute_once(ctx, b.g))
+        if (w->s.train ? train_once(ctx, &b, opt) : compute_once(ctx, b.g))
             goto done;
         s->wall_s[i] = now_s() - t0;
         atmoe_compute_stats cs;
@@ -1565,7 +1697,9 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
         if (cs.host_allocations > s->host_allocations_max)
             s->host_allocations_max = cs.host_allocations;
     }
-    if (read_output(ctx, &b, y, count))
+    if (!w->s.train && read_output(ctx, &b, y, count))
+        goto done;
+    if (w->s.train && restore_weights(ctx, w))
         goto done;
     if (v == VARIANT_FUSED)
         memcpy(ref, y, count * sizeof *y);
@@ -1573,6 +1707,7 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
         *diff = rel_diff(y, v == VARIANT_MERGED ? mref : ref, count);
     rc = 0;
 done:
+    atmoe_optimizer_free(opt);
     atmoe_graph_free(b.g);
     free(y);
     free(mref);
@@ -1601,12 +1736,13 @@ static json_t *peer_workload(const wl_data *w)
                               json_real((double)(2.0f * (float)w->rank[e] /
                                                  (float)w->rank[e])));
     return json_pack(
-        "{s:s, s:s, s:I, s:I, s:O, s:I, s:I, s:i, s:f, s:f, s:f, s:o}",
+        "{s:s, s:s, s:I, s:I, s:O, s:I, s:I, s:i, s:f, s:f, s:f, s:o, s:b}",
         "name", w->s.name, "kind", "atmoe", "seed", (json_int_t)w->seed, "d",
         (json_int_t)w->s.d, "draws", w->draws, "groups",
         (json_int_t)w->s.groups, "per_group", (json_int_t)w->s.per_group,
         "top_k_groups", w->s.top_k_groups, "tau_g", (double)TAU, "tau_d",
-        (double)TAU, "c", (double)MIX_C, "scales", scales);
+        (double)TAU, "c", (double)MIX_C, "scales", scales, "train",
+        w->s.train);
 }
 
 static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
@@ -1636,6 +1772,8 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
             double diff;
             if (v == VARIANT_UNFUSED && isnan(fused_ms))
                 continue; /* nothing to check it against */
+            if (v == VARIANT_MERGED && s.train)
+                continue; /* per-token routing is what trains */
             if (time_variant(ctx, &w, T, (variant)v, o, prog, ref, &smp,
                              &diff)) {
                 progress_clear(prog);
@@ -1848,6 +1986,18 @@ static void print_results(const device_run *d)
            "fused variant's; check: largest difference from the reference,\n"
            "relative to the largest output (unfused and torch against fused, "
            "merged against\nthe unmerged mixture).\n");
+    int train = 0;
+    for (size_t i = 0; i < d->n; i++) {
+        const result *r = &d->results[i];
+        if (strcmp(r->workload, "train-step") != 0)
+            continue;
+        if (!train++)
+            printf("\ntrain-step (a whole step: forward, backward, loss read, "
+                   "AdamW):\n");
+        printf("  %-7s T=%zu d=%zu: %10.0f tokens/s, %5.1f%% of the roofline"
+               "\n", variant_names[r->variant], r->T, r->d_in,
+               (double)r->T / r->median_ms * 1e3, 100.0 * r->roofline);
+    }
 }
 
 /* One row per run, one column per device: median ms and roofline. */
@@ -1946,6 +2096,9 @@ static json_t *device_json(const options *o, const device_run *d)
             json_object_set_new(row, "r1", json_integer((json_int_t)r->r1));
             json_object_set_new(row, "r2", json_integer((json_int_t)r->r2));
         }
+        if (row && strcmp(r->workload, "train-step") == 0)
+            json_object_set_new(row, "tokens_per_s",
+                                json_num((double)r->T / r->median_ms * 1e3));
         if (row == NULL || json_array_append_new(results, row) != 0)
             return NULL;
     }

@@ -30,6 +30,14 @@ at the device's compute units:
           z = einsum('ti,tij->tj', F.linear(x, A), view(g, T, r1, r2))
           y = F.linear(x, W0, bias) + c F.linear(z, B)
 
+A workload with "train" set (train-step) times a training step instead:
+the atmoe layer with W_G, W_D and every A_e and B_e requiring gradients
+(W0 frozen), y = layer(x), loss = F.mse_loss(y, target), loss.backward(),
+loss.item() (the loss read, as the library's step reads it),
+torch.optim.AdamW's step (its defaults: lr 1e-3, betas 0.9 and 0.999,
+eps 1e-8, weight decay 0.01) and zero_grad(set_to_none=True).  Its output
+is y of the first step's forward, before any update.
+
 Each run is timed by time.perf_counter() around the layer, --warmup times
 untimed then --reps times; the median, minimum and maximum go back on stdout
 as one JSON object per line (see bench/peer.c for the protocol), and y to
@@ -195,7 +203,32 @@ def trex_layer(torch, F, w, spec):
     return layer
 
 
-def time_layer(layer, x, reps, warmup):
+def train_step(torch, F, w, spec, layer, target):
+    """A training step of the layer over x, and the first forward's y."""
+    E = spec["groups"] * spec["per_group"]
+    params = [w["w_g"], w["w_d"]]
+    params += [w["a%d" % e] for e in range(E)]
+    params += [w["b%d" % e] for e in range(E)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params)
+
+    def step(x):
+        y = layer(x)
+        loss = F.mse_loss(y, target[:x.shape[0]])
+        loss.backward()
+        loss.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return y.detach()
+
+    return step
+
+
+def time_layer(layer, x, reps, warmup, keep_first=False):
+    """keep_first: returns y of a first, untimed call instead of the last
+    (a training step's, whose weights move)."""
+    first = layer(x) if keep_first else None
     for _ in range(warmup):
         layer(x)
     times = []
@@ -203,7 +236,7 @@ def time_layer(layer, x, reps, warmup):
         t0 = time.perf_counter()
         y = layer(x)
         times.append(time.perf_counter() - t0)
-    return y, times
+    return (first if keep_first else y), times
 
 
 def run(spec_path):
@@ -227,21 +260,25 @@ def run(spec_path):
          blas=blas_libraries())
     reps, warmup = int(spec["reps"]), int(spec["warmup"])
     builders = {"atmoe": atmoe_layer, "trex": trex_layer}
-    with torch.no_grad():
-        for workload in spec["workloads"]:
-            runs = workload.get("runs", [])
-            if not runs:
-                continue
-            build = builders.get(workload["kind"])
-            if build is None:
-                fail("unknown workload kind %r" % workload["kind"])
+    for workload in spec["workloads"]:
+        runs = workload.get("runs", [])
+        if not runs:
+            continue
+        build = builders.get(workload["kind"])
+        if build is None:
+            fail("unknown workload kind %r" % workload["kind"])
+        train = bool(workload.get("train"))
+        with torch.set_grad_enabled(train):
             w = draw_weights(np, torch, workload, unused={"h"})
             layer = build(torch, F, w, workload)
+            if train:
+                layer = train_step(torch, F, w, workload, layer, w["target"])
             for r in runs:
                 T = int(r["T"])
                 emit(event="run", workload=workload["name"], T=T)
                 x = w["x"][:T].contiguous()
-                y, times = time_layer(layer, x, reps, warmup)
+                y, times = time_layer(layer, x, reps, warmup,
+                                      keep_first=train)
                 y.contiguous().numpy().astype(np.float32).tofile(r["output"])
                 emit(event="result", workload=workload["name"], T=T,
                      median_ms=1e3 * statistics.median(times),

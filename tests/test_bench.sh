@@ -1,7 +1,8 @@
 #!/bin/sh
 # atmoe-bench at the small scale with few repetitions: its outputs (the JSON
 # holds every field of the contract, the host figures of a compute in every
-# result, the CSV a row per run, the plot is an image), the mor1e workload, the PyTorch peer, and its errors (unknown or
+# result, the CSV a row per run, the plot is an image), the mor1e and
+# train-step workloads, the PyTorch peer, and its errors (unknown or
 # unavailable workload, unknown device, unwritable output file, a plot
 # without gnuplot, a peer without torch).  Exit 77 (a skip for automake's
 # harness) when there is no OpenCL device.  The parts that need gnuplot or
@@ -157,6 +158,31 @@ if [ "$have_gnuplot" -eq 1 ]; then
 fi
 ls "$tmp" | grep -q '\.tmp-' && fail "a temporary output file was left behind"
 
+# --- train-step: fused and unfused (and torch) training steps, no merged
+# row, each checked against the fused first forward, tokens per second
+# shellcheck disable=SC2086
+run --scale small --reps 1 --warmup 0 --workload train-step \
+    --json "$tmp/train.json" $peer
+[ "$rc" -eq 0 ] || { fail "the train-step run exited $rc"; cat "$tmp/err"; }
+cat "$tmp/out"
+for v in fused unfused; do
+    grep -q "^train-step  *small  *64 $v " "$tmp/out" ||
+        fail "the table has no train-step $v row"
+done
+grep -q "^train-step  *small  *64 merged " "$tmp/out" &&
+    fail "train-step has a merged row"
+grep -q "^  unfused T=64 d=512: .* tokens/s" "$tmp/out" ||
+    fail "the report has no tokens per second for train-step"
+"$tool" --check-json "$tmp/train.json" || fail "--check-json rejected the JSON"
+n=$(grep -c '"tokens_per_s":' "$tmp/train.json")
+want=2
+[ "$have_torch" -eq 1 ] && want=3
+[ "$n" -eq "$want" ] || fail "$n train-step results have tokens_per_s, not $want"
+if [ "$have_torch" -eq 1 ]; then
+    grep -q "^train-step  *small  *64 torch " "$tmp/out" ||
+        fail "the table has no train-step torch row"
+fi
+
 # --check-json refuses a file without the contract
 echo '{"device": {}}' > "$tmp/bad.json"
 run --check-json "$tmp/bad.json"
@@ -165,8 +191,6 @@ run --check-json "$tmp/bad.json"
 # --- errors
 run --workload no-such-workload
 expect 2 "unknown workload 'no-such-workload'" "an unknown workload" err
-run --workload train-step
-expect 2 "train-step is not available yet" "train-step" err
 run --workload decode --plot "$tmp/plot.txt"
 expect 2 "FILE.svg or FILE.png" "--plot to a .txt" err
 

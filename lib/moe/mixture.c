@@ -259,9 +259,14 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
     }
     mp->linear_upto = upto >= 1 ? (size_t)upto : 0;
     /* cl/linear.cl reads the set's second copy of B, which the optimiser
-     * does not update (experts.h): training runs through CLBlast, which
-     * reads B^T. */
-    if (atm_experts_trains_b(mp->experts))
+     * does not update (experts.h): while a B trains, the linear route
+     * refreshes it from B^T before each run (sync_b; training keeps B in
+     * f32), with the f32 copy kernel prepared below for any f32 B, so
+     * that a B made trainable after planning is refreshed too.  CLBlast's
+     * route would cost four times the linear one on PoCL (atmoe-bench's
+     * train-step). */
+    if (atm_experts_trains_b(mp->experts) &&
+        mp->experts->b_dtype != ATMOE_DTYPE_F32)
         mp->linear_upto = 0;
     mp->merge_from = merge_from(g, n);
 
@@ -297,7 +302,8 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
         st = atm_node_kernel(g, n, K_FOLD, "mixture", options, "fold_gates");
     }
     if (st == ATMOE_STATUS_OK &&
-        (n->src[2] != ATMOE_NODE_NONE || mp->merge_from <= T))
+        (n->src[2] != ATMOE_NODE_NONE || mp->merge_from <= T ||
+         (mp->linear_upto > 0 && set->b_dtype == ATMOE_DTYPE_F32)))
         st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
                              &n->kernel[K_COPY]);
     return st;
@@ -540,11 +546,26 @@ static atmoe_status mixture_run(atmoe_graph *g, atm_node *n, cl_event *first,
     if (T >= mp->merge_from)
         return run_merged(g, n, first, last);
     if (T <= mp->linear_upto) {
-        if (atm_experts_trains_b(mp->experts))
+        const atmoe_experts *set = mp->experts;
+        if (atm_experts_trains_b(set) && set->b_dtype == ATMOE_DTYPE_F32 &&
+            n->kernel[K_COPY] != NULL) {
+            /* sync_b: b [d_out, up] = bt^T, bt [up, d_out] read through a
+             * transposed view. */
+            atmoe_tensor src = *set->bt;
+            src.shape[0] = set->bt->shape[1];
+            src.shape[1] = set->bt->shape[0];
+            src.stride[0] = set->bt->stride[1];
+            src.stride[1] = set->bt->stride[0];
+            if ((st = atm_tensor_copy_with(n->kernel[K_COPY], set->b, &src,
+                                           first)))
+                return st;
+            first = NULL;
+        } else if (atm_experts_trains_b(set)) {
             return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                             "mixture '%s': an expert's B became trainable "
                             "after the graph was planned; plan it again",
                             n->name);
+        }
         return run_linear(g, n, T, first, last);
     }
 

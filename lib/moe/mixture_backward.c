@@ -37,7 +37,9 @@
 #include <string.h>
 
 #include "device/blas.h"
+#include "device/params.h"
 #include "graph/trainable.h"
+#include "moe/linear.h"
 #include "moe/mixture.h"
 
 /* The node computing du [T, R] (its result), c z [T, Z] (co[0]) and
@@ -46,12 +48,19 @@ typedef struct mixture_bw_params {
     atmoe_experts *experts; /* a reference */
     atmoe_mix mix;
     float c;
+    /* u and dz through cl/linear.cl (as the forward's shrink) for batches
+     * up to linear_upto, with c = 1 (the kernel has no factor on its
+     * product; CLBlast's GEMM takes c otherwise); the blocks in force for
+     * A's storage type and for f32 (B^T). */
+    size_t linear_upto;
+    unsigned sr[2], st[2];
 } mixture_bw_params;
 
 /* Operands of the node. */
 enum { S_X, S_GATES, S_INDEX, S_DY };
-/* Kernel slots: the mix's adjoint and the gates' gradient. */
-enum { K_ADJOINT, K_GATES };
+/* Kernel slots: the mix's adjoint and the gates' gradient, then
+ * cl/linear.cl's for u and for dz, three each (batches of 1, 2, 3+). */
+enum { K_ADJOINT, K_GATES, K_U1, K_DZ1 = K_U1 + 3 };
 
 static const atm_op atm_op_mixture_backward, atm_op_column_sum;
 static atmoe_status push(atmoe_graph *g, const atm_node *p, const char *name,
@@ -74,12 +83,35 @@ static const char *adjoint_name(atmoe_mix mix)
 
 static atmoe_status bw_prepare(atmoe_graph *g, atm_node *n)
 {
-    const mixture_bw_params *bp = ATM_NODE_PARAMS(mixture_bw_params, n);
+    mixture_bw_params *bp = ATM_NODE_PARAMS(mixture_bw_params, n);
+    const atmoe_experts *set = bp->experts;
     atmoe_status st = atm_node_kernel(g, n, K_ADJOINT, "mixture_backward",
                                       NULL, adjoint_name(bp->mix));
     if (st == ATMOE_STATUS_OK && n->co[1] != ATMOE_NODE_NONE)
         st = atm_node_kernel(g, n, K_GATES, "mixture_backward", NULL,
                              "gates_grad");
+    /* The forward's route rule (mixture.c): CLBlast's GEMMs of these
+     * skinny products ([T, d] x [d, R]) run at a third of cl/linear.cl's
+     * rate on PoCL (atmoe-bench's train-step). */
+    long upto = atm_param_get(g->ctx, ATM_PARAM_LINEAR_MAX_TOKENS);
+    int at = atm_weight_type(set->a_dtype);
+    bp->linear_upto = upto >= 1 && bp->c == 1.0f && at >= 0 ? (size_t)upto
+                                                             : 0;
+    bp->sr[0] = (unsigned)atm_param_linear_block(g->ctx, set->a_dtype, 0);
+    bp->st[0] = (unsigned)atm_param_linear_block(g->ctx, set->a_dtype, 1);
+    bp->sr[1] = (unsigned)atm_param_linear_block(g->ctx, ATMOE_DTYPE_F32, 0);
+    bp->st[1] = (unsigned)atm_param_linear_block(g->ctx, ATMOE_DTYPE_F32, 1);
+    size_t T = g->nodes[n->src[S_X]].shape[0];
+    static const size_t tile_batches[] = {1, 2, 3};
+    for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
+        size_t b = tile_batches[i];
+        if (b > T || b > bp->linear_upto)
+            break;
+        st = atm_linear_kernel(g, n, K_U1, b, at, 0, bp->sr[0], bp->st[0]);
+        if (st == ATMOE_STATUS_OK)
+            st = atm_linear_kernel(g, n, K_DZ1, b, 0, 0, bp->sr[1],
+                                   bp->st[1]);
+    }
     return st;
 }
 
@@ -145,11 +177,29 @@ static atmoe_status bw_run(atmoe_graph *g, atm_node *n, cl_event *first,
     /* The dense mix's width argument is r2; the others' the gates'. */
     size_t width = set->dense_r2 ? set->dense_r2 : gates->shape[1];
     const atmoe_tensor *cz = &g->nodes[n->co[0]].rt;
-    atm_gemm shrink = bw_gemm(g, n, 0), back = bw_gemm(g, n, 1);
     atmoe_status st;
-    if ((st = atm_graph_sgemm(g, &shrink, first)) ||
-        (st = atm_graph_sgemm(g, &back, NULL)))
-        return st;
+    if (T <= bp->linear_upto) {
+        /* u = x A_all^T and dz = dy (B_all^T)^T (c = 1), as the forward's
+         * shrink. */
+        const atmoe_tensor *x = atm_src_rt(g, n, S_X);
+        const atmoe_tensor *dy = atm_src_rt(g, n, S_DY);
+        atm_linear_call cu = {g->arena, set->a->buffer, NULL, u_off,
+                              set->a->offset, 0, x, NULL, NULL,
+                              R, set->d_in, 0, 0.0f};
+        atm_linear_call cd = {g->arena, set->bt->buffer, NULL, dz_off,
+                              set->bt->offset, 0, dy, NULL, NULL,
+                              Z, set->d_out, 0, 0.0f};
+        if ((st = atm_linear_run(g, n, T, K_U1, bp->sr[0], bp->st[0], &cu,
+                                 first)) ||
+            (st = atm_linear_run(g, n, T, K_DZ1, bp->sr[1], bp->st[1], &cd,
+                                 NULL)))
+            return st;
+    } else {
+        atm_gemm shrink = bw_gemm(g, n, 0), back = bw_gemm(g, n, 1);
+        if ((st = atm_graph_sgemm(g, &shrink, first)) ||
+            (st = atm_graph_sgemm(g, &back, NULL)))
+            return st;
+    }
 
     atm_args a = {n->kernel[K_ADJOINT], 0, CL_SUCCESS};
     atm_arg_tensor(&a, &n->rt);
