@@ -337,7 +337,8 @@ START_TEST(test_malformed)
          "'linear.q4' is not a program"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SRR\": 4}}}]}",
-         "no parameter 'SRR' (it has SR, ST, MAX_TOKENS)"},
+         "no parameter 'SRR' (it has SR, ST, MAX_TOKENS, VARIANT, "
+         "GROUP_SIZE, GROUP_ROWS)"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SR\": 0}}}]}",
          "kernels.linear.SR = 0 is not an integer in [1, 256]"},
