@@ -4,9 +4,9 @@
  * same arguments as cl/linear.cl's kernel so that the launches share them.
  *
  * A work-group of GS work-items (a power of two) owns GR consecutive rows
- * and shares each row's reduction: item l reads the elements l, l + GS,
- * l + 2 GS, ... of the group's rows, so that the items of a group read
- * consecutive addresses (coalesced loads), and keeps a GR x TB tile of
+ * and shares each row's reduction: item l reads the 4-element blocks l,
+ * l + GS, l + 2 GS, ... of the group's rows, so that the items of a group
+ * read consecutive addresses (coalesced loads), and keeps a GR x TB tile of
  * partial sums in registers; a tree over local memory then sums the GS
  * partials of each of the GR x TB outputs.  At decode (T = 1 on d = 4096)
  * cl/linear.cl gives 512 work-items each a whole row, which leaves most
@@ -42,43 +42,64 @@
 #define BT 0
 #endif
 
-/* A weight stored as t and one of its elements (index i) as f32: the
- * scalar half of cl/linear.cl's macros (its 16-wide loads are not used
- * here: neighbouring work-items read neighbouring elements). */
+/* A weight stored as t, and 4 of its elements (block i) or one (index i)
+ * as f32: cl/linear.cl's macros at the width of one work-item's load here
+ * (neighbouring work-items read neighbouring blocks, so a group's loads
+ * are one contiguous run). */
 #define STORE_0 float
 #define STORE_1 half
 #define STORE_2 ushort
 #define STORE_(t) STORE_##t
 #define STORE(t) STORE_(t)
+#define LOAD4_0(i, p) vload4((i), (p))
+#define LOAD4_1(i, p) vload_half4((i), (p))
+#define LOAD4_2(i, p) as_float4(convert_uint4(vload4((i), (p))) << 16)
 #define LOAD1_0(i, p) ((p)[i])
 #define LOAD1_1(i, p) vload_half((i), (p))
 #define LOAD1_2(i, p) as_float((uint)(p)[i] << 16)
+#define LOAD4_(t, i, p) LOAD4_##t(i, p)
 #define LOAD1_(t, i, p) LOAD1_##t(i, p)
 
-/* acc[r][t] += the partial dot product of a's row arow[r] and v's row
- * vrow[t] over the elements lid, lid + GS, ... below n. */
+/* acc[r][t] += scale times the partial dot product of a's row at arow[r]
+ * and v's row at vrow[t]: the 4-element blocks lid, lid + GS, ... of the
+ * n / 4 whole ones, then the elements lid, lid + GS, ... of the n % 4
+ * past them. */
 #define DEFINE_GROUP_DOT(name, T)                                             \
     inline void name(float acc[GR][TB], __global const STORE(T) *a,           \
                      const ulong arow[GR], __global const float *v,           \
                      const ulong vrow[TB], ulong n, ulong lid, float scale)   \
     {                                                                         \
-        float s[GR][TB];                                                      \
+        float4 s[GR][TB];                                                     \
         _Pragma("unroll") for (int r = 0; r < GR; r++)                        \
             _Pragma("unroll") for (int t = 0; t < TB; t++)                    \
-                s[r][t] = 0.0f;                                               \
-        for (ulong i = lid; i < n; i += GS) {                                 \
-            float vv[TB];                                                     \
+                s[r][t] = (float4)(0.0f);                                     \
+        ulong blocks = n / 4;                                                 \
+        for (ulong i = lid; i < blocks; i += GS) {                            \
+            float4 vv[TB];                                                    \
             _Pragma("unroll") for (int t = 0; t < TB; t++)                    \
-                vv[t] = v[vrow[t] + i];                                       \
+                vv[t] = vload4(i, v + vrow[t]);                               \
             _Pragma("unroll") for (int r = 0; r < GR; r++) {                  \
-                float av = LOAD1_(T, arow[r] + i, a);                         \
+                float4 av = LOAD4_(T, i, a + arow[r]);                        \
                 _Pragma("unroll") for (int t = 0; t < TB; t++)                \
                     s[r][t] = fma(av, vv[t], s[r][t]);                        \
             }                                                                 \
         }                                                                     \
+        float tail[GR][TB];                                                   \
         _Pragma("unroll") for (int r = 0; r < GR; r++)                        \
             _Pragma("unroll") for (int t = 0; t < TB; t++)                    \
-                acc[r][t] = fma(scale, s[r][t], acc[r][t]);                   \
+                tail[r][t] = 0.0f;                                            \
+        for (ulong i = blocks * 4 + lid; i < n; i += GS)                      \
+            _Pragma("unroll") for (int r = 0; r < GR; r++) {                  \
+                float av = LOAD1_(T, arow[r] + i, a);                         \
+                _Pragma("unroll") for (int t = 0; t < TB; t++)                \
+                    tail[r][t] = fma(av, v[vrow[t] + i], tail[r][t]);         \
+            }                                                                 \
+        _Pragma("unroll") for (int r = 0; r < GR; r++)                        \
+            _Pragma("unroll") for (int t = 0; t < TB; t++) {                  \
+                float4 q = s[r][t];                                           \
+                float sum = (q.x + q.y) + (q.z + q.w) + tail[r][t];           \
+                acc[r][t] = fma(scale, sum, acc[r][t]);                       \
+            }                                                                 \
     }
 
 DEFINE_GROUP_DOT(group_dot_w, WT)
