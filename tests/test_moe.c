@@ -2600,6 +2600,13 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_typed_refused);
     suite_add_tcase(s, tc);
 
+    /* What `make check-oclgrind` runs under oclgrind (CK_RUN_CASE): odd
+     * shapes over every storage type, small enough for its simulator. */
+    tc = tcase_create("oclgrind");
+    tcase_add_test(tc, test_typed_layer);
+    tcase_add_test(tc, test_single_row);
+    suite_add_tcase(s, tc);
+
     tc = tcase_create("errors");
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_refused_calls_do_not_seal);

@@ -337,7 +337,8 @@ START_TEST(test_malformed)
          "'linear.q4' is not a program"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SRR\": 4}}}]}",
-         "no parameter 'SRR' (it has SR, ST, MAX_TOKENS)"},
+         "no parameter 'SRR' (it has SR, ST, MAX_TOKENS, VARIANT, "
+         "GROUP_SIZE, GROUP_ROWS)"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SR\": 0}}}]}",
          "kernels.linear.SR = 0 is not an integer in [1, 256]"},
@@ -348,6 +349,18 @@ START_TEST(test_malformed)
          "\"type\": \"CPU\", \"kernels\": {\"linear\": "
          "{\"MAX_TOKENS\": 0}}}]}",
          "kernels.linear.MAX_TOKENS = 0 is not an integer of at least 1"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": "
+         "{\"VARIANT\": 2}}}]}",
+         "kernels.linear.VARIANT = 2 is not an integer in [0, 1]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": "
+         "{\"GROUP_SIZE\": 0}}}]}",
+         "kernels.linear.GROUP_SIZE = 0 is not an integer in [1, 1024]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": "
+         "{\"GROUP_ROWS\": 17}}}]}",
+         "kernels.linear.GROUP_ROWS = 17 is not an integer in [1, 16]"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"ROWS\": 2}}}]}",
          "no parameter 'ROWS'"},
@@ -756,6 +769,33 @@ START_TEST(test_param_env)
     ck_assert_str_eq(match, "none");
     ck_assert_int_eq(define_of(ctx, "linear", "SR", NULL, 0), 8);
     ck_assert_int_eq(define_of(ctx, "linear", "ST", NULL, 0), 8);
+    atmoe_context_free(ctx);
+
+    /* ATMOE_LINEAR_VARIANT the same way: it wins over an explicit set,
+     * and a value VARIANT may not take is logged and ignored; CPU devices
+     * default to the CPU-shaped variant, others to the group one. */
+    setenv("ATMOE_LINEAR_VARIANT", "1", 1);
+    ctx = test_context();
+    unsetenv("ATMOE_LINEAR_VARIANT");
+    ck_assert_int_eq(define_of(ctx, "linear", "VARIANT", NULL, 0), 1);
+    from_of(ctx, "linear", "VARIANT", from, sizeof from);
+    ck_assert_str_eq(from, "ATMOE_LINEAR_VARIANT");
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"VARIANT\": "
+                              "0, \"GROUP_SIZE\": 32}}}"), ctx);
+    ck_assert_int_eq(define_of(ctx, "linear", "VARIANT", NULL, 0), 1);
+    ck_assert_int_eq(define_of(ctx, "linear", "GROUP_SIZE", NULL, 0), 32);
+    atmoe_context_free(ctx);
+    logged[0] = '\0';
+    setenv("ATMOE_LINEAR_VARIANT", "2", 1);
+    setenv("ATMOE_LINEAR_MAX_TOKENS", "7", 1); /* lists the defaults */
+    ctx = test_context();
+    unsetenv("ATMOE_LINEAR_VARIANT");
+    unsetenv("ATMOE_LINEAR_MAX_TOKENS");
+    ck_assert_msg(strstr(logged, "ATMOE_LINEAR_VARIANT=2") &&
+                  strstr(logged, "ignored"), "'2' not refused: '%s'", logged);
+    ck_assert_int_eq(define_of(ctx, "linear", "VARIANT", NULL, 0),
+                     dev.type == ATMOE_DEVICE_TYPE_CPU ? 0 : 1);
     atmoe_context_free(ctx);
 
     static const char *const refused[] = {"0", "-3", "12x", "1.5"};

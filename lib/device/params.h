@@ -18,6 +18,13 @@ typedef enum atm_param {
     ATM_PARAM_LINEAR_F32_SR, ATM_PARAM_LINEAR_F32_ST,
     ATM_PARAM_LINEAR_F16_SR, ATM_PARAM_LINEAR_F16_ST,
     ATM_PARAM_LINEAR_BF16_SR, ATM_PARAM_LINEAR_BF16_ST,
+    /* The variant of the linear route's products (moe/linear.c):
+     * "linear" VARIANT 0 cl/linear.cl (CPU-shaped), 1 cl/linear_gpu.cl
+     * (a work-group per GROUP_ROWS rows sharing their reductions over
+     * GROUP_SIZE work-items); env ATMOE_LINEAR_VARIANT; default 0 on CPU
+     * devices, 1 elsewhere. */
+    ATM_PARAM_LINEAR_VARIANT, ATM_PARAM_LINEAR_GROUP_SIZE,
+    ATM_PARAM_LINEAR_GROUP_ROWS,
     ATM_PARAM_COUNT_
 } atm_param;
 

@@ -330,6 +330,18 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
                                   ATM_ENV_NONE, ATM_PARAM_LINEAR_SR},
     [ATM_PARAM_LINEAR_BF16_ST] = {"linear.bf16", "ST", 1, 256, 8, 8,
                                   ATM_ENV_NONE, ATM_PARAM_LINEAR_ST},
+    /* The variant of the linear route: 0 the CPU-shaped cl/linear.cl
+     * (work-items own whole rows), 1 the group variant cl/linear_gpu.cl (a
+     * work-group of GROUP_SIZE items shares the reductions of GROUP_ROWS
+     * rows).  GPUs and other devices start on the group variant with
+     * untuned sizes; moe/linear.c fits them to the device's work-group
+     * size and local memory. */
+    [ATM_PARAM_LINEAR_VARIANT] = {"linear", "VARIANT", 0, 1, 0, 1,
+                                  ATM_ENV_LINEAR_VARIANT, -1},
+    [ATM_PARAM_LINEAR_GROUP_SIZE] = {"linear", "GROUP_SIZE", 1, 1024, 64,
+                                     128, ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_GROUP_ROWS] = {"linear", "GROUP_ROWS", 1, 16, 4, 4,
+                                     ATM_ENV_NONE, -1},
 };
 
 static const param_row *find_param(const char *program, const char *name)

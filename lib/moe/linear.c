@@ -1,9 +1,11 @@
-/* Launches of cl/linear.cl for the operations of this layer (linear.h):
- * the tile of each batch, the kernels' build options and their arguments. */
+/* Launches of cl/linear.cl and its group variant cl/linear_gpu.cl for the
+ * operations of this layer (linear.h): the variant, the tile of each
+ * batch, the kernels' build options and their arguments. */
 #include <config.h>
 
 #include <stdio.h>
 
+#include "device/params.h"
 #include "moe/linear.h"
 
 int atm_weight_type(atmoe_dtype dtype)
@@ -15,6 +17,33 @@ int atm_weight_type(atmoe_dtype dtype)
     case ATMOE_DTYPE_I32: break;
     }
     return -1;
+}
+
+/* The group variant's shape on this device: GROUP_SIZE rounded down to a
+ * power of two (its tree halves it) and to the device's work-group size,
+ * then halved until the GROUP_ROWS x 4 x GROUP_SIZE floats of its largest
+ * tile (4 tokens) take at most half the local memory, so that the driver
+ * keeps room for two groups a compute unit. */
+void atm_linear_tune_get(const atmoe_context *ctx, atmoe_dtype dtype,
+                         atm_linear_tune *t)
+{
+    const atmoe_device_info *dev = &ctx->device->info;
+    long gs = atm_param_get(ctx, ATM_PARAM_LINEAR_GROUP_SIZE);
+    long gr = atm_param_get(ctx, ATM_PARAM_LINEAR_GROUP_ROWS);
+    unsigned log2 = 0;
+    while ((2L << log2) <= gs && (2UL << log2) <= dev->max_work_group_size)
+        log2++;
+    while (log2 > 0 &&
+           (uint64_t)gr * 4 * (1UL << log2) * sizeof(float) >
+               dev->local_mem_bytes / 2)
+        log2--;
+    t->sr = (unsigned short)atm_param_linear_block(ctx, dtype, 0);
+    t->st = (unsigned short)atm_param_linear_block(ctx, dtype, 1);
+    t->variant = atm_param_get(ctx, ATM_PARAM_LINEAR_VARIANT) == 1
+                     ? ATM_LINEAR_GROUP
+                     : ATM_LINEAR_CPU;
+    t->group_log2 = (unsigned char)log2;
+    t->group_rows = (unsigned char)gr;
 }
 
 /* The shape of a launch of cl/linear.cl for T tokens: the tile, rows and
@@ -44,12 +73,44 @@ int atm_linear_slot(int first, size_t T)
     return first + (T == 1 ? 0 : T == 2 ? 1 : 2);
 }
 
-atmoe_status atm_linear_kernel(atmoe_graph *g, atm_node *n, int first,
-                               size_t b, int wt, int bt, unsigned sr,
-                               unsigned st)
+/* The group variant's token tile: that of cl/linear.cl at 1 and 2 tokens,
+ * 4 beyond (the kernel walks the batch's tiles). */
+static size_t group_tokens(size_t T)
 {
-    linear_shape s = linear_shape_for(b, sr, st);
+    return T <= 2 ? T : 4;
+}
+
+atmoe_status atm_linear_kernel(atmoe_graph *g, atm_node *n, int first,
+                               size_t b, int wt, int bt,
+                               const atm_linear_tune *t)
+{
     char options[96];
+    if (t->variant == ATM_LINEAR_GROUP) {
+        snprintf(options, sizeof options,
+                 "-DGS=%u -DGR=%u -DTB=%zu -DWT=%d -DBT=%d",
+                 1U << t->group_log2, (unsigned)t->group_rows,
+                 group_tokens(b), wt, bt);
+        atmoe_status st = atm_node_kernel(g, n, atm_linear_slot(first, b),
+                                          "linear_gpu", options,
+                                          "linear_group");
+        if (st != ATMOE_STATUS_OK)
+            return st;
+        /* A driver may run fewer items a group for this kernel than the
+         * device's limit (registers): say so at planning rather than fail
+         * each launch. */
+        size_t most = 0;
+        cl_int err = clGetKernelWorkGroupInfo(
+            n->kernel[atm_linear_slot(first, b)], g->ctx->device->id,
+            CL_KERNEL_WORK_GROUP_SIZE, sizeof most, &most, NULL);
+        if (err == CL_SUCCESS && most < (1UL << t->group_log2))
+            return atm_fail(g->ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                            "linear_group for node '%s': %u work-items a "
+                            "group, this device runs at most %zu of this "
+                            "kernel; lower kernels.linear.GROUP_SIZE",
+                            n->name, 1U << t->group_log2, most);
+        return ATMOE_STATUS_OK;
+    }
+    linear_shape s = linear_shape_for(b, t->sr, t->st);
     snprintf(options, sizeof options,
              "-DROWS=%zu -DTB=%zu -DSR=%zu -DST=%zu -DWT=%d -DBT=%d", s.rows,
              s.tokens, s.sr, s.st, wt, bt);
@@ -58,10 +119,9 @@ atmoe_status atm_linear_kernel(atmoe_graph *g, atm_node *n, int first,
 }
 
 atmoe_status atm_linear_run(atmoe_graph *g, const atm_node *n, size_t T,
-                            int first, unsigned sr, unsigned st,
+                            int first, const atm_linear_tune *t,
                             const atm_linear_call *c, cl_event *ev)
 {
-    linear_shape shape = linear_shape_for(T, sr, st);
     /* Unused buffers are bound to x: kernels need a valid cl_mem. */
     const atmoe_tensor *bias = c->bias ? c->bias : c->x;
     atm_args args = {n->kernel[atm_linear_slot(first, T)], 0, CL_SUCCESS};
@@ -80,6 +140,14 @@ atmoe_status atm_linear_run(atmoe_graph *g, const atm_node *n, size_t T,
     atm_arg_tensor(&args, c->zw ? c->b : c->x);
     atm_arg_ulong(&args, c->zw);
     atm_arg_float(&args, c->alpha);
+    if (t->variant == ATM_LINEAR_GROUP) {
+        /* A group of GS items for every GROUP_ROWS rows. */
+        size_t gs = (size_t)1 << t->group_log2;
+        size_t groups = (c->rows + t->group_rows - 1) / t->group_rows;
+        return atm_node_launch_local(g, n, &args, "linear_group",
+                                     groups * gs, gs, ev);
+    }
+    linear_shape shape = linear_shape_for(T, t->sr, t->st);
     /* Whole blocks of SR x st tiles, as the kernel walks them. */
     size_t row_tiles = (c->rows + shape.rows - 1) / shape.rows;
     size_t token_tiles = (T + shape.tokens - 1) / shape.tokens;

@@ -17,12 +17,30 @@ int atm_weight_type(atmoe_dtype dtype);
  * of T tokens. */
 int atm_linear_slot(int first, size_t T);
 
+/* The parameters of a product, as planning resolved them from the
+ * tuning in force (they are kept in the node, so that a run launches what
+ * planning built): the variant (cl/linear.cl, shaped for CPUs, or the
+ * group variant cl/linear_gpu.cl, shaped for GPUs), the CPU variant's
+ * block SR x ST, and the group variant's 2^group_log2 work-items per group
+ * and rows per group, fitted to the device's work-group size and local
+ * memory.  Eight bytes: the mixture keeps three in its node. */
+enum { ATM_LINEAR_CPU, ATM_LINEAR_GROUP };
+typedef struct atm_linear_tune {
+    unsigned short sr, st;
+    unsigned char variant, group_log2, group_rows;
+} atm_linear_tune;
+
+/* The parameters in force on ctx for a product over a weight stored as
+ * dtype (its blocks are tuned by type, the variant is not). */
+void atm_linear_tune_get(const atmoe_context *ctx, atmoe_dtype dtype,
+                         atm_linear_tune *t);
+
 /* Builds, at planning, the kernel for batches of b tokens into the slot of
  * first, its W and its expand's B read as storage types wt and bt
- * (atm_weight_type), with the tuned block sr x st. */
+ * (atm_weight_type), with the parameters t. */
 atmoe_status atm_linear_kernel(atmoe_graph *g, atm_node *n, int first,
-                               size_t b, int wt, int bt, unsigned sr,
-                               unsigned st);
+                               size_t b, int wt, int bt,
+                               const atm_linear_tune *t);
 
 /* One product: y [T, rows] = x [T, k] w^T (+ bias) (+ alpha z b^T with
  * z [T, zw], b [rows, zw]); w and z may lie in the arena, hence buffers
@@ -36,9 +54,9 @@ typedef struct atm_linear_call {
 } atm_linear_call;
 
 /* Enqueues c for T tokens with the kernel of atm_linear_kernel(first) for
- * that batch, built with the same sr and st. */
+ * that batch, built with the same t. */
 atmoe_status atm_linear_run(atmoe_graph *g, const atm_node *n, size_t T,
-                            int first, unsigned sr, unsigned st,
+                            int first, const atm_linear_tune *t,
                             const atm_linear_call *c, cl_event *ev);
 
 #endif

@@ -242,7 +242,7 @@ static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
     int k = block_of(first);
-    return atm_linear_kernel(g, n, first, b, wt, bt, mp->sr[k], mp->st[k]);
+    return atm_linear_kernel(g, n, first, b, wt, bt, &mp->lin[k]);
 }
 
 /* The routes and the kernels every batch up to the planned one may use. */
@@ -253,10 +253,8 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
     long upto = atm_param_get(g->ctx, ATM_PARAM_LINEAR_MAX_TOKENS);
     const atmoe_dtype read[3] = {mp->experts->a_dtype, mp->w0_dtype,
                                  ATMOE_DTYPE_F32};
-    for (int i = 0; i < 3; i++) {
-        mp->sr[i] = (unsigned)atm_param_linear_block(g->ctx, read[i], 0);
-        mp->st[i] = (unsigned)atm_param_linear_block(g->ctx, read[i], 1);
-    }
+    for (int i = 0; i < 3; i++)
+        atm_linear_tune_get(g->ctx, read[i], &mp->lin[i]);
     mp->linear_upto = upto >= 1 ? (size_t)upto : 0;
     /* cl/linear.cl reads the set's second copy of B, which the optimiser
      * does not update (experts.h): while a B trains, the linear route
@@ -424,7 +422,7 @@ static atmoe_status linear(atmoe_graph *g, const atm_node *n, size_t T,
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
     int k = block_of(first);
-    return atm_linear_run(g, n, T, first, mp->sr[k], mp->st[k], c, ev);
+    return atm_linear_run(g, n, T, first, &mp->lin[k], c, ev);
 }
 
 /* z = M(gates) u for T tokens, u and z in the node's scratch. */

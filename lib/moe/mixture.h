@@ -5,6 +5,7 @@
 
 #include "graph/graph.h"
 #include "moe/experts.h"
+#include "moe/linear.h"
 
 /* The mixture node's parameters (atm_node.p), and what planning decided. */
 typedef struct mixture_params {
@@ -13,10 +14,11 @@ typedef struct mixture_params {
     atmoe_merge merge;
     float c;
     atmoe_dtype w0_dtype; /* as stored: read so by cl/linear.cl */
-    /* The blocks of cl/linear.cl's tiles in force (tuning, by the storage
-     * type of the weight each product reads): the shrink's (A_all), the
-     * base's (W0) and the merged product's (W', f32). */
-    unsigned sr[3], st[3];
+    /* The parameters of the linear route's products in force (tuning, by
+     * the storage type of the weight each product reads: the variant and
+     * the blocks of its tiles): the shrink's (A_all), the base's (W0) and
+     * the merged product's (W', f32). */
+    atm_linear_tune lin[3];
     /* Routes: a batch of T tokens runs merged when T >= merge_from, and
      * through cl/linear.cl when T <= linear_upto (else CLBlast). */
     size_t merge_from, linear_upto;

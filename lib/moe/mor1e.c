@@ -28,10 +28,11 @@
 #include "moe/linear.h"
 #include "moe/mor1e.h"
 
-/* The parameters of the shrink and expand nodes: the block of
- * cl/linear.cl's tiles and the largest batch it runs (then CLBlast). */
+/* The parameters of the shrink and expand nodes: those of the linear
+ * route's products (variant, blocks) and the largest batch it runs (then
+ * CLBlast). */
 typedef struct linear_params {
-    unsigned sr, st;
+    atm_linear_tune lin;
     size_t linear_upto;
     atmoe_dtype w0_dtype; /* expand: W0 as stored */
 } linear_params;
@@ -52,8 +53,7 @@ static void linear_params_init(atmoe_graph *g, linear_params *lp,
                                atmoe_dtype w)
 {
     long upto = atm_param_get(g->ctx, ATM_PARAM_LINEAR_MAX_TOKENS);
-    lp->sr = (unsigned)atm_param_linear_block(g->ctx, w, 0);
-    lp->st = (unsigned)atm_param_linear_block(g->ctx, w, 1);
+    atm_linear_tune_get(g->ctx, w, &lp->lin);
     lp->linear_upto = upto >= 1 ? (size_t)upto : 0;
 }
 
@@ -66,7 +66,7 @@ static atmoe_status linear_kernels(atmoe_graph *g, atm_node *n, size_t T,
     for (size_t b = 1; b <= 3 && st == ATMOE_STATUS_OK; b++) {
         if (b > T || b > lp->linear_upto)
             break;
-        st = atm_linear_kernel(g, n, K_LIN1, b, wt, 0, lp->sr, lp->st);
+        st = atm_linear_kernel(g, n, K_LIN1, b, wt, 0, &lp->lin);
     }
     return st;
 }
@@ -167,7 +167,7 @@ static atmoe_status shrink_run(atmoe_graph *g, atm_node *n, cl_event *first,
     atm_linear_call c = {n->rt.buffer, w.buffer, NULL, n->rt.offset,
                          w.offset, 0, x, NULL, NULL, w.shape[0],
                          w.shape[1], 0, 0.0f};
-    return atm_linear_run(g, n, T, K_LIN1, lp->sr, lp->st, &c,
+    return atm_linear_run(g, n, T, K_LIN1, &lp->lin, &c,
                           first ? first : last);
 }
 
@@ -337,7 +337,7 @@ static atmoe_status expand_run(atmoe_graph *g, atm_node *n, cl_event *first,
                              n->rt.offset, w0->offset, z->offset, x, bias,
                              b, n->rt.shape[1], x->shape[1], z->shape[1],
                              1.0f};
-        return atm_linear_run(g, n, T, K_LIN1, lp->sr, lp->st, &c, first);
+        return atm_linear_run(g, n, T, K_LIN1, &lp->lin, &c, first);
     }
     /* CLBlast: y = bias (broadcast), y += x W0^T, y += z B^T. */
     if (bias) {

@@ -1,0 +1,58 @@
+#!/bin/sh
+# `make check-oclgrind`: the linear route's variants under oclgrind
+# --data-races --check-api, at odd shapes over every storage type (the
+# "oclgrind" case of tests/test_moe: T = 11, 1 and 4 over d_in 97 and
+# d_out 41 with W0, A_all and B_all in f32, f16 and bf16, and a CLBlast and
+# merged route at 31 tokens; the "layer" case of tests/test_mor1e, whose
+# batches include 2 tokens).  Each runs with the CPU-shaped variant, the
+# group variant on its defaults (128 work-items, 4 rows a group) and the
+# group variant with 32 work-items and 3 rows (tests/oclgrind/tuning.json:
+# d_in is no multiple of the group, d_out none of the rows).  Oclgrind's
+# own platform is the only one its launcher shows the program.
+#
+# Passes when every run's check suite passes and oclgrind reports nothing.
+# CLBlast releases its cached programs after oclgrind's runtime has gone,
+# at exit, which aborts in oclgrind's ~Program (not in the library): the
+# verdict is therefore the suite's summary line and oclgrind's reports,
+# not the exit status.  Logs: tests/oclgrind-*.log.
+set -u
+: "${OCLGRIND:=oclgrind}"
+srcdir=${srcdir:-.}
+if ! command -v "$OCLGRIND" > /dev/null 2>&1; then
+    echo "no $OCLGRIND: skipped"
+    exit 77
+fi
+LD_LIBRARY_PATH=$(pwd)/lib/.libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+CK_FORK=no
+ATMOE_TUNING_FILE=
+ATMOE_CACHE_DIR=$(pwd)/tests/program-cache-oclgrind
+export LD_LIBRARY_PATH CK_FORK ATMOE_TUNING_FILE ATMOE_CACHE_DIR
+failed=0
+for prog in test_moe:oclgrind test_mor1e:layer; do
+    t=${prog%%:*}
+    case_=${prog#*:}
+    for config in cpu group group32; do
+        log=tests/oclgrind-$t-$config.log
+        variant=1
+        db=$srcdir/data/tuning.json
+        case $config in
+        cpu) variant=0 ;;
+        group32) db=$srcdir/tests/oclgrind/tuning.json ;;
+        esac
+        ATMOE_LINEAR_VARIANT=$variant ATMOE_TUNING_SYSTEM_FILE=$db \
+            CK_RUN_CASE=$case_ \
+            "$OCLGRIND" --data-races --check-api "./tests/.libs/$t" \
+            > "$log" 2>&1
+        reports=$(grep -c -E 'data race|Invalid (read|write)|runtime error|out of bounds|divergence' "$log")
+        if ! grep -q -E '^100%: Checks: [0-9]+, Failures: 0, Errors: 0' "$log"; then
+            echo "FAIL: $t ($case_, $config): the suite failed under oclgrind (see $log)"
+            failed=1
+        elif [ "$reports" -ne 0 ]; then
+            echo "FAIL: $t ($case_, $config): oclgrind reported $reports errors (see $log)"
+            failed=1
+        else
+            echo "ok: $t ($case_, $config): $(grep -E '^100%' "$log"); no oclgrind report"
+        fi
+    done
+done
+exit "$failed"
