@@ -53,7 +53,7 @@ typedef struct mixture_bw_params {
      * product; CLBlast's GEMM takes c otherwise); the blocks in force for
      * A's storage type and for f32 (B^T). */
     size_t linear_upto;
-    unsigned sr[2], st[2];
+    atm_linear_tune lin[2];
 } mixture_bw_params;
 
 /* Operands of the node. */
@@ -97,20 +97,17 @@ static atmoe_status bw_prepare(atmoe_graph *g, atm_node *n)
     int at = atm_weight_type(set->a_dtype);
     bp->linear_upto = upto >= 1 && bp->c == 1.0f && at >= 0 ? (size_t)upto
                                                              : 0;
-    bp->sr[0] = (unsigned)atm_param_linear_block(g->ctx, set->a_dtype, 0);
-    bp->st[0] = (unsigned)atm_param_linear_block(g->ctx, set->a_dtype, 1);
-    bp->sr[1] = (unsigned)atm_param_linear_block(g->ctx, ATMOE_DTYPE_F32, 0);
-    bp->st[1] = (unsigned)atm_param_linear_block(g->ctx, ATMOE_DTYPE_F32, 1);
+    atm_linear_tune_get(g->ctx, set->a_dtype, &bp->lin[0]);
+    atm_linear_tune_get(g->ctx, ATMOE_DTYPE_F32, &bp->lin[1]);
     size_t T = g->nodes[n->src[S_X]].shape[0];
     static const size_t tile_batches[] = {1, 2, 3};
     for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
         size_t b = tile_batches[i];
         if (b > T || b > bp->linear_upto)
             break;
-        st = atm_linear_kernel(g, n, K_U1, b, at, 0, bp->sr[0], bp->st[0]);
+        st = atm_linear_kernel(g, n, K_U1, b, at, 0, &bp->lin[0]);
         if (st == ATMOE_STATUS_OK)
-            st = atm_linear_kernel(g, n, K_DZ1, b, 0, 0, bp->sr[1],
-                                   bp->st[1]);
+            st = atm_linear_kernel(g, n, K_DZ1, b, 0, 0, &bp->lin[1]);
     }
     return st;
 }
@@ -189,10 +186,8 @@ static atmoe_status bw_run(atmoe_graph *g, atm_node *n, cl_event *first,
         atm_linear_call cd = {g->arena, set->bt->buffer, NULL, dz_off,
                               set->bt->offset, 0, dy, NULL, NULL,
                               Z, set->d_out, 0, 0.0f};
-        if ((st = atm_linear_run(g, n, T, K_U1, bp->sr[0], bp->st[0], &cu,
-                                 first)) ||
-            (st = atm_linear_run(g, n, T, K_DZ1, bp->sr[1], bp->st[1], &cd,
-                                 NULL)))
+        if ((st = atm_linear_run(g, n, T, K_U1, &bp->lin[0], &cu, first)) ||
+            (st = atm_linear_run(g, n, T, K_DZ1, &bp->lin[1], &cd, NULL)))
             return st;
     } else {
         atm_gemm shrink = bw_gemm(g, n, 0), back = bw_gemm(g, n, 1);
