@@ -12,9 +12,15 @@ int atm_weight_type(atmoe_dtype dtype)
     case ATMOE_DTYPE_F32: return 0;
     case ATMOE_DTYPE_F16: return 1;
     case ATMOE_DTYPE_BF16: return 2;
-    case ATMOE_DTYPE_I32: break;
+    case ATMOE_DTYPE_I32:
+    case ATMOE_DTYPE_Q8: break;
     }
     return -1;
+}
+
+int atm_base_weight_type(atmoe_dtype dtype)
+{
+    return dtype == ATMOE_DTYPE_Q8 ? 3 : atm_weight_type(dtype);
 }
 
 /* The shape of a launch of cl/linear.cl for T tokens: the tile, rows and
