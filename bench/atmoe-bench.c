@@ -407,7 +407,8 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
  *   (the router's softmaxes, O(rows G M), are left out)
  *
  *   bytes = s0 d_out d_in                    W0, read once (s0 bytes per
- *                                            weight as stored, --dtype)
+ *                                            weight as stored, --dtype;
+ *                                            q8: 36 bytes a block of 32)
  *         + 4 (R (d_in + d_out)              every A_e and B_e, read once
  *            + d_in G (1 + M)                W_G and W_D, read once
  *            + T (d_in + d_out)              x read, y written
@@ -441,7 +442,9 @@ static void count_work(const wl_data *w, size_t T, variant v, double *flops,
     double rows = v == VARIANT_MERGED ? 1.0 : t;
     double pooled = v == VARIANT_MERGED ? d_in : 0.0;
     /* W0's bytes per weight as stored (--dtype). */
-    double w0b = (double)atmoe_dtype_size(w->w0_dtype);
+    double w0b = w->w0_dtype == ATMOE_DTYPE_Q8
+                     ? (double)ATMOE_Q8_BLOCK_BYTES / ATMOE_Q8_BLOCK
+                     : (double)atmoe_dtype_size(w->w0_dtype);
     if (w->s.r1) {
         double r1 = (double)w->s.r1, r2 = (double)w->s.r2;
         *flops = 2.0 * t * d_in * d_out + t * d_out +
@@ -862,7 +865,8 @@ static void usage(FILE *f)
         "                       variant torch; needs python3-torch)\n"
         "  --plot FILE          draw a roofline and bars of the median times\n"
         "                       into FILE.svg or FILE.png (needs gnuplot)\n"
-        "  --dtype f32|bf16|f16  how the fused and merged variants store W0\n"
+        "  --dtype f32|bf16|f16|q8  how the fused and merged variants store\n"
+        "                       W0 (q8: 8-bit blocks, AT-MoE workloads only)\n"
         "                       (default f32); every variant computes with\n"
         "                       its values, the floor counts its bytes\n"
         "  --params tuned|default  the tuning databases' kernel parameters\n"
@@ -2260,8 +2264,10 @@ int main(int argc, char **argv)
                 o.w0_dtype = ATMOE_DTYPE_BF16;
             else if (strcmp(v, "f16") == 0)
                 o.w0_dtype = ATMOE_DTYPE_F16;
+            else if (strcmp(v, "q8") == 0)
+                o.w0_dtype = ATMOE_DTYPE_Q8;
             else {
-                fprintf(stderr, PROGRAM ": --dtype is f32, bf16 or f16, "
+                fprintf(stderr, PROGRAM ": --dtype is f32, bf16, f16 or q8, "
                                 "not '%s'\n", v);
                 return EXIT_USAGE;
             }
