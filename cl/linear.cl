@@ -126,12 +126,12 @@ inline void tile_dot_w(float out[ROWS][TB], __global const uchar *a,
 #pragma unroll
         for (int r = 0; r < ROWS; r++) {
             __global const uchar *blk = a + arow[r] + kb * 36;
-            float d = *(__global const float *)blk;
-            float16 w0 = convert_float16(as_char16(vload16(0, blk + 4))) * d;
-            float16 w1 = convert_float16(as_char16(vload16(1, blk + 4))) * d;
+            float16 d = (float16)(*(__global const float *)blk);
+            float16 q0 = convert_float16(as_char16(vload16(0, blk + 4)));
+            float16 q1 = convert_float16(as_char16(vload16(1, blk + 4)));
 #pragma unroll
             for (int t = 0; t < TB; t++)
-                acc[r][t] = fma(w1, v1[t], fma(w0, v0[t], acc[r][t]));
+                acc[r][t] = fma(d, fma(q1, v1[t], q0 * v0[t]), acc[r][t]);
         }
     }
 #pragma unroll
