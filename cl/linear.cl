@@ -101,9 +101,8 @@ inline float sum16(float16 v)
 #if WT == 3
 /* W in 8-bit blocks: a row of k elements is ceil(k / 32) blocks of 36
  * bytes (arow[r] is its first byte).  Each whole block is two char16 loads
- * scaled once into float16s (shared by the TB tokens), the partial last
- * block (k % 32 elements; the row's padding is never read) one element at
- * a time. */
+ * widened to float16s, the partial last block (k % 32 elements; the row's
+ * padding is never read) one element at a time. */
 #define W_ROW_STRIDE(k) (((k) + 31) / 32 * 36)
 inline void tile_dot_w(float out[ROWS][TB], __global const uchar *a,
                        const ulong arow[ROWS], __global const float *v,
@@ -126,12 +125,21 @@ inline void tile_dot_w(float out[ROWS][TB], __global const uchar *a,
 #pragma unroll
         for (int r = 0; r < ROWS; r++) {
             __global const uchar *blk = a + arow[r] + kb * 36;
-            float16 d = (float16)(*(__global const float *)blk);
+            float d = *(__global const float *)blk;
             float16 q0 = convert_float16(as_char16(vload16(0, blk + 4)));
             float16 q1 = convert_float16(as_char16(vload16(1, blk + 4)));
+#if TB == 1
+            /* One token: its block sum scaled once (3 vector operations). */
+            acc[r][0] = fma((float16)d, fma(q1, v1[0], q0 * v0[0]),
+                            acc[r][0]);
+#else
+            /* Several: the weights dequantised once for all of them. */
+            q0 *= d;
+            q1 *= d;
 #pragma unroll
             for (int t = 0; t < TB; t++)
-                acc[r][t] = fma(d, fma(q1, v1[t], q0 * v0[t]), acc[r][t]);
+                acc[r][t] = fma(q1, v1[t], fma(q0, v0[t], acc[r][t]));
+#endif
         }
     }
 #pragma unroll
