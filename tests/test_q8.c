@@ -243,6 +243,11 @@ START_TEST(test_bytes_and_raw)
     ck_assert_status(atmoe_tensor_get_bytes(q, &b), ctx);
     ck_assert_uint_eq(b, QBYTES);
     atmoe_tensor_free(q);
+    /* Rows of one element take a block each: a count within the element
+     * bound whose blocks overflow is refused. */
+    const size_t huge[2] = {SIZE_MAX / 16, 1};
+    ck_assert_fails_with(atmoe_tensor_new(ctx, ATMOE_DTYPE_Q8, 2, huge, &q),
+                         ctx, ATMOE_STATUS_OUT_OF_RANGE, "overflow");
     atmoe_context_free(ctx);
 }
 END_TEST

@@ -132,8 +132,15 @@ ATMOE_API atmoe_status atmoe_tensor_new(atmoe_context *ctx, atmoe_dtype dtype,
     if (st != ATMOE_STATUS_OK)
         return st;
 
-    /* check_shape bounds count x 8; a q8 row of n elements takes at most
-     * 36 + 9n / 8 bytes, within the same bound. */
+    /* check_shape bounds count x 8; a q8 row of n elements takes
+     * ceil(n / 32) x 36 bytes, up to 36 for one element, so its bound is
+     * checked here. */
+    if (dtype == ATMOE_DTYPE_Q8 &&
+        count / shape[ndim - 1] >
+            SIZE_MAX / ATMOE_Q8_BLOCK_BYTES /
+                ((shape[ndim - 1] + ATMOE_Q8_BLOCK - 1) / ATMOE_Q8_BLOCK))
+        return atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                        "atmoe_tensor_new: the q8 shape's bytes overflow");
     size_t bytes = atm_dtype_bytes(dtype, ndim, shape);
     atmoe_tensor *t = tensor_alloc(ctx, __func__);
     if (t == NULL)
