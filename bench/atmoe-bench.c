@@ -1714,6 +1714,7 @@ static void run_device(const char *selection, const options *o,
 {
     memset(d, 0, sizeof *d);
     d->w0_dtype = o->w0_dtype;
+    d->layer_d = make_shape(0, o->full).d;
     atmoe_context *ctx;
     atmoe_status st = atmoe_context_new(selection, &ctx);
     if (st != ATMOE_STATUS_OK) {
@@ -1777,8 +1778,19 @@ static void print_ceilings(const device_run *d)
            "(%.0f MiB)\n",
            c->launch_us, c->sync_us, c->h2d_gbs, c->d2h_gbs,
            c->transfer_mib);
-    printf("  W0 stored as: %s (fused and merged variants)\n",
-           atmoe_dtype_name(d->w0_dtype));
+    /* The memory of one layer's W0 [d, d] as stored and in f32 (the
+     * experts and the router stay f32, a few MiB beside it). */
+    size_t dd = d->layer_d;
+    double w0_mib =
+        (d->w0_dtype == ATMOE_DTYPE_Q8
+             ? (double)dd * ((dd + ATMOE_Q8_BLOCK - 1) / ATMOE_Q8_BLOCK) *
+                   ATMOE_Q8_BLOCK_BYTES
+             : (double)dd * dd * atmoe_dtype_size(d->w0_dtype)) /
+        1048576.0;
+    printf("  W0 stored as: %s (fused and merged variants): %.1f MiB a "
+           "d = %zu layer, f32 %.1f MiB\n",
+           atmoe_dtype_name(d->w0_dtype), w0_mib, dd,
+           (double)dd * dd * 4 / 1048576.0);
     printf("  parameters: %s%s\n", d->params,
            strcmp(d->params, "default") == 0
                ? " (CLBlast's built-in sets; --params tuned for the tuning "
