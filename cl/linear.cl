@@ -126,8 +126,11 @@ inline void tile_dot_w(float out[ROWS][TB], __global const uchar *a,
         for (int r = 0; r < ROWS; r++) {
             __global const uchar *blk = a + arow[r] + kb * 36;
             float d = *(__global const float *)blk;
-            float16 q0 = convert_float16(as_char16(vload16(0, blk + 4)));
-            float16 q1 = convert_float16(as_char16(vload16(1, blk + 4)));
+            /* The values as 32-bit words (blocks keep 4-byte alignment),
+             * which compilers load whole rather than byte by byte. */
+            __global const uint *qv = (__global const uint *)(blk + 4);
+            float16 q0 = convert_float16(as_char16(vload4(0, qv)));
+            float16 q1 = convert_float16(as_char16(vload4(1, qv)));
 #if TB == 1
             /* One token: its block sum scaled once (3 vector operations). */
             acc[r][0] = fma((float16)d, fma(q1, v1[0], q0 * v0[0]),
