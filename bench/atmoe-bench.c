@@ -435,7 +435,8 @@ static int wl_init(atmoe_context *ctx, const wl_shape *s, uint64_t seed,
  *   (the router's softmaxes, O(rows G M), are left out)
  *
  *   bytes = s0 d_out d_in                    W0, read once (s0 bytes per
- *                                            weight as stored, --dtype)
+ *                                            weight as stored, --dtype;
+ *                                            q8: 36 bytes a block of 32)
  *         + 4 (R (d_in + d_out)              every A_e and B_e, read once
  *            + d_in G (1 + M)                W_G and W_D, read once
  *            + T (d_in + d_out)              x read, y written
@@ -488,7 +489,9 @@ static void count_work(const wl_data *w, size_t T, variant v, double *flops,
     double rows = v == VARIANT_MERGED ? 1.0 : t;
     double pooled = v == VARIANT_MERGED ? d_in : 0.0;
     /* W0's bytes per weight as stored (--dtype). */
-    double w0b = (double)atmoe_dtype_size(w->w0_dtype);
+    double w0b = w->w0_dtype == ATMOE_DTYPE_Q8
+                     ? (double)ATMOE_Q8_BLOCK_BYTES / ATMOE_Q8_BLOCK
+                     : (double)atmoe_dtype_size(w->w0_dtype);
     if (w->s.r1) {
         double r1 = (double)w->s.r1, r2 = (double)w->s.r2;
         *flops = 2.0 * t * d_in * d_out + t * d_out +
@@ -979,7 +982,8 @@ static void usage(FILE *f)
         "                       variant torch; needs python3-torch)\n"
         "  --plot FILE          draw a roofline and bars of the median times\n"
         "                       into FILE.svg or FILE.png (needs gnuplot)\n"
-        "  --dtype f32|bf16|f16  how the fused and merged variants store W0\n"
+        "  --dtype f32|bf16|f16|q8  how the fused and merged variants store\n"
+        "                       W0 (q8: 8-bit blocks, AT-MoE workloads only)\n"
         "                       (default f32); every variant computes with\n"
         "                       its values, the floor counts its bytes\n"
         "  --params tuned|default  the tuning databases' kernel parameters\n"
@@ -1749,6 +1753,15 @@ static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
                          device_run *d, progress *prog)
 {
     wl_shape s = make_shape(wi, o->full);
+    if (s.r1 && d->w0_dtype == ATMOE_DTYPE_Q8) {
+        /* The rank-1 layer reads no 8-bit blocks (atmoe_graph_mor1e_layer
+         * refuses them): skipped, not failed. */
+        progress_clear(prog);
+        fprintf(stderr, PROGRAM ": %s: skipped: the rank-1 layer takes no "
+                        "q8 W0\n", s.name);
+        prog->done += s.n_T * N_LIB_VARIANTS;
+        return;
+    }
     wl_data w;
     if (wl_init(ctx, &s, 0x5eed0000u + wi, d->w0_dtype, &w)) {
         progress_clear(prog);
@@ -1848,6 +1861,7 @@ static void run_device(const char *selection, const options *o,
 {
     memset(d, 0, sizeof *d);
     d->w0_dtype = o->w0_dtype;
+    d->layer_d = make_shape(0, o->full).d;
     atmoe_context *ctx;
     atmoe_status st = atmoe_context_new(selection, &ctx);
     if (st != ATMOE_STATUS_OK) {
@@ -1911,8 +1925,19 @@ static void print_ceilings(const device_run *d)
            "(%.0f MiB)\n",
            c->launch_us, c->sync_us, c->h2d_gbs, c->d2h_gbs,
            c->transfer_mib);
-    printf("  W0 stored as: %s (fused and merged variants)\n",
-           atmoe_dtype_name(d->w0_dtype));
+    /* The memory of one layer's W0 [d, d] as stored and in f32 (the
+     * experts and the router stay f32, a few MiB beside it). */
+    size_t dd = d->layer_d;
+    double w0_mib =
+        (d->w0_dtype == ATMOE_DTYPE_Q8
+             ? (double)dd * ((dd + ATMOE_Q8_BLOCK - 1) / ATMOE_Q8_BLOCK) *
+                   ATMOE_Q8_BLOCK_BYTES
+             : (double)dd * dd * atmoe_dtype_size(d->w0_dtype)) /
+        1048576.0;
+    printf("  W0 stored as: %s (fused and merged variants): %.1f MiB a "
+           "d = %zu layer, f32 %.1f MiB\n",
+           atmoe_dtype_name(d->w0_dtype), w0_mib, dd,
+           (double)dd * dd * 4 / 1048576.0);
     printf("  parameters: %s%s\n", d->params,
            strcmp(d->params, "default") == 0
                ? " (CLBlast's built-in sets; --params tuned for the tuning "
@@ -2413,8 +2438,10 @@ int main(int argc, char **argv)
                 o.w0_dtype = ATMOE_DTYPE_BF16;
             else if (strcmp(v, "f16") == 0)
                 o.w0_dtype = ATMOE_DTYPE_F16;
+            else if (strcmp(v, "q8") == 0)
+                o.w0_dtype = ATMOE_DTYPE_Q8;
             else {
-                fprintf(stderr, PROGRAM ": --dtype is f32, bf16 or f16, "
+                fprintf(stderr, PROGRAM ": --dtype is f32, bf16, f16 or q8, "
                                 "not '%s'\n", v);
                 return EXIT_USAGE;
             }

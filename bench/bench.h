@@ -101,6 +101,8 @@ typedef struct device_run {
     int tuned_sets;            /* whether a tuned set is in force */
     atmoe_dtype w0_dtype;      /* --dtype: W0 as the fused and merged
                                   variants store it */
+    size_t layer_d;            /* d of the scale's layers (the header's
+                                  memory of W0) */
     /* With --peer: the spec's workloads, one object each, the fused
      * outputs, and what the peer said about itself (NULL before it ran). */
     json_t *peer_workloads;

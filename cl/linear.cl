@@ -14,10 +14,12 @@
  *
  * The expand (zw rank channels) is added in the same pass, so the layer's
  * output is written once.  ROWS, TB, SR and ST are build options, and so
- * are the storage types of W and B (WT, BT: 0 f32, 1 f16, 2 bf16): the
- * weights are read as stored and converted in registers, x, z and every
- * sum stay f32 (SPEC section 2).  bf16 is the upper half of an f32 and f16
- * goes through vload_half, so neither needs cl_khr_fp16. */
+ * are the storage types of W and B (WT, BT: 0 f32, 1 f16, 2 bf16, and for
+ * W only 3 q8): the weights are read as stored and converted in registers,
+ * x, z and every sum stay f32 (SPEC section 2).  bf16 is the upper half of
+ * an f32 and f16 goes through vload_half, so neither needs cl_khr_fp16;
+ * q8 is blocks of an f32 scale and 32 int8 values (atmoe.h, "8-bit
+ * blocks"), its offsets in bytes. */
 
 #ifndef ROWS
 #define ROWS 8
@@ -44,6 +46,7 @@
 #define STORE_0 float
 #define STORE_1 half
 #define STORE_2 ushort
+#define STORE_3 uchar
 #define STORE_(t) STORE_##t
 #define STORE(t) STORE_(t)
 #define LOAD16_0(kb, p) vload16((kb), (p))
@@ -95,7 +98,71 @@ inline float sum16(float16 v)
             }                                                                 \
     }
 
+#if WT == 3
+/* W in 8-bit blocks: a row of k elements is ceil(k / 32) blocks of 36
+ * bytes (arow[r] is its first byte).  Each whole block is two char16 loads
+ * widened to float16s, the partial last block (k % 32 elements; the row's
+ * padding is never read) one element at a time. */
+#define W_ROW_STRIDE(k) (((k) + 31) / 32 * 36)
+inline void tile_dot_w(float out[ROWS][TB], __global const uchar *a,
+                       const ulong arow[ROWS], __global const float *v,
+                       const ulong vrow[TB], ulong n)
+{
+    float16 acc[ROWS][TB];
+#pragma unroll
+    for (int r = 0; r < ROWS; r++)
+#pragma unroll
+        for (int t = 0; t < TB; t++)
+            acc[r][t] = (float16)(0.0f);
+    ulong blocks = n / 32;
+    for (ulong kb = 0; kb < blocks; kb++) {
+        float16 v0[TB], v1[TB];
+#pragma unroll
+        for (int t = 0; t < TB; t++) {
+            v0[t] = vload16(2 * kb, v + vrow[t]);
+            v1[t] = vload16(2 * kb + 1, v + vrow[t]);
+        }
+#pragma unroll
+        for (int r = 0; r < ROWS; r++) {
+            __global const uchar *blk = a + arow[r] + kb * 36;
+            float d = *(__global const float *)blk;
+            /* The values as 32-bit words (blocks keep 4-byte alignment),
+             * which compilers load whole rather than byte by byte. */
+            __global const uint *qv = (__global const uint *)(blk + 4);
+            float16 q0 = convert_float16(as_char16(vload4(0, qv)));
+            float16 q1 = convert_float16(as_char16(vload4(1, qv)));
+#if TB == 1
+            /* One token: its block sum scaled once (3 vector operations). */
+            acc[r][0] = fma((float16)d, fma(q1, v1[0], q0 * v0[0]),
+                            acc[r][0]);
+#else
+            /* Several: the weights dequantised once for all of them. */
+            q0 *= d;
+            q1 *= d;
+#pragma unroll
+            for (int t = 0; t < TB; t++)
+                acc[r][t] = fma(q1, v1[t], fma(q0, v0[t], acc[r][t]));
+#endif
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; r++) {
+        __global const uchar *blk = a + arow[r] + blocks * 36;
+        float d = blocks * 32 < n ? *(__global const float *)blk : 0.0f;
+#pragma unroll
+        for (int t = 0; t < TB; t++) {
+            float s = sum16(acc[r][t]);
+            for (ulong i = blocks * 32; i < n; i++)
+                s = fma((float)as_char(blk[4 + i - blocks * 32]) * d,
+                        v[vrow[t] + i], s);
+            out[r][t] = s;
+        }
+    }
+}
+#else
+#define W_ROW_STRIDE(k) (k)
 DEFINE_TILE_DOT(tile_dot_w, WT)
+#endif
 DEFINE_TILE_DOT(tile_dot_b, BT)
 
 /* Work-item i covers the rows [rb*ROWS, rb*ROWS + ROWS) and the tokens
@@ -127,7 +194,7 @@ __kernel void linear(__global float *y, ulong y_offset,
     ulong wrow[ROWS], xrow[TB];
 #pragma unroll
     for (int r = 0; r < ROWS; r++)
-        wrow[r] = w_offset + min(r0 + r, rows - 1) * k;
+        wrow[r] = w_offset + min(r0 + r, rows - 1) * W_ROW_STRIDE(k);
 #pragma unroll
     for (int t = 0; t < TB; t++)
         xrow[t] = x_offset + min(t0 + t, tokens - 1) * k;

@@ -336,13 +336,41 @@ typedef enum atmoe_dtype {
     ATMOE_DTYPE_F32,
     ATMOE_DTYPE_F16, /* storage only: arithmetic is always at least fp32 */
     ATMOE_DTYPE_I32,
-    ATMOE_DTYPE_BF16 /* storage only: the upper half of an f32 */
+    ATMOE_DTYPE_BF16, /* storage only: the upper half of an f32 */
+    ATMOE_DTYPE_Q8    /* storage only, base weights: blocks of 8-bit values
+                         (see "8-bit blocks" below) */
 } atmoe_dtype;
 
-/* "f32", "f16", "i32", "bf16"; "unknown" for a value outside the enum. */
+/* "f32", "f16", "i32", "bf16", "q8"; "unknown" for a value outside the
+ * enum. */
 ATMOE_API const char *atmoe_dtype_name(atmoe_dtype dtype);
-/* Bytes per element; 0 for a value outside the enum. */
+/* Bytes per element; 0 for a value outside the enum, and 0 for q8, whose
+ * elements are not a whole number of bytes each: atmoe_tensor_get_bytes
+ * gives any tensor's size. */
 ATMOE_API size_t atmoe_dtype_size(atmoe_dtype dtype);
+
+/* 8-bit blocks (ATMOE_DTYPE_Q8), the layout of llama.cpp's Q8_0 with an
+ * f32 scale: each row (the last dimension, d_in of a weight) is cut into
+ * blocks of ATMOE_Q8_BLOCK values, and a block is stored as its f32 scale
+ * d (little-endian) followed by ATMOE_Q8_BLOCK int8 values q; the value of
+ * element j is q[j] * d.  A row whose length is not a multiple of the
+ * block is padded to whole blocks with q = 0, so a row of n elements takes
+ * ceil(n / 32) * 36 bytes.  The scale is f32 rather than f16 so that a
+ * block stays 4-byte aligned for the kernels' loads (36 bytes, 1.125 bytes
+ * an element against 1.0625).  Quantisation (atmoe_tensor_copy into a q8
+ * tensor) takes d = max|x| / 127 over the block and q = x / d rounded to
+ * nearest, ties away from zero (0 for a block of zeros); a block with a
+ * NaN or infinite element gets a NaN scale, so it never reads as finite.
+ *
+ * A q8 tensor is a weight: it is written and read as raw blocks
+ * (atmoe_tensor_write/read with atmoe_tensor_get_bytes bytes), converted
+ * from and to f32, f16 and bf16 by atmoe_tensor_copy, and read as W0 by
+ * atmoe_graph_mixture; it has no views (but the whole of it), reshapes
+ * or fills, and graph
+ * inputs, constants and element-wise operations refuse it
+ * (ATMOE_STATUS_DTYPE_MISMATCH). */
+#define ATMOE_Q8_BLOCK 32
+#define ATMOE_Q8_BLOCK_BYTES 36
 
 /* A new dense row-major tensor of ndim (1..ATMOE_MAX_DIMS) dimensions, in
  * device memory, contents undefined.  Every dimension must be at least 1.
@@ -375,10 +403,15 @@ ATMOE_API atmoe_status atmoe_tensor_get_dtype(const atmoe_tensor *tensor,
 /* Number of elements. */
 ATMOE_API atmoe_status atmoe_tensor_get_count(const atmoe_tensor *tensor,
                                               size_t *count);
+/* Bytes that atmoe_tensor_write and atmoe_tensor_read move: count x dtype
+ * size, and for q8 the rows' whole blocks (see "8-bit blocks"). */
+ATMOE_API atmoe_status atmoe_tensor_get_bytes(const atmoe_tensor *tensor,
+                                              size_t *bytes);
 
 /* Copies host memory into the tensor (or view).  src holds the tensor's
  * elements densely in row-major order in the tensor's dtype; bytes must
- * equal count x dtype size.  Blocks until the data is on the device. */
+ * equal atmoe_tensor_get_bytes (q8: the raw blocks).  Blocks until the
+ * data is on the device. */
 ATMOE_API atmoe_status atmoe_tensor_write(atmoe_tensor *tensor,
                                           const void *src, size_t bytes);
 
@@ -394,7 +427,9 @@ ATMOE_API atmoe_status atmoe_tensor_read(const atmoe_tensor *tensor,
 ATMOE_API atmoe_status atmoe_tensor_fill(atmoe_tensor *tensor, double value);
 
 /* dst = src, element by element, for tensors (or views) of the same shape;
- * converts between f32 and f16 (round to nearest even).  dst and src must
+ * converts between f32 and f16 (round to nearest even); quantises f32, f16
+ * and bf16 into a q8 dst and dequantises a q8 src into f32, f16 or bf16
+ * (see "8-bit blocks"; q8 into q8 is refused).  dst and src must
  * not overlap (two views of one tensor may).  Runs on the device; does not
  * wait. */
 ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,

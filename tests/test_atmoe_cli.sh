@@ -48,6 +48,21 @@ grep -q "v_proj.weight in .*base.safetensors, F16 as f16$" "$tmp/out" ||
     fail "inspect does not show an F16 weight kept as f16"
 grep -q "^  device memory of the weights: 9784 bytes" "$tmp/out" ||
     fail "inspect does not show the device memory of the manifest"
+# A base weight asked in 8-bit blocks: shown so, its memory in whole
+# blocks (13 rows of one 36-byte block for [13, 13]: 468 bytes of the
+# 1252, where f32 would take 676).
+cat > "$tmp/q8.json" <<JSON
+{"version": 1, "weights": "$m/base.safetensors", "layers": [{"modules": {
+  "q_proj": {"weight": {"tensor": "model.layers.0.self_attn.q_proj.weight",
+                        "dtype": "q8"},
+             "groups": [["$fx/peft/math"]]}}}]}
+JSON
+run inspect "$tmp/q8.json"
+expect 0 "1 layer(s), 1 module(s)" "inspect of a manifest with a q8 weight"
+grep -q "q_proj.weight in .*base.safetensors, F32 as q8$" "$tmp/out" ||
+    fail "inspect does not show an F32 weight held as q8"
+grep -q "^  device memory of the weights: 1252 bytes" "$tmp/out" ||
+    fail "inspect does not count the q8 weight's blocks"
 run inspect "$tmp/missing"
 expect 1 "missing" "inspect of a missing file"
 run inspect

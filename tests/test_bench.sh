@@ -223,6 +223,17 @@ b32=$(grep -o '"bytes": [0-9.e+]*' "$tmp/default.json" | head -n 1 | cut -d' ' -
 b16=$(grep -o '"bytes": [0-9.e+]*' "$tmp/bf16.json" | head -n 1 | cut -d' ' -f2)
 awk -v a="$b32" -v b="$b16" 'BEGIN { exit !(b < a * 0.7) }' ||
     fail "bf16 W0 counted $b16 bytes, f32 $b32"
+# --- W0 in 8-bit blocks: named with its memory, counted at 36 bytes a
+# block of 32 (d = 1024: 1.125 MiB, against 4 MiB in f32)
+run --workload decode --reps 1 --warmup 0 --dtype q8 --json "$tmp/q8.json"
+[ "$rc" -eq 0 ] || fail "--dtype q8 exited $rc"
+grep -q 'W0 stored as: q8 (fused and merged variants): 1.1 MiB a d = 1024 layer, f32 4.0 MiB' "$tmp/out" ||
+    fail "the header does not name q8 with its memory"
+b8=$(grep -o '"bytes": [0-9.e+]*' "$tmp/q8.json" | head -n 1 | cut -d' ' -f2)
+# W0 alone differs: 2 bytes a weight against 36 a block of 32.
+awk -v a="$b16" -v b="$b8" \
+    'BEGIN { exit !(a - b == 1024 * 1024 * 2 - 1024 * 32 * 36) }' ||
+    fail "q8 W0 counted $b8 bytes, bf16 $b16"
 run --workload decode --dtype q4
 [ "$rc" -eq 2 ] || fail "--dtype q4 exited $rc, not 2"
 

@@ -479,6 +479,28 @@ START_TEST(test_storage)
               s.b == ATMOE_DTYPE_BF16 &&
               s.w_g == device_of(s.w_g_file) && s.w_d == ATMOE_DTYPE_F32);
     atmoe_manifest_free(m);
+
+    /* The base weight in 8-bit blocks: 36 bytes a block of 32 per row,
+     * against 2 bytes an element in f16. */
+    uint64_t f16_bytes = s.device_bytes;
+    static const char q8[] =
+        "{\"version\": 1, \"weights\": \"base.safetensors\", \"dtype\": "
+        "\"f32\", \"layers\": [{\"modules\": {\"q_proj\": {\"weight\": "
+        "{\"tensor\": \"model.layers.0.self_attn.q_proj.weight\", "
+        "\"dtype\": \"q8\"}, \"experts_dtype\": \"bf16\", \"groups\": "
+        "[[\"../peft/math\"], [\"../peft/code\"]], \"router\": {\"w_g\": {\"file\": "
+        "\"router.safetensors\", \"tensor\": \"layers.0.v_proj.w_g\", "
+        "\"dtype\": \"stored\"}}}}}]}";
+    OK(atmoe_manifest_parse(NULL, q8, strlen(q8), DIR_, &m));
+    OK(atmoe_manifest_check(m));
+    OK(atmoe_manifest_get_storage(m, 0, &s));
+    ck_assert(s.weight == ATMOE_DTYPE_Q8);
+    atmoe_manifest_module mod;
+    OK(atmoe_manifest_get_module(m, 0, &mod));
+    ck_assert_uint_eq(f16_bytes - s.device_bytes,
+                      2 * mod.d_out * mod.d_in -
+                          mod.d_out * ((mod.d_in + 31) / 32) * 36);
+    atmoe_manifest_free(m);
 }
 END_TEST
 
@@ -575,6 +597,17 @@ START_TEST(test_nonfinite)
                                ", \"dtype\": \"bf16\"", "../peft/math",
                                ctx), ctx);
     w[3] = 0.25f;
+
+    /* W0 in 8-bit blocks, quantised at load; an infinity is refused there
+     * too (it would make its block's scale NaN). */
+    ck_assert_status(build_one(dir, ATMOE_SAFETENSORS_BF16, w, "",
+                               ", \"dtype\": \"q8\"", "../peft/math", ctx),
+                     ctx);
+    w[5] = -INFINITY;
+    FAILS(build_one(dir, ATMOE_SAFETENSORS_F32, w, "",
+                    ", \"dtype\": \"q8\"", "../peft/math", ctx),
+          ctx, ATMOE_STATUS_FORMAT_ERROR, "element [0, 5] is -inf in q8");
+    w[5] = 0.125f;
 
     /* F64 kept as stored: no device type holds it. */
     FAILS(build_one(dir, ATMOE_SAFETENSORS_F64, w, "", "", "../peft/math",
@@ -680,6 +713,11 @@ static const struct {
      "allow_nonfinite: must be true or false"},
     {MODULE(", \"experts_dtype\": \"q8\""),
      "layers[0].modules.q_proj.experts_dtype: is \"q8\""},
+    {"{\"version\": 1, \"weights\": \"f\", \"dtype\": \"q8\", \"layers\": "
+     "[{\"modules\": {\"q\": {\"weight\": \"w\"}}}]}",
+     "dtype: is \"q8\"; 8-bit blocks hold a module's base weight only"},
+    {MODULE(", \"bias\": {\"tensor\": \"b\", \"dtype\": \"q8\"}"),
+     "layers[0].modules.q_proj.bias.dtype: is \"q8\""},
     {MODULE(", \"bias\": {\"tensor\": \"b\", \"transposed\": true}"),
      "layers[0].modules.q_proj.bias: unknown key \"transposed\""},
     {"{\"version\": 1, \"weights\": \"f\", \"layers\": [{\"modules\": "

@@ -1350,9 +1350,36 @@ END_TEST
 
 /* A constant [rows, cols] (cols 0: [rows]) stored as dtype; v is rounded
  * to it in place. */
+/* W0 in 8-bit blocks: a parameter quantised on the device from v, and v
+ * replaced by its dequantised values (the weights as stored), read back
+ * through the library's q8 to f32 copy into a NaN-poisoned tensor. */
+static atmoe_node q8_param(atmoe_graph *g, size_t rows, size_t cols, float *v)
+{
+    size_t shape[2] = {rows, cols}, n = rows * cols;
+    atmoe_tensor *f, *q, *back;
+    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 2, shape, &f));
+    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_Q8, 2, shape, &q));
+    OK(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 2, shape, &back));
+    OK(atmoe_tensor_write(f, v, n * sizeof *v));
+    OK(atmoe_tensor_copy(q, f));
+    OK(atmoe_tensor_fill(back, NAN));
+    OK(atmoe_tensor_copy(back, q));
+    OK(atmoe_tensor_read(back, v, n * sizeof *v));
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(isfinite(v[i]), "dequantised W0[%zu] is %g", i, v[i]);
+    atmoe_node node;
+    OK(atmoe_graph_parameter(g, "w0", q, &node));
+    atmoe_tensor_free(f);
+    atmoe_tensor_free(q);
+    atmoe_tensor_free(back);
+    return node;
+}
+
 static atmoe_node typed_const(atmoe_graph *g, atmoe_dtype dtype, size_t rows,
                               size_t cols, float *v)
 {
+    if (dtype == ATMOE_DTYPE_Q8)
+        return q8_param(g, rows, cols, v);
     void *bits = stored(dtype, v, rows * (cols ? cols : 1));
     atmoe_node n = const2(g, dtype, rows, cols, bits);
     free(bits);
@@ -1402,16 +1429,18 @@ static void expect_stored_experts(const model *m, const atmoe_experts *set)
 
 /* W0, A_all and B_all stored as w0_dtype, a_dtype and b_dtype, against
  * the float64 reference of the weights as stored (rounded). */
-static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
-                              atmoe_dtype a_dtype, atmoe_dtype b_dtype)
+static void every_batch_typed_din(const char *params, atmoe_dtype w0_dtype,
+                                  atmoe_dtype a_dtype, atmoe_dtype b_dtype,
+                                  size_t DI)
 {
     CTX = test_context();
     if (params)
         OK(atmoe_context_set_params(CTX, params));
     test_rng_seed(&RNG, 909);
-    /* d_in 53: three whole float16 blocks and a tail of 5; d_out 37: a
-     * partial last block of rows for tiles of 8 and of 4 rows. */
-    const size_t T = 19, DI = 53, DO = 37;
+    /* d_in 53: three whole float16 blocks and a tail of 5 (for q8 one
+     * block of 32 and a partial one of 21); d_out 37: a partial last block
+     * of rows for tiles of 8 and of 4 rows. */
+    const size_t T = 19, DO = 37;
     static const unsigned rs[5] = {0, ATMOE_EXPERT_RSLORA, 0, 0, 0};
     model mb, md;
     model_s1(&mb, DI, DO, rs);
@@ -1514,6 +1543,12 @@ static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
     atmoe_context_free(CTX);
 }
 
+static void every_batch_typed(const char *params, atmoe_dtype w0_dtype,
+                              atmoe_dtype a_dtype, atmoe_dtype b_dtype)
+{
+    every_batch_typed_din(params, w0_dtype, a_dtype, b_dtype, 53);
+}
+
 static void every_batch(const char *params)
 {
     every_batch_typed(params, ATMOE_DTYPE_F32, ATMOE_DTYPE_F32,
@@ -1570,6 +1605,33 @@ START_TEST(test_every_batch_typed_blocks)
                       "\"linear.bf16\": {\"SR\": 5, \"ST\": 2}, "
                       "\"linear.f16\": {\"SR\": 2, \"ST\": 4}}}",
                       ATMOE_DTYPE_BF16, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16);
+}
+END_TEST
+
+/* W0 in 8-bit blocks, against the float64 reference of its dequantised
+ * values: d_in 53 and 97 (three whole blocks and one of 1), every batch
+ * of 1 to 19 tokens (tiles of 1, 2 and 4 tokens), merged, with experts in
+ * f32 and in half precision. */
+START_TEST(test_every_batch_q8)
+{
+    every_batch_typed(NULL, ATMOE_DTYPE_Q8, ATMOE_DTYPE_F32,
+                      ATMOE_DTYPE_F32);
+    every_batch_typed_din(NULL, ATMOE_DTYPE_Q8, ATMOE_DTYPE_BF16,
+                          ATMOE_DTYPE_F16, 97);
+    /* Tuned blocks of its own type. */
+    every_batch_typed("{\"kernels\": {\"linear.q8\": {\"SR\": 3, "
+                      "\"ST\": 2}}}",
+                      ATMOE_DTYPE_Q8, ATMOE_DTYPE_F16, ATMOE_DTYPE_F32);
+}
+END_TEST
+
+/* Past 16 tokens CLBlast reads W0 dequantised into f32 scratch. */
+START_TEST(test_every_batch_q8_clblast)
+{
+    ck_assert_int_eq(setenv("ATMOE_LINEAR_MAX_TOKENS", "16", 1), 0);
+    every_batch_typed_din(NULL, ATMOE_DTYPE_Q8, ATMOE_DTYPE_F32,
+                          ATMOE_DTYPE_F32, 97);
+    unsetenv("ATMOE_LINEAR_MAX_TOKENS");
 }
 END_TEST
 
@@ -2586,6 +2648,8 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch_bf16);
     tcase_add_test(tc, test_every_batch_f16);
     tcase_add_test(tc, test_every_batch_half_clblast);
+    tcase_add_test(tc, test_every_batch_q8);
+    tcase_add_test(tc, test_every_batch_q8_clblast);
     tcase_add_test(tc, test_every_batch_clblast);
     tcase_add_test(tc, test_every_batch_tuned_blocks);
     tcase_add_test(tc, test_every_batch_tuned_boundary);

@@ -302,7 +302,10 @@ START_TEST(test_dtype)
     ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_F32), 4);
     ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_F16), 2);
     ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_I32), 4);
-    const int bad[] = {ATMOE_DTYPE_BF16 + 1, 99, -1};
+    /* q8's elements are not whole bytes: its size is 0 (atmoe.h). */
+    ck_assert_str_eq(atmoe_dtype_name(ATMOE_DTYPE_Q8), "q8");
+    ck_assert_uint_eq(atmoe_dtype_size(ATMOE_DTYPE_Q8), 0);
+    const int bad[] = {ATMOE_DTYPE_Q8 + 1, 99, -1};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         ck_assert_str_eq(atmoe_dtype_name((atmoe_dtype)bad[i]), "unknown");
         ck_assert_uint_eq(atmoe_dtype_size((atmoe_dtype)bad[i]), 0);

@@ -325,7 +325,7 @@ START_TEST(test_malformed)
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": 1}}}]}",
          "'probe' is not a program with tuned parameters (linear, "
-         "linear.f32, linear.f16, linear.bf16)"},
+         "linear.f32, linear.f16, linear.bf16, linear.q8)"},
         /* A typed program has the blocks alone: the boundary with
          * CLBlast is the untyped program's. */
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
@@ -644,6 +644,7 @@ START_TEST(test_linear_params_by_type)
     from_of(ctx, "linear.bf16", "SR", from, sizeof from);
     ck_assert_str_eq(from, "explicit");
     ck_assert_int_eq(define_of(ctx, "linear.f32", "SR", NULL, 0), -1);
+    ck_assert_int_eq(define_of(ctx, "linear.q8", "SR", NULL, 0), -1);
     check_mixture(ctx);
     ck_assert_status(atmoe_context_get_cache_stats(ctx, &after), ctx);
     ck_assert_uint_eq(after.builds, before.builds);
@@ -655,6 +656,16 @@ START_TEST(test_linear_params_by_type)
     check_mixture(ctx);
     ck_assert_status(atmoe_context_get_cache_stats(ctx, &after), ctx);
     ck_assert_uint_eq(after.builds, before.builds + 1);
+
+    /* 8-bit blocks have their own program too. */
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"linear\": {\"SR\": 2, "
+                              "\"ST\": 1}, \"linear.q8\": {\"ST\": 5}}}"),
+                     ctx);
+    ck_assert_int_eq(define_of(ctx, "linear.q8", "ST", NULL, 0), 5);
+    ck_assert_int_eq(define_of(ctx, "linear.q8", "SR", NULL, 0), 2);
+    from_of(ctx, "linear.q8", "SR", from, sizeof from);
+    ck_assert_str_eq(from, "linear");
     atmoe_context_free(ctx);
     ck_assert_str_eq(logged, "");
 }

@@ -25,6 +25,8 @@ typedef enum atm_param {
      * devices, 1 elsewhere. */
     ATM_PARAM_LINEAR_VARIANT, ATM_PARAM_LINEAR_GROUP_SIZE,
     ATM_PARAM_LINEAR_GROUP_ROWS,
+    /* "linear.q8": W in 8-bit blocks (base weights only). */
+    ATM_PARAM_LINEAR_Q8_SR, ATM_PARAM_LINEAR_Q8_ST,
     ATM_PARAM_COUNT_
 } atm_param;
 
@@ -36,7 +38,7 @@ typedef enum atm_param {
 long atm_param_get(const atmoe_context *ctx, atm_param p);
 
 /* cl/linear.cl's block (SR, or ST when st) for a weight stored as dtype
- * (f32, f16 or bf16; another reads the untyped one). */
+ * (f32, f16, bf16 or q8; another reads the untyped one). */
 long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
                             int st);
 

@@ -342,6 +342,10 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
                                      128, ATM_ENV_NONE, -1},
     [ATM_PARAM_LINEAR_GROUP_ROWS] = {"linear", "GROUP_ROWS", 1, 16, 4, 4,
                                      ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_Q8_SR] = {"linear.q8", "SR", 1, 256, 8, 8,
+                                ATM_ENV_NONE, ATM_PARAM_LINEAR_SR},
+    [ATM_PARAM_LINEAR_Q8_ST] = {"linear.q8", "ST", 1, 256, 8, 8,
+                                ATM_ENV_NONE, ATM_PARAM_LINEAR_ST},
 };
 
 static const param_row *find_param(const char *program, const char *name)
@@ -976,6 +980,9 @@ long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
     case ATMOE_DTYPE_BF16:
         return atm_param_get(ctx, st ? ATM_PARAM_LINEAR_BF16_ST
                                      : ATM_PARAM_LINEAR_BF16_SR);
+    case ATMOE_DTYPE_Q8:
+        return atm_param_get(ctx, st ? ATM_PARAM_LINEAR_Q8_ST
+                                     : ATM_PARAM_LINEAR_Q8_SR);
     case ATMOE_DTYPE_I32:
         break;
     }

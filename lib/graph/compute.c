@@ -217,7 +217,7 @@ ATMOE_API atmoe_status atmoe_graph_read(atmoe_graph *g, atmoe_node node,
         return atm_fail(g->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "%s: nothing computed since the graph was planned",
                         __func__);
-    size_t want = atm_tensor_count(&n->rt) * atmoe_dtype_size(n->dtype);
+    size_t want = atm_tensor_bytes(&n->rt);
     if (bytes != want)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: output '%s' holds %zu bytes at batch %zu, not "
@@ -254,9 +254,9 @@ void atm_node_cost(const atmoe_graph *g, const atm_node *n, uint64_t *bytes,
     for (int i = 0; i < n->nsrc; i++) {
         const atmoe_tensor *s = atm_src_rt(g, n, i);
         if (s)
-            in += atm_tensor_count(s) * atmoe_dtype_size(s->dtype);
+            in += atm_tensor_bytes(s);
     }
-    *bytes = in + atm_tensor_count(&n->rt) * atmoe_dtype_size(n->rt.dtype);
+    *bytes = in + atm_tensor_bytes(&n->rt);
     if (n->op->cost)
         n->op->cost(g, n, bytes, flops);
 }

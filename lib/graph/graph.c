@@ -161,6 +161,10 @@ atmoe_status atm_check_shape_args(const atmoe_graph *g, const char *fn,
                                      atmoe_dtype dtype, int ndim,
                                      const size_t *shape)
 {
+    if (dtype == ATMOE_DTYPE_Q8)
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: q8 is for weights (atmoe_graph_parameter of a "
+                        "q8 tensor), not graph data", fn);
     if (atmoe_dtype_size(dtype) == 0)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: dtype %d is not an atmoe_dtype", fn, (int)dtype);
@@ -267,7 +271,7 @@ ATMOE_API atmoe_status atmoe_graph_constant(atmoe_graph *g, const char *name,
     st = atmoe_tensor_new(g->ctx, dtype, ndim, shape, &t);
     if (st != ATMOE_STATUS_OK)
         return st;
-    st = atmoe_tensor_write(t, data, atm_tensor_count(t) * atmoe_dtype_size(dtype));
+    st = atmoe_tensor_write(t, data, atm_tensor_bytes(t));
     if (st == ATMOE_STATUS_OK)
         st = add_storage(g, &atm_op_constant, name, t, __func__, node);
     if (st != ATMOE_STATUS_OK)
@@ -287,6 +291,18 @@ atmoe_status atm_graph_get_node(const atmoe_graph *g, atmoe_node id,
     return st;
 }
 
+atmoe_status atm_refuse_q8(const atmoe_graph *g, const char *fn,
+                           const char *operand, const atm_node *n)
+{
+    char d[160];
+    if (n->dtype == ATMOE_DTYPE_Q8)
+        return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "%s: operand %s is %s; 8-bit blocks cannot be laid "
+                        "out again (atmoe_graph_cast converts it to f32)",
+                        fn, operand, atm_node_desc(n, d, sizeof d));
+    return ATMOE_STATUS_OK;
+}
+
 atmoe_status atm_want_f32(const atmoe_graph *g, const char *fn,
                                const char *operand, const atm_node *n)
 {
@@ -296,7 +312,8 @@ atmoe_status atm_want_f32(const atmoe_graph *g, const char *fn,
                         "%s: operand %s is %s; it must be f32%s", fn, operand,
                         atm_node_desc(n, d, sizeof d),
                         n->dtype == ATMOE_DTYPE_F16 ||
-                                n->dtype == ATMOE_DTYPE_BF16
+                                n->dtype == ATMOE_DTYPE_BF16 ||
+                                n->dtype == ATMOE_DTYPE_Q8
                             ? " (atmoe_graph_cast converts it to f32)"
                             : "");
     return ATMOE_STATUS_OK;

@@ -148,6 +148,11 @@ const char *atm_node_desc(const atm_node *n, char *buf, size_t size);
 atmoe_node atm_graph_lookup(const atmoe_graph *g, const char *name);
 
 /* Checks that builders share (graph.c). */
+/* ATMOE_STATUS_DTYPE_MISMATCH for a q8 operand (8-bit blocks are read by
+ * the mixture and converted by a cast, not moved or viewed by layout
+ * operations, whose element offsets they do not have). */
+atmoe_status atm_refuse_q8(const atmoe_graph *g, const char *fn,
+                           const char *operand, const atm_node *n);
 atmoe_status atm_want_f32(const atmoe_graph *g, const char *fn,
                           const char *operand, const atm_node *n);
 atmoe_status atm_resolve_dim(const atmoe_graph *g, const char *fn,

@@ -241,6 +241,8 @@ ATMOE_API atmoe_status atmoe_graph_view(atmoe_graph *g, atmoe_node x,
     ATM_CHECK_NULL(g->ctx, shape);
     const atm_node *xn;
     atmoe_status st = atm_graph_get_node(g, x, fn, "x", &xn);
+    if (st == ATMOE_STATUS_OK)
+        st = atm_refuse_q8(g, fn, "x", xn);
     if (st != ATMOE_STATUS_OK)
         return st;
     char d[160], s[96];
@@ -278,6 +280,7 @@ ATMOE_API atmoe_status atmoe_graph_transpose(atmoe_graph *g, atmoe_node x,
     int d0, d1;
     atmoe_status st;
     if ((st = atm_graph_get_node(g, x, fn, "x", &xn)) ||
+        (st = atm_refuse_q8(g, fn, "x", xn)) ||
         (st = atm_resolve_dim(g, fn, xn, dim0, &d0)) ||
         (st = atm_resolve_dim(g, fn, xn, dim1, &d1)))
         return st;
@@ -307,6 +310,8 @@ ATMOE_API atmoe_status atmoe_graph_concat(atmoe_graph *g, atmoe_node a,
     atmoe_status st;
     if ((st = atm_graph_get_node(g, a, fn, "a", &an)) ||
         (st = atm_graph_get_node(g, b, fn, "b", &bn)) ||
+        (st = atm_refuse_q8(g, fn, "a", an)) ||
+        (st = atm_refuse_q8(g, fn, "b", bn)) ||
         (st = atm_resolve_dim(g, fn, an, dim, &d)))
         return st;
     char da[160], db[160];
@@ -343,11 +348,14 @@ ATMOE_API atmoe_status atmoe_graph_cast(atmoe_graph *g, atmoe_node x,
     if (st != ATMOE_STATUS_OK)
         return st;
     char d[160];
+    /* A q8 x (a parameter) dequantises; nothing is cast into q8, whose
+     * blocks a graph's arena does not hold. */
     if (atmoe_dtype_size(dtype) == 0 ||
         (dtype == ATMOE_DTYPE_I32) != (xn->dtype == ATMOE_DTYPE_I32))
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: cannot convert %s to dtype %d (f32, f16 and "
-                        "bf16 convert into each other, i32 into itself)", fn,
+                        "bf16 convert into each other, q8 into any of them, "
+                        "i32 into itself)", fn,
                         atm_node_desc(xn, d, sizeof d), (int)dtype);
     atm_node p;
     atm_node_init(&p, &atm_op_cast, dtype, xn->ndim, xn->shape);

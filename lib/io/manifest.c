@@ -16,6 +16,7 @@
 #include "base/json.h"
 #include "base/log.h"
 #include "io/manifest.h"
+#include "tensor/tensor.h"
 
 #define MANIFEST_VERSION 1
 /* Bounds that keep every count an int and every message short; far above
@@ -208,10 +209,20 @@ static atmoe_status get_str(parser *p, const json_t *obj, const char *key,
     return st;
 }
 
-/* A storage member: "stored", "f32", "f16" or "bf16"; absent leaves *out
- * as it is. */
+/* A storage member: "stored", "f32", "f16" or "bf16", and "q8" (8-bit
+ * blocks) where allow_q8 says (a module's base weight); absent leaves
+ * *out as it is. */
+static atmoe_status get_dtype_q8(parser *p, const json_t *obj,
+                                 const char *key, int allow_q8, int *out);
+
 static atmoe_status get_dtype(parser *p, const json_t *obj, const char *key,
                               int *out)
+{
+    return get_dtype_q8(p, obj, key, 0, out);
+}
+
+static atmoe_status get_dtype_q8(parser *p, const json_t *obj,
+                                 const char *key, int allow_q8, int *out)
 {
     static const struct {
         const char *name;
@@ -230,6 +241,17 @@ static atmoe_status get_dtype(parser *p, const json_t *obj, const char *key,
             return ATMOE_STATUS_OK;
         }
     size_t mark = push_key(p, key);
+    if (strcmp(v, "q8") == 0) {
+        if (allow_q8) {
+            *out = ATMOE_DTYPE_Q8;
+            pop(p, mark);
+            return ATMOE_STATUS_OK;
+        }
+        st = bad(p, "is \"q8\"; 8-bit blocks hold a module's base weight "
+                    "only (its \"weight\": {\"dtype\": \"q8\"})");
+        pop(p, mark);
+        return st;
+    }
     st = bad(p, "is \"%s\"; the storage types are \"stored\" (as the "
                 "file holds it), \"f32\", \"f16\" and \"bf16\"", v);
     pop(p, mark);
@@ -281,7 +303,8 @@ static atmoe_status parse_ref(parser *p, const json_t *obj, const char *key,
         if ((st = only_keys(p, v, allow_transposed ? keys : plain)) ||
             (st = get_str(p, v, "file", 0, &file)) ||
             (st = get_str(p, v, "tensor", 1, &tensor)) ||
-            (st = get_dtype(p, v, "dtype", &ref->dtype)))
+            (st = get_dtype_q8(p, v, "dtype", strcmp(key, "weight") == 0,
+                               &ref->dtype)))
             goto out;
         const json_t *t = json_object_get(v, "transposed");
         if (t && !json_is_boolean(t)) {
@@ -1036,10 +1059,12 @@ ATMOE_API atmoe_status atmoe_manifest_get_expert(
     return ATMOE_STATUS_OK;
 }
 
-/* The bytes of a weight as held: absent ones are f32 zeros. */
-static uint64_t ref_bytes(const atm_mref *r, uint64_t count)
+/* The bytes of a weight [rows, cols] as held (q8 in whole blocks per
+ * row): absent ones are f32 zeros. */
+static uint64_t ref_bytes(const atm_mref *r, uint64_t rows, uint64_t cols)
 {
-    return count * atmoe_dtype_size(r->file ? r->device : ATMOE_DTYPE_F32);
+    size_t shape[2] = {(size_t)rows, (size_t)cols};
+    return atm_dtype_bytes(r->file ? r->device : ATMOE_DTYPE_F32, 2, shape);
 }
 
 ATMOE_API atmoe_status atmoe_manifest_get_storage(
@@ -1072,10 +1097,10 @@ ATMOE_API atmoe_status atmoe_manifest_get_storage(
      * the expert set's A_all, B_all and f32 B^T and its per-channel
      * arrays (experts.c), and the router's six control arrays
      * (router.c). */
-    uint64_t bytes = ref_bytes(&m->weight, dout * din) +
+    uint64_t bytes = ref_bytes(&m->weight, dout, din) +
                      (m->bias.file ? 4 * dout : 0) +
-                     ref_bytes(&m->w_g, din * G) +
-                     ref_bytes(&m->w_d, scaled ? G * M : din * G * M) +
+                     ref_bytes(&m->w_g, din, G) +
+                     ref_bytes(&m->w_d, scaled ? G : din, scaled ? M : G * M) +
                      R * din * atmoe_dtype_size(m->a_dtype) +
                      R * dout * (atmoe_dtype_size(m->b_dtype) + 4) + 8 * R +
                      4 * (3 * G + 2 * G * M + E);

@@ -211,6 +211,12 @@ static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
         if (st != ATMOE_STATUS_OK)
             return st;
     }
+    /* 8-bit blocks are read by the mixture (cl/linear.cl), not by the
+     * rank-1 layer's kernels. */
+    if (m->rank1 && m->weight.device == ATMOE_DTYPE_Q8)
+        return atm_fail(mf->ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                        "%s.weight: a rank-1 module's base weight is f32, "
+                        "f16 or bf16, not q8", m->where);
     if (m->rank1)
         return check_rank1(mf, m);
     for (size_t i = 0; i < m->count; i++) {
@@ -391,6 +397,29 @@ static atmoe_status check_finite(const atmoe_manifest *mf,
     return ATMOE_STATUS_OK;
 }
 
+/* A parameter node holding data [rows, cols] (f32) in 8-bit blocks,
+ * quantised on the device (atmoe.h, "8-bit blocks"); the graph keeps the
+ * q8 tensor, the f32 one goes once the copy is done. */
+static atmoe_status add_q8(atmoe_graph *g, const float *data, size_t rows,
+                           size_t cols, atmoe_node *node)
+{
+    size_t shape[2] = {rows, cols};
+    atmoe_tensor *f = NULL, *q = NULL;
+    atmoe_status st;
+    if ((st = atmoe_tensor_new(g->ctx, ATMOE_DTYPE_F32, 2, shape, &f)) ==
+            ATMOE_STATUS_OK &&
+        (st = atmoe_tensor_new(g->ctx, ATMOE_DTYPE_Q8, 2, shape, &q)) ==
+            ATMOE_STATUS_OK &&
+        (st = atmoe_tensor_write(f, data, rows * cols * sizeof *data)) ==
+            ATMOE_STATUS_OK &&
+        (st = atmoe_tensor_copy(q, f)) == ATMOE_STATUS_OK &&
+        (st = atmoe_context_finish(g->ctx)) == ATMOE_STATUS_OK)
+        st = atmoe_graph_parameter(g, NULL, q, node);
+    atmoe_tensor_free(f);
+    atmoe_tensor_free(q);
+    return st;
+}
+
 /* A constant node holding ref's tensor [rows, cols] (cols 0: 1-D) in the
  * device type the check chose, transposed from [cols, rows] when ref says
  * so; f32 zeros when ref is empty.  The file's values are read as f32
@@ -402,13 +431,13 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
 {
     size_t n = rows * (cols ? cols : 1);
     atmoe_dtype dtype = ref->file ? ref->device : ATMOE_DTYPE_F32;
+    int halfs = dtype == ATMOE_DTYPE_F16 || dtype == ATMOE_DTYPE_BF16;
     float *data = atm_calloc(n, sizeof *data);
     float *t = ref->transposed ? atm_malloc(n * sizeof *t) : NULL;
-    uint16_t *half = dtype != ATMOE_DTYPE_F32 ? atm_malloc(n * sizeof *half)
-                                              : NULL;
+    uint16_t *half = halfs ? atm_malloc(n * sizeof *half) : NULL;
     atmoe_status st = ATMOE_STATUS_OK;
     if (data == NULL || (ref->transposed && t == NULL) ||
-        (dtype != ATMOE_DTYPE_F32 && half == NULL))
+        (halfs && half == NULL))
         st = oom(g->ctx, "atmoe_manifest_build");
     atmoe_safetensors *file = NULL;
     if (st == ATMOE_STATUS_OK && ref->file) {
@@ -436,7 +465,9 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
         half[i] = dtype == ATMOE_DTYPE_F16 ? atm_f32_to_f16(data[i])
                                            : atm_f32_to_bf16(data[i]);
     size_t shape[2] = {rows, cols};
-    if (st == ATMOE_STATUS_OK)
+    if (st == ATMOE_STATUS_OK && dtype == ATMOE_DTYPE_Q8)
+        st = add_q8(g, data, rows, cols, node);
+    else if (st == ATMOE_STATUS_OK)
         st = atmoe_graph_constant(g, NULL, dtype, cols ? 2 : 1, shape,
                                   half ? (const void *)half
                                        : (const void *)data,

@@ -14,7 +14,8 @@ int atm_weight_type(atmoe_dtype dtype)
     case ATMOE_DTYPE_F32: return 0;
     case ATMOE_DTYPE_F16: return 1;
     case ATMOE_DTYPE_BF16: return 2;
-    case ATMOE_DTYPE_I32: break;
+    case ATMOE_DTYPE_I32:
+    case ATMOE_DTYPE_Q8: break;
     }
     return -1;
 }
@@ -39,11 +40,19 @@ void atm_linear_tune_get(const atmoe_context *ctx, atmoe_dtype dtype,
         log2--;
     t->sr = (unsigned short)atm_param_linear_block(ctx, dtype, 0);
     t->st = (unsigned short)atm_param_linear_block(ctx, dtype, 1);
-    t->variant = atm_param_get(ctx, ATM_PARAM_LINEAR_VARIANT) == 1
+    /* cl/linear_gpu.cl reads f32, f16 and bf16; 8-bit blocks run on the
+     * CPU-shaped kernel whatever the variant in force. */
+    t->variant = atm_param_get(ctx, ATM_PARAM_LINEAR_VARIANT) == 1 &&
+                         dtype != ATMOE_DTYPE_Q8
                      ? ATM_LINEAR_GROUP
                      : ATM_LINEAR_CPU;
     t->group_log2 = (unsigned char)log2;
     t->group_rows = (unsigned char)gr;
+}
+
+int atm_base_weight_type(atmoe_dtype dtype)
+{
+    return dtype == ATMOE_DTYPE_Q8 ? 3 : atm_weight_type(dtype);
 }
 
 /* The shape of a launch of cl/linear.cl for T tokens: the tile, rows and

@@ -11,6 +11,10 @@
  * bf16), and its code there (-DWT / -DBT: 0, 1, 2); -1 for none.  The
  * router's kernels (cl/router.cl) and the expert sets use the same codes. */
 int atm_weight_type(atmoe_dtype dtype);
+/* The same for a base weight W, which cl/linear.cl also reads in 8-bit
+ * blocks (q8, code 3; its offsets in bytes); experts and the router's
+ * weights are not q8, so they ask atm_weight_type. */
+int atm_base_weight_type(atmoe_dtype dtype);
 
 /* A node's kernels of cl/linear.cl come in three slots from `first`: for
  * batches of 1, 2 and 3+ tokens (their tiles differ).  The slot of a batch

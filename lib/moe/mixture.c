@@ -122,9 +122,9 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
         (bn && bn->dtype != ATMOE_DTYPE_F32))
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "%s: x, bias and gates must be f32", fn);
-    if (atm_weight_type(wn->dtype) < 0)
+    if (atm_base_weight_type(wn->dtype) < 0)
         return atm_fail(g->ctx, ATMOE_STATUS_DTYPE_MISMATCH,
-                        "%s: w0 must be f32, f16 or bf16; it is %s", fn,
+                        "%s: w0 must be f32, f16, bf16 or q8; it is %s", fn,
                         atm_node_desc(wn, b1, sizeof b1));
     if (xn->ndim != 2 || xn->shape[1] != d_in || xn->batch_dim > 0)
         return atm_fail(g->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
@@ -281,7 +281,7 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
         st = linear_kernel(g, n, K_SHRINK1, b, at, 0);
         if (st == ATMOE_STATUS_OK)
             st = linear_kernel(g, n, K_BASE1, b,
-                               atm_weight_type(mp->w0_dtype),
+                               atm_base_weight_type(mp->w0_dtype),
                                atm_weight_type(set->b_dtype));
         if (st == ATMOE_STATUS_OK && at != 0 && mp->merge_from <= T)
             st = linear_kernel(g, n, K_MERGED1, b, 0, 0);
@@ -470,6 +470,7 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     /* Folded experts M A_all [Z, d_in], then W' [d_out, d_in] after them. */
     size_t fold_off = n->work_offset / sizeof(float);
     atmoe_tensor w = *w0;
+    w.dtype = ATMOE_DTYPE_F32; /* W' (the copy kernels read the type) */
     w.buffer = g->arena;
     w.offset = fold_off + Z * d_in;
     atm_args args = {n->kernel[K_FOLD], 0, CL_SUCCESS};
@@ -616,8 +617,9 @@ static void mixture_cost(const atmoe_graph *g, const atm_node *n,
     *flops = 2 * T * dout * din + 2 * T * (R * din + Z * dout) +
              (set->dense_r2 ? 2 * T * R * Z : T * R);
     /* Weights once (as stored), activations in and out, gates. */
-    uint64_t w0_size = atmoe_dtype_size(g->nodes[n->src[1]].dtype);
-    *bytes = w0_size * dout * din + atmoe_dtype_size(set->a_dtype) * R * din +
+    const atm_node *w0 = &g->nodes[n->src[1]];
+    *bytes = atm_dtype_bytes(w0->dtype, w0->ndim, w0->shape) +
+             atmoe_dtype_size(set->a_dtype) * R * din +
              atmoe_dtype_size(set->b_dtype) * Z * dout +
              4 * (T * (din + dout) + T * g->nodes[n->src[3]].rt.shape[1]);
 }

@@ -17,6 +17,7 @@ ATMOE_API const char *atmoe_dtype_name(atmoe_dtype dtype)
     case ATMOE_DTYPE_F16: return "f16";
     case ATMOE_DTYPE_I32: return "i32";
     case ATMOE_DTYPE_BF16: return "bf16";
+    case ATMOE_DTYPE_Q8: return "q8";
     }
     return ATM_UNKNOWN_NAME;
 }
@@ -28,8 +29,21 @@ ATMOE_API size_t atmoe_dtype_size(atmoe_dtype dtype)
     case ATMOE_DTYPE_F16: return 2;
     case ATMOE_DTYPE_I32: return 4;
     case ATMOE_DTYPE_BF16: return 2;
+    case ATMOE_DTYPE_Q8: break; /* blocks: atm_dtype_bytes */
     }
     return 0;
+}
+
+size_t atm_dtype_bytes(atmoe_dtype dtype, int ndim, const size_t *shape)
+{
+    size_t n = 1;
+    for (int i = 0; i + 1 < ndim; i++)
+        n *= shape[i];
+    size_t row = ndim > 0 ? shape[ndim - 1] : 1;
+    if (dtype == ATMOE_DTYPE_Q8)
+        return n * ((row + ATMOE_Q8_BLOCK - 1) / ATMOE_Q8_BLOCK) *
+               ATMOE_Q8_BLOCK_BYTES;
+    return n * row * atmoe_dtype_size(dtype);
 }
 
 const char *atm_shape_string(int ndim, const size_t *shape, char *buf,
@@ -50,6 +64,11 @@ size_t atm_tensor_count(const atmoe_tensor *t)
     for (int i = 0; i < t->ndim; i++)
         n *= t->shape[i];
     return n;
+}
+
+size_t atm_tensor_bytes(const atmoe_tensor *t)
+{
+    return atm_dtype_bytes(t->dtype, t->ndim, t->shape);
 }
 
 int atm_tensor_is_contiguous(const atmoe_tensor *t)
@@ -104,7 +123,7 @@ ATMOE_API atmoe_status atmoe_tensor_new(atmoe_context *ctx, atmoe_dtype dtype,
     ATM_CHECK_NULL(ctx, tensor);
     ATM_CHECK_NULL(ctx, shape);
     size_t esize = atmoe_dtype_size(dtype);
-    if (esize == 0)
+    if (esize == 0 && dtype != ATMOE_DTYPE_Q8)
         return atm_fail(ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "atmoe_tensor_new: dtype %d is not an atmoe_dtype",
                         (int)dtype);
@@ -113,7 +132,16 @@ ATMOE_API atmoe_status atmoe_tensor_new(atmoe_context *ctx, atmoe_dtype dtype,
     if (st != ATMOE_STATUS_OK)
         return st;
 
-    size_t bytes = count * esize;
+    /* check_shape bounds count x 8; a q8 row of n elements takes
+     * ceil(n / 32) x 36 bytes, up to 36 for one element, so its bound is
+     * checked here. */
+    if (dtype == ATMOE_DTYPE_Q8 &&
+        count / shape[ndim - 1] >
+            SIZE_MAX / ATMOE_Q8_BLOCK_BYTES /
+                ((shape[ndim - 1] + ATMOE_Q8_BLOCK - 1) / ATMOE_Q8_BLOCK))
+        return atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                        "atmoe_tensor_new: the q8 shape's bytes overflow");
+    size_t bytes = atm_dtype_bytes(dtype, ndim, shape);
     atmoe_tensor *t = tensor_alloc(ctx, __func__);
     if (t == NULL)
         return ATMOE_STATUS_HOST_OUT_OF_MEMORY;
@@ -161,6 +189,15 @@ ATMOE_API atmoe_status atmoe_tensor_view(atmoe_tensor *parent,
     ATM_CHECK_NULL(ctx, view);
     ATM_CHECK_NULL(ctx, start);
     ATM_CHECK_NULL(ctx, shape);
+    /* A q8 tensor's rows are whole blocks, so its one view is all of it
+     * (another handle, as a graph's parameter keeps). */
+    if (parent->dtype == ATMOE_DTYPE_Q8)
+        for (int i = 0; i < parent->ndim; i++)
+            if (start[i] != 0 || shape[i] != parent->shape[i])
+                return atm_fail(ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                                "atmoe_tensor_view: a q8 tensor has no views "
+                                "but the whole of it (its rows are whole "
+                                "blocks); copy it to f32 first");
     char pbuf[128], sbuf[128];
     size_t offset = parent->offset;
     for (int i = 0; i < parent->ndim; i++) {
@@ -195,6 +232,10 @@ ATMOE_API atmoe_status atmoe_tensor_reshape(atmoe_tensor *tensor, int ndim,
     atmoe_context *ctx = tensor->ctx;
     ATM_CHECK_NULL(ctx, view);
     ATM_CHECK_NULL(ctx, shape);
+    if (tensor->dtype == ATMOE_DTYPE_Q8)
+        return atm_fail(ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "atmoe_tensor_reshape: a q8 tensor cannot be "
+                        "reshaped (its rows are whole blocks)");
     size_t count;
     atmoe_status st = check_shape(ctx, __func__, ndim, shape, &count);
     if (st != ATMOE_STATUS_OK)
@@ -264,6 +305,15 @@ ATMOE_API atmoe_status atmoe_tensor_get_count(const atmoe_tensor *tensor,
     return ATMOE_STATUS_OK;
 }
 
+ATMOE_API atmoe_status atmoe_tensor_get_bytes(const atmoe_tensor *tensor,
+                                              size_t *bytes)
+{
+    ATM_CHECK_NULL(NULL, tensor);
+    ATM_CHECK_NULL(tensor->ctx, bytes);
+    *bytes = atm_tensor_bytes(tensor);
+    return ATMOE_STATUS_OK;
+}
+
 /* Moves a tensor's elements between the device and dense host memory.
  * The innermost stride is always 1 (views keep it), so the elements form
  * rows, and clEnqueue{Read,Write}BufferRect moves up to a 3-D block of rows
@@ -273,16 +323,17 @@ static atmoe_status transfer(const atmoe_tensor *t, void *host, size_t bytes,
 {
     atmoe_context *ctx = t->ctx;
     size_t es = atmoe_dtype_size(t->dtype);
-    size_t count = atm_tensor_count(t);
+    size_t want = atm_tensor_bytes(t);
     char sbuf[128];
-    if (bytes != count * es)
+    if (bytes != want)
         return atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s: %zu bytes given, the %s tensor %s holds %zu",
                         fn, bytes, atmoe_dtype_name(t->dtype),
                         atm_shape_string(t->ndim, t->shape, sbuf, sizeof sbuf),
-                        count * es);
+                        want);
     cl_int err;
-    if (atm_tensor_is_contiguous(t)) {
+    /* A q8 tensor has no views, so it is always whole, from offset 0. */
+    if (t->dtype == ATMOE_DTYPE_Q8 || atm_tensor_is_contiguous(t)) {
         err = write ? clEnqueueWriteBuffer(ctx->queue, t->buffer, CL_TRUE,
                                            t->offset * es, bytes, host, 0,
                                            NULL, NULL)
@@ -399,6 +450,10 @@ ATMOE_API atmoe_status atmoe_tensor_fill(atmoe_tensor *tensor, double value)
 {
     ATM_CHECK_NULL(NULL, tensor);
     atmoe_context *ctx = tensor->ctx;
+    if (tensor->dtype == ATMOE_DTYPE_Q8)
+        return atm_fail(ctx, ATMOE_STATUS_DTYPE_MISMATCH,
+                        "atmoe_tensor_fill: a q8 tensor is not filled; fill "
+                        "an f32 one and copy it");
     if (isnan(value) && tensor->dtype == ATMOE_DTYPE_I32)
         return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
                         "atmoe_tensor_fill: NaN cannot fill an i32 tensor");
@@ -452,7 +507,8 @@ ATMOE_API atmoe_status atmoe_tensor_copy(atmoe_tensor *dst,
                         "atmoe_tensor_copy: dst shape %s, src shape %s",
                         atm_shape_string(dst->ndim, dst->shape, a, sizeof a),
                         atm_shape_string(src->ndim, src->shape, b, sizeof b));
-    if ((src->dtype == ATMOE_DTYPE_I32) != (dst->dtype == ATMOE_DTYPE_I32))
+    if ((src->dtype == ATMOE_DTYPE_I32) != (dst->dtype == ATMOE_DTYPE_I32) ||
+        (src->dtype == ATMOE_DTYPE_Q8 && dst->dtype == ATMOE_DTYPE_Q8))
         return atm_fail(ctx, ATMOE_STATUS_DTYPE_MISMATCH,
                         "atmoe_tensor_copy: cannot convert %s to %s",
                         atmoe_dtype_name(src->dtype),
@@ -488,7 +544,14 @@ atmoe_status atm_tensor_copy_with(cl_kernel k, const atmoe_tensor *dst,
         st = layout_of(src, &ls);
     if (st != ATMOE_STATUS_OK)
         return st;
+    /* Quantising runs one work-item per block of q8 dst (the block's
+     * scale needs all of it); every other copy one per element. */
     cl_ulong count = atm_tensor_count(dst);
+    if (dst->dtype == ATMOE_DTYPE_Q8) {
+        size_t row = dst->shape[dst->ndim - 1];
+        count = count / row *
+                ((row + ATMOE_Q8_BLOCK - 1) / ATMOE_Q8_BLOCK);
+    }
     cl_int err = SET_ARG(k, 0, dst->buffer);
     err |= SET_ARG(k, 1, ld.offset);
     err |= SET_ARG(k, 2, ld.stride);

@@ -16,6 +16,11 @@ struct atmoe_tensor {
 };
 
 size_t atm_tensor_count(const atmoe_tensor *t);
+/* The bytes of a dense tensor of this dtype and shape: count x dtype size,
+ * or for q8 the rows' whole blocks (atmoe.h, "8-bit blocks"); 0 for a
+ * dtype outside the enum. */
+size_t atm_dtype_bytes(atmoe_dtype dtype, int ndim, const size_t *shape);
+size_t atm_tensor_bytes(const atmoe_tensor *t);
 int atm_tensor_is_contiguous(const atmoe_tensor *t);
 /* "[37, 53]" into buf, for messages. */
 const char *atm_shape_string(int ndim, const size_t *shape, char *buf,
