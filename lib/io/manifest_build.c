@@ -396,9 +396,12 @@ static atmoe_status check_finite(const atmoe_manifest *mf,
  * so; f32 zeros when ref is empty.  The file's values are read as f32
  * (which holds f16 and bf16 exactly) and narrowed again, so that a tensor
  * kept as stored arrives bit for bit. */
+/* A tensor the manifest names, as a constant of the graph, or with
+ * train_name as a trainable f32 parameter of that name (routers' weights
+ * for training, atm_manifest_set_train_routers). */
 static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
                                const atm_mref *ref, size_t rows, size_t cols,
-                               atmoe_node *node)
+                               const char *train_name, atmoe_node *node)
 {
     size_t n = rows * (cols ? cols : 1);
     atmoe_dtype dtype = ref->file ? ref->device : ATMOE_DTYPE_F32;
@@ -436,7 +439,18 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
         half[i] = dtype == ATMOE_DTYPE_F16 ? atm_f32_to_f16(data[i])
                                            : atm_f32_to_bf16(data[i]);
     size_t shape[2] = {rows, cols};
-    if (st == ATMOE_STATUS_OK)
+    if (st == ATMOE_STATUS_OK && train_name) {
+        atmoe_tensor *tensor = NULL;
+        /* The graph keeps the tensor's storage; the handle goes. */
+        if ((st = atmoe_tensor_new(g->ctx, ATMOE_DTYPE_F32, cols ? 2 : 1,
+                                   shape, &tensor)) == ATMOE_STATUS_OK &&
+            (st = atmoe_tensor_write(tensor, data, n * sizeof *data)) ==
+                ATMOE_STATUS_OK &&
+            (st = atmoe_graph_parameter(g, train_name, tensor, node)) ==
+                ATMOE_STATUS_OK)
+            st = atmoe_graph_set_trainable(g, *node, 1);
+        atmoe_tensor_free(tensor);
+    } else if (st == ATMOE_STATUS_OK)
         st = atmoe_graph_constant(g, NULL, dtype, cols ? 2 : 1, shape,
                                   half ? (const void *)half
                                        : (const void *)data,
@@ -515,16 +529,26 @@ static atmoe_status add_module(atmoe_manifest *mf, atmoe_graph *g,
                          .c = m->c};
     int scaled = m->form == ATMOE_ROUTER_SCALED;
     size_t G = m->groups, M = m->max_group;
+    /* Training the routers: only those of output modules reach a loss on
+     * the stack's output. */
+    int train = mf->train_routers && m->is_output;
+    char wg_name[ATM_NODE_NAME_SIZE], wd_name[ATM_NODE_NAME_SIZE];
+    snprintf(wg_name, sizeof wg_name, "layers.%zu.%s.w_g", m->layer, m->name);
+    snprintf(wd_name, sizeof wd_name, "layers.%zu.%s.%s", m->layer, m->name,
+             scaled ? "v_d" : "w_d");
     atmoe_status st = make_router(mf, g, m, &set, &router);
     if (st == ATMOE_STATUS_OK)
-        st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, &layer.w0);
+        st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, NULL,
+                        &layer.w0);
     if (st == ATMOE_STATUS_OK && m->bias.file)
-        st = add_tensor(mf, g, &m->bias, m->d_out, 0, &layer.bias);
+        st = add_tensor(mf, g, &m->bias, m->d_out, 0, NULL, &layer.bias);
     if (st == ATMOE_STATUS_OK)
-        st = add_tensor(mf, g, &m->w_g, m->d_in, G, &layer.w_g);
+        st = add_tensor(mf, g, &m->w_g, m->d_in, G,
+                        train ? wg_name : NULL, &layer.w_g);
     if (st == ATMOE_STATUS_OK)
         st = add_tensor(mf, g, &m->w_d, scaled ? G : m->d_in,
-                        scaled ? M : G * M, &layer.w_d);
+                        scaled ? M : G * M, train ? wd_name : NULL,
+                        &layer.w_d);
     layer.experts = set;
     layer.router = router;
     if (st == ATMOE_STATUS_OK)
@@ -560,18 +584,21 @@ static atmoe_status add_rank1(atmoe_manifest *mf, atmoe_graph *g,
                         "manifest's centroids (atmoe_manifest_build_with)");
     /* Absent W_r, w_om and w_c are zeros: the reference initialisation. */
     atmoe_status st;
-    if ((st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, &L.w0)) ||
+    if ((st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, NULL,
+                         &L.w0)) ||
         (m->bias.file &&
-         (st = add_tensor(mf, g, &m->bias, m->d_out, 0, &L.bias))) ||
-        (st = add_tensor(mf, g, &m->a, m->r1, m->d_in, &L.a)) ||
-        (st = add_tensor(mf, g, &m->b, m->d_out, m->r2, &L.b)) ||
-        (router && (st = add_tensor(mf, g, &m->w_r, m->E, m->d_in, &L.w_r))) ||
-        (st = add_tensor(mf, g, &m->w_om, 1, 0, &L.w_om)) ||
-        (st = add_tensor(mf, g, &m->w_c, 1, 0, &L.w_c)))
+         (st = add_tensor(mf, g, &m->bias, m->d_out, 0, NULL, &L.bias))) ||
+        (st = add_tensor(mf, g, &m->a, m->r1, m->d_in, NULL, &L.a)) ||
+        (st = add_tensor(mf, g, &m->b, m->d_out, m->r2, NULL, &L.b)) ||
+        (router && (st = add_tensor(mf, g, &m->w_r, m->E, m->d_in, NULL,
+                                    &L.w_r))) ||
+        (st = add_tensor(mf, g, &m->w_om, 1, 0, NULL, &L.w_om)) ||
+        (st = add_tensor(mf, g, &m->w_c, 1, 0, NULL, &L.w_c)))
         return st;
     if (m->score_map.file) {
         size_t K = g->nodes[scores].shape[1];
-        if ((st = add_tensor(mf, g, &m->score_map, K, m->E, &L.score_map)))
+        if ((st = add_tensor(mf, g, &m->score_map, K, m->E, NULL,
+                             &L.score_map)))
             return st;
     }
     return atmoe_graph_mor1e_layer(g, x, &L, y, trace);
@@ -592,7 +619,7 @@ static atmoe_status sample_scores(atmoe_manifest *mf, atmoe_graph *g,
     atmoe_node c, e;
     atmoe_status st;
     if ((st = add_tensor(mf, g, &mf->centroids, mf->clusters,
-                         mf->embedding_dim, &c)) ||
+                         mf->embedding_dim, NULL, &c)) ||
         (st = atmoe_graph_l2norm(g, in->embeddings, -1, 1e-12f, &e)))
         return st;
     return atmoe_graph_matmul(g, e, c, ATMOE_NODE_NONE,
@@ -692,4 +719,9 @@ ATMOE_API atmoe_status atmoe_manifest_build_with(
     }
     *y = next;
     return ATMOE_STATUS_OK;
+}
+
+void atm_manifest_set_train_routers(atmoe_manifest *manifest, int on)
+{
+    manifest->train_routers = on != 0;
 }

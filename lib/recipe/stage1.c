@@ -2,31 +2,20 @@
  * manifest names trained as a plain LoRA over the stack, the base frozen,
  * on its own task's rows, and written as a PEFT adapter.  The recipe
  * layer stands above train and io: it only composes their public calls. */
+#include <config.h>
+
 #include <errno.h>
-#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 
 #include "atmoe.h"
 #include "base/alloc.h"
 #include "base/error.h"
+#include "recipe/recipe.h"
 
 #define FN "atmoe_train_stage1"
-
-atmoe_status atmoe_train_config_default(atmoe_train_config *config)
-{
-    if (config == NULL)
-        return atm_fail(NULL, ATMOE_STATUS_NULL_POINTER,
-                        "atmoe_train_config_default: config is NULL");
-    memset(config, 0, sizeof *config);
-    atmoe_optimizer_config_default(&config->optimizer);
-    config->epochs = 1;
-    config->batch = 32;
-    return ATMOE_STATUS_OK;
-}
 
 /* One model of the stage: an adapter directory of the manifest. */
 typedef struct model {
@@ -36,12 +25,6 @@ typedef struct model {
     int task;          /* its task id (-1 for the general LoRA) */
     atmoe_adapter *out;
 } model;
-
-typedef struct data {
-    float *x, *y;
-    int32_t *task;
-    size_t n;
-} data;
 
 static const char *basename_of(const char *dir)
 {
@@ -60,124 +43,6 @@ static size_t base_len(const char *base)
     while (n > 1 && base[n - 1] == '/')
         n--;
     return n;
-}
-
-static uint64_t splitmix(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static void shuffle(size_t *v, size_t n, uint64_t *state)
-{
-    for (size_t i = n; i > 1; i--) {
-        size_t j = (size_t)(splitmix(state) % i);
-        size_t t = v[i - 1];
-        v[i - 1] = v[j];
-        v[j] = t;
-    }
-}
-
-static double now_s(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static atmoe_status check_config(atmoe_context *ctx,
-                                 const atmoe_train_config *c)
-{
-    if (c->batch == 0)
-        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                        FN ": batch must be at least 1");
-    if (c->steps == 0 && c->epochs == 0)
-        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                        FN ": steps or epochs must be positive");
-    if (c->optimizer.accumulation == 0)
-        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                        FN ": optimizer.accumulation must be at least 1");
-    return ATMOE_STATUS_OK;
-}
-
-/* Reads x [N, d_in], y [N, d_out] and task [N] (I32), refusing widths
- * that are not the manifest's, NaN or infinite values (naming the row) and
- * task ids outside [0, tasks). */
-static atmoe_status read_data(atmoe_context *ctx, const char *path,
-                              size_t d_in, size_t d_out, int tasks, data *d)
-{
-    atmoe_safetensors *f;
-    atmoe_status st = atmoe_safetensors_open(ctx, path, &f);
-    if (st != ATMOE_STATUS_OK)
-        return st;
-    atmoe_safetensors_tensor x, y, t;
-    if (atmoe_safetensors_find(f, "x", &x) || atmoe_safetensors_find(f, "y", &y) ||
-        atmoe_safetensors_find(f, "task", &t)) {
-        st = atm_fail(ctx, ATMOE_STATUS_NOT_FOUND,
-                      FN ": %s: stage 1 needs tensors x [N, d_in], y [N, "
-                      "d_out] and task [N]", path);
-        goto out;
-    }
-    size_t n = x.ndim == 2 ? (size_t)x.shape[0] : 0;
-    if (x.ndim != 2 || x.shape[1] != d_in || n == 0) {
-        st = atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
-                      FN ": %s: x must be [N, %zu] (the manifest's input "
-                      "width), N >= 1", path, d_in);
-        goto out;
-    }
-    if (y.ndim != 2 || y.shape[0] != n || y.shape[1] != d_out) {
-        st = atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
-                      FN ": %s: y must be [%zu, %zu] (x's rows, the "
-                      "manifest's output width)", path, n, d_out);
-        goto out;
-    }
-    if (t.ndim != 1 || t.shape[0] != n || t.dtype != ATMOE_SAFETENSORS_I32) {
-        st = atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
-                      FN ": %s: task must be I32 [%zu], one per row of x",
-                      path, n);
-        goto out;
-    }
-    d->n = n;
-    d->x = atm_malloc(n * d_in * sizeof *d->x);
-    d->y = atm_malloc(n * d_out * sizeof *d->y);
-    d->task = atm_malloc(n * sizeof *d->task);
-    if (d->x == NULL || d->y == NULL || d->task == NULL) {
-        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                      FN ": out of host memory for %zu rows", n);
-        goto out;
-    }
-    if ((st = atmoe_safetensors_read_f32(f, "x", d->x, n * d_in)) ||
-        (st = atmoe_safetensors_read_f32(f, "y", d->y, n * d_out)))
-        goto out;
-    memcpy(d->task, t.data, n * sizeof *d->task);
-    for (size_t r = 0; r < n; r++) {
-        for (size_t i = 0; i < d_in; i++)
-            if (!isfinite(d->x[r * d_in + i])) {
-                st = atm_fail(ctx, ATMOE_STATUS_NOT_FINITE,
-                              FN ": %s: x row %zu, column %zu is not "
-                              "finite", path, r, i);
-                goto out;
-            }
-        for (size_t i = 0; i < d_out; i++)
-            if (!isfinite(d->y[r * d_out + i])) {
-                st = atm_fail(ctx, ATMOE_STATUS_NOT_FINITE,
-                              FN ": %s: y row %zu, column %zu is not "
-                              "finite", path, r, i);
-                goto out;
-            }
-        if (d->task[r] < 0 || d->task[r] >= tasks) {
-            st = atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
-                          FN ": %s: task of row %zu is %d, outside [0, %d) "
-                          "(the manifest's experts)", path, r,
-                          (int)d->task[r], tasks);
-            goto out;
-        }
-    }
-out:
-    atmoe_safetensors_free(f);
-    return st;
 }
 
 /* The base weight of a module as [d_out, d_in] f32 (transposed on the host
@@ -243,7 +108,7 @@ typedef struct stack {
 /* Trains model k and leaves its adapter in mdl->out. */
 static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
                                 const stack *sk, model *models, size_t k,
-                                size_t n_models, const data *d,
+                                size_t n_models, const atm_recipe_data *d,
                                 const atmoe_train_config *cfg)
 {
     model *mdl = &models[k];
@@ -254,7 +119,7 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
     atmoe_graph *g = NULL;
     atmoe_optimizer *opt = NULL;
     size_t *rows = NULL;
-    float *xb = NULL, *yb = NULL, *a = NULL, *bt = NULL, *b = NULL;
+    float *a = NULL, *bt = NULL, *b = NULL;
     slot *slots = atm_calloc(sk->layers, sizeof *slots);
     size_t n_slots = 0, n_rows = 0, big = 0;
     atmoe_status st;
@@ -263,9 +128,7 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
     for (size_t r = 0; r < d->n; r++)
         n_rows += mdl->general || d->task[r] == mdl->task;
     rows = atm_malloc(n_rows * sizeof *rows);
-    xb = atm_malloc(B * d_in * sizeof *xb);
-    yb = atm_malloc(B * d_out * sizeof *yb);
-    if (rows == NULL || xb == NULL || yb == NULL)
+    if (rows == NULL)
         goto oom;
     n_rows = 0;
     for (size_t r = 0; r < d->n; r++)
@@ -382,93 +245,11 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
                       "stack: nothing of it reaches the loss", mdl->dir);
         goto out;
     }
-    atmoe_optimizer_config oc = cfg->optimizer;
-    size_t per_epoch = (n_rows + B - 1) / B;
-    uint64_t steps = cfg->steps
-                         ? cfg->steps
-                         : ((uint64_t)per_epoch * cfg->epochs +
-                            oc.accumulation - 1) / oc.accumulation;
-    if (oc.schedule == ATMOE_SCHEDULE_COSINE && oc.total_steps == 0)
-        oc.total_steps = steps;
-    if ((st = atmoe_graph_loss_mse(g, cur, y, &loss)) ||
-        (st = atmoe_graph_backward(g, loss)) || (st = atmoe_graph_plan(g, 0)) ||
-        (st = atmoe_optimizer_new(g, &oc, &opt)))
+    if ((st = atmoe_graph_loss_mse(g, cur, y, &loss)))
         goto out;
-
-    uint64_t state = cfg->seed ^ (0x632be59bd9b4e019ull * (k + 1));
-    size_t pos = n_rows; /* shuffle before the first micro-batch */
-    double t0 = now_s();
-    uint64_t tokens = 0;
-    for (uint64_t step = 1; step <= steps; step++) {
-        double sum = 0;
-        for (unsigned mb = 0; mb < oc.accumulation; mb++) {
-            if (pos >= n_rows) {
-                shuffle(rows, n_rows, &state);
-                pos = 0;
-            }
-            size_t take = n_rows - pos < B ? n_rows - pos : B;
-            for (size_t i = 0; i < take; i++) {
-                size_t r = rows[pos + i];
-                memcpy(xb + i * d_in, d->x + r * d_in, d_in * sizeof *xb);
-                memcpy(yb + i * d_out, d->y + r * d_out, d_out * sizeof *yb);
-            }
-            pos += take;
-            tokens += take;
-            float l;
-            if ((st = atmoe_graph_set_input(g, x, xb, take * d_in * sizeof *xb,
-                                            take)) ||
-                (st = atmoe_graph_set_input(g, y, yb,
-                                            take * d_out * sizeof *yb, take)) ||
-                (st = atmoe_graph_compute(g, take)) ||
-                (st = atmoe_graph_read(g, loss, &l, sizeof l)) ||
-                (oc.accumulation > 1 && (st = atmoe_optimizer_accumulate(opt))))
-                goto out;
-            sum += l;
-        }
-        atmoe_optimizer_report rep;
-        float mean = (float)(sum / oc.accumulation);
-        st = atmoe_optimizer_step(opt, mean, &rep);
-        /* A step skipped as not finite changes nothing: training goes on,
-         * and the report counts it. */
-        if (st != ATMOE_STATUS_OK && st != ATMOE_STATUS_NOT_FINITE)
-            goto out;
-        st = ATMOE_STATUS_OK;
-        if (cfg->progress) {
-            double el = now_s() - t0;
-            atmoe_train_progress p = {k, n_models, mdl->dir, step, steps,
-                                      mean, rep.lr, rep.grad_norm,
-                                      el > 0 ? (double)tokens / el : 0, el,
-                                      0};
-            if (cfg->progress(&p, cfg->user)) {
-                st = atm_fail(ctx, ATMOE_STATUS_CANCELLED,
-                              FN ": stopped by the progress callback at "
-                              "step %llu of adapter %s; nothing written",
-                              (unsigned long long)step, mdl->dir);
-                goto out;
-            }
-        }
-    }
-
-    /* The trained model's loss over all its rows, as the saved adapter
-     * gives it (the forward of the same graph). */
-    double total = 0;
-    for (size_t p0 = 0; p0 < n_rows; p0 += B) {
-        size_t take = n_rows - p0 < B ? n_rows - p0 : B;
-        for (size_t i = 0; i < take; i++) {
-            size_t r = rows[p0 + i];
-            memcpy(xb + i * d_in, d->x + r * d_in, d_in * sizeof *xb);
-            memcpy(yb + i * d_out, d->y + r * d_out, d_out * sizeof *yb);
-        }
-        float l;
-        if ((st = atmoe_graph_set_input(g, x, xb, take * d_in * sizeof *xb,
-                                        take)) ||
-            (st = atmoe_graph_set_input(g, y, yb, take * d_out * sizeof *yb,
-                                        take)) ||
-            (st = atmoe_graph_compute(g, take)) ||
-            (st = atmoe_graph_read(g, loss, &l, sizeof l)))
-            goto out;
-        total += (double)l * (double)take;
-    }
+    atm_recipe_fit fit = {g, x, y, loss, rows, n_rows, k, n_models, mdl->dir};
+    if ((st = atm_recipe_fit_run(ctx, FN, &fit, d, cfg, NULL)))
+        goto out;
 
     atm_free(a);
     atm_free(b);
@@ -494,13 +275,6 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
                                     s->d_out, a, b, tg.alpha, tg.flags)))
             goto out;
     }
-    if (cfg->progress) {
-        double el = now_s() - t0;
-        atmoe_train_progress p = {k, n_models, mdl->dir, steps, steps,
-                                  (float)(total / (double)n_rows), 0, 0,
-                                  el > 0 ? (double)tokens / el : 0, el, 1};
-        cfg->progress(&p, cfg->user);
-    }
     goto out;
 oom:
     st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
@@ -511,8 +285,6 @@ out:
     atmoe_adapter_free(in);
     atm_free(slots);
     atm_free(rows);
-    atm_free(xb);
-    atm_free(yb);
     atm_free(a);
     atm_free(b);
     atm_free(bt);
@@ -533,7 +305,7 @@ atmoe_status atmoe_train_stage1(atmoe_context *ctx, atmoe_manifest *manifest,
                         : data_path == NULL ? "data"
                         : config == NULL   ? "config"
                                            : "output");
-    atmoe_status st = check_config(ctx, config);
+    atmoe_status st = atm_recipe_check_config(ctx, FN, config);
     if (st != ATMOE_STATUS_OK || (st = atmoe_manifest_check(manifest)))
         return st;
     atmoe_manifest_info info;
@@ -543,7 +315,7 @@ atmoe_status atmoe_train_stage1(atmoe_context *ctx, atmoe_manifest *manifest,
     model *models = NULL;
     size_t n_models = 0;
     int tasks = 0;
-    data d = {0};
+    atm_recipe_data d = {0};
     sk.mods = atm_calloc(info.layers, sizeof *sk.mods);
     sk.index = atm_calloc(info.layers, sizeof *sk.index);
     sk.w = atm_calloc(info.layers, sizeof *sk.w);
@@ -622,7 +394,8 @@ atmoe_status atmoe_train_stage1(atmoe_context *ctx, atmoe_manifest *manifest,
     for (size_t l = 0; l < sk.layers; l++)
         if ((st = read_base(ctx, &sk.mods[l], &sk.w[l], &sk.bias[l])))
             goto out;
-    if ((st = read_data(ctx, data_path, info.d_in, info.d_out, tasks, &d)))
+    if ((st = atm_recipe_read_data(ctx, FN, data_path, info.d_in,
+                                   info.d_out, tasks, &d)))
         goto out;
     for (size_t k = 0; k < n_models; k++) {
         if (models[k].general)
@@ -675,8 +448,6 @@ out:
     atm_free(sk.bias);
     atm_free(sk.mods);
     atm_free(sk.index);
-    atm_free(d.x);
-    atm_free(d.y);
-    atm_free(d.task);
+    atm_recipe_data_free(&d);
     return st;
 }

@@ -1,0 +1,158 @@
+/* The training loop the recipes share: shuffle by seed, micro-batches,
+ * accumulation, optimiser steps, progress, and the trained loss. */
+#include <config.h>
+
+#include <string.h>
+#include <time.h>
+
+#include "base/alloc.h"
+#include "base/error.h"
+#include "recipe/recipe.h"
+
+static uint64_t splitmix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static void shuffle(size_t *v, size_t n, uint64_t *state)
+{
+    for (size_t i = n; i > 1; i--) {
+        size_t j = (size_t)(splitmix(state) % i);
+        size_t t = v[i - 1];
+        v[i - 1] = v[j];
+        v[j] = t;
+    }
+}
+
+static double now_s(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* Computes the graph on rows[0 .. take) of the data; *loss its loss. */
+static atmoe_status batch(const atm_recipe_fit *f, const atm_recipe_data *d,
+                          const size_t *rows, size_t take, float *xb,
+                          float *yb, float *loss)
+{
+    size_t di = d->d_in, dout = d->d_out;
+    for (size_t i = 0; i < take; i++) {
+        memcpy(xb + i * di, d->x + rows[i] * di, di * sizeof *xb);
+        memcpy(yb + i * dout, d->y + rows[i] * dout, dout * sizeof *yb);
+    }
+    atmoe_status st;
+    if ((st = atmoe_graph_set_input(f->g, f->x, xb, take * di * sizeof *xb,
+                                    take)) ||
+        (st = atmoe_graph_set_input(f->g, f->y, yb, take * dout * sizeof *yb,
+                                    take)) ||
+        (st = atmoe_graph_compute(f->g, take)))
+        return st;
+    return atmoe_graph_read(f->g, f->loss, loss, sizeof *loss);
+}
+
+atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
+                                const atm_recipe_fit *f,
+                                const atm_recipe_data *d,
+                                const atmoe_train_config *cfg,
+                                double *final_loss)
+{
+    size_t B = cfg->batch, n_rows = f->n_rows;
+    atmoe_optimizer_config oc = cfg->optimizer;
+    size_t per_epoch = (n_rows + B - 1) / B;
+    uint64_t steps = cfg->steps
+                         ? cfg->steps
+                         : ((uint64_t)per_epoch * cfg->epochs +
+                            oc.accumulation - 1) / oc.accumulation;
+    if (oc.schedule == ATMOE_SCHEDULE_COSINE && oc.total_steps == 0)
+        oc.total_steps = steps;
+    atmoe_optimizer *opt = NULL;
+    float *xb = atm_malloc(B * d->d_in * sizeof *xb);
+    float *yb = atm_malloc(B * d->d_out * sizeof *yb);
+    atmoe_status st;
+    if (xb == NULL || yb == NULL) {
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      "%s: out of host memory", fn);
+        goto out;
+    }
+    if ((st = atmoe_graph_backward(f->g, f->loss)) ||
+        (st = atmoe_graph_plan(f->g, 0)) ||
+        (st = atmoe_optimizer_new(f->g, &oc, &opt)))
+        goto out;
+
+    /* Each model its own stream, so that a model's run does not depend on
+     * how many came before it. */
+    uint64_t state = cfg->seed ^ (0x632be59bd9b4e019ull * (f->model + 1));
+    size_t pos = n_rows; /* shuffled before the first micro-batch */
+    double t0 = now_s();
+    uint64_t tokens = 0;
+    for (uint64_t step = 1; step <= steps; step++) {
+        double sum = 0;
+        for (unsigned mb = 0; mb < oc.accumulation; mb++) {
+            if (pos >= n_rows) {
+                shuffle(f->rows, n_rows, &state);
+                pos = 0;
+            }
+            size_t take = n_rows - pos < B ? n_rows - pos : B;
+            float l;
+            if ((st = batch(f, d, f->rows + pos, take, xb, yb, &l)) ||
+                (oc.accumulation > 1 &&
+                 (st = atmoe_optimizer_accumulate(opt))))
+                goto out;
+            pos += take;
+            tokens += take;
+            sum += l;
+        }
+        atmoe_optimizer_report rep;
+        float mean = (float)(sum / oc.accumulation);
+        st = atmoe_optimizer_step(opt, mean, &rep);
+        /* A step skipped as not finite changes nothing: training goes on,
+         * and the optimiser counts it. */
+        if (st != ATMOE_STATUS_OK && st != ATMOE_STATUS_NOT_FINITE)
+            goto out;
+        st = ATMOE_STATUS_OK;
+        if (cfg->progress) {
+            double el = now_s() - t0;
+            atmoe_train_progress p = {f->model, f->models, f->name, step,
+                                      steps, mean, rep.lr, rep.grad_norm,
+                                      el > 0 ? (double)tokens / el : 0, el,
+                                      0};
+            if (cfg->progress(&p, cfg->user)) {
+                st = atm_fail(ctx, ATMOE_STATUS_CANCELLED,
+                              "%s: stopped by the progress callback at "
+                              "step %llu of %s; nothing written", fn,
+                              (unsigned long long)step, f->name);
+                goto out;
+            }
+        }
+    }
+
+    /* The trained weights' loss over all the rows (the forward of the same
+     * graph; its gradients are not used). */
+    double total = 0;
+    for (size_t p0 = 0; p0 < n_rows; p0 += B) {
+        size_t take = n_rows - p0 < B ? n_rows - p0 : B;
+        float l;
+        if ((st = batch(f, d, f->rows + p0, take, xb, yb, &l)))
+            goto out;
+        total += (double)l * (double)take;
+    }
+    total /= (double)n_rows;
+    if (final_loss)
+        *final_loss = total;
+    if (cfg->progress) {
+        double el = now_s() - t0;
+        atmoe_train_progress p = {f->model, f->models, f->name, steps, steps,
+                                  (float)total, 0, 0,
+                                  el > 0 ? (double)tokens / el : 0, el, 1};
+        cfg->progress(&p, cfg->user);
+    }
+out:
+    atmoe_optimizer_free(opt);
+    atm_free(xb);
+    atm_free(yb);
+    return st;
+}

@@ -1,0 +1,53 @@
+/* What the recipes share: their training data (data.c) and the loop that
+ * fits a graph's trainable weights to it (fit.c). */
+#ifndef ATMOE_RECIPE_H
+#define ATMOE_RECIPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "atmoe.h"
+
+/* A training set on the host: x [n, d_in], y [n, d_out], task [n] (NULL
+ * when not read). */
+typedef struct atm_recipe_data {
+    float *x, *y;
+    int32_t *task;
+    size_t n, d_in, d_out;
+} atm_recipe_data;
+
+/* Reads x, y and, with tasks >= 0, task (I32, each in [0, tasks)) from the
+ * safetensors file at path, refusing widths other than d_in and d_out and
+ * NaN or infinite values, naming the row.  fn prefixes the messages. */
+atmoe_status atm_recipe_read_data(atmoe_context *ctx, const char *fn,
+                                  const char *path, size_t d_in,
+                                  size_t d_out, int tasks,
+                                  atm_recipe_data *d);
+void atm_recipe_data_free(atm_recipe_data *d);
+
+atmoe_status atm_recipe_check_config(atmoe_context *ctx, const char *fn,
+                                     const atmoe_train_config *config);
+
+/* A graph to fit: inputs x [batch, d_in] and y [batch, d_out] (batched),
+ * a scalar loss not yet differentiated, the rows of the data it trains on
+ * (shuffled in place), and how progress names it. */
+typedef struct atm_recipe_fit {
+    atmoe_graph *g;
+    atmoe_node x, y, loss;
+    size_t *rows;
+    size_t n_rows;
+    size_t model, models;
+    const char *name;
+} atm_recipe_fit;
+
+/* Builds the backward pass, plans, and trains for the configured steps;
+ * then *final_loss (may be NULL) is the mean loss over all the rows and
+ * the progress callback hears it with done.  The trained weights stay in
+ * the graph (atmoe_graph_read_trainable). */
+atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
+                                const atm_recipe_fit *f,
+                                const atm_recipe_data *d,
+                                const atmoe_train_config *config,
+                                double *final_loss);
+
+#endif
