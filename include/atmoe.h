@@ -1758,6 +1758,26 @@ ATMOE_API atmoe_status atmoe_train_stage1(atmoe_context *ctx,
                                           const atmoe_train_config *config,
                                           const char *output);
 
+/* AT-MoE's stage 2: the experts and the base frozen, the routers (w_g and
+ * w_d, or v_d with the scaled form) of every layer's output module trained
+ * on the mixed rows x [N, d_in], y [N, d_out] of data (MSE on the stack's
+ * output, each token routed by its hidden state; a router the manifest
+ * leaves out starts from zeros: uniform weights).  Routers of modules
+ * that do not feed the next layer are not on the loss's path and are
+ * copied.  Once trained, output (created when missing) receives
+ * router.safetensors, tensors "layers.<layer>.<module>.w_g" and ".w_d"
+ * (".v_d") F32, then manifest.json: the manifest with its routers there
+ * and every other path made absolute, which atmoe run applies as it is.
+ * *final_loss (may be NULL) receives the trained stack's mean loss over
+ * all the rows, the one atmoe run of that manifest reproduces.  Refused
+ * as stage 1 refuses bad data; on failure nothing is written. */
+ATMOE_API atmoe_status atmoe_train_stage2(atmoe_context *ctx,
+                                          atmoe_manifest *manifest,
+                                          const char *data,
+                                          const atmoe_train_config *config,
+                                          const char *output,
+                                          double *final_loss);
+
 #ifdef __cplusplus
 }
 #endif

@@ -311,6 +311,93 @@ START_TEST(test_stage1_round_trip)
 }
 END_TEST
 
+/* The stack of the manifest at path on every row, its mean squared error
+ * against y, through atmoe_manifest_build (what atmoe run computes). */
+static double manifest_loss(const char *path, const float *x, const float *y)
+{
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    atmoe_graph *g;
+    atmoe_node xn, out;
+    size_t xs[2] = {N, D0};
+    ck_assert_status(atmoe_graph_new(CTX, &g), CTX);
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0,
+                                       &xn),
+                     CTX);
+    ck_assert_status(atmoe_manifest_build(m, g, xn, ATMOE_NODE_NONE,
+                                          ATMOE_NODE_NONE, NULL, NULL, &out),
+                     CTX);
+    ck_assert_status(atmoe_graph_mark_output(g, out), CTX);
+    ck_assert_status(atmoe_graph_plan(g, 0), CTX);
+    ck_assert_status(atmoe_graph_set_input(g, xn, x, N * D0 * sizeof *x, 0),
+                     CTX);
+    ck_assert_status(atmoe_graph_compute(g, 0), CTX);
+    float *got = malloc(N * D2 * sizeof *got);
+    test_poison(got, N * D2);
+    ck_assert_status(atmoe_graph_read(g, out, got, N * D2 * sizeof *got), CTX);
+    double sum = 0;
+    for (int i = 0; i < N * D2; i++)
+        sum += ((double)got[i] - y[i]) * ((double)got[i] - y[i]);
+    free(got);
+    atmoe_graph_free(g);
+    atmoe_manifest_free(m);
+    return sum / (N * D2);
+}
+
+/* Stage 1's experts, then stage 2's routers over them: the manifest it
+ * writes gives the trainer's loss when built again (as atmoe run does), and
+ * routing the trained experts beats their uniform mix. */
+START_TEST(test_stage2_round_trip)
+{
+    fixture f;
+    make_fixture(&f);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    char data[512], out[512], path[600], out2[512];
+    snprintf(data, sizeof data, "%s/data.safetensors", f.dir);
+    snprintf(out, sizeof out, "%s/out", f.dir);
+    snprintf(out2, sizeof out2, "%s/routed", f.dir);
+    save_data(data, x, D0, y, task, N);
+    atmoe_manifest *m = open_manifest(&f);
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, out), CTX);
+    atmoe_manifest_free(m);
+
+    /* The same stack over the trained experts, routers absent (zeros). */
+    const char *from = "\"weights\": \"base.safetensors\"";
+    const char *to = "\"weights\": \"../base.safetensors\"";
+    char text[2048];
+    const char *at = strstr(manifest_text, from);
+    ck_assert_ptr_nonnull(at);
+    snprintf(text, sizeof text, "%.*s%s%s", (int)(at - manifest_text),
+             manifest_text, to, at + strlen(from));
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    test_write_file(path, text, strlen(text));
+    double uniform = manifest_loss(path, x, y);
+
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    c.steps = 150;
+    c.progress = NULL;
+    double trained = NAN;
+    ck_assert_status(atmoe_train_stage2(CTX, m, data, &c, out2, &trained),
+                     CTX);
+    atmoe_manifest_free(m);
+    snprintf(path, sizeof path, "%s/manifest.json", out2);
+    double rerun = manifest_loss(path, x, y);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "the written manifest gives %g, the trainer said %g",
+                  rerun, trained);
+    ck_assert_msg(trained < 0.7 * uniform,
+                  "routed loss %g, uniform routing %g", trained, uniform);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
 static int exists(const char *path)
 {
     struct stat st;
@@ -399,6 +486,7 @@ static Suite *recipe_suite(void)
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_stage1_round_trip);
     tcase_add_test(tc, test_stage1_bad_input);
+    tcase_add_test(tc, test_stage2_round_trip);
     suite_add_tcase(s, tc);
     return s;
 }

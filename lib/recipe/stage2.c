@@ -1,0 +1,301 @@
+/* AT-MoE's second stage (atmoe_train_stage2): the experts and the base
+ * frozen, the routers of the stack's output modules trained on the mixed
+ * rows; out come a router safetensors file and a manifest that atmoe run
+ * applies as it is. */
+#include <config.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <jansson.h>
+
+#include "base/alloc.h"
+#include "base/error.h"
+#include "base/file.h"
+#include "io/manifest.h"
+#include "recipe/recipe.h"
+
+#define FN "atmoe_train_stage2"
+
+/* The absolute form of a path the manifest resolved, so that the new
+ * manifest, in another directory, names the same files. */
+static json_t *abs_path(const char *path)
+{
+    char buf[PATH_MAX];
+    return json_string(realpath(path, buf) ? buf : path);
+}
+
+static const char *router_tensor(char *buf, size_t size,
+                                 const atm_mmodule *m, const char *what)
+{
+    snprintf(buf, size, "layers.%zu.%s.%s", m->layer, m->name, what);
+    return buf;
+}
+
+static json_t *expert_json(const atm_mexpert *e)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "adapter", abs_path(e->adapter));
+    json_object_set_new(o, "layer", json_integer(e->layer));
+    json_object_set_new(o, "module", json_string(e->module));
+    return o;
+}
+
+static json_t *ref_json(const atm_mref *r)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "file", abs_path(r->file));
+    json_object_set_new(o, "tensor", json_string(r->tensor));
+    if (r->transposed)
+        json_object_set_new(o, "transposed", json_true());
+    return o;
+}
+
+static json_t *module_json(const atm_mmodule *m)
+{
+    char buf[256];
+    json_t *o = json_object(), *groups = json_array();
+    json_object_set_new(o, "weight", ref_json(&m->weight));
+    if (m->bias.file)
+        json_object_set_new(o, "bias", ref_json(&m->bias));
+    for (size_t g = 0; g < m->groups; g++) {
+        json_t *grp = json_array();
+        for (size_t i = 0; i < m->count; i++)
+            if (m->experts[i].group == (int)g)
+                json_array_append_new(grp, expert_json(&m->experts[i]));
+        json_array_append_new(groups, grp);
+    }
+    json_object_set_new(o, "groups", groups);
+    for (size_t i = 0; i < m->count; i++)
+        if (m->experts[i].group < 0) {
+            json_t *gen = expert_json(&m->experts[i]);
+            json_object_set_new(gen, "lambda", json_real(m->lambda));
+            json_object_set_new(o, "general", gen);
+        }
+    json_object_set_new(o, "c", json_real(m->c));
+    json_t *r = json_object();
+    int scaled = m->form == ATMOE_ROUTER_SCALED;
+    json_object_set_new(r, "form", json_string(scaled ? "scaled"
+                                                      : "projected"));
+    json_object_set_new(r, "tau_g", json_real(m->tau_g));
+    json_object_set_new(r, "tau_d", json_real(m->tau_d));
+    json_object_set_new(r, "top_k_groups", json_integer(m->top_k_groups));
+    json_object_set_new(r, "top_k_experts", json_integer(m->top_k_experts));
+    json_t *wg = json_object(), *wd = json_object();
+    json_object_set_new(wg, "file", json_string("router.safetensors"));
+    json_object_set_new(wg, "tensor",
+                        json_string(router_tensor(buf, sizeof buf, m, "w_g")));
+    json_object_set_new(wd, "file", json_string("router.safetensors"));
+    json_object_set_new(wd, "tensor",
+                        json_string(router_tensor(buf, sizeof buf, m,
+                                                  scaled ? "v_d" : "w_d")));
+    json_object_set_new(r, "w_g", wg);
+    json_object_set_new(r, scaled ? "v_d" : "w_d", wd);
+    if (m->n_masks) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < m->n_masks; i++)
+            json_array_append_new(a, json_pack("{s:i,s:i}", "group",
+                                               m->masks[i].group, "expert",
+                                               m->masks[i].expert));
+        json_object_set_new(r, "masks", a);
+    }
+    if (m->n_fixed) {
+        json_t *a = json_array();
+        for (size_t i = 0; i < m->n_fixed; i++)
+            json_array_append_new(
+                a, json_pack("{s:i,s:i,s:f}", "group", m->fixed[i].group,
+                             "expert", m->fixed[i].expert, "weight",
+                             (double)m->fixed[i].weight));
+        json_object_set_new(r, "fixed", a);
+    }
+    json_object_set_new(o, "router", r);
+    return o;
+}
+
+static json_t *manifest_json(const atmoe_manifest *mf)
+{
+    json_t *root = json_object(), *layers = json_array();
+    json_object_set_new(root, "version", json_integer(1));
+    json_object_set_new(root, "description",
+                        json_string("routers trained by atmoe_train_stage2"));
+    for (size_t l = 0; l < mf->layers; l++) {
+        json_t *layer = json_object(), *mods = json_object();
+        for (size_t i = 0; i < mf->count; i++) {
+            const atm_mmodule *m = &mf->modules[i];
+            if (m->layer != l)
+                continue;
+            json_object_set_new(layer, "index", json_integer(m->model_layer));
+            json_object_set_new(mods, m->name, module_json(m));
+            if (m->is_output)
+                json_object_set_new(layer, "output", json_string(m->name));
+        }
+        json_object_set_new(layer, "modules", mods);
+        json_array_append_new(layers, layer);
+    }
+    json_object_set_new(root, "layers", layers);
+    return root;
+}
+
+/* The router weights of module m into the writer: the trained ones of an
+ * output module from the graph, those of the others as the manifest has
+ * them (zeros when absent). */
+static atmoe_status add_router(atmoe_context *ctx, atmoe_graph *g,
+                               const atm_mmodule *m,
+                               atmoe_safetensors_writer *w, float *buf)
+{
+    int scaled = m->form == ATMOE_ROUTER_SCALED;
+    size_t G = m->groups, M = m->max_group;
+    const atm_mref *refs[2] = {&m->w_g, &m->w_d};
+    const char *what[2] = {"w_g", scaled ? "v_d" : "w_d"};
+    uint64_t shapes[2][2] = {{m->d_in, G},
+                             {scaled ? G : m->d_in, scaled ? M : G * M}};
+    for (int k = 0; k < 2; k++) {
+        char name[256];
+        size_t n = (size_t)(shapes[k][0] * shapes[k][1]);
+        router_tensor(name, sizeof name, m, what[k]);
+        atmoe_status st = ATMOE_STATUS_OK;
+        if (m->is_output) {
+            st = atmoe_graph_read_trainable(g, name, buf, n);
+        } else if (refs[k]->file) {
+            atmoe_safetensors *f;
+            float *t = buf + n;
+            if ((st = atmoe_safetensors_open(ctx, refs[k]->file, &f)))
+                return st;
+            st = atmoe_safetensors_read_f32(f, refs[k]->tensor,
+                                            refs[k]->transposed ? t : buf, n);
+            atmoe_safetensors_free(f);
+            if (st == ATMOE_STATUS_OK && refs[k]->transposed)
+                for (size_t i = 0; i < shapes[k][0]; i++)
+                    for (size_t j = 0; j < shapes[k][1]; j++)
+                        buf[i * shapes[k][1] + j] = t[j * shapes[k][0] + i];
+        } else {
+            memset(buf, 0, n * sizeof *buf);
+        }
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_safetensors_writer_add_f32(
+                w, name, ATMOE_SAFETENSORS_F32, 2, shapes[k], buf);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+    }
+    return ATMOE_STATUS_OK;
+}
+
+static atmoe_status write_manifest(atmoe_context *ctx,
+                                   const atmoe_manifest *mf,
+                                   const char *path)
+{
+    size_t tmp_size = strlen(path) + ATM_FILE_TMP_EXTRA;
+    char *tmp = atm_malloc(tmp_size);
+    json_t *root = manifest_json(mf);
+    atmoe_status st = ATMOE_STATUS_OK;
+    FILE *f = NULL;
+    if (tmp == NULL || root == NULL)
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      FN ": out of host memory");
+    else if ((f = atm_file_begin(path, tmp, tmp_size)) == NULL)
+        st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, FN ": cannot write %s: %s",
+                      path, strerror(errno));
+    if (f) {
+        int ok = json_dumpf(root, f, JSON_INDENT(2) | JSON_SORT_KEYS |
+                                         JSON_REAL_PRECISION(9)) == 0 &&
+                 fputc('\n', f) != EOF;
+        if (atm_file_commit(f, tmp, path, ok) != 0 || !ok)
+            st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
+                          FN ": cannot write %s: %s", path,
+                          strerror(errno ? errno : EIO));
+    }
+    json_decref(root);
+    atm_free(tmp);
+    return st;
+}
+
+atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
+                                const char *data_path,
+                                const atmoe_train_config *config,
+                                const char *output,
+                                double *final_loss)
+{
+    if (ctx == NULL || manifest == NULL || data_path == NULL ||
+        config == NULL || output == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_NULL_POINTER, FN ": %s is NULL",
+                        ctx == NULL         ? "ctx"
+                        : manifest == NULL  ? "manifest"
+                        : data_path == NULL ? "data"
+                        : config == NULL    ? "config"
+                                            : "output");
+    atmoe_status st = atm_recipe_check_config(ctx, FN, config);
+    if (st != ATMOE_STATUS_OK || (st = atmoe_manifest_check(manifest)))
+        return st;
+    size_t largest = 0;
+    for (size_t i = 0; i < manifest->count; i++) {
+        const atm_mmodule *m = &manifest->modules[i];
+        if (m->rank1)
+            return atm_fail(ctx, ATMOE_STATUS_NOT_SUPPORTED,
+                            FN ": module %s of layer %zu holds rank-1 "
+                            "experts, which have no AT-MoE router (T-REX "
+                            "trains them)", m->name, m->layer);
+        size_t n = m->d_in * m->groups * m->max_group;
+        largest = n > largest ? n : largest;
+    }
+    atm_recipe_data d;
+    if ((st = atm_recipe_read_data(ctx, FN, data_path, manifest->d_in,
+                                   manifest->d_out, -1, &d)))
+        return st;
+    atmoe_graph *g = NULL;
+    atmoe_safetensors_writer *w = NULL;
+    size_t *rows = atm_malloc(d.n * sizeof *rows);
+    float *buf = atm_malloc(2 * (largest ? largest : 1) * sizeof *buf);
+    char *path = atm_malloc(strlen(output) + 32);
+    if (rows == NULL || buf == NULL || path == NULL) {
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      FN ": out of host memory");
+        goto out;
+    }
+    for (size_t r = 0; r < d.n; r++)
+        rows[r] = r;
+    atmoe_node x, y, out, loss;
+    size_t xs[2] = {config->batch, d.d_in}, ys[2] = {config->batch, d.d_out};
+    if ((st = atmoe_graph_new(ctx, &g)) ||
+        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x)) ||
+        (st = atmoe_graph_input(g, "y", ATMOE_DTYPE_F32, 2, ys, 1, &y)))
+        goto out;
+    atm_manifest_set_train_routers(manifest, 1);
+    st = atmoe_manifest_build(manifest, g, x, ATMOE_NODE_NONE,
+                              ATMOE_NODE_NONE, NULL, NULL, &out);
+    atm_manifest_set_train_routers(manifest, 0);
+    if (st != ATMOE_STATUS_OK || (st = atmoe_graph_loss_mse(g, out, y, &loss)))
+        goto out;
+    atm_recipe_fit fit = {g, x, y, loss, rows, d.n, 0, 1, "the routers"};
+    if ((st = atm_recipe_fit_run(ctx, FN, &fit, &d, config, final_loss)))
+        goto out;
+
+    /* Everything trained: only now is anything written, the manifest
+     * last, so that it never names a router file that is not there. */
+    if ((st = atmoe_safetensors_writer_new(ctx, &w)))
+        goto out;
+    for (size_t i = 0; i < manifest->count; i++)
+        if ((st = add_router(ctx, g, &manifest->modules[i], w, buf)))
+            goto out;
+    if (mkdir(output, 0777) != 0 && errno != EEXIST) {
+        st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, FN ": cannot create %s: %s",
+                      output, strerror(errno));
+        goto out;
+    }
+    sprintf(path, "%s/router.safetensors", output);
+    if ((st = atmoe_safetensors_writer_save(w, path)))
+        goto out;
+    sprintf(path, "%s/manifest.json", output);
+    st = write_manifest(ctx, manifest, path);
+out:
+    atmoe_safetensors_writer_free(w);
+    atmoe_graph_free(g);
+    atm_recipe_data_free(&d);
+    atm_free(rows);
+    atm_free(buf);
+    atm_free(path);
+    return st;
+}
