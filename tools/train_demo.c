@@ -401,8 +401,11 @@ int train_demo(atmoe_context *ctx, uint64_t seed, size_t rows,
     }
     snprintf(data, sizeof data, "%s/train.safetensors", dir);
     snprintf(out, sizeof out, "%s/routed", dir);
-    cfg.steps = 400;
-    cfg.optimizer.lr = 3e-2f;
+    /* The routers' logits must grow large for the mixture to pick one
+     * expert: a higher rate than the experts'. */
+    cfg.steps = 600;
+    cfg.optimizer.lr = 1e-1f;
+    cfg.optimizer.min_lr = 1e-2f;
     double trained;
     if ((st = atmoe_manifest_open(ctx, path, &mf)) ||
         (st = atmoe_train_stage2(ctx, mf, data, &cfg, out, &trained)))
