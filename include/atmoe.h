@@ -1724,6 +1724,16 @@ typedef struct atmoe_train_config {
     uint64_t seed;   /* of the shuffles */
     atmoe_train_progress_fn progress; /* may be NULL */
     void *user;
+    /* Checkpoints (atmoe_optimizer_save, atomic) at this path, with
+     * ".<model>" appended when a recipe trains several models; NULL: none.
+     * Written every checkpoint_every steps (0: never on a schedule), at a
+     * model's last step, and when the callback stops the recipe.  With
+     * resume, a model whose checkpoint exists continues from it (its
+     * shuffles replayed), ending with the parameters bit for bit of a run
+     * that was not interrupted. */
+    const char *checkpoint;
+    uint64_t checkpoint_every;
+    int resume;
 } atmoe_train_config;
 
 /* The optimiser's defaults (atmoe_optimizer_config_default), one epoch,

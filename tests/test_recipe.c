@@ -404,6 +404,66 @@ static int exists(const char *path)
     return stat(path, &st) == 0;
 }
 
+static int stop_model1(const atmoe_train_progress *p, void *user)
+{
+    (void)user;
+    return !p->done && p->model == 1 && p->step == 7;
+}
+
+/* Stage 1 stopped at model 1's step 7 and resumed from its checkpoints
+ * ends with the adapters, byte for byte, of a run that was not stopped. */
+START_TEST(test_stage1_resume)
+{
+    fixture f;
+    make_fixture(&f);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    char data[512], a[512], b[512], ca[512], cb[512];
+    snprintf(data, sizeof data, "%s/data.safetensors", f.dir);
+    snprintf(a, sizeof a, "%s/a", f.dir);
+    snprintf(b, sizeof b, "%s/b", f.dir);
+    snprintf(ca, sizeof ca, "%s/ckpt-a", f.dir);
+    snprintf(cb, sizeof cb, "%s/ckpt-b", f.dir);
+    save_data(data, x, D0, y, task, N);
+    atmoe_manifest *m = open_manifest(&f);
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    c.steps = 12;
+    c.progress = NULL;
+    c.checkpoint = ca;
+    c.checkpoint_every = 4;
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, a), CTX);
+    c.checkpoint = cb;
+    c.progress = stop_model1;
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, b), CTX,
+                         ATMOE_STATUS_CANCELLED, "step 7");
+    ck_assert(!exists(b));
+    c.progress = NULL;
+    c.resume = 1;
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, b), CTX);
+    for (int k = 0; k < 3; k++) {
+        char pa[600], pb[600];
+        snprintf(pa, sizeof pa, "%s/%s/adapter_model.safetensors", a,
+                 names[k]);
+        snprintf(pb, sizeof pb, "%s/%s/adapter_model.safetensors", b,
+                 names[k]);
+        size_t na, nb;
+        void *da = test_read_file(pa, &na), *db = test_read_file(pb, &nb);
+        ck_assert_msg(na == nb && memcmp(da, db, na) == 0,
+                      "%s: the resumed run's adapter differs", names[k]);
+        free(da);
+        free(db);
+    }
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+
 /* Bad data: the status, a message naming what is wrong, no output. */
 START_TEST(test_stage1_bad_input)
 {
@@ -487,6 +547,7 @@ static Suite *recipe_suite(void)
     tcase_add_test(tc, test_stage1_round_trip);
     tcase_add_test(tc, test_stage1_bad_input);
     tcase_add_test(tc, test_stage2_round_trip);
+    tcase_add_test(tc, test_stage1_resume);
     suite_add_tcase(s, tc);
     return s;
 }

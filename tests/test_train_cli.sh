@@ -73,6 +73,22 @@ run run "$tmp/s2/manifest.json" --input "$tmp/d.safetensors" \
     --output "$tmp/y.safetensors"
 expect 0 "" "atmoe run of the stage-2 manifest"
 
+# Resumed from a checkpoint: the same adapters as a run not interrupted
+# (the one above ran 5 steps; this one 3, then 2 more from its checkpoints).
+run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+    --output "$tmp/r1" --steps 3 --batch 7 --lr 1e-2 --checkpoint "$tmp/ck" \
+    --checkpoint-every 2
+expect 0 "experts trained" "stage1 with checkpoints"
+run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+    --output "$tmp/r2" --steps 5 --batch 7 --lr 1e-2 --checkpoint "$tmp/ck" \
+    --resume
+expect 0 "experts trained" "stage1 --resume"
+for a in math code style general gpt2; do
+    cmp -s "$tmp/s1/$a/adapter_model.safetensors" \
+        "$tmp/r2/$a/adapter_model.safetensors" ||
+        fail "the resumed run's $a differs from the uninterrupted one's"
+done
+
 # Bad data: a message, exit 1, nothing written.
 data "$tmp/w.safetensors" 12 || exit 99
 run train stage1 "$fixture" --data "$tmp/w.safetensors" --output "$tmp/b1"

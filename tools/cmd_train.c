@@ -74,6 +74,7 @@ static int usage(void)
             "         [--lr X] [--schedule constant|cosine] [--warmup N]\n"
             "         [--steps N | --epochs N] [--batch N] [--accumulation N]\n"
             "         [--clip X] [--weight-decay X] [--seed S] [--log FILE]\n"
+            "         [--checkpoint FILE [--checkpoint-every N] [--resume]]\n"
             "         [--device D]\n"
             "       atmoe train demo [--json FILE] [--seed S] [--rows N] "
             "[--device D]\n");
@@ -108,11 +109,13 @@ static int run(int argc, char **argv)
         return usage();
     }
     const char *manifest = NULL, *data = NULL, *output = NULL, *device = NULL;
-    const char *opt[11] = {NULL};
-    static const char *const names[11] = {
+    enum { OPTS = 13 };
+    const char *opt[OPTS] = {NULL};
+    static const char *const names[OPTS] = {
         "--lr", "--schedule", "--steps", "--epochs", "--batch",
         "--accumulation", "--clip", "--weight-decay", "--seed", "--log",
-        "--warmup"};
+        "--warmup", "--checkpoint", "--checkpoint-every"};
+    int resume = 0;
     const char *json = NULL, *rows = NULL;
     for (int i = 2; i < argc; i++) {
         int r = 0;
@@ -125,7 +128,11 @@ static int run(int argc, char **argv)
                 return EXIT_USAGE;
             continue;
         }
-        for (int k = 0; k < 11 && r == 0; k++)
+        if (strcmp(argv[i], "--resume") == 0) {
+            resume = 1;
+            continue;
+        }
+        for (int k = 0; k < OPTS && r == 0; k++)
             r = cli_option("train", argc, argv, &i, names[k], &opt[k]);
         if (r < 0)
             return EXIT_USAGE;
@@ -227,6 +234,18 @@ static int run(int argc, char **argv)
             return EXIT_USAGE;
         cfg.optimizer.warmup_steps = (uint64_t)v;
     }
+    if (opt[12]) {
+        if (!number("--checkpoint-every", opt[12], 1, 1e12, &v))
+            return EXIT_USAGE;
+        cfg.checkpoint_every = (uint64_t)v;
+    }
+    if ((opt[12] || resume) && !opt[11]) {
+        fprintf(stderr, "atmoe train: --checkpoint-every and --resume need "
+                        "--checkpoint FILE\n");
+        return EXIT_USAGE;
+    }
+    cfg.checkpoint = opt[11];
+    cfg.resume = resume;
     train_view view = {isatty(STDERR_FILENO), NULL, 0};
     if (opt[9] && (view.log = fopen(opt[9], "w")) == NULL) {
         fprintf(stderr, "atmoe train: cannot write %s: %s\n", opt[9],
@@ -265,7 +284,9 @@ static int run(int argc, char **argv)
         fputs("\r\033[K", stderr);
     if (st == ATMOE_STATUS_CANCELLED && interrupted) {
         fprintf(stderr, "atmoe train: interrupted at a step boundary; "
-                        "nothing written\n");
+                        "%s\n",
+                cfg.checkpoint ? "checkpoint written, --resume continues"
+                               : "nothing written");
         rc = EXIT_FAILED;
     } else if (st != ATMOE_STATUS_OK) {
         /* The manifest's check reports on the thread's message. */

@@ -2,8 +2,11 @@
  * accumulation, optimiser steps, progress, and the trained loss. */
 #include <config.h>
 
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "base/alloc.h"
 #include "base/error.h"
@@ -54,6 +57,29 @@ static atmoe_status batch(const atm_recipe_fit *f, const atm_recipe_data *d,
     return atmoe_graph_read(f->g, f->loss, loss, sizeof *loss);
 }
 
+/* Loads the checkpoint at path into opt; *done is the steps it had run
+ * (taken and skipped), read from its metadata. */
+static atmoe_status resume(atmoe_context *ctx, const char *fn,
+                           atmoe_optimizer *opt, const char *path,
+                           uint64_t *done)
+{
+    atmoe_safetensors *f;
+    atmoe_status st = atmoe_safetensors_open(ctx, path, &f);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    const char *step, *skipped;
+    if (atmoe_safetensors_get_metadata(f, "atmoe.step", &step) ||
+        atmoe_safetensors_get_metadata(f, "atmoe.skipped", &skipped)) {
+        atmoe_safetensors_free(f);
+        return atm_fail(ctx, ATMOE_STATUS_FORMAT_ERROR,
+                        "%s: %s is not an optimiser checkpoint (no step "
+                        "counts)", fn, path);
+    }
+    *done = strtoull(step, NULL, 10) + strtoull(skipped, NULL, 10);
+    atmoe_safetensors_free(f);
+    return atmoe_optimizer_load(opt, path);
+}
+
 atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
                                 const atm_recipe_fit *f,
                                 const atm_recipe_data *d,
@@ -70,6 +96,7 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
     if (oc.schedule == ATMOE_SCHEDULE_COSINE && oc.total_steps == 0)
         oc.total_steps = steps;
     atmoe_optimizer *opt = NULL;
+    char *ckpt = NULL;
     float *xb = atm_malloc(B * d->d_in * sizeof *xb);
     float *yb = atm_malloc(B * d->d_out * sizeof *yb);
     atmoe_status st;
@@ -82,6 +109,22 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
         (st = atmoe_graph_plan(f->g, 0)) ||
         (st = atmoe_optimizer_new(f->g, &oc, &opt)))
         goto out;
+    if (cfg->checkpoint) {
+        size_t len = strlen(cfg->checkpoint) + 24;
+        if ((ckpt = atm_malloc(len)) == NULL) {
+            st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                          "%s: out of host memory", fn);
+            goto out;
+        }
+        if (f->models > 1)
+            snprintf(ckpt, len, "%s.%zu", cfg->checkpoint, f->model);
+        else
+            snprintf(ckpt, len, "%s", cfg->checkpoint);
+    }
+    uint64_t done = 0;
+    if (ckpt && cfg->resume && access(ckpt, F_OK) == 0 &&
+        (st = resume(ctx, fn, opt, ckpt, &done)))
+        goto out;
 
     /* Each model its own stream, so that a model's run does not depend on
      * how many came before it. */
@@ -89,7 +132,17 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
     size_t pos = n_rows; /* shuffled before the first micro-batch */
     double t0 = now_s();
     uint64_t tokens = 0;
-    for (uint64_t step = 1; step <= steps; step++) {
+    /* A resumed run replays the shuffles of the steps it skips, so that
+     * the next micro-batches are those the uninterrupted run takes. */
+    for (uint64_t step = 1; step <= done && step <= steps; step++)
+        for (unsigned mb = 0; mb < oc.accumulation; mb++) {
+            if (pos >= n_rows) {
+                shuffle(f->rows, n_rows, &state);
+                pos = 0;
+            }
+            pos += n_rows - pos < B ? n_rows - pos : B;
+        }
+    for (uint64_t step = done + 1; step <= steps; step++) {
         double sum = 0;
         for (unsigned mb = 0; mb < oc.accumulation; mb++) {
             if (pos >= n_rows) {
@@ -114,6 +167,9 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
         if (st != ATMOE_STATUS_OK && st != ATMOE_STATUS_NOT_FINITE)
             goto out;
         st = ATMOE_STATUS_OK;
+        if (ckpt && cfg->checkpoint_every && step % cfg->checkpoint_every == 0 &&
+            step < steps && (st = atmoe_optimizer_save(opt, ckpt)))
+            goto out;
         if (cfg->progress) {
             double el = now_s() - t0;
             atmoe_train_progress p = {f->model, f->models, f->name, step,
@@ -121,6 +177,8 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
                                       el > 0 ? (double)tokens / el : 0, el,
                                       0};
             if (cfg->progress(&p, cfg->user)) {
+                if (ckpt && (st = atmoe_optimizer_save(opt, ckpt)))
+                    goto out;
                 st = atm_fail(ctx, ATMOE_STATUS_CANCELLED,
                               "%s: stopped by the progress callback at "
                               "step %llu of %s; nothing written", fn,
@@ -129,6 +187,9 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
             }
         }
     }
+
+    if (ckpt && done < steps && (st = atmoe_optimizer_save(opt, ckpt)))
+        goto out;
 
     /* The trained weights' loss over all the rows (the forward of the same
      * graph; its gradients are not used). */
@@ -151,6 +212,7 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
         cfg->progress(&p, cfg->user);
     }
 out:
+    atm_free(ckpt);
     atmoe_optimizer_free(opt);
     atm_free(xb);
     atm_free(yb);
