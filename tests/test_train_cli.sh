@@ -106,6 +106,22 @@ expect 2 "--batch '0' must be" "stage1 --batch 0" err
 run train trex "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1"
 expect 2 "unknown recipe 'trex'" "trex" err
 
+# A checkpoint onto a full file system (a 64 KiB tmpfs; root only, skipped
+# otherwise): a message, no output, no file left there.
+if [ "$(id -u)" -eq 0 ] && mkdir "$tmp/full" &&
+    mount -t tmpfs -o size=64k tmpfs "$tmp/full" 2> /dev/null; then
+    cat /dev/zero > "$tmp/full/filler" 2> /dev/null
+    run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+        --output "$tmp/f1" --steps 2 --checkpoint "$tmp/full/ck"
+    expect 1 "No space left" "stage1 checkpointing onto a full file system" err
+    [ -e "$tmp/f1" ] && fail "a failed run left its output"
+    ls "$tmp/full" | grep -q -v '^filler$' &&
+        fail "a failed run left a file on the full file system: $(ls "$tmp/full")"
+    umount "$tmp/full"
+else
+    echo "SKIP (not root, or no tmpfs mount here): a full file system"
+fi
+
 # The demonstration at a small size.
 run train demo --rows 100 --seed 0 --json "$tmp/demo.json"
 expect 0 "router accuracy" "train demo"
