@@ -1690,7 +1690,10 @@ ATMOE_API atmoe_status atmoe_centroids_load(atmoe_context *ctx,
  * stage 1 task [N] (I32).  Rows are shuffled by seed (SplitMix64, a
  * Fisher-Yates pass each time the rows are used up), cut into micro-batches
  * of `batch` rows (the last of a pass shorter), `accumulation` of them per
- * optimiser step.  NaN or infinite data is NOT_FINITE naming the row. */
+ * optimiser step.  NaN or infinite data is NOT_FINITE naming the row.  An
+ * optional held-out split, x_heldout, y_heldout (and task_heldout for
+ * stage 1) checked as the rest, is never trained on: the trained model's
+ * loss over it is reported (atmoe_train_progress). */
 
 /* Where a recipe stands, given to the progress callback after every step
  * and once when a model is done. */
@@ -1704,6 +1707,8 @@ typedef struct atmoe_train_progress {
     double tokens_per_second; /* rows trained on per second of wall time */
     double seconds;        /* since the model's training began */
     int done;              /* 1: the model's training has ended */
+    float heldout_loss;    /* with done: the mean loss over the model's
+                              held-out rows; NaN without them */
 } atmoe_train_progress;
 
 /* A non-zero return stops the recipe at that step boundary: it returns

@@ -163,6 +163,11 @@ static void make_data(const fixture *f, float *x, float *y, int32_t *task)
     }
 }
 
+/* With held_in non-zero, rows 0..HELD of the same arrays also make the
+ * held-out split, x_heldout [HELD, held_in]. */
+enum { HELD = 20 };
+static size_t held_in;
+
 static void save_data(const char *path, const float *x, size_t d_in,
                       const float *y, const int32_t *task, size_t n)
 {
@@ -170,17 +175,25 @@ static void save_data(const char *path, const float *x, size_t d_in,
     ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
     save_tensor(w, "x", n, d_in, x);
     save_tensor(w, "y", n, D2, y);
-    uint64_t s[1] = {n};
+    uint64_t s[1] = {n}, hs[1] = {HELD};
     ck_assert_status(atmoe_safetensors_writer_add(w, "task",
                                                   ATMOE_SAFETENSORS_I32, 1, s,
                                                   task),
                      NULL);
+    if (held_in) {
+        save_tensor(w, "x_heldout", HELD, held_in, x);
+        save_tensor(w, "y_heldout", HELD, D2, y);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "task_heldout", ATMOE_SAFETENSORS_I32, 1, hs,
+                             task),
+                         NULL);
+    }
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     atmoe_safetensors_writer_free(w);
 }
 
 typedef struct seen {
-    float done_loss[3];
+    float done_loss[3], held_loss[3];
     int done[3];
     uint64_t steps;
     int stop_at; /* cancel at this step, 0: never */
@@ -193,6 +206,7 @@ static int on_progress(const atmoe_train_progress *p, void *user)
     ck_assert_uint_eq(p->models, 3);
     if (p->done) {
         s->done_loss[p->model] = p->loss;
+        s->held_loss[p->model] = p->heldout_loss;
         s->done[p->model] = 1;
         return 0;
     }
@@ -250,7 +264,9 @@ START_TEST(test_stage1_round_trip)
     char data[512], out[512];
     snprintf(data, sizeof data, "%s/data.safetensors", f.dir);
     snprintf(out, sizeof out, "%s/out", f.dir);
+    held_in = D0;
     save_data(data, x, D0, y, task, N);
+    held_in = 0;
     atmoe_manifest *m = open_manifest(&f);
     atmoe_train_config c;
     seen s = {0};
@@ -294,6 +310,22 @@ START_TEST(test_stage1_round_trip)
                           fabs(got - s.done_loss[k]) <= 1e-3 * got + 1e-7,
                       "model %d: host loss %g, trainer's %g", k, got,
                       (double)s.done_loss[k]);
+        /* The held-out split is rows 0 .. HELD of the same data. */
+        double hsum = 0;
+        size_t hrows = 0;
+        for (int n = 0; n < HELD; n++) {
+            if (want >= 0 && task[n] != want)
+                continue;
+            double yy[D2];
+            forward(&f, a, b, ranks[k], x + n * D0, yy);
+            for (int o = 0; o < D2; o++)
+                hsum += (yy[o] - y[n * D2 + o]) * (yy[o] - y[n * D2 + o]);
+            hrows++;
+        }
+        double hgot = hsum / (double)(hrows * D2);
+        ck_assert_msg(fabs(hgot - s.held_loss[k]) <= 1e-3 * hgot + 1e-7,
+                      "model %d: held-out host loss %g, trainer's %g", k,
+                      hgot, (double)s.held_loss[k]);
         double ratio = k == 2 ? 0.9 : 0.2;
         ck_assert_msg(got < ratio * before,
                       "model %d: loss %g after training, %g before", k, got,
@@ -484,6 +516,14 @@ START_TEST(test_stage1_bad_input)
     save_data(data, x, D0 + 1, y, task, N);
     ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
                          ATMOE_STATUS_SHAPE_MISMATCH, "x must be [N, 9]");
+    ck_assert(!exists(out));
+
+    held_in = D0 - 1;
+    save_data(data, x, D0, y, task, N);
+    held_in = 0;
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH,
+                         "x_heldout must be [N, 9]");
     ck_assert(!exists(out));
 
     task[37] = 2;

@@ -4,6 +4,7 @@
  * demo: the synthetic multitask problem that shows what routing buys
  * (tools/train_demo.c). */
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -32,25 +33,30 @@ typedef struct train_view {
 static int on_progress(const atmoe_train_progress *p, void *user)
 {
     train_view *v = user;
+    /* JSON has no NaN: a model without held-out rows logs null. */
+    char held[32] = "null";
+    if (p->done && !isnan(p->heldout_loss))
+        snprintf(held, sizeof held, "%.9g", (double)p->heldout_loss);
     if (v->log && !v->failed_log &&
         fprintf(v->log,
                 "{\"model\": %zu, \"adapter\": \"%s\", \"step\": %llu, "
                 "\"steps\": %llu, \"loss\": %.9g, \"lr\": %.9g, "
                 "\"grad_norm\": %.9g, \"tokens_per_second\": %.6g, "
-                "\"seconds\": %.6g, \"done\": %s}\n",
+                "\"seconds\": %.6g, \"done\": %s, \"heldout_loss\": %s}\n",
                 p->model, p->adapter ? p->adapter : "",
                 (unsigned long long)p->step, (unsigned long long)p->steps,
                 (double)p->loss, (double)p->lr, (double)p->grad_norm,
                 p->tokens_per_second, p->seconds,
-                p->done ? "true" : "false") < 0)
+                p->done ? "true" : "false", held) < 0)
         v->failed_log = 1;
     if (p->done) {
         if (v->tty)
             fputs("\r\033[K", stderr);
-        fprintf(stderr, "atmoe train: %s: loss %.6g over its rows after %llu "
-                        "steps, %.0f rows/s, %.1f s\n",
-                p->adapter, (double)p->loss, (unsigned long long)p->steps,
-                p->tokens_per_second, p->seconds);
+        fprintf(stderr, "atmoe train: %s: loss %.6g over its rows, held-out "
+                        "%.6g, after %llu steps, %.0f rows/s, %.1f s\n",
+                p->adapter, (double)p->loss, (double)p->heldout_loss,
+                (unsigned long long)p->steps, p->tokens_per_second,
+                p->seconds);
         return 0;
     }
     if (v->tty) {

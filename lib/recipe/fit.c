@@ -2,6 +2,7 @@
  * accumulation, optimiser steps, progress, and the trained loss. */
 #include <config.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,13 +40,14 @@ static double now_s(void)
 
 /* Computes the graph on rows[0 .. take) of the data; *loss its loss. */
 static atmoe_status batch(const atm_recipe_fit *f, const atm_recipe_data *d,
-                          const size_t *rows, size_t take, float *xb,
-                          float *yb, float *loss)
+                          int held, const size_t *rows, size_t take,
+                          float *xb, float *yb, float *loss)
 {
     size_t di = d->d_in, dout = d->d_out;
+    const float *x = held ? d->hx : d->x, *y = held ? d->hy : d->y;
     for (size_t i = 0; i < take; i++) {
-        memcpy(xb + i * di, d->x + rows[i] * di, di * sizeof *xb);
-        memcpy(yb + i * dout, d->y + rows[i] * dout, dout * sizeof *yb);
+        memcpy(xb + i * di, x + rows[i] * di, di * sizeof *xb);
+        memcpy(yb + i * dout, y + rows[i] * dout, dout * sizeof *yb);
     }
     atmoe_status st;
     if ((st = atmoe_graph_set_input(f->g, f->x, xb, take * di * sizeof *xb,
@@ -55,6 +57,25 @@ static atmoe_status batch(const atm_recipe_fit *f, const atm_recipe_data *d,
         (st = atmoe_graph_compute(f->g, take)))
         return st;
     return atmoe_graph_read(f->g, f->loss, loss, sizeof *loss);
+}
+
+/* The mean loss over n rows of the training (held 0) or held-out set. */
+static atmoe_status mean_loss(const atm_recipe_fit *f,
+                              const atm_recipe_data *d, int held,
+                              const size_t *rows, size_t n, size_t B,
+                              float *xb, float *yb, double *mean)
+{
+    double total = 0;
+    for (size_t p0 = 0; p0 < n; p0 += B) {
+        size_t take = n - p0 < B ? n - p0 : B;
+        float l;
+        atmoe_status st = batch(f, d, held, rows + p0, take, xb, yb, &l);
+        if (st != ATMOE_STATUS_OK)
+            return st;
+        total += (double)l * (double)take;
+    }
+    *mean = total / (double)n;
+    return ATMOE_STATUS_OK;
 }
 
 /* Loads the checkpoint at path into opt; *done is the steps it had run
@@ -151,7 +172,7 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
             }
             size_t take = n_rows - pos < B ? n_rows - pos : B;
             float l;
-            if ((st = batch(f, d, f->rows + pos, take, xb, yb, &l)) ||
+            if ((st = batch(f, d, 0, f->rows + pos, take, xb, yb, &l)) ||
                 (oc.accumulation > 1 &&
                  (st = atmoe_optimizer_accumulate(opt))))
                 goto out;
@@ -175,7 +196,7 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
             atmoe_train_progress p = {f->model, f->models, f->name, step,
                                       steps, mean, rep.lr, rep.grad_norm,
                                       el > 0 ? (double)tokens / el : 0, el,
-                                      0};
+                                      0, NAN};
             if (cfg->progress(&p, cfg->user)) {
                 if (ckpt && (st = atmoe_optimizer_save(opt, ckpt)))
                     goto out;
@@ -193,22 +214,19 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
 
     /* The trained weights' loss over all the rows (the forward of the same
      * graph; its gradients are not used). */
-    double total = 0;
-    for (size_t p0 = 0; p0 < n_rows; p0 += B) {
-        size_t take = n_rows - p0 < B ? n_rows - p0 : B;
-        float l;
-        if ((st = batch(f, d, f->rows + p0, take, xb, yb, &l)))
-            goto out;
-        total += (double)l * (double)take;
-    }
-    total /= (double)n_rows;
+    double total, held = NAN;
+    if ((st = mean_loss(f, d, 0, f->rows, n_rows, B, xb, yb, &total)) ||
+        (f->n_held &&
+         (st = mean_loss(f, d, 1, f->held, f->n_held, B, xb, yb, &held))))
+        goto out;
     if (final_loss)
         *final_loss = total;
     if (cfg->progress) {
         double el = now_s() - t0;
         atmoe_train_progress p = {f->model, f->models, f->name, steps, steps,
                                   (float)total, 0, 0,
-                                  el > 0 ? (double)tokens / el : 0, el, 1};
+                                  el > 0 ? (double)tokens / el : 0, el, 1,
+                                  (float)held};
         cfg->progress(&p, cfg->user);
     }
 out:

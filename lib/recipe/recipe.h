@@ -14,9 +14,15 @@ typedef struct atm_recipe_data {
     float *x, *y;
     int32_t *task;
     size_t n, d_in, d_out;
+    /* The held-out rows x_heldout, y_heldout and task_heldout, when the
+     * file has them (hn 0 otherwise). */
+    float *hx, *hy;
+    int32_t *htask;
+    size_t hn;
 } atm_recipe_data;
 
-/* Reads x, y and, with tasks >= 0, task (I32, each in [0, tasks)) from the
+/* Reads x, y and, with tasks >= 0, task (I32, each in [0, tasks)), and the
+ * same of the held-out rows when x_heldout is there, from the
  * safetensors file at path, refusing widths other than d_in and d_out and
  * NaN or infinite values, naming the row.  fn prefixes the messages. */
 atmoe_status atm_recipe_read_data(atmoe_context *ctx, const char *fn,
@@ -36,13 +42,15 @@ typedef struct atm_recipe_fit {
     atmoe_node x, y, loss;
     size_t *rows;
     size_t n_rows;
+    const size_t *held; /* rows of the held-out set it is measured on */
+    size_t n_held;
     size_t model, models;
     const char *name;
 } atm_recipe_fit;
 
 /* Builds the backward pass, plans, and trains for the configured steps;
- * then *final_loss (may be NULL) is the mean loss over all the rows and
- * the progress callback hears it with done.  The trained weights stay in
+ * then *final_loss (may be NULL) is the mean loss over all the rows, and
+ * the progress callback hears it with done, with the held-out loss.  The trained weights stay in
  * the graph (atmoe_graph_read_trainable). */
 atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
                                 const atm_recipe_fit *f,

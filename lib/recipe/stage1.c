@@ -118,7 +118,7 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
     atmoe_adapter *in = NULL;
     atmoe_graph *g = NULL;
     atmoe_optimizer *opt = NULL;
-    size_t *rows = NULL;
+    size_t *rows = NULL, *held = NULL, n_held = 0;
     float *a = NULL, *bt = NULL, *b = NULL;
     slot *slots = atm_calloc(sk->layers, sizeof *slots);
     size_t n_slots = 0, n_rows = 0, big = 0;
@@ -134,6 +134,14 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
     for (size_t r = 0; r < d->n; r++)
         if (mdl->general || d->task[r] == mdl->task)
             rows[n_rows++] = r;
+    for (size_t r = 0; r < d->hn; r++)
+        n_held += mdl->general || d->htask[r] == mdl->task;
+    if (n_held && (held = atm_malloc(n_held * sizeof *held)) == NULL)
+        goto oom;
+    n_held = 0;
+    for (size_t r = 0; r < d->hn; r++)
+        if (mdl->general || d->htask[r] == mdl->task)
+            held[n_held++] = r;
 
     if ((st = atmoe_adapter_open(ctx, mdl->dir, &in)) ||
         (st = atmoe_adapter_new(ctx, &mdl->out)))
@@ -247,7 +255,10 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
     }
     if ((st = atmoe_graph_loss_mse(g, cur, y, &loss)))
         goto out;
-    atm_recipe_fit fit = {g, x, y, loss, rows, n_rows, k, n_models, mdl->dir};
+    atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
+                          .rows = rows, .n_rows = n_rows, .held = held,
+                          .n_held = n_held, .model = k, .models = n_models,
+                          .name = mdl->dir};
     if ((st = atm_recipe_fit_run(ctx, FN, &fit, d, cfg, NULL)))
         goto out;
 
@@ -285,6 +296,7 @@ out:
     atmoe_adapter_free(in);
     atm_free(slots);
     atm_free(rows);
+    atm_free(held);
     atm_free(a);
     atm_free(b);
     atm_free(bt);

@@ -248,15 +248,18 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
     atmoe_graph *g = NULL;
     atmoe_safetensors_writer *w = NULL;
     size_t *rows = atm_malloc(d.n * sizeof *rows);
+    size_t *held = atm_malloc((d.hn ? d.hn : 1) * sizeof *held);
     float *buf = atm_malloc(2 * (largest ? largest : 1) * sizeof *buf);
     char *path = atm_malloc(strlen(output) + 32);
-    if (rows == NULL || buf == NULL || path == NULL) {
+    if (rows == NULL || held == NULL || buf == NULL || path == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       FN ": out of host memory");
         goto out;
     }
     for (size_t r = 0; r < d.n; r++)
         rows[r] = r;
+    for (size_t r = 0; r < d.hn; r++)
+        held[r] = r;
     atmoe_node x, y, out, loss;
     size_t xs[2] = {config->batch, d.d_in}, ys[2] = {config->batch, d.d_out};
     if ((st = atmoe_graph_new(ctx, &g)) ||
@@ -269,7 +272,10 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
     atm_manifest_set_train_routers(manifest, 0);
     if (st != ATMOE_STATUS_OK || (st = atmoe_graph_loss_mse(g, out, y, &loss)))
         goto out;
-    atm_recipe_fit fit = {g, x, y, loss, rows, d.n, 0, 1, "the routers"};
+    atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
+                          .rows = rows, .n_rows = d.n, .held = held,
+                          .n_held = d.hn, .model = 0, .models = 1,
+                          .name = "the routers"};
     if ((st = atm_recipe_fit_run(ctx, FN, &fit, &d, config, final_loss)))
         goto out;
 
@@ -295,6 +301,7 @@ out:
     atmoe_graph_free(g);
     atm_recipe_data_free(&d);
     atm_free(rows);
+    atm_free(held);
     atm_free(buf);
     atm_free(path);
     return st;
