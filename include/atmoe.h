@@ -1793,6 +1793,26 @@ ATMOE_API atmoe_status atmoe_train_stage2(atmoe_context *ctx,
                                           const char *output,
                                           double *final_loss);
 
+/* T-REX: the rank-1 experts of the stack's output modules (A, B, W_r,
+ * w_om and w_c: atmoe_graph_mor1e_layer) trained jointly from the values
+ * the manifest gives (absent W_r, w_om, w_c: zeros, the reference
+ * initialisation; atmoe_mor1e_init makes A and B), the base and any
+ * AT-MoE module frozen, on every row of data: x [N, d_in], y [N, d_out],
+ * sample [N] (I32: each row's sample) and scores [S, K], the samples'
+ * intuition scores (atmoe cluster --assign writes them), with
+ * sample_heldout beside a held-out split.  Output (created when missing)
+ * receives trex.safetensors, tensors "layers.<layer>.<module>.a", ".b",
+ * ".w_r", ".w_om", ".w_c" F32, then manifest.json, which atmoe run
+ * applies to inputs holding the same scores and gate_index.  *final_loss
+ * (may be NULL) as atmoe_train_stage2 gives it.  While the library has
+ * no backward for rank-1 layers, NOT_SUPPORTED. */
+ATMOE_API atmoe_status atmoe_train_trex(atmoe_context *ctx,
+                                        atmoe_manifest *manifest,
+                                        const char *data,
+                                        const atmoe_train_config *config,
+                                        const char *output,
+                                        double *final_loss);
+
 #ifdef __cplusplus
 }
 #endif

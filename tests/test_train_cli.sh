@@ -104,7 +104,9 @@ run train stage1 "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1" \
     --batch 0
 expect 2 "--batch '0' must be" "stage1 --batch 0" err
 run train trex "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1"
-expect 2 "unknown recipe 'trex'" "trex" err
+expect 1 "no rank-1 output module" "trex over LoRA experts" err
+run train trix "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1"
+expect 2 "unknown recipe 'trix'" "an unknown recipe" err
 
 # A checkpoint onto a full file system (a 64 KiB tmpfs; root only, skipped
 # otherwise): a message, no output, no file left there.

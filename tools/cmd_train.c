@@ -75,7 +75,7 @@ static int on_progress(const atmoe_train_progress *p, void *user)
 static int usage(void)
 {
     fprintf(stderr,
-            "usage: atmoe train stage1|stage2 MANIFEST --data D.safetensors "
+            "usage: atmoe train stage1|stage2|trex MANIFEST --data D.safetensors "
             "--output DIR\n"
             "         [--lr X] [--schedule constant|cosine] [--warmup N]\n"
             "         [--steps N | --epochs N] [--batch N] [--accumulation N]\n"
@@ -109,9 +109,10 @@ static int run(int argc, char **argv)
         return usage();
     const char *stage = argv[1];
     int demo = strcmp(stage, "demo") == 0;
-    if (!demo && strcmp(stage, "stage1") && strcmp(stage, "stage2")) {
-        fprintf(stderr, "atmoe train: unknown recipe '%s' (stage1, stage2 "
-                        "or demo; T-REX is not available yet)\n", stage);
+    if (!demo && strcmp(stage, "stage1") && strcmp(stage, "stage2") &&
+        strcmp(stage, "trex")) {
+        fprintf(stderr, "atmoe train: unknown recipe '%s' (stage1, stage2, "
+                        "trex or demo)\n", stage);
         return usage();
     }
     const char *manifest = NULL, *data = NULL, *output = NULL, *device = NULL;
@@ -281,7 +282,10 @@ static int run(int argc, char **argv)
     sa.sa_handler = on_sigint;
     sigaction(SIGINT, &sa, &old);
     double loss = 0;
-    if (stage[5] == '1')
+    int trex = strcmp(stage, "trex") == 0;
+    if (trex)
+        st = atmoe_train_trex(ctx, m, data, &cfg, output, &loss);
+    else if (stage[5] == '1')
         st = atmoe_train_stage1(ctx, m, data, &cfg, output);
     else
         st = atmoe_train_stage2(ctx, m, data, &cfg, output, &loss);
@@ -299,6 +303,9 @@ static int run(int argc, char **argv)
         rc = cli_fail(stage, st,
                       atmoe_errmsg(ctx)[0] ? (const atmoe_context *)ctx
                                            : NULL);
+    } else if (trex) {
+        printf("rank-1 experts trained: loss %.6g over %s; manifest "
+               "%s/manifest.json\n", loss, data, output);
     } else if (stage[5] == '2') {
         printf("routers trained: loss %.6g over %s; manifest %s/manifest.json"
                "\n", loss, data, output);
@@ -317,5 +324,5 @@ static int run(int argc, char **argv)
 
 const cli_command cmd_train = {
     "train", run,
-    "stage1|stage2 MANIFEST --data D --output DIR [options] | demo",
+    "stage1|stage2|trex MANIFEST --data D --output DIR [options] | demo",
 };

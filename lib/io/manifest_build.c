@@ -582,18 +582,31 @@ static atmoe_status add_rank1(atmoe_manifest *mf, atmoe_graph *g,
                         "the module's routing uses the intuition: its "
                         "samples need scores, or embeddings and the "
                         "manifest's centroids (atmoe_manifest_build_with)");
-    /* Absent W_r, w_om and w_c are zeros: the reference initialisation. */
+    /* Absent W_r, w_om and w_c are zeros: the reference initialisation.
+     * Trained (T-REX), those of an output module are parameters. */
+    int train = mf->train_rank1 && m->is_output;
+    char na[ATM_NODE_NAME_SIZE], nb[ATM_NODE_NAME_SIZE],
+        nr[ATM_NODE_NAME_SIZE], no[ATM_NODE_NAME_SIZE],
+        nc[ATM_NODE_NAME_SIZE];
+    snprintf(na, sizeof na, "layers.%zu.%s.a", m->layer, m->name);
+    snprintf(nb, sizeof nb, "layers.%zu.%s.b", m->layer, m->name);
+    snprintf(nr, sizeof nr, "layers.%zu.%s.w_r", m->layer, m->name);
+    snprintf(no, sizeof no, "layers.%zu.%s.w_om", m->layer, m->name);
+    snprintf(nc, sizeof nc, "layers.%zu.%s.w_c", m->layer, m->name);
     atmoe_status st;
     if ((st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, NULL,
                          &L.w0)) ||
         (m->bias.file &&
          (st = add_tensor(mf, g, &m->bias, m->d_out, 0, NULL, &L.bias))) ||
-        (st = add_tensor(mf, g, &m->a, m->r1, m->d_in, NULL, &L.a)) ||
-        (st = add_tensor(mf, g, &m->b, m->d_out, m->r2, NULL, &L.b)) ||
-        (router && (st = add_tensor(mf, g, &m->w_r, m->E, m->d_in, NULL,
-                                    &L.w_r))) ||
-        (st = add_tensor(mf, g, &m->w_om, 1, 0, NULL, &L.w_om)) ||
-        (st = add_tensor(mf, g, &m->w_c, 1, 0, NULL, &L.w_c)))
+        (st = add_tensor(mf, g, &m->a, m->r1, m->d_in, train ? na : NULL,
+                         &L.a)) ||
+        (st = add_tensor(mf, g, &m->b, m->d_out, m->r2, train ? nb : NULL,
+                         &L.b)) ||
+        (router && (st = add_tensor(mf, g, &m->w_r, m->E, m->d_in,
+                                    train ? nr : NULL, &L.w_r))) ||
+        (st = add_tensor(mf, g, &m->w_om, 1, 0, train ? no : NULL,
+                         &L.w_om)) ||
+        (st = add_tensor(mf, g, &m->w_c, 1, 0, train ? nc : NULL, &L.w_c)))
         return st;
     if (m->score_map.file) {
         size_t K = g->nodes[scores].shape[1];
@@ -724,4 +737,9 @@ ATMOE_API atmoe_status atmoe_manifest_build_with(
 void atm_manifest_set_train_routers(atmoe_manifest *manifest, int on)
 {
     manifest->train_routers = on != 0;
+}
+
+void atm_manifest_set_train_rank1(atmoe_manifest *manifest, int on)
+{
+    manifest->train_rank1 = on != 0;
 }

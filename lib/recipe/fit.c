@@ -41,15 +41,23 @@ static double now_s(void)
 /* Computes the graph on rows[0 .. take) of the data; *loss its loss. */
 static atmoe_status batch(const atm_recipe_fit *f, const atm_recipe_data *d,
                           int held, const size_t *rows, size_t take,
-                          float *xb, float *yb, float *loss)
+                          float *xb, float *yb, int32_t *ib, float *loss)
 {
+    atmoe_status st;
+    if (f->index != ATMOE_NODE_NONE) {
+        const int32_t *of = held ? f->held_index_of : f->index_of;
+        for (size_t i = 0; i < take; i++)
+            ib[i] = of[rows[i]];
+        if ((st = atmoe_graph_set_input(f->g, f->index, ib,
+                                        take * sizeof *ib, take)))
+            return st;
+    }
     size_t di = d->d_in, dout = d->d_out;
     const float *x = held ? d->hx : d->x, *y = held ? d->hy : d->y;
     for (size_t i = 0; i < take; i++) {
         memcpy(xb + i * di, x + rows[i] * di, di * sizeof *xb);
         memcpy(yb + i * dout, y + rows[i] * dout, dout * sizeof *yb);
     }
-    atmoe_status st;
     if ((st = atmoe_graph_set_input(f->g, f->x, xb, take * di * sizeof *xb,
                                     take)) ||
         (st = atmoe_graph_set_input(f->g, f->y, yb, take * dout * sizeof *yb,
@@ -63,13 +71,14 @@ static atmoe_status batch(const atm_recipe_fit *f, const atm_recipe_data *d,
 static atmoe_status mean_loss(const atm_recipe_fit *f,
                               const atm_recipe_data *d, int held,
                               const size_t *rows, size_t n, size_t B,
-                              float *xb, float *yb, double *mean)
+                              float *xb, float *yb, int32_t *ib,
+                              double *mean)
 {
     double total = 0;
     for (size_t p0 = 0; p0 < n; p0 += B) {
         size_t take = n - p0 < B ? n - p0 : B;
         float l;
-        atmoe_status st = batch(f, d, held, rows + p0, take, xb, yb, &l);
+        atmoe_status st = batch(f, d, held, rows + p0, take, xb, yb, ib, &l);
         if (st != ATMOE_STATUS_OK)
             return st;
         total += (double)l * (double)take;
@@ -120,8 +129,9 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
     char *ckpt = NULL;
     float *xb = atm_malloc(B * d->d_in * sizeof *xb);
     float *yb = atm_malloc(B * d->d_out * sizeof *yb);
+    int32_t *ib = atm_malloc(B * sizeof *ib);
     atmoe_status st;
-    if (xb == NULL || yb == NULL) {
+    if (xb == NULL || yb == NULL || ib == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       "%s: out of host memory", fn);
         goto out;
@@ -172,7 +182,7 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
             }
             size_t take = n_rows - pos < B ? n_rows - pos : B;
             float l;
-            if ((st = batch(f, d, 0, f->rows + pos, take, xb, yb, &l)) ||
+            if ((st = batch(f, d, 0, f->rows + pos, take, xb, yb, ib, &l)) ||
                 (oc.accumulation > 1 &&
                  (st = atmoe_optimizer_accumulate(opt))))
                 goto out;
@@ -215,9 +225,10 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
     /* The trained weights' loss over all the rows (the forward of the same
      * graph; its gradients are not used). */
     double total, held = NAN;
-    if ((st = mean_loss(f, d, 0, f->rows, n_rows, B, xb, yb, &total)) ||
+    if ((st = mean_loss(f, d, 0, f->rows, n_rows, B, xb, yb, ib, &total)) ||
         (f->n_held &&
-         (st = mean_loss(f, d, 1, f->held, f->n_held, B, xb, yb, &held))))
+         (st = mean_loss(f, d, 1, f->held, f->n_held, B, xb, yb, ib,
+                    &held))))
         goto out;
     if (final_loss)
         *final_loss = total;
@@ -234,5 +245,6 @@ out:
     atmoe_optimizer_free(opt);
     atm_free(xb);
     atm_free(yb);
+    atm_free(ib);
     return st;
 }

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "atmoe.h"
+#include "io/manifest.h"
 
 /* A training set on the host: x [n, d_in], y [n, d_out], task [n] (NULL
  * when not read). */
@@ -46,6 +47,11 @@ typedef struct atm_recipe_fit {
     size_t n_held;
     size_t model, models;
     const char *name;
+    /* An i32 input [batch] filled per row from index (training rows) and
+     * held_index (held-out rows), or ATMOE_NODE_NONE: each row's sample
+     * for T-REX's intuition scores. */
+    atmoe_node index;
+    const int32_t *index_of, *held_index_of;
 } atm_recipe_fit;
 
 /* Builds the backward pass, plans, and trains for the configured steps;
@@ -57,5 +63,17 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
                                 const atm_recipe_data *d,
                                 const atmoe_train_config *config,
                                 double *final_loss);
+
+/* "layers.<layer>.<module>.<what>" into buf: the names of trained weights
+ * in the graph and in the files the recipes write. */
+const char *atm_recipe_tensor_name(char *buf, size_t size,
+                                   const atm_mmodule *m, const char *what);
+
+/* Writes the manifest mf to path (atomically) with every path absolute,
+ * the routers of AT-MoE modules in router.safetensors and the weights of
+ * rank-1 modules in trex.safetensors beside it. */
+atmoe_status atm_recipe_write_manifest(atmoe_context *ctx, const char *fn,
+                                       const atmoe_manifest *mf,
+                                       const char *path);
 
 #endif

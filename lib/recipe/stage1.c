@@ -258,7 +258,7 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
     atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
                           .rows = rows, .n_rows = n_rows, .held = held,
                           .n_held = n_held, .model = k, .models = n_models,
-                          .name = mdl->dir};
+                          .name = mdl->dir, .index = ATMOE_NODE_NONE};
     if ((st = atm_recipe_fit_run(ctx, FN, &fit, d, cfg, NULL)))
         goto out;
 

@@ -5,140 +5,16 @@
 #include <config.h>
 
 #include <errno.h>
-#include <limits.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
-#include <jansson.h>
-
 #include "base/alloc.h"
 #include "base/error.h"
-#include "base/file.h"
 #include "io/manifest.h"
 #include "recipe/recipe.h"
 
 #define FN "atmoe_train_stage2"
-
-/* The absolute form of a path the manifest resolved, so that the new
- * manifest, in another directory, names the same files. */
-static json_t *abs_path(const char *path)
-{
-    char buf[PATH_MAX];
-    return json_string(realpath(path, buf) ? buf : path);
-}
-
-static const char *router_tensor(char *buf, size_t size,
-                                 const atm_mmodule *m, const char *what)
-{
-    snprintf(buf, size, "layers.%zu.%s.%s", m->layer, m->name, what);
-    return buf;
-}
-
-static json_t *expert_json(const atm_mexpert *e)
-{
-    json_t *o = json_object();
-    json_object_set_new(o, "adapter", abs_path(e->adapter));
-    json_object_set_new(o, "layer", json_integer(e->layer));
-    json_object_set_new(o, "module", json_string(e->module));
-    return o;
-}
-
-static json_t *ref_json(const atm_mref *r)
-{
-    json_t *o = json_object();
-    json_object_set_new(o, "file", abs_path(r->file));
-    json_object_set_new(o, "tensor", json_string(r->tensor));
-    if (r->transposed)
-        json_object_set_new(o, "transposed", json_true());
-    return o;
-}
-
-static json_t *module_json(const atm_mmodule *m)
-{
-    char buf[256];
-    json_t *o = json_object(), *groups = json_array();
-    json_object_set_new(o, "weight", ref_json(&m->weight));
-    if (m->bias.file)
-        json_object_set_new(o, "bias", ref_json(&m->bias));
-    for (size_t g = 0; g < m->groups; g++) {
-        json_t *grp = json_array();
-        for (size_t i = 0; i < m->count; i++)
-            if (m->experts[i].group == (int)g)
-                json_array_append_new(grp, expert_json(&m->experts[i]));
-        json_array_append_new(groups, grp);
-    }
-    json_object_set_new(o, "groups", groups);
-    for (size_t i = 0; i < m->count; i++)
-        if (m->experts[i].group < 0) {
-            json_t *gen = expert_json(&m->experts[i]);
-            json_object_set_new(gen, "lambda", json_real(m->lambda));
-            json_object_set_new(o, "general", gen);
-        }
-    json_object_set_new(o, "c", json_real(m->c));
-    json_t *r = json_object();
-    int scaled = m->form == ATMOE_ROUTER_SCALED;
-    json_object_set_new(r, "form", json_string(scaled ? "scaled"
-                                                      : "projected"));
-    json_object_set_new(r, "tau_g", json_real(m->tau_g));
-    json_object_set_new(r, "tau_d", json_real(m->tau_d));
-    json_object_set_new(r, "top_k_groups", json_integer(m->top_k_groups));
-    json_object_set_new(r, "top_k_experts", json_integer(m->top_k_experts));
-    json_t *wg = json_object(), *wd = json_object();
-    json_object_set_new(wg, "file", json_string("router.safetensors"));
-    json_object_set_new(wg, "tensor",
-                        json_string(router_tensor(buf, sizeof buf, m, "w_g")));
-    json_object_set_new(wd, "file", json_string("router.safetensors"));
-    json_object_set_new(wd, "tensor",
-                        json_string(router_tensor(buf, sizeof buf, m,
-                                                  scaled ? "v_d" : "w_d")));
-    json_object_set_new(r, "w_g", wg);
-    json_object_set_new(r, scaled ? "v_d" : "w_d", wd);
-    if (m->n_masks) {
-        json_t *a = json_array();
-        for (size_t i = 0; i < m->n_masks; i++)
-            json_array_append_new(a, json_pack("{s:i,s:i}", "group",
-                                               m->masks[i].group, "expert",
-                                               m->masks[i].expert));
-        json_object_set_new(r, "masks", a);
-    }
-    if (m->n_fixed) {
-        json_t *a = json_array();
-        for (size_t i = 0; i < m->n_fixed; i++)
-            json_array_append_new(
-                a, json_pack("{s:i,s:i,s:f}", "group", m->fixed[i].group,
-                             "expert", m->fixed[i].expert, "weight",
-                             (double)m->fixed[i].weight));
-        json_object_set_new(r, "fixed", a);
-    }
-    json_object_set_new(o, "router", r);
-    return o;
-}
-
-static json_t *manifest_json(const atmoe_manifest *mf)
-{
-    json_t *root = json_object(), *layers = json_array();
-    json_object_set_new(root, "version", json_integer(1));
-    json_object_set_new(root, "description",
-                        json_string("routers trained by atmoe_train_stage2"));
-    for (size_t l = 0; l < mf->layers; l++) {
-        json_t *layer = json_object(), *mods = json_object();
-        for (size_t i = 0; i < mf->count; i++) {
-            const atm_mmodule *m = &mf->modules[i];
-            if (m->layer != l)
-                continue;
-            json_object_set_new(layer, "index", json_integer(m->model_layer));
-            json_object_set_new(mods, m->name, module_json(m));
-            if (m->is_output)
-                json_object_set_new(layer, "output", json_string(m->name));
-        }
-        json_object_set_new(layer, "modules", mods);
-        json_array_append_new(layers, layer);
-    }
-    json_object_set_new(root, "layers", layers);
-    return root;
-}
 
 /* The router weights of module m into the writer: the trained ones of an
  * output module from the graph, those of the others as the manifest has
@@ -156,7 +32,7 @@ static atmoe_status add_router(atmoe_context *ctx, atmoe_graph *g,
     for (int k = 0; k < 2; k++) {
         char name[256];
         size_t n = (size_t)(shapes[k][0] * shapes[k][1]);
-        router_tensor(name, sizeof name, m, what[k]);
+        atm_recipe_tensor_name(name, sizeof name, m, what[k]);
         atmoe_status st = ATMOE_STATUS_OK;
         if (m->is_output) {
             st = atmoe_graph_read_trainable(g, name, buf, n);
@@ -182,35 +58,6 @@ static atmoe_status add_router(atmoe_context *ctx, atmoe_graph *g,
             return st;
     }
     return ATMOE_STATUS_OK;
-}
-
-static atmoe_status write_manifest(atmoe_context *ctx,
-                                   const atmoe_manifest *mf,
-                                   const char *path)
-{
-    size_t tmp_size = strlen(path) + ATM_FILE_TMP_EXTRA;
-    char *tmp = atm_malloc(tmp_size);
-    json_t *root = manifest_json(mf);
-    atmoe_status st = ATMOE_STATUS_OK;
-    FILE *f = NULL;
-    if (tmp == NULL || root == NULL)
-        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                      FN ": out of host memory");
-    else if ((f = atm_file_begin(path, tmp, tmp_size)) == NULL)
-        st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, FN ": cannot write %s: %s",
-                      path, strerror(errno));
-    if (f) {
-        int ok = json_dumpf(root, f, JSON_INDENT(2) | JSON_SORT_KEYS |
-                                         JSON_REAL_PRECISION(9)) == 0 &&
-                 fputc('\n', f) != EOF;
-        if (atm_file_commit(f, tmp, path, ok) != 0 || !ok)
-            st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR,
-                          FN ": cannot write %s: %s", path,
-                          strerror(errno ? errno : EIO));
-    }
-    json_decref(root);
-    atm_free(tmp);
-    return st;
 }
 
 atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
@@ -275,7 +122,8 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
     atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
                           .rows = rows, .n_rows = d.n, .held = held,
                           .n_held = d.hn, .model = 0, .models = 1,
-                          .name = "the routers"};
+                          .name = "the routers",
+                          .index = ATMOE_NODE_NONE};
     if ((st = atm_recipe_fit_run(ctx, FN, &fit, &d, config, final_loss)))
         goto out;
 
@@ -295,7 +143,7 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
     if ((st = atmoe_safetensors_writer_save(w, path)))
         goto out;
     sprintf(path, "%s/manifest.json", output);
-    st = write_manifest(ctx, manifest, path);
+    st = atm_recipe_write_manifest(ctx, FN, manifest, path);
 out:
     atmoe_safetensors_writer_free(w);
     atmoe_graph_free(g);
