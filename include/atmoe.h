@@ -1766,7 +1766,9 @@ ATMOE_API atmoe_status atmoe_train_config_default(atmoe_train_config *config);
  * other than the manifest's (SHAPE_MISMATCH), a task id outside the
  * experts' (OUT_OF_RANGE), a task with no rows (INVALID_ARGUMENT), NaN or
  * infinite data (NOT_FINITE, naming the row).  On failure nothing is
- * written. */
+ * written: an output directory that did not exist is built under a
+ * temporary name beside it and renamed into place once complete (one
+ * that exists has its files replaced one by one, each atomically). */
 ATMOE_API atmoe_status atmoe_train_stage1(atmoe_context *ctx,
                                           atmoe_manifest *manifest,
                                           const char *data,

@@ -119,6 +119,12 @@ if [ "$(id -u)" -eq 0 ] && mkdir "$tmp/full" &&
     [ -e "$tmp/f1" ] && fail "a failed run left its output"
     ls "$tmp/full" | grep -q -v '^filler$' &&
         fail "a failed run left a file on the full file system: $(ls "$tmp/full")"
+    # The adapters themselves onto it: none is left half written.
+    run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+        --output "$tmp/full/out" --steps 2
+    expect 1 "No space left" "stage1 writing onto a full file system" err
+    ls "$tmp/full" | grep -q -v '^filler$' &&
+        fail "a failed run left output on the full file system: $(ls "$tmp/full")"
     umount "$tmp/full"
 else
     echo "SKIP (not root, or no tmpfs mount here): a full file system"

@@ -64,6 +64,23 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
                                 const atmoe_train_config *config,
                                 double *final_loss);
 
+/* Where a recipe writes (output.c): output itself when it exists (its
+ * files replaced one by one, each atomically), else a fresh directory
+ * beside it renamed to output once everything is written and removed on
+ * failure, so that a failed run leaves no partial output.  Write into
+ * dir; end returns st, or the rename's failure. */
+typedef struct atm_recipe_output {
+    char *dir;
+    const char *final;
+    int fresh;
+} atm_recipe_output;
+
+atmoe_status atm_recipe_output_begin(atmoe_context *ctx, const char *fn,
+                                     const char *output,
+                                     atm_recipe_output *o);
+atmoe_status atm_recipe_output_end(atmoe_context *ctx, const char *fn,
+                                   atm_recipe_output *o, atmoe_status st);
+
 /* "layers.<layer>.<module>.<what>" into buf: the names of trained weights
  * in the graph and in the files the recipes write. */
 const char *atm_recipe_tensor_name(char *buf, size_t size,

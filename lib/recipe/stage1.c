@@ -428,26 +428,23 @@ atmoe_status atmoe_train_stage1(atmoe_context *ctx, atmoe_manifest *manifest,
             goto out;
 
     /* Everything trained: only now is anything written. */
-    if (mkdir(output, 0777) != 0 && errno != EEXIST) {
-        st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, FN ": cannot create %s: %s",
-                      output, strerror(errno));
+    atm_recipe_output o;
+    if ((st = atm_recipe_output_begin(ctx, FN, output, &o)))
         goto out;
-    }
-    for (size_t k = 0; k < n_models; k++) {
-        size_t len = strlen(output) + base_len(models[k].base) + 2;
+    for (size_t k = 0; k < n_models && st == ATMOE_STATUS_OK; k++) {
+        size_t len = strlen(o.dir) + base_len(models[k].base) + 2;
         char *dir = atm_malloc(len);
         if (dir == NULL) {
             st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                           FN ": out of host memory");
-            goto out;
+            break;
         }
-        snprintf(dir, len, "%s/%.*s", output, (int)base_len(models[k].base),
+        snprintf(dir, len, "%s/%.*s", o.dir, (int)base_len(models[k].base),
                  models[k].base);
         st = atmoe_adapter_save(models[k].out, dir, ATMOE_SAFETENSORS_F32);
         atm_free(dir);
-        if (st != ATMOE_STATUS_OK)
-            goto out;
     }
+    st = atm_recipe_output_end(ctx, FN, &o, st);
 out:
     for (size_t k = 0; k < n_models; k++)
         atmoe_adapter_free(models[k].out);

@@ -220,16 +220,22 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
         if (manifest->modules[i].rank1 &&
             (st = add_rank1(ctx, g, &manifest->modules[i], w)))
             goto out;
-    if (mkdir(output, 0777) != 0 && errno != EEXIST) {
-        st = atm_fail(ctx, ATMOE_STATUS_IO_ERROR, FN ": cannot create %s: %s",
-                      output, strerror(errno));
+    atm_recipe_output o;
+    if ((st = atm_recipe_output_begin(ctx, FN, output, &o)))
         goto out;
+    atm_free(path);
+    if ((path = atm_malloc(strlen(o.dir) + 32)) == NULL)
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      FN ": out of host memory");
+    if (st == ATMOE_STATUS_OK) {
+        sprintf(path, "%s/trex.safetensors", o.dir);
+        st = atmoe_safetensors_writer_save(w, path);
     }
-    sprintf(path, "%s/trex.safetensors", output);
-    if ((st = atmoe_safetensors_writer_save(w, path)))
-        goto out;
-    sprintf(path, "%s/manifest.json", output);
-    st = atm_recipe_write_manifest(ctx, FN, manifest, path);
+    if (st == ATMOE_STATUS_OK) {
+        sprintf(path, "%s/manifest.json", o.dir);
+        st = atm_recipe_write_manifest(ctx, FN, manifest, path);
+    }
+    st = atm_recipe_output_end(ctx, FN, &o, st);
 out:
     atmoe_safetensors_writer_free(w);
     atmoe_graph_free(g);
