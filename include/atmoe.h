@@ -1714,6 +1714,142 @@ ATMOE_API atmoe_status atmoe_centroids_load(atmoe_context *ctx,
                                             atmoe_tensor **centroids,
                                             double *objective);
 
+/* ------------------------------------------------------------------------ */
+/* Training recipes                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* The recipes of the papers as library calls, from data on disk to files
+ * that PEFT, a manifest and atmoe run take as they are.  A training set is
+ * a safetensors file: x [N, d_in] (F32, F16, BF16 or F64: the hidden states
+ * entering the manifest's stack), y [N, d_out] regression targets, and for
+ * stage 1 task [N] (I32).  Rows are shuffled by seed (SplitMix64, a
+ * Fisher-Yates pass each time the rows are used up), cut into micro-batches
+ * of `batch` rows (the last of a pass shorter), `accumulation` of them per
+ * optimiser step.  NaN or infinite data is NOT_FINITE naming the row.  An
+ * optional held-out split, x_heldout, y_heldout (and task_heldout for
+ * stage 1) checked as the rest, is never trained on: the trained model's
+ * loss over it is reported (atmoe_train_progress). */
+
+/* Where a recipe stands, given to the progress callback after every step
+ * and once when a model is done. */
+typedef struct atmoe_train_progress {
+    size_t model, models;  /* the model being trained, from 0, of models */
+    const char *adapter;   /* its adapter directory (stage 1) */
+    uint64_t step, steps;  /* optimiser steps taken, of steps */
+    float loss;            /* the step's mean loss; with done, the mean MSE
+                              of the trained model over all its rows */
+    float lr, grad_norm;   /* of the step (0 with done) */
+    double tokens_per_second; /* rows trained on per second of wall time */
+    double seconds;        /* since the model's training began */
+    int done;              /* 1: the model's training has ended */
+    float heldout_loss;    /* with done: the mean loss over the model's
+                              held-out rows; NaN without them */
+} atmoe_train_progress;
+
+/* A non-zero return stops the recipe at that step boundary: it returns
+ * ATMOE_STATUS_CANCELLED and writes nothing.  The return of the done call
+ * is ignored. */
+typedef int (*atmoe_train_progress_fn)(const atmoe_train_progress *p,
+                                       void *user);
+
+/* Every field is read: fill them all, or start from
+ * atmoe_train_config_default(). */
+typedef struct atmoe_train_config {
+    atmoe_optimizer_config optimizer; /* a cosine schedule's total_steps of
+                                         0 means the recipe's steps */
+    uint64_t steps;  /* optimiser steps per model; 0: from epochs */
+    unsigned epochs; /* passes over the model's rows when steps is 0 (the
+                        steps rounded up) */
+    size_t batch;    /* rows per micro-batch, >= 1 */
+    uint64_t seed;   /* of the shuffles */
+    atmoe_train_progress_fn progress; /* may be NULL */
+    void *user;
+    /* Checkpoints (atmoe_optimizer_save, atomic) at this path, with
+     * ".<model>" appended when a recipe trains several models; NULL: none.
+     * Written every checkpoint_every steps (0: never on a schedule), at a
+     * model's last step, and when the callback stops the recipe.  With
+     * resume, a model whose checkpoint exists continues from it (its
+     * shuffles replayed), ending with the parameters bit for bit of a run
+     * that was not interrupted. */
+    const char *checkpoint;
+    uint64_t checkpoint_every;
+    int resume;
+} atmoe_train_config;
+
+/* The optimiser's defaults (atmoe_optimizer_config_default), one epoch,
+ * batches of 32 rows, seed 0, no callback. */
+ATMOE_API atmoe_status atmoe_train_config_default(atmoe_train_config *config);
+
+/* AT-MoE's stage 1: every adapter directory the manifest names (its
+ * models, in the order they first appear, layer by layer, module by
+ * module, experts before the general LoRA) is trained as a plain LoRA
+ * over the stack, base weights frozen: y = the stack with, in each layer's
+ * output module, W0 x + bias + s B A x where the model has a target there
+ * and W0 x + bias where it has none; MSE against y.  Expert adapters
+ * number the tasks 0, 1, ... in that order and train on the rows of their
+ * task; a general LoRA trains on every row.  Each model starts from the
+ * values its adapter holds (PEFT's own initialisation: A random, B zero)
+ * and is written, once all are trained, to output/<its directory's name>
+ * (created; the directory output is created when missing, not its
+ * parents) as a PEFT adapter in F32, with every target of the input
+ * adapter, those of output modules trained.  Modules that do not feed the
+ * next layer are not in the loss's path; their targets are copied.
+ *
+ * Refused: a manifest with rank-1 modules (NOT_SUPPORTED), an adapter that
+ * is both an expert and a general LoRA or adapts no output module, two
+ * adapters whose directories share a name (INVALID_ARGUMENT), data widths
+ * other than the manifest's (SHAPE_MISMATCH), a task id outside the
+ * experts' (OUT_OF_RANGE), a task with no rows (INVALID_ARGUMENT), NaN or
+ * infinite data (NOT_FINITE, naming the row).  On failure nothing is
+ * written: an output directory that did not exist is built under a
+ * temporary name beside it and renamed into place once complete (one
+ * that exists has its files replaced one by one, each atomically). */
+ATMOE_API atmoe_status atmoe_train_stage1(atmoe_context *ctx,
+                                          atmoe_manifest *manifest,
+                                          const char *data,
+                                          const atmoe_train_config *config,
+                                          const char *output);
+
+/* AT-MoE's stage 2: the experts and the base frozen, the routers (w_g and
+ * w_d, or v_d with the scaled form) of every layer's output module trained
+ * on the mixed rows x [N, d_in], y [N, d_out] of data (MSE on the stack's
+ * output, each token routed by its hidden state; a router the manifest
+ * leaves out starts from zeros: uniform weights).  Routers of modules
+ * that do not feed the next layer are not on the loss's path and are
+ * copied.  Once trained, output (created when missing) receives
+ * router.safetensors, tensors "layers.<layer>.<module>.w_g" and ".w_d"
+ * (".v_d") F32, then manifest.json: the manifest with its routers there
+ * and every other path made absolute, which atmoe run applies as it is.
+ * *final_loss (may be NULL) receives the trained stack's mean loss over
+ * all the rows, the one atmoe run of that manifest reproduces.  Refused
+ * as stage 1 refuses bad data; on failure nothing is written. */
+ATMOE_API atmoe_status atmoe_train_stage2(atmoe_context *ctx,
+                                          atmoe_manifest *manifest,
+                                          const char *data,
+                                          const atmoe_train_config *config,
+                                          const char *output,
+                                          double *final_loss);
+
+/* T-REX: the rank-1 experts of the stack's output modules (A, B, W_r,
+ * w_om and w_c: atmoe_graph_mor1e_layer) trained jointly from the values
+ * the manifest gives (absent W_r, w_om, w_c: zeros, the reference
+ * initialisation; atmoe_mor1e_init makes A and B), the base and any
+ * AT-MoE module frozen, on every row of data: x [N, d_in], y [N, d_out],
+ * sample [N] (I32: each row's sample) and scores [S, K], the samples'
+ * intuition scores (atmoe cluster --assign writes them), with
+ * sample_heldout beside a held-out split.  Output (created when missing)
+ * receives trex.safetensors, tensors "layers.<layer>.<module>.a", ".b",
+ * ".w_r", ".w_om", ".w_c" F32, then manifest.json, which atmoe run
+ * applies to inputs holding the same scores and gate_index.  *final_loss
+ * (may be NULL) as atmoe_train_stage2 gives it.  While the library has
+ * no backward for rank-1 layers, NOT_SUPPORTED. */
+ATMOE_API atmoe_status atmoe_train_trex(atmoe_context *ctx,
+                                        atmoe_manifest *manifest,
+                                        const char *data,
+                                        const atmoe_train_config *config,
+                                        const char *output,
+                                        double *final_loss);
+
 #ifdef __cplusplus
 }
 #endif

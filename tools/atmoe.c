@@ -27,6 +27,7 @@
     ROW(inspect)                                                             \
     ROW(run)                                                                 \
     ROW(cluster)                                                             \
+    ROW(train)                                                               \
     ROW(params)                                                              \
     ROW(version)
 

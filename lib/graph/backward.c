@@ -217,7 +217,7 @@ static atmoe_status reverse(atmoe_graph *g, int loss,
                       g->nodes[s].dtype != ATMOE_DTYPE_I32;
             any |= need[j];
         }
-        if (!any)
+        if (!any && !n->trains_outside)
             continue;
         char d[160];
         if (n->op->backward == NULL)
@@ -327,7 +327,7 @@ ATMOE_API atmoe_status atmoe_graph_backward(atmoe_graph *g, atmoe_node loss)
     unsigned char *reach = on_path + count;
     for (size_t i = 0; i < count; i++) {
         const atm_node *n = &g->nodes[i];
-        reach[i] = (unsigned char)n->trainable;
+        reach[i] = (unsigned char)(n->trainable || n->trains_outside);
         for (int j = 0; j < n->nsrc; j++)
             if (n->src[j] != ATMOE_NODE_NONE && reach[n->src[j]])
                 reach[i] = 1;

@@ -57,6 +57,10 @@ struct atm_node {
     int is_output;
     int trainable; /* parameters (and inputs asking for their gradient):
                       backward computes dL/d(this node) */
+    int trains_outside; /* its operation trains weights that live outside
+                           the graph (a mixture's trainable experts): the
+                           backward pass starts from it as from a
+                           trainable node, without a gradient of its own */
 
     /* The plan. */
     int needed;

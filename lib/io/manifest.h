@@ -98,7 +98,21 @@ struct atmoe_manifest {
      * modules; K and D set by the check. */
     atm_mref centroids;
     size_t clusters, embedding_dim;
+    int train_routers; /* atm_manifest_set_train_routers */
+    int train_rank1;   /* atm_manifest_set_train_rank1 */
 };
+
+/* With on, atmoe_manifest_build adds the routers' w_g and w_d (v_d) of
+ * output modules as trainable f32 parameters named
+ * "layers.<layer>.<module>.w_g" and ".w_d" (".v_d"), for training the
+ * routers (stage 2 of AT-MoE); else as constants. */
+void atm_manifest_set_train_routers(atmoe_manifest *manifest, int on);
+
+/* With on, atmoe_manifest_build adds a, b, w_r, w_om and w_c of rank-1
+ * output modules as trainable f32 parameters named
+ * "layers.<layer>.<module>.a" and so on (T-REX's training); else as
+ * constants. */
+void atm_manifest_set_train_rank1(atmoe_manifest *manifest, int on);
 
 /* The device type of a weight the file stores as stored, asked as asked
  * (after inheriting); -1 for a type the device cannot hold (F64 kept as

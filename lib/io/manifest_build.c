@@ -425,9 +425,12 @@ static atmoe_status add_q8(atmoe_graph *g, const float *data, size_t rows,
  * so; f32 zeros when ref is empty.  The file's values are read as f32
  * (which holds f16 and bf16 exactly) and narrowed again, so that a tensor
  * kept as stored arrives bit for bit. */
+/* A tensor the manifest names, as a constant of the graph, or with
+ * train_name as a trainable f32 parameter of that name (routers' weights
+ * for training, atm_manifest_set_train_routers). */
 static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
                                const atm_mref *ref, size_t rows, size_t cols,
-                               atmoe_node *node)
+                               const char *train_name, atmoe_node *node)
 {
     size_t n = rows * (cols ? cols : 1);
     atmoe_dtype dtype = ref->file ? ref->device : ATMOE_DTYPE_F32;
@@ -465,9 +468,20 @@ static atmoe_status add_tensor(atmoe_manifest *mf, atmoe_graph *g,
         half[i] = dtype == ATMOE_DTYPE_F16 ? atm_f32_to_f16(data[i])
                                            : atm_f32_to_bf16(data[i]);
     size_t shape[2] = {rows, cols};
-    if (st == ATMOE_STATUS_OK && dtype == ATMOE_DTYPE_Q8)
+    if (st == ATMOE_STATUS_OK && train_name) {
+        atmoe_tensor *tensor = NULL;
+        /* The graph keeps the tensor's storage; the handle goes. */
+        if ((st = atmoe_tensor_new(g->ctx, ATMOE_DTYPE_F32, cols ? 2 : 1,
+                                   shape, &tensor)) == ATMOE_STATUS_OK &&
+            (st = atmoe_tensor_write(tensor, data, n * sizeof *data)) ==
+                ATMOE_STATUS_OK &&
+            (st = atmoe_graph_parameter(g, train_name, tensor, node)) ==
+                ATMOE_STATUS_OK)
+            st = atmoe_graph_set_trainable(g, *node, 1);
+        atmoe_tensor_free(tensor);
+    } else if (st == ATMOE_STATUS_OK && dtype == ATMOE_DTYPE_Q8) {
         st = add_q8(g, data, rows, cols, node);
-    else if (st == ATMOE_STATUS_OK)
+    } else if (st == ATMOE_STATUS_OK)
         st = atmoe_graph_constant(g, NULL, dtype, cols ? 2 : 1, shape,
                                   half ? (const void *)half
                                        : (const void *)data,
@@ -546,16 +560,26 @@ static atmoe_status add_module(atmoe_manifest *mf, atmoe_graph *g,
                          .c = m->c};
     int scaled = m->form == ATMOE_ROUTER_SCALED;
     size_t G = m->groups, M = m->max_group;
+    /* Training the routers: only those of output modules reach a loss on
+     * the stack's output. */
+    int train = mf->train_routers && m->is_output;
+    char wg_name[ATM_NODE_NAME_SIZE], wd_name[ATM_NODE_NAME_SIZE];
+    snprintf(wg_name, sizeof wg_name, "layers.%zu.%s.w_g", m->layer, m->name);
+    snprintf(wd_name, sizeof wd_name, "layers.%zu.%s.%s", m->layer, m->name,
+             scaled ? "v_d" : "w_d");
     atmoe_status st = make_router(mf, g, m, &set, &router);
     if (st == ATMOE_STATUS_OK)
-        st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, &layer.w0);
+        st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, NULL,
+                        &layer.w0);
     if (st == ATMOE_STATUS_OK && m->bias.file)
-        st = add_tensor(mf, g, &m->bias, m->d_out, 0, &layer.bias);
+        st = add_tensor(mf, g, &m->bias, m->d_out, 0, NULL, &layer.bias);
     if (st == ATMOE_STATUS_OK)
-        st = add_tensor(mf, g, &m->w_g, m->d_in, G, &layer.w_g);
+        st = add_tensor(mf, g, &m->w_g, m->d_in, G,
+                        train ? wg_name : NULL, &layer.w_g);
     if (st == ATMOE_STATUS_OK)
         st = add_tensor(mf, g, &m->w_d, scaled ? G : m->d_in,
-                        scaled ? M : G * M, &layer.w_d);
+                        scaled ? M : G * M, train ? wd_name : NULL,
+                        &layer.w_d);
     layer.experts = set;
     layer.router = router;
     if (st == ATMOE_STATUS_OK)
@@ -589,20 +613,36 @@ static atmoe_status add_rank1(atmoe_manifest *mf, atmoe_graph *g,
                         "the module's routing uses the intuition: its "
                         "samples need scores, or embeddings and the "
                         "manifest's centroids (atmoe_manifest_build_with)");
-    /* Absent W_r, w_om and w_c are zeros: the reference initialisation. */
+    /* Absent W_r, w_om and w_c are zeros: the reference initialisation.
+     * Trained (T-REX), those of an output module are parameters. */
+    int train = mf->train_rank1 && m->is_output;
+    char na[ATM_NODE_NAME_SIZE], nb[ATM_NODE_NAME_SIZE],
+        nr[ATM_NODE_NAME_SIZE], no[ATM_NODE_NAME_SIZE],
+        nc[ATM_NODE_NAME_SIZE];
+    snprintf(na, sizeof na, "layers.%zu.%s.a", m->layer, m->name);
+    snprintf(nb, sizeof nb, "layers.%zu.%s.b", m->layer, m->name);
+    snprintf(nr, sizeof nr, "layers.%zu.%s.w_r", m->layer, m->name);
+    snprintf(no, sizeof no, "layers.%zu.%s.w_om", m->layer, m->name);
+    snprintf(nc, sizeof nc, "layers.%zu.%s.w_c", m->layer, m->name);
     atmoe_status st;
-    if ((st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, &L.w0)) ||
+    if ((st = add_tensor(mf, g, &m->weight, m->d_out, m->d_in, NULL,
+                         &L.w0)) ||
         (m->bias.file &&
-         (st = add_tensor(mf, g, &m->bias, m->d_out, 0, &L.bias))) ||
-        (st = add_tensor(mf, g, &m->a, m->r1, m->d_in, &L.a)) ||
-        (st = add_tensor(mf, g, &m->b, m->d_out, m->r2, &L.b)) ||
-        (router && (st = add_tensor(mf, g, &m->w_r, m->E, m->d_in, &L.w_r))) ||
-        (st = add_tensor(mf, g, &m->w_om, 1, 0, &L.w_om)) ||
-        (st = add_tensor(mf, g, &m->w_c, 1, 0, &L.w_c)))
+         (st = add_tensor(mf, g, &m->bias, m->d_out, 0, NULL, &L.bias))) ||
+        (st = add_tensor(mf, g, &m->a, m->r1, m->d_in, train ? na : NULL,
+                         &L.a)) ||
+        (st = add_tensor(mf, g, &m->b, m->d_out, m->r2, train ? nb : NULL,
+                         &L.b)) ||
+        (router && (st = add_tensor(mf, g, &m->w_r, m->E, m->d_in,
+                                    train ? nr : NULL, &L.w_r))) ||
+        (st = add_tensor(mf, g, &m->w_om, 1, 0, train ? no : NULL,
+                         &L.w_om)) ||
+        (st = add_tensor(mf, g, &m->w_c, 1, 0, train ? nc : NULL, &L.w_c)))
         return st;
     if (m->score_map.file) {
         size_t K = g->nodes[scores].shape[1];
-        if ((st = add_tensor(mf, g, &m->score_map, K, m->E, &L.score_map)))
+        if ((st = add_tensor(mf, g, &m->score_map, K, m->E, NULL,
+                             &L.score_map)))
             return st;
     }
     return atmoe_graph_mor1e_layer(g, x, &L, y, trace);
@@ -623,7 +663,7 @@ static atmoe_status sample_scores(atmoe_manifest *mf, atmoe_graph *g,
     atmoe_node c, e;
     atmoe_status st;
     if ((st = add_tensor(mf, g, &mf->centroids, mf->clusters,
-                         mf->embedding_dim, &c)) ||
+                         mf->embedding_dim, NULL, &c)) ||
         (st = atmoe_graph_l2norm(g, in->embeddings, -1, 1e-12f, &e)))
         return st;
     return atmoe_graph_matmul(g, e, c, ATMOE_NODE_NONE,
@@ -723,4 +763,14 @@ ATMOE_API atmoe_status atmoe_manifest_build_with(
     }
     *y = next;
     return ATMOE_STATUS_OK;
+}
+
+void atm_manifest_set_train_routers(atmoe_manifest *manifest, int on)
+{
+    manifest->train_routers = on != 0;
+}
+
+void atm_manifest_set_train_rank1(atmoe_manifest *manifest, int on)
+{
+    manifest->train_rank1 = on != 0;
 }

@@ -483,6 +483,14 @@ int atm_experts_trains_b(const atmoe_experts *set)
     return 0;
 }
 
+int atm_experts_trains(const atmoe_experts *set)
+{
+    for (size_t i = 0; i < set->count; i++)
+        if (set->experts[i].train)
+            return 1;
+    return 0;
+}
+
 /* b = (bt)^T on the device, through the host: the set's second copy of B,
  * which cl/linear.cl reads, made current again once no B trains (the
  * optimiser updates bt only).  Not a compute: it may allocate. */

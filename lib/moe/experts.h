@@ -50,6 +50,8 @@ struct atmoe_experts {
  * updates the transposed copy bt only, so the forward must not read b
  * (cl/linear.cl's copy), which goes stale. */
 int atm_experts_trains_b(const atmoe_experts *set);
+/* Whether some weight of the set (A or B of any expert) is trainable. */
+int atm_experts_trains(const atmoe_experts *set);
 
 /* Uploads the set and forbids further additions. */
 atmoe_status atm_experts_seal(atmoe_experts *set);

@@ -190,6 +190,9 @@ ATMOE_API atmoe_status atmoe_graph_mixture(atmoe_graph *g, atmoe_node x,
     mp->c = c;
     mp->merge = ATMOE_MERGE_AUTO;
     mp->w0_dtype = wn->dtype;
+    /* Without it, a loss whose only trainable weights are the experts'
+     * would find nothing trainable upstream of it. */
+    p.trains_outside = atm_experts_trains(set);
     /* Sealed only once the node is known to be right: a refused call
      * leaves the set open. */
     if ((st = atm_experts_seal(set)) != ATMOE_STATUS_OK)

@@ -1,0 +1,96 @@
+/* What the recipes share: their training data (data.c) and the loop that
+ * fits a graph's trainable weights to it (fit.c). */
+#ifndef ATMOE_RECIPE_H
+#define ATMOE_RECIPE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "atmoe.h"
+#include "io/manifest.h"
+
+/* A training set on the host: x [n, d_in], y [n, d_out], task [n] (NULL
+ * when not read). */
+typedef struct atm_recipe_data {
+    float *x, *y;
+    int32_t *task;
+    size_t n, d_in, d_out;
+    /* The held-out rows x_heldout, y_heldout and task_heldout, when the
+     * file has them (hn 0 otherwise). */
+    float *hx, *hy;
+    int32_t *htask;
+    size_t hn;
+} atm_recipe_data;
+
+/* Reads x, y and, with tasks >= 0, task (I32, each in [0, tasks)), and the
+ * same of the held-out rows when x_heldout is there, from the
+ * safetensors file at path, refusing widths other than d_in and d_out and
+ * NaN or infinite values, naming the row.  fn prefixes the messages. */
+atmoe_status atm_recipe_read_data(atmoe_context *ctx, const char *fn,
+                                  const char *path, size_t d_in,
+                                  size_t d_out, int tasks,
+                                  atm_recipe_data *d);
+void atm_recipe_data_free(atm_recipe_data *d);
+
+atmoe_status atm_recipe_check_config(atmoe_context *ctx, const char *fn,
+                                     const atmoe_train_config *config);
+
+/* A graph to fit: inputs x [batch, d_in] and y [batch, d_out] (batched),
+ * a scalar loss not yet differentiated, the rows of the data it trains on
+ * (shuffled in place), and how progress names it. */
+typedef struct atm_recipe_fit {
+    atmoe_graph *g;
+    atmoe_node x, y, loss;
+    size_t *rows;
+    size_t n_rows;
+    const size_t *held; /* rows of the held-out set it is measured on */
+    size_t n_held;
+    size_t model, models;
+    const char *name;
+    /* An i32 input [batch] filled per row from index (training rows) and
+     * held_index (held-out rows), or ATMOE_NODE_NONE: each row's sample
+     * for T-REX's intuition scores. */
+    atmoe_node index;
+    const int32_t *index_of, *held_index_of;
+} atm_recipe_fit;
+
+/* Builds the backward pass, plans, and trains for the configured steps;
+ * then *final_loss (may be NULL) is the mean loss over all the rows, and
+ * the progress callback hears it with done, with the held-out loss.  The trained weights stay in
+ * the graph (atmoe_graph_read_trainable). */
+atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
+                                const atm_recipe_fit *f,
+                                const atm_recipe_data *d,
+                                const atmoe_train_config *config,
+                                double *final_loss);
+
+/* Where a recipe writes (output.c): output itself when it exists (its
+ * files replaced one by one, each atomically), else a fresh directory
+ * beside it renamed to output once everything is written and removed on
+ * failure, so that a failed run leaves no partial output.  Write into
+ * dir; end returns st, or the rename's failure. */
+typedef struct atm_recipe_output {
+    char *dir;
+    const char *final;
+    int fresh;
+} atm_recipe_output;
+
+atmoe_status atm_recipe_output_begin(atmoe_context *ctx, const char *fn,
+                                     const char *output,
+                                     atm_recipe_output *o);
+atmoe_status atm_recipe_output_end(atmoe_context *ctx, const char *fn,
+                                   atm_recipe_output *o, atmoe_status st);
+
+/* "layers.<layer>.<module>.<what>" into buf: the names of trained weights
+ * in the graph and in the files the recipes write. */
+const char *atm_recipe_tensor_name(char *buf, size_t size,
+                                   const atm_mmodule *m, const char *what);
+
+/* Writes the manifest mf to path (atomically) with every path absolute,
+ * the routers of AT-MoE modules in router.safetensors and the weights of
+ * rank-1 modules in trex.safetensors beside it. */
+atmoe_status atm_recipe_write_manifest(atmoe_context *ctx, const char *fn,
+                                       const atmoe_manifest *mf,
+                                       const char *path);
+
+#endif

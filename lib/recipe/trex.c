@@ -1,0 +1,250 @@
+/* T-REX (atmoe_train_trex): the rank-1 experts of a manifest's stack (A,
+ * B, the router and the gates) trained jointly over the frozen base, each
+ * row routed with its sample's intuition scores; out come the trained
+ * weights and a manifest that atmoe run applies as it is. */
+#include <config.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "base/alloc.h"
+#include "base/error.h"
+#include "io/manifest.h"
+#include "recipe/recipe.h"
+
+#define FN "atmoe_train_trex"
+
+/* sample [N] (I32, each in [0, S)) and scores [S, K] from path; with
+ * held_n, sample_heldout [held_n] too. */
+static atmoe_status read_samples(atmoe_context *ctx, const char *path,
+                                 size_t n, size_t held_n, int32_t **sample,
+                                 int32_t **held, float **scores, size_t *S,
+                                 size_t *K)
+{
+    atmoe_safetensors *f;
+    atmoe_status st = atmoe_safetensors_open(ctx, path, &f);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    atmoe_safetensors_tensor s, c, h;
+    if (atmoe_safetensors_find(f, "sample", &s) ||
+        atmoe_safetensors_find(f, "scores", &c)) {
+        st = atm_fail(ctx, ATMOE_STATUS_NOT_FOUND,
+                      FN ": %s: T-REX needs sample [N] (I32) and scores "
+                      "[S, K] (the intuition scores: atmoe cluster "
+                      "--assign writes them)", path);
+        goto out;
+    }
+    if (s.ndim != 1 || s.shape[0] != n || s.dtype != ATMOE_SAFETENSORS_I32 ||
+        c.ndim != 2 || c.shape[0] == 0 || c.shape[1] == 0) {
+        st = atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                      FN ": %s: sample must be I32 [%zu] and scores [S, K]",
+                      path, n);
+        goto out;
+    }
+    int has_held = held_n &&
+                   atmoe_safetensors_find(f, "sample_heldout", &h) ==
+                       ATMOE_STATUS_OK;
+    if (held_n && (!has_held || h.ndim != 1 || h.shape[0] != held_n ||
+                   h.dtype != ATMOE_SAFETENSORS_I32)) {
+        st = atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                      FN ": %s: the held-out rows need sample_heldout I32 "
+                      "[%zu]", path, held_n);
+        goto out;
+    }
+    *S = (size_t)c.shape[0];
+    *K = (size_t)c.shape[1];
+    *sample = atm_malloc(n * sizeof **sample);
+    *held = atm_malloc((held_n ? held_n : 1) * sizeof **held);
+    *scores = atm_malloc(*S * *K * sizeof **scores);
+    if (*sample == NULL || *held == NULL || *scores == NULL) {
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      FN ": out of host memory");
+        goto out;
+    }
+    if ((st = atmoe_safetensors_read_f32(f, "scores", *scores, *S * *K)))
+        goto out;
+    memcpy(*sample, s.data, n * sizeof **sample);
+    if (held_n)
+        memcpy(*held, h.data, held_n * sizeof **held);
+    for (size_t r = 0; r < n + held_n; r++) {
+        int32_t v = r < n ? (*sample)[r] : (*held)[r - n];
+        if (v < 0 || (size_t)v >= *S) {
+            st = atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
+                          FN ": %s: %s of row %zu is %d, outside [0, %zu) "
+                          "(the rows of scores)", path,
+                          r < n ? "sample" : "sample_heldout",
+                          r < n ? r : r - n, (int)v, *S);
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < *S * *K; i++)
+        if (!isfinite((*scores)[i])) {
+            st = atm_fail(ctx, ATMOE_STATUS_NOT_FINITE,
+                          FN ": %s: scores row %zu is not finite", path,
+                          i / *K);
+            goto out;
+        }
+out:
+    atmoe_safetensors_free(f);
+    return st;
+}
+
+/* The weights of rank-1 module m into the writer: trained ones of an
+ * output module from the graph, the others' as the manifest has them
+ * (zeros when absent). */
+static atmoe_status add_rank1(atmoe_context *ctx, atmoe_graph *g,
+                              const atm_mmodule *m,
+                              atmoe_safetensors_writer *w)
+{
+    const char *what[5] = {"a", "b", "w_r", "w_om", "w_c"};
+    const atm_mref *refs[5] = {&m->a, &m->b, &m->w_r, &m->w_om, &m->w_c};
+    uint64_t shapes[5][2] = {{m->r1, m->d_in}, {m->d_out, m->r2},
+                             {m->E, m->d_in}, {1, 0}, {1, 0}};
+    atmoe_status st = ATMOE_STATUS_OK;
+    for (int k = 0; k < 5 && st == ATMOE_STATUS_OK; k++) {
+        if (k == 2 && m->routing == ATMOE_MOR1E_ROUTE_INTUITION)
+            continue;
+        size_t n = (size_t)(shapes[k][0] * (shapes[k][1] ? shapes[k][1] : 1));
+        float *buf = atm_calloc(2 * n, sizeof *buf);
+        char name[256];
+        atm_recipe_tensor_name(name, sizeof name, m, what[k]);
+        if (buf == NULL)
+            return atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                            FN ": out of host memory");
+        if (m->is_output) {
+            st = atmoe_graph_read_trainable(g, name, buf, n);
+        } else if (refs[k]->file) {
+            atmoe_safetensors *f;
+            if ((st = atmoe_safetensors_open(ctx, refs[k]->file, &f)) ==
+                ATMOE_STATUS_OK) {
+                st = atmoe_safetensors_read_f32(
+                    f, refs[k]->tensor, refs[k]->transposed ? buf + n : buf,
+                    n);
+                atmoe_safetensors_free(f);
+            }
+            if (st == ATMOE_STATUS_OK && refs[k]->transposed)
+                for (size_t i = 0; i < shapes[k][0]; i++)
+                    for (size_t j = 0; j < shapes[k][1]; j++)
+                        buf[i * shapes[k][1] + j] =
+                            buf[n + j * shapes[k][0] + i];
+        }
+        if (st == ATMOE_STATUS_OK)
+            st = atmoe_safetensors_writer_add_f32(
+                w, name, ATMOE_SAFETENSORS_F32, shapes[k][1] ? 2 : 1,
+                shapes[k], buf);
+        atm_free(buf);
+    }
+    return st;
+}
+
+atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
+                              const char *data_path,
+                              const atmoe_train_config *config,
+                              const char *output, double *final_loss)
+{
+    if (ctx == NULL || manifest == NULL || data_path == NULL ||
+        config == NULL || output == NULL)
+        return atm_fail(ctx, ATMOE_STATUS_NULL_POINTER, FN ": %s is NULL",
+                        ctx == NULL         ? "ctx"
+                        : manifest == NULL  ? "manifest"
+                        : data_path == NULL ? "data"
+                        : config == NULL    ? "config"
+                                            : "output");
+    atmoe_status st = atm_recipe_check_config(ctx, FN, config);
+    if (st != ATMOE_STATUS_OK || (st = atmoe_manifest_check(manifest)))
+        return st;
+    int rank1 = 0;
+    for (size_t i = 0; i < manifest->count; i++)
+        rank1 |= manifest->modules[i].rank1 && manifest->modules[i].is_output;
+    if (!rank1)
+        return atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        FN ": the manifest has no rank-1 output module to "
+                        "train (\"rank1\" in atmoe-manifest(5))");
+    atm_recipe_data d;
+    if ((st = atm_recipe_read_data(ctx, FN, data_path, manifest->d_in,
+                                   manifest->d_out, -1, &d)))
+        return st;
+    int32_t *sample = NULL, *hsample = NULL;
+    float *scores = NULL;
+    size_t S = 0, K = 0;
+    atmoe_graph *g = NULL;
+    atmoe_safetensors_writer *w = NULL;
+    size_t *rows = atm_malloc(d.n * sizeof *rows);
+    size_t *held = atm_malloc((d.hn ? d.hn : 1) * sizeof *held);
+    char *path = atm_malloc(strlen(output) + 32);
+    if (rows == NULL || held == NULL || path == NULL) {
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      FN ": out of host memory");
+        goto out;
+    }
+    if ((st = read_samples(ctx, data_path, d.n, d.hn, &sample, &hsample,
+                           &scores, &S, &K)))
+        goto out;
+    for (size_t r = 0; r < d.n; r++)
+        rows[r] = r;
+    for (size_t r = 0; r < d.hn; r++)
+        held[r] = r;
+    atmoe_node x, y, gi, sc, out, loss;
+    size_t xs[2] = {config->batch, d.d_in}, ys[2] = {config->batch, d.d_out};
+    size_t is[1] = {config->batch}, ss[2] = {S, K};
+    if ((st = atmoe_graph_new(ctx, &g)) ||
+        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x)) ||
+        (st = atmoe_graph_input(g, "y", ATMOE_DTYPE_F32, 2, ys, 1, &y)) ||
+        (st = atmoe_graph_input(g, "gate_index", ATMOE_DTYPE_I32, 1, is, 1,
+                                &gi)) ||
+        (st = atmoe_graph_constant(g, "scores", ATMOE_DTYPE_F32, 2, ss,
+                                   scores, &sc)))
+        goto out;
+    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi, ATMOE_NODE_NONE, sc};
+    atm_manifest_set_train_rank1(manifest, 1);
+    st = atmoe_manifest_build_with(manifest, g, x, &in, NULL, NULL, NULL,
+                                   &out);
+    atm_manifest_set_train_rank1(manifest, 0);
+    if (st != ATMOE_STATUS_OK || (st = atmoe_graph_loss_mse(g, out, y, &loss)))
+        goto out;
+    atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
+                          .rows = rows, .n_rows = d.n, .held = held,
+                          .n_held = d.hn, .model = 0, .models = 1,
+                          .name = "the rank-1 experts", .index = gi,
+                          .index_of = sample, .held_index_of = hsample};
+    if ((st = atm_recipe_fit_run(ctx, FN, &fit, &d, config, final_loss)))
+        goto out;
+
+    /* Only now is anything written, the manifest last. */
+    if ((st = atmoe_safetensors_writer_new(ctx, &w)))
+        goto out;
+    for (size_t i = 0; i < manifest->count; i++)
+        if (manifest->modules[i].rank1 &&
+            (st = add_rank1(ctx, g, &manifest->modules[i], w)))
+            goto out;
+    atm_recipe_output o;
+    if ((st = atm_recipe_output_begin(ctx, FN, output, &o)))
+        goto out;
+    atm_free(path);
+    if ((path = atm_malloc(strlen(o.dir) + 32)) == NULL)
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      FN ": out of host memory");
+    if (st == ATMOE_STATUS_OK) {
+        sprintf(path, "%s/trex.safetensors", o.dir);
+        st = atmoe_safetensors_writer_save(w, path);
+    }
+    if (st == ATMOE_STATUS_OK) {
+        sprintf(path, "%s/manifest.json", o.dir);
+        st = atm_recipe_write_manifest(ctx, FN, manifest, path);
+    }
+    st = atm_recipe_output_end(ctx, FN, &o, st);
+out:
+    atmoe_safetensors_writer_free(w);
+    atmoe_graph_free(g);
+    atm_recipe_data_free(&d);
+    atm_free(sample);
+    atm_free(hsample);
+    atm_free(scores);
+    atm_free(rows);
+    atm_free(held);
+    atm_free(path);
+    return st;
+}

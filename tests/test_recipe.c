@@ -1,0 +1,745 @@
+/* The training recipes (atmoe_train_stage1): the trained adapters load in
+ * atmoe_adapter_open and give, in a float64 host forward of the stack, the
+ * loss the trainer reported; training lowers the loss well below the
+ * untrained adapters'; bad data is refused with a message and no output. */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "testutil.h"
+
+/* A two-layer stack of odd widths, one module per layer: layer 0 with a
+ * bias, layer 1's weight stored transposed [in, out] (a Conv1D). */
+enum { D0 = 9, D1 = 11, D2 = 7, N = 150 };
+static const size_t ranks[3] = {2, 3, 1}; /* e0, e1, gen */
+static const char *const names[3] = {"e0", "e1", "gen"};
+#define ALPHA 4.0f
+
+typedef struct fixture {
+    char dir[256];
+    float w0[D1 * D0], b0[D1], w1t[D1 * D2]; /* w1t: [in, out] */
+    /* Initial adapters: [model][layer] A and B. */
+    float a[3][2][3 * D1], b[3][2][D1 * 3];
+} fixture;
+
+static atmoe_context *CTX;
+
+static void save_tensor(atmoe_safetensors_writer *w, const char *name,
+                        size_t r, size_t c, const float *x)
+{
+    uint64_t s[2] = {r, c};
+    ck_assert_status(atmoe_safetensors_writer_add_f32(
+                         w, name, ATMOE_SAFETENSORS_F32, c ? 2 : 1, s, x),
+                     NULL);
+}
+
+static const char *manifest_text =
+    "{\"version\": 1, \"weights\": \"base.safetensors\", \"layers\": ["
+    "{\"index\": 0, \"modules\": {\"proj\": {"
+    "\"weight\": \"model.layers.0.proj.weight\","
+    "\"bias\": \"model.layers.0.proj.bias\","
+    "\"groups\": [[\"e0\"], [\"e1\"]],"
+    "\"general\": {\"adapter\": \"gen\", \"lambda\": 0.5}}}},"
+    "{\"index\": 1, \"modules\": {\"proj\": {"
+    "\"weight\": {\"tensor\": \"model.layers.1.proj.weight\", "
+    "\"transposed\": true},"
+    "\"groups\": [[\"e0\"], [\"e1\"]]}}}]}";
+
+static void make_fixture(fixture *f)
+{
+    test_rng rng;
+    test_rng_seed(&rng, 1401);
+    test_mkdtemp(f->dir, sizeof f->dir, "recipe");
+    test_fill_uniform(&rng, f->w0, D1 * D0, -0.4, 0.4);
+    test_fill_uniform(&rng, f->b0, D1, -0.2, 0.2);
+    test_fill_uniform(&rng, f->w1t, D1 * D2, -0.4, 0.4);
+    char path[512];
+    atmoe_safetensors_writer *w;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    save_tensor(w, "model.layers.0.proj.weight", D1, D0, f->w0);
+    save_tensor(w, "model.layers.0.proj.bias", D1, 0, f->b0);
+    save_tensor(w, "model.layers.1.proj.weight", D1, D2, f->w1t);
+    snprintf(path, sizeof path, "%s/base.safetensors", f->dir);
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+
+    /* PEFT's initialisation: A random, B zero; the general LoRA adapts
+     * layer 0 only. */
+    for (int k = 0; k < 3; k++) {
+        atmoe_adapter *ad;
+        ck_assert_status(atmoe_adapter_new(NULL, &ad), NULL);
+        for (int l = 0; l < (k == 2 ? 1 : 2); l++) {
+            size_t din = l ? D1 : D0, dout = l ? D2 : D1, r = ranks[k];
+            test_fill_uniform(&rng, f->a[k][l], r * din, -0.3, 0.3);
+            memset(f->b[k][l], 0, sizeof f->b[k][l]);
+            char mod[64];
+            snprintf(mod, sizeof mod, "model.layers.%d.proj", l);
+            ck_assert_status(atmoe_adapter_set(ad, mod, r, din, dout,
+                                               f->a[k][l], f->b[k][l], ALPHA,
+                                               0),
+                             NULL);
+        }
+        snprintf(path, sizeof path, "%s/%s", f->dir, names[k]);
+        ck_assert_status(atmoe_adapter_save(ad, path, ATMOE_SAFETENSORS_F32),
+                         NULL);
+        atmoe_adapter_free(ad);
+    }
+    snprintf(path, sizeof path, "%s/manifest.json", f->dir);
+    test_write_file(path, manifest_text, strlen(manifest_text));
+}
+
+/* The float64 forward of the stack with model k's adapters a, b (NULL
+ * pointers: the base alone) on one row. */
+static void forward(const fixture *f, float *const a[2], float *const b[2],
+                    size_t rank, const float *x, double *y)
+{
+    double h[D1];
+    double s = ALPHA / (double)rank;
+    for (int o = 0; o < D1; o++) {
+        double acc = f->b0[o];
+        for (int i = 0; i < D0; i++)
+            acc += (double)f->w0[o * D0 + i] * x[i];
+        h[o] = acc;
+    }
+    if (a[0]) {
+        double u[3] = {0};
+        for (size_t r = 0; r < rank; r++)
+            for (int i = 0; i < D0; i++)
+                u[r] += (double)a[0][r * D0 + i] * x[i];
+        for (int o = 0; o < D1; o++)
+            for (size_t r = 0; r < rank; r++)
+                h[o] += s * b[0][o * rank + r] * u[r];
+    }
+    for (int o = 0; o < D2; o++) {
+        double acc = 0;
+        for (int i = 0; i < D1; i++)
+            acc += (double)f->w1t[i * D2 + o] * h[i];
+        y[o] = acc;
+    }
+    if (a[1]) {
+        double u[3] = {0};
+        for (size_t r = 0; r < rank; r++)
+            for (int i = 0; i < D1; i++)
+                u[r] += (double)a[1][r * D1 + i] * h[i];
+        for (int o = 0; o < D2; o++)
+            for (size_t r = 0; r < rank; r++)
+                y[o] += s * b[1][o * rank + r] * u[r];
+    }
+}
+
+/* Data: task t's targets are the stack changed by a rank-1 update of each
+ * layer, its inputs centred on a task's own mean. */
+static void make_data(const fixture *f, float *x, float *y, int32_t *task)
+{
+    test_rng rng;
+    test_rng_seed(&rng, 77);
+    float ta[2][2][D1], tb[2][2][D1];
+    for (int t = 0; t < 2; t++)
+        for (int l = 0; l < 2; l++) {
+            test_fill_uniform(&rng, ta[t][l], D1, -0.5, 0.5);
+            test_fill_uniform(&rng, tb[t][l], D1, -0.5, 0.5);
+        }
+    for (int n = 0; n < N; n++) {
+        int t = n % 5 < 2 ? 0 : 1;
+        task[n] = t;
+        for (int i = 0; i < D0; i++)
+            x[n * D0 + i] = (float)(test_uniform(&rng, -1, 1) +
+                                    (t ? 0.5 : -0.5) * (i % 2 ? 1 : -1));
+        /* The true change: rank 1, scale 1 (A = ta, B = tb / s). */
+        float *a[2] = {ta[t][0], ta[t][1]};
+        float bb[2][D1];
+        for (int o = 0; o < D1; o++)
+            bb[0][o] = tb[t][0][o] / ALPHA;
+        for (int o = 0; o < D2; o++)
+            bb[1][o] = tb[t][1][o] / ALPHA;
+        float *b[2] = {bb[0], bb[1]};
+        double yy[D2];
+        forward(f, a, b, 1, x + n * D0, yy);
+        for (int o = 0; o < D2; o++)
+            y[n * D2 + o] = (float)yy[o];
+    }
+}
+
+/* With held_in non-zero, rows 0..HELD of the same arrays also make the
+ * held-out split, x_heldout [HELD, held_in]. */
+enum { HELD = 20 };
+static size_t held_in;
+
+static void save_data(const char *path, const float *x, size_t d_in,
+                      const float *y, const int32_t *task, size_t n)
+{
+    atmoe_safetensors_writer *w;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    save_tensor(w, "x", n, d_in, x);
+    save_tensor(w, "y", n, D2, y);
+    uint64_t s[1] = {n}, hs[1] = {HELD};
+    ck_assert_status(atmoe_safetensors_writer_add(w, "task",
+                                                  ATMOE_SAFETENSORS_I32, 1, s,
+                                                  task),
+                     NULL);
+    if (held_in) {
+        save_tensor(w, "x_heldout", HELD, held_in, x);
+        save_tensor(w, "y_heldout", HELD, D2, y);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "task_heldout", ATMOE_SAFETENSORS_I32, 1, hs,
+                             task),
+                         NULL);
+    }
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+}
+
+typedef struct seen {
+    float done_loss[3], held_loss[3];
+    int done[3];
+    uint64_t steps;
+    int stop_at; /* cancel at this step, 0: never */
+} seen;
+
+static int on_progress(const atmoe_train_progress *p, void *user)
+{
+    seen *s = user;
+    ck_assert_uint_lt(p->model, 3);
+    ck_assert_uint_eq(p->models, 3);
+    if (p->done) {
+        s->done_loss[p->model] = p->loss;
+        s->held_loss[p->model] = p->heldout_loss;
+        s->done[p->model] = 1;
+        return 0;
+    }
+    ck_assert(isfinite(p->loss));
+    s->steps++;
+    return s->stop_at && (int)p->step == s->stop_at;
+}
+
+static double host_loss(const fixture *f, float *const a[2],
+                        float *const b[2], size_t rank, const float *x,
+                        const float *y, const int32_t *task, int want)
+{
+    double sum = 0;
+    size_t rows = 0;
+    for (int n = 0; n < N; n++) {
+        if (want >= 0 && task[n] != want)
+            continue;
+        double yy[D2];
+        forward(f, a, b, rank, x + n * D0, yy);
+        for (int o = 0; o < D2; o++)
+            sum += (yy[o] - y[n * D2 + o]) * (yy[o] - y[n * D2 + o]);
+        rows++;
+    }
+    return sum / (double)(rows * D2);
+}
+
+static atmoe_manifest *open_manifest(const fixture *f)
+{
+    char path[512];
+    atmoe_manifest *m;
+    snprintf(path, sizeof path, "%s/manifest.json", f->dir);
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    return m;
+}
+
+static void config(atmoe_train_config *c, seen *s)
+{
+    ck_assert_status(atmoe_train_config_default(c), NULL);
+    c->optimizer.lr = 3e-2f;
+    c->optimizer.weight_decay = 0;
+    c->steps = 120;
+    c->batch = 13;
+    c->seed = 5;
+    c->progress = on_progress;
+    c->user = s;
+}
+
+START_TEST(test_stage1_round_trip)
+{
+    fixture f;
+    make_fixture(&f);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    char data[512], out[512];
+    snprintf(data, sizeof data, "%s/data.safetensors", f.dir);
+    snprintf(out, sizeof out, "%s/out", f.dir);
+    held_in = D0;
+    save_data(data, x, D0, y, task, N);
+    held_in = 0;
+    atmoe_manifest *m = open_manifest(&f);
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, out), CTX);
+    ck_assert_uint_eq(s.steps, 3 * 120);
+    for (int k = 0; k < 3; k++) {
+        ck_assert(s.done[k]);
+        char dir[600];
+        snprintf(dir, sizeof dir, "%s/%s", out, names[k]);
+        atmoe_adapter *ad;
+        ck_assert_status(atmoe_adapter_open(CTX, dir, &ad), CTX);
+        atmoe_adapter_info info;
+        ck_assert_status(atmoe_adapter_get_info(ad, &info), CTX);
+        ck_assert_uint_eq(info.targets, k == 2 ? 1 : 2);
+        float *a[2] = {NULL, NULL}, *b[2] = {NULL, NULL};
+        float *a0[2] = {NULL, NULL}, *b0[2] = {NULL, NULL};
+        for (int l = 0; l < (int)info.targets; l++) {
+            size_t idx, din = l ? D1 : D0, dout = l ? D2 : D1, r = ranks[k];
+            ck_assert_status(atmoe_adapter_find(ad, l, "proj", &idx), CTX);
+            atmoe_adapter_target t;
+            ck_assert_status(atmoe_adapter_get_target(ad, idx, &t), CTX);
+            ck_assert_uint_eq(t.rank, r);
+            ck_assert_float_eq(t.alpha, ALPHA);
+            a[l] = malloc(r * din * sizeof(float));
+            b[l] = malloc(r * dout * sizeof(float));
+            test_poison(a[l], r * din);
+            test_poison(b[l], r * dout);
+            ck_assert_status(atmoe_adapter_read(ad, idx, a[l], r * din, b[l],
+                                                r * dout),
+                             CTX);
+            a0[l] = f.a[k][l];
+            b0[l] = f.b[k][l];
+        }
+        /* The saved tensors give the trainer's loss (a float32 device
+         * forward against float64 here), far below the untrained one. */
+        int want = k == 2 ? -1 : k;
+        double got = host_loss(&f, a, b, ranks[k], x, y, task, want);
+        double before = host_loss(&f, a0, b0, ranks[k], x, y, task, want);
+        ck_assert_msg(isfinite(got) &&
+                          fabs(got - s.done_loss[k]) <= 1e-3 * got + 1e-7,
+                      "model %d: host loss %g, trainer's %g", k, got,
+                      (double)s.done_loss[k]);
+        /* The held-out split is rows 0 .. HELD of the same data. */
+        double hsum = 0;
+        size_t hrows = 0;
+        for (int n = 0; n < HELD; n++) {
+            if (want >= 0 && task[n] != want)
+                continue;
+            double yy[D2];
+            forward(&f, a, b, ranks[k], x + n * D0, yy);
+            for (int o = 0; o < D2; o++)
+                hsum += (yy[o] - y[n * D2 + o]) * (yy[o] - y[n * D2 + o]);
+            hrows++;
+        }
+        double hgot = hsum / (double)(hrows * D2);
+        ck_assert_msg(fabs(hgot - s.held_loss[k]) <= 1e-3 * hgot + 1e-7,
+                      "model %d: held-out host loss %g, trainer's %g", k,
+                      hgot, (double)s.held_loss[k]);
+        double ratio = k == 2 ? 0.9 : 0.2;
+        ck_assert_msg(got < ratio * before,
+                      "model %d: loss %g after training, %g before", k, got,
+                      before);
+        for (int l = 0; l < 2; l++) {
+            free(a[l]);
+            free(b[l]);
+        }
+        atmoe_adapter_free(ad);
+    }
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+/* The stack of the manifest at path on every row, its mean squared error
+ * against y, through atmoe_manifest_build (what atmoe run computes). */
+static double manifest_loss(const char *path, const float *x, const float *y)
+{
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    atmoe_graph *g;
+    atmoe_node xn, out;
+    size_t xs[2] = {N, D0};
+    ck_assert_status(atmoe_graph_new(CTX, &g), CTX);
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0,
+                                       &xn),
+                     CTX);
+    ck_assert_status(atmoe_manifest_build(m, g, xn, ATMOE_NODE_NONE,
+                                          ATMOE_NODE_NONE, NULL, NULL, &out),
+                     CTX);
+    ck_assert_status(atmoe_graph_mark_output(g, out), CTX);
+    ck_assert_status(atmoe_graph_plan(g, 0), CTX);
+    ck_assert_status(atmoe_graph_set_input(g, xn, x, N * D0 * sizeof *x, 0),
+                     CTX);
+    ck_assert_status(atmoe_graph_compute(g, 0), CTX);
+    float *got = malloc(N * D2 * sizeof *got);
+    test_poison(got, N * D2);
+    ck_assert_status(atmoe_graph_read(g, out, got, N * D2 * sizeof *got), CTX);
+    double sum = 0;
+    for (int i = 0; i < N * D2; i++)
+        sum += ((double)got[i] - y[i]) * ((double)got[i] - y[i]);
+    free(got);
+    atmoe_graph_free(g);
+    atmoe_manifest_free(m);
+    return sum / (N * D2);
+}
+
+/* Stage 1's experts, then stage 2's routers over them: the manifest it
+ * writes gives the trainer's loss when built again (as atmoe run does), and
+ * routing the trained experts beats their uniform mix. */
+START_TEST(test_stage2_round_trip)
+{
+    fixture f;
+    make_fixture(&f);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    char data[512], out[512], path[600], out2[512];
+    snprintf(data, sizeof data, "%s/data.safetensors", f.dir);
+    snprintf(out, sizeof out, "%s/out", f.dir);
+    snprintf(out2, sizeof out2, "%s/routed", f.dir);
+    save_data(data, x, D0, y, task, N);
+    atmoe_manifest *m = open_manifest(&f);
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, out), CTX);
+    atmoe_manifest_free(m);
+
+    /* The same stack over the trained experts, routers absent (zeros). */
+    const char *from = "\"weights\": \"base.safetensors\"";
+    const char *to = "\"weights\": \"../base.safetensors\"";
+    char text[2048];
+    const char *at = strstr(manifest_text, from);
+    ck_assert_ptr_nonnull(at);
+    snprintf(text, sizeof text, "%.*s%s%s", (int)(at - manifest_text),
+             manifest_text, to, at + strlen(from));
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    test_write_file(path, text, strlen(text));
+    double uniform = manifest_loss(path, x, y);
+
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    c.steps = 150;
+    c.progress = NULL;
+    double trained = NAN;
+    ck_assert_status(atmoe_train_stage2(CTX, m, data, &c, out2, &trained),
+                     CTX);
+    atmoe_manifest_free(m);
+    snprintf(path, sizeof path, "%s/manifest.json", out2);
+    double rerun = manifest_loss(path, x, y);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "the written manifest gives %g, the trainer said %g",
+                  rerun, trained);
+    ck_assert_msg(trained < 0.7 * uniform,
+                  "routed loss %g, uniform routing %g", trained, uniform);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+static int exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* The rank-1 stack of the T-REX test: one module D0 -> D1, v1 with E = 4
+ * experts routed by router and intuition, scores of S samples. */
+enum { E1 = 4, S1 = 6 };
+
+/* The MSE of the manifest at path over every row, each routed with its
+ * sample's scores (what atmoe run computes from the same inputs). */
+static double trex_loss(const char *path, const float *x, const float *y,
+                        const int32_t *sample, const float *scores)
+{
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    atmoe_graph *g;
+    atmoe_node xn, gi, sc, out;
+    size_t xs[2] = {N, D0}, is[1] = {N}, ss[2] = {S1, E1};
+    ck_assert_status(atmoe_graph_new(CTX, &g), CTX);
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0,
+                                       &xn), CTX);
+    ck_assert_status(atmoe_graph_input(g, "gi", ATMOE_DTYPE_I32, 1, is, 0,
+                                       &gi), CTX);
+    ck_assert_status(atmoe_graph_constant(g, "scores", ATMOE_DTYPE_F32, 2,
+                                          ss, scores, &sc), CTX);
+    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi, ATMOE_NODE_NONE, sc};
+    ck_assert_status(atmoe_manifest_build_with(m, g, xn, &in, NULL, NULL,
+                                               NULL, &out), CTX);
+    ck_assert_status(atmoe_graph_mark_output(g, out), CTX);
+    ck_assert_status(atmoe_graph_plan(g, 0), CTX);
+    ck_assert_status(atmoe_graph_set_input(g, xn, x, N * D0 * sizeof *x, 0),
+                     CTX);
+    ck_assert_status(atmoe_graph_set_input(g, gi, sample, N * sizeof *sample,
+                                           0), CTX);
+    ck_assert_status(atmoe_graph_compute(g, 0), CTX);
+    float *got = malloc(N * D1 * sizeof *got);
+    test_poison(got, N * D1);
+    ck_assert_status(atmoe_graph_read(g, out, got, N * D1 * sizeof *got), CTX);
+    double sum = 0;
+    for (int i = 0; i < N * D1; i++)
+        sum += ((double)got[i] - y[i]) * ((double)got[i] - y[i]);
+    free(got);
+    atmoe_graph_free(g);
+    atmoe_manifest_free(m);
+    return sum / (N * D1);
+}
+
+/* T-REX: trained jointly from the reference initialisation (B, W_r and the
+ * gates zero), the written manifest gives the trainer's loss, well below
+ * the start's.  Skipped while the rank-1 layer has no backward. */
+START_TEST(test_trex_round_trip)
+{
+    char dir[256], path[600], data[512], out[512];
+    test_mkdtemp(dir, sizeof dir, "recipe");
+    test_rng rng;
+    test_rng_seed(&rng, 1414);
+    float w0[D1 * D0], a[E1 * D0], b[D1 * E1] = {0}, scores[S1 * E1];
+    float ta[E1 * D0], tb[D1 * E1];
+    test_fill_uniform(&rng, w0, D1 * D0, -0.4, 0.4);
+    ck_assert_status(atmoe_context_finish(CTX), CTX);
+    atmoe_tensor *at;
+    size_t as[2] = {E1, D0};
+    ck_assert_status(atmoe_tensor_new(CTX, ATMOE_DTYPE_F32, 2, as, &at), CTX);
+    ck_assert_status(atmoe_mor1e_init(at, NULL, NULL, NULL, NULL, 9), CTX);
+    ck_assert_status(atmoe_tensor_read(at, a, sizeof a), CTX);
+    atmoe_tensor_free(at);
+    test_fill_uniform(&rng, scores, S1 * E1, -1, 1);
+    test_fill_uniform(&rng, ta, E1 * D0, -0.5, 0.5);
+    test_fill_uniform(&rng, tb, D1 * E1, -0.5, 0.5);
+    atmoe_safetensors_writer *w;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    save_tensor(w, "w0", D1, D0, w0);
+    save_tensor(w, "a", E1, D0, a);
+    save_tensor(w, "b", D1, E1, b);
+    snprintf(path, sizeof path, "%s/w.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+    const char *text =
+        "{\"version\": 1, \"weights\": \"w.safetensors\", \"layers\": "
+        "[{\"modules\": {\"proj\": {\"weight\": \"w0\", \"rank1\": "
+        "{\"a\": \"a\", \"b\": \"b\", \"variant\": \"v1\"}}}}]}";
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    test_write_file(path, text, strlen(text));
+
+    /* Targets: the base plus a rank-4 change, scaled per sample. */
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
+    int32_t sample[N];
+    test_fill_uniform(&rng, x, N * D0, -1, 1);
+    for (int n = 0; n < N; n++) {
+        sample[n] = n % S1;
+        for (int o = 0; o < D1; o++) {
+            double acc = 0;
+            for (int i = 0; i < D0; i++)
+                acc += (double)w0[o * D0 + i] * x[n * D0 + i];
+            for (int r = 0; r < E1; r++) {
+                double u = 0;
+                for (int i = 0; i < D0; i++)
+                    u += (double)ta[r * D0 + i] * x[n * D0 + i];
+                acc += tb[o * E1 + r] * u * (1 + scores[sample[n] * E1 + r]);
+            }
+            y[n * D1 + o] = (float)acc;
+        }
+    }
+    atmoe_safetensors_writer *dw;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &dw), NULL);
+    save_tensor(dw, "x", N, D0, x);
+    save_tensor(dw, "y", N, D1, y);
+    save_tensor(dw, "scores", S1, E1, scores);
+    uint64_t ns[1] = {N};
+    ck_assert_status(atmoe_safetensors_writer_add(dw, "sample",
+                                                  ATMOE_SAFETENSORS_I32, 1,
+                                                  ns, sample), NULL);
+    snprintf(data, sizeof data, "%s/data.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(dw, data), NULL);
+    atmoe_safetensors_writer_free(dw);
+
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    atmoe_train_config c;
+    ck_assert_status(atmoe_train_config_default(&c), NULL);
+    c.optimizer.lr = 1e-2f;
+    c.optimizer.weight_decay = 0;
+    c.steps = 150;
+    c.batch = 16;
+    snprintf(out, sizeof out, "%s/out", dir);
+    double trained = NAN;
+    atmoe_status st = atmoe_train_trex(CTX, m, data, &c, out, &trained);
+    atmoe_manifest_free(m);
+    if (st == ATMOE_STATUS_NOT_SUPPORTED) {
+        printf("SKIP test_trex_round_trip: %s\n", atmoe_errmsg(CTX));
+        free(x);
+        free(y);
+        test_rmdir_r(dir);
+        return;
+    }
+    ck_assert_status(st, CTX);
+    double before = trex_loss(path, x, y, sample, scores);
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    double rerun = trex_loss(path, x, y, sample, scores);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "the written manifest gives %g, the trainer said %g",
+                  rerun, trained);
+    ck_assert_msg(trained < 0.5 * before, "trained %g, at the start %g",
+                  trained, before);
+    free(x);
+    free(y);
+    test_rmdir_r(dir);
+}
+END_TEST
+
+static int stop_model1(const atmoe_train_progress *p, void *user)
+{
+    (void)user;
+    return !p->done && p->model == 1 && p->step == 7;
+}
+
+/* Stage 1 stopped at model 1's step 7 and resumed from its checkpoints
+ * ends with the adapters, byte for byte, of a run that was not stopped. */
+START_TEST(test_stage1_resume)
+{
+    fixture f;
+    make_fixture(&f);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    char data[512], a[512], b[512], ca[512], cb[512];
+    snprintf(data, sizeof data, "%s/data.safetensors", f.dir);
+    snprintf(a, sizeof a, "%s/a", f.dir);
+    snprintf(b, sizeof b, "%s/b", f.dir);
+    snprintf(ca, sizeof ca, "%s/ckpt-a", f.dir);
+    snprintf(cb, sizeof cb, "%s/ckpt-b", f.dir);
+    save_data(data, x, D0, y, task, N);
+    atmoe_manifest *m = open_manifest(&f);
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    c.steps = 12;
+    c.progress = NULL;
+    c.checkpoint = ca;
+    c.checkpoint_every = 4;
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, a), CTX);
+    c.checkpoint = cb;
+    c.progress = stop_model1;
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, b), CTX,
+                         ATMOE_STATUS_CANCELLED, "step 7");
+    ck_assert(!exists(b));
+    c.progress = NULL;
+    c.resume = 1;
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, b), CTX);
+    for (int k = 0; k < 3; k++) {
+        char pa[600], pb[600];
+        snprintf(pa, sizeof pa, "%s/%s/adapter_model.safetensors", a,
+                 names[k]);
+        snprintf(pb, sizeof pb, "%s/%s/adapter_model.safetensors", b,
+                 names[k]);
+        size_t na, nb;
+        void *da = test_read_file(pa, &na), *db = test_read_file(pb, &nb);
+        ck_assert_msg(na == nb && memcmp(da, db, na) == 0,
+                      "%s: the resumed run's adapter differs", names[k]);
+        free(da);
+        free(db);
+    }
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+
+/* Bad data: the status, a message naming what is wrong, no output. */
+START_TEST(test_stage1_bad_input)
+{
+    fixture f;
+    make_fixture(&f);
+    float *x = malloc(N * (D0 + 1) * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    char data[512], out[512];
+    snprintf(data, sizeof data, "%s/data.safetensors", f.dir);
+    snprintf(out, sizeof out, "%s/out", f.dir);
+    atmoe_manifest *m = open_manifest(&f);
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    c.steps = 4;
+
+    save_data(data, x, D0 + 1, y, task, N);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH, "x must be [N, 9]");
+    ck_assert(!exists(out));
+
+    held_in = D0 - 1;
+    save_data(data, x, D0, y, task, N);
+    held_in = 0;
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH,
+                         "x_heldout must be [N, 9]");
+    ck_assert(!exists(out));
+
+    task[37] = 2;
+    save_data(data, x, D0, y, task, N);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_OUT_OF_RANGE, "row 37 is 2");
+    ck_assert(!exists(out));
+
+    for (int n = 0; n < N; n++)
+        task[n] = 0;
+    save_data(data, x, D0, y, task, N);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "task 1 (adapter");
+    ck_assert(!exists(out));
+
+    make_data(&f, x, y, task);
+    x[41 * D0 + 3] = NAN;
+    save_data(data, x, D0, y, task, N);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_NOT_FINITE, "x row 41, column 3");
+    ck_assert(!exists(out));
+
+    /* Stopped by the callback at a step boundary: nothing written. */
+    make_data(&f, x, y, task);
+    save_data(data, x, D0, y, task, N);
+    s.stop_at = 3;
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_CANCELLED, "step 3");
+    ck_assert_uint_eq(s.steps, 3);
+    ck_assert(!exists(out));
+
+    c.batch = 0;
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "batch");
+    ck_assert_fails_with(atmoe_train_stage1(CTX, NULL, data, &c, out), CTX,
+                         ATMOE_STATUS_NULL_POINTER, "manifest is NULL");
+    ck_assert_fails(atmoe_train_config_default(NULL), NULL,
+                    ATMOE_STATUS_NULL_POINTER);
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+static void setup(void)
+{
+    CTX = test_context();
+}
+
+static void teardown(void)
+{
+    atmoe_context_free(CTX);
+}
+
+static Suite *recipe_suite(void)
+{
+    Suite *s = suite_create("recipe");
+    TCase *tc = tcase_create("stage1");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_add_test(tc, test_stage1_round_trip);
+    tcase_add_test(tc, test_stage1_bad_input);
+    tcase_add_test(tc, test_stage2_round_trip);
+    tcase_add_test(tc, test_stage1_resume);
+    tcase_add_test(tc, test_trex_round_trip);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    return test_run_suite(recipe_suite());
+}

@@ -1,0 +1,152 @@
+#!/bin/sh
+# atmoe train: stage 1 and stage 2 on the toy stack of tests/fixtures
+# (adapters written, a JSON log, a manifest that atmoe run applies), bad
+# data refused with a message and no output, and the demonstration at a
+# small size meeting its targets: the routed mixture within 1.5x of the
+# per-task experts' held-out loss and at most 0.7x the single LoRA's.
+# Inputs are written and outputs read by python3's standard library
+# (skipped without it); exit 77 (a skip) when there is no OpenCL device.
+set -u
+
+tool=./tools/atmoe
+
+# shellcheck source=tests/testlib.sh
+. "$(dirname "$0")/testlib.sh"
+begin train
+skip_without_device "$tool" devices
+if ! command -v python3 > /dev/null 2>&1; then
+    echo "SKIP: no python3 to write the inputs"
+    exit 77
+fi
+fixture="${srcdir:-.}/tests/fixtures/manifest/manifest.json"
+
+# data OUT D_IN [task ROW VALUE | nan ROW COL]: x [40, D_IN], y [40, 10],
+# task [40] (i32, 0..3) as safetensors.
+data() {
+    python3 - "$@" <<'PY'
+import json, random, struct, sys
+out, d_in = sys.argv[1], int(sys.argv[2])
+n, d_out = 40, 10
+rnd = random.Random(3)
+x = [[rnd.uniform(-1, 1) for _ in range(d_in)] for _ in range(n)]
+y = [[rnd.uniform(-1, 1) for _ in range(d_out)] for _ in range(n)]
+task = [i % 4 for i in range(n)]
+if len(sys.argv) > 3 and sys.argv[3] == "task":
+    task[int(sys.argv[4])] = int(sys.argv[5])
+if len(sys.argv) > 3 and sys.argv[3] == "nan":
+    x[int(sys.argv[4])][int(sys.argv[5])] = float("nan")
+blobs, header, off = [], {}, 0
+for name, dtype, shape, fmt, flat in (
+        ("x", "F32", [n, d_in], "f", [v for r in x for v in r]),
+        ("y", "F32", [n, d_out], "f", [v for r in y for v in r]),
+        ("task", "I32", [n], "i", task)):
+    b = struct.pack("<%d%s" % (len(flat), fmt), *flat)
+    header[name] = {"dtype": dtype, "shape": shape,
+                    "data_offsets": [off, off + len(b)]}
+    blobs.append(b)
+    off += len(b)
+h = json.dumps(header).encode()
+h += b" " * (-len(h) % 8)
+with open(out, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+PY
+}
+
+data "$tmp/d.safetensors" 13 || exit 99
+run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+    --output "$tmp/s1" --steps 5 --batch 7 --lr 1e-2 --log "$tmp/log.json"
+expect 0 "experts trained" "stage1"
+for a in math code style general gpt2; do
+    [ -f "$tmp/s1/$a/adapter_config.json" ] &&
+        [ -f "$tmp/s1/$a/adapter_model.safetensors" ] ||
+        fail "stage1 wrote no adapter $a"
+done
+done_lines=$(grep -c '"done": true' "$tmp/log.json")
+[ "$done_lines" -eq 5 ] || fail "the log holds $done_lines done lines, not 5"
+steps=$(grep -c '"done": false' "$tmp/log.json")
+[ "$steps" -eq 25 ] || fail "the log holds $steps steps, not 25"
+
+run train stage2 "$fixture" --data "$tmp/d.safetensors" \
+    --output "$tmp/s2" --steps 5 --batch 8 --lr 1e-2
+expect 0 "routers trained" "stage2"
+run run "$tmp/s2/manifest.json" --input "$tmp/d.safetensors" \
+    --output "$tmp/y.safetensors"
+expect 0 "" "atmoe run of the stage-2 manifest"
+
+# Resumed from a checkpoint: the same adapters as a run not interrupted
+# (the one above ran 5 steps; this one 3, then 2 more from its checkpoints).
+run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+    --output "$tmp/r1" --steps 3 --batch 7 --lr 1e-2 --checkpoint "$tmp/ck" \
+    --checkpoint-every 2
+expect 0 "experts trained" "stage1 with checkpoints"
+run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+    --output "$tmp/r2" --steps 5 --batch 7 --lr 1e-2 --checkpoint "$tmp/ck" \
+    --resume
+expect 0 "experts trained" "stage1 --resume"
+for a in math code style general gpt2; do
+    cmp -s "$tmp/s1/$a/adapter_model.safetensors" \
+        "$tmp/r2/$a/adapter_model.safetensors" ||
+        fail "the resumed run's $a differs from the uninterrupted one's"
+done
+
+# Bad data: a message, exit 1, nothing written.
+data "$tmp/w.safetensors" 12 || exit 99
+run train stage1 "$fixture" --data "$tmp/w.safetensors" --output "$tmp/b1"
+expect 1 "x must be [N, 13]" "stage1 with x too narrow" err
+data "$tmp/t.safetensors" 13 task 3 9 || exit 99
+run train stage1 "$fixture" --data "$tmp/t.safetensors" --output "$tmp/b1"
+expect 1 "task of row 3 is 9" "stage1 with a task out of range" err
+data "$tmp/n.safetensors" 13 nan 2 1 || exit 99
+run train stage2 "$fixture" --data "$tmp/n.safetensors" --output "$tmp/b1"
+expect 1 "x row 2, column 1 is not finite" "stage2 with NaN" err
+[ -e "$tmp/b1" ] && fail "a refused run left $tmp/b1"
+run train stage1 "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1" \
+    --batch 0
+expect 2 "--batch '0' must be" "stage1 --batch 0" err
+run train trex "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1"
+expect 1 "no rank-1 output module" "trex over LoRA experts" err
+run train trix "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1"
+expect 2 "unknown recipe 'trix'" "an unknown recipe" err
+
+# A checkpoint onto a full file system (a 64 KiB tmpfs; root only, skipped
+# otherwise): a message, no output, no file left there.
+if [ "$(id -u)" -eq 0 ] && mkdir "$tmp/full" &&
+    mount -t tmpfs -o size=64k tmpfs "$tmp/full" 2> /dev/null; then
+    cat /dev/zero > "$tmp/full/filler" 2> /dev/null
+    run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+        --output "$tmp/f1" --steps 2 --checkpoint "$tmp/full/ck"
+    expect 1 "No space left" "stage1 checkpointing onto a full file system" err
+    [ -e "$tmp/f1" ] && fail "a failed run left its output"
+    ls "$tmp/full" | grep -q -v '^filler$' &&
+        fail "a failed run left a file on the full file system: $(ls "$tmp/full")"
+    # The adapters themselves onto it: none is left half written.
+    run train stage1 "$fixture" --data "$tmp/d.safetensors" \
+        --output "$tmp/full/out" --steps 2
+    expect 1 "No space left" "stage1 writing onto a full file system" err
+    ls "$tmp/full" | grep -q -v '^filler$' &&
+        fail "a failed run left output on the full file system: $(ls "$tmp/full")"
+    umount "$tmp/full"
+else
+    echo "SKIP (not root, or no tmpfs mount here): a full file system"
+fi
+
+# The demonstration at a small size.
+run train demo --rows 100 --seed 0 --json "$tmp/demo.json"
+expect 0 "router accuracy" "train demo"
+if ! python3 - "$tmp/demo.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+loss = {r["method"]: r["heldout_loss"] for r in d["rows"]}
+ok = loss["routed"] <= 1.5 * loss["per-task"] and \
+    loss["routed"] <= 0.7 * loss["single-lora"] and \
+    d["router_accuracy"] >= 0.9
+print("routed/per-task %.3f routed/single %.3f accuracy %.3f" % (
+    loss["routed"] / loss["per-task"], loss["routed"] / loss["single-lora"],
+    d["router_accuracy"]))
+sys.exit(0 if ok else 1)
+PY
+then
+    fail "the demonstration missed its targets"
+fi
+
+finish "atmoe train"
