@@ -134,15 +134,21 @@ fi
 run train demo --rows 100 --seed 0 --json "$tmp/demo.json"
 expect 0 "router accuracy" "train demo"
 if ! python3 - "$tmp/demo.json" <<'PY'
-import json, sys
+import json, math, sys
 d = json.load(open(sys.argv[1]))
 loss = {r["method"]: r["heldout_loss"] for r in d["rows"]}
+# T-REX: present, finite and below the untrained stack's loss (no target
+# beyond that).
+trex = loss.get("trex")
+trex_ok = trex is not None and math.isfinite(trex) and \
+    math.isfinite(d["untrained_loss"]) and trex < d["untrained_loss"]
 ok = loss["routed"] <= 1.5 * loss["per-task"] and \
     loss["routed"] <= 0.7 * loss["single-lora"] and \
-    d["router_accuracy"] >= 0.9
-print("routed/per-task %.3f routed/single %.3f accuracy %.3f" % (
+    d["router_accuracy"] >= 0.9 and trex_ok and "skipped" not in d
+print("routed/per-task %.3f routed/single %.3f accuracy %.3f trex %s "
+      "untrained %.4g" % (
     loss["routed"] / loss["per-task"], loss["routed"] / loss["single-lora"],
-    d["router_accuracy"]))
+    d["router_accuracy"], trex, d["untrained_loss"]))
 sys.exit(0 if ok else 1)
 PY
 then

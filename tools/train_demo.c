@@ -5,8 +5,10 @@
  * them; one LoRA of the same total parameter count trains on the mixed
  * rows.  A single LoRA applies one change to every input, so it can only
  * fit the tasks' average; routed experts apply each task's own, as far as
- * the router tells the tasks apart.  Every loss is measured on held-out
- * rows drawn like the training ones. */
+ * the router tells the tasks apart.  T-REX (rank-1 experts, router and
+ * intuition, about the experts' parameter count) trains jointly on the
+ * rows with each row's task as its one-hot intuition cluster.  Every loss
+ * is measured on held-out rows drawn like the training ones. */
 #define _XOPEN_SOURCE 700
 #include <ftw.h>
 #include <math.h>
@@ -20,6 +22,12 @@
 #include "train_demo.h"
 
 enum { T = 4, R = 2, D0 = 24, D1 = 32, D2 = 16, HELD = 100 };
+/* T-REX: both layers rank-1 experts, variant v1 (E = r1 = r2) routed by
+ * both the router and the intuition.  Each layer holds
+ * r1 d_in + d_out r2 + E d_in + 2 parameters, 80 E + 2 here, so that no E
+ * gives the experts' 2 T R (D0 + D1 + D1 + D2) = 832 exactly: E = 5 gives
+ * 804, the nearest (E = 6 gives 964). */
+enum { TREX_E = 5 };
 #define DEFAULT_ROWS 300
 #define ALPHA (2.0f * R)
 
@@ -191,6 +199,122 @@ static int save_manifest(const char *path, const char *base,
     return fclose(f);
 }
 
+/* The T-REX inputs: x, y, each row's sample (its task) and the samples'
+ * intuition scores.  The demo's intuition is the task's one-hot cluster
+ * (no clustering of the inputs): sample t scores 1 on expert t and 0 on
+ * the others, the fifth expert (TREX_E = T + 1) left to the router. */
+static void trex_scores(float *scores)
+{
+    for (int t = 0; t < T; t++)
+        for (int e = 0; e < TREX_E; e++)
+            scores[t * TREX_E + e] = e == t ? 1.0f : 0.0f;
+}
+
+static atmoe_status save_trex_rows(const char *path, const float *x,
+                                   const float *y, const int32_t *task,
+                                   size_t n, const float *scores)
+{
+    atmoe_safetensors_writer *w;
+    atmoe_status st = atmoe_safetensors_writer_new(NULL, &w);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    uint64_t xs[2] = {n, D0}, ys[2] = {n, D2}, ts[1] = {n};
+    uint64_t ss[2] = {T, TREX_E};
+    if (!(st = atmoe_safetensors_writer_add_f32(w, "x", ATMOE_SAFETENSORS_F32,
+                                                2, xs, x)) &&
+        !(st = atmoe_safetensors_writer_add_f32(w, "y", ATMOE_SAFETENSORS_F32,
+                                                2, ys, y)) &&
+        !(st = atmoe_safetensors_writer_add(w, "sample",
+                                            ATMOE_SAFETENSORS_I32, 1, ts,
+                                            task)) &&
+        !(st = atmoe_safetensors_writer_add_f32(
+              w, "scores", ATMOE_SAFETENSORS_F32, 2, ss, scores)))
+        st = atmoe_safetensors_writer_save(w, path);
+    atmoe_safetensors_writer_free(w);
+    return st;
+}
+
+/* The base weights, and with ctx the rank-1 experts' A and B as the
+ * reference initialises them (atmoe_mor1e_init: A uniform in
+ * +-1/sqrt(d_in), B zero; W_r, w_om and w_c absent, hence zero). */
+static atmoe_status save_weights(atmoe_context *ctx, const char *path,
+                                 const problem *p, uint64_t seed)
+{
+    atmoe_safetensors_writer *w;
+    uint64_t s0[2] = {D1, D0}, sb[1] = {D1}, s1[2] = {D2, D1};
+    atmoe_status st = atmoe_safetensors_writer_new(NULL, &w);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    if ((st = atmoe_safetensors_writer_add_f32(
+             w, "model.layers.0.proj.weight", ATMOE_SAFETENSORS_F32, 2, s0,
+             p->w0)) ||
+        (st = atmoe_safetensors_writer_add_f32(
+             w, "model.layers.0.proj.bias", ATMOE_SAFETENSORS_F32, 1, sb,
+             p->b0)) ||
+        (st = atmoe_safetensors_writer_add_f32(
+             w, "model.layers.1.proj.weight", ATMOE_SAFETENSORS_F32, 2, s1,
+             p->w1)))
+        goto out;
+    size_t dims[2][2] = {{D0, D1}, {D1, D2}};
+    for (int l = 0; ctx && l < 2 && st == ATMOE_STATUS_OK; l++) {
+        size_t din = dims[l][0], dout = dims[l][1];
+        size_t as[2] = {TREX_E, din};
+        uint64_t a64[2] = {TREX_E, din}, b64[2] = {dout, TREX_E};
+        float *a = malloc(TREX_E * din * sizeof *a);
+        float *b = calloc(dout * TREX_E, sizeof *b);
+        atmoe_tensor *at = NULL;
+        char name[32];
+        if (a == NULL || b == NULL)
+            st = ATMOE_STATUS_HOST_OUT_OF_MEMORY;
+        if (st == ATMOE_STATUS_OK &&
+            !(st = atmoe_tensor_new(ctx, ATMOE_DTYPE_F32, 2, as, &at)) &&
+            !(st = atmoe_mor1e_init(at, NULL, NULL, NULL, NULL,
+                                    seed + 100 + (uint64_t)l)) &&
+            !(st = atmoe_context_finish(ctx)))
+            st = atmoe_tensor_read(at, a, TREX_E * din * sizeof *a);
+        atmoe_tensor_free(at);
+        if (st == ATMOE_STATUS_OK) {
+            snprintf(name, sizeof name, "trex.%d.a", l);
+            st = atmoe_safetensors_writer_add_f32(w, name,
+                                                  ATMOE_SAFETENSORS_F32, 2,
+                                                  a64, a);
+        }
+        if (st == ATMOE_STATUS_OK) {
+            snprintf(name, sizeof name, "trex.%d.b", l);
+            st = atmoe_safetensors_writer_add_f32(w, name,
+                                                  ATMOE_SAFETENSORS_F32, 2,
+                                                  b64, b);
+        }
+        free(a);
+        free(b);
+    }
+    if (st == ATMOE_STATUS_OK)
+        st = atmoe_safetensors_writer_save(w, path);
+out:
+    atmoe_safetensors_writer_free(w);
+    return st;
+}
+
+/* The T-REX manifest: the stack's modules as rank-1 layers over base. */
+static int save_trex_manifest(const char *path, const char *base)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL)
+        return -1;
+    fprintf(f,
+            "{\"version\": 1, \"weights\": \"%s\", \"layers\": ["
+            "{\"index\": 0, \"modules\": {\"proj\": {"
+            "\"weight\": \"model.layers.0.proj.weight\", "
+            "\"bias\": \"model.layers.0.proj.bias\", \"rank1\": {"
+            "\"a\": \"trex.0.a\", \"b\": \"trex.0.b\", \"variant\": \"v1\"}}}}, "
+            "{\"index\": 1, \"modules\": {\"proj\": {"
+            "\"weight\": \"model.layers.1.proj.weight\", \"rank1\": {"
+            "\"a\": \"trex.1.a\", \"b\": \"trex.1.b\", \"variant\": \"v1\"}}}}"
+            "]}\n",
+            base);
+    return fclose(f);
+}
+
 /* The stack of the manifest at path over rows of x whose task is want (-1:
  * all): the mean squared error against y, and with acc non-NULL the
  * fraction of rows whose largest expert weight in layer 0 is their task's
@@ -198,7 +322,7 @@ static int save_manifest(const char *path, const char *base,
 static atmoe_status evaluate(atmoe_context *ctx, const char *path,
                              const float *x, const float *y,
                              const int32_t *task, size_t n, int want,
-                             double *loss, double *acc)
+                             const float *scores, double *loss, double *acc)
 {
     size_t m = 0;
     for (size_t k = 0; k < n; k++)
@@ -221,18 +345,36 @@ static atmoe_status evaluate(atmoe_context *ctx, const char *path,
             memcpy(ys + j * D2, y + k * D2, D2 * sizeof *ys);
             ts[j++] = task[k];
         }
-    atmoe_node xn, yn;
+    atmoe_node xn, yn, gi = ATMOE_NODE_NONE, sc = ATMOE_NODE_NONE;
     atmoe_layer_trace tr[2];
-    size_t shape[2] = {m, D0};
+    size_t shape[2] = {m, D0}, is[1] = {m}, ss[2] = {T, TREX_E};
     if ((st = atmoe_manifest_open(ctx, path, &mf)) ||
         (st = atmoe_graph_new(ctx, &g)) ||
-        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, shape, 0, &xn)) ||
-        (st = atmoe_manifest_build(mf, g, xn, ATMOE_NODE_NONE,
-                                   ATMOE_NODE_NONE, NULL, tr, &yn)) ||
+        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, shape, 0, &xn)))
+        goto done;
+    if (scores) {
+        /* T-REX: each row routed with its task's scores. */
+        atmoe_manifest_inputs in = {ATMOE_NODE_NONE, ATMOE_NODE_NONE,
+                                    ATMOE_NODE_NONE, ATMOE_NODE_NONE};
+        if ((st = atmoe_graph_input(g, "gate_index", ATMOE_DTYPE_I32, 1, is,
+                                    0, &gi)) ||
+            (st = atmoe_graph_constant(g, "scores", ATMOE_DTYPE_F32, 2, ss,
+                                       scores, &sc)))
+            goto done;
+        in.gate_index = gi;
+        in.scores = sc;
+        st = atmoe_manifest_build_with(mf, g, xn, &in, NULL, NULL, NULL, &yn);
+    } else {
+        st = atmoe_manifest_build(mf, g, xn, ATMOE_NODE_NONE, ATMOE_NODE_NONE,
+                                  NULL, tr, &yn);
+    }
+    if (st ||
         (st = atmoe_graph_mark_output(g, yn)) ||
         (acc && (st = atmoe_graph_mark_output(g, tr[0].w))) ||
         (st = atmoe_graph_plan(g, 0)) ||
         (st = atmoe_graph_set_input(g, xn, xs, m * D0 * sizeof *xs, 0)) ||
+        (scores && (st = atmoe_graph_set_input(g, gi, ts, m * sizeof *ts,
+                                               0))) ||
         (st = atmoe_graph_compute(g, 0)) ||
         (st = atmoe_graph_read(g, yn, out, m * D2 * sizeof *out)) ||
         (acc && (st = atmoe_graph_read(g, tr[0].w, w, m * T * sizeof *w))))
@@ -304,24 +446,16 @@ int train_demo(atmoe_context *ctx, uint64_t seed, size_t rows,
 
     /* The files: base weights, data, initial adapters, manifests. */
     what = "writing the problem";
-    atmoe_safetensors_writer *w;
-    uint64_t s0[2] = {D1, D0}, sb[1] = {D1}, s1[2] = {D2, D1};
-    if ((st = atmoe_safetensors_writer_new(NULL, &w)))
+    snprintf(path, sizeof path, "%s/base.safetensors", dir);
+    if ((st = save_weights(NULL, path, p, seed)))
         goto fail;
-    if (!(st = atmoe_safetensors_writer_add_f32(
-              w, "model.layers.0.proj.weight", ATMOE_SAFETENSORS_F32, 2, s0,
-              p->w0)) &&
-        !(st = atmoe_safetensors_writer_add_f32(
-              w, "model.layers.0.proj.bias", ATMOE_SAFETENSORS_F32, 1, sb,
-              p->b0)) &&
-        !(st = atmoe_safetensors_writer_add_f32(
-              w, "model.layers.1.proj.weight", ATMOE_SAFETENSORS_F32, 2, s1,
-              p->w1))) {
-        snprintf(path, sizeof path, "%s/base.safetensors", dir);
-        st = atmoe_safetensors_writer_save(w, path);
-    }
-    atmoe_safetensors_writer_free(w);
-    if (st != ATMOE_STATUS_OK)
+    snprintf(path, sizeof path, "%s/trex-init.safetensors", dir);
+    if ((st = save_weights(ctx, path, p, seed)))
+        goto fail;
+    float scores[T * TREX_E];
+    trex_scores(scores);
+    snprintf(path, sizeof path, "%s/trex.safetensors", dir);
+    if ((st = save_trex_rows(path, x, y, task, n, scores)))
         goto fail;
     snprintf(path, sizeof path, "%s/train.safetensors", dir);
     if ((st = save_rows(path, x, y, task, n, 0)))
@@ -413,6 +547,30 @@ int train_demo(atmoe_context *ctx, uint64_t seed, size_t rows,
     atmoe_manifest_free(mf);
     mf = NULL;
 
+    /* T-REX: the rank-1 experts of both layers, router and gates trained
+     * jointly from the reference initialisation, as many steps as the
+     * single LoRA at its rate. */
+    what = "T-REX";
+    fprintf(stderr, "atmoe train demo: T-REX, %d rank-1 experts a layer...\n",
+            TREX_E);
+    snprintf(path, sizeof path, "%s/trex-init.json", dir);
+    if (save_trex_manifest(path, "trex-init.safetensors")) {
+        fprintf(stderr, "atmoe train demo: cannot write %s\n", path);
+        rc = EXIT_FAILED;
+        goto out;
+    }
+    snprintf(data, sizeof data, "%s/trex.safetensors", dir);
+    snprintf(out, sizeof out, "%s/trex", dir);
+    cfg.steps = 600 * 2;
+    cfg.optimizer.lr = 1e-2f;
+    cfg.optimizer.min_lr = 1e-3f;
+    double trex_trained;
+    if ((st = atmoe_manifest_open(ctx, path, &mf)) ||
+        (st = atmoe_train_trex(ctx, mf, data, &cfg, out, &trex_trained)))
+        goto fail;
+    atmoe_manifest_free(mf);
+    mf = NULL;
+
     /* Held-out losses. */
     what = "evaluating";
     double per_task = 0, routed, single, acc, l;
@@ -425,16 +583,18 @@ int train_demo(atmoe_context *ctx, uint64_t seed, size_t rows,
             rc = EXIT_FAILED;
             goto out;
         }
-        if ((st = evaluate(ctx, path, hx, hy, htask, nh, t, &l, NULL)))
+        if ((st = evaluate(ctx, path, hx, hy, htask, nh, t, NULL, &l, NULL)))
             goto fail;
         per_task += l / T;
     }
     snprintf(path, sizeof path, "%s/routed/manifest.json", dir);
-    if ((st = evaluate(ctx, path, hx, hy, htask, nh, -1, &routed, &acc)))
+    if ((st = evaluate(ctx, path, hx, hy, htask, nh, -1, NULL, &routed,
+                          &acc)))
         goto fail;
     snprintf(path, sizeof path, "%s/trained/single.json", dir);
     if (save_manifest(path, "../base.safetensors", "[[\"single\"]]") ||
-        (st = evaluate(ctx, path, hx, hy, htask, nh, -1, &single, NULL))) {
+        (st = evaluate(ctx, path, hx, hy, htask, nh, -1, NULL, &single,
+                          NULL))) {
         if (st == ATMOE_STATUS_OK) {
             fprintf(stderr, "atmoe train demo: cannot write %s\n", path);
             rc = EXIT_FAILED;
@@ -442,15 +602,28 @@ int train_demo(atmoe_context *ctx, uint64_t seed, size_t rows,
         }
         goto fail;
     }
+    double trex, untrained;
+    snprintf(path, sizeof path, "%s/trex/manifest.json", dir);
+    if ((st = evaluate(ctx, path, hx, hy, htask, nh, -1, scores, &trex,
+                       NULL)))
+        goto fail;
+    /* Untrained (B zero): the base stack's loss, every method's start. */
+    snprintf(path, sizeof path, "%s/trex-init.json", dir);
+    if ((st = evaluate(ctx, path, hx, hy, htask, nh, -1, scores, &untrained,
+                       NULL)))
+        goto fail;
     long experts = (long)T * R * ((D0 + D1) + (D1 + D2));
+    /* Per layer A [E, d_in], B [d_out, E], W_r [E, d_in], w_om, w_c. */
+    long trex_params = (long)TREX_E * (D0 + D1 + D0) + 2 +
+                       (long)TREX_E * (D1 + D2 + D1) + 2;
     long routers = 2L * T * (D0 + D1); /* w_g [d, T] and w_d [d, T] */
     printf("held-out loss (MSE over %zu rows, %d tasks)\n", nh, T);
     printf("  %-12s %12s %11s\n", "method", "loss", "parameters");
     printf("  %-12s %12.6g %11ld\n", "per-task", per_task, experts);
     printf("  %-12s %12.6g %11ld\n", "routed", routed, experts + routers);
     printf("  %-12s %12.6g %11ld\n", "single-lora", single, experts);
-    printf("  %-12s %12s %11s  (the rank-1 layer's backward is not in "
-           "this build)\n", "trex", "skipped", "-");
+    printf("  %-12s %12.6g %11ld\n", "trex", trex, trex_params);
+    printf("  %-12s %12.6g %11d\n", "untrained", untrained, 0);
     printf("router accuracy %.4f; routed / per-task %.3f, routed / "
            "single-lora %.3f\n", acc, routed / per_task, routed / single);
     if (json) {
@@ -461,10 +634,11 @@ int train_demo(atmoe_context *ctx, uint64_t seed, size_t rows,
                     "%.9g, \"parameters\": %ld}, {\"method\": \"routed\", "
                     "\"heldout_loss\": %.9g, \"parameters\": %ld}, "
                     "{\"method\": \"single-lora\", \"heldout_loss\": %.9g, "
-                    "\"parameters\": %ld}], \"router_accuracy\": %.9g, "
-                    "\"skipped\": [\"trex\"]}\n",
+                    "\"parameters\": %ld}, {\"method\": \"trex\", "
+                    "\"heldout_loss\": %.9g, \"parameters\": %ld}], "
+                    "\"router_accuracy\": %.9g, \"untrained_loss\": %.9g}\n",
                     per_task, experts, routed, experts + routers, single,
-                    experts, acc) < 0 ||
+                    experts, trex, trex_params, acc, untrained) < 0 ||
             fclose(f) != 0) {
             fprintf(stderr, "atmoe train demo: cannot write %s\n", json);
             rc = EXIT_FAILED;
