@@ -1841,8 +1841,7 @@ ATMOE_API atmoe_status atmoe_train_stage2(atmoe_context *ctx,
  * receives trex.safetensors, tensors "layers.<layer>.<module>.a", ".b",
  * ".w_r", ".w_om", ".w_c" F32, then manifest.json, which atmoe run
  * applies to inputs holding the same scores and gate_index.  *final_loss
- * (may be NULL) as atmoe_train_stage2 gives it.  While the library has
- * no backward for rank-1 layers, NOT_SUPPORTED. */
+ * (may be NULL) as atmoe_train_stage2 gives it. */
 ATMOE_API atmoe_status atmoe_train_trex(atmoe_context *ctx,
                                         atmoe_manifest *manifest,
                                         const char *data,
