@@ -60,6 +60,7 @@
 
 #include "atmoe.h"
 #include "measure.h"
+#include "tune_effort.h"
 
 #define PROGRAM "atmoe-tune"
 #define EXIT_RUNTIME 1
@@ -1820,6 +1821,13 @@ static json_t *make_entry(const tuner *tu, const json_t *prev,
     json_object_set_new(info, "date", json_string(date));
     json_object_set_new(info, "budget_s", json_real(opt->budget_s));
     json_object_set_new(info, "phases", json_string(phases));
+    /* The machine the entry was tuned on: atmoe params tells an entry
+     * tuned here from one copied from elsewhere. */
+    char host[256];
+    if (gethostname(host, sizeof host) == 0) {
+        host[sizeof host - 1] = '\0';
+        json_object_set_new(info, "host", json_string(host));
+    }
     if (opt->phases & PHASE_CLBLAST) {
         const result *keep = cr->keep;
         json_t *c = json_pack(
@@ -2039,6 +2047,10 @@ static void usage(FILE *f)
             "                  [--compare-layout] [--clock wall|cpu] "
             "[--output FILE]\n"
             "                  [--dtype f32|f16|bf16] [--dry-run] [--quiet]\n"
+            "       " PROGRAM " --effort quick|normal|exhaustive [--resume] "
+            "[--device D | --all-devices]\n"
+            "                  [--output FILE] [--seed N] [--clock wall|cpu] "
+            "[--quiet]\n"
             "       " PROGRAM " --check FILE\n"
             "\n"
             "Searches CLBlast's SGEMM parameters and those of the library's "
@@ -2047,7 +2059,10 @@ static void usage(FILE *f)
             "clblast, blocks, boundary, linear\n(blocks,boundary) or all "
             "(the default).  --dtype f16 or bf16 tunes the blocks\nof "
             "products over weights of that type (linear.f16, linear.bf16) "
-            "alone.\n");
+            "alone.\n"
+            "--effort tunes every kernel with parameters, for every weight "
+            "type, step by\nstep, with a checkpoint after each step that "
+            "--resume continues from.\n");
 }
 
 static int parse_number(const char *flag, const char *text, double lo,
@@ -2105,6 +2120,8 @@ int main(int argc, char **argv)
     int phases_given = 0;
     self_name = argv[0];
     const char *check = NULL;
+    effort_args eff = {argv[0], NULL, NULL, 0, NULL, 0, 0, 0, 0};
+    const char *step = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -2120,6 +2137,10 @@ int main(int argc, char **argv)
             opt.dry_run = 1;
         } else if (strcmp(a, "--quiet") == 0) {
             opt.quiet = 1;
+        } else if (strcmp(a, "--resume") == 0) {
+            eff.resume = 1;
+        } else if (strcmp(a, "--all-devices") == 0) {
+            eff.all_devices = 1;
         } else if (v == NULL) {
             fprintf(stderr, PROGRAM ": unknown option or missing value: "
                     "'%s'\n", a);
@@ -2131,6 +2152,15 @@ int main(int argc, char **argv)
             opt.output = argv[++i];
         } else if (strcmp(a, "--check") == 0) {
             check = argv[++i];
+        } else if (strcmp(a, "--effort") == 0) {
+            eff.effort = argv[++i];
+            if (!effort_known(eff.effort)) {
+                fprintf(stderr, PROGRAM ": --effort is quick, normal or "
+                        "exhaustive, not '%s'\n", eff.effort);
+                return EXIT_USAGE;
+            }
+        } else if (strcmp(a, "--step") == 0) {
+            step = argv[++i];
         } else if (strcmp(a, "--boundary-child") == 0) {
             opt.child = argv[++i];
         } else if (strcmp(a, "--phases") == 0) {
@@ -2208,5 +2238,37 @@ int main(int argc, char **argv)
     }
     if (opt.child)
         return boundary_child(&opt);
+    if ((eff.resume || eff.all_devices) && eff.effort == NULL) {
+        fprintf(stderr, PROGRAM ": %s goes with --effort\n",
+                eff.resume ? "--resume" : "--all-devices");
+        return EXIT_USAGE;
+    }
+    if (eff.effort) {
+        if (phases_given || opt.dtype != ATMOE_DTYPE_F32) {
+            fprintf(stderr, PROGRAM ": --effort runs every phase for every "
+                    "weight type; it takes no --phases or --dtype\n");
+            return EXIT_USAGE;
+        }
+        if (eff.all_devices && opt.device) {
+            fprintf(stderr, PROGRAM ": --all-devices or --device, not "
+                    "both\n");
+            return EXIT_USAGE;
+        }
+        char user[4096];
+        if (opt.output == NULL) {
+            atmoe_status st = atmoe_tuning_get_user_path(user, sizeof user);
+            if (st != ATMOE_STATUS_OK)
+                return lib_fail(NULL, st, "finding the user database");
+            opt.output = user;
+        }
+        eff.device = opt.device;
+        eff.output = opt.output;
+        eff.seed = opt.seed;
+        eff.cpu_clock = opt.cpu_clock;
+        eff.quiet = opt.quiet;
+        return tune_effort(&eff);
+    }
+    if (step)
+        effort_test_knob(step);
     return tune(&opt);
 }
