@@ -144,10 +144,14 @@ for prog in linear linear.f16 linear.bf16; do
     grep -q "^\"$prog\":" "$tmp/effort.blocks" ||
         fail "--effort test tuned no blocks for $prog"
 done
-grep -q '\[4/4\]' "$tmp/out" || fail "--effort shows no step count"
+grep -q '\[5/5\]' "$tmp/out" || fail "--effort shows no step count"
 grep -q 'left' "$tmp/out" || fail "--effort shows no time left"
 grep -q 'best so far' "$tmp/out" || fail "--effort shows no best so far"
 grep -q '"host"' "$edb" || fail "the entry does not say which host tuned it"
+tr -d ' \n' < "$edb" | grep -Eq '"router":\{"WG":[0-9]+\}' ||
+    fail "--effort test tuned no router work-group"
+tr -d ' \n' < "$edb" | grep -Eq '"mixture":\{"WG":[0-9]+\}' ||
+    fail "--effort test tuned no mixture work-group"
 [ -e "$edb.progress" ] && fail "a finished search left its checkpoint"
 # the entry is used by a new context, and atmoe params says it was tuned
 # on this machine
@@ -180,9 +184,9 @@ if [ "$rc" -ne 0 ]; then
     fail "--resume exited $rc"
     cat "$tmp/out" "$tmp/err"
 fi
-grep -q 'resuming the test search at step 2 of 4' "$tmp/out" ||
+grep -q 'resuming the test search at step 2 of 5' "$tmp/out" ||
     { fail "--resume did not resume at step 2"; cat "$tmp/out"; }
-grep -q '\[1/4\]' "$tmp/out" && fail "--resume ran the first step again"
+grep -q '\[1/5\]' "$tmp/out" && fail "--resume ran the first step again"
 tr -d ' \n' < "$rdb" | grep -q -F "$first" ||
     fail "--resume lost the first step's result ($first)"
 blocks_of "$rdb" | sed 's/":{.*//' > "$tmp/resumed.progs"

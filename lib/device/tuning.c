@@ -314,6 +314,14 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
     [ATM_PARAM_LINEAR_MAX_TOKENS] = {"linear", "MAX_TOKENS", 1, LONG_MAX,
                                      LONG_MAX, 16, ATM_ENV_LINEAR_MAX_TOKENS,
                                      -1},
+    /* Work-group sizes, 64 as the library always had: the router's items
+     * per row (a tree reduction over them), and the 1-D launches of the
+     * mixture's mix and fold kernels.  Powers of two are used as they
+     * are, others rounded down (atm_param_work_group). */
+    [ATM_PARAM_ROUTER_WG] = {"router", "WG", 1, 1024, 64, 64, ATM_ENV_NONE,
+                             -1},
+    [ATM_PARAM_MIXTURE_WG] = {"mixture", "WG", 1, 1024, 64, 64,
+                              ATM_ENV_NONE, -1},
     /* The blocks by the storage type of W: a half-precision row is half
      * the bytes, so a block of more rows may fit the same cache.  Without
      * a typed entry, the untyped one (or its default) holds: databases
@@ -959,6 +967,16 @@ long atm_param_get(const atmoe_context *ctx, atm_param p)
     /* Callers pass an enum constant; a value outside it reads the first
      * row rather than past the array. */
     return ctx->tuning.value[(unsigned)p < ATM_PARAM_COUNT_ ? p : 0];
+}
+
+size_t atm_param_work_group(const atmoe_context *ctx, atm_param p)
+{
+    long v = atm_param_get(ctx, p);
+    size_t max = ctx->device->info.max_work_group_size;
+    size_t wg = 1;
+    while (wg * 2 <= (size_t)v && wg * 2 <= max)
+        wg *= 2;
+    return wg;
 }
 
 long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
