@@ -325,6 +325,7 @@ START_TEST(test_malformed)
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": 1}}}]}",
          "'probe' is not a program with tuned parameters (linear, "
+         "router, mixture, "
          "linear.f32, linear.f16, linear.bf16)"},
         /* A typed program has the blocks alone: the boundary with
          * CLBlast is the untyped program's. */
