@@ -564,7 +564,8 @@ END_TEST
 /* The router's work-groups (kernels.router.WG): 1, 8, 100 (run as 64)
  * and 1024 (as many as the device allows, a power of two) share each
  * row's dot products over d_in = 37, a multiple of none of them, and give
- * the float64 reference's weights, top-k and masks included. */
+ * the float64 reference's weights, top-k and masks included, also when
+ * the parameters change after the graph was planned. */
 START_TEST(test_router_work_groups)
 {
     static const int wgs[] = {1, 8, 100, 1024};
@@ -591,6 +592,10 @@ START_TEST(test_router_work_groups)
         rig_build(&r, &m, set, 1, &router, cfgs, T, wg, wd, NULL, w0, NULL,
                   1.0f);
         rig_check(&r, x, T, NULL);
+        /* Other parameters after planning: the planned kernel keeps the
+         * work-group it was built for. */
+        OK(atmoe_context_set_params(
+            CTX, "{\"kernels\": {\"router\": {\"WG\": 32}}}"));
         ctl_mask(router, &cfg, 0, 1, 0);
         rig_check(&r, x, T, NULL);
         atmoe_graph_free(r.g);

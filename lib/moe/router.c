@@ -333,7 +333,7 @@ static void router_options(const atmoe_graph *g, const atm_node *n,
 {
     const atmoe_router *r = ATM_NODE_PARAMS(router_params, n)->router;
     snprintf(buf, size, "%s -DWG=%d -DGT=%d -DDT=%d", r->options,
-             (int)ROUTER_WG(g),
+             (int)ATM_NODE_PARAMS(router_params, n)->wg,
              atm_weight_type(g->nodes[n->src[1]].dtype),
              atm_weight_type(g->nodes[n->src[2]].dtype));
 }
@@ -341,6 +341,9 @@ static void router_options(const atmoe_graph *g, const atm_node *n,
 static atmoe_status router_prepare(atmoe_graph *g, atm_node *n)
 {
     char options[192];
+    /* The launch uses the size the kernel was built for, whatever the
+     * parameters in force later (reqd_work_group_size). */
+    ATM_NODE_PARAMS(router_params, n)->wg = ROUTER_WG(g);
     router_options(g, n, options, sizeof options);
     return atm_node_kernel(g, n, 0, "router", options, "grouped_router");
 }
@@ -379,7 +382,8 @@ static atmoe_status router_run(atmoe_graph *g, atm_node *n, cl_event *ev,
                         "failed: %s (%d)", n->name,
                         atm_cl_error_name(args.err), (int)args.err);
     /* A work-group per row: not atm_node_launch's 1-D geometry. */
-    size_t local = ROUTER_WG(g), global = h->shape[0] * local;
+    size_t local = ATM_NODE_PARAMS(router_params, n)->wg;
+    size_t global = h->shape[0] * local;
     cl_int err = clEnqueueNDRangeKernel(g->ctx->queue, k, 1, NULL, &global,
                                         &local, 0, NULL, ev);
     if (err != CL_SUCCESS)
