@@ -19,9 +19,12 @@
  * past its time limit (then it is killed), is skipped: the entry keeps
  * what it had for that kernel, and the search goes on.
  *
- * The efforts differ in sizes, runs per candidate and budgets; quick fits
- * in 5 minutes on a 2-core CPU (the budgets add up to 145 s, the rest is
- * compiling and the boundary's fixed timings). */
+ * The efforts differ in sizes, runs per candidate and budgets; quick aims
+ * at 270 s a device, within 5 minutes on a 2-core CPU: the budgets add up
+ * to 125 s, the rest is compiling, the checks and the boundary's fixed
+ * timings, and when the steps so far took longer than planned (a loaded
+ * machine) the budgets of the steps left shrink to fit (see tune_effort);
+ * a step runs one candidate beyond its reference whatever its budget. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <errno.h>
@@ -56,15 +59,16 @@ typedef struct effort_def {
     int clblast;                  /* the CLBlast step runs */
     double blocks_s, clblast_s, half_s, groups_s; /* budgets */
     double limit_extra_s;         /* a step's time limit past its budget */
+    double total_s; /* the whole search's target per device (0: none) */
 } effort_def;
 
 /* test: seconds, for the test suite (no CLBlast search: it takes tens of
  * seconds before its first candidate). */
 static const effort_def efforts[] = {
-    {"test", "small", 1, 0, 0, 0, 0, 0, 120},
-    {"quick", "small", 3, 1, 20, 80, 15, 15, 300},
-    {"normal", "all", 3, 1, 60, 600, 60, 60, 900},
-    {"exhaustive", "all", 5, 1, 300, 3600, 300, 300, 1800},
+    {"test", "small", 1, 0, 0, 0, 0, 0, 120, 0},
+    {"quick", "small", 3, 1, 20, 60, 15, 15, 300, 270},
+    {"normal", "all", 3, 1, 60, 600, 60, 60, 900, 0},
+    {"exhaustive", "all", 5, 1, 300, 3600, 300, 300, 1800, 0},
 };
 
 static const effort_def *find_effort(const char *name)
@@ -426,7 +430,30 @@ int tune_effort(const effort_args *a)
 
     double start = now_s(), overhead = 0;
     int ran = 0, failed = 0;
+    size_t devices = 1;
+    for (int i = 1; i < n; i++)
+        devices += strcmp(steps[i].device, steps[i - 1].device) != 0;
     for (int i = first; i < n; i++) {
+        /* The target: budgets of the steps left scaled down so that they
+         * and the time past its budget that each step took so far fit in
+         * what is left of total_s per device. */
+        if (e->total_s > 0 && ran > 0) {
+            double per = overhead / ran, want = 0;
+            for (int j = i; j < n; j++)
+                want += steps[j].budget_s;
+            double room = e->total_s * (double)devices - (now_s() - start) -
+                          per * (n - i);
+            double scale = want > 0 && room < want
+                               ? (room > 0 ? room / want : 0)
+                               : 1;
+            if (scale < 1) {
+                for (int j = i; j < n; j++)
+                    steps[j].budget_s *= scale;
+                say("(the steps so far took longer than planned: the budgets "
+                    "left are scaled by %.2f to end near %.0f s)\n", scale,
+                    e->total_s * (double)devices);
+            }
+        }
         /* Time left: the budgets to come, and the time past its budget
          * that each step took so far (a guess before the first). */
         double left = 0;
