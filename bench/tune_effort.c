@@ -443,8 +443,10 @@ int tune_effort(const effort_args *a)
                 want += steps[j].budget_s;
             double room = e->total_s * (double)devices - (now_s() - start) -
                           per * (n - i);
+            /* At least 0.3: the later steps' candidates cost a second or
+             * two each, and a budget of 0 leaves them one. */
             double scale = want > 0 && room < want
-                               ? (room > 0 ? room / want : 0)
+                               ? (room > 0.3 * want ? room / want : 0.3)
                                : 1;
             if (scale < 1) {
                 for (int j = i; j < n; j++)
