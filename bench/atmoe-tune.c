@@ -60,6 +60,7 @@
 
 #include "atmoe.h"
 #include "measure.h"
+#include "tune_effort.h"
 
 #define PROGRAM "atmoe-tune"
 #define EXIT_RUNTIME 1
@@ -125,6 +126,10 @@
 #define PHASE_BOUNDARY 4u
 #define PHASE_LINEAR (PHASE_BLOCKS | PHASE_BOUNDARY)
 #define PHASE_ALL (PHASE_CLBLAST | PHASE_LINEAR)
+/* The work-group sizes of the router and the mixture's mix and fold
+ * (kernels.router.WG, kernels.mixture.WG): not in "all", whose runs keep
+ * the length they had; --effort runs it. */
+#define PHASE_GROUPS 8u
 
 typedef struct options {
     const char *device;
@@ -1746,11 +1751,315 @@ static int tune_clblast(tuner *tu, double budget_end, const json_t *prev_entry,
 
 static void phases_text(unsigned phases, char *out, size_t size)
 {
-    snprintf(out, size, "%s%s%s",
+    snprintf(out, size, "%s%s%s%s",
              phases & PHASE_CLBLAST ? ",clblast" : "",
              phases & PHASE_BLOCKS ? ",blocks" : "",
-             phases & PHASE_BOUNDARY ? ",boundary" : "");
+             phases & PHASE_BOUNDARY ? ",boundary" : "",
+             phases & PHASE_GROUPS ? ",groups" : "");
     memmove(out, out + 1, strlen(out));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Work-groups: the router's and the mixture's mix and fold                  */
+/* ------------------------------------------------------------------------ */
+
+#define GROUPS_MAX_SHAPES 4
+#define BASE_WG 64
+
+typedef struct groups_result {
+    int router_wg, mixture_wg;
+    double router_score, mixture_score; /* geometric-mean speed-up over 64 */
+    int timed, wrong, failed;
+    double router_s[GROUPS_MAX_SHAPES], mixture_s[GROUPS_MAX_SHAPES];
+    int nrouter, nmixture;
+} groups_result;
+
+/* The router's data: h per shape, its weights, its reference output. */
+typedef struct router_shape {
+    size_t t;
+    float *h;   /* [t, d] */
+    float *ref; /* [t, E]: the weights with WG 64 */
+    double base_s;
+} router_shape;
+
+/* kernels_base with router.WG and mixture.WG, applied. */
+static atmoe_status apply_groups(tuner *tu, int router_wg, int mixture_wg)
+{
+    json_t *k = tu->kernels_base ? json_deep_copy(tu->kernels_base)
+                                 : json_object();
+    json_object_set_new(k, "router", json_pack("{s:i}", "WG", router_wg));
+    json_object_set_new(k, "mixture", json_pack("{s:i}", "WG", mixture_wg));
+    json_t *set = json_pack("{s:o}", "kernels", k);
+    char *text = set ? json_dumps(set, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(set);
+    atmoe_status s = text ? atmoe_context_set_params(tu->ctx, text)
+                          : ATMOE_STATUS_HOST_OUT_OF_MEMORY;
+    free(text);
+    return s;
+}
+
+/* The router graph on h [t, d] (the projected form over the mixture's
+ * expert set, top 2 of the 4 groups), timed; its expert weights [t, E]
+ * are checked against (or become) the reference. */
+static timing run_router(tuner *tu, atmoe_router *router, atmoe_tensor *wg,
+                         atmoe_tensor *wd, size_t d, router_shape *rs,
+                         double best)
+{
+    timing r = {RUN_FAILED, 0, 0, 0};
+    char what[64];
+    snprintf(what, sizeof what, "router T=%zu d=%zu", rs->t, d);
+    atmoe_graph *g;
+    atmoe_status st = atmoe_graph_new(tu->ctx, &g);
+    if (st != ATMOE_STATUS_OK)
+        return r;
+    size_t hs[2] = {rs->t, d};
+    feed in = {ATMOE_NODE_NONE, rs->h, rs->t * d};
+    atmoe_node wgn, wdn, wn;
+    if ((st = atmoe_graph_input(g, "h", ATMOE_DTYPE_F32, 2, hs, 0,
+                                &in.node)) ||
+        (st = atmoe_graph_parameter(g, "w_g", wg, &wgn)) ||
+        (st = atmoe_graph_parameter(g, "w_d", wd, &wdn)) ||
+        (st = atmoe_graph_router(g, in.node, router, wgn, wdn, NULL, NULL,
+                                 &wn)) ||
+        (st = atmoe_graph_mark_output(g, wn)) ||
+        (st = atmoe_graph_plan(g, 0))) {
+        say("      %s: %s: %s\n", what, atmoe_status_name(st),
+            atmoe_errmsg(tu->ctx));
+        atmoe_graph_free(g);
+        return r;
+    }
+    r = time_graph(tu->ctx, g, &in, 1, wn, rs->t * MIX_EXPERTS, &rs->ref,
+                   tu->opt.runs, best, what);
+    atmoe_graph_free(g);
+    return r;
+}
+
+/* Times one candidate's shapes: the router's (mixture_wg fixed) or the
+ * mixture's; times[] gets the medians, the return is the geometric-mean
+ * speed-up over base[] (0: wrong, failed or refused). */
+static double groups_candidate(tuner *tu, int router_wg, int mixture_wg,
+                               int which_router, atmoe_router *router,
+                               atmoe_tensor *wg, atmoe_tensor *wd, size_t d,
+                               router_shape *rs, int nrs, double *times,
+                               const double *best, groups_result *res)
+{
+    char label[32];
+    snprintf(label, sizeof label, "%s %d", which_router ? "router" : "mixture",
+             which_router ? router_wg : mixture_wg);
+    if (apply_groups(tu, router_wg, mixture_wg) != ATMOE_STATUS_OK) {
+        say("  %-12s refused: %s\n", label, atmoe_errmsg(tu->ctx));
+        res->failed++;
+        return 0;
+    }
+    res->timed++;
+    say("  %-12s", label);
+    double logsum = 0;
+    int n = which_router ? nrs : tu->nmix;
+    for (int i = 0; i < n; i++) {
+        timing t = which_router
+                       ? run_router(tu, router, wg, wd, d, &rs[i],
+                                    best ? best[i] : 0)
+                       : run_mix(tu, &tu->mix[i], best ? best[i] : 0);
+        double base = which_router ? rs[i].base_s : tu->mix[i].base_s;
+        if (t.out == RUN_WRONG) {
+            say("    WRONG  (off by %.1e)\n", t.err);
+            res->wrong++;
+            return 0;
+        }
+        if (t.out == RUN_FAILED) {
+            say("   failed\n");
+            res->failed++;
+            return 0;
+        }
+        if (t.out == RUN_SLOW) {
+            say("     slow\n");
+            return 0;
+        }
+        times[i] = t.s;
+        say(" %8.3f ms", 1e3 * t.s);
+        logsum += base > 0 ? log(base / t.s) : 0;
+    }
+    double score = exp(logsum / n);
+    say("  %.2fx\n", score);
+    return score;
+}
+
+/* The groups phase: 64 (the library's) as the reference for both, then
+ * the router's WG over the powers of two up to the device's largest
+ * work-group, then the mixture's with the router's best, each until the
+ * deadline (one candidate at least); a candidate counts only when every
+ * shape matches the reference, and is kept only when at least MIN_GAIN
+ * faster and no shape slower than NO_HARM, confirmed by a second timing
+ * after the reference's. */
+static int tune_groups(tuner *tu, double deadline, groups_result *res)
+{
+    static const size_t ts[] = {64, 512};
+    memset(res, 0, sizeof *res);
+    res->router_wg = res->mixture_wg = BASE_WG;
+    res->router_score = res->mixture_score = 1;
+    atmoe_device_info dev;
+    atmoe_context_get_device(tu->ctx, &dev);
+    atmoe_status st = apply_groups(tu, BASE_WG, BASE_WG);
+    if (st != ATMOE_STATUS_OK)
+        return lib_fail(tu->ctx, st, "applying the work-groups of 64");
+    say("work-groups: the router's and the mixture's mix and fold "
+        "(milliseconds per shape, 64 the reference):\n");
+    int rc = setup_mix(tu, ts, 2, 1);
+    if (rc != 0)
+        return rc;
+    mix_data *md = &tu->mdata[0];
+    size_t d = md->d, G = MIX_GROUPS, M = MIX_EXPERTS / MIX_GROUPS;
+    atmoe_router *router = NULL;
+    atmoe_tensor *wg = NULL, *wd = NULL;
+    router_shape rs[2];
+    memset(rs, 0, sizeof rs);
+    size_t sg[2] = {d, G}, sd[2] = {d, G * M};
+    float *host = malloc(d * G * M * sizeof *host);
+    if (host == NULL) {
+        fprintf(stderr, PROGRAM ": out of host memory\n");
+        return EXIT_RUNTIME;
+    }
+    for (size_t i = 0; i < d * G * M; i++)
+        host[i] = rng_uniform() / sqrtf((float)d);
+    rc = EXIT_RUNTIME;
+    if ((st = atmoe_router_new(md->set, ATMOE_ROUTER_PROJECTED, 1.0f, 1.0f, 2,
+                               0, &router)) ||
+        (st = atmoe_tensor_new(tu->ctx, ATMOE_DTYPE_F32, 2, sg, &wg)) ||
+        (st = atmoe_tensor_write(wg, host, d * G * sizeof *host)) ||
+        (st = atmoe_tensor_new(tu->ctx, ATMOE_DTYPE_F32, 2, sd, &wd)) ||
+        (st = atmoe_tensor_write(wd, host, d * G * M * sizeof *host))) {
+        lib_fail(tu->ctx, st, "making the router");
+        goto out;
+    }
+    for (int i = 0; i < 2; i++) {
+        rs[i].t = ts[i];
+        rs[i].h = malloc(ts[i] * d * sizeof *rs[i].h);
+        if (rs[i].h == NULL)
+            goto out;
+        for (size_t j = 0; j < ts[i] * d; j++)
+            rs[i].h[j] = rng_uniform();
+        timing t = run_router(tu, router, wg, wd, d, &rs[i], 0);
+        if (t.out != RUN_OK) {
+            fprintf(stderr, PROGRAM ": the router at T=%zu failed with "
+                    "work-groups of 64\n", ts[i]);
+            goto out;
+        }
+        rs[i].base_s = t.s;
+        say("  baseline router T=%-4zu d=%zu  %8.3f ms\n", ts[i], d,
+            1e3 * t.s);
+    }
+    res->nrouter = 2;
+    res->nmixture = tu->nmix;
+    for (int i = 0; i < 2; i++)
+        res->router_s[i] = rs[i].base_s;
+    for (int i = 0; i < tu->nmix; i++)
+        res->mixture_s[i] = tu->mix[i].base_s;
+
+    /* The candidates: powers of two the device allows, 64 excluded. */
+    int cand[16], nc = 0;
+    for (int w = 1; w <= 1024 && (size_t)w <= dev.max_work_group_size;
+         w *= 2)
+        if (w != BASE_WG)
+            cand[nc++] = w;
+    for (int which = 1; which >= 0; which--) {
+        double best_score = 0, times[GROUPS_MAX_SHAPES];
+        double best_t[GROUPS_MAX_SHAPES];
+        int best_w = 0;
+        int n = which ? 2 : tu->nmix;
+        for (int i = 0; i < n; i++)
+            best_t[i] = which ? rs[i].base_s : tu->mix[i].base_s;
+        /* A random order, so that a short budget samples the space. */
+        for (int i = nc - 1; i > 0; i--) {
+            int j = (int)(rng_next() % (uint64_t)(i + 1)), x = cand[i];
+            cand[i] = cand[j];
+            cand[j] = x;
+        }
+        double end = which ? now_s() + 0.5 * (deadline - now_s()) : deadline;
+        for (int c = 0; c < nc; c++) {
+            if (c > 0 && now_s() > end)
+                break;
+            int rw = which ? cand[c] : res->router_wg;
+            int mw = which ? BASE_WG : cand[c];
+            double sc = groups_candidate(tu, rw, mw, which, router, wg, wd, d,
+                                         rs, 2, times, best_t, res);
+            if (sc > best_score) {
+                best_score = sc;
+                best_w = cand[c];
+                for (int i = 0; i < n; i++)
+                    best_t[i] = times[i];
+            }
+        }
+        if (best_w == 0 || best_score < MIN_GAIN) {
+            say("  no %s work-group beats 64\n", which ? "router" : "mixture");
+            continue;
+        }
+        /* Confirmed: the reference again, then the best, each timed anew. */
+        double ref_t[GROUPS_MAX_SHAPES], again[GROUPS_MAX_SHAPES];
+        say("confirming %d: both timed again, 64 first\n", best_w);
+        double s64 = groups_candidate(tu, which ? BASE_WG : res->router_wg,
+                                      BASE_WG, which, router, wg, wd, d, rs,
+                                      2, ref_t, NULL, res);
+        double sb = groups_candidate(tu, which ? best_w : res->router_wg,
+                                     which ? BASE_WG : best_w, which, router,
+                                     wg, wd, d, rs, 2, again, NULL, res);
+        int harmless = s64 > 0 && sb > 0;
+        double logsum = 0;
+        for (int i = 0; i < n && harmless; i++) {
+            harmless = again[i] <= NO_HARM * ref_t[i];
+            logsum += log(ref_t[i] / again[i]);
+        }
+        double gain = harmless ? exp(logsum / n) : 0;
+        if (!harmless || gain < MIN_GAIN) {
+            say("%d is not confirmed (%.2fx, or a shape more than 10%% "
+                "slower): 64 stays\n", best_w, gain);
+            continue;
+        }
+        if (which) {
+            res->router_wg = best_w;
+            res->router_score = gain;
+            for (int i = 0; i < n; i++)
+                res->router_s[i] = again[i];
+        } else {
+            res->mixture_wg = best_w;
+            res->mixture_score = gain;
+            for (int i = 0; i < n; i++)
+                res->mixture_s[i] = again[i];
+        }
+    }
+    rc = 0;
+out:
+    for (int i = 0; i < 2; i++) {
+        free(rs[i].h);
+        free(rs[i].ref);
+    }
+    free(host);
+    atmoe_router_free(router);
+    atmoe_tensor_free(wg);
+    atmoe_tensor_free(wd);
+    return rc;
+}
+
+/* The groups' values into the entry's kernels, their report into its
+ * info. */
+static void groups_into_entry(const groups_result *g, json_t *entry)
+{
+    json_t *kernels = json_object_get(entry, "kernels");
+    if (!json_is_object(kernels)) {
+        kernels = json_object();
+        json_object_set_new(entry, "kernels", kernels);
+    }
+    json_object_set_new(kernels, "router",
+                        json_pack("{s:i}", "WG", g->router_wg));
+    json_object_set_new(kernels, "mixture",
+                        json_pack("{s:i}", "WG", g->mixture_wg));
+    json_t *info = json_object_get(entry, "info");
+    if (json_is_object(info))
+        json_object_set_new(
+            info, "groups",
+            json_pack("{s:f, s:f, s:i, s:i, s:i}", "router_speedup",
+                      g->router_score, "mixture_speedup", g->mixture_score,
+                      "timed", g->timed, "wrong", g->wrong, "failed",
+                      g->failed));
 }
 
 /* The new entry: the previous one with what this run tuned in place of
@@ -1820,6 +2129,13 @@ static json_t *make_entry(const tuner *tu, const json_t *prev,
     json_object_set_new(info, "date", json_string(date));
     json_object_set_new(info, "budget_s", json_real(opt->budget_s));
     json_object_set_new(info, "phases", json_string(phases));
+    /* The machine the entry was tuned on: atmoe params tells an entry
+     * tuned here from one copied from elsewhere. */
+    char host[256];
+    if (gethostname(host, sizeof host) == 0) {
+        host[sizeof host - 1] = '\0';
+        json_object_set_new(info, "host", json_string(host));
+    }
     if (opt->phases & PHASE_CLBLAST) {
         const result *keep = cr->keep;
         json_t *c = json_pack(
@@ -1907,10 +2223,15 @@ static int tune(options *opt)
     if (prev_sr < 1 || prev_sr > 256 || prev_st < 1 || prev_st > 256)
         prev_sr = prev_st = 0;
     tu.kernels_base = json_deep_copy(json_object_get(prev, "kernels"));
-    if (opt->dtype == ATMOE_DTYPE_F32)
+    if (opt->phases == PHASE_GROUPS) {
+        /* The mixture is timed with the blocks tuned before. */
+        json_object_del(tu.kernels_base, "router");
+        json_object_del(tu.kernels_base, "mixture");
+    } else if (opt->dtype == ATMOE_DTYPE_F32) {
         json_object_del(tu.kernels_base, "linear");
-    else
+    } else {
         json_object_del(tu.kernels_base, blocks_program(opt));
+    }
 
     char phases[64];
     phases_text(opt->phases, phases, sizeof phases);
@@ -1924,6 +2245,8 @@ static int tune(options *opt)
     memset(&cr, 0, sizeof cr);
     blocks_result blocks;
     memset(&blocks, 0, sizeof blocks);
+    groups_result groups;
+    memset(&groups, 0, sizeof groups);
     json_t *entry = NULL, *points = NULL;
     long max_tokens = 0;
     int rc = 0;
@@ -1984,7 +2307,16 @@ static int tune(options *opt)
         }
     }
 
+    if (opt->phases & PHASE_GROUPS) {
+        if ((rc = tune_groups(&tu, budget_end, &groups)) != 0)
+            goto out;
+        say("work-groups: router %d (%.2fx 64), mixture %d (%.2fx 64)\n",
+            groups.router_wg, groups.router_score, groups.mixture_wg,
+            groups.mixture_score);
+    }
     entry = make_entry(&tu, prev, &cr, &blocks, points, max_tokens);
+    if (entry && (opt->phases & PHASE_GROUPS))
+        groups_into_entry(&groups, entry);
     if (opt->dry_run) {
         char *text = json_dumps(entry, JSON_INDENT(2));
         say("dry run, %s left as it is; the entry would be:\n%s\n", out_path,
@@ -2039,15 +2371,23 @@ static void usage(FILE *f)
             "                  [--compare-layout] [--clock wall|cpu] "
             "[--output FILE]\n"
             "                  [--dtype f32|f16|bf16] [--dry-run] [--quiet]\n"
+            "       " PROGRAM " --effort quick|normal|exhaustive [--resume] "
+            "[--device D | --all-devices]\n"
+            "                  [--output FILE] [--seed N] [--clock wall|cpu] "
+            "[--quiet]\n"
             "       " PROGRAM " --check FILE\n"
             "\n"
             "Searches CLBlast's SGEMM parameters and those of the library's "
             "linear kernel\nfor a device and stores the best in the user's "
             "tuning database (see\n" PROGRAM "(1)).  LIST: comma-separated "
-            "clblast, blocks, boundary, linear\n(blocks,boundary) or all "
-            "(the default).  --dtype f16 or bf16 tunes the blocks\nof "
+            "clblast, blocks, boundary, linear\n(blocks,boundary), groups "
+            "(the router's and the mixture's work-groups) or all\n"
+            "(clblast,blocks,boundary: the default).  --dtype f16 or bf16 tunes the blocks\nof "
             "products over weights of that type (linear.f16, linear.bf16) "
-            "alone.\n");
+            "alone.\n"
+            "--effort tunes every kernel with parameters, for every weight "
+            "type, step by\nstep, with a checkpoint after each step that "
+            "--resume continues from.\n");
 }
 
 static int parse_number(const char *flag, const char *text, double lo,
@@ -2073,6 +2413,7 @@ static int parse_phases(const char *text, unsigned *out)
         unsigned bits;
     } names[] = {{"clblast", PHASE_CLBLAST}, {"blocks", PHASE_BLOCKS},
                  {"boundary", PHASE_BOUNDARY}, {"linear", PHASE_LINEAR},
+                 {"groups", PHASE_GROUPS},
                  {"all", PHASE_ALL}};
     unsigned bits = 0;
     const char *p = text;
@@ -2085,7 +2426,7 @@ static int parse_phases(const char *text, unsigned *out)
             k++;
         if (k == sizeof names / sizeof names[0]) {
             fprintf(stderr, PROGRAM ": --phases takes clblast, blocks, "
-                    "boundary, linear or all, separated by commas, not "
+                    "boundary, linear, groups or all, separated by commas, not "
                     "'%s'\n", text);
             return -1;
         }
@@ -2105,6 +2446,8 @@ int main(int argc, char **argv)
     int phases_given = 0;
     self_name = argv[0];
     const char *check = NULL;
+    effort_args eff = {argv[0], NULL, NULL, 0, NULL, 0, 0, 0, 0};
+    const char *step = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -2120,6 +2463,10 @@ int main(int argc, char **argv)
             opt.dry_run = 1;
         } else if (strcmp(a, "--quiet") == 0) {
             opt.quiet = 1;
+        } else if (strcmp(a, "--resume") == 0) {
+            eff.resume = 1;
+        } else if (strcmp(a, "--all-devices") == 0) {
+            eff.all_devices = 1;
         } else if (v == NULL) {
             fprintf(stderr, PROGRAM ": unknown option or missing value: "
                     "'%s'\n", a);
@@ -2131,6 +2478,15 @@ int main(int argc, char **argv)
             opt.output = argv[++i];
         } else if (strcmp(a, "--check") == 0) {
             check = argv[++i];
+        } else if (strcmp(a, "--effort") == 0) {
+            eff.effort = argv[++i];
+            if (!effort_known(eff.effort)) {
+                fprintf(stderr, PROGRAM ": --effort is quick, normal or "
+                        "exhaustive, not '%s'\n", eff.effort);
+                return EXIT_USAGE;
+            }
+        } else if (strcmp(a, "--step") == 0) {
+            step = argv[++i];
         } else if (strcmp(a, "--boundary-child") == 0) {
             opt.child = argv[++i];
         } else if (strcmp(a, "--phases") == 0) {
@@ -2208,5 +2564,37 @@ int main(int argc, char **argv)
     }
     if (opt.child)
         return boundary_child(&opt);
+    if ((eff.resume || eff.all_devices) && eff.effort == NULL) {
+        fprintf(stderr, PROGRAM ": %s goes with --effort\n",
+                eff.resume ? "--resume" : "--all-devices");
+        return EXIT_USAGE;
+    }
+    if (eff.effort) {
+        if (phases_given || opt.dtype != ATMOE_DTYPE_F32) {
+            fprintf(stderr, PROGRAM ": --effort runs every phase for every "
+                    "weight type; it takes no --phases or --dtype\n");
+            return EXIT_USAGE;
+        }
+        if (eff.all_devices && opt.device) {
+            fprintf(stderr, PROGRAM ": --all-devices or --device, not "
+                    "both\n");
+            return EXIT_USAGE;
+        }
+        char user[4096];
+        if (opt.output == NULL) {
+            atmoe_status st = atmoe_tuning_get_user_path(user, sizeof user);
+            if (st != ATMOE_STATUS_OK)
+                return lib_fail(NULL, st, "finding the user database");
+            opt.output = user;
+        }
+        eff.device = opt.device;
+        eff.output = opt.output;
+        eff.seed = opt.seed;
+        eff.cpu_clock = opt.cpu_clock;
+        eff.quiet = opt.quiet;
+        return tune_effort(&eff);
+    }
+    if (step)
+        effort_test_knob(step);
     return tune(&opt);
 }

@@ -561,6 +561,56 @@ START_TEST(test_router_projected)
 }
 END_TEST
 
+/* The router's work-groups (kernels.router.WG): 1, 8, 100 (run as 64)
+ * and 1024 (as many as the device allows, a power of two) share each
+ * row's dot products over d_in = 37, a multiple of none of them, and give
+ * the float64 reference's weights, top-k and masks included, also when
+ * the parameters change after the graph was planned. */
+START_TEST(test_router_work_groups)
+{
+    static const int wgs[] = {1, 8, 100, 1024};
+    for (size_t i = 0; i < sizeof wgs / sizeof wgs[0]; i++) {
+        CTX = test_context();
+        char params[96];
+        snprintf(params, sizeof params,
+                 "{\"kernels\": {\"router\": {\"WG\": %d}}}", wgs[i]);
+        OK(atmoe_context_set_params(CTX, params));
+        test_rng_seed(&RNG, 111 + i);
+        const size_t T = 9;
+        model m;
+        model_s1(&m, 37, 29, NULL);
+        atmoe_experts *set = model_build(&m);
+        rcfg cfg;
+        atmoe_router *router = router_make(set, &cfg, ATMOE_ROUTER_PROJECTED,
+                                           0.7f, 1.3f, 2, 1);
+        float *wg = alloc_uniform(37 * 3, -0.5, 0.5);
+        float *wd = alloc_uniform(37 * 6, -0.5, 0.5);
+        float *w0 = alloc_uniform(29 * 37, -1, 1);
+        float *x = alloc_uniform(T * 37, -1, 1);
+        const rcfg *cfgs[1] = {&cfg};
+        rig r;
+        rig_build(&r, &m, set, 1, &router, cfgs, T, wg, wd, NULL, w0, NULL,
+                  1.0f);
+        rig_check(&r, x, T, NULL);
+        /* Other parameters after planning: the planned kernel keeps the
+         * work-group it was built for. */
+        OK(atmoe_context_set_params(
+            CTX, "{\"kernels\": {\"router\": {\"WG\": 32}}}"));
+        ctl_mask(router, &cfg, 0, 1, 0);
+        rig_check(&r, x, T, NULL);
+        atmoe_graph_free(r.g);
+        atmoe_router_free(router);
+        atmoe_experts_free(set);
+        free(wg);
+        free(wd);
+        free(w0);
+        free(x);
+        model_free(&m);
+        atmoe_context_free(CTX);
+    }
+}
+END_TEST
+
 /* ------------------------------------------------------------------------ */
 /* Router, scaled form                                                       */
 /* ------------------------------------------------------------------------ */
@@ -1659,6 +1709,16 @@ START_TEST(test_every_batch_tuned_blocks)
 }
 END_TEST
 
+/* The mixture's mix and fold launched in work-groups of 4 (7 rounded
+ * down) and of 1024 (clamped to the device), on batches and widths that
+ * are multiples of neither. */
+START_TEST(test_every_batch_mixture_work_groups)
+{
+    every_batch("{\"kernels\": {\"mixture\": {\"WG\": 7}}}");
+    every_batch("{\"kernels\": {\"mixture\": {\"WG\": 1024}}}");
+}
+END_TEST
+
 /* A tuned boundary: CLBlast past 16 tokens, as on a GPU. */
 START_TEST(test_every_batch_tuned_boundary)
 {
@@ -2635,6 +2695,7 @@ static Suite *moe_suite(void)
 
     tc = tcase_create("router");
     tcase_add_test(tc, test_router_projected);
+    tcase_add_test(tc, test_router_work_groups);
     tcase_add_test(tc, test_router_scaled);
     tcase_add_test(tc, test_router_topk);
     tcase_add_test(tc, test_degenerate);
@@ -2653,6 +2714,7 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch_clblast);
     tcase_add_test(tc, test_every_batch_tuned_blocks);
     tcase_add_test(tc, test_every_batch_tuned_boundary);
+    tcase_add_test(tc, test_every_batch_mixture_work_groups);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
     suite_add_tcase(s, tc);

@@ -125,4 +125,134 @@ run --dtype bf16 --phases clblast
 run --dtype q8
 [ "$rc" -eq 2 ] || fail "--dtype q8 exited $rc, not 2"
 
+# --- --effort: every kernel with parameters, step by step.  The hidden
+# effort "test" runs each phase with a budget of 0 (the reference and a
+# candidate or two), in seconds.
+blocks_of() { # the kernels' blocks of a database, one program a line
+    tr -d ' \n' < "$1" | grep -o '"linear[.a-z0-9]*":{"SR":[0-9]*,"ST":[0-9]*' |
+        sort
+}
+edb="$tmp/effort/tuning.json"
+run --effort test --seed 3 --output "$edb"
+if [ "$rc" -ne 0 ]; then
+    fail "--effort test exited $rc"
+    cat "$tmp/out" "$tmp/err"
+fi
+"$tool" --check "$edb" > /dev/null 2>&1 || fail "--check refused --effort's output"
+blocks_of "$edb" > "$tmp/effort.blocks"
+for prog in linear linear.f16 linear.bf16; do
+    grep -q "^\"$prog\":" "$tmp/effort.blocks" ||
+        fail "--effort test tuned no blocks for $prog"
+done
+grep -q '\[5/5\]' "$tmp/out" || fail "--effort shows no step count"
+grep -q 'left' "$tmp/out" || fail "--effort shows no time left"
+grep -q 'best so far' "$tmp/out" || fail "--effort shows no best so far"
+grep -q '"host"' "$edb" || fail "the entry does not say which host tuned it"
+tr -d ' \n' < "$edb" | grep -Eq '"router":\{"WG":[0-9]+\}' ||
+    fail "--effort test tuned no router work-group"
+tr -d ' \n' < "$edb" | grep -Eq '"mixture":\{"WG":[0-9]+\}' ||
+    fail "--effort test tuned no mixture work-group"
+[ -e "$edb.progress" ] && fail "a finished search left its checkpoint"
+# the entry is used by a new context, and atmoe params says it was tuned
+# on this machine
+ATMOE_TUNING_FILE="$edb" "$atmoe" params > "$tmp/params" 2>&1 ||
+    fail "atmoe params failed on --effort's output"
+grep -q '^  linear.f16 .*tuned on this machine' "$tmp/params" ||
+    { fail "atmoe params does not say linear.f16 was tuned here"; cat "$tmp/params"; }
+
+# --- an interrupted search resumes after its last checkpoint: the second
+# step hangs (a test-only knob), the run is killed once the first step's
+# checkpoint is written, and --resume runs the three steps left, keeping
+# the first step's result, to the same kernels as the uninterrupted run
+rdb="$tmp/resume/tuning.json"
+ATMOE_TUNE_TEST_HANG=boundary "$tool" --effort test --seed 3 \
+    --output "$rdb" > "$tmp/r1.out" 2>&1 &
+pid=$!
+i=0
+while ! grep -q '"done": 1' "$rdb.progress" 2> /dev/null && [ $i -lt 600 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+[ -e "$rdb.progress" ] || fail "no checkpoint after the first step"
+kill -TERM "$pid"
+wait "$pid"
+[ -e "$rdb.progress" ] || fail "the killed search left no checkpoint"
+first=$(tr -d ' \n' < "$rdb" | grep -o '"linear":{"SR":[0-9]*,"ST":[0-9]*')
+[ -n "$first" ] || fail "the first step saved no blocks before the kill"
+run --effort test --seed 3 --output "$rdb" --resume
+if [ "$rc" -ne 0 ]; then
+    fail "--resume exited $rc"
+    cat "$tmp/out" "$tmp/err"
+fi
+grep -q 'resuming the test search at step 2 of 5' "$tmp/out" ||
+    { fail "--resume did not resume at step 2"; cat "$tmp/out"; }
+grep -q '\[1/5\]' "$tmp/out" && fail "--resume ran the first step again"
+tr -d ' \n' < "$rdb" | grep -q -F "$first" ||
+    fail "--resume lost the first step's result ($first)"
+blocks_of "$rdb" | sed 's/":{.*//' > "$tmp/resumed.progs"
+sed 's/":{.*//' "$tmp/effort.blocks" | cmp -s - "$tmp/resumed.progs" ||
+    fail "the resumed search tuned other kernels than the uninterrupted one"
+grep -q 'MAX_TOKENS\|no MAX_TOKENS' "$tmp/out" ||
+    fail "the resumed search did not run the boundary"
+[ -e "$rdb.progress" ] && fail "the resumed search left its checkpoint"
+# --resume without a checkpoint starts at the beginning
+run --effort test --seed 3 --output "$tmp/fresh/tuning.json" --resume
+expect 0 "nothing to resume" "--resume without a checkpoint" out
+
+# --- a step that hangs is killed at its time limit and one that crashes
+# is skipped; the search goes on to the other steps
+hdb="$tmp/hang/tuning.json"
+ATMOE_TUNE_TEST_HANG=blocks.f16 ATMOE_TUNE_TEST_CRASH=blocks.bf16 \
+    ATMOE_TUNE_STEP_TIMEOUT_S=3 run --effort test --seed 3 --output "$hdb"
+[ "$rc" -eq 0 ] || { fail "a search with a hung step exited $rc"; cat "$tmp/err"; }
+grep -q 'blocks.f16 skipped: it ran past its limit' "$tmp/err" ||
+    { fail "the hung step was not reported skipped"; cat "$tmp/err"; }
+grep -q 'blocks.bf16 skipped: it crashed' "$tmp/err" ||
+    { fail "the crashed step was not reported skipped"; cat "$tmp/err"; }
+blocks_of "$hdb" > "$tmp/hang.blocks"
+grep -q '^"linear":' "$tmp/hang.blocks" || fail "the steps before the hang were lost"
+grep -q '^"linear.f16":' "$tmp/hang.blocks" && fail "the hung step saved blocks"
+
+# --- usage errors of --effort
+run --effort fast
+[ "$rc" -eq 2 ] || fail "--effort fast exited $rc, not 2"
+run --resume
+[ "$rc" -eq 2 ] || fail "--resume without --effort exited $rc, not 2"
+run --effort test --phases blocks
+[ "$rc" -eq 2 ] || fail "--effort with --phases exited $rc, not 2"
+run --effort test --all-devices --device 0
+[ "$rc" -eq 2 ] || fail "--all-devices with --device exited $rc, not 2"
+
+# --- tuning at install (build-aux/install-tuning.sh, which make install
+# runs): into the installed database beside the shipped entries, used by
+# a new context; skipped under a DESTDIR, when configured off and with
+# ATMOE_INSTALL_TUNING=0
+script="$(dirname "$0")/../build-aux/install-tuning.sh"
+idb="$tmp/inst/share/atmoe/tuning.json"
+mkdir -p "$tmp/inst/share/atmoe"
+cp "$(dirname "$0")/../data/tuning.json" "$idb"
+cp "$idb" "$tmp/shipped.json"
+sh "$script" "$tmp/destdir" yes "$tool" "$idb" test > "$tmp/out" 2>&1
+grep -q 'skipped: installing into DESTDIR' "$tmp/out" || fail "DESTDIR did not skip"
+sh "$script" "" no "$tool" "$idb" test > "$tmp/out" 2>&1
+grep -q 'skipped: configured with --disable-install-tuning' "$tmp/out" ||
+    fail "--disable-install-tuning did not skip"
+ATMOE_INSTALL_TUNING=0 sh "$script" "" yes "$tool" "$idb" test > "$tmp/out" 2>&1
+grep -q 'skipped: ATMOE_INSTALL_TUNING=0' "$tmp/out" ||
+    fail "ATMOE_INSTALL_TUNING=0 did not skip"
+cmp -s "$idb" "$tmp/shipped.json" || fail "a skipped install-time tuning changed the database"
+sh "$script" "" yes "$tool" "$idb" test > "$tmp/out" 2>&1 ||
+    fail "the install-time tuning failed"
+"$tool" --check "$idb" > "$tmp/check" 2>&1 || fail "--check refused the installed database"
+n_shipped=$(grep -c '"vendor"' "$tmp/shipped.json")
+n_now=$(grep -c '"vendor"' "$idb")
+[ "$n_now" -gt "$n_shipped" ] ||
+    fail "the installed database has no tuned entry beside the shipped ones"
+grep -q '"untuned": true' "$idb" || fail "the shipped class defaults were lost"
+ATMOE_TUNING_SYSTEM_FILE="$idb" ATMOE_TUNING_FILE= "$atmoe" params \
+    > "$tmp/params" 2>&1 || fail "atmoe params failed on the installed database"
+grep -q "^  linear .*system database $idb, entry by device+driver: tuned on this machine" \
+    "$tmp/params" ||
+    { fail "a new context does not use the install-time entry"; cat "$tmp/params"; }
+
 finish atmoe-tune

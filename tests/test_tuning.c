@@ -325,6 +325,7 @@ START_TEST(test_malformed)
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": 1}}}]}",
          "'probe' is not a program with tuned parameters (linear, "
+         "router, mixture, "
          "linear.f32, linear.f16, linear.bf16, linear.q8)"},
         /* A typed program has the blocks alone: the boundary with
          * CLBlast is the untyped program's. */
@@ -728,6 +729,89 @@ START_TEST(test_kernels_schema)
                          "tuned");
         json_decref(p);
     }
+    atmoe_context_free(ctx);
+}
+END_TEST
+
+/* sources.<program>.<field> of the parameters in force, or "" (a
+ * boolean as "true" or "false"). */
+static void source_of(atmoe_context *ctx, const char *program,
+                      const char *field, char *out, size_t size)
+{
+    json_t *p = params_of(ctx);
+    json_t *v = json_object_get(
+        json_object_get(json_object_get(p, "sources"), program), field);
+    snprintf(out, size, "%s",
+             json_is_string(v)  ? json_string_value(v)
+             : json_is_true(v)  ? "true"
+             : json_is_false(v) ? "false"
+                                : "");
+    json_decref(p);
+}
+
+/* The sources section says, for each program with parameters and each
+ * CLBlast kernel in force, where its parameters came from: a shipped class
+ * default (a vendor+type entry whose info says untuned) in the system
+ * database, a tuned entry of the user's with the host it was tuned on,
+ * another program's values (linear.f32 takes linear's), or the built-in
+ * defaults; an explicit set says so. */
+START_TEST(test_param_sources)
+{
+    write_file(sys_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"%s\", "
+               "\"type\": \"%s\", \"kernels\": {\"linear\": {\"SR\": 8}}, "
+               "\"info\": {\"untuned\": true}}]}",
+               atmoe_vendor_name(dev.vendor),
+               atmoe_device_type_name(dev.type));
+    write_file(user_path,
+               "{\"atmoe_tuning\": 1, \"entries\": [{\"device\": \"%s\", "
+               "\"driver\": \"%s\", \"vendor\": \"%s\", \"type\": \"%s\", "
+               "\"kernels\": {\"router\": {\"WG\": 8}}, "
+               "\"info\": {\"host\": \"tuner-host\"}}]}",
+               dev.name, dev.driver_version, atmoe_vendor_name(dev.vendor),
+               atmoe_device_type_name(dev.type));
+    atmoe_context *ctx = test_context();
+    char v[4200];
+    source_of(ctx, "linear", "from", v, sizeof v);
+    ck_assert_str_eq(v, "system");
+    source_of(ctx, "linear", "match", v, sizeof v);
+    ck_assert_str_eq(v, "vendor+type");
+    source_of(ctx, "linear", "untuned", v, sizeof v);
+    ck_assert_str_eq(v, "true");
+    source_of(ctx, "linear", "file", v, sizeof v);
+    ck_assert_str_eq(v, sys_path);
+    source_of(ctx, "router", "from", v, sizeof v);
+    ck_assert_str_eq(v, "user");
+    source_of(ctx, "router", "match", v, sizeof v);
+    ck_assert_str_eq(v, "device+driver");
+    source_of(ctx, "router", "host", v, sizeof v);
+    ck_assert_str_eq(v, "tuner-host");
+    source_of(ctx, "router", "untuned", v, sizeof v);
+    ck_assert_str_eq(v, "false");
+    source_of(ctx, "linear.f32", "from", v, sizeof v);
+    ck_assert_str_eq(v, "fallback");
+    source_of(ctx, "linear.f32", "as", v, sizeof v);
+    ck_assert_str_eq(v, "linear");
+    source_of(ctx, "mixture", "from", v, sizeof v);
+    ck_assert_str_eq(v, "default");
+    ck_assert_int_eq(define_of(ctx, "router", "WG", NULL, 0), 8);
+
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"mixture\": {\"WG\": 16}}}"),
+                     ctx);
+    source_of(ctx, "mixture", "from", v, sizeof v);
+    ck_assert_str_eq(v, "explicit");
+    source_of(ctx, "router", "from", v, sizeof v);
+    ck_assert_str_eq(v, "default");
+    atmoe_context_free(ctx);
+
+    /* Off: every program at its defaults. */
+    setenv("ATMOE_PARAMS", "default", 1);
+    ctx = test_context();
+    source_of(ctx, "router", "from", v, sizeof v);
+    ck_assert_str_eq(v, "default");
+    source_of(ctx, "linear", "from", v, sizeof v);
+    ck_assert_str_eq(v, "default");
     atmoe_context_free(ctx);
 }
 END_TEST
@@ -1188,6 +1272,7 @@ static Suite *tuning_suite(void)
     tcase_add_test(tc, test_linear_params_build);
     tcase_add_test(tc, test_linear_params_by_type);
     tcase_add_test(tc, test_kernels_schema);
+    tcase_add_test(tc, test_param_sources);
     tcase_add_test(tc, test_param_env);
     tcase_add_test(tc, test_set_params_errors);
     tcase_add_test(tc, test_explicit_set_numerics);

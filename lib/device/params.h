@@ -11,6 +11,11 @@ typedef enum atm_param {
     ATM_PARAM_LINEAR_SR,         /* "linear" SR: rows-tiles per block, 1..256, default 8 */
     ATM_PARAM_LINEAR_ST,         /* "linear" ST: token-tiles per block, 1..256, default 8 */
     ATM_PARAM_LINEAR_MAX_TOKENS, /* "linear" MAX_TOKENS: batches up to this run cl/linear.cl, beyond it CLBlast; env ATMOE_LINEAR_MAX_TOKENS; default: no limit (LONG_MAX) on CPU devices, 16 elsewhere; >= 1 */
+    /* Work-group sizes (atm_param_work_group rounds them to a power of
+     * two the device allows): "router" WG, the items that share a row's
+     * dot products in cl/router.cl, default 64; "mixture" WG, the
+     * work-groups of cl/mixture.cl's mix and fold launches, default 64. */
+    ATM_PARAM_ROUTER_WG, ATM_PARAM_MIXTURE_WG,
     /* The blocks of cl/linear.cl for one storage type of its weight W
      * ("linear.f32", "linear.f16", "linear.bf16"): by default the untyped
      * "linear" ones, so that a database without typed entries applies to
@@ -36,6 +41,11 @@ typedef enum atm_param {
  * atmoe_context_set_params; a lookup is an array read, allocates
  * nothing. */
 long atm_param_get(const atmoe_context *ctx, atm_param p);
+
+/* A work-group size parameter's value as a launch can take it: the
+ * largest power of two at most the value and the device's largest
+ * work-group, so that an entry written for another device still runs. */
+size_t atm_param_work_group(const atmoe_context *ctx, atm_param p);
 
 /* cl/linear.cl's block (SR, or ST when st) for a weight stored as dtype
  * (f32, f16, bf16 or q8; another reads the untyped one). */

@@ -314,6 +314,14 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
     [ATM_PARAM_LINEAR_MAX_TOKENS] = {"linear", "MAX_TOKENS", 1, LONG_MAX,
                                      LONG_MAX, 16, ATM_ENV_LINEAR_MAX_TOKENS,
                                      -1},
+    /* Work-group sizes, 64 as the library always had: the router's items
+     * per row (a tree reduction over them), and the 1-D launches of the
+     * mixture's mix and fold kernels.  Powers of two are used as they
+     * are, others rounded down (atm_param_work_group). */
+    [ATM_PARAM_ROUTER_WG] = {"router", "WG", 1, 1024, 64, 64, ATM_ENV_NONE,
+                             -1},
+    [ATM_PARAM_MIXTURE_WG] = {"mixture", "WG", 1, 1024, 64, 64,
+                              ATM_ENV_NONE, -1},
     /* The blocks by the storage type of W: a half-precision row is half
      * the bytes, so a block of more rows may fit the same cache.  Without
      * a typed entry, the untyped one (or its default) holds: databases
@@ -830,8 +838,14 @@ static int specificity(const json_t *e, const atmoe_device_info *dev)
  * of e that is at least as specific as the one already there (ties are
  * entries of the same key, which resolve() never passes twice). */
 static void take_sets(json_t *resolved, const json_t *e, int spec,
-                      const char *file)
+                      const char *file, const char *database)
 {
+    /* Where the entry came from, for atmoe params: which database, the
+     * host it was tuned on (atmoe-tune records it), and whether it is a
+     * shipped starting point rather than a tuned entry. */
+    const json_t *info = json_object_get(e, "info");
+    json_t *host = json_object_get(info, "host");
+    int untuned = json_is_true(json_object_get(info, "untuned"));
     static const char *const sections[] = {"clblast", "kernels"};
     for (int s = 0; s < 2; s++) {
         json_t *out = json_object_get(resolved, sections[s]);
@@ -842,10 +856,13 @@ static void take_sets(json_t *resolved, const json_t *e, int spec,
             json_t *have_spec = json_object_get(have, "spec");
             if (have && json_integer_value(have_spec) > spec)
                 continue;
-            json_object_set_new(out, kernel,
-                                json_pack("{s:s, s:s, s:i, s:O}", "match",
-                                          match_names[spec], "file", file,
-                                          "spec", spec, "values", set));
+            json_t *rec = json_pack("{s:s, s:s, s:i, s:O, s:s, s:b}",
+                                    "match", match_names[spec], "file", file,
+                                    "spec", spec, "values", set, "database",
+                                    database, "untuned", untuned);
+            if (rec && json_is_string(host))
+                json_object_set(rec, "host", host);
+            json_object_set_new(out, kernel, rec);
         }
     }
 }
@@ -896,7 +913,8 @@ static json_t *resolve(const atmoe_device_info *dev)
         json_array_foreach(json_object_get(roots[f], "entries"), i, e) {
             int spec = specificity(e, dev);
             if (spec > 0 && (f == 1 || !has_key(roots[1], e)))
-                take_sets(resolved, e, spec, paths[f]);
+                take_sets(resolved, e, spec, paths[f],
+                          f == 0 ? "system" : "user");
         }
     }
     json_decref(roots[0]);
@@ -965,6 +983,16 @@ long atm_param_get(const atmoe_context *ctx, atm_param p)
     /* Callers pass an enum constant; a value outside it reads the first
      * row rather than past the array. */
     return ctx->tuning.value[(unsigned)p < ATM_PARAM_COUNT_ ? p : 0];
+}
+
+size_t atm_param_work_group(const atmoe_context *ctx, atm_param p)
+{
+    long v = atm_param_get(ctx, p);
+    size_t max = ctx->device->info.max_work_group_size;
+    size_t wg = 1;
+    while (wg * 2 <= (size_t)v && wg * 2 <= max)
+        wg *= 2;
+    return wg;
 }
 
 long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
@@ -1056,12 +1084,11 @@ static int override_set(atmoe_context *ctx, const char *kernel,
     }
     pthread_mutex_lock(&state_lock);
     json_t *dev = device_record(ctx->device->id);
-    if (dev)
-        json_object_set_new(dev, kernel, json_pack("{s:O, s:O, s:O}", "match",
-                                                   json_object_get(rec, "match"),
-                                                   "file",
-                                                   json_object_get(rec, "file"),
-                                                   "values", values));
+    if (dev) {
+        json_t *keep = json_deep_copy(rec);
+        json_object_del(keep, "spec");
+        json_object_set_new(dev, kernel, keep);
+    }
     pthread_mutex_unlock(&state_lock);
     return 0;
 }
@@ -1165,7 +1192,7 @@ ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
             return st;
         resolved = json_pack("{s:{}, s:{}}", "clblast", "kernels");
         if (resolved)
-            take_sets(resolved, set, 0, "");
+            take_sets(resolved, set, 0, "", "explicit");
         json_decref(set);
         mode = "custom";
     } else {
@@ -1200,15 +1227,34 @@ ATMOE_API atmoe_status atmoe_context_set_params(atmoe_context *ctx,
     return ATMOE_STATUS_OK;
 }
 
+/* The origin of a record (take_sets) in its public form: "database"
+ * (system, user or explicit), "untuned" (a shipped class default, an
+ * untuned starting point) and "host" (the machine atmoe-tune ran on,
+ * when the entry says). */
+static void add_origin(json_t *out, const json_t *rec)
+{
+    json_t *v;
+    if (out == NULL)
+        return;
+    if ((v = json_object_get(rec, "database")))
+        json_object_set(out, "database", v);
+    if ((v = json_object_get(rec, "untuned")))
+        json_object_set(out, "untuned", v);
+    if ((v = json_object_get(rec, "host")))
+        json_object_set(out, "host", v);
+}
+
 /* The public form of a record: match ("explicit" for a set given
  * directly), file, and values under values_name. */
 static json_t *public_record(const json_t *rec, const char *values_name,
                              json_t *values)
 {
     const char *match = json_string_value(json_object_get(rec, "match"));
-    return json_pack("{s:s, s:O, s:o}", "match", *match ? match : "explicit",
-                     "file", json_object_get(rec, "file"), values_name,
-                     values);
+    json_t *out = json_pack("{s:s, s:O, s:o}", "match",
+                            *match ? match : "explicit", "file",
+                            json_object_get(rec, "file"), values_name, values);
+    add_origin(out, rec);
+    return out;
 }
 
 /* CLBlast's records as they are. */
@@ -1271,6 +1317,69 @@ static json_t *public_kernels(const atm_tuning *t)
     return out;
 }
 
+/* For every program of the table and every CLBlast kernel in force,
+ * where its parameters came from as a whole: "environment" when a
+ * variable sets one of them, else the record's database ("system",
+ * "user", "explicit"), else "default" (the library's built-in values);
+ * with the record's origin (add_origin) and match.  atmoe params reads
+ * this to say which entry each kernel used. */
+static json_t *public_sources(const atm_tuning *t, json_t *clblast)
+{
+    json_t *out = json_object();
+    for (size_t p = 0; p < ATM_PARAM_COUNT_ && out; p++) {
+        const param_row *r = &param_rows[p];
+        json_t *src = json_object_get(out, r->program);
+        if (src == NULL) {
+            json_t *rec = json_object_get(t->kernels, r->program);
+            src = json_pack("{s:s}", "from", "default");
+            if (rec) {
+                const char *match =
+                    json_string_value(json_object_get(rec, "match"));
+                json_object_set_new(src, "match",
+                                    json_string(*match ? match : "explicit"));
+                json_object_set(src, "file", json_object_get(rec, "file"));
+                json_object_set_new(
+                    src, "from",
+                    json_string(strcmp(t->mode, "custom") == 0
+                                    ? "explicit"
+                                    : json_string_value(json_object_get(
+                                          rec, "database"))
+                                          ? json_string_value(json_object_get(
+                                                rec, "database"))
+                                          : "database"));
+                add_origin(src, rec);
+            }
+            json_object_set_new(out, r->program, src);
+        }
+        if (t->from[p] == FROM_ENV)
+            json_object_set_new(src, "from", json_string("environment"));
+        else if (t->from[p] == FROM_FALLBACK &&
+                 json_object_get(t->kernels, r->program) == NULL) {
+            /* No record of its own: the values of the row's fallback
+             * (linear.f32 takes linear's), said as "as PROGRAM". */
+            json_object_set_new(src, "from", json_string("fallback"));
+            json_object_set_new(src, "as",
+                                json_string(param_rows[r->fallback].program));
+        }
+    }
+    const char *kernel;
+    json_t *rec;
+    json_object_foreach(clblast, kernel, rec) {
+        char name[64];
+        snprintf(name, sizeof name, "clblast.%s", kernel);
+        const char *match = json_string_value(json_object_get(rec, "match"));
+        json_t *db = json_object_get(rec, "database");
+        json_t *src = json_pack("{s:s, s:s, s:O}", "from",
+                                json_is_string(db) ? json_string_value(db)
+                                                   : "database",
+                                "match", match && *match ? match : "explicit",
+                                "file", json_object_get(rec, "file"));
+        add_origin(src, rec);
+        json_object_set_new(out, name, src);
+    }
+    return out;
+}
+
 ATMOE_API atmoe_status atmoe_context_get_params(const atmoe_context *ctx,
                                                 char *json, size_t size,
                                                 size_t *needed)
@@ -1282,9 +1391,10 @@ ATMOE_API atmoe_status atmoe_context_get_params(const atmoe_context *ctx,
                         "atmoe_context_get_params: json is NULL; a size query "
                         "passes size 0 and needed");
     json_t *rec = device_record_copy(ctx->device->id);
-    json_t *out = json_pack("{s:s, s:o, s:o}", "mode", ctx->tuning.mode,
+    json_t *out = json_pack("{s:s, s:o, s:o, s:o}", "mode", ctx->tuning.mode,
                             "clblast", public_clblast(rec), "kernels",
-                            public_kernels(&ctx->tuning));
+                            public_kernels(&ctx->tuning), "sources",
+                            public_sources(&ctx->tuning, rec));
     json_decref(rec);
     char *text = out ? json_dumps(out, JSON_INDENT(2)) : NULL;
     json_decref(out);

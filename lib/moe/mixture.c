@@ -452,8 +452,11 @@ static atmoe_status mix(atmoe_graph *g, const atm_node *n, size_t T,
     atm_arg_ulong(&args, T);
     atm_arg_ulong(&args, set->total_rank);
     atm_arg_ulong(&args, gates->shape[0]);
-    return atm_node_launch(g, n, &args, mix_name(mp->mix), T * z_width(set),
-                           NULL);
+    return atm_node_launch_local(g, n, &args, mix_name(mp->mix),
+                                 T * z_width(set),
+                                 atm_param_work_group(g->ctx,
+                                                      ATM_PARAM_MIXTURE_WG),
+                                 NULL);
 }
 
 /* y = bias; y += x W'^T with W' = W0 + c B_all M A_all made in scratch. */
@@ -490,7 +493,9 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     atm_arg_ulong(&args, R);
     atm_arg_ulong(&args, Z);
     atm_gemm merge = mixture_gemm(g, n, G_MERGE);
-    if ((st = atm_node_launch(g, n, &args, "fold_gates", Z * d_in, first)) ||
+    if ((st = atm_node_launch_local(
+             g, n, &args, "fold_gates", Z * d_in,
+             atm_param_work_group(g->ctx, ATM_PARAM_MIXTURE_WG), first)) ||
         (st = atm_tensor_copy_with(mp->w0_dtype == ATMOE_DTYPE_F32
                                        ? n->kernel[K_COPY]
                                        : n->kernel[K_W0_F32],

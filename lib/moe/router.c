@@ -13,6 +13,7 @@
 #include "graph/graph.h"
 #include "base/log.h"
 #include "device/program.h"
+#include "device/tuning.h"
 
 void atm_router_retain(atmoe_router *router)
 {
@@ -225,8 +226,8 @@ atmoe_status atm_router_upload(atmoe_router *r)
 
 /* ---------------------------------------------------------------- graph */
 
-#define ROUTER_WG 64
-
+/* The work-items that share a row (kernels.router.WG, default 64). */
+#define ROUTER_WG(g) atm_param_work_group((g)->ctx, ATM_PARAM_ROUTER_WG)
 
 ATMOE_API atmoe_status atmoe_graph_router(atmoe_graph *g, atmoe_node h,
                                           atmoe_router *router,
@@ -331,7 +332,8 @@ static void router_options(const atmoe_graph *g, const atm_node *n,
                            char *buf, size_t size)
 {
     const atmoe_router *r = ATM_NODE_PARAMS(router_params, n)->router;
-    snprintf(buf, size, "%s -DWG=%d -DGT=%d -DDT=%d", r->options, ROUTER_WG,
+    snprintf(buf, size, "%s -DWG=%d -DGT=%d -DDT=%d", r->options,
+             (int)ATM_NODE_PARAMS(router_params, n)->wg,
              atm_weight_type(g->nodes[n->src[1]].dtype),
              atm_weight_type(g->nodes[n->src[2]].dtype));
 }
@@ -339,6 +341,9 @@ static void router_options(const atmoe_graph *g, const atm_node *n,
 static atmoe_status router_prepare(atmoe_graph *g, atm_node *n)
 {
     char options[192];
+    /* The launch uses the size the kernel was built for, whatever the
+     * parameters in force later (reqd_work_group_size). */
+    ATM_NODE_PARAMS(router_params, n)->wg = ROUTER_WG(g);
     router_options(g, n, options, sizeof options);
     return atm_node_kernel(g, n, 0, "router", options, "grouped_router");
 }
@@ -377,7 +382,8 @@ static atmoe_status router_run(atmoe_graph *g, atm_node *n, cl_event *ev,
                         "failed: %s (%d)", n->name,
                         atm_cl_error_name(args.err), (int)args.err);
     /* A work-group per row: not atm_node_launch's 1-D geometry. */
-    size_t local = ROUTER_WG, global = h->shape[0] * ROUTER_WG;
+    size_t local = ATM_NODE_PARAMS(router_params, n)->wg;
+    size_t global = h->shape[0] * local;
     cl_int err = clEnqueueNDRangeKernel(g->ctx->queue, k, 1, NULL, &global,
                                         &local, 0, NULL, ev);
     if (err != CL_SUCCESS)

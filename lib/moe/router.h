@@ -9,6 +9,7 @@
 /* The router node's parameters (atm_node.p). */
 typedef struct router_params {
     atmoe_router *router; /* a reference */
+    size_t wg; /* the work-group its kernel was built for (prepare) */
 } router_params;
 
 extern const atm_op atm_op_router;
