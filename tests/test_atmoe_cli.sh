@@ -116,9 +116,18 @@ run run "$r1/manifest.json" --input "$m/x.safetensors" \
 expect 1 "uses the intuition" "run of rank-1 experts without embeddings"
 [ -e "$tmp/y-r1b.safetensors" ] && fail "a failed rank-1 run wrote its output"
 
-# Without --trace only the outputs are written.
+# Without --trace only the outputs are written.  The temporary a killed
+# run left (its process gone: no pid is above the kernel's pid_max) goes;
+# one whose writer lives stays.
+echo stale > "$tmp/y2.safetensors.tmp-99999999"
+echo live > "$tmp/y2.safetensors.tmp-$$"
 run run "$m/manifest.json" --input "$m/x.safetensors" --output "$tmp/y2.safetensors"
 expect 0 "wrote $tmp/y2.safetensors" "run without a trace"
+[ -e "$tmp/y2.safetensors.tmp-99999999" ] &&
+    fail "a killed run's temporary file was left"
+[ -e "$tmp/y2.safetensors.tmp-$$" ] ||
+    fail "a live run's temporary file was removed"
+rm -f "$tmp/y2.safetensors.tmp-$$"
 cmp -s "$tmp/y.safetensors" "$tmp/y2.safetensors" ||
     fail "the same run wrote different outputs"
 

@@ -3,7 +3,9 @@
  * and with --trace the routers' gates, as safetensors files.  Rank-1
  * modules read the samples' instruction embeddings or intuition scores
  * from X. */
+#include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -156,9 +158,54 @@ static atmoe_status save_node(atmoe_graph *g, atmoe_node node,
     return st;
 }
 
-/* PATH.tmp-PID: beside PATH, so that renaming it is atomic. */
+/* Removes the PATH.tmp-PID files that a killed run left beside path:
+ * those whose process no longer exists (a live run's, or another user's,
+ * stay). */
+static void remove_stale_temps(const char *path)
+{
+    char *copy = strdup(path);
+    if (copy == NULL)
+        return;
+    char *slash = strrchr(copy, '/');
+    const char *dir = slash ? (slash == copy ? "/" : copy) : ".";
+    const char *base = slash ? slash + 1 : copy;
+    if (slash)
+        *slash = '\0';
+    size_t len = strlen(base);
+    DIR *d = opendir(dir);
+    if (d == NULL) {
+        free(copy);
+        return;
+    }
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        const char *name = e->d_name;
+        if (strncmp(name, base, len) != 0 ||
+            strncmp(name + len, ".tmp-", 5) != 0)
+            continue;
+        char *end;
+        long pid = strtol(name + len + 5, &end, 10);
+        if (*end != '\0' || end == name + len + 5 || pid <= 0 ||
+            pid == (long)getpid() ||
+            kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+            continue;
+        char full[4096];
+        struct stat sb;
+        if (snprintf(full, sizeof full, "%s/%s", dir, name) <
+                (int)sizeof full &&
+            lstat(full, &sb) == 0 && S_ISREG(sb.st_mode) &&
+            sb.st_uid == getuid())
+            remove(full);
+    }
+    closedir(d);
+    free(copy);
+}
+
+/* PATH.tmp-PID: beside PATH, so that renaming it is atomic.  Those of runs
+ * that were killed before their rename go first. */
 static char *temp_name(const char *path)
 {
+    remove_stale_temps(path);
     size_t n = strlen(path) + 32;
     char *t = malloc(n);
     if (t)
