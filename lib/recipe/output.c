@@ -74,3 +74,30 @@ atmoe_status atm_recipe_output_end(atmoe_context *ctx, const char *fn,
     o->dir = NULL;
     return st;
 }
+
+atmoe_status atm_recipe_write_result(atmoe_context *ctx, const char *fn,
+                                     const char *output,
+                                     atmoe_safetensors_writer *w,
+                                     const char *weights_file,
+                                     const atmoe_manifest *mf)
+{
+    atm_recipe_output o;
+    atmoe_status st = atm_recipe_output_begin(ctx, fn, output, &o);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    size_t size = strlen(o.dir) + strlen(weights_file) + 32;
+    char *path = atm_malloc(size);
+    if (path == NULL)
+        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
+                      "%s: out of host memory", fn);
+    if (st == ATMOE_STATUS_OK) {
+        snprintf(path, size, "%s/%s", o.dir, weights_file);
+        st = atmoe_safetensors_writer_save(w, path);
+    }
+    if (st == ATMOE_STATUS_OK) {
+        snprintf(path, size, "%s/manifest.json", o.dir);
+        st = atm_recipe_write_manifest(ctx, fn, mf, path);
+    }
+    atm_free(path);
+    return atm_recipe_output_end(ctx, fn, &o, st);
+}

@@ -93,4 +93,14 @@ atmoe_status atm_recipe_write_manifest(atmoe_context *ctx, const char *fn,
                                        const atmoe_manifest *mf,
                                        const char *path);
 
+/* A trained result into the directory output, whole or not at all
+ * (atm_recipe_output): the weights w as weights_file, then the manifest
+ * mf beside them (atm_recipe_write_manifest), last, so that it never
+ * names a file that is not there. */
+atmoe_status atm_recipe_write_result(atmoe_context *ctx, const char *fn,
+                                     const char *output,
+                                     atmoe_safetensors_writer *w,
+                                     const char *weights_file,
+                                     const atmoe_manifest *mf);
+
 #endif

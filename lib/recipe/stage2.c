@@ -97,8 +97,7 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
     size_t *rows = atm_malloc(d.n * sizeof *rows);
     size_t *held = atm_malloc((d.hn ? d.hn : 1) * sizeof *held);
     float *buf = atm_malloc(2 * (largest ? largest : 1) * sizeof *buf);
-    char *path = atm_malloc(strlen(output) + 32);
-    if (rows == NULL || held == NULL || buf == NULL || path == NULL) {
+    if (rows == NULL || held == NULL || buf == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       FN ": out of host memory");
         goto out;
@@ -134,22 +133,8 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
     for (size_t i = 0; i < manifest->count; i++)
         if ((st = add_router(ctx, g, &manifest->modules[i], w, buf)))
             goto out;
-    atm_recipe_output o;
-    if ((st = atm_recipe_output_begin(ctx, FN, output, &o)))
-        goto out;
-    atm_free(path);
-    if ((path = atm_malloc(strlen(o.dir) + 32)) == NULL)
-        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                      FN ": out of host memory");
-    if (st == ATMOE_STATUS_OK) {
-        sprintf(path, "%s/router.safetensors", o.dir);
-        st = atmoe_safetensors_writer_save(w, path);
-    }
-    if (st == ATMOE_STATUS_OK) {
-        sprintf(path, "%s/manifest.json", o.dir);
-        st = atm_recipe_write_manifest(ctx, FN, manifest, path);
-    }
-    st = atm_recipe_output_end(ctx, FN, &o, st);
+    st = atm_recipe_write_result(ctx, FN, output, w, "router.safetensors",
+                                 manifest);
 out:
     atmoe_safetensors_writer_free(w);
     atmoe_graph_free(g);
@@ -157,6 +142,5 @@ out:
     atm_free(rows);
     atm_free(held);
     atm_free(buf);
-    atm_free(path);
     return st;
 }

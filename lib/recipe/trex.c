@@ -174,8 +174,7 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
     atmoe_safetensors_writer *w = NULL;
     size_t *rows = atm_malloc(d.n * sizeof *rows);
     size_t *held = atm_malloc((d.hn ? d.hn : 1) * sizeof *held);
-    char *path = atm_malloc(strlen(output) + 32);
-    if (rows == NULL || held == NULL || path == NULL) {
+    if (rows == NULL || held == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       FN ": out of host memory");
         goto out;
@@ -220,22 +219,8 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
         if (manifest->modules[i].rank1 &&
             (st = add_rank1(ctx, g, &manifest->modules[i], w)))
             goto out;
-    atm_recipe_output o;
-    if ((st = atm_recipe_output_begin(ctx, FN, output, &o)))
-        goto out;
-    atm_free(path);
-    if ((path = atm_malloc(strlen(o.dir) + 32)) == NULL)
-        st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
-                      FN ": out of host memory");
-    if (st == ATMOE_STATUS_OK) {
-        sprintf(path, "%s/trex.safetensors", o.dir);
-        st = atmoe_safetensors_writer_save(w, path);
-    }
-    if (st == ATMOE_STATUS_OK) {
-        sprintf(path, "%s/manifest.json", o.dir);
-        st = atm_recipe_write_manifest(ctx, FN, manifest, path);
-    }
-    st = atm_recipe_output_end(ctx, FN, &o, st);
+    st = atm_recipe_write_result(ctx, FN, output, w, "trex.safetensors",
+                                 manifest);
 out:
     atmoe_safetensors_writer_free(w);
     atmoe_graph_free(g);
@@ -245,6 +230,5 @@ out:
     atm_free(scores);
     atm_free(rows);
     atm_free(held);
-    atm_free(path);
     return st;
 }
