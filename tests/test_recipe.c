@@ -81,6 +81,11 @@ static void make_fixture(fixture *f)
                          w, "head.weight", ATMOE_SAFETENSORS_F64, 2, hs, hw64),
                      NULL);
     save_tensor(w, "head.bias", 5, 0, f->hb);
+    float hwt[D2 * 5];
+    for (int c = 0; c < 5; c++)
+        for (int o = 0; o < D2; o++)
+            hwt[o * 5 + c] = f->hw[c * D2 + o];
+    save_tensor(w, "head.weight_t", D2, 5, hwt);
     ck_assert_status(atmoe_safetensors_writer_add_f32(
                          w, "wide.weight", ATMOE_SAFETENSORS_F32, 2, bad, wide),
                      NULL);
@@ -461,11 +466,18 @@ static int exists(const char *path)
 /* The rank-1 stack of the T-REX test: one module D0 -> D1, v1 with E = 4
  * experts routed by router and intuition, scores of S samples. */
 enum { E1 = 4, S1 = 6 };
+/* Classification: C classes of the stage tests' head, and the label that
+ * marks a row ignored. */
+enum { C = 5, IGN = -1 };
 
 /* The MSE of the manifest at path over every row, each routed with its
- * sample's scores (what atmoe run computes from the same inputs). */
+ * sample's scores (what atmoe run computes from the same inputs); with
+ * labels, the mean cross-entropy of its head's C1 logits over the rows not
+ * ignored. */
+enum { C1 = 3 };
 static double trex_loss(const char *path, const float *x, const float *y,
-                        const int32_t *sample, const float *scores)
+                        const int32_t *sample, const float *scores,
+                        const int32_t *labels)
 {
     atmoe_manifest *m;
     ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
@@ -482,6 +494,11 @@ static double trex_loss(const char *path, const float *x, const float *y,
     atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi, ATMOE_NODE_NONE, sc};
     ck_assert_status(atmoe_manifest_build_with(m, g, xn, &in, NULL, NULL,
                                                NULL, &out), CTX);
+    size_t width = D1;
+    if (labels) {
+        ck_assert_status(atmoe_manifest_build_head(m, g, out, &out), CTX);
+        width = C1;
+    }
     ck_assert_status(atmoe_graph_mark_output(g, out), CTX);
     ck_assert_status(atmoe_graph_plan(g, 0), CTX);
     ck_assert_status(atmoe_graph_set_input(g, xn, x, N * D0 * sizeof *x, 0),
@@ -489,16 +506,30 @@ static double trex_loss(const char *path, const float *x, const float *y,
     ck_assert_status(atmoe_graph_set_input(g, gi, sample, N * sizeof *sample,
                                            0), CTX);
     ck_assert_status(atmoe_graph_compute(g, 0), CTX);
-    float *got = malloc(N * D1 * sizeof *got);
-    test_poison(got, N * D1);
-    ck_assert_status(atmoe_graph_read(g, out, got, N * D1 * sizeof *got), CTX);
+    float *got = malloc(N * width * sizeof *got);
+    test_poison(got, N * width);
+    ck_assert_status(atmoe_graph_read(g, out, got, N * width * sizeof *got),
+                     CTX);
     double sum = 0;
-    for (int i = 0; i < N * D1; i++)
+    size_t count = 0;
+    for (int n = 0; n < N && labels; n++) {
+        if (labels[n] == IGN)
+            continue;
+        const float *z = got + n * C1;
+        double mx = z[0], e = 0;
+        for (int c = 1; c < C1; c++)
+            mx = z[c] > mx ? z[c] : mx;
+        for (int c = 0; c < C1; c++)
+            e += exp(z[c] - mx);
+        sum += mx + log(e) - z[labels[n]];
+        count++;
+    }
+    for (int i = 0; i < N * D1 && !labels; i++)
         sum += ((double)got[i] - y[i]) * ((double)got[i] - y[i]);
     free(got);
     atmoe_graph_free(g);
     atmoe_manifest_free(m);
-    return sum / (N * D1);
+    return sum / (double)(labels ? count : N * D1);
 }
 
 /* T-REX: trained jointly from the reference initialisation (B, W_r and the
@@ -584,14 +615,67 @@ START_TEST(test_trex_round_trip)
     atmoe_manifest_free(m);
     /* The rank-1 layer has a backward: NOT_SUPPORTED is a failure. */
     ck_assert_status(st, CTX);
-    double before = trex_loss(path, x, y, sample, scores);
+    double before = trex_loss(path, x, y, sample, scores, NULL);
     snprintf(path, sizeof path, "%s/manifest.json", out);
-    double rerun = trex_loss(path, x, y, sample, scores);
+    double rerun = trex_loss(path, x, y, sample, scores, NULL);
     ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
                   "the written manifest gives %g, the trainer said %g",
                   rerun, trained);
     ck_assert_msg(trained < 0.5 * before, "trained %g, at the start %g",
                   trained, before);
+
+    /* The same on labels over a head W [C1, D1]: the teacher's classes,
+     * every ninth row ignored. */
+    float hw[C1 * D1];
+    int32_t labels[N];
+    test_fill_uniform(&rng, hw, C1 * D1, -2, 2);
+    for (int n = 0; n < N; n++) {
+        int best = 0;
+        double z[C1];
+        for (int k = 0; k < C1; k++) {
+            z[k] = 0;
+            for (int o = 0; o < D1; o++)
+                z[k] += (double)hw[k * D1 + o] * y[n * D1 + o];
+            best = z[k] > z[best] ? k : best;
+        }
+        labels[n] = n % 9 == 4 ? IGN : best;
+    }
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    save_tensor(w, "hw", C1, D1, hw);
+    snprintf(path, sizeof path, "%s/head.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &dw), NULL);
+    save_tensor(dw, "x", N, D0, x);
+    save_tensor(dw, "scores", S1, E1, scores);
+    ck_assert_status(atmoe_safetensors_writer_add(dw, "labels",
+                                                  ATMOE_SAFETENSORS_I32, 1,
+                                                  ns, labels), NULL);
+    ck_assert_status(atmoe_safetensors_writer_add(dw, "sample",
+                                                  ATMOE_SAFETENSORS_I32, 1,
+                                                  ns, sample), NULL);
+    ck_assert_status(atmoe_safetensors_writer_save(dw, data), NULL);
+    atmoe_safetensors_writer_free(dw);
+    const char *htext =
+        "{\"version\": 1, \"weights\": \"w.safetensors\", \"head\": "
+        "{\"file\": \"head.safetensors\", \"tensor\": \"hw\", "
+        "\"ignore_index\": -1}, \"layers\": "
+        "[{\"modules\": {\"proj\": {\"weight\": \"w0\", \"rank1\": "
+        "{\"a\": \"a\", \"b\": \"b\", \"variant\": \"v1\"}}}}]}";
+    snprintf(path, sizeof path, "%s/head.json", dir);
+    test_write_file(path, htext, strlen(htext));
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    snprintf(out, sizeof out, "%s/out-labels", dir);
+    ck_assert_status(atmoe_train_trex(CTX, m, data, &c, out, &trained), CTX);
+    atmoe_manifest_free(m);
+    before = trex_loss(path, x, y, sample, scores, labels);
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    rerun = trex_loss(path, x, y, sample, scores, labels);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "labels: the written manifest gives %.7g, the trainer said "
+                  "%.7g", rerun, trained);
+    ck_assert_msg(trained < 0.5 * before, "labels: trained %g, at the start "
+                  "%g", trained, before);
     free(x);
     free(y);
     test_rmdir_r(dir);
@@ -735,7 +819,6 @@ END_TEST
  * Classification: labels [N] over the manifest's linear head, trained with
  * the cross-entropy of its logits (rows labelled IGN left out).
  * ------------------------------------------------------------------------ */
-enum { C = 5, IGN = -1 };
 
 /* The manifest of the fixture with "head" (head.weight, stored F64, and
  * its bias), the weights file named weights. */
@@ -1038,11 +1121,11 @@ START_TEST(test_labels_ignored_rows)
 }
 END_TEST
 
-/* The written manifest at path on rows [0, rows): the mean cross-entropy
- * of its head's logits (atmoe_manifest_build_head, what atmoe run writes),
- * in float64 from the logits. */
-static double manifest_ce(const char *path, const float *x,
-                          const int32_t *labels, int rows)
+/* The logits z [rows, C] of the manifest at path on rows [0, rows) of x,
+ * through atmoe_manifest_build and atmoe_manifest_build_head (what atmoe
+ * run writes). */
+static void manifest_logits(const char *path, const float *x, int rows,
+                            float *z)
 {
     atmoe_manifest *m;
     ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
@@ -1062,10 +1145,20 @@ static double manifest_ce(const char *path, const float *x,
                                            (size_t)rows * D0 * sizeof *x, 0),
                      CTX);
     ck_assert_status(atmoe_graph_compute(g, 0), CTX);
-    float *z = malloc((size_t)rows * C * sizeof *z);
     test_poison(z, (size_t)rows * C);
     ck_assert_status(atmoe_graph_read(g, logits, z,
                                       (size_t)rows * C * sizeof *z), CTX);
+    atmoe_graph_free(g);
+    atmoe_manifest_free(m);
+}
+
+/* The mean cross-entropy of those logits over the rows not ignored, in
+ * float64. */
+static double manifest_ce(const char *path, const float *x,
+                          const int32_t *labels, int rows)
+{
+    float *z = malloc((size_t)rows * C * sizeof *z);
+    manifest_logits(path, x, rows, z);
     double sum = 0;
     size_t count = 0;
     for (int n = 0; n < rows; n++) {
@@ -1078,10 +1171,61 @@ static double manifest_ce(const char *path, const float *x,
         count++;
     }
     free(z);
-    atmoe_graph_free(g);
-    atmoe_manifest_free(m);
     return sum / (double)count;
 }
+
+/* The head's forms: a bare tensor name (no bias, ignore index -100), and
+ * W stored transposed [D2, C] with a bias; the logits against the float64
+ * head over the float64 stack (its adapters' B zero: the base alone). */
+START_TEST(test_head_forms)
+{
+    fixture f;
+    make_fixture(&f);
+    write_head_manifest(&f, "bare.json", "\"head.weight\"");
+    write_head_manifest(&f, "t.json",
+                        "{\"tensor\": \"head.weight_t\", \"transposed\": "
+                        "true, \"bias\": \"head.bias\"}");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    float *z = malloc(N * C * sizeof *z);
+    double *want = malloc(N * C * sizeof *want);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    for (int k = 0; k < 2; k++) {
+        char path[600];
+        snprintf(path, sizeof path, "%s/%s", f.dir, k ? "t.json" : "bare.json");
+        atmoe_manifest *m;
+        atmoe_manifest_info info;
+        ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+        ck_assert_status(atmoe_manifest_get_info(m, &info), CTX);
+        ck_assert_uint_eq(info.classes, 0); /* not checked yet */
+        ck_assert_status(atmoe_manifest_check(m), CTX);
+        ck_assert_status(atmoe_manifest_get_info(m, &info), CTX);
+        ck_assert_uint_eq(info.classes, C);
+        ck_assert_int_eq(info.ignore_index, -100);
+        ck_assert_str_eq(info.head_tensor, k ? "head.weight_t" : "head.weight");
+        ck_assert_ptr_nonnull(strstr(info.head_file, "base.safetensors"));
+        atmoe_manifest_free(m);
+        manifest_logits(path, x, N, z);
+        float *none[2] = {NULL, NULL};
+        for (int n = 0; n < N; n++) {
+            double yy[D2];
+            forward(&f, none, none, 1, x + n * D0, yy);
+            host_logits(&f, yy, want + n * C);
+            for (int c = 0; c < C && !k; c++)
+                want[n * C + c] -= f.hb[c];
+        }
+        /* A float32 stack and head against float64: the error relative to
+         * max(|logit|, 1) (logits are of order 1 to 10). */
+        double err = test_max_rel_err(z, want, N * C, 1.0);
+        ck_assert_msg(err <= 1e-5, "%s: logits off by %g", path, err);
+    }
+    free(x);
+    free(y);
+    free(z);
+    free(want);
+    test_rmdir_r(f.dir);
+}
+END_TEST
 
 static int on_stage2(const atmoe_train_progress *p, void *user)
 {
@@ -1308,6 +1452,7 @@ static Suite *recipe_suite(void)
     tcase_add_test(tc, test_labels_ignored_rows);
     tcase_add_test(tc, test_stage2_labels);
     tcase_add_test(tc, test_labels_bad_input);
+    tcase_add_test(tc, test_head_forms);
     suite_add_tcase(s, tc);
     return s;
 }
