@@ -117,6 +117,8 @@ trained=$(sed -n 's/.*cross-entropy \([^ ]*\) over.*/\1/p' "$tmp/out")
 run run "$tmp/c2/manifest.json" --input "$tmp/labels.safetensors" \
     --output "$tmp/logits.safetensors"
 expect 0 "" "atmoe run of the classification manifest"
+run inspect "$tmp/c2/manifest.json"
+expect 0 ": 4 classes, ignore index -100" "atmoe inspect of the head" out
 if ! python3 - "$tmp/logits.safetensors" "$tmp/labels.safetensors" \
     "$trained" <<'PY'
 import json, math, struct, sys
