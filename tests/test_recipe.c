@@ -1382,6 +1382,15 @@ START_TEST(test_labels_bad_input)
     atmoe_manifest_free(plain);
     int32_t none[N];
     for (int n = 0; n < N; n++)
+        none[n] = task[n] == 1 ? IGN : labels[n];
+    save_labels(data, x, NULL, none, task, N, 0);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "task 1 (adapter");
+    ck_assert_msg(strstr(atmoe_errmsg(CTX), "whose label is not ignored"),
+                  "%s", atmoe_errmsg(CTX));
+    ck_assert(!exists(out));
+    for (int n = 0; n < N; n++)
         none[n] = IGN;
     save_labels(data, x, NULL, none, task, N, 0);
     ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,

@@ -409,13 +409,16 @@ atmoe_status atmoe_train_stage1(atmoe_context *ctx, atmoe_manifest *manifest,
     for (size_t k = 0; k < n_models; k++) {
         if (models[k].general)
             continue;
+        /* Rows whose label is ignored train nothing. */
         size_t rows = 0;
         for (size_t r = 0; r < d.n; r++)
-            rows += d.task[r] == models[k].task;
+            rows += d.task[r] == models[k].task &&
+                    (d.labels == NULL || d.labels[r] != d.ignore_index);
         if (rows == 0) {
             st = atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                          FN ": %s: task %d (adapter %s) has no rows",
-                          data_path, models[k].task, models[k].dir);
+                          FN ": %s: task %d (adapter %s) has no rows%s",
+                          data_path, models[k].task, models[k].dir,
+                          d.labels ? " whose label is not ignored" : "");
             goto out;
         }
     }
