@@ -1333,6 +1333,12 @@ typedef struct atmoe_manifest_info {
      * once checked, else 0. */
     const char *centroids_file, *centroids_tensor;
     size_t clusters, embedding_dim;
+    /* The linear head W [classes, d_out] of a classification ("head";
+     * file NULL when the manifest has none; classes once checked, else 0)
+     * and the label that marks a row to leave out of its loss. */
+    const char *head_file, *head_tensor;
+    size_t classes;
+    int ignore_index;
 } atmoe_manifest_info;
 
 ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *manifest,
@@ -1463,6 +1469,16 @@ ATMOE_API atmoe_status atmoe_manifest_build_with(
     const atmoe_manifest_inputs *inputs, atmoe_node *outputs,
     atmoe_layer_trace *traces, atmoe_mor1e_trace *rank1_traces,
     atmoe_node *y);
+
+/* The logits of the manifest's linear head ("head") over the stack's
+ * output y [T, d_out]: *logits = y W^T + b [T, classes], W and b f32
+ * constants of the graph (frozen).  Checks the manifest if not done yet;
+ * INVALID_ARGUMENT when it has no head.  On failure the graph is as it
+ * was. */
+ATMOE_API atmoe_status atmoe_manifest_build_head(atmoe_manifest *manifest,
+                                                 atmoe_graph *graph,
+                                                 atmoe_node y,
+                                                 atmoe_node *logits);
 
 /* ------------------------------------------------------------------------ */
 /* Training: trainable parameters by name, the optimiser, checkpoints        */

@@ -1,7 +1,9 @@
 /* The training recipes (atmoe_train_stage1): the trained adapters load in
  * atmoe_adapter_open and give, in a float64 host forward of the stack, the
  * loss the trainer reported; training lowers the loss well below the
- * untrained adapters'; bad data is refused with a message and no output. */
+ * untrained adapters'; bad data is refused with a message and no output.
+ * The same on labels over a manifest's head (cross-entropy), whose ignored
+ * rows carry no gradient. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -23,6 +25,9 @@ typedef struct fixture {
     float w0[D1 * D0], b0[D1], w1t[D1 * D2]; /* w1t: [in, out] */
     /* Initial adapters: [model][layer] A and B. */
     float a[3][2][3 * D1], b[3][2][D1 * 3];
+    /* The classification head over the stack: W [C, D2] (stored F64, read
+     * as f32), bias [C]. */
+    float hw[5 * D2], hb[5];
 } fixture;
 
 static atmoe_context *CTX;
@@ -62,6 +67,28 @@ static void make_fixture(fixture *f)
     save_tensor(w, "model.layers.0.proj.weight", D1, D0, f->w0);
     save_tensor(w, "model.layers.0.proj.bias", D1, 0, f->b0);
     save_tensor(w, "model.layers.1.proj.weight", D1, D2, f->w1t);
+    test_rng hrng;
+    test_rng_seed(&hrng, 1402);
+    test_fill_uniform(&hrng, f->hw, 5 * D2, -2, 2);
+    test_fill_uniform(&hrng, f->hb, 5, -0.5, 0.5);
+    uint64_t hs[2] = {5, D2}, bad[2] = {5, D2 + 1};
+    float wide[5 * (D2 + 1)];
+    test_fill_uniform(&hrng, wide, 5 * (D2 + 1), -1, 1);
+    double hw64[5 * D2];
+    for (int i = 0; i < 5 * D2; i++)
+        hw64[i] = f->hw[i];
+    ck_assert_status(atmoe_safetensors_writer_add(
+                         w, "head.weight", ATMOE_SAFETENSORS_F64, 2, hs, hw64),
+                     NULL);
+    save_tensor(w, "head.bias", 5, 0, f->hb);
+    float hwt[D2 * 5];
+    for (int c = 0; c < 5; c++)
+        for (int o = 0; o < D2; o++)
+            hwt[o * 5 + c] = f->hw[c * D2 + o];
+    save_tensor(w, "head.weight_t", D2, 5, hwt);
+    ck_assert_status(atmoe_safetensors_writer_add_f32(
+                         w, "wide.weight", ATMOE_SAFETENSORS_F32, 2, bad, wide),
+                     NULL);
     snprintf(path, sizeof path, "%s/base.safetensors", f->dir);
     ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
     atmoe_safetensors_writer_free(w);
@@ -439,11 +466,18 @@ static int exists(const char *path)
 /* The rank-1 stack of the T-REX test: one module D0 -> D1, v1 with E = 4
  * experts routed by router and intuition, scores of S samples. */
 enum { E1 = 4, S1 = 6 };
+/* Classification: C classes of the stage tests' head, and the label that
+ * marks a row ignored. */
+enum { C = 5, IGN = -1 };
 
 /* The MSE of the manifest at path over every row, each routed with its
- * sample's scores (what atmoe run computes from the same inputs). */
+ * sample's scores (what atmoe run computes from the same inputs); with
+ * labels, the mean cross-entropy of its head's C1 logits over the rows not
+ * ignored. */
+enum { C1 = 3 };
 static double trex_loss(const char *path, const float *x, const float *y,
-                        const int32_t *sample, const float *scores)
+                        const int32_t *sample, const float *scores,
+                        const int32_t *labels)
 {
     atmoe_manifest *m;
     ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
@@ -460,6 +494,11 @@ static double trex_loss(const char *path, const float *x, const float *y,
     atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi, ATMOE_NODE_NONE, sc};
     ck_assert_status(atmoe_manifest_build_with(m, g, xn, &in, NULL, NULL,
                                                NULL, &out), CTX);
+    size_t width = D1;
+    if (labels) {
+        ck_assert_status(atmoe_manifest_build_head(m, g, out, &out), CTX);
+        width = C1;
+    }
     ck_assert_status(atmoe_graph_mark_output(g, out), CTX);
     ck_assert_status(atmoe_graph_plan(g, 0), CTX);
     ck_assert_status(atmoe_graph_set_input(g, xn, x, N * D0 * sizeof *x, 0),
@@ -467,16 +506,30 @@ static double trex_loss(const char *path, const float *x, const float *y,
     ck_assert_status(atmoe_graph_set_input(g, gi, sample, N * sizeof *sample,
                                            0), CTX);
     ck_assert_status(atmoe_graph_compute(g, 0), CTX);
-    float *got = malloc(N * D1 * sizeof *got);
-    test_poison(got, N * D1);
-    ck_assert_status(atmoe_graph_read(g, out, got, N * D1 * sizeof *got), CTX);
+    float *got = malloc(N * width * sizeof *got);
+    test_poison(got, N * width);
+    ck_assert_status(atmoe_graph_read(g, out, got, N * width * sizeof *got),
+                     CTX);
     double sum = 0;
-    for (int i = 0; i < N * D1; i++)
+    size_t count = 0;
+    for (int n = 0; n < N && labels; n++) {
+        if (labels[n] == IGN)
+            continue;
+        const float *z = got + n * C1;
+        double mx = z[0], e = 0;
+        for (int c = 1; c < C1; c++)
+            mx = z[c] > mx ? z[c] : mx;
+        for (int c = 0; c < C1; c++)
+            e += exp(z[c] - mx);
+        sum += mx + log(e) - z[labels[n]];
+        count++;
+    }
+    for (int i = 0; i < N * D1 && !labels; i++)
         sum += ((double)got[i] - y[i]) * ((double)got[i] - y[i]);
     free(got);
     atmoe_graph_free(g);
     atmoe_manifest_free(m);
-    return sum / (N * D1);
+    return sum / (double)(labels ? count : N * D1);
 }
 
 /* T-REX: trained jointly from the reference initialisation (B, W_r and the
@@ -562,14 +615,67 @@ START_TEST(test_trex_round_trip)
     atmoe_manifest_free(m);
     /* The rank-1 layer has a backward: NOT_SUPPORTED is a failure. */
     ck_assert_status(st, CTX);
-    double before = trex_loss(path, x, y, sample, scores);
+    double before = trex_loss(path, x, y, sample, scores, NULL);
     snprintf(path, sizeof path, "%s/manifest.json", out);
-    double rerun = trex_loss(path, x, y, sample, scores);
+    double rerun = trex_loss(path, x, y, sample, scores, NULL);
     ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
                   "the written manifest gives %g, the trainer said %g",
                   rerun, trained);
     ck_assert_msg(trained < 0.5 * before, "trained %g, at the start %g",
                   trained, before);
+
+    /* The same on labels over a head W [C1, D1]: the teacher's classes,
+     * every ninth row ignored. */
+    float hw[C1 * D1];
+    int32_t labels[N];
+    test_fill_uniform(&rng, hw, C1 * D1, -2, 2);
+    for (int n = 0; n < N; n++) {
+        int best = 0;
+        double z[C1];
+        for (int k = 0; k < C1; k++) {
+            z[k] = 0;
+            for (int o = 0; o < D1; o++)
+                z[k] += (double)hw[k * D1 + o] * y[n * D1 + o];
+            best = z[k] > z[best] ? k : best;
+        }
+        labels[n] = n % 9 == 4 ? IGN : best;
+    }
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    save_tensor(w, "hw", C1, D1, hw);
+    snprintf(path, sizeof path, "%s/head.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &dw), NULL);
+    save_tensor(dw, "x", N, D0, x);
+    save_tensor(dw, "scores", S1, E1, scores);
+    ck_assert_status(atmoe_safetensors_writer_add(dw, "labels",
+                                                  ATMOE_SAFETENSORS_I32, 1,
+                                                  ns, labels), NULL);
+    ck_assert_status(atmoe_safetensors_writer_add(dw, "sample",
+                                                  ATMOE_SAFETENSORS_I32, 1,
+                                                  ns, sample), NULL);
+    ck_assert_status(atmoe_safetensors_writer_save(dw, data), NULL);
+    atmoe_safetensors_writer_free(dw);
+    const char *htext =
+        "{\"version\": 1, \"weights\": \"w.safetensors\", \"head\": "
+        "{\"file\": \"head.safetensors\", \"tensor\": \"hw\", "
+        "\"ignore_index\": -1}, \"layers\": "
+        "[{\"modules\": {\"proj\": {\"weight\": \"w0\", \"rank1\": "
+        "{\"a\": \"a\", \"b\": \"b\", \"variant\": \"v1\"}}}}]}";
+    snprintf(path, sizeof path, "%s/head.json", dir);
+    test_write_file(path, htext, strlen(htext));
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    snprintf(out, sizeof out, "%s/out-labels", dir);
+    ck_assert_status(atmoe_train_trex(CTX, m, data, &c, out, &trained), CTX);
+    atmoe_manifest_free(m);
+    before = trex_loss(path, x, y, sample, scores, labels);
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    rerun = trex_loss(path, x, y, sample, scores, labels);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "labels: the written manifest gives %.7g, the trainer said "
+                  "%.7g", rerun, trained);
+    ck_assert_msg(trained < 0.5 * before, "labels: trained %g, at the start "
+                  "%g", trained, before);
     free(x);
     free(y);
     test_rmdir_r(dir);
@@ -641,7 +747,9 @@ START_TEST(test_stage1_bad_input)
 {
     fixture f;
     make_fixture(&f);
-    float *x = malloc(N * (D0 + 1) * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    /* Zeroed: the rows too wide for make_data are written as they are. */
+    float *x = calloc(N * (D0 + 1), sizeof *x);
+    float *y = malloc(N * D2 * sizeof *y);
     int32_t task[N];
     make_data(&f, x, y, task);
     char data[512], out[512];
@@ -709,6 +817,628 @@ START_TEST(test_stage1_bad_input)
 }
 END_TEST
 
+/* ------------------------------------------------------------------------
+ * Classification: labels [N] over the manifest's linear head, trained with
+ * the cross-entropy of its logits (rows labelled IGN left out).
+ * ------------------------------------------------------------------------ */
+
+/* The manifest of the fixture with "head" (head.weight, stored F64, and
+ * its bias), the weights file named weights. */
+static void head_manifest(char *buf, size_t size, const char *weights,
+                          const char *head)
+{
+    const char *from = "\"weights\": \"base.safetensors\"";
+    const char *at = strstr(manifest_text, from);
+    ck_assert_ptr_nonnull(at);
+    snprintf(buf, size, "%.*s\"weights\": \"%s\", \"head\": %s%s",
+             (int)(at - manifest_text), manifest_text, weights, head,
+             at + strlen(from));
+}
+
+static const char *const head_json =
+    "{\"tensor\": \"head.weight\", \"bias\": \"head.bias\", "
+    "\"ignore_index\": -1}";
+
+static void write_head_manifest(const fixture *f, const char *name,
+                                const char *head)
+{
+    char text[2048], path[600];
+    head_manifest(text, sizeof text, "base.safetensors", head);
+    snprintf(path, sizeof path, "%s/%s", f->dir, name);
+    test_write_file(path, text, strlen(text));
+}
+
+static atmoe_manifest *open_named(const fixture *f, const char *name)
+{
+    char path[600];
+    atmoe_manifest *m;
+    snprintf(path, sizeof path, "%s/%s", f->dir, name);
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    return m;
+}
+
+/* The head's logits of one output row, in float64. */
+static void host_logits(const fixture *f, const double *y, double *z)
+{
+    for (int c = 0; c < C; c++) {
+        double acc = f->hb[c];
+        for (int o = 0; o < D2; o++)
+            acc += (double)f->hw[c * D2 + o] * y[o];
+        z[c] = acc;
+    }
+}
+
+static double row_ce(const double *z, int label)
+{
+    double m = z[0], s = 0;
+    for (int c = 1; c < C; c++)
+        m = z[c] > m ? z[c] : m;
+    for (int c = 0; c < C; c++)
+        s += exp(z[c] - m);
+    return m + log(s) - z[label];
+}
+
+/* The teacher's labels: the class the head gives the task's true output
+ * (make_data's y); every ninth row ignored. */
+static void make_labels(const fixture *f, const float *y, int32_t *labels)
+{
+    for (int n = 0; n < N; n++) {
+        double yy[D2], z[C];
+        for (int o = 0; o < D2; o++)
+            yy[o] = y[n * D2 + o];
+        host_logits(f, yy, z);
+        int best = 0;
+        for (int c = 1; c < C; c++)
+            best = z[c] > z[best] ? c : best;
+        labels[n] = n % 9 == 4 ? IGN : best;
+    }
+}
+
+/* The mean cross-entropy over rows [0, rows) of task want (-1: all), not
+ * ignored, of the stack with adapters a, b, in float64. */
+static double host_ce(const fixture *f, float *const a[2], float *const b[2],
+                      size_t rank, const float *x, const int32_t *labels,
+                      const int32_t *task, int want, int rows)
+{
+    double sum = 0;
+    size_t count = 0;
+    for (int n = 0; n < rows; n++) {
+        if ((want >= 0 && task[n] != want) || labels[n] == IGN)
+            continue;
+        double yy[D2], z[C];
+        forward(f, a, b, rank, x + n * D0, yy);
+        host_logits(f, yy, z);
+        sum += row_ce(z, labels[n]);
+        count++;
+    }
+    return sum / (double)count;
+}
+
+/* x, labels (and y when y is not NULL) and task of n rows; with held, rows
+ * 0 .. HELD again as the held-out split. */
+static void save_labels(const char *path, const float *x, const float *y,
+                        const int32_t *labels, const int32_t *task, size_t n,
+                        int held)
+{
+    atmoe_safetensors_writer *w;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    uint64_t s[1] = {n}, hs[1] = {HELD};
+    save_tensor(w, "x", n, D0, x);
+    if (y)
+        save_tensor(w, "y", n, D2, y);
+    ck_assert_status(atmoe_safetensors_writer_add(
+                         w, "labels", ATMOE_SAFETENSORS_I32, 1, s, labels),
+                     NULL);
+    ck_assert_status(atmoe_safetensors_writer_add(w, "task",
+                                                  ATMOE_SAFETENSORS_I32, 1, s,
+                                                  task),
+                     NULL);
+    if (held) {
+        save_tensor(w, "x_heldout", HELD, D0, x);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "labels_heldout", ATMOE_SAFETENSORS_I32, 1,
+                             hs, labels),
+                         NULL);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "task_heldout", ATMOE_SAFETENSORS_I32, 1, hs,
+                             task),
+                         NULL);
+    }
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+}
+
+/* Model k's trained adapter under out: a[l], b[l] (NULL for the layers it
+ * does not adapt), to free. */
+static void read_trained(const char *out, int k, float *a[2], float *b[2])
+{
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/%s", out, names[k]);
+    atmoe_adapter *ad;
+    ck_assert_status(atmoe_adapter_open(CTX, dir, &ad), CTX);
+    for (int l = 0; l < 2; l++) {
+        a[l] = b[l] = NULL;
+        size_t idx, din = l ? D1 : D0, dout = l ? D2 : D1, r = ranks[k];
+        if (k == 2 && l == 1)
+            continue;
+        ck_assert_status(atmoe_adapter_find(ad, l, "proj", &idx), CTX);
+        a[l] = malloc(r * din * sizeof(float));
+        b[l] = malloc(r * dout * sizeof(float));
+        test_poison(a[l], r * din);
+        test_poison(b[l], r * dout);
+        ck_assert_status(atmoe_adapter_read(ad, idx, a[l], r * din, b[l],
+                                            r * dout),
+                         CTX);
+    }
+    atmoe_adapter_free(ad);
+}
+
+/* Stage 1 on labels: each model's final and held-out cross-entropy, from
+ * its written adapter in float64 here, equal the trainer's, far below the
+ * untrained stack's and log C. */
+START_TEST(test_stage1_labels)
+{
+    fixture f;
+    make_fixture(&f);
+    write_head_manifest(&f, "head.json", head_json);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N], labels[N];
+    make_data(&f, x, y, task);
+    make_labels(&f, y, labels);
+    char data[512], out[512];
+    snprintf(data, sizeof data, "%s/labels.safetensors", f.dir);
+    snprintf(out, sizeof out, "%s/out", f.dir);
+    save_labels(data, x, NULL, labels, task, N, 1);
+    atmoe_manifest *m = open_named(&f, "head.json");
+    atmoe_manifest_info info;
+    ck_assert_status(atmoe_manifest_check(m), CTX);
+    ck_assert_status(atmoe_manifest_get_info(m, &info), CTX);
+    ck_assert_uint_eq(info.classes, C);
+    ck_assert_int_eq(info.ignore_index, IGN);
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, out), CTX);
+    for (int k = 0; k < 3; k++) {
+        ck_assert(s.done[k]);
+        float *a[2], *b[2];
+        float *a0[2] = {f.a[k][0], k == 2 ? NULL : f.a[k][1]};
+        float *b0[2] = {f.b[k][0], k == 2 ? NULL : f.b[k][1]};
+        read_trained(out, k, a, b);
+        int want = k == 2 ? -1 : k;
+        double got = host_ce(&f, a, b, ranks[k], x, labels, task, want, N);
+        double held = host_ce(&f, a, b, ranks[k], x, labels, task, want, HELD);
+        double before = host_ce(&f, a0, b0, ranks[k], x, labels, task, want,
+                                N);
+        /* A float32 device forward against float64 here: 1e-4 relative,
+         * and 1e-6 absolute for a loss near 0, where the float32 logits'
+         * rounding dominates (seen: 6e-8). */
+        ck_assert_msg(isfinite(got) &&
+                          fabs(got - s.done_loss[k]) <= 1e-4 * got + 1e-6,
+                      "model %d: host cross-entropy %.7g, trainer's %.7g", k,
+                      got, (double)s.done_loss[k]);
+        ck_assert_msg(fabs(held - s.held_loss[k]) <= 1e-4 * held + 1e-6,
+                      "model %d: held-out host cross-entropy %.7g, trainer's "
+                      "%.7g", k, held, (double)s.held_loss[k]);
+        /* The general LoRA adapts one layer for both tasks: less room. */
+        double ratio = k == 2 ? 0.7 : 0.5;
+        ck_assert_msg(got < ratio * before && got < 0.3 * log(C),
+                      "model %d: cross-entropy %g after training, %g before "
+                      "(log C %g)", k, got, before, log(C));
+        for (int l = 0; l < 2; l++) {
+            free(a[l]);
+            free(b[l]);
+        }
+    }
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+/* Largest |a - b| over n elements relative to b's largest magnitude;
+ * +inf when any is not finite. */
+static double max_diff(const float *a, const float *b, size_t n)
+{
+    double big = 0, err = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(a[i]) || !isfinite(b[i]))
+            return INFINITY;
+        big = fabs(b[i]) > big ? fabs(b[i]) : big;
+        err = fabs(a[i] - b[i]) > err ? fabs(a[i] - b[i]) : err;
+    }
+    return big > 0 ? err / big : err;
+}
+
+/* Ignored rows carry no gradient: with garbage inputs in the rows labelled
+ * IGN, stage 1 (one batch of every row a step) trains the adapters that
+ * the same data without those rows gives, and the same loss. */
+START_TEST(test_labels_ignored_rows)
+{
+    fixture f;
+    make_fixture(&f);
+    write_head_manifest(&f, "head.json", head_json);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    float *kx = malloc(N * D0 * sizeof *kx);
+    int32_t task[N], labels[N], ktask[N], klabels[N];
+    make_data(&f, x, y, task);
+    make_labels(&f, y, labels);
+    test_rng rng;
+    test_rng_seed(&rng, 4242);
+    int kept = 0;
+    for (int n = 0; n < N; n++) {
+        if (labels[n] == IGN) {
+            test_fill_uniform(&rng, x + n * D0, D0, -30, 30);
+            continue;
+        }
+        memcpy(kx + kept * D0, x + n * D0, D0 * sizeof *x);
+        ktask[kept] = task[n];
+        klabels[kept++] = labels[n];
+    }
+    char all[512], only[512], oa[512], ok[512];
+    snprintf(all, sizeof all, "%s/all.safetensors", f.dir);
+    snprintf(only, sizeof only, "%s/kept.safetensors", f.dir);
+    snprintf(oa, sizeof oa, "%s/out-all", f.dir);
+    snprintf(ok, sizeof ok, "%s/out-kept", f.dir);
+    save_labels(all, x, NULL, labels, task, N, 0);
+    save_labels(only, kx, NULL, klabels, ktask, (size_t)kept, 0);
+    atmoe_manifest *m = open_named(&f, "head.json");
+    atmoe_train_config c;
+    seen sa = {0}, sk = {0};
+    config(&c, &sa);
+    c.steps = 15;
+    c.batch = N;
+    ck_assert_status(atmoe_train_stage1(CTX, m, all, &c, oa), CTX);
+    c.user = &sk;
+    ck_assert_status(atmoe_train_stage1(CTX, m, only, &c, ok), CTX);
+    for (int k = 0; k < 3; k++) {
+        float *a1[2], *b1[2], *a2[2], *b2[2];
+        read_trained(oa, k, a1, b1);
+        read_trained(ok, k, a2, b2);
+        for (int l = 0; l < 2 && a1[l]; l++) {
+            size_t r = ranks[k], na = r * (l ? D1 : D0), nb = r * (l ? D2 : D1);
+            double ea = max_diff(a1[l], a2[l], na), eb = max_diff(b1[l], b2[l], nb);
+            /* Only the order of the batch's sums differs (seen: 2e-7). */
+            ck_assert_msg(ea <= 1e-5 && eb <= 1e-5,
+                          "model %d layer %d: with the ignored rows A differs "
+                          "by %g, B by %g", k, l, ea, eb);
+        }
+        ck_assert_msg(fabs(sa.done_loss[k] - sk.done_loss[k]) <=
+                          1e-5 * sk.done_loss[k],
+                      "model %d: loss %g with the ignored rows, %g without",
+                      k, (double)sa.done_loss[k], (double)sk.done_loss[k]);
+        for (int l = 0; l < 2; l++) {
+            free(a1[l]);
+            free(b1[l]);
+            free(a2[l]);
+            free(b2[l]);
+        }
+    }
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    free(kx);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+/* The logits z [rows, C] of the manifest at path on rows [0, rows) of x,
+ * through atmoe_manifest_build and atmoe_manifest_build_head (what atmoe
+ * run writes). */
+static void manifest_logits(const char *path, const float *x, int rows,
+                            float *z)
+{
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    atmoe_graph *g;
+    atmoe_node xn, out, logits;
+    size_t xs[2] = {(size_t)rows, D0};
+    ck_assert_status(atmoe_graph_new(CTX, &g), CTX);
+    ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0,
+                                       &xn), CTX);
+    ck_assert_status(atmoe_manifest_build(m, g, xn, ATMOE_NODE_NONE,
+                                          ATMOE_NODE_NONE, NULL, NULL, &out),
+                     CTX);
+    ck_assert_status(atmoe_manifest_build_head(m, g, out, &logits), CTX);
+    ck_assert_status(atmoe_graph_mark_output(g, logits), CTX);
+    ck_assert_status(atmoe_graph_plan(g, 0), CTX);
+    ck_assert_status(atmoe_graph_set_input(g, xn, x,
+                                           (size_t)rows * D0 * sizeof *x, 0),
+                     CTX);
+    ck_assert_status(atmoe_graph_compute(g, 0), CTX);
+    test_poison(z, (size_t)rows * C);
+    ck_assert_status(atmoe_graph_read(g, logits, z,
+                                      (size_t)rows * C * sizeof *z), CTX);
+    atmoe_graph_free(g);
+    atmoe_manifest_free(m);
+}
+
+/* The mean cross-entropy of those logits over the rows not ignored, in
+ * float64. */
+static double manifest_ce(const char *path, const float *x,
+                          const int32_t *labels, int rows)
+{
+    float *z = malloc((size_t)rows * C * sizeof *z);
+    manifest_logits(path, x, rows, z);
+    double sum = 0;
+    size_t count = 0;
+    for (int n = 0; n < rows; n++) {
+        if (labels[n] == IGN)
+            continue;
+        double zz[C];
+        for (int k = 0; k < C; k++)
+            zz[k] = z[n * C + k];
+        sum += row_ce(zz, labels[n]);
+        count++;
+    }
+    free(z);
+    return sum / (double)count;
+}
+
+/* The head's forms: a bare tensor name (no bias, ignore index -100), and
+ * W stored transposed [D2, C] with a bias; the logits against the float64
+ * head over the float64 stack (its adapters' B zero: the base alone). */
+START_TEST(test_head_forms)
+{
+    fixture f;
+    make_fixture(&f);
+    write_head_manifest(&f, "bare.json", "\"head.weight\"");
+    write_head_manifest(&f, "t.json",
+                        "{\"tensor\": \"head.weight_t\", \"transposed\": "
+                        "true, \"bias\": \"head.bias\"}");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    float *z = malloc(N * C * sizeof *z);
+    double *want = malloc(N * C * sizeof *want);
+    int32_t task[N];
+    make_data(&f, x, y, task);
+    for (int k = 0; k < 2; k++) {
+        char path[600];
+        snprintf(path, sizeof path, "%s/%s", f.dir, k ? "t.json" : "bare.json");
+        atmoe_manifest *m;
+        atmoe_manifest_info info;
+        ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+        ck_assert_status(atmoe_manifest_get_info(m, &info), CTX);
+        ck_assert_uint_eq(info.classes, 0); /* not checked yet */
+        ck_assert_status(atmoe_manifest_check(m), CTX);
+        ck_assert_status(atmoe_manifest_get_info(m, &info), CTX);
+        ck_assert_uint_eq(info.classes, C);
+        ck_assert_int_eq(info.ignore_index, -100);
+        ck_assert_str_eq(info.head_tensor, k ? "head.weight_t" : "head.weight");
+        ck_assert_ptr_nonnull(strstr(info.head_file, "base.safetensors"));
+        atmoe_manifest_free(m);
+        manifest_logits(path, x, N, z);
+        float *none[2] = {NULL, NULL};
+        for (int n = 0; n < N; n++) {
+            double yy[D2];
+            forward(&f, none, none, 1, x + n * D0, yy);
+            host_logits(&f, yy, want + n * C);
+            for (int c = 0; c < C && !k; c++)
+                want[n * C + c] -= f.hb[c];
+        }
+        /* A float32 stack and head against float64: the error relative to
+         * max(|logit|, 1) (logits are of order 1 to 10). */
+        double err = test_max_rel_err(z, want, N * C, 1.0);
+        ck_assert_msg(err <= 1e-5, "%s: logits off by %g", path, err);
+    }
+    free(x);
+    free(y);
+    free(z);
+    free(want);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+static int on_stage2(const atmoe_train_progress *p, void *user)
+{
+    if (p->done)
+        *(float *)user = p->heldout_loss;
+    return 0;
+}
+
+/* Stage 2 on labels: the written manifest (its head kept) gives the
+ * trainer's final and held-out cross-entropy, and routing beats the
+ * uniform mix of the experts. */
+START_TEST(test_stage2_labels)
+{
+    fixture f;
+    make_fixture(&f);
+    write_head_manifest(&f, "head.json", head_json);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N], labels[N];
+    make_data(&f, x, y, task);
+    make_labels(&f, y, labels);
+    char data[512], out[512], out2[512], path[600], text[2048];
+    snprintf(data, sizeof data, "%s/labels.safetensors", f.dir);
+    snprintf(out, sizeof out, "%s/out", f.dir);
+    snprintf(out2, sizeof out2, "%s/routed", f.dir);
+    save_labels(data, x, NULL, labels, task, N, 1);
+    atmoe_manifest *m = open_named(&f, "head.json");
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    c.steps = 60;
+    ck_assert_status(atmoe_train_stage1(CTX, m, data, &c, out), CTX);
+    atmoe_manifest_free(m);
+
+    head_manifest(text, sizeof text, "../base.safetensors", head_json);
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    test_write_file(path, text, strlen(text));
+    double uniform = manifest_ce(path, x, labels, N);
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    float held = NAN;
+    c.steps = 100;
+    c.progress = on_stage2;
+    c.user = &held;
+    double trained = NAN;
+    ck_assert_status(atmoe_train_stage2(CTX, m, data, &c, out2, &trained),
+                     CTX);
+    atmoe_manifest_free(m);
+    snprintf(path, sizeof path, "%s/manifest.json", out2);
+    double rerun = manifest_ce(path, x, labels, N);
+    double rheld = manifest_ce(path, x, labels, HELD);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "the written manifest gives %.7g, the trainer said %.7g",
+                  rerun, trained);
+    ck_assert_msg(fabs(rheld - held) <= 1e-4 * rheld,
+                  "held out: the written manifest gives %.7g, the trainer "
+                  "said %.7g", rheld, (double)held);
+    ck_assert_msg(trained < 0.8 * uniform && trained < 0.5 * log(C),
+                  "routed cross-entropy %g, uniform routing %g", trained,
+                  uniform);
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
+/* Bad classification inputs: the status, a message naming what is wrong,
+ * no output. */
+START_TEST(test_labels_bad_input)
+{
+    fixture f;
+    make_fixture(&f);
+    write_head_manifest(&f, "head.json", head_json);
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D2 * sizeof *y);
+    int32_t task[N], labels[N];
+    make_data(&f, x, y, task);
+    make_labels(&f, y, labels);
+    char data[512], out[512];
+    snprintf(data, sizeof data, "%s/labels.safetensors", f.dir);
+    snprintf(out, sizeof out, "%s/out", f.dir);
+    atmoe_manifest *m = open_named(&f, "head.json");
+    atmoe_train_config c;
+    seen s = {0};
+    config(&c, &s);
+    c.steps = 3;
+
+    labels[37] = C;
+    save_labels(data, x, NULL, labels, task, N, 0);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_OUT_OF_RANGE,
+                         "labels of row 37 is 5, outside [0, 5)");
+    ck_assert(!exists(out));
+    labels[37] = -7;
+    save_labels(data, x, NULL, labels, task, N, 1);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_OUT_OF_RANGE,
+                         "labels of row 37 is -7");
+    ck_assert(!exists(out));
+    make_labels(&f, y, labels);
+    labels[3] = 9;
+    save_labels(data, x, NULL, labels, task, N, 1);
+    labels[3] = 0;
+    save_labels(data, x, NULL, labels, task, N, 0);
+    /* Rows 0 .. HELD serve as held-out: row 3 of labels_heldout is 9 in a
+     * file whose training labels are fine. */
+    {
+        atmoe_safetensors_writer *w;
+        ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+        int32_t hl[HELD];
+        memcpy(hl, labels, sizeof hl);
+        hl[3] = 9;
+        uint64_t ns[1] = {N}, hs[1] = {HELD};
+        save_tensor(w, "x", N, D0, x);
+        save_tensor(w, "x_heldout", HELD, D0, x);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "labels", ATMOE_SAFETENSORS_I32, 1, ns,
+                             labels), NULL);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "task", ATMOE_SAFETENSORS_I32, 1, ns, task),
+                         NULL);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "labels_heldout", ATMOE_SAFETENSORS_I32, 1, hs,
+                             hl), NULL);
+        ck_assert_status(atmoe_safetensors_writer_add(
+                             w, "task_heldout", ATMOE_SAFETENSORS_I32, 1, hs,
+                             task), NULL);
+        ck_assert_status(atmoe_safetensors_writer_save(w, data), NULL);
+        atmoe_safetensors_writer_free(w);
+    }
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_OUT_OF_RANGE,
+                         "labels_heldout of row 3 is 9");
+    ck_assert(!exists(out));
+
+    /* y and labels both; y alone; labels without a head; nothing but
+     * ignored rows. */
+    save_labels(data, x, y, labels, task, N, 0);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT, "both y and labels");
+    ck_assert(!exists(out));
+    save_data(data, x, D0, y, task, N);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_NOT_FOUND, "labels [N] (I32)");
+    ck_assert(!exists(out));
+    save_labels(data, x, NULL, labels, task, N, 0);
+    atmoe_manifest *plain = open_manifest(&f);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, plain, data, &c, out), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "the manifest has no \"head\"");
+    ck_assert_fails_with(atmoe_train_stage2(CTX, plain, data, &c, out, NULL),
+                         CTX, ATMOE_STATUS_INVALID_ARGUMENT,
+                         "the manifest has no \"head\"");
+    ck_assert(!exists(out));
+    atmoe_manifest_free(plain);
+    int32_t none[N];
+    for (int n = 0; n < N; n++)
+        none[n] = task[n] == 1 ? IGN : labels[n];
+    save_labels(data, x, NULL, none, task, N, 0);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "task 1 (adapter");
+    ck_assert_msg(strstr(atmoe_errmsg(CTX), "whose label is not ignored"),
+                  "%s", atmoe_errmsg(CTX));
+    ck_assert(!exists(out));
+    for (int n = 0; n < N; n++)
+        none[n] = IGN;
+    save_labels(data, x, NULL, none, task, N, 0);
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "every row of labels is the ignore index -1");
+    ck_assert(!exists(out));
+    atmoe_manifest_free(m);
+
+    /* The head itself: a width other than the stack's output, an ignore
+     * index that is a class, a key the head does not take. */
+    save_labels(data, x, NULL, labels, task, N, 0);
+    write_head_manifest(&f, "wide.json", "{\"tensor\": \"wide.weight\"}");
+    m = open_named(&f, "wide.json");
+    ck_assert_fails_with(atmoe_train_stage1(CTX, m, data, &c, out), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH,
+                         "head: tensor wide.weight of");
+    ck_assert_msg(strstr(atmoe_errmsg(CTX),
+                         "is [5, 8]; the head must be [classes, 7]"),
+                  "%s", atmoe_errmsg(CTX));
+    ck_assert(!exists(out));
+    atmoe_manifest_free(m);
+    write_head_manifest(&f, "class.json",
+                        "{\"tensor\": \"head.weight\", \"ignore_index\": 2}");
+    m = open_named(&f, "class.json");
+    ck_assert_fails_with(atmoe_manifest_check(m), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "head.ignore_index is 2, a class of the head's 5");
+    atmoe_manifest_free(m);
+    write_head_manifest(&f, "bias.json",
+                        "{\"tensor\": \"head.weight\", \"bias\": \"wide.weight\"}");
+    m = open_named(&f, "bias.json");
+    ck_assert_fails_with(atmoe_manifest_check(m), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH, "head.bias: tensor");
+    atmoe_manifest_free(m);
+    char text[2048], path[600];
+    head_manifest(text, sizeof text, "base.safetensors",
+                  "{\"tensor\": \"head.weight\", \"dtype\": \"f16\"}");
+    snprintf(path, sizeof path, "%s/key.json", f.dir);
+    test_write_file(path, text, strlen(text));
+    ck_assert_fails_with(atmoe_manifest_open(CTX, path, &m), CTX,
+                         ATMOE_STATUS_FORMAT_ERROR,
+                         "head: unknown key \"dtype\"");
+    free(x);
+    free(y);
+    test_rmdir_r(f.dir);
+}
+END_TEST
+
 static void setup(void)
 {
     CTX = test_context();
@@ -729,6 +1459,11 @@ static Suite *recipe_suite(void)
     tcase_add_test(tc, test_stage2_round_trip);
     tcase_add_test(tc, test_stage1_resume);
     tcase_add_test(tc, test_trex_round_trip);
+    tcase_add_test(tc, test_stage1_labels);
+    tcase_add_test(tc, test_labels_ignored_rows);
+    tcase_add_test(tc, test_stage2_labels);
+    tcase_add_test(tc, test_labels_bad_input);
+    tcase_add_test(tc, test_head_forms);
     suite_add_tcase(s, tc);
     return s;
 }

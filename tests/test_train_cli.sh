@@ -1,6 +1,7 @@
 #!/bin/sh
 # atmoe train: stage 1 and stage 2 on the toy stack of tests/fixtures
-# (adapters written, a JSON log, a manifest that atmoe run applies), bad
+# (adapters written, a JSON log, a manifest that atmoe run applies), stage
+# 2 on labels over a head (atmoe run's logits give its cross-entropy), bad
 # data refused with a message and no output, and the demonstration at a
 # small size meeting its targets: the routed mixture within 1.5x of the
 # per-task experts' held-out loss and at most 0.7x the single LoRA's.
@@ -72,6 +73,90 @@ expect 0 "routers trained" "stage2"
 run run "$tmp/s2/manifest.json" --input "$tmp/d.safetensors" \
     --output "$tmp/y.safetensors"
 expect 0 "" "atmoe run of the stage-2 manifest"
+
+# Classification: the stage-2 manifest above with a head W [4, 10] (F16)
+# and its bias, labels [40] (every fifth row ignored) instead of y; stage 2
+# trains on them, and atmoe run's logits of the written manifest give the
+# cross-entropy the trainer printed.
+python3 - "$tmp/s2/manifest.json" "$tmp" <<'PY' || exit 99
+import json, random, struct, sys
+src, tmp = sys.argv[1], sys.argv[2]
+rnd = random.Random(5)
+n, d_in, d_out, classes = 40, 13, 10, 4
+def save(path, tensors):
+    blobs, header, off = [], {}, 0
+    for name, dtype, shape, fmt, flat in tensors:
+        b = struct.pack("<%d%s" % (len(flat), fmt), *flat)
+        header[name] = {"dtype": dtype, "shape": shape,
+                        "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+w = [rnd.uniform(-1, 1) for _ in range(classes * d_out)]
+save(tmp + "/head.safetensors",
+     [("w", "F16", [classes, d_out], "e", w),
+      ("b", "F32", [classes], "f", [rnd.uniform(-0.2, 0.2)
+                                    for _ in range(classes)])])
+x = [rnd.uniform(-1, 1) for _ in range(n * d_in)]
+labels = [-100 if i % 5 == 2 else rnd.randrange(classes) for i in range(n)]
+save(tmp + "/labels.safetensors",
+     [("x", "F32", [n, d_in], "f", x), ("labels", "I32", [n], "i", labels)])
+m = json.load(open(src))
+m["head"] = {"file": tmp + "/head.safetensors", "tensor": "w",
+             "bias": {"file": tmp + "/head.safetensors", "tensor": "b"}}
+# Beside the manifest: its router file is named relative to it.
+json.dump(m, open(tmp + "/s2/head.json", "w"))
+PY
+run train stage2 "$tmp/s2/head.json" --data "$tmp/labels.safetensors" \
+    --output "$tmp/c2" --steps 5 --batch 8 --lr 1e-2
+expect 0 "routers trained: cross-entropy" "stage2 on labels"
+trained=$(sed -n 's/.*cross-entropy \([^ ]*\) over.*/\1/p' "$tmp/out")
+run run "$tmp/c2/manifest.json" --input "$tmp/labels.safetensors" \
+    --output "$tmp/logits.safetensors"
+expect 0 "" "atmoe run of the classification manifest"
+run inspect "$tmp/c2/manifest.json"
+expect 0 ": 4 classes, ignore index -100" "atmoe inspect of the head" out
+if ! python3 - "$tmp/logits.safetensors" "$tmp/labels.safetensors" \
+    "$trained" <<'PY'
+import json, math, struct, sys
+def load(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, out = json.loads(raw[8:8 + n]), {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = t["data_offsets"]
+        fmt = {"F32": "f", "I32": "i"}[t["dtype"]]
+        out[name] = (t["shape"], struct.unpack(
+            "<%d%s" % ((b - a) // 4, fmt), raw[8 + n + a:8 + n + b]))
+    return out
+shape, z = load(sys.argv[1])["logits"]
+labels = load(sys.argv[2])["labels"][1]
+rows, classes = shape
+total, count = 0.0, 0
+for r in range(rows):
+    if labels[r] == -100:
+        continue
+    row = z[r * classes:(r + 1) * classes]
+    m = max(row)
+    total += m + math.log(sum(math.exp(v - m) for v in row)) - row[labels[r]]
+    count += 1
+ce, trained = total / count, float(sys.argv[3])
+print("cross-entropy of atmoe run's logits %.7g, the trainer's %.7g" %
+      (ce, trained))
+sys.exit(0 if rows == 40 and classes == 4 and
+         abs(ce - trained) <= 1e-4 * ce else 1)
+PY
+then
+    fail "atmoe run's logits do not give the trainer's cross-entropy"
+fi
+run train stage2 "$fixture" --data "$tmp/labels.safetensors" \
+    --output "$tmp/b1"
+expect 1 "the manifest has no \"head\"" "stage2 on labels without a head" err
 
 # Resumed from a checkpoint: the same adapters as a run not interrupted
 # (the one above ran 5 steps; this one 3, then 2 more from its checkpoints).

@@ -193,6 +193,12 @@ static int inspect_manifest(const char *path)
                    info.embedding_dim);
         printf("\n");
     }
+    if (info.head_file) {
+        printf("  head %s in %s", info.head_tensor, info.head_file);
+        if (info.checked)
+            printf(": %zu classes", info.classes);
+        printf(", ignore index %d\n", info.ignore_index);
+    }
     size_t last_layer = 0;
     uint64_t device_bytes = 0;
     for (size_t i = 0; i < info.modules; i++) {

@@ -1,6 +1,7 @@
 /* atmoe run MANIFEST --input X --output Y [--trace T] [--device D]: applies
- * a manifest's layers to the tokens of X and writes every module's output,
- * and with --trace the routers' gates, as safetensors files.  Rank-1
+ * a manifest's layers to the tokens of X and writes every module's output
+ * (and, with a head, its logits), and with --trace the routers' gates, as
+ * safetensors files.  Rank-1
  * modules read the samples' instruction embeddings or intuition scores
  * from X. */
 #include <dirent.h>
@@ -342,6 +343,12 @@ static int run(int argc, char **argv)
                                 scores ? smp : ATMOE_NODE_NONE};
     if ((st = atmoe_manifest_build_with(m, g, x, &mi, ys, ts, rts, &y)))
         goto fail;
+    /* A classification's logits, what the trainer's cross-entropy reads. */
+    atmoe_node logits = ATMOE_NODE_NONE;
+    if (info.head_file &&
+        ((st = atmoe_manifest_build_head(m, g, y, &logits)) ||
+         (st = atmoe_graph_mark_output(g, logits))))
+        goto fail;
     for (size_t i = 0; i < info.modules && st == ATMOE_STATUS_OK; i++) {
         st = atmoe_graph_mark_output(g, ys[i]);
         atmoe_node tn[TRACES];
@@ -378,6 +385,11 @@ static int run(int argc, char **argv)
     what = "writing the outputs";
     /* One buffer, for the largest result read back. */
     size_t largest = 0;
+    if (logits != ATMOE_NODE_NONE) {
+        int nd;
+        uint64_t sh[ATMOE_MAX_DIMS];
+        largest = node_count(g, logits, &nd, sh);
+    }
     for (size_t i = 0; i < info.modules; i++) {
         atmoe_node tn[TRACES + 1];
         tn[0] = ys[i];
@@ -397,6 +409,8 @@ static int run(int argc, char **argv)
     }
     if ((st = atmoe_safetensors_writer_new(ctx, &out)) ||
         (st = save_node(g, y, out, "y", buf)) ||
+        (logits != ATMOE_NODE_NONE &&
+         (st = save_node(g, logits, out, "logits", buf))) ||
         (trace && (st = atmoe_safetensors_writer_new(ctx, &tr))))
         goto fail;
     for (size_t i = 0; i < info.modules && st == ATMOE_STATUS_OK; i++) {

@@ -82,6 +82,10 @@ static int usage(void)
             "         [--clip X] [--weight-decay X] [--seed S] [--log FILE]\n"
             "         [--checkpoint FILE [--checkpoint-every N] [--resume]]\n"
             "         [--device D]\n"
+            "  D holds x [N, d_in] and y [N, d_out] (mean squared error), or\n"
+            "  labels [N] (I32) when MANIFEST has a \"head\" (cross-entropy\n"
+            "  over its logits); x_heldout and y_heldout or labels_heldout\n"
+            "  are measured after training\n"
             "       atmoe train demo [--json FILE] [--seed S] [--rows N] "
             "[--device D]\n");
     return EXIT_USAGE;
@@ -290,6 +294,9 @@ static int run(int argc, char **argv)
     else
         st = atmoe_train_stage2(ctx, m, data, &cfg, output, &loss);
     sigaction(SIGINT, &old, NULL);
+    atmoe_manifest_info info;
+    atmoe_manifest_get_info(m, &info);
+    const char *kind = info.head_file ? "cross-entropy" : "loss";
     if (view.tty)
         fputs("\r\033[K", stderr);
     if (st == ATMOE_STATUS_CANCELLED && interrupted) {
@@ -304,11 +311,11 @@ static int run(int argc, char **argv)
                       atmoe_errmsg(ctx)[0] ? (const atmoe_context *)ctx
                                            : NULL);
     } else if (trex) {
-        printf("rank-1 experts trained: loss %.6g over %s; manifest "
-               "%s/manifest.json\n", loss, data, output);
+        printf("rank-1 experts trained: %s %.6g over %s; manifest "
+               "%s/manifest.json\n", kind, loss, data, output);
     } else if (stage[5] == '2') {
-        printf("routers trained: loss %.6g over %s; manifest %s/manifest.json"
-               "\n", loss, data, output);
+        printf("routers trained: %s %.6g over %s; manifest %s/manifest.json"
+               "\n", kind, loss, data, output);
     } else {
         printf("experts trained: adapters in %s\n", output);
     }

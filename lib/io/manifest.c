@@ -743,12 +743,57 @@ out:
     return st;
 }
 
+/* The linear head the recipes train a classification through: "name" in
+ * the weights file, or {"file", "tensor", "transposed", "bias",
+ * "ignore_index"}; W and its bias are always held as f32 (frozen). */
+static atmoe_status parse_head(parser *p, atmoe_manifest *mf,
+                               const json_t *root)
+{
+    static const char *const keys[] = {"file", "tensor", "transposed",
+                                       "bias", "ignore_index", NULL};
+    const json_t *v = json_object_get(root, "head");
+    atmoe_status st = ATMOE_STATUS_OK;
+    mf->ignore_index = -100;
+    if (v && json_is_object(v)) {
+        size_t mark = push_key(p, "head");
+        const json_t *b = json_object_get(v, "bias");
+        if ((st = only_keys(p, v, keys)) ||
+            (st = get_int(p, v, "ignore_index", INT_MIN, INT_MAX, 0, -100,
+                          &mf->ignore_index)))
+            return st;
+        if (b && json_is_object(b) && json_object_get(b, "dtype")) {
+            push_key(p, "bias");
+            return bad(p, "has a \"dtype\"; the head is held as f32");
+        }
+        if ((st = parse_ref(p, v, "bias", 0, 0, &mf->head_bias)))
+            return st;
+        pop(p, mark);
+        /* W is an ordinary reference once the head's own keys are gone. */
+        json_t *w = json_deep_copy(v), *wrap = json_object();
+        if (w == NULL || wrap == NULL) {
+            json_decref(w);
+            json_decref(wrap);
+            return oom(p);
+        }
+        json_object_del(w, "bias");
+        json_object_del(w, "ignore_index");
+        json_object_set_new(wrap, "head", w);
+        st = parse_ref(p, wrap, "head", 1, 1, &mf->head);
+        json_decref(wrap);
+    } else if (v && !json_is_null(v)) {
+        st = parse_ref(p, root, "head", 1, 0, &mf->head);
+    }
+    mf->head.dtype = ATMOE_DTYPE_F32;
+    mf->head_bias.dtype = ATMOE_DTYPE_F32;
+    return st;
+}
+
 static atmoe_status parse_root(parser *p, atmoe_manifest *mf,
                                const json_t *root)
 {
     static const char *const keys[] = {"version", "description", "weights",
                                        "dtype", "allow_nonfinite", "centroids",
-                                       "layers", NULL};
+                                       "layers", "head", NULL};
     atmoe_status st;
     int version;
     const char *weights, *description;
@@ -773,7 +818,8 @@ static atmoe_status parse_root(parser *p, atmoe_manifest *mf,
         return st;
     if (weights && (p->weights = resolve(p, weights)) == NULL)
         return oom(p);
-    if ((st = parse_ref(p, root, "centroids", 0, 0, &mf->centroids)))
+    if ((st = parse_ref(p, root, "centroids", 0, 0, &mf->centroids)) ||
+        (st = parse_head(p, mf, root)))
         return st;
     const json_t *layers = json_object_get(root, "layers");
     push_key(p, "layers");
@@ -844,6 +890,8 @@ ATMOE_API void atmoe_manifest_free(atmoe_manifest *manifest)
     }
     atm_free(manifest->adapters);
     free_ref(&manifest->centroids);
+    free_ref(&manifest->head);
+    free_ref(&manifest->head_bias);
     atm_free(manifest);
 }
 
@@ -963,6 +1011,10 @@ ATMOE_API atmoe_status atmoe_manifest_get_info(const atmoe_manifest *manifest,
     info->centroids_tensor = manifest->centroids.tensor;
     info->clusters = manifest->checked ? manifest->clusters : 0;
     info->embedding_dim = manifest->checked ? manifest->embedding_dim : 0;
+    info->head_file = manifest->head.file;
+    info->head_tensor = manifest->head.tensor;
+    info->classes = manifest->checked ? manifest->classes : 0;
+    info->ignore_index = manifest->ignore_index;
     return ATMOE_STATUS_OK;
 }
 

@@ -98,6 +98,12 @@ struct atmoe_manifest {
      * modules; K and D set by the check. */
     atm_mref centroids;
     size_t clusters, embedding_dim;
+    /* The linear head W [classes, d_out] and bias [classes] of a
+     * classification ("head"; file NULL without), held as f32; classes
+     * set by the check. */
+    atm_mref head, head_bias;
+    size_t classes;
+    int ignore_index;
     int train_routers; /* atm_manifest_set_train_routers */
     int train_rank1;   /* atm_manifest_set_train_rank1 */
 };

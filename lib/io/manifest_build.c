@@ -89,23 +89,24 @@ static atmoe_status open_adapter(atmoe_manifest *mf, const char *path,
 
 /* Finds ref's tensor and checks it is floating point with the shape
  * wanted (rows or cols 0: any), and that the device can hold it as the
- * manifest asks; *t receives it, ref its file's and its device's types. */
-static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
-                                const char *key, atm_mref *ref,
-                                int ndim, size_t rows, size_t cols,
-                                atmoe_safetensors_tensor *t)
+ * manifest asks; *t receives it, ref its file's and its device's types.
+ * where (a JSON path) and key name it in messages. */
+static atmoe_status find_tensor_at(atmoe_manifest *mf, const char *where,
+                                   const char *key, atm_mref *ref,
+                                   int ndim, size_t rows, size_t cols,
+                                   atmoe_safetensors_tensor *t)
 {
     atmoe_safetensors *file;
     atmoe_status st = open_file(mf, ref->file, &file);
     if (st == ATMOE_STATUS_OK)
         st = atmoe_safetensors_find(file, ref->tensor, t);
     if (st != ATMOE_STATUS_OK)
-        return at(mf->ctx, st, m->where, key);
+        return at(mf->ctx, st, where, key);
     if (t->dtype != ATMOE_SAFETENSORS_F32 && t->dtype != ATMOE_SAFETENSORS_F16 &&
         t->dtype != ATMOE_SAFETENSORS_BF16 && t->dtype != ATMOE_SAFETENSORS_F64)
         return atm_fail(mf->ctx, ATMOE_STATUS_FORMAT_ERROR,
                         "%s.%s: tensor %s of %s is %s, not a floating-point "
-                        "type", m->where, key, ref->tensor, ref->file,
+                        "type", where, key, ref->tensor, ref->file,
                         atmoe_safetensors_dtype_name(t->dtype));
     int asked = ref->dtype == ATM_DTYPE_INHERIT ? mf->dtype : ref->dtype;
     int device = atm_manifest_device_dtype(asked, t->dtype);
@@ -113,7 +114,7 @@ static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
         return atm_fail(mf->ctx, ATMOE_STATUS_NOT_SUPPORTED,
                         "%s.%s: tensor %s of %s is %s, which the device "
                         "cannot hold; \"dtype\": \"f32\" (or \"f16\", "
-                        "\"bf16\") converts it", m->where, key, ref->tensor,
+                        "\"bf16\") converts it", where, key, ref->tensor,
                         ref->file, atmoe_safetensors_dtype_name(t->dtype));
     ref->stored = t->dtype;
     ref->device = (atmoe_dtype)device;
@@ -137,10 +138,18 @@ static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
             snprintf(exp, sizeof exp, "2-D");
         return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
                         "%s.%s: tensor %s of %s is [%s], the module needs "
-                        "%s", m->where, key, ref->tensor, ref->file, got,
+                        "%s", where, key, ref->tensor, ref->file, got,
                         exp);
     }
     return ATMOE_STATUS_OK;
+}
+
+static atmoe_status find_tensor(atmoe_manifest *mf, const atm_mmodule *m,
+                                const char *key, atm_mref *ref,
+                                int ndim, size_t rows, size_t cols,
+                                atmoe_safetensors_tensor *t)
+{
+    return find_tensor_at(mf, m->where, key, ref, ndim, rows, cols, t);
 }
 
 /* The tensors of a rank-1 module: A [r1, d_in], B [d_out, r2], W_r
@@ -292,6 +301,43 @@ static atmoe_status check_module(atmoe_manifest *mf, atm_mmodule *m)
     return ATMOE_STATUS_OK;
 }
 
+/* The head: W [classes, d_out] (any width of classes, d_out the stack's
+ * output), bias [classes], and an ignore index that is no class. */
+static atmoe_status check_head(atmoe_manifest *mf, size_t d_out)
+{
+    atm_mref *w = &mf->head;
+    if (w->file == NULL)
+        return ATMOE_STATUS_OK;
+    atmoe_safetensors_tensor t;
+    atmoe_status st = find_tensor_at(mf, "head", "", w, 2, 0, 0, &t);
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    size_t rows = (size_t)t.shape[0], cols = (size_t)t.shape[1];
+    size_t classes = w->transposed ? cols : rows;
+    if ((w->transposed ? rows : cols) != d_out)
+        return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "head: tensor %s of %s is [%zu, %zu]%s; the head "
+                        "must be [classes, %zu] (the stack's output width)%s",
+                        w->tensor, w->file, rows, cols,
+                        w->transposed ? " (read transposed)" : "", d_out,
+                        w->transposed ? ", stored [d_out, classes]" : "");
+    if (classes > INT32_MAX)
+        return atm_fail(mf->ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                        "head: tensor %s of %s has %zu classes, above "
+                        "int32 labels", w->tensor, w->file, classes);
+    if (mf->head_bias.file &&
+        (st = find_tensor_at(mf, "head", "bias", &mf->head_bias, 1, classes,
+                             0, &t)))
+        return st;
+    if (mf->ignore_index >= 0 && (size_t)mf->ignore_index < classes)
+        return atm_fail(mf->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "head.ignore_index is %d, a class of the head's %zu: "
+                        "it must lie outside [0, %zu)", mf->ignore_index,
+                        classes, classes);
+    mf->classes = classes;
+    return ATMOE_STATUS_OK;
+}
+
 ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *manifest)
 {
     ATM_CHECK_NULL(NULL, manifest);
@@ -347,6 +393,9 @@ ATMOE_API atmoe_status atmoe_manifest_check(atmoe_manifest *manifest)
     }
     manifest->d_in = manifest->modules[0].d_in;
     manifest->d_out = width;
+    atmoe_status st = check_head(manifest, width);
+    if (st != ATMOE_STATUS_OK)
+        return st;
     manifest->checked = 1;
     return ATMOE_STATUS_OK;
 }
@@ -762,6 +811,38 @@ ATMOE_API atmoe_status atmoe_manifest_build_with(
         return st;
     }
     *y = next;
+    return ATMOE_STATUS_OK;
+}
+
+ATMOE_API atmoe_status atmoe_manifest_build_head(atmoe_manifest *manifest,
+                                                 atmoe_graph *graph,
+                                                 atmoe_node y,
+                                                 atmoe_node *logits)
+{
+    ATM_CHECK_NULL(NULL, manifest);
+    ATM_CHECK_NULL(manifest->ctx, graph);
+    ATM_CHECK_NULL(graph->ctx, logits);
+    atmoe_status st = atmoe_manifest_check(manifest);
+    if (st != ATMOE_STATUS_OK)
+        return graph->ctx == manifest->ctx
+                   ? st
+                   : atm_fail(graph->ctx, st, "%s", atmoe_errmsg(manifest->ctx));
+    if (manifest->head.file == NULL)
+        return atm_fail(graph->ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                        "atmoe_manifest_build_head: the manifest has no "
+                        "\"head\"");
+    size_t mark = graph->count;
+    atmoe_node w, b = ATMOE_NODE_NONE;
+    if ((st = add_tensor(manifest, graph, &manifest->head, manifest->classes,
+                         manifest->d_out, NULL, &w)) ||
+        (manifest->head_bias.file &&
+         (st = add_tensor(manifest, graph, &manifest->head_bias,
+                          manifest->classes, 0, NULL, &b))) ||
+        (st = atmoe_graph_matmul(graph, y, w, b, ATMOE_MATMUL_TRANSPOSE_B,
+                                 logits))) {
+        atm_graph_truncate(graph, mark);
+        return st;
+    }
     return ATMOE_STATUS_OK;
 }
 

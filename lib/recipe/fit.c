@@ -38,52 +38,76 @@ static double now_s(void)
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* Computes the graph on rows[0 .. take) of the data; *loss its loss. */
+/* The buffers of one batch: inputs, targets (y or labels), indexes. */
+typedef struct bufs {
+    float *x, *y;
+    int32_t *labels, *index;
+} bufs;
+
+/* Computes the graph on rows[0 .. take) of the data; *loss its loss,
+ * *counted the rows it is a mean over (those not ignored). */
 static atmoe_status batch(const atm_recipe_fit *f, const atm_recipe_data *d,
                           int held, const size_t *rows, size_t take,
-                          float *xb, float *yb, int32_t *ib, float *loss)
+                          const bufs *b, float *loss, size_t *counted)
 {
     atmoe_status st;
     if (f->index != ATMOE_NODE_NONE) {
         const int32_t *of = held ? f->held_index_of : f->index_of;
         for (size_t i = 0; i < take; i++)
-            ib[i] = of[rows[i]];
-        if ((st = atmoe_graph_set_input(f->g, f->index, ib,
-                                        take * sizeof *ib, take)))
+            b->index[i] = of[rows[i]];
+        if ((st = atmoe_graph_set_input(f->g, f->index, b->index,
+                                        take * sizeof *b->index, take)))
             return st;
     }
     size_t di = d->d_in, dout = d->d_out;
-    const float *x = held ? d->hx : d->x, *y = held ? d->hy : d->y;
-    for (size_t i = 0; i < take; i++) {
-        memcpy(xb + i * di, x + rows[i] * di, di * sizeof *xb);
-        memcpy(yb + i * dout, y + rows[i] * dout, dout * sizeof *yb);
+    const float *x = held ? d->hx : d->x;
+    for (size_t i = 0; i < take; i++)
+        memcpy(b->x + i * di, x + rows[i] * di, di * sizeof *b->x);
+    if (d->classes) {
+        const int32_t *l = held ? d->hlabels : d->labels;
+        *counted = 0;
+        for (size_t i = 0; i < take; i++) {
+            b->labels[i] = l[rows[i]];
+            *counted += b->labels[i] != d->ignore_index;
+        }
+        st = atmoe_graph_set_input(f->g, f->y, b->labels,
+                                   take * sizeof *b->labels, take);
+    } else {
+        const float *y = held ? d->hy : d->y;
+        for (size_t i = 0; i < take; i++)
+            memcpy(b->y + i * dout, y + rows[i] * dout, dout * sizeof *b->y);
+        *counted = take;
+        st = atmoe_graph_set_input(f->g, f->y, b->y,
+                                   take * dout * sizeof *b->y, take);
     }
-    if ((st = atmoe_graph_set_input(f->g, f->x, xb, take * di * sizeof *xb,
-                                    take)) ||
-        (st = atmoe_graph_set_input(f->g, f->y, yb, take * dout * sizeof *yb,
+    if (st != ATMOE_STATUS_OK ||
+        (st = atmoe_graph_set_input(f->g, f->x, b->x, take * di * sizeof *b->x,
                                     take)) ||
         (st = atmoe_graph_compute(f->g, take)))
         return st;
     return atmoe_graph_read(f->g, f->loss, loss, sizeof *loss);
 }
 
-/* The mean loss over n rows of the training (held 0) or held-out set. */
+/* The mean loss over n rows of the training (held 0) or held-out set:
+ * each batch's mean weighted by the rows it counted, so that ignored rows
+ * weigh nothing (NaN when every row is ignored). */
 static atmoe_status mean_loss(const atm_recipe_fit *f,
                               const atm_recipe_data *d, int held,
                               const size_t *rows, size_t n, size_t B,
-                              float *xb, float *yb, int32_t *ib,
-                              double *mean)
+                              const bufs *b, double *mean)
 {
     double total = 0;
+    size_t all = 0;
     for (size_t p0 = 0; p0 < n; p0 += B) {
-        size_t take = n - p0 < B ? n - p0 : B;
+        size_t take = n - p0 < B ? n - p0 : B, counted;
         float l;
-        atmoe_status st = batch(f, d, held, rows + p0, take, xb, yb, ib, &l);
+        atmoe_status st = batch(f, d, held, rows + p0, take, b, &l, &counted);
         if (st != ATMOE_STATUS_OK)
             return st;
-        total += (double)l * (double)take;
+        total += (double)l * (double)counted;
+        all += counted;
     }
-    *mean = total / (double)n;
+    *mean = all ? total / (double)all : NAN;
     return ATMOE_STATUS_OK;
 }
 
@@ -127,11 +151,12 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
         oc.total_steps = steps;
     atmoe_optimizer *opt = NULL;
     char *ckpt = NULL;
-    float *xb = atm_malloc(B * d->d_in * sizeof *xb);
-    float *yb = atm_malloc(B * d->d_out * sizeof *yb);
-    int32_t *ib = atm_malloc(B * sizeof *ib);
+    bufs b = {atm_malloc(B * d->d_in * sizeof *b.x),
+              atm_malloc(B * d->d_out * sizeof *b.y),
+              atm_malloc(B * sizeof *b.labels),
+              atm_malloc(B * sizeof *b.index)};
     atmoe_status st;
-    if (xb == NULL || yb == NULL || ib == NULL) {
+    if (b.x == NULL || b.y == NULL || b.labels == NULL || b.index == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       "%s: out of host memory", fn);
         goto out;
@@ -182,7 +207,9 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
             }
             size_t take = n_rows - pos < B ? n_rows - pos : B;
             float l;
-            if ((st = batch(f, d, 0, f->rows + pos, take, xb, yb, ib, &l)) ||
+            size_t counted;
+            if ((st = batch(f, d, 0, f->rows + pos, take, &b, &l,
+                            &counted)) ||
                 (oc.accumulation > 1 &&
                  (st = atmoe_optimizer_accumulate(opt))))
                 goto out;
@@ -225,10 +252,9 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
     /* The trained weights' loss over all the rows (the forward of the same
      * graph; its gradients are not used). */
     double total, held = NAN;
-    if ((st = mean_loss(f, d, 0, f->rows, n_rows, B, xb, yb, ib, &total)) ||
+    if ((st = mean_loss(f, d, 0, f->rows, n_rows, B, &b, &total)) ||
         (f->n_held &&
-         (st = mean_loss(f, d, 1, f->held, f->n_held, B, xb, yb, ib,
-                    &held))))
+         (st = mean_loss(f, d, 1, f->held, f->n_held, B, &b, &held))))
         goto out;
     if (final_loss)
         *final_loss = total;
@@ -243,8 +269,9 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
 out:
     atm_free(ckpt);
     atmoe_optimizer_free(opt);
-    atm_free(xb);
-    atm_free(yb);
-    atm_free(ib);
+    atm_free(b.x);
+    atm_free(b.y);
+    atm_free(b.labels);
+    atm_free(b.index);
     return st;
 }

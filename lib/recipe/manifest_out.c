@@ -176,6 +176,13 @@ static json_t *manifest_json(const atmoe_manifest *mf)
     json_object_set_new(root, "layers", layers);
     if (mf->centroids.file)
         json_object_set_new(root, "centroids", ref_json(&mf->centroids));
+    if (mf->head.file) {
+        json_t *h = ref_json(&mf->head);
+        if (mf->head_bias.file)
+            json_object_set_new(h, "bias", ref_json(&mf->head_bias));
+        json_object_set_new(h, "ignore_index", json_integer(mf->ignore_index));
+        json_object_set_new(root, "head", h);
+    }
     return root;
 }
 

@@ -9,35 +9,51 @@
 #include "atmoe.h"
 #include "io/manifest.h"
 
-/* A training set on the host: x [n, d_in], y [n, d_out], task [n] (NULL
- * when not read). */
+/* A training set on the host: x [n, d_in], and y [n, d_out] (regression)
+ * or, when the manifest has a head (classes > 0), labels [n] (classes or
+ * ignore_index); task [n] (NULL when not read). */
 typedef struct atm_recipe_data {
     float *x, *y;
-    int32_t *task;
+    int32_t *labels, *task;
     size_t n, d_in, d_out;
-    /* The held-out rows x_heldout, y_heldout and task_heldout, when the
-     * file has them (hn 0 otherwise). */
+    size_t classes; /* 0: regression on y */
+    int ignore_index;
+    /* The held-out rows x_heldout, y_heldout or labels_heldout, and
+     * task_heldout, when the file has them (hn 0 otherwise). */
     float *hx, *hy;
-    int32_t *htask;
+    int32_t *hlabels, *htask;
     size_t hn;
 } atm_recipe_data;
 
-/* Reads x, y and, with tasks >= 0, task (I32, each in [0, tasks)), and the
- * same of the held-out rows when x_heldout is there, from the
- * safetensors file at path, refusing widths other than d_in and d_out and
- * NaN or infinite values, naming the row.  fn prefixes the messages. */
+/* Reads x, y (or, with the manifest's head, labels: I32, each a class or
+ * the ignore index) and, with tasks >= 0, task (I32, each in [0,
+ * tasks)), and the same of the held-out rows when x_heldout is there,
+ * from the safetensors file at path, refusing widths other than the
+ * checked manifest's, NaN or infinite values and labels out of range,
+ * naming the row, and a file whose targets do not match the manifest (y
+ * and labels both, labels without a head).  fn prefixes the messages. */
 atmoe_status atm_recipe_read_data(atmoe_context *ctx, const char *fn,
-                                  const char *path, size_t d_in,
-                                  size_t d_out, int tasks,
-                                  atm_recipe_data *d);
+                                  const char *path, const atmoe_manifest *mf,
+                                  int tasks, atm_recipe_data *d);
 void atm_recipe_data_free(atm_recipe_data *d);
 
 atmoe_status atm_recipe_check_config(atmoe_context *ctx, const char *fn,
                                      const atmoe_train_config *config);
 
-/* A graph to fit: inputs x [batch, d_in] and y [batch, d_out] (batched),
- * a scalar loss not yet differentiated, the rows of the data it trains on
- * (shuffled in place), and how progress names it. */
+/* The loss the recipes train the stack's output out [batch, d_out] with
+ * (loss.c): with the manifest's head, the cross-entropy of the head's
+ * logits against labels (I32 [batch]; rows whose label is the head's
+ * ignore index left out of the mean), else the mean squared error
+ * against y [batch, d_out].  *target is the batched input the fit fills
+ * with each batch's targets, *loss the scalar. */
+atmoe_status atm_recipe_loss(atmoe_manifest *mf, atmoe_graph *g,
+                             size_t batch, atmoe_node out,
+                             atmoe_node *target, atmoe_node *loss);
+
+/* A graph to fit: inputs x [batch, d_in] and the targets y (batched: y
+ * [batch, d_out] or labels [batch], atm_recipe_loss), a scalar loss not
+ * yet differentiated, the rows of the data it trains on (shuffled in
+ * place), and how progress names it. */
 typedef struct atm_recipe_fit {
     atmoe_graph *g;
     atmoe_node x, y, loss;
@@ -55,8 +71,9 @@ typedef struct atm_recipe_fit {
 } atm_recipe_fit;
 
 /* Builds the backward pass, plans, and trains for the configured steps;
- * then *final_loss (may be NULL) is the mean loss over all the rows, and
- * the progress callback hears it with done, with the held-out loss.  The trained weights stay in
+ * then *final_loss (may be NULL) is the mean loss over all the rows (for
+ * a classification, over the rows not ignored), and the progress callback
+ * hears it with done, with the held-out loss.  The trained weights stay in
  * the graph (atmoe_graph_read_trainable). */
 atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
                                 const atm_recipe_fit *f,

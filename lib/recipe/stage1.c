@@ -112,9 +112,7 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
                                 const atmoe_train_config *cfg)
 {
     model *mdl = &models[k];
-    const atmoe_manifest_module *first = &sk->mods[0];
-    const atmoe_manifest_module *last = &sk->mods[sk->layers - 1];
-    size_t d_in = first->d_in, d_out = last->d_out, B = cfg->batch;
+    size_t d_in = sk->mods[0].d_in, B = cfg->batch;
     atmoe_adapter *in = NULL;
     atmoe_graph *g = NULL;
     atmoe_optimizer *opt = NULL;
@@ -171,10 +169,9 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
     }
 
     atmoe_node x, y, cur, loss;
-    size_t xs[2] = {B, d_in}, ys[2] = {B, d_out};
+    size_t xs[2] = {B, d_in};
     if ((st = atmoe_graph_new(ctx, &g)) ||
-        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x)) ||
-        (st = atmoe_graph_input(g, "y", ATMOE_DTYPE_F32, 2, ys, 1, &y)))
+        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x)))
         goto out;
     cur = x;
     for (size_t l = 0; l < sk->layers; l++) {
@@ -253,7 +250,7 @@ static atmoe_status train_model(atmoe_context *ctx, atmoe_manifest *mf,
                       "stack: nothing of it reaches the loss", mdl->dir);
         goto out;
     }
-    if ((st = atmoe_graph_loss_mse(g, cur, y, &loss)))
+    if ((st = atm_recipe_loss(mf, g, B, cur, &y, &loss)))
         goto out;
     atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
                           .rows = rows, .n_rows = n_rows, .held = held,
@@ -406,19 +403,22 @@ atmoe_status atmoe_train_stage1(atmoe_context *ctx, atmoe_manifest *manifest,
     for (size_t l = 0; l < sk.layers; l++)
         if ((st = read_base(ctx, &sk.mods[l], &sk.w[l], &sk.bias[l])))
             goto out;
-    if ((st = atm_recipe_read_data(ctx, FN, data_path, info.d_in,
-                                   info.d_out, tasks, &d)))
+    if ((st = atm_recipe_read_data(ctx, FN, data_path, manifest, tasks,
+                                   &d)))
         goto out;
     for (size_t k = 0; k < n_models; k++) {
         if (models[k].general)
             continue;
+        /* Rows whose label is ignored train nothing. */
         size_t rows = 0;
         for (size_t r = 0; r < d.n; r++)
-            rows += d.task[r] == models[k].task;
+            rows += d.task[r] == models[k].task &&
+                    (d.labels == NULL || d.labels[r] != d.ignore_index);
         if (rows == 0) {
             st = atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
-                          FN ": %s: task %d (adapter %s) has no rows",
-                          data_path, models[k].task, models[k].dir);
+                          FN ": %s: task %d (adapter %s) has no rows%s",
+                          data_path, models[k].task, models[k].dir,
+                          d.labels ? " whose label is not ignored" : "");
             goto out;
         }
     }

@@ -89,8 +89,7 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
         largest = n > largest ? n : largest;
     }
     atm_recipe_data d;
-    if ((st = atm_recipe_read_data(ctx, FN, data_path, manifest->d_in,
-                                   manifest->d_out, -1, &d)))
+    if ((st = atm_recipe_read_data(ctx, FN, data_path, manifest, -1, &d)))
         return st;
     atmoe_graph *g = NULL;
     atmoe_safetensors_writer *w = NULL;
@@ -107,16 +106,16 @@ atmoe_status atmoe_train_stage2(atmoe_context *ctx, atmoe_manifest *manifest,
     for (size_t r = 0; r < d.hn; r++)
         held[r] = r;
     atmoe_node x, y, out, loss;
-    size_t xs[2] = {config->batch, d.d_in}, ys[2] = {config->batch, d.d_out};
+    size_t xs[2] = {config->batch, d.d_in};
     if ((st = atmoe_graph_new(ctx, &g)) ||
-        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x)) ||
-        (st = atmoe_graph_input(g, "y", ATMOE_DTYPE_F32, 2, ys, 1, &y)))
+        (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x)))
         goto out;
     atm_manifest_set_train_routers(manifest, 1);
     st = atmoe_manifest_build(manifest, g, x, ATMOE_NODE_NONE,
                               ATMOE_NODE_NONE, NULL, NULL, &out);
     atm_manifest_set_train_routers(manifest, 0);
-    if (st != ATMOE_STATUS_OK || (st = atmoe_graph_loss_mse(g, out, y, &loss)))
+    if (st != ATMOE_STATUS_OK ||
+        (st = atm_recipe_loss(manifest, g, config->batch, out, &y, &loss)))
         goto out;
     atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
                           .rows = rows, .n_rows = d.n, .held = held,

@@ -164,8 +164,7 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
                         FN ": the manifest has no rank-1 output module to "
                         "train (\"rank1\" in atmoe-manifest(5))");
     atm_recipe_data d;
-    if ((st = atm_recipe_read_data(ctx, FN, data_path, manifest->d_in,
-                                   manifest->d_out, -1, &d)))
+    if ((st = atm_recipe_read_data(ctx, FN, data_path, manifest, -1, &d)))
         return st;
     int32_t *sample = NULL, *hsample = NULL;
     float *scores = NULL;
@@ -187,11 +186,10 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
     for (size_t r = 0; r < d.hn; r++)
         held[r] = r;
     atmoe_node x, y, gi, sc, out, loss;
-    size_t xs[2] = {config->batch, d.d_in}, ys[2] = {config->batch, d.d_out};
+    size_t xs[2] = {config->batch, d.d_in};
     size_t is[1] = {config->batch}, ss[2] = {S, K};
     if ((st = atmoe_graph_new(ctx, &g)) ||
         (st = atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 1, &x)) ||
-        (st = atmoe_graph_input(g, "y", ATMOE_DTYPE_F32, 2, ys, 1, &y)) ||
         (st = atmoe_graph_input(g, "gate_index", ATMOE_DTYPE_I32, 1, is, 1,
                                 &gi)) ||
         (st = atmoe_graph_constant(g, "scores", ATMOE_DTYPE_F32, 2, ss,
@@ -202,7 +200,8 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
     st = atmoe_manifest_build_with(manifest, g, x, &in, NULL, NULL, NULL,
                                    &out);
     atm_manifest_set_train_rank1(manifest, 0);
-    if (st != ATMOE_STATUS_OK || (st = atmoe_graph_loss_mse(g, out, y, &loss)))
+    if (st != ATMOE_STATUS_OK ||
+        (st = atm_recipe_loss(manifest, g, config->batch, out, &y, &loss)))
         goto out;
     atm_recipe_fit fit = {.g = g, .x = x, .y = y, .loss = loss,
                           .rows = rows, .n_rows = d.n, .held = held,
