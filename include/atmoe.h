@@ -74,7 +74,8 @@ ATMOE_API const char *atmoe_version(void);
     X(NUMERIC_ERROR, "a result differs from its reference")                \
     X(NOT_FOUND, "no tensor, key or file of that name")                       \
     X(NOT_FINITE, "a loss or gradient is NaN or infinite")                    \
-    X(CANCELLED, "stopped at the caller's request")
+    X(CANCELLED, "stopped at the caller's request")                          \
+    X(NO_PROGRESS, "training did not lower the loss")
 
 typedef enum atmoe_status {
 #define ATMOE_STATUS_ENUM_(name, text) ATMOE_STATUS_##name,
@@ -1728,7 +1729,17 @@ ATMOE_API atmoe_status atmoe_centroids_load(atmoe_context *ctx,
  * optimiser step.  NaN or infinite data is NOT_FINITE naming the row.  An
  * optional held-out split, x_heldout, y_heldout (and task_heldout for
  * stage 1) checked as the rest, is never trained on: the trained model's
- * loss over it is reported (atmoe_train_progress). */
+ * loss over it is reported (atmoe_train_progress).
+ *
+ * A step whose loss or gradient is not finite is skipped (the optimiser's
+ * NOT_FINITE) and training goes on; progress counts the skipped steps.  A
+ * model trained from its start (not resumed from a checkpoint) must have
+ * trained, else the recipe fails and writes nothing: NOT_FINITE when every
+ * step was skipped or the trained loss is not finite, NO_PROGRESS when the
+ * trained loss over all its rows is not below the loss of the weights it
+ * started from over the same rows (measured before the first step, one
+ * more pass over them).  Both messages give the two losses or the first
+ * skip's cause. */
 
 /* Where a recipe stands, given to the progress callback after every step
  * and once when a model is done. */
@@ -1744,6 +1755,11 @@ typedef struct atmoe_train_progress {
     int done;              /* 1: the model's training has ended */
     float heldout_loss;    /* with done: the mean loss over the model's
                               held-out rows; NaN without them */
+    uint64_t skipped;      /* steps skipped as not finite so far (the
+                              optimiser's count, a resumed run's included);
+                              a skipped step's loss is the one it met */
+    float initial_loss;    /* the mean loss over all the model's rows
+                              before its first step; NaN when resumed */
 } atmoe_train_progress;
 
 /* A non-zero return stops the recipe at that step boundary: it returns

@@ -479,16 +479,17 @@ static double trex_loss(const char *path, const float *x, const float *y,
     return sum / (N * D1);
 }
 
-/* T-REX: trained jointly from the reference initialisation (B, W_r and the
- * gates zero), the written manifest gives the trainer's loss, well below
- * the start's. */
-START_TEST(test_trex_round_trip)
+/* The T-REX problem in dir: w.safetensors (the base w0 and A, B as the
+ * reference initialises them), manifest.json (one v1 module of E1
+ * experts), data.safetensors (x, y, sample, scores; y times y_scale).
+ * x [N, D0], y [N, D1], sample [N] and scores [S1, E1] are the caller's. */
+static void trex_problem(const char *dir, float *x, float *y,
+                         int32_t *sample, float *scores, double y_scale)
 {
-    char dir[256], path[600], data[512], out[512];
-    test_mkdtemp(dir, sizeof dir, "recipe");
+    char path[600];
     test_rng rng;
     test_rng_seed(&rng, 1414);
-    float w0[D1 * D0], a[E1 * D0], b[D1 * E1] = {0}, scores[S1 * E1];
+    float w0[D1 * D0], a[E1 * D0], b[D1 * E1] = {0};
     float ta[E1 * D0], tb[D1 * E1];
     test_fill_uniform(&rng, w0, D1 * D0, -0.4, 0.4);
     ck_assert_status(atmoe_context_finish(CTX), CTX);
@@ -517,8 +518,6 @@ START_TEST(test_trex_round_trip)
     test_write_file(path, text, strlen(text));
 
     /* Targets: the base plus a rank-4 change, scaled per sample. */
-    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
-    int32_t sample[N];
     test_fill_uniform(&rng, x, N * D0, -1, 1);
     for (int n = 0; n < N; n++) {
         sample[n] = n % S1;
@@ -532,7 +531,7 @@ START_TEST(test_trex_round_trip)
                     u += (double)ta[r * D0 + i] * x[n * D0 + i];
                 acc += tb[o * E1 + r] * u * (1 + scores[sample[n] * E1 + r]);
             }
-            y[n * D1 + o] = (float)acc;
+            y[n * D1 + o] = (float)(acc * y_scale);
         }
     }
     atmoe_safetensors_writer *dw;
@@ -544,18 +543,38 @@ START_TEST(test_trex_round_trip)
     ck_assert_status(atmoe_safetensors_writer_add(dw, "sample",
                                                   ATMOE_SAFETENSORS_I32, 1,
                                                   ns, sample), NULL);
-    snprintf(data, sizeof data, "%s/data.safetensors", dir);
-    ck_assert_status(atmoe_safetensors_writer_save(dw, data), NULL);
+    snprintf(path, sizeof path, "%s/data.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(dw, path), NULL);
     atmoe_safetensors_writer_free(dw);
+}
+
+static void trex_config(atmoe_train_config *c, float lr)
+{
+    ck_assert_status(atmoe_train_config_default(c), NULL);
+    c->optimizer.lr = lr;
+    c->optimizer.weight_decay = 0;
+    c->steps = 150;
+    c->batch = 16;
+}
+
+/* T-REX: trained jointly from the reference initialisation (B, W_r and the
+ * gates zero), the written manifest gives the trainer's loss, well below
+ * the start's. */
+START_TEST(test_trex_round_trip)
+{
+    char dir[256], path[600], data[512], out[512];
+    test_mkdtemp(dir, sizeof dir, "recipe");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
+    float scores[S1 * E1];
+    int32_t sample[N];
+    trex_problem(dir, x, y, sample, scores, 1);
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    snprintf(data, sizeof data, "%s/data.safetensors", dir);
 
     atmoe_manifest *m;
     ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
     atmoe_train_config c;
-    ck_assert_status(atmoe_train_config_default(&c), NULL);
-    c.optimizer.lr = 1e-2f;
-    c.optimizer.weight_decay = 0;
-    c.steps = 150;
-    c.batch = 16;
+    trex_config(&c, 1e-2f);
     snprintf(out, sizeof out, "%s/out", dir);
     double trained = NAN;
     atmoe_status st = atmoe_train_trex(CTX, m, data, &c, out, &trained);
@@ -570,6 +589,85 @@ START_TEST(test_trex_round_trip)
                   rerun, trained);
     ck_assert_msg(trained < 0.5 * before, "trained %g, at the start %g",
                   trained, before);
+    free(x);
+    free(y);
+    test_rmdir_r(dir);
+}
+END_TEST
+
+typedef struct trex_seen {
+    uint64_t steps, skipped;
+    float initial, done_loss;
+    int done;
+} trex_seen;
+
+static int trex_progress(const atmoe_train_progress *p, void *user)
+{
+    trex_seen *s = user;
+    if (p->done) {
+        s->done = 1;
+        s->done_loss = p->loss;
+    } else {
+        s->steps++;
+    }
+    s->skipped = p->skipped;
+    s->initial = p->initial_loss;
+    return 0;
+}
+
+/* Training that does not train fails, writing nothing, rather than
+ * succeed at the untrained loss.  At lr 0.1 AdamW moves the gates w by
+ * about 0.1 a step, their logits 100 w by about 10: the main gate c =
+ * sigmoid(100 w_c) reaches 0 to float precision within a few steps, and
+ * every gradient behind it with it (NO_PROGRESS, the gate named).  Targets
+ * of 1e20 make every loss infinite: every step is skipped (NOT_FINITE,
+ * counted in the progress). */
+START_TEST(test_trex_no_progress)
+{
+    char dir[256], path[600], data[512], out[512];
+    test_mkdtemp(dir, sizeof dir, "recipe");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
+    float scores[S1 * E1];
+    int32_t sample[N];
+    trex_problem(dir, x, y, sample, scores, 1);
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    snprintf(data, sizeof data, "%s/data.safetensors", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    atmoe_train_config c;
+    trex_config(&c, 1e-1f);
+    trex_seen s = {0};
+    c.progress = trex_progress;
+    c.user = &s;
+    double trained = -1;
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, &trained),
+                         CTX, ATMOE_STATUS_NO_PROGRESS, "c = ");
+    ck_assert_msg(strstr(atmoe_errmsg(CTX), "made no progress") &&
+                      strstr(atmoe_errmsg(CTX), "layers.0.proj.w_c"),
+                  "message: %s", atmoe_errmsg(CTX));
+    ck_assert(!exists(out));
+    ck_assert(trained == -1);
+    ck_assert_uint_eq(s.steps, 150);
+    ck_assert(s.done);
+    ck_assert_uint_eq(s.skipped, 0);
+    /* The initial loss is the untrained manifest's, as atmoe run gives it. */
+    double before = trex_loss(path, x, y, sample, scores);
+    ck_assert_msg(fabs(s.initial - before) <= 1e-4 * before,
+                  "initial loss %g, the untrained manifest's %g",
+                  (double)s.initial, before);
+    ck_assert(!(s.done_loss < s.initial));
+
+    trex_problem(dir, x, y, sample, scores, 1e20);
+    memset(&s, 0, sizeof s);
+    c.steps = 6;
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, &trained),
+                         CTX, ATMOE_STATUS_NOT_FINITE,
+                         "all 6 steps skipped as not finite");
+    ck_assert(!exists(out));
+    ck_assert_uint_eq(s.steps, 6);
+    ck_assert_uint_eq(s.skipped, 6);
+    atmoe_manifest_free(m);
     free(x);
     free(y);
     test_rmdir_r(dir);
@@ -729,6 +827,7 @@ static Suite *recipe_suite(void)
     tcase_add_test(tc, test_stage2_round_trip);
     tcase_add_test(tc, test_stage1_resume);
     tcase_add_test(tc, test_trex_round_trip);
+    tcase_add_test(tc, test_trex_no_progress);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -140,6 +140,49 @@ static atmoe_status add_rank1(atmoe_context *ctx, atmoe_graph *g,
     return st;
 }
 
+/* A run that did not train (st, its message in ctx): when a gate of an
+ * output module saturated, the message says so.  The gates enter as
+ * sigmoid(100 w) (SPEC section 4), and an AdamW step moves w by about lr
+ * whatever the gradient's size: at lr 0.1 a gate's logit moves by about
+ * 10 a step, so that after a few steps the main gate c is 0 to float
+ * precision, and with it the gradient of every weight behind it. */
+static atmoe_status explain_gates(atmoe_context *ctx, atmoe_graph *g,
+                                  const atmoe_manifest *mf,
+                                  const atmoe_train_config *cfg,
+                                  atmoe_status st)
+{
+    char msg[1024], gates[512] = "";
+    snprintf(msg, sizeof msg, "%s", atmoe_errmsg(ctx));
+    size_t len = 0;
+    for (size_t i = 0; i < mf->count; i++) {
+        const atm_mmodule *m = &mf->modules[i];
+        if (!m->rank1 || !m->is_output)
+            continue;
+        const char *what[2] = {"w_c", "w_om"}, *gate[2] = {"c", "om"};
+        for (int k = 0; k < 2; k++) {
+            char name[256];
+            float w;
+            atm_recipe_tensor_name(name, sizeof name, m, what[k]);
+            if (atmoe_graph_read_trainable(g, name, &w, 1) != ATMOE_STATUS_OK)
+                continue;
+            double v = 1 / (1 + exp(-100.0 * (double)w));
+            if ((v < 1e-3 || v > 1 - 1e-3) && len < sizeof gates - 1)
+                len += (size_t)snprintf(
+                    gates + len, sizeof gates - len, "%s%s = %.3g (%s %.4g)",
+                    len ? ", " : "", gate[k], v, name, (double)w);
+        }
+    }
+    if (!gates[0])
+        return st;
+    return atm_fail(ctx, st,
+                    "%s; the gates saturated: %s.  A gate is sigmoid(100 w) "
+                    "and an AdamW step moves w by about lr (%g here), so "
+                    "that c near 0 stops the gradients of everything behind "
+                    "it: a lower lr or a warm-up keeps the gates alive (the "
+                    "reference trains at 5e-5 with 100 warm-up steps)",
+                    msg, gates, (double)cfg->optimizer.lr);
+}
+
 atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
                               const char *data_path,
                               const atmoe_train_config *config,
@@ -209,8 +252,11 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
                           .n_held = d.hn, .model = 0, .models = 1,
                           .name = "the rank-1 experts", .index = gi,
                           .index_of = sample, .held_index_of = hsample};
-    if ((st = atm_recipe_fit_run(ctx, FN, &fit, &d, config, final_loss)))
+    if ((st = atm_recipe_fit_run(ctx, FN, &fit, &d, config, final_loss))) {
+        if (st == ATMOE_STATUS_NO_PROGRESS || st == ATMOE_STATUS_NOT_FINITE)
+            st = explain_gates(ctx, g, manifest, config, st);
         goto out;
+    }
 
     /* Only now is anything written, the manifest last. */
     if ((st = atmoe_safetensors_writer_new(ctx, &w)))
