@@ -1738,7 +1738,7 @@ ATMOE_API atmoe_status atmoe_centroids_load(atmoe_context *ctx,
  * step was skipped or the trained loss is not finite, NO_PROGRESS when the
  * trained loss over all its rows is not below the loss of the weights it
  * started from over the same rows (measured before the first step, one
- * more pass over them).  Both messages give the two losses or the first
+ * more pass over them) by at least 1e-4 of it.  Both messages give the two losses or the first
  * skip's cause. */
 
 /* Where a recipe stands, given to the progress callback after every step
@@ -1852,11 +1852,18 @@ ATMOE_API atmoe_status atmoe_train_stage2(atmoe_context *ctx,
  * initialisation; atmoe_mor1e_init makes A and B), the base and any
  * AT-MoE module frozen, on every row of data: x [N, d_in], y [N, d_out],
  * sample [N] (I32: each row's sample) and scores [S, K], the samples'
- * intuition scores (atmoe cluster --assign writes them), with
- * sample_heldout beside a held-out split.  Output (created when missing)
+ * intuition scores (atmoe cluster --assign writes them), or instead
+ * embeddings [S, D], the samples' instruction embeddings, L2-normalised
+ * and scored against the manifest's centroids in the graph as
+ * atmoe_manifest_build_with does (scores win when both are there), with
+ * sample_heldout beside a held-out split.  Embeddings without centroids in
+ * the manifest (INVALID_ARGUMENT), of another D than theirs
+ * (SHAPE_MISMATCH), with a row of norm 0 (INVALID_ARGUMENT) or not finite
+ * (NOT_FINITE) are refused, the row named.  Output (created when missing)
  * receives trex.safetensors, tensors "layers.<layer>.<module>.a", ".b",
  * ".w_r", ".w_om", ".w_c" F32, then manifest.json, which atmoe run
- * applies to inputs holding the same scores and gate_index.  *final_loss
+ * applies to inputs holding the same scores (or embeddings) and
+ * gate_index.  *final_loss
  * (may be NULL) as atmoe_train_stage2 gives it. */
 ATMOE_API atmoe_status atmoe_train_trex(atmoe_context *ctx,
                                         atmoe_manifest *manifest,

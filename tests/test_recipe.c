@@ -442,22 +442,26 @@ enum { E1 = 4, S1 = 6 };
 
 /* The MSE of the manifest at path over every row, each routed with its
  * sample's scores (what atmoe run computes from the same inputs). */
-static double trex_loss(const char *path, const float *x, const float *y,
-                        const int32_t *sample, const float *scores)
+static double trex_loss_with(const char *path, const float *x,
+                             const float *y, const int32_t *sample,
+                             const float *table, size_t width,
+                             int embeddings)
 {
     atmoe_manifest *m;
     ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
     atmoe_graph *g;
     atmoe_node xn, gi, sc, out;
-    size_t xs[2] = {N, D0}, is[1] = {N}, ss[2] = {S1, E1};
+    size_t xs[2] = {N, D0}, is[1] = {N}, ss[2] = {S1, width};
     ck_assert_status(atmoe_graph_new(CTX, &g), CTX);
     ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0,
                                        &xn), CTX);
     ck_assert_status(atmoe_graph_input(g, "gi", ATMOE_DTYPE_I32, 1, is, 0,
                                        &gi), CTX);
     ck_assert_status(atmoe_graph_constant(g, "scores", ATMOE_DTYPE_F32, 2,
-                                          ss, scores, &sc), CTX);
-    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi, ATMOE_NODE_NONE, sc};
+                                          ss, table, &sc), CTX);
+    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi,
+                                embeddings ? sc : ATMOE_NODE_NONE,
+                                embeddings ? ATMOE_NODE_NONE : sc};
     ck_assert_status(atmoe_manifest_build_with(m, g, xn, &in, NULL, NULL,
                                                NULL, &out), CTX);
     ck_assert_status(atmoe_graph_mark_output(g, out), CTX);
@@ -477,6 +481,12 @@ static double trex_loss(const char *path, const float *x, const float *y,
     atmoe_graph_free(g);
     atmoe_manifest_free(m);
     return sum / (N * D1);
+}
+
+static double trex_loss(const char *path, const float *x, const float *y,
+                        const int32_t *sample, const float *scores)
+{
+    return trex_loss_with(path, x, y, sample, scores, E1, 0);
 }
 
 /* The T-REX problem in dir: w.safetensors (the base w0 and A, B as the
@@ -674,6 +684,140 @@ START_TEST(test_trex_no_progress)
 }
 END_TEST
 
+/* x, y, sample and, unless name is NULL, the samples' table name [S1, w]
+ * into the data file path. */
+static void save_trex_data(const char *path, const float *x, const float *y,
+                           const int32_t *sample, const char *name,
+                           const float *table, size_t w)
+{
+    atmoe_safetensors_writer *dw;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &dw), NULL);
+    save_tensor(dw, "x", N, D0, x);
+    save_tensor(dw, "y", N, D1, y);
+    if (name)
+        save_tensor(dw, name, S1, w, table);
+    uint64_t ns[1] = {N};
+    ck_assert_status(atmoe_safetensors_writer_add(dw, "sample",
+                                                  ATMOE_SAFETENSORS_I32, 1,
+                                                  ns, sample), NULL);
+    ck_assert_status(atmoe_safetensors_writer_save(dw, path), NULL);
+    atmoe_safetensors_writer_free(dw);
+}
+
+/* T-REX on the samples' embeddings [S1, DE] instead of their scores: the
+ * trainer scores them against the manifest's centroids [E1, DE] in its
+ * graph; its loss is that of the written manifest built with the same
+ * embeddings (what atmoe run computes), and that of the manifest given
+ * the scores C e / |e| computed here in float64.  Bad embeddings are
+ * refused with a message naming the row, and nothing is written. */
+enum { DE = 5 };
+START_TEST(test_trex_embeddings)
+{
+    char dir[256], path[600], data[512], out[512], mpath[600];
+    test_mkdtemp(dir, sizeof dir, "recipe");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
+    float scores[S1 * E1], emb[S1 * DE], cent[E1 * DE], host[S1 * E1];
+    int32_t sample[N];
+    trex_problem(dir, x, y, sample, scores, 1);
+    test_rng rng;
+    test_rng_seed(&rng, 1415);
+    test_fill_uniform(&rng, emb, S1 * DE, -2, 2);
+    test_fill_uniform(&rng, cent, E1 * DE, -1, 1);
+    for (int r = 0; r < S1; r++) {
+        double norm = 0;
+        for (int i = 0; i < DE; i++)
+            norm += (double)emb[r * DE + i] * emb[r * DE + i];
+        norm = sqrt(norm);
+        for (int k = 0; k < E1; k++) {
+            double acc = 0;
+            for (int i = 0; i < DE; i++)
+                acc += (double)cent[k * DE + i] * emb[r * DE + i] / norm;
+            host[r * E1 + k] = (float)acc;
+        }
+    }
+    atmoe_safetensors_writer *w;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    save_tensor(w, "centroids", E1, DE, cent);
+    snprintf(path, sizeof path, "%s/c.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+    const char *text =
+        "{\"version\": 1, \"weights\": \"w.safetensors\", \"centroids\": "
+        "{\"file\": \"c.safetensors\", \"tensor\": \"centroids\"}, "
+        "\"layers\": [{\"modules\": {\"proj\": {\"weight\": \"w0\", "
+        "\"rank1\": {\"a\": \"a\", \"b\": \"b\", \"variant\": \"v1\"}}}}]}";
+    snprintf(mpath, sizeof mpath, "%s/centroids.json", dir);
+    test_write_file(mpath, text, strlen(text));
+    snprintf(data, sizeof data, "%s/emb.safetensors", dir);
+    save_trex_data(data, x, y, sample, "embeddings", emb, DE);
+
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, mpath, &m), CTX);
+    atmoe_train_config c;
+    trex_config(&c, 1e-2f);
+    snprintf(out, sizeof out, "%s/out", dir);
+    double trained = NAN;
+    ck_assert_status(atmoe_train_trex(CTX, m, data, &c, out, &trained), CTX);
+    atmoe_manifest_free(m);
+    double before = trex_loss_with(mpath, x, y, sample, emb, DE, 1);
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    double rerun = trex_loss_with(path, x, y, sample, emb, DE, 1);
+    double scored = trex_loss(path, x, y, sample, host);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "the written manifest on the embeddings gives %g, the "
+                  "trainer said %g", rerun, trained);
+    ck_assert_msg(fabs(scored - trained) <= 1e-4 * scored,
+                  "the written manifest on float64 scores gives %g, the "
+                  "trainer said %g", scored, trained);
+    ck_assert_msg(trained < 0.5 * before, "trained %g, at the start %g",
+                  trained, before);
+    test_rmdir_r(out);
+
+    /* Refused, nothing written. */
+    ck_assert_status(atmoe_manifest_open(CTX, mpath, &m), CTX);
+    c.steps = 3;
+    save_trex_data(data, x, y, sample, NULL, NULL, 0);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_NOT_FOUND, "or embeddings [S, D]");
+    ck_assert(!exists(out));
+    save_trex_data(data, x, y, sample, "embeddings", emb, DE - 1);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH,
+                         "must be [S, 5], as wide as the manifest's "
+                         "centroids [4, 5]");
+    ck_assert(!exists(out));
+    float bad[S1 * DE];
+    memcpy(bad, emb, sizeof bad);
+    for (int i = 0; i < DE; i++)
+        bad[2 * DE + i] = 0;
+    save_trex_data(data, x, y, sample, "embeddings", bad, DE);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "embeddings row 2 has norm 0");
+    ck_assert(!exists(out));
+    memcpy(bad, emb, sizeof bad);
+    bad[3 * DE + 1] = NAN;
+    save_trex_data(data, x, y, sample, "embeddings", bad, DE);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_NOT_FINITE,
+                         "embeddings row 3, column 1 is not finite");
+    ck_assert(!exists(out));
+    atmoe_manifest_free(m);
+    /* A manifest without centroids. */
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    save_trex_data(data, x, y, sample, "embeddings", emb, DE);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "the manifest names no centroids");
+    ck_assert(!exists(out));
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    test_rmdir_r(dir);
+}
+END_TEST
+
 static int stop_model1(const atmoe_train_progress *p, void *user)
 {
     (void)user;
@@ -828,6 +972,7 @@ static Suite *recipe_suite(void)
     tcase_add_test(tc, test_stage1_resume);
     tcase_add_test(tc, test_trex_round_trip);
     tcase_add_test(tc, test_trex_no_progress);
+    tcase_add_test(tc, test_trex_embeddings);
     suite_add_tcase(s, tc);
     return s;
 }

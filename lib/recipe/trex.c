@@ -17,31 +17,55 @@
 
 #define FN "atmoe_train_trex"
 
-/* sample [N] (I32, each in [0, S)) and scores [S, K] from path; with
- * held_n, sample_heldout [held_n] too. */
-static atmoe_status read_samples(atmoe_context *ctx, const char *path,
-                                 size_t n, size_t held_n, int32_t **sample,
-                                 int32_t **held, float **scores, size_t *S,
-                                 size_t *K)
+/* The samples of path: sample [N] (I32, each in [0, S)), with held_n
+ * sample_heldout [held_n] too, and their intuition as *table [S, W]:
+ * scores [S, K] when the file has them (they win, as in atmoe run), else
+ * embeddings [S, D] (*embeddings set), which the graph scores against the
+ * manifest's centroids as atmoe_manifest_build_with does. */
+static atmoe_status read_samples(atmoe_context *ctx, const atmoe_manifest *mf,
+                                 const char *path, size_t n, size_t held_n,
+                                 int32_t **sample, int32_t **held,
+                                 float **table, size_t *S, size_t *W,
+                                 int *embeddings)
 {
     atmoe_safetensors *f;
     atmoe_status st = atmoe_safetensors_open(ctx, path, &f);
     if (st != ATMOE_STATUS_OK)
         return st;
     atmoe_safetensors_tensor s, c, h;
+    *embeddings = atmoe_safetensors_find(f, "scores", &c) != ATMOE_STATUS_OK;
+    const char *what = *embeddings ? "embeddings" : "scores";
     if (atmoe_safetensors_find(f, "sample", &s) ||
-        atmoe_safetensors_find(f, "scores", &c)) {
+        (*embeddings && atmoe_safetensors_find(f, what, &c))) {
         st = atm_fail(ctx, ATMOE_STATUS_NOT_FOUND,
-                      FN ": %s: T-REX needs sample [N] (I32) and scores "
-                      "[S, K] (the intuition scores: atmoe cluster "
-                      "--assign writes them)", path);
+                      FN ": %s: T-REX needs sample [N] (I32) and the "
+                      "samples' intuition: scores [S, K] (atmoe cluster "
+                      "--assign writes them) or embeddings [S, D] (scored "
+                      "against the manifest's centroids)", path);
         goto out;
     }
     if (s.ndim != 1 || s.shape[0] != n || s.dtype != ATMOE_SAFETENSORS_I32 ||
         c.ndim != 2 || c.shape[0] == 0 || c.shape[1] == 0) {
         st = atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
-                      FN ": %s: sample must be I32 [%zu] and scores [S, K]",
-                      path, n);
+                      FN ": %s: sample must be I32 [%zu] and %s [S, %s]",
+                      path, n, what, *embeddings ? "D" : "K");
+        goto out;
+    }
+    if (*embeddings && mf->centroids.file == NULL) {
+        st = atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                      FN ": %s: the data holds embeddings but the manifest "
+                      "names no centroids to score them (its \"centroids\" "
+                      "key, atmoe-manifest(5); atmoe cluster writes them), "
+                      "nor does the data hold scores", path);
+        goto out;
+    }
+    if (*embeddings && c.shape[1] != mf->embedding_dim) {
+        st = atm_fail(ctx, ATMOE_STATUS_SHAPE_MISMATCH,
+                      FN ": %s: embeddings [%llu, %llu] must be [S, %zu], "
+                      "as wide as the manifest's centroids [%zu, %zu]",
+                      path, (unsigned long long)c.shape[0],
+                      (unsigned long long)c.shape[1], mf->embedding_dim,
+                      mf->clusters, mf->embedding_dim);
         goto out;
     }
     int has_held = held_n &&
@@ -55,16 +79,16 @@ static atmoe_status read_samples(atmoe_context *ctx, const char *path,
         goto out;
     }
     *S = (size_t)c.shape[0];
-    *K = (size_t)c.shape[1];
+    *W = (size_t)c.shape[1];
     *sample = atm_malloc(n * sizeof **sample);
     *held = atm_malloc((held_n ? held_n : 1) * sizeof **held);
-    *scores = atm_malloc(*S * *K * sizeof **scores);
-    if (*sample == NULL || *held == NULL || *scores == NULL) {
+    *table = atm_malloc(*S * *W * sizeof **table);
+    if (*sample == NULL || *held == NULL || *table == NULL) {
         st = atm_fail(ctx, ATMOE_STATUS_HOST_OUT_OF_MEMORY,
                       FN ": out of host memory");
         goto out;
     }
-    if ((st = atmoe_safetensors_read_f32(f, "scores", *scores, *S * *K)))
+    if ((st = atmoe_safetensors_read_f32(f, what, *table, *S * *W)))
         goto out;
     memcpy(*sample, s.data, n * sizeof **sample);
     if (held_n)
@@ -74,19 +98,33 @@ static atmoe_status read_samples(atmoe_context *ctx, const char *path,
         if (v < 0 || (size_t)v >= *S) {
             st = atm_fail(ctx, ATMOE_STATUS_OUT_OF_RANGE,
                           FN ": %s: %s of row %zu is %d, outside [0, %zu) "
-                          "(the rows of scores)", path,
+                          "(the rows of %s)", path,
                           r < n ? "sample" : "sample_heldout",
-                          r < n ? r : r - n, (int)v, *S);
+                          r < n ? r : r - n, (int)v, *S, what);
             goto out;
         }
     }
-    for (size_t i = 0; i < *S * *K; i++)
-        if (!isfinite((*scores)[i])) {
-            st = atm_fail(ctx, ATMOE_STATUS_NOT_FINITE,
-                          FN ": %s: scores row %zu is not finite", path,
-                          i / *K);
+    for (size_t r = 0; r < *S; r++) {
+        double sq = 0;
+        for (size_t i = 0; i < *W; i++) {
+            float v = (*table)[r * *W + i];
+            if (!isfinite(v)) {
+                st = atm_fail(ctx, ATMOE_STATUS_NOT_FINITE,
+                              FN ": %s: %s row %zu, column %zu is not "
+                              "finite", path, what, r, i);
+                goto out;
+            }
+            sq += (double)v * v;
+        }
+        /* The graph divides by max(norm, 1e-12) (atmoe_graph_l2norm): a
+         * row below it would score as if not normalised. */
+        if (*embeddings && !(sqrt(sq) > 1e-12)) {
+            st = atm_fail(ctx, ATMOE_STATUS_INVALID_ARGUMENT,
+                          FN ": %s: embeddings row %zu has norm %g: it "
+                          "cannot be L2-normalised", path, r, sqrt(sq));
             goto out;
         }
+    }
 out:
     atmoe_safetensors_free(f);
     return st;
@@ -222,8 +260,9 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
                       FN ": out of host memory");
         goto out;
     }
-    if ((st = read_samples(ctx, data_path, d.n, d.hn, &sample, &hsample,
-                           &scores, &S, &K)))
+    int emb = 0;
+    if ((st = read_samples(ctx, manifest, data_path, d.n, d.hn, &sample,
+                           &hsample, &scores, &S, &K, &emb)))
         goto out;
     for (size_t r = 0; r < d.n; r++)
         rows[r] = r;
@@ -237,10 +276,14 @@ atmoe_status atmoe_train_trex(atmoe_context *ctx, atmoe_manifest *manifest,
         (st = atmoe_graph_input(g, "y", ATMOE_DTYPE_F32, 2, ys, 1, &y)) ||
         (st = atmoe_graph_input(g, "gate_index", ATMOE_DTYPE_I32, 1, is, 1,
                                 &gi)) ||
-        (st = atmoe_graph_constant(g, "scores", ATMOE_DTYPE_F32, 2, ss,
-                                   scores, &sc)))
+        (st = atmoe_graph_constant(g, emb ? "embeddings" : "scores",
+                                   ATMOE_DTYPE_F32, 2, ss, scores, &sc)))
         goto out;
-    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi, ATMOE_NODE_NONE, sc};
+    /* Embeddings are scored in the graph, by the same nodes as in atmoe
+     * run, so that training and inference see the same scores. */
+    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi,
+                                emb ? sc : ATMOE_NODE_NONE,
+                                emb ? ATMOE_NODE_NONE : sc};
     atm_manifest_set_train_rank1(manifest, 1);
     st = atmoe_manifest_build_with(manifest, g, x, &in, NULL, NULL, NULL,
                                    &out);
