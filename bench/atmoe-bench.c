@@ -102,6 +102,13 @@ static const workload_def workloads[] = {
     {"many-experts", 1,
      "T = 64; 64 experts in 8 groups, top-2 groups, ranks 8 to 64"},
     {"train-step", 1, "T = 256, d = 2048; forward, backward and AdamW"},
+    /* The recipes' step loops (bench/recipes.c), run only when named. */
+    {"recipe-stage1", 1,
+     "T = 256, d = 2048; atmoe_train_stage1's step loop, 8 rank-16 LoRAs"},
+    {"recipe-stage2", 1,
+     "T = 256, d = 2048; atmoe_train_stage2's step loop, the router"},
+    {"recipe-trex", 1,
+     "T = 256, d = 2048; atmoe_train_trex's step loop, r1 = 4, r2 = 8"},
 };
 #define N_WORKLOADS (sizeof workloads / sizeof workloads[0])
 
@@ -972,7 +979,7 @@ static void usage(FILE *f)
         "                       part of a name), or \"all\" for every device\n"
         "                       side by side; default: the default device\n"
         "  --workload W[,W...]  workloads to run (default: all that are\n"
-        "                       available)\n"
+        "                       available but the recipe-* step loops)\n"
         "  --scale small|full   d = 1024 (default) or d = 4096 as in the SPEC\n"
         "  --reps N             timed repetitions per run (default 5)\n"
         "  --warmup N           untimed repetitions before them (default 2)\n"
@@ -1752,6 +1759,12 @@ static json_t *peer_workload(const wl_data *w)
 static void run_workload(atmoe_context *ctx, const options *o, size_t wi,
                          device_run *d, progress *prog)
 {
+    int k = recipe_index(workloads[wi].name);
+    if (k >= 0) {
+        recipe_run(ctx, d, k, wi, o->full, o->reps, o->warmup, o->peer,
+                   prog);
+        return;
+    }
     wl_shape s = make_shape(wi, o->full);
     if (s.r1 && d->w0_dtype == ATMOE_DTYPE_Q8) {
         /* The rank-1 layer reads no 8-bit blocks (atmoe_graph_mor1e_layer
@@ -1876,8 +1889,10 @@ static void run_device(const char *selection, const options *o,
     progress prog = {isatty(STDERR_FILENO), 0, 0, d->info.name};
     for (size_t i = 0; i < N_WORKLOADS; i++)
         if (o->selected[i])
-            prog.total += make_shape(i, o->full).n_T *
-                          (N_LIB_VARIANTS + (o->peer ? 1 : 0));
+            prog.total += recipe_index(workloads[i].name) >= 0
+                              ? 1 + (o->peer ? 1 : 0)
+                              : make_shape(i, o->full).n_T *
+                                    (N_LIB_VARIANTS + (o->peer ? 1 : 0));
     if (prog.on) {
         fprintf(stderr, "%s: measuring the ceilings", d->info.name);
         fflush(stderr);
@@ -1961,10 +1976,13 @@ static void print_ceilings(const device_run *d)
         const char *python =
             json_string_value(json_object_get(info, "python"));
         const char *blas = json_string_value(json_object_get(info, "blas"));
-        printf("  peer: PyTorch %s (Python %s), %d threads, BLAS %s\n",
+        const char *wait =
+            json_string_value(json_object_get(info, "omp_wait_policy"));
+        printf("  peer: PyTorch %s (Python %s), %d threads, BLAS %s%s%s\n",
                torch ? torch : "?", python ? python : "?",
                (int)json_integer_value(json_object_get(info, "threads")),
-               blas ? blas : "?");
+               blas ? blas : "?", wait ? ", OMP_WAIT_POLICY " : "",
+               wait ? wait : "");
     }
 }
 
@@ -2022,6 +2040,23 @@ static void print_results(const device_run *d)
         printf("  %-7s T=%zu d=%zu: %10.0f tokens/s, %5.1f%% of the roofline"
                "\n", variant_names[r->variant], r->T, r->d_in,
                (double)r->T / r->median_ms * 1e3, 100.0 * r->roofline);
+    }
+    int recipes = 0;
+    for (size_t i = 0; i < d->n; i++) {
+        const result *r = &d->results[i];
+        if (recipe_index(r->workload) < 0)
+            continue;
+        if (!recipes++)
+            printf("\nrecipes (a step of the recipe's loop: the batch "
+                   "gathered, forward, backward,\nloss read, AdamW; "
+                   "fused is the library, torch the same loop in "
+                   "PyTorch):\n");
+        printf("  %-13s %-7s T=%zu d=%zu: %8.3f ms a step, %10.0f tokens/s"
+               "%s", r->workload, variant_names[r->variant], r->T, r->d_in,
+               r->median_ms, (double)r->T / r->median_ms * 1e3,
+               r->variant == VARIANT_TORCH ? "" : "\n");
+        if (r->variant == VARIANT_TORCH)
+            printf(", torch / atmoe %.2fx\n", r->ratio_to_fused);
     }
 }
 
@@ -2121,7 +2156,8 @@ static json_t *device_json(const options *o, const device_run *d)
             json_object_set_new(row, "r1", json_integer((json_int_t)r->r1));
             json_object_set_new(row, "r2", json_integer((json_int_t)r->r2));
         }
-        if (row && strcmp(r->workload, "train-step") == 0)
+        if (row && (strcmp(r->workload, "train-step") == 0 ||
+                    recipe_index(r->workload) >= 0))
             json_object_set_new(row, "tokens_per_s",
                                 json_num((double)r->T / r->median_ms * 1e3));
         if (row == NULL || json_array_append_new(results, row) != 0)
@@ -2292,7 +2328,10 @@ static int check_device_object(json_t *obj, size_t index, size_t *results)
             check_fields(r, where, res_num, JSON_REAL, 1))
             return -1;
         const char *name = json_string_value(json_object_get(r, "variant"));
-        if (strcmp(name, variant_names[VARIANT_TORCH]) == 0
+        /* The recipes' steps have no compute stats of their own either. */
+        const char *wl = json_string_value(json_object_get(r, "workload"));
+        if (strcmp(name, variant_names[VARIANT_TORCH]) == 0 ||
+            recipe_index(wl) >= 0
                 ? check_fields(r, where, host_all, JSON_NULL, 0)
                 : check_fields(r, where, host_ms, JSON_REAL, 1) ||
                       check_fields(r, where, host_allocs, JSON_INTEGER, 0))
@@ -2389,7 +2428,8 @@ int main(int argc, char **argv)
 
     options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL, NULL, ATMOE_DTYPE_F32};
     for (size_t i = 0; i < N_WORKLOADS; i++)
-        o.selected[i] = workloads[i].implemented;
+        o.selected[i] = workloads[i].implemented &&
+                        recipe_index(workloads[i].name) < 0;
     const char *v;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];

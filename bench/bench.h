@@ -187,6 +187,19 @@ void peer_free(device_run *d);
 /* Forgets what peer_probe() found. */
 void peer_end(void);
 
+/* --- bench/recipes.c */
+
+/* Which recipe workload name is (0 recipe-stage1, 1 recipe-stage2, 2
+ * recipe-trex), or -1. */
+int recipe_index(const char *workload);
+/* Times recipe k's training step loop with the library, and with peer
+ * the same loop in PyTorch (bench/peer_train_torch.py) on the same files,
+ * adding a result of variant fused and one of variant torch to d (table
+ * index `index`).  Failures are reported on stderr and counted in
+ * d->failures. */
+void recipe_run(atmoe_context *ctx, device_run *d, int k, size_t index,
+                int full, int reps, int warmup, int peer, progress *prog);
+
 /* --- bench/plot.c */
 
 /* Checks --plot's path (an .svg or .png name) and finds gnuplot.  Returns

@@ -74,7 +74,8 @@ ATMOE_API const char *atmoe_version(void);
     X(NUMERIC_ERROR, "a result differs from its reference")                \
     X(NOT_FOUND, "no tensor, key or file of that name")                       \
     X(NOT_FINITE, "a loss or gradient is NaN or infinite")                    \
-    X(CANCELLED, "stopped at the caller's request")
+    X(CANCELLED, "stopped at the caller's request")                          \
+    X(NO_PROGRESS, "training did not lower the loss")
 
 typedef enum atmoe_status {
 #define ATMOE_STATUS_ENUM_(name, text) ATMOE_STATUS_##name,
@@ -1744,7 +1745,17 @@ ATMOE_API atmoe_status atmoe_centroids_load(atmoe_context *ctx,
  * optimiser step.  NaN or infinite data is NOT_FINITE naming the row.  An
  * optional held-out split, x_heldout, y_heldout (and task_heldout for
  * stage 1) checked as the rest, is never trained on: the trained model's
- * loss over it is reported (atmoe_train_progress). */
+ * loss over it is reported (atmoe_train_progress).
+ *
+ * A step whose loss or gradient is not finite is skipped (the optimiser's
+ * NOT_FINITE) and training goes on; progress counts the skipped steps.  A
+ * model trained from its start (not resumed from a checkpoint) must have
+ * trained, else the recipe fails and writes nothing: NOT_FINITE when every
+ * step was skipped or the trained loss is not finite, NO_PROGRESS when the
+ * trained loss over all its rows is not below the loss of the weights it
+ * started from over the same rows (measured before the first step, one
+ * more pass over them) by at least 1e-4 of it.  Both messages give the two losses or the first
+ * skip's cause. */
 
 /* Where a recipe stands, given to the progress callback after every step
  * and once when a model is done. */
@@ -1760,6 +1771,11 @@ typedef struct atmoe_train_progress {
     int done;              /* 1: the model's training has ended */
     float heldout_loss;    /* with done: the mean loss over the model's
                               held-out rows; NaN without them */
+    uint64_t skipped;      /* steps skipped as not finite so far (the
+                              optimiser's count, a resumed run's included);
+                              a skipped step's loss is the one it met */
+    float initial_loss;    /* the mean loss over all the model's rows
+                              before its first step; NaN when resumed */
 } atmoe_train_progress;
 
 /* A non-zero return stops the recipe at that step boundary: it returns
@@ -1852,11 +1868,18 @@ ATMOE_API atmoe_status atmoe_train_stage2(atmoe_context *ctx,
  * initialisation; atmoe_mor1e_init makes A and B), the base and any
  * AT-MoE module frozen, on every row of data: x [N, d_in], y [N, d_out],
  * sample [N] (I32: each row's sample) and scores [S, K], the samples'
- * intuition scores (atmoe cluster --assign writes them), with
- * sample_heldout beside a held-out split.  Output (created when missing)
+ * intuition scores (atmoe cluster --assign writes them), or instead
+ * embeddings [S, D], the samples' instruction embeddings, L2-normalised
+ * and scored against the manifest's centroids in the graph as
+ * atmoe_manifest_build_with does (scores win when both are there), with
+ * sample_heldout beside a held-out split.  Embeddings without centroids in
+ * the manifest (INVALID_ARGUMENT), of another D than theirs
+ * (SHAPE_MISMATCH), with a row of norm 0 (INVALID_ARGUMENT) or not finite
+ * (NOT_FINITE) are refused, the row named.  Output (created when missing)
  * receives trex.safetensors, tensors "layers.<layer>.<module>.a", ".b",
  * ".w_r", ".w_om", ".w_c" F32, then manifest.json, which atmoe run
- * applies to inputs holding the same scores and gate_index.  *final_loss
+ * applies to inputs holding the same scores (or embeddings) and
+ * gate_index.  *final_loss
  * (may be NULL) as atmoe_train_stage2 gives it. */
 ATMOE_API atmoe_status atmoe_train_trex(atmoe_context *ctx,
                                         atmoe_manifest *manifest,

@@ -183,6 +183,35 @@ if [ "$have_torch" -eq 1 ]; then
         fail "the table has no train-step torch row"
 fi
 
+# --- the recipes' step loops (small: T = 64, d = 512, one timed step a
+# model): a fused (the library) row each, and with torch a torch row with
+# its ratio, tokens per second in the report and the JSON
+# shellcheck disable=SC2086
+run --scale small --reps 1 --warmup 0 \
+    --workload recipe-stage1,recipe-stage2,recipe-trex \
+    --json "$tmp/recipes.json" $peer
+[ "$rc" -eq 0 ] || { fail "the recipes' run exited $rc"; cat "$tmp/err"; }
+cat "$tmp/out"
+want=1
+[ "$have_torch" -eq 1 ] && want=2
+for w in stage1 stage2 trex; do
+    grep -q "^recipe-$w *small  *64 fused " "$tmp/out" ||
+        fail "the table has no recipe-$w fused row"
+    grep -q "^  recipe-$w *fused  *T=64 d=512: .* tokens/s" "$tmp/out" ||
+        fail "the report has no tokens per second for recipe-$w"
+    n=$(grep -c "\"workload\": \"recipe-$w\"" "$tmp/recipes.json")
+    [ "$n" -eq "$want" ] || fail "the JSON holds $n recipe-$w results, not $want"
+    if [ "$have_torch" -eq 1 ]; then
+        grep -q "^  recipe-$w *torch  *T=64 d=512: .* tokens/s, torch / atmoe [0-9.]*x" \
+            "$tmp/out" || fail "the report has no torch ratio for recipe-$w"
+    fi
+done
+n=$(grep -c '"tokens_per_s":' "$tmp/recipes.json")
+[ "$n" -eq $((3 * want)) ] ||
+    fail "$n recipe results have tokens_per_s, not $((3 * want))"
+"$tool" --check-json "$tmp/recipes.json" ||
+    fail "--check-json rejected the recipes' JSON"
+
 # --check-json refuses a file without the contract
 echo '{"device": {}}' > "$tmp/bad.json"
 run --check-json "$tmp/bad.json"

@@ -471,33 +471,37 @@ enum { E1 = 4, S1 = 6 };
 enum { C = 5, IGN = -1 };
 
 /* The MSE of the manifest at path over every row, each routed with its
- * sample's scores (what atmoe run computes from the same inputs); with
- * labels, the mean cross-entropy of its head's C1 logits over the rows not
+ * sample's scores (what atmoe run computes from the same inputs), given
+ * as scores (width E1) or embeddings (width D, embeddings 1); with labels,
+ * the mean cross-entropy of its head's C1 logits over the rows not
  * ignored. */
 enum { C1 = 3 };
-static double trex_loss(const char *path, const float *x, const float *y,
-                        const int32_t *sample, const float *scores,
-                        const int32_t *labels)
+static double trex_loss_with(const char *path, const float *x,
+                             const float *y, const int32_t *sample,
+                             const float *table, size_t width,
+                             int embeddings, const int32_t *labels)
 {
     atmoe_manifest *m;
     ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
     atmoe_graph *g;
     atmoe_node xn, gi, sc, out;
-    size_t xs[2] = {N, D0}, is[1] = {N}, ss[2] = {S1, E1};
+    size_t xs[2] = {N, D0}, is[1] = {N}, ss[2] = {S1, width};
     ck_assert_status(atmoe_graph_new(CTX, &g), CTX);
     ck_assert_status(atmoe_graph_input(g, "x", ATMOE_DTYPE_F32, 2, xs, 0,
                                        &xn), CTX);
     ck_assert_status(atmoe_graph_input(g, "gi", ATMOE_DTYPE_I32, 1, is, 0,
                                        &gi), CTX);
     ck_assert_status(atmoe_graph_constant(g, "scores", ATMOE_DTYPE_F32, 2,
-                                          ss, scores, &sc), CTX);
-    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi, ATMOE_NODE_NONE, sc};
+                                          ss, table, &sc), CTX);
+    atmoe_manifest_inputs in = {ATMOE_NODE_NONE, gi,
+                                embeddings ? sc : ATMOE_NODE_NONE,
+                                embeddings ? ATMOE_NODE_NONE : sc};
     ck_assert_status(atmoe_manifest_build_with(m, g, xn, &in, NULL, NULL,
                                                NULL, &out), CTX);
-    size_t width = D1;
+    size_t ow = D1;
     if (labels) {
         ck_assert_status(atmoe_manifest_build_head(m, g, out, &out), CTX);
-        width = C1;
+        ow = C1;
     }
     ck_assert_status(atmoe_graph_mark_output(g, out), CTX);
     ck_assert_status(atmoe_graph_plan(g, 0), CTX);
@@ -506,9 +510,9 @@ static double trex_loss(const char *path, const float *x, const float *y,
     ck_assert_status(atmoe_graph_set_input(g, gi, sample, N * sizeof *sample,
                                            0), CTX);
     ck_assert_status(atmoe_graph_compute(g, 0), CTX);
-    float *got = malloc(N * width * sizeof *got);
-    test_poison(got, N * width);
-    ck_assert_status(atmoe_graph_read(g, out, got, N * width * sizeof *got),
+    float *got = malloc(N * ow * sizeof *got);
+    test_poison(got, N * ow);
+    ck_assert_status(atmoe_graph_read(g, out, got, N * ow * sizeof *got),
                      CTX);
     double sum = 0;
     size_t count = 0;
@@ -532,16 +536,24 @@ static double trex_loss(const char *path, const float *x, const float *y,
     return sum / (double)(labels ? count : N * D1);
 }
 
-/* T-REX: trained jointly from the reference initialisation (B, W_r and the
- * gates zero), the written manifest gives the trainer's loss, well below
- * the start's. */
-START_TEST(test_trex_round_trip)
+static double trex_loss(const char *path, const float *x, const float *y,
+                        const int32_t *sample, const float *scores,
+                        const int32_t *labels)
 {
-    char dir[256], path[600], data[512], out[512];
-    test_mkdtemp(dir, sizeof dir, "recipe");
+    return trex_loss_with(path, x, y, sample, scores, E1, 0, labels);
+}
+
+/* The T-REX problem in dir: w.safetensors (the base w0 and A, B as the
+ * reference initialises them), manifest.json (one v1 module of E1
+ * experts), data.safetensors (x, y, sample, scores; y times y_scale).
+ * x [N, D0], y [N, D1], sample [N] and scores [S1, E1] are the caller's. */
+static void trex_problem(const char *dir, float *x, float *y,
+                         int32_t *sample, float *scores, double y_scale)
+{
+    char path[600];
     test_rng rng;
     test_rng_seed(&rng, 1414);
-    float w0[D1 * D0], a[E1 * D0], b[D1 * E1] = {0}, scores[S1 * E1];
+    float w0[D1 * D0], a[E1 * D0], b[D1 * E1] = {0};
     float ta[E1 * D0], tb[D1 * E1];
     test_fill_uniform(&rng, w0, D1 * D0, -0.4, 0.4);
     ck_assert_status(atmoe_context_finish(CTX), CTX);
@@ -570,8 +582,6 @@ START_TEST(test_trex_round_trip)
     test_write_file(path, text, strlen(text));
 
     /* Targets: the base plus a rank-4 change, scaled per sample. */
-    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
-    int32_t sample[N];
     test_fill_uniform(&rng, x, N * D0, -1, 1);
     for (int n = 0; n < N; n++) {
         sample[n] = n % S1;
@@ -585,7 +595,7 @@ START_TEST(test_trex_round_trip)
                     u += (double)ta[r * D0 + i] * x[n * D0 + i];
                 acc += tb[o * E1 + r] * u * (1 + scores[sample[n] * E1 + r]);
             }
-            y[n * D1 + o] = (float)acc;
+            y[n * D1 + o] = (float)(acc * y_scale);
         }
     }
     atmoe_safetensors_writer *dw;
@@ -597,18 +607,38 @@ START_TEST(test_trex_round_trip)
     ck_assert_status(atmoe_safetensors_writer_add(dw, "sample",
                                                   ATMOE_SAFETENSORS_I32, 1,
                                                   ns, sample), NULL);
-    snprintf(data, sizeof data, "%s/data.safetensors", dir);
-    ck_assert_status(atmoe_safetensors_writer_save(dw, data), NULL);
+    snprintf(path, sizeof path, "%s/data.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(dw, path), NULL);
     atmoe_safetensors_writer_free(dw);
+}
+
+static void trex_config(atmoe_train_config *c, float lr)
+{
+    ck_assert_status(atmoe_train_config_default(c), NULL);
+    c->optimizer.lr = lr;
+    c->optimizer.weight_decay = 0;
+    c->steps = 150;
+    c->batch = 16;
+}
+
+/* T-REX: trained jointly from the reference initialisation (B, W_r and the
+ * gates zero), the written manifest gives the trainer's loss, well below
+ * the start's. */
+START_TEST(test_trex_round_trip)
+{
+    char dir[256], path[600], data[512], out[512];
+    test_mkdtemp(dir, sizeof dir, "recipe");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
+    float scores[S1 * E1];
+    int32_t sample[N];
+    trex_problem(dir, x, y, sample, scores, 1);
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    snprintf(data, sizeof data, "%s/data.safetensors", dir);
 
     atmoe_manifest *m;
     ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
     atmoe_train_config c;
-    ck_assert_status(atmoe_train_config_default(&c), NULL);
-    c.optimizer.lr = 1e-2f;
-    c.optimizer.weight_decay = 0;
-    c.steps = 150;
-    c.batch = 16;
+    trex_config(&c, 1e-2f);
     snprintf(out, sizeof out, "%s/out", dir);
     double trained = NAN;
     atmoe_status st = atmoe_train_trex(CTX, m, data, &c, out, &trained);
@@ -628,6 +658,8 @@ START_TEST(test_trex_round_trip)
      * every ninth row ignored. */
     float hw[C1 * D1];
     int32_t labels[N];
+    test_rng rng;
+    test_rng_seed(&rng, 1415);
     test_fill_uniform(&rng, hw, C1 * D1, -2, 2);
     for (int n = 0; n < N; n++) {
         int best = 0;
@@ -640,6 +672,8 @@ START_TEST(test_trex_round_trip)
         }
         labels[n] = n % 9 == 4 ? IGN : best;
     }
+    atmoe_safetensors_writer *w, *dw;
+    uint64_t ns[1] = {N};
     ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
     save_tensor(w, "hw", C1, D1, hw);
     snprintf(path, sizeof path, "%s/head.safetensors", dir);
@@ -676,6 +710,219 @@ START_TEST(test_trex_round_trip)
                   "%.7g", rerun, trained);
     ck_assert_msg(trained < 0.5 * before, "labels: trained %g, at the start "
                   "%g", trained, before);
+    free(x);
+    free(y);
+    test_rmdir_r(dir);
+}
+END_TEST
+
+typedef struct trex_seen {
+    uint64_t steps, skipped;
+    float initial, done_loss;
+    int done;
+} trex_seen;
+
+static int trex_progress(const atmoe_train_progress *p, void *user)
+{
+    trex_seen *s = user;
+    if (p->done) {
+        s->done = 1;
+        s->done_loss = p->loss;
+    } else {
+        s->steps++;
+    }
+    s->skipped = p->skipped;
+    s->initial = p->initial_loss;
+    return 0;
+}
+
+/* Training that does not train fails, writing nothing, rather than
+ * succeed at the untrained loss.  At lr 0.1 AdamW moves the gates w by
+ * about 0.1 a step, their logits 100 w by about 10: the main gate c =
+ * sigmoid(100 w_c) reaches 0 to float precision within a few steps, and
+ * every gradient behind it with it (NO_PROGRESS, the gate named).  Targets
+ * of 1e20 make every loss infinite: every step is skipped (NOT_FINITE,
+ * counted in the progress). */
+START_TEST(test_trex_no_progress)
+{
+    char dir[256], path[600], data[512], out[512];
+    test_mkdtemp(dir, sizeof dir, "recipe");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
+    float scores[S1 * E1];
+    int32_t sample[N];
+    trex_problem(dir, x, y, sample, scores, 1);
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    snprintf(data, sizeof data, "%s/data.safetensors", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    atmoe_train_config c;
+    trex_config(&c, 1e-1f);
+    trex_seen s = {0};
+    c.progress = trex_progress;
+    c.user = &s;
+    double trained = -1;
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, &trained),
+                         CTX, ATMOE_STATUS_NO_PROGRESS, "c = ");
+    ck_assert_msg(strstr(atmoe_errmsg(CTX), "made no progress") &&
+                      strstr(atmoe_errmsg(CTX), "layers.0.proj.w_c"),
+                  "message: %s", atmoe_errmsg(CTX));
+    ck_assert(!exists(out));
+    ck_assert(trained == -1);
+    ck_assert_uint_eq(s.steps, 150);
+    ck_assert(s.done);
+    ck_assert_uint_eq(s.skipped, 0);
+    /* The initial loss is the untrained manifest's, as atmoe run gives it. */
+    double before = trex_loss(path, x, y, sample, scores, NULL);
+    ck_assert_msg(fabs(s.initial - before) <= 1e-4 * before,
+                  "initial loss %g, the untrained manifest's %g",
+                  (double)s.initial, before);
+    ck_assert(!(s.done_loss < s.initial));
+
+    trex_problem(dir, x, y, sample, scores, 1e20);
+    memset(&s, 0, sizeof s);
+    c.steps = 6;
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, &trained),
+                         CTX, ATMOE_STATUS_NOT_FINITE,
+                         "all 6 steps skipped as not finite");
+    ck_assert(!exists(out));
+    ck_assert_uint_eq(s.steps, 6);
+    ck_assert_uint_eq(s.skipped, 6);
+    atmoe_manifest_free(m);
+    free(x);
+    free(y);
+    test_rmdir_r(dir);
+}
+END_TEST
+
+/* x, y, sample and, unless name is NULL, the samples' table name [S1, w]
+ * into the data file path. */
+static void save_trex_data(const char *path, const float *x, const float *y,
+                           const int32_t *sample, const char *name,
+                           const float *table, size_t w)
+{
+    atmoe_safetensors_writer *dw;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &dw), NULL);
+    save_tensor(dw, "x", N, D0, x);
+    save_tensor(dw, "y", N, D1, y);
+    if (name)
+        save_tensor(dw, name, S1, w, table);
+    uint64_t ns[1] = {N};
+    ck_assert_status(atmoe_safetensors_writer_add(dw, "sample",
+                                                  ATMOE_SAFETENSORS_I32, 1,
+                                                  ns, sample), NULL);
+    ck_assert_status(atmoe_safetensors_writer_save(dw, path), NULL);
+    atmoe_safetensors_writer_free(dw);
+}
+
+/* T-REX on the samples' embeddings [S1, DE] instead of their scores: the
+ * trainer scores them against the manifest's centroids [E1, DE] in its
+ * graph; its loss is that of the written manifest built with the same
+ * embeddings (what atmoe run computes), and that of the manifest given
+ * the scores C e / |e| computed here in float64.  Bad embeddings are
+ * refused with a message naming the row, and nothing is written. */
+enum { DE = 5 };
+START_TEST(test_trex_embeddings)
+{
+    char dir[256], path[600], data[512], out[512], mpath[600];
+    test_mkdtemp(dir, sizeof dir, "recipe");
+    float *x = malloc(N * D0 * sizeof *x), *y = malloc(N * D1 * sizeof *y);
+    float scores[S1 * E1], emb[S1 * DE], cent[E1 * DE], host[S1 * E1];
+    int32_t sample[N];
+    trex_problem(dir, x, y, sample, scores, 1);
+    test_rng rng;
+    test_rng_seed(&rng, 1415);
+    test_fill_uniform(&rng, emb, S1 * DE, -2, 2);
+    test_fill_uniform(&rng, cent, E1 * DE, -1, 1);
+    for (int r = 0; r < S1; r++) {
+        double norm = 0;
+        for (int i = 0; i < DE; i++)
+            norm += (double)emb[r * DE + i] * emb[r * DE + i];
+        norm = sqrt(norm);
+        for (int k = 0; k < E1; k++) {
+            double acc = 0;
+            for (int i = 0; i < DE; i++)
+                acc += (double)cent[k * DE + i] * emb[r * DE + i] / norm;
+            host[r * E1 + k] = (float)acc;
+        }
+    }
+    atmoe_safetensors_writer *w;
+    ck_assert_status(atmoe_safetensors_writer_new(NULL, &w), NULL);
+    save_tensor(w, "centroids", E1, DE, cent);
+    snprintf(path, sizeof path, "%s/c.safetensors", dir);
+    ck_assert_status(atmoe_safetensors_writer_save(w, path), NULL);
+    atmoe_safetensors_writer_free(w);
+    const char *text =
+        "{\"version\": 1, \"weights\": \"w.safetensors\", \"centroids\": "
+        "{\"file\": \"c.safetensors\", \"tensor\": \"centroids\"}, "
+        "\"layers\": [{\"modules\": {\"proj\": {\"weight\": \"w0\", "
+        "\"rank1\": {\"a\": \"a\", \"b\": \"b\", \"variant\": \"v1\"}}}}]}";
+    snprintf(mpath, sizeof mpath, "%s/centroids.json", dir);
+    test_write_file(mpath, text, strlen(text));
+    snprintf(data, sizeof data, "%s/emb.safetensors", dir);
+    save_trex_data(data, x, y, sample, "embeddings", emb, DE);
+
+    atmoe_manifest *m;
+    ck_assert_status(atmoe_manifest_open(CTX, mpath, &m), CTX);
+    atmoe_train_config c;
+    trex_config(&c, 1e-2f);
+    snprintf(out, sizeof out, "%s/out", dir);
+    double trained = NAN;
+    ck_assert_status(atmoe_train_trex(CTX, m, data, &c, out, &trained), CTX);
+    atmoe_manifest_free(m);
+    double before = trex_loss_with(mpath, x, y, sample, emb, DE, 1, NULL);
+    snprintf(path, sizeof path, "%s/manifest.json", out);
+    double rerun = trex_loss_with(path, x, y, sample, emb, DE, 1, NULL);
+    double scored = trex_loss(path, x, y, sample, host, NULL);
+    ck_assert_msg(isfinite(rerun) && fabs(rerun - trained) <= 1e-4 * rerun,
+                  "the written manifest on the embeddings gives %g, the "
+                  "trainer said %g", rerun, trained);
+    ck_assert_msg(fabs(scored - trained) <= 1e-4 * scored,
+                  "the written manifest on float64 scores gives %g, the "
+                  "trainer said %g", scored, trained);
+    ck_assert_msg(trained < 0.5 * before, "trained %g, at the start %g",
+                  trained, before);
+    test_rmdir_r(out);
+
+    /* Refused, nothing written. */
+    ck_assert_status(atmoe_manifest_open(CTX, mpath, &m), CTX);
+    c.steps = 3;
+    save_trex_data(data, x, y, sample, NULL, NULL, 0);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_NOT_FOUND, "or embeddings [S, D]");
+    ck_assert(!exists(out));
+    save_trex_data(data, x, y, sample, "embeddings", emb, DE - 1);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_SHAPE_MISMATCH,
+                         "must be [S, 5], as wide as the manifest's "
+                         "centroids [4, 5]");
+    ck_assert(!exists(out));
+    float bad[S1 * DE];
+    memcpy(bad, emb, sizeof bad);
+    for (int i = 0; i < DE; i++)
+        bad[2 * DE + i] = 0;
+    save_trex_data(data, x, y, sample, "embeddings", bad, DE);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "embeddings row 2 has norm 0");
+    ck_assert(!exists(out));
+    memcpy(bad, emb, sizeof bad);
+    bad[3 * DE + 1] = NAN;
+    save_trex_data(data, x, y, sample, "embeddings", bad, DE);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_NOT_FINITE,
+                         "embeddings row 3, column 1 is not finite");
+    ck_assert(!exists(out));
+    atmoe_manifest_free(m);
+    /* A manifest without centroids. */
+    snprintf(path, sizeof path, "%s/manifest.json", dir);
+    ck_assert_status(atmoe_manifest_open(CTX, path, &m), CTX);
+    save_trex_data(data, x, y, sample, "embeddings", emb, DE);
+    ck_assert_fails_with(atmoe_train_trex(CTX, m, data, &c, out, NULL), CTX,
+                         ATMOE_STATUS_INVALID_ARGUMENT,
+                         "the manifest names no centroids");
+    ck_assert(!exists(out));
+    atmoe_manifest_free(m);
     free(x);
     free(y);
     test_rmdir_r(dir);
@@ -1464,6 +1711,8 @@ static Suite *recipe_suite(void)
     tcase_add_test(tc, test_stage2_labels);
     tcase_add_test(tc, test_labels_bad_input);
     tcase_add_test(tc, test_head_forms);
+    tcase_add_test(tc, test_trex_no_progress);
+    tcase_add_test(tc, test_trex_embeddings);
     suite_add_tcase(s, tc);
     return s;
 }

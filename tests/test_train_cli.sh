@@ -5,6 +5,9 @@
 # data refused with a message and no output, and the demonstration at a
 # small size meeting its targets: the routed mixture within 1.5x of the
 # per-task experts' held-out loss and at most 0.7x the single LoRA's.
+# T-REX from instruction embeddings through atmoe cluster to atmoe run
+# (the trainer's loss is atmoe run's), and a run that does not train (lr
+# 0.1 closes its gate) failing with the gate named.
 # Inputs are written and outputs read by python3's standard library
 # (skipped without it); exit 77 (a skip) when there is no OpenCL device.
 set -u
@@ -77,7 +80,9 @@ expect 0 "" "atmoe run of the stage-2 manifest"
 # Classification: the stage-2 manifest above with a head W [4, 10] (F16)
 # and its bias, labels [40] (every fifth row ignored) instead of y; stage 2
 # trains on them, and atmoe run's logits of the written manifest give the
-# cross-entropy the trainer printed.
+# cross-entropy the trainer printed.  The labels are random: full batches
+# (40 rows), so that the training loss falls (a run that did not lower it
+# fails).
 python3 - "$tmp/s2/manifest.json" "$tmp" <<'PY' || exit 99
 import json, random, struct, sys
 src, tmp = sys.argv[1], sys.argv[2]
@@ -111,7 +116,7 @@ m["head"] = {"file": tmp + "/head.safetensors", "tensor": "w",
 json.dump(m, open(tmp + "/s2/head.json", "w"))
 PY
 run train stage2 "$tmp/s2/head.json" --data "$tmp/labels.safetensors" \
-    --output "$tmp/c2" --steps 5 --batch 8 --lr 1e-2
+    --output "$tmp/c2" --steps 20 --batch 40 --lr 1e-2
 expect 0 "routers trained: cross-entropy" "stage2 on labels"
 trained=$(sed -n 's/.*cross-entropy \([^ ]*\) over.*/\1/p' "$tmp/out")
 run run "$tmp/c2/manifest.json" --input "$tmp/labels.safetensors" \
@@ -192,6 +197,117 @@ run train trex "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1"
 expect 1 "no rank-1 output module" "trex over LoRA experts" err
 run train trix "$fixture" --data "$tmp/d.safetensors" --output "$tmp/b1"
 expect 2 "unknown recipe 'trix'" "an unknown recipe" err
+
+# T-REX from instruction embeddings: embeddings -> atmoe cluster ->
+# centroids in the manifest -> atmoe train trex (the data's embeddings
+# scored against them in the graph) -> atmoe run on the same embeddings,
+# whose loss is the trainer's.
+python3 - "$tmp" <<'PY' || exit 99
+import json, math, random, struct, sys
+d = sys.argv[1]
+rnd = random.Random(11)
+def save(path, tensors):
+    blobs, header, off = [], {}, 0
+    for name, (dtype, shape, flat) in tensors.items():
+        b = struct.pack("<%d%s" % (len(flat), "i" if dtype == "I32" else "f"),
+                        *flat)
+        header[name] = {"dtype": dtype, "shape": shape,
+                        "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+din, dout, E, S, D, n = 7, 5, 4, 8, 6, 96
+w0 = [rnd.uniform(-0.4, 0.4) for _ in range(dout * din)]
+a = [rnd.uniform(-1, 1) / math.sqrt(din) for _ in range(E * din)]
+save(d + "/w.safetensors", {"w0": ("F32", [dout, din], w0),
+                            "a": ("F32", [E, din], a),
+                            "b": ("F32", [dout, E], [0.0] * (dout * E))})
+# Samples in E clusters of embeddings; each cluster its own change.
+centre = [[rnd.gauss(0, 1) for _ in range(D)] for _ in range(E)]
+emb = [[c + 0.1 * rnd.gauss(0, 1) for c in centre[s % E]] for s in range(S)]
+ta = [[rnd.uniform(-0.5, 0.5) for _ in range(din)] for _ in range(E)]
+tb = [[rnd.uniform(-0.5, 0.5) for _ in range(E)] for _ in range(dout)]
+x = [[rnd.uniform(-1, 1) for _ in range(din)] for _ in range(n)]
+sample = [i % S for i in range(n)]
+y = []
+for i in range(n):
+    k = sample[i] % E
+    u = sum(ta[k][j] * x[i][j] for j in range(din))
+    y.append([sum(w0[o * din + j] * x[i][j] for j in range(din)) +
+              tb[o][k] * u for o in range(dout)])
+flat = lambda m: [v for r in m for v in r]
+save(d + "/emb.safetensors", {"embeddings": ("F32", [S, D], flat(emb))})
+save(d + "/trex.safetensors", {
+    "x": ("F32", [n, din], flat(x)), "y": ("F32", [n, dout], flat(y)),
+    "sample": ("I32", [n], sample),
+    "embeddings": ("F32", [S, D], flat(emb))})
+save(d + "/trex-none.safetensors", {
+    "x": ("F32", [n, din], flat(x)), "y": ("F32", [n, dout], flat(y)),
+    "sample": ("I32", [n], sample)})
+save(d + "/trex-in.safetensors", {
+    "x": ("F32", [n, din], flat(x)), "gate_index": ("I32", [n], sample),
+    "embeddings": ("F32", [S, D], flat(emb))})
+with open(d + "/y-trex.json", "w") as f:
+    json.dump(flat(y), f)
+m = {"version": 1, "weights": "w.safetensors",
+     "centroids": {"file": "c.safetensors", "tensor": "centroids"},
+     "layers": [{"modules": {"proj": {"weight": "w0", "rank1": {
+         "a": "a", "b": "b", "variant": "v1"}}}}]}
+with open(d + "/trex.json", "w") as f:
+    json.dump(m, f)
+del m["centroids"]
+with open(d + "/trex-nc.json", "w") as f:
+    json.dump(m, f)
+PY
+run cluster "$tmp/emb.safetensors" --k 4 --normalize --output "$tmp/c.safetensors"
+expect 0 "" "atmoe cluster of the embeddings"
+run train trex "$tmp/trex.json" --data "$tmp/trex.safetensors" \
+    --output "$tmp/tx" --steps 100 --batch 16 --lr 1e-2 --log "$tmp/tlog.json"
+expect 0 "rank-1 experts trained" "trex on embeddings"
+trained=$(sed -n 's/^rank-1 experts trained: loss \([^ ]*\) .*/\1/p' "$tmp/out")
+run run "$tmp/tx/manifest.json" --input "$tmp/trex-in.safetensors" \
+    --output "$tmp/ty.safetensors"
+expect 0 "" "atmoe run of the T-REX manifest on the embeddings"
+if ! python3 - "$tmp" "$trained" <<'PY'
+import json, struct, sys
+d, trained = sys.argv[1], float(sys.argv[2])
+b = open(d + "/ty.safetensors", "rb").read()
+n = struct.unpack("<Q", b[:8])[0]
+h = json.loads(b[8:8 + n])
+o = h["y"]["data_offsets"]
+got = struct.unpack("<%df" % ((o[1] - o[0]) // 4), b[8 + n + o[0]:8 + n + o[1]])
+want = json.load(open(d + "/y-trex.json"))
+mse = sum((g - w) ** 2 for g, w in zip(got, want)) / len(want)
+log = [json.loads(l) for l in open(d + "/tlog.json")]
+done = [l for l in log if l["done"]]
+ok = abs(mse - trained) <= 1e-4 * mse and len(done) == 1 and \
+    done[0]["skipped"] == 0 and done[0]["initial_loss"] > 2 * trained
+print("atmoe run %.6g, trainer %.6g, initial %s" % (
+    mse, trained, done[0]["initial_loss"] if done else None))
+sys.exit(0 if ok else 1)
+PY
+then
+    fail "atmoe run's loss of the T-REX manifest is not the trainer's"
+fi
+# Too high a rate closes the main gate: no progress, exit 1, the gate
+# named, nothing written; the log says the steps ran (none skipped).
+run train trex "$tmp/trex.json" --data "$tmp/trex.safetensors" \
+    --output "$tmp/tz" --steps 100 --batch 16 --lr 0.1 --log "$tmp/zlog.json"
+expect 1 "made no progress" "trex at lr 0.1" err
+expect 1 "the gates saturated: c = " "trex at lr 0.1" err
+[ -e "$tmp/tz" ] && fail "a run that did not train left its output"
+grep -q '"done": true.*"skipped": 0, "initial_loss": [0-9]' "$tmp/zlog.json" ||
+    fail "the log of the run at lr 0.1 lacks its done line's counts"
+run train trex "$tmp/trex-nc.json" --data "$tmp/trex.safetensors" \
+    --output "$tmp/tz"
+expect 1 "names no centroids" "trex on embeddings without centroids" err
+run train trex "$tmp/trex.json" --data "$tmp/trex-none.safetensors" \
+    --output "$tmp/tz"
+expect 1 "or embeddings [S, D]" "trex on neither scores nor embeddings" err
+[ -e "$tmp/tz" ] && fail "a refused run left its output"
 
 # A checkpoint onto a full file system (a 64 KiB tmpfs; root only, skipped
 # otherwise): a message, no output, no file left there.

@@ -30,33 +30,51 @@ typedef struct train_view {
     int failed_log;
 } train_view;
 
+/* v as JSON: a number, or null when it is not finite. */
+static void json_number(char *buf, size_t size, float v)
+{
+    if (isfinite(v))
+        snprintf(buf, size, "%.9g", (double)v);
+    else
+        snprintf(buf, size, "null");
+}
+
 static int on_progress(const atmoe_train_progress *p, void *user)
 {
     train_view *v = user;
-    /* JSON has no NaN: a model without held-out rows logs null. */
-    char held[32] = "null";
-    if (p->done && !isnan(p->heldout_loss))
-        snprintf(held, sizeof held, "%.9g", (double)p->heldout_loss);
+    /* JSON has no NaN: a model without held-out rows, a skipped step's
+     * loss or norm and a resumed run's initial loss log null. */
+    char held[32], loss[32], norm[32], initial[32];
+    json_number(held, sizeof held, p->done ? p->heldout_loss : NAN);
+    json_number(loss, sizeof loss, p->loss);
+    json_number(norm, sizeof norm, p->grad_norm);
+    json_number(initial, sizeof initial, p->initial_loss);
     if (v->log && !v->failed_log &&
         fprintf(v->log,
                 "{\"model\": %zu, \"adapter\": \"%s\", \"step\": %llu, "
-                "\"steps\": %llu, \"loss\": %.9g, \"lr\": %.9g, "
-                "\"grad_norm\": %.9g, \"tokens_per_second\": %.6g, "
-                "\"seconds\": %.6g, \"done\": %s, \"heldout_loss\": %s}\n",
+                "\"steps\": %llu, \"loss\": %s, \"lr\": %.9g, "
+                "\"grad_norm\": %s, \"tokens_per_second\": %.6g, "
+                "\"seconds\": %.6g, \"done\": %s, \"heldout_loss\": %s, "
+                "\"skipped\": %llu, \"initial_loss\": %s}\n",
                 p->model, p->adapter ? p->adapter : "",
                 (unsigned long long)p->step, (unsigned long long)p->steps,
-                (double)p->loss, (double)p->lr, (double)p->grad_norm,
-                p->tokens_per_second, p->seconds,
-                p->done ? "true" : "false", held) < 0)
+                loss, (double)p->lr, norm, p->tokens_per_second, p->seconds,
+                p->done ? "true" : "false", held,
+                (unsigned long long)p->skipped, initial) < 0)
         v->failed_log = 1;
     if (p->done) {
         if (v->tty)
             fputs("\r\033[K", stderr);
-        fprintf(stderr, "atmoe train: %s: loss %.6g over its rows, held-out "
-                        "%.6g, after %llu steps, %.0f rows/s, %.1f s\n",
-                p->adapter, (double)p->loss, (double)p->heldout_loss,
-                (unsigned long long)p->steps, p->tokens_per_second,
-                p->seconds);
+        char before[48] = "";
+        if (isfinite(p->initial_loss))
+            snprintf(before, sizeof before, " (%.6g before)",
+                     (double)p->initial_loss);
+        fprintf(stderr, "atmoe train: %s: loss %.6g over its rows%s, "
+                        "held-out %.6g, after %llu steps (%llu skipped as "
+                        "not finite), %.0f rows/s, %.1f s\n",
+                p->adapter, (double)p->loss, before, (double)p->heldout_loss,
+                (unsigned long long)p->steps, (unsigned long long)p->skipped,
+                p->tokens_per_second, p->seconds);
         return 0;
     }
     if (v->tty) {
@@ -68,6 +86,9 @@ static int on_progress(const atmoe_train_progress *p, void *user)
                 p->model + 1, p->models, (unsigned long long)p->step,
                 (unsigned long long)p->steps, (double)p->loss,
                 p->tokens_per_second, left);
+        if (p->skipped)
+            fprintf(stderr, " (%llu skipped)",
+                    (unsigned long long)p->skipped);
     }
     return interrupted != 0;
 }

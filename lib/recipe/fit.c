@@ -13,6 +13,9 @@
 #include "base/error.h"
 #include "recipe/recipe.h"
 
+/* The least part of the initial loss a run from the start must gain. */
+#define ATM_RECIPE_MIN_PROGRESS 1e-4
+
 static uint64_t splitmix(uint64_t *s)
 {
     uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
@@ -181,6 +184,15 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
     if (ckpt && cfg->resume && access(ckpt, F_OK) == 0 &&
         (st = resume(ctx, fn, opt, ckpt, &done)))
         goto out;
+    /* The loss of the weights training starts from, over the rows the
+     * trained loss is measured on: a run from the start that does not
+     * lower it has failed (below), however its steps went. */
+    double initial = NAN;
+    if (done == 0 &&
+        (st = mean_loss(f, d, 0, f->rows, n_rows, B, &b, &initial)))
+        goto out;
+    uint64_t skipped = 0, skipped_here = 0;
+    char why[160] = "";
 
     /* Each model its own stream, so that a model's run does not depend on
      * how many came before it. */
@@ -221,19 +233,28 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
         float mean = (float)(sum / oc.accumulation);
         st = atmoe_optimizer_step(opt, mean, &rep);
         /* A step skipped as not finite changes nothing: training goes on,
-         * and the optimiser counts it. */
+         * the optimiser counts it, and the progress and the end say so. */
         if (st != ATMOE_STATUS_OK && st != ATMOE_STATUS_NOT_FINITE)
             goto out;
+        if (st == ATMOE_STATUS_NOT_FINITE) {
+            skipped_here++;
+            if (!why[0])
+                snprintf(why, sizeof why, "%s", atmoe_errmsg(ctx));
+        }
+        skipped = rep.skipped;
         st = ATMOE_STATUS_OK;
         if (ckpt && cfg->checkpoint_every && step % cfg->checkpoint_every == 0 &&
             step < steps && (st = atmoe_optimizer_save(opt, ckpt)))
             goto out;
         if (cfg->progress) {
             double el = now_s() - t0;
-            atmoe_train_progress p = {f->model, f->models, f->name, step,
-                                      steps, mean, rep.lr, rep.grad_norm,
-                                      el > 0 ? (double)tokens / el : 0, el,
-                                      0, NAN};
+            atmoe_train_progress p = {
+                .model = f->model, .models = f->models, .adapter = f->name,
+                .step = step, .steps = steps, .loss = mean, .lr = rep.lr,
+                .grad_norm = rep.grad_norm,
+                .tokens_per_second = el > 0 ? (double)tokens / el : 0,
+                .seconds = el, .done = 0, .heldout_loss = NAN,
+                .skipped = skipped, .initial_loss = (float)initial};
             if (cfg->progress(&p, cfg->user)) {
                 if (ckpt && (st = atmoe_optimizer_save(opt, ckpt)))
                     goto out;
@@ -256,16 +277,48 @@ atmoe_status atm_recipe_fit_run(atmoe_context *ctx, const char *fn,
         (f->n_held &&
          (st = mean_loss(f, d, 1, f->held, f->n_held, B, &b, &held))))
         goto out;
-    if (final_loss)
-        *final_loss = total;
     if (cfg->progress) {
         double el = now_s() - t0;
-        atmoe_train_progress p = {f->model, f->models, f->name, steps, steps,
-                                  (float)total, 0, 0,
-                                  el > 0 ? (double)tokens / el : 0, el, 1,
-                                  (float)held};
+        atmoe_train_progress p = {
+            .model = f->model, .models = f->models, .adapter = f->name,
+            .step = steps, .steps = steps, .loss = (float)total,
+            .tokens_per_second = el > 0 ? (double)tokens / el : 0,
+            .seconds = el, .done = 1, .heldout_loss = (float)held,
+            .skipped = skipped, .initial_loss = (float)initial};
         cfg->progress(&p, cfg->user);
     }
+    /* A run from the start must have trained: every step skipped, or a
+     * trained loss that is not finite or not below the initial one by
+     * ATM_RECIPE_MIN_PROGRESS of it, fails (nothing is written), naming
+     * the skipped steps.  The margin is far above the rounding of the two
+     * means (their batches differ: about 1e-7 of them) and far below what
+     * any step that trains gives; a closed T-REX gate leaves the loss
+     * within 1e-7 of the initial. */
+    uint64_t ran = steps - done;
+    if (done == 0 && ran > 0) {
+        if (skipped_here == ran) {
+            st = atm_fail(ctx, ATMOE_STATUS_NOT_FINITE,
+                          "%s: %s: all %llu steps skipped as not finite, "
+                          "nothing trained (the first: %s)", fn, f->name,
+                          (unsigned long long)ran, why);
+            goto out;
+        }
+        if (!isfinite(total) ||
+            !(total < initial * (1 - ATM_RECIPE_MIN_PROGRESS))) {
+            st = atm_fail(ctx, isfinite(total) ? ATMOE_STATUS_NO_PROGRESS
+                                               : ATMOE_STATUS_NOT_FINITE,
+                          "%s: %s: training made no progress: loss %.9g "
+                          "over its rows after %llu steps, %.9g before "
+                          "(less than %g of it gained; %llu steps skipped "
+                          "as not finite)", fn, f->name, total,
+                          (unsigned long long)ran, initial,
+                          ATM_RECIPE_MIN_PROGRESS,
+                          (unsigned long long)skipped_here);
+            goto out;
+        }
+    }
+    if (final_loss)
+        *final_loss = total;
 out:
     atm_free(ckpt);
     atmoe_optimizer_free(opt);
