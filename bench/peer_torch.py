@@ -38,6 +38,9 @@ torch.optim.AdamW's step (its defaults: lr 1e-3, betas 0.9 and 0.999,
 eps 1e-8, weight decay 0.01) and zero_grad(set_to_none=True).  Its output
 is y of the first step's forward, before any update.
 
+torch's OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE) unless the
+environment sets the policy, as in bench/peer_train_torch.py.
+
 Each run is timed by time.perf_counter() around the layer, --warmup times
 untimed then --reps times; the median, minimum and maximum go back on stdout
 as one JSON object per line (see bench/peer.c for the protocol), and y to
@@ -240,6 +243,10 @@ def time_layer(layer, x, reps, warmup, keep_first=False):
 
 
 def run(spec_path):
+    # Before torch starts its OpenMP threads: spinning waits made a step
+    # 10 to 40 times slower on a machine shared with PoCL's threads (see
+    # bench/peer_train_torch.py); OMP_WAIT_POLICY=ACTIVE restores them.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import numpy as np
         import torch
@@ -257,7 +264,7 @@ def run(spec_path):
     F.linear(torch.ones(2, 2), torch.ones(2, 2))  # loads the BLAS if lazy
     emit(event="start", python=platform.python_version(),
          torch=torch.__version__, threads=torch.get_num_threads(),
-         blas=blas_libraries())
+         blas=blas_libraries(), omp_wait_policy=os.environ["OMP_WAIT_POLICY"])
     reps, warmup = int(spec["reps"]), int(spec["warmup"])
     builders = {"atmoe": atmoe_layer, "trex": trex_layer}
     for workload in spec["workloads"]:
