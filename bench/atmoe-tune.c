@@ -662,12 +662,26 @@ static void search(tuner *tu, const char *label, double deadline,
         text = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
         say("  %s %s\n", kernel, text ? text : "");
         free(text);
+        /* The candidate's name in the journal: the kernel's set. */
+        char *cand = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
+        char name[1024], why[64];
+        snprintf(name, sizeof name, "%s %s", kernel, cand ? cand : "");
+        free(cand);
         json_t *cl = json_deep_copy(fixed);
         json_object_set_new(cl, kernel, params);
         json_t *set = with_threshold(cl, min_indirect);
         result r;
-        if (evaluate(tu, set, label, want, fastest, &r) && r.valid &&
-            r.score > best->score) {
+        int lost = journal_begin(name, why, sizeof why);
+        if (lost)
+            say("  skipped: it %s an earlier run of this step\n", why);
+        int ok = !lost && evaluate(tu, set, label, want, fastest, &r);
+        if (!lost)
+            journal_end();
+        if (lost) {
+            json_decref(set);
+            continue;
+        }
+        if (ok && r.valid && r.score > best->score) {
             result_clear(best);
             *best = r;
             for (int i = 0; i < tu->nshapes; i++)
@@ -1205,10 +1219,20 @@ static int tune_blocks(tuner *tu, double deadline, int prev_sr, int prev_st,
         top.t[i] = (timing){RUN_OK, tu->mix[i].base_s, 0, 0};
     }
     *best = top;
-    for (int c = 0; c < n && (c == 0 || now_s() < deadline); c++) {
+    for (int c = 0, ran = 0; c < n && (ran == 0 || now_s() < deadline);
+         c++) {
         blocks_result r;
-        if (!evaluate_blocks(tu, cand[c][0], cand[c][1], fastest, &r) ||
-            !r.valid)
+        char label[48], why[64];
+        snprintf(label, sizeof label, "SR=%d,ST=%d", cand[c][0], cand[c][1]);
+        if (journal_begin(label, why, sizeof why)) {
+            say("  %-8s skipped: it %s an earlier run of this step\n", label,
+                why);
+            continue;
+        }
+        int ok = evaluate_blocks(tu, cand[c][0], cand[c][1], fastest, &r);
+        journal_end();
+        ran++;
+        if (!ok || !r.valid)
             continue;
         for (int i = 0; i < tu->nmix; i++)
             if (r.t[i].out == RUN_OK && r.t[i].s < fastest[i])
