@@ -1,6 +1,10 @@
 /* atmoe-tune: searches the kernel parameters of one device and stores the
  * best in a tuning database (see atmoe-tune(1)): CLBlast's SGEMM
- * parameters, and those of the library's own products (cl/linear.cl).
+ * parameters, those of the library's own products (cl/linear.cl), here,
+ * and the library's other tunable kernels, one row each of the table in
+ * tune_kernels.c (the router, the mixture, the group variant of the
+ * products, k-means, the optimiser), which run as phases of their own
+ * names; tune_effort.c runs all of them step by step (--effort).
  *
  * The GEMM timed is the library's base projection, y = x W^T with x
  * [T, d] and W [d, d] row-major (atmoe_graph_matmul with
