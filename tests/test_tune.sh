@@ -225,7 +225,22 @@ grep -q '^"linear.f16":' "$tmp/hang.blocks" && fail "the hung step saved blocks"
 # search completes and writes a valid database that reports them
 cdb="$tmp/cand/tuning.json"
 ATMOE_TUNE_TEST_CANDIDATE_CRASH=router:1 ATMOE_TUNE_TEST_CANDIDATE_HANG=kmeans:1 \
-    ATMOE_TUNE_CANDIDATE_TIMEOUT_S=6 run --effort test --seed 3 --output "$cdb"
+    ATMOE_TUNE_CANDIDATE_TIMEOUT_S=6 "$tool" --effort test --seed 3 \
+    --output "$cdb" > "$tmp/out" 2> "$tmp/err" &
+pid=$!
+# the checkpoint as it last was before the finished search removed it
+# (each version is written whole: a copy is one of them)
+while kill -0 "$pid" 2> /dev/null; do
+    cp "$cdb.progress" "$tmp/ckpt.new" 2> /dev/null && mv "$tmp/ckpt.new" "$tmp/ckpt"
+    sleep 0.2
+done
+wait "$pid"
+rc=$?
+tr -d ' \n' < "$tmp/ckpt" > "$tmp/ckpt.flat" 2> /dev/null
+grep -Eq '"step":"0router","candidate":"WG=[0-9]+","result":"crashed"' "$tmp/ckpt.flat" ||
+    { fail "the checkpoint does not record the crashed candidate"; cat "$tmp/ckpt"; }
+grep -Eq '"step":"0kmeans","candidate":"WG=[0-9]+","result":"timedout"' "$tmp/ckpt.flat" ||
+    { fail "the checkpoint does not record the hung candidate"; cat "$tmp/ckpt"; }
 [ "$rc" -eq 0 ] || { fail "a search with a lost candidate exited $rc"; cat "$tmp/err"; }
 grep -q 'router: candidate WG=[0-9]* skipped: it crashed' "$tmp/err" ||
     { fail "the crashed candidate was not reported skipped"; cat "$tmp/err"; }
