@@ -160,12 +160,16 @@ static int add_steps(step *steps, int n, const effort_def *e, size_t index,
         {"boundary", "boundary", "f32", 0, 1},
     };
     size_t nd = 3;
-    /* The table's rows, each under its own name (a phase too). */
+    /* The table's rows, each under its own name (a phase too), sharing
+     * kernels_s by their shares: a row added takes its part of it. */
+    double shares = 0;
+    for (int r = 0; r < tk_count(); r++)
+        shares += tk_at(r)->share;
     for (int r = 0; r < tk_count() && nd < 3 + 16; r++, nd++) {
         const tk_kernel *k = tk_at(r);
         defs[nd].name = defs[nd].phases = k->name;
         defs[nd].dtype = "f32";
-        defs[nd].budget = e->kernels_s * k->share;
+        defs[nd].budget = shares > 0 ? e->kernels_s * k->share / shares : 0;
         defs[nd].on = 1;
     }
     defs[nd++] = (step_def){"blocks.f16", "blocks", "f16", e->half_s, 1};

@@ -79,7 +79,8 @@ struct tk_kernel {
     const size_t *ts; /* the batches a mixture or router workload times */
     int nts;
     double tol;   /* largest |y - ref| over the largest |ref| */
-    double share; /* of --effort's budget for the kernels */
+    double share; /* its weight in --effort's budget for the table's rows
+                     (they share it in proportion) */
 };
 
 int tk_count(void);
