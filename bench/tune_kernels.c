@@ -436,16 +436,15 @@ static int optimizer_setup(const tk_env *env, const tk_kernel *row,
         if (st == ATMOE_STATUS_OK &&
             (st = atmoe_graph_new(env->ctx, &g)) == ATMOE_STATUS_OK) {
             w->s[i].g = g;
-            if ((st = atmoe_graph_parameter(g, "w", w->s[i].w, &wn)) ||
-                (st = atmoe_graph_set_trainable(g, wn, 1)) ||
-                (st = atmoe_graph_input(g, "target", ATMOE_DTYPE_F32, 2,
-                                        dims, 0, &tn)) ||
-                (st = atmoe_graph_loss_mse(g, wn, tn, &loss)) ||
-                (st = atmoe_graph_backward(g, loss)) ||
-                (st = atmoe_graph_plan(g, 0)) ||
-                (st = atmoe_graph_set_input(g, tn, target,
-                                            r * c * sizeof *target, 0))) {
-            }
+            (void)((st = atmoe_graph_parameter(g, "w", w->s[i].w, &wn)) ||
+                   (st = atmoe_graph_set_trainable(g, wn, 1)) ||
+                   (st = atmoe_graph_input(g, "target", ATMOE_DTYPE_F32, 2,
+                                           dims, 0, &tn)) ||
+                   (st = atmoe_graph_loss_mse(g, wn, tn, &loss)) ||
+                   (st = atmoe_graph_backward(g, loss)) ||
+                   (st = atmoe_graph_plan(g, 0)) ||
+                   (st = atmoe_graph_set_input(g, tn, target,
+                                               r * c * sizeof *target, 0)));
         }
         free(target);
         if (st != ATMOE_STATUS_OK) {
