@@ -4,7 +4,8 @@
  *   router        "router" WG: the items that share a row's dot products
  *                 in cl/router.cl (the projected router over 8 experts)
  *   mixture       "mixture" WG: the work-groups of cl/mixture.cl's mix and
- *                 fold launches (the block mix of 8 experts of rank 16)
+ *                 fold launches (the block mix of 8 experts of rank 16, and
+ *                 its merge path, which folds them into W0)
  *   linear.group  "linear" GROUP_SIZE and GROUP_ROWS of the group variant,
  *                 cl/linear_gpu.cl (run as VARIANT 1 for every batch)
  *   kmeans        "kmeans" WG: the passes of cl/kmeans.cl (atmoe_kmeans)
@@ -86,6 +87,7 @@ typedef struct mix_work {
     atmoe_router *rt[2];
     struct {
         int k; /* its width's index */
+        int merged; /* one gate row for every token, the merge path */
         size_t t;
         float *x, *gates;
         atmoe_graph *g;
@@ -132,8 +134,11 @@ static atmoe_status random_tensor(const tk_env *env, int ndim,
     return st;
 }
 
+/* merge: a shape more per width, the largest T on the merge path (the
+ * experts folded into a copy of W0 under one gate row, fold_gates). */
 static int mix_setup_as(const tk_env *env, const tk_kernel *row, void **state,
-                        char names[][48], size_t *out_count, int router)
+                        char names[][48], size_t *out_count, int router,
+                        int merge)
 {
     mix_work *w = calloc(1, sizeof *w);
     *state = w;
@@ -178,18 +183,22 @@ static int mix_setup_as(const tk_env *env, const tk_kernel *row, void **state,
                                        1.0f, 1.0f, 2, 0, &w->rt[k])))
                 return mix_fail(w, st, "making the router");
         }
-        for (int j = 0; j < row->nts && w->ns < TK_MAX_SHAPES; j++) {
-            int i = w->ns++;
-            size_t t = row->ts[j];
+        for (int j = 0; j < row->nts + merge && w->ns < TK_MAX_SHAPES;
+             j++) {
+            int i = w->ns++, merged = j == row->nts;
+            size_t t = row->ts[merged ? row->nts - 1 : j];
+            size_t rows = merged ? 1 : t;
             w->s[i].k = k;
+            w->s[i].merged = merged;
             w->s[i].t = t;
             w->s[i].x = random_floats(env, t * d, 1.0f);
-            w->s[i].gates = malloc(t * MIX_EXPERTS * sizeof(float));
+            w->s[i].gates = malloc(rows * MIX_EXPERTS * sizeof(float));
             if (w->s[i].x == NULL || w->s[i].gates == NULL)
                 return -1;
-            for (size_t g = 0; g < t * MIX_EXPERTS; g++)
+            for (size_t g = 0; g < rows * MIX_EXPERTS; g++)
                 w->s[i].gates[g] = (draw(env) + 1.0f) / (2.0f * MIX_EXPERTS);
-            snprintf(names[i], 48, "T=%zu d=%zu", t, d);
+            snprintf(names[i], 48, "T=%zu d=%zu%s", t, d,
+                     merged ? " merged" : "");
             out_count[i] = t * (router ? MIX_EXPERTS : d);
         }
     }
@@ -199,13 +208,19 @@ static int mix_setup_as(const tk_env *env, const tk_kernel *row, void **state,
 static int mixture_setup(const tk_env *env, const tk_kernel *row,
                          void **state, char names[][48], size_t *out_count)
 {
-    return mix_setup_as(env, row, state, names, out_count, 0);
+    return mix_setup_as(env, row, state, names, out_count, 0, 0);
+}
+
+static int merge_setup(const tk_env *env, const tk_kernel *row, void **state,
+                       char names[][48], size_t *out_count)
+{
+    return mix_setup_as(env, row, state, names, out_count, 0, 1);
 }
 
 static int router_setup(const tk_env *env, const tk_kernel *row,
                         void **state, char names[][48], size_t *out_count)
 {
-    return mix_setup_as(env, row, state, names, out_count, 1);
+    return mix_setup_as(env, row, state, names, out_count, 1, 0);
 }
 
 /* The mixture y = x W0^T + B_all M(gates) A_all x (block mix, a gate row
@@ -216,7 +231,8 @@ static atmoe_status mix_prepare(void *state, int i)
     mix_work *w = state;
     int k = w->s[i].k;
     size_t t = w->s[i].t, d = w->d[k];
-    size_t xs[2] = {t, d}, gs[2] = {t, MIX_EXPERTS};
+    size_t gr = w->s[i].merged ? 1 : t;
+    size_t xs[2] = {t, d}, gs[2] = {gr, MIX_EXPERTS};
     atmoe_graph *g;
     atmoe_status st = atmoe_graph_new(w->ctx, &g);
     if (st != ATMOE_STATUS_OK)
@@ -237,6 +253,9 @@ static atmoe_status mix_prepare(void *state, int i)
         st = atmoe_graph_mixture(g, x, p0, ATMOE_NODE_NONE, w->set[k],
                                  ATMOE_MIX_BLOCK, gates, ATMOE_NODE_NONE,
                                  1.0f, &w->s[i].y);
+        if (st == ATMOE_STATUS_OK && w->s[i].merged)
+            st = atmoe_graph_mixture_set_merge(g, w->s[i].y,
+                                               ATMOE_MERGE_ALWAYS);
     }
     if (st || (st = atmoe_graph_mark_output(g, w->s[i].y)) ||
         (st = atmoe_graph_plan(g, 0)) ||
@@ -245,7 +264,7 @@ static atmoe_status mix_prepare(void *state, int i)
         goto out;
     if (!w->router)
         st = atmoe_graph_set_input(g, gates, w->s[i].gates,
-                                   t * MIX_EXPERTS * sizeof(float), 0);
+                                   gr * MIX_EXPERTS * sizeof(float), 0);
 out:
     if (st != ATMOE_STATUS_OK)
         atmoe_graph_free(g);
@@ -300,6 +319,8 @@ static const tk_workload router_work = {router_setup, mix_prepare, mix_run,
 static const tk_workload mixture_work = {mixture_setup, mix_prepare, mix_run,
                                          mix_read, mix_release,
                                          mix_teardown};
+static const tk_workload merge_work = {merge_setup, mix_prepare, mix_run,
+                                       mix_read, mix_release, mix_teardown};
 
 /* k-means: points [N, D] into K clusters, 8 Lloyd iterations from the
  * k-means++ seeding of a fixed seed (atmoe_kmeans); the output is the
@@ -562,7 +583,7 @@ static const tk_kernel rows[] = {
      NULL, fits_work_group, &router_work, mix_ts, 2, 1e-4, 0.2},
     {"mixture", "mixture", "the mixture's mix and fold (cl/mixture.cl)",
      {{"WG", 64, 64, {16, 32, 128, 256}, POW2_TO_1024}},
-     NULL, fits_work_group, &mixture_work, mix_ts, 2, 1e-4, 0.2},
+     NULL, fits_work_group, &merge_work, mix_ts, 2, 1e-4, 0.2},
     {"linear.group", "linear",
      "the group variant's work-groups (cl/linear_gpu.cl)",
      {{"GROUP_SIZE", 64, 128, {32, 64, 128, 256}, POW2_8_TO_512},
