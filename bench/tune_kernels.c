@@ -574,6 +574,13 @@ static int fits_linear_group(const int *v, const atmoe_device_info *dev,
 #define POW2_TO_1024 {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024}
 #define POW2_8_TO_512 {8, 16, 32, 64, 128, 256, 512}
 
+/* A kernel with a tuned parameter (lib/device/params.h and tuning.c's
+ * table) gets a row here: its name (a phase and --effort step), program,
+ * parameters with the library's defaults and candidate lists, the macros
+ * that make them apply (a variant), the device's constraints, a workload
+ * (the mixture's and the router's take the batches to time) and a
+ * tolerance.  A variant of the products times on the mixture as
+ * linear.group does, with its VARIANT in fixed. */
 static const size_t mix_ts[] = {64, 512};
 static const size_t group_ts[] = {16, 64};
 
