@@ -711,7 +711,10 @@ int tune_effort(const effort_args *a)
         step_end end;
         for (int attempt = 0;; attempt++) {
             /* The child reads and writes the checkpoint's journal: it is
-             * on disk before the child starts. */
+             * on disk before the child starts, without the candidate a
+             * killed run left running (--resume), which this child did
+             * not run. */
+            json_object_del(progress, "running");
             if (progress_write(path, progress) != 0)
                 fprintf(stderr, PROGRAM ": cannot write the checkpoint %s: "
                         "%s\n", path, strerror(errno));
