@@ -1,6 +1,10 @@
 /* atmoe-tune: searches the kernel parameters of one device and stores the
  * best in a tuning database (see atmoe-tune(1)): CLBlast's SGEMM
- * parameters, and those of the library's own products (cl/linear.cl).
+ * parameters, those of the library's own products (cl/linear.cl), here,
+ * and the library's other tunable kernels, one row each of the table in
+ * tune_kernels.c (the router, the mixture, the group variant of the
+ * products, k-means, the optimiser), which run as phases of their own
+ * names; tune_effort.c runs all of them step by step (--effort).
  *
  * The GEMM timed is the library's base projection, y = x W^T with x
  * [T, d] and W [d, d] row-major (atmoe_graph_matmul with
@@ -61,6 +65,7 @@
 #include "atmoe.h"
 #include "measure.h"
 #include "tune_effort.h"
+#include "tune_kernels.h"
 
 #define PROGRAM "atmoe-tune"
 #define EXIT_RUNTIME 1
@@ -126,10 +131,9 @@
 #define PHASE_BOUNDARY 4u
 #define PHASE_LINEAR (PHASE_BLOCKS | PHASE_BOUNDARY)
 #define PHASE_ALL (PHASE_CLBLAST | PHASE_LINEAR)
-/* The work-group sizes of the router and the mixture's mix and fold
- * (kernels.router.WG, kernels.mixture.WG): not in "all", whose runs keep
- * the length they had; --effort runs it. */
-#define PHASE_GROUPS 8u
+/* The rows of tune_kernels.c's table (opt.rows says which): not in
+ * "all", whose runs keep the length they had; --effort runs each. */
+#define PHASE_TABLE 8u
 
 typedef struct options {
     const char *device;
@@ -149,6 +153,9 @@ typedef struct options {
      * blocks are tuned for: f32 tunes the untyped "linear" program, f16
      * and bf16 their own "linear.f16" and "linear.bf16". */
     atmoe_dtype dtype;
+    unsigned rows;       /* the table's rows (bit i: tk_at(i)) */
+    int full_space;      /* --space full: the rows' full candidate lists */
+    const char *step;    /* --step, from --effort */
 } options;
 
 /* The program whose blocks a run tunes. */
@@ -659,12 +666,26 @@ static void search(tuner *tu, const char *label, double deadline,
         text = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
         say("  %s %s\n", kernel, text ? text : "");
         free(text);
+        /* The candidate's name in the journal: the kernel's set. */
+        char *cand = json_dumps(params, JSON_COMPACT | JSON_SORT_KEYS);
+        char name[1024], why[64];
+        snprintf(name, sizeof name, "%s %s", kernel, cand ? cand : "");
+        free(cand);
         json_t *cl = json_deep_copy(fixed);
         json_object_set_new(cl, kernel, params);
         json_t *set = with_threshold(cl, min_indirect);
         result r;
-        if (evaluate(tu, set, label, want, fastest, &r) && r.valid &&
-            r.score > best->score) {
+        int lost = journal_begin(name, why, sizeof why);
+        if (lost)
+            say("  skipped: it %s an earlier run of this step\n", why);
+        int ok = !lost && evaluate(tu, set, label, want, fastest, &r);
+        if (!lost)
+            journal_end();
+        if (lost) {
+            json_decref(set);
+            continue;
+        }
+        if (ok && r.valid && r.score > best->score) {
             result_clear(best);
             *best = r;
             for (int i = 0; i < tu->nshapes; i++)
@@ -1202,10 +1223,20 @@ static int tune_blocks(tuner *tu, double deadline, int prev_sr, int prev_st,
         top.t[i] = (timing){RUN_OK, tu->mix[i].base_s, 0, 0};
     }
     *best = top;
-    for (int c = 0; c < n && (c == 0 || now_s() < deadline); c++) {
+    for (int c = 0, ran = 0; c < n && (ran == 0 || now_s() < deadline);
+         c++) {
         blocks_result r;
-        if (!evaluate_blocks(tu, cand[c][0], cand[c][1], fastest, &r) ||
-            !r.valid)
+        char label[48], why[64];
+        snprintf(label, sizeof label, "SR=%d,ST=%d", cand[c][0], cand[c][1]);
+        if (journal_begin(label, why, sizeof why)) {
+            say("  %-8s skipped: it %s an earlier run of this step\n", label,
+                why);
+            continue;
+        }
+        int ok = evaluate_blocks(tu, cand[c][0], cand[c][1], fastest, &r);
+        journal_end();
+        ran++;
+        if (!ok || !r.valid)
             continue;
         for (int i = 0; i < tu->nmix; i++)
             if (r.t[i].out == RUN_OK && r.t[i].s < fastest[i])
@@ -1749,317 +1780,63 @@ static int tune_clblast(tuner *tu, double budget_end, const json_t *prev_entry,
     return 0;
 }
 
-static void phases_text(unsigned phases, char *out, size_t size)
+static void phases_text(const options *opt, char *out, size_t size)
 {
-    snprintf(out, size, "%s%s%s%s",
-             phases & PHASE_CLBLAST ? ",clblast" : "",
-             phases & PHASE_BLOCKS ? ",blocks" : "",
-             phases & PHASE_BOUNDARY ? ",boundary" : "",
-             phases & PHASE_GROUPS ? ",groups" : "");
+    unsigned phases = opt->phases;
+    size_t at = (size_t)snprintf(out, size, "%s%s%s",
+                                 phases & PHASE_CLBLAST ? ",clblast" : "",
+                                 phases & PHASE_BLOCKS ? ",blocks" : "",
+                                 phases & PHASE_BOUNDARY ? ",boundary" : "");
+    for (int i = 0; i < tk_count() && at < size; i++)
+        if ((phases & PHASE_TABLE) && (opt->rows & (1u << i)))
+            at += (size_t)snprintf(out + at, size - at, ",%s",
+                                   tk_at(i)->name);
     memmove(out, out + 1, strlen(out));
 }
 
-/* ------------------------------------------------------------------------ */
-/* Work-groups: the router's and the mixture's mix and fold                  */
-/* ------------------------------------------------------------------------ */
-
-#define GROUPS_MAX_SHAPES 4
-#define BASE_WG 64
-
-typedef struct groups_result {
-    int router_wg, mixture_wg;
-    double router_score, mixture_score; /* geometric-mean speed-up over 64 */
-    int timed, wrong, failed;
-    double router_s[GROUPS_MAX_SHAPES], mixture_s[GROUPS_MAX_SHAPES];
-    int nrouter, nmixture;
-} groups_result;
-
-/* The router's data: h per shape, its weights, its reference output. */
-typedef struct router_shape {
-    size_t t;
-    float *h;   /* [t, d] */
-    float *ref; /* [t, E]: the weights with WG 64 */
-    double base_s;
-} router_shape;
-
-/* kernels_base with router.WG and mixture.WG, applied. */
-static atmoe_status apply_groups(tuner *tu, int router_wg, int mixture_wg)
+/* The table's rows that opt selects, each until its share of what is left
+ * of the budget; their values and reports into out's kernels and info. */
+static int tune_table(tuner *tu, double budget_end, json_t *out)
 {
-    json_t *k = tu->kernels_base ? json_deep_copy(tu->kernels_base)
-                                 : json_object();
-    json_object_set_new(k, "router", json_pack("{s:i}", "WG", router_wg));
-    json_object_set_new(k, "mixture", json_pack("{s:i}", "WG", mixture_wg));
-    json_t *set = json_pack("{s:o}", "kernels", k);
-    char *text = set ? json_dumps(set, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
-    json_decref(set);
-    atmoe_status s = text ? atmoe_context_set_params(tu->ctx, text)
-                          : ATMOE_STATUS_HOST_OUT_OF_MEMORY;
-    free(text);
-    return s;
-}
-
-/* The router graph on h [t, d] (the projected form over the mixture's
- * expert set, top 2 of the 4 groups), timed; its expert weights [t, E]
- * are checked against (or become) the reference. */
-static timing run_router(tuner *tu, atmoe_router *router, atmoe_tensor *wg,
-                         atmoe_tensor *wd, size_t d, router_shape *rs,
-                         double best)
-{
-    timing r = {RUN_FAILED, 0, 0, 0};
-    char what[64];
-    snprintf(what, sizeof what, "router T=%zu d=%zu", rs->t, d);
-    atmoe_graph *g;
-    atmoe_status st = atmoe_graph_new(tu->ctx, &g);
-    if (st != ATMOE_STATUS_OK)
-        return r;
-    size_t hs[2] = {rs->t, d};
-    feed in = {ATMOE_NODE_NONE, rs->h, rs->t * d};
-    atmoe_node wgn, wdn, wn;
-    if ((st = atmoe_graph_input(g, "h", ATMOE_DTYPE_F32, 2, hs, 0,
-                                &in.node)) ||
-        (st = atmoe_graph_parameter(g, "w_g", wg, &wgn)) ||
-        (st = atmoe_graph_parameter(g, "w_d", wd, &wdn)) ||
-        (st = atmoe_graph_router(g, in.node, router, wgn, wdn, NULL, NULL,
-                                 &wn)) ||
-        (st = atmoe_graph_mark_output(g, wn)) ||
-        (st = atmoe_graph_plan(g, 0))) {
-        say("      %s: %s: %s\n", what, atmoe_status_name(st),
-            atmoe_errmsg(tu->ctx));
-        atmoe_graph_free(g);
-        return r;
-    }
-    r = time_graph(tu->ctx, g, &in, 1, wn, rs->t * MIX_EXPERTS, &rs->ref,
-                   tu->opt.runs, best, what);
-    atmoe_graph_free(g);
-    return r;
-}
-
-/* Times one candidate's shapes: the router's (mixture_wg fixed) or the
- * mixture's; times[] gets the medians, the return is the geometric-mean
- * speed-up over base[] (0: wrong, failed or refused). */
-static double groups_candidate(tuner *tu, int router_wg, int mixture_wg,
-                               int which_router, atmoe_router *router,
-                               atmoe_tensor *wg, atmoe_tensor *wd, size_t d,
-                               router_shape *rs, int nrs, double *times,
-                               const double *best, groups_result *res)
-{
-    char label[32];
-    snprintf(label, sizeof label, "%s %d", which_router ? "router" : "mixture",
-             which_router ? router_wg : mixture_wg);
-    if (apply_groups(tu, router_wg, mixture_wg) != ATMOE_STATUS_OK) {
-        say("  %-12s refused: %s\n", label, atmoe_errmsg(tu->ctx));
-        res->failed++;
-        return 0;
-    }
-    res->timed++;
-    say("  %-12s", label);
-    double logsum = 0;
-    int n = which_router ? nrs : tu->nmix;
-    for (int i = 0; i < n; i++) {
-        timing t = which_router
-                       ? run_router(tu, router, wg, wd, d, &rs[i],
-                                    best ? best[i] : 0)
-                       : run_mix(tu, &tu->mix[i], best ? best[i] : 0);
-        double base = which_router ? rs[i].base_s : tu->mix[i].base_s;
-        if (t.out == RUN_WRONG) {
-            say("    WRONG  (off by %.1e)\n", t.err);
-            res->wrong++;
-            return 0;
-        }
-        if (t.out == RUN_FAILED) {
-            say("   failed\n");
-            res->failed++;
-            return 0;
-        }
-        if (t.out == RUN_SLOW) {
-            say("     slow\n");
-            return 0;
-        }
-        times[i] = t.s;
-        say(" %8.3f ms", 1e3 * t.s);
-        logsum += base > 0 ? log(base / t.s) : 0;
-    }
-    double score = exp(logsum / n);
-    say("  %.2fx\n", score);
-    return score;
-}
-
-/* The groups phase: 64 (the library's) as the reference for both, then
- * the router's WG over the powers of two up to the device's largest
- * work-group, then the mixture's with the router's best, each until the
- * deadline (one candidate at least); a candidate counts only when every
- * shape matches the reference, and is kept only when at least MIN_GAIN
- * faster and no shape slower than NO_HARM, confirmed by a second timing
- * after the reference's. */
-static int tune_groups(tuner *tu, double deadline, groups_result *res)
-{
-    static const size_t ts[] = {64, 512};
-    memset(res, 0, sizeof *res);
-    res->router_wg = res->mixture_wg = BASE_WG;
-    res->router_score = res->mixture_score = 1;
-    atmoe_device_info dev;
-    atmoe_context_get_device(tu->ctx, &dev);
-    atmoe_status st = apply_groups(tu, BASE_WG, BASE_WG);
-    if (st != ATMOE_STATUS_OK)
-        return lib_fail(tu->ctx, st, "applying the work-groups of 64");
-    say("work-groups: the router's and the mixture's mix and fold "
-        "(milliseconds per shape, 64 the reference):\n");
-    int rc = setup_mix(tu, ts, 2, 1);
-    if (rc != 0)
-        return rc;
-    mix_data *md = &tu->mdata[0];
-    size_t d = md->d, G = MIX_GROUPS, M = MIX_EXPERTS / MIX_GROUPS;
-    atmoe_router *router = NULL;
-    atmoe_tensor *wg = NULL, *wd = NULL;
-    router_shape rs[2];
-    memset(rs, 0, sizeof rs);
-    size_t sg[2] = {d, G}, sd[2] = {d, G * M};
-    float *host = malloc(d * G * M * sizeof *host);
-    if (host == NULL) {
-        fprintf(stderr, PROGRAM ": out of host memory\n");
-        return EXIT_RUNTIME;
-    }
-    for (size_t i = 0; i < d * G * M; i++)
-        host[i] = rng_uniform() / sqrtf((float)d);
-    rc = EXIT_RUNTIME;
-    if ((st = atmoe_router_new(md->set, ATMOE_ROUTER_PROJECTED, 1.0f, 1.0f, 2,
-                               0, &router)) ||
-        (st = atmoe_tensor_new(tu->ctx, ATMOE_DTYPE_F32, 2, sg, &wg)) ||
-        (st = atmoe_tensor_write(wg, host, d * G * sizeof *host)) ||
-        (st = atmoe_tensor_new(tu->ctx, ATMOE_DTYPE_F32, 2, sd, &wd)) ||
-        (st = atmoe_tensor_write(wd, host, d * G * M * sizeof *host))) {
-        lib_fail(tu->ctx, st, "making the router");
-        goto out;
-    }
-    for (int i = 0; i < 2; i++) {
-        rs[i].t = ts[i];
-        rs[i].h = malloc(ts[i] * d * sizeof *rs[i].h);
-        if (rs[i].h == NULL)
-            goto out;
-        for (size_t j = 0; j < ts[i] * d; j++)
-            rs[i].h[j] = rng_uniform();
-        timing t = run_router(tu, router, wg, wd, d, &rs[i], 0);
-        if (t.out != RUN_OK) {
-            fprintf(stderr, PROGRAM ": the router at T=%zu failed with "
-                    "work-groups of 64\n", ts[i]);
-            goto out;
-        }
-        rs[i].base_s = t.s;
-        say("  baseline router T=%-4zu d=%zu  %8.3f ms\n", ts[i], d,
-            1e3 * t.s);
-    }
-    res->nrouter = 2;
-    res->nmixture = tu->nmix;
-    for (int i = 0; i < 2; i++)
-        res->router_s[i] = rs[i].base_s;
-    for (int i = 0; i < tu->nmix; i++)
-        res->mixture_s[i] = tu->mix[i].base_s;
-
-    /* The candidates: powers of two the device allows, 64 excluded. */
-    int cand[16], nc = 0;
-    for (int w = 1; w <= 1024 && (size_t)w <= dev.max_work_group_size;
-         w *= 2)
-        if (w != BASE_WG)
-            cand[nc++] = w;
-    for (int which = 1; which >= 0; which--) {
-        double best_score = 0, times[GROUPS_MAX_SHAPES];
-        double best_t[GROUPS_MAX_SHAPES];
-        int best_w = 0;
-        int n = which ? 2 : tu->nmix;
-        for (int i = 0; i < n; i++)
-            best_t[i] = which ? rs[i].base_s : tu->mix[i].base_s;
-        /* A random order, so that a short budget samples the space. */
-        for (int i = nc - 1; i > 0; i--) {
-            int j = (int)(rng_next() % (uint64_t)(i + 1)), x = cand[i];
-            cand[i] = cand[j];
-            cand[j] = x;
-        }
-        double end = which ? now_s() + 0.5 * (deadline - now_s()) : deadline;
-        for (int c = 0; c < nc; c++) {
-            if (c > 0 && now_s() > end)
-                break;
-            int rw = which ? cand[c] : res->router_wg;
-            int mw = which ? BASE_WG : cand[c];
-            double sc = groups_candidate(tu, rw, mw, which, router, wg, wd, d,
-                                         rs, 2, times, best_t, res);
-            if (sc > best_score) {
-                best_score = sc;
-                best_w = cand[c];
-                for (int i = 0; i < n; i++)
-                    best_t[i] = times[i];
-            }
-        }
-        if (best_w == 0 || best_score < MIN_GAIN) {
-            say("  no %s work-group beats 64\n", which ? "router" : "mixture");
+    tk_env env = {tu->ctx, tu->opt.runs, tu->opt.small, tu->opt.full,
+                  tu->opt.full_space, &rng_state, clock_s, tu->kernels_base,
+                  tu->opt.quiet};
+    int left = 0;
+    for (int i = 0; i < tk_count(); i++)
+        left += (tu->opt.rows >> i) & 1u;
+    for (int i = 0; i < tk_count(); i++) {
+        if (!(tu->opt.rows & (1u << i)))
             continue;
-        }
-        /* Confirmed: the reference again, then the best, each timed anew. */
-        double ref_t[GROUPS_MAX_SHAPES], again[GROUPS_MAX_SHAPES];
-        say("confirming %d: both timed again, 64 first\n", best_w);
-        double s64 = groups_candidate(tu, which ? BASE_WG : res->router_wg,
-                                      BASE_WG, which, router, wg, wd, d, rs,
-                                      2, ref_t, NULL, res);
-        double sb = groups_candidate(tu, which ? best_w : res->router_wg,
-                                     which ? BASE_WG : best_w, which, router,
-                                     wg, wd, d, rs, 2, again, NULL, res);
-        int harmless = s64 > 0 && sb > 0;
-        double logsum = 0;
-        for (int i = 0; i < n && harmless; i++) {
-            harmless = again[i] <= NO_HARM * ref_t[i];
-            logsum += log(ref_t[i] / again[i]);
-        }
-        double gain = harmless ? exp(logsum / n) : 0;
-        if (!harmless || gain < MIN_GAIN) {
-            say("%d is not confirmed (%.2fx, or a shape more than 10%% "
-                "slower): 64 stays\n", best_w, gain);
-            continue;
-        }
-        if (which) {
-            res->router_wg = best_w;
-            res->router_score = gain;
-            for (int i = 0; i < n; i++)
-                res->router_s[i] = again[i];
-        } else {
-            res->mixture_wg = best_w;
-            res->mixture_score = gain;
-            for (int i = 0; i < n; i++)
-                res->mixture_s[i] = again[i];
-        }
+        double end = now_s() + (budget_end - now_s()) / left--;
+        int rc = tk_tune(tk_at(i), &env, end, out);
+        if (rc != 0)
+            return EXIT_RUNTIME;
     }
-    rc = 0;
-out:
-    for (int i = 0; i < 2; i++) {
-        free(rs[i].h);
-        free(rs[i].ref);
-    }
-    free(host);
-    atmoe_router_free(router);
-    atmoe_tensor_free(wg);
-    atmoe_tensor_free(wd);
-    return rc;
+    return 0;
 }
 
-/* The groups' values into the entry's kernels, their report into its
- * info. */
-static void groups_into_entry(const groups_result *g, json_t *entry)
+/* What the table's rows wrote into from: into entry's kernels (their
+ * parameters beside the others of each program) and info. */
+static void table_into_entry(const json_t *from, json_t *entry)
 {
     json_t *kernels = json_object_get(entry, "kernels");
     if (!json_is_object(kernels)) {
         kernels = json_object();
         json_object_set_new(entry, "kernels", kernels);
     }
-    json_object_set_new(kernels, "router",
-                        json_pack("{s:i}", "WG", g->router_wg));
-    json_object_set_new(kernels, "mixture",
-                        json_pack("{s:i}", "WG", g->mixture_wg));
+    const char *program;
+    json_t *set;
+    json_object_foreach(json_object_get(from, "kernels"), program, set) {
+        json_t *prog = json_object_get(kernels, program);
+        if (!json_is_object(prog)) {
+            prog = json_object();
+            json_object_set_new(kernels, program, prog);
+        }
+        json_object_update(prog, set);
+    }
     json_t *info = json_object_get(entry, "info");
     if (json_is_object(info))
-        json_object_set_new(
-            info, "groups",
-            json_pack("{s:f, s:f, s:i, s:i, s:i}", "router_speedup",
-                      g->router_score, "mixture_speedup", g->mixture_score,
-                      "timed", g->timed, "wrong", g->wrong, "failed",
-                      g->failed));
+        json_object_update(info, json_object_get(from, "info"));
 }
 
 /* The new entry: the previous one with what this run tuned in place of
@@ -2124,7 +1901,7 @@ static json_t *make_entry(const tuner *tu, const json_t *prev,
     char date[32], tool[64], phases[64];
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
     snprintf(tool, sizeof tool, PROGRAM " %s", atmoe_version());
-    phases_text(opt->phases, phases, sizeof phases);
+    phases_text(opt, phases, sizeof phases);
     json_object_set_new(info, "tool", json_string(tool));
     json_object_set_new(info, "date", json_string(date));
     json_object_set_new(info, "budget_s", json_real(opt->budget_s));
@@ -2223,18 +2000,17 @@ static int tune(options *opt)
     if (prev_sr < 1 || prev_sr > 256 || prev_st < 1 || prev_st > 256)
         prev_sr = prev_st = 0;
     tu.kernels_base = json_deep_copy(json_object_get(prev, "kernels"));
-    if (opt->phases == PHASE_GROUPS) {
-        /* The mixture is timed with the blocks tuned before. */
-        json_object_del(tu.kernels_base, "router");
-        json_object_del(tu.kernels_base, "mixture");
+    if (opt->phases == PHASE_TABLE) {
+        /* The rows run with what the entry has (the blocks tuned before
+         * among it), their own parameters replaced (tune_kernels.c). */
     } else if (opt->dtype == ATMOE_DTYPE_F32) {
         json_object_del(tu.kernels_base, "linear");
     } else {
         json_object_del(tu.kernels_base, blocks_program(opt));
     }
 
-    char phases[64];
-    phases_text(opt->phases, phases, sizeof phases);
+    char phases[256];
+    phases_text(opt, phases, sizeof phases);
     say("tuning %s on %s (%s, driver %s), budget %.0f s, seed %lu, %s "
         "clock, weights in %s (%s)\n", phases, dev.name,
         atmoe_vendor_name(dev.vendor), dev.driver_version, opt->budget_s,
@@ -2245,9 +2021,7 @@ static int tune(options *opt)
     memset(&cr, 0, sizeof cr);
     blocks_result blocks;
     memset(&blocks, 0, sizeof blocks);
-    groups_result groups;
-    memset(&groups, 0, sizeof groups);
-    json_t *entry = NULL, *points = NULL;
+    json_t *entry = NULL, *points = NULL, *table = json_object();
     long max_tokens = 0;
     int rc = 0;
 
@@ -2307,16 +2081,31 @@ static int tune(options *opt)
         }
     }
 
-    if (opt->phases & PHASE_GROUPS) {
-        if ((rc = tune_groups(&tu, budget_end, &groups)) != 0)
+    if (opt->phases & PHASE_TABLE) {
+        if ((rc = tune_table(&tu, budget_end, table)) != 0)
             goto out;
-        say("work-groups: router %d (%.2fx 64), mixture %d (%.2fx 64)\n",
-            groups.router_wg, groups.router_score, groups.mixture_wg,
-            groups.mixture_score);
     }
     entry = make_entry(&tu, prev, &cr, &blocks, points, max_tokens);
-    if (entry && (opt->phases & PHASE_GROUPS))
-        groups_into_entry(&groups, entry);
+    if (entry && (opt->phases & PHASE_TABLE))
+        table_into_entry(table, entry);
+    /* The candidates of this step that crashed or hung an earlier run of
+     * it (the --effort driver's journal), in the report. */
+    json_t *lost = journal_lost();
+    json_t *einfo = entry ? json_object_get(entry, "info") : NULL;
+    if (json_is_object(einfo) && opt->step) {
+        json_t *all = json_object_get(einfo, "lost_candidates");
+        if (!json_is_object(all)) {
+            all = json_object();
+            json_object_set_new(einfo, "lost_candidates", all);
+        }
+        if (lost)
+            json_object_set(all, opt->step, lost);
+        else
+            json_object_del(all, opt->step);
+        if (json_object_size(all) == 0)
+            json_object_del(einfo, "lost_candidates");
+    }
+    json_decref(lost);
     if (opt->dry_run) {
         char *text = json_dumps(entry, JSON_INDENT(2));
         say("dry run, %s left as it is; the entry would be:\n%s\n", out_path,
@@ -2335,6 +2124,7 @@ static int tune(options *opt)
     }
 out:
     json_decref(entry);
+    json_decref(table);
     json_decref(points);
     json_decref(prev);
     json_decref(tu.kernels_base);
@@ -2382,9 +2172,13 @@ static void usage(FILE *f)
             "tuning database (see\n" PROGRAM "(1)).  LIST: comma-separated "
             "clblast, blocks, boundary, linear\n(blocks,boundary), groups "
             "(the router's and the mixture's work-groups) or all\n"
-            "(clblast,blocks,boundary: the default).  --dtype f16 or bf16 tunes the blocks\nof "
-            "products over weights of that type (linear.f16, linear.bf16) "
-            "alone.\n"
+            "(clblast,blocks,boundary: the default), or the library's "
+            "kernels by name:\n");
+    for (int i = 0; i < tk_count(); i++)
+        fprintf(f, "  %-14s %s\n", tk_at(i)->name, tk_at(i)->what);
+    fprintf(f,
+            "--dtype f16 or bf16 tunes the blocks of products over weights "
+            "of that type\n(linear.f16, linear.bf16) alone.\n"
             "--effort tunes every kernel with parameters, for every weight "
             "type, step by\nstep, with a checkpoint after each step that "
             "--resume continues from.\n");
@@ -2405,44 +2199,68 @@ static int parse_number(const char *flag, const char *text, double lo,
     return 0;
 }
 
-/* A comma-separated list of phase names. */
-static int parse_phases(const char *text, unsigned *out)
+/* A comma-separated list of phase names: the phases, and the table's
+ * rows (tune_kernels.c) by name; "groups" is router,mixture. */
+static int parse_phases(const char *text, unsigned *out, unsigned *rows)
 {
     static const struct {
         const char *name;
         unsigned bits;
     } names[] = {{"clblast", PHASE_CLBLAST}, {"blocks", PHASE_BLOCKS},
                  {"boundary", PHASE_BOUNDARY}, {"linear", PHASE_LINEAR},
-                 {"groups", PHASE_GROUPS},
                  {"all", PHASE_ALL}};
-    unsigned bits = 0;
+    unsigned bits = 0, r = 0;
     const char *p = text;
     for (;;) {
         size_t n = strcspn(p, ",");
+        char name[64];
+        snprintf(name, sizeof name, "%.*s", (int)(n < 63 ? n : 63), p);
         size_t k = 0;
         while (k < sizeof names / sizeof names[0] &&
-               !(strlen(names[k].name) == n &&
-                 strncmp(p, names[k].name, n) == 0))
+               strcmp(name, names[k].name) != 0)
             k++;
-        if (k == sizeof names / sizeof names[0]) {
+        int row = -1;
+        for (int i = 0; i < tk_count() && row < 0; i++)
+            if (strcmp(name, tk_at(i)->name) == 0)
+                row = i;
+        if (k < sizeof names / sizeof names[0]) {
+            bits |= names[k].bits;
+        } else if (row >= 0) {
+            bits |= PHASE_TABLE;
+            r |= 1u << row;
+        } else if (strcmp(name, "groups") == 0) {
+            bits |= PHASE_TABLE;
+            for (int i = 0; i < tk_count(); i++)
+                if (strcmp(tk_at(i)->name, "router") == 0 ||
+                    strcmp(tk_at(i)->name, "mixture") == 0)
+                    r |= 1u << i;
+        } else {
+            char rows_text[256];
+            size_t at = 0;
+            rows_text[0] = '\0';
+            for (int i = 0; i < tk_count() && at < sizeof rows_text; i++)
+                at += (size_t)snprintf(rows_text + at, sizeof rows_text - at,
+                                       "%s, ", tk_at(i)->name);
             fprintf(stderr, PROGRAM ": --phases takes clblast, blocks, "
-                    "boundary, linear, groups or all, separated by commas, not "
-                    "'%s'\n", text);
+                    "boundary, linear, all, groups (router,mixture) or a "
+                    "kernel of the table (%sseparated by commas), not "
+                    "'%s'\n", rows_text, text);
             return -1;
         }
-        bits |= names[k].bits;
         if (p[n] == '\0')
             break;
         p += n + 1;
     }
     *out = bits;
+    *rows = r;
     return 0;
 }
 
 int main(int argc, char **argv)
 {
     options opt = {NULL, NULL, 300, 3, 1, 0, 0, 0, 1, 1, 1, 0, PHASE_ALL,
-                   NULL, ATMOE_DTYPE_F32};
+                   NULL, ATMOE_DTYPE_F32, 0, 1, NULL};
+    const char *journal = NULL;
     int phases_given = 0;
     self_name = argv[0];
     const char *check = NULL;
@@ -2487,10 +2305,20 @@ int main(int argc, char **argv)
             }
         } else if (strcmp(a, "--step") == 0) {
             step = argv[++i];
+        } else if (strcmp(a, "--journal") == 0) {
+            journal = argv[++i];
+        } else if (strcmp(a, "--space") == 0) {
+            v = argv[++i];
+            if (strcmp(v, "quick") != 0 && strcmp(v, "full") != 0) {
+                fprintf(stderr, PROGRAM ": --space is quick or full, not "
+                        "'%s'\n", v);
+                return EXIT_USAGE;
+            }
+            opt.full_space = strcmp(v, "full") == 0;
         } else if (strcmp(a, "--boundary-child") == 0) {
             opt.child = argv[++i];
         } else if (strcmp(a, "--phases") == 0) {
-            if (parse_phases(argv[++i], &opt.phases))
+            if (parse_phases(argv[++i], &opt.phases, &opt.rows))
                 return EXIT_USAGE;
             phases_given = 1;
         } else if (strcmp(a, "--dtype") == 0) {
@@ -2596,5 +2424,7 @@ int main(int argc, char **argv)
     }
     if (step)
         effort_test_knob(step);
+    opt.step = step;
+    journal_open(journal, opt.device, step);
     return tune(&opt);
 }

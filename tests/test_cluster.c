@@ -953,6 +953,54 @@ START_TEST(test_centroids_file)
 }
 END_TEST
 
+/* The tuned work-group of the k-means passes ("kmeans" WG) changes the
+ * launches, not the arithmetic: any size gives the float64 reference's
+ * objective and the same bits as the default 64. */
+START_TEST(test_kmeans_work_groups)
+{
+    atmoe_context *ctx = test_context();
+    test_rng rng;
+    test_rng_seed(&rng, 23);
+    const size_t n = 203, d = 13, k = 7;
+    float *x = xmalloc(n * d * 4), *cent = xmalloc(k * d * 4);
+    float *cent64 = xmalloc(k * d * 4);
+    int32_t *assign = xmalloc(n * 4), *assign64 = xmalloc(n * 4);
+    test_fill_uniform(&rng, x, n * d, -1, 1);
+    atmoe_kmeans_options o = {.k = k, .seed = 5, .restarts = 2,
+                              .max_iterations = 50, .tolerance = 0};
+    host_result h;
+    host_kmeans(x, n, d, k, 5, 2, 50, 0, NULL, &h);
+    static const int wgs[] = {64, 1, 8, 256};
+    for (size_t w = 0; w < sizeof wgs / sizeof wgs[0]; w++) {
+        char params[64];
+        snprintf(params, sizeof params, "{\"kernels\": {\"kmeans\": "
+                 "{\"WG\": %d}}}", wgs[w]);
+        ck_assert_status(atmoe_context_set_params(ctx, params), ctx);
+        atmoe_kmeans_result r;
+        float *c = w == 0 ? cent64 : cent;
+        int32_t *a = w == 0 ? assign64 : assign;
+        ck_assert_status(device_kmeans(ctx, x, n, d, &o, NULL, c, a, &r),
+                         ctx);
+        ck_assert_msg(r.objective <= h.objective * (1 + 1e-5),
+                      "WG %d: objective %.9g, host %.9g", wgs[w],
+                      r.objective, h.objective);
+        if (w == 0)
+            continue;
+        ck_assert_msg(memcmp(cent, cent64, k * d * 4) == 0,
+                      "WG %d: other centroids than with 64", wgs[w]);
+        ck_assert_msg(memcmp(assign, assign64, n * 4) == 0,
+                      "WG %d: other assignments than with 64", wgs[w]);
+    }
+    host_result_free(&h);
+    free(x);
+    free(cent);
+    free(cent64);
+    free(assign);
+    free(assign64);
+    atmoe_context_free(ctx);
+}
+END_TEST
+
 static Suite *cluster_suite(void)
 {
     Suite *s = suite_create("cluster");
@@ -970,6 +1018,7 @@ static Suite *cluster_suite(void)
     tcase_add_test(tc, test_kmeans_restarts);
     tcase_add_test(tc, test_kmeans_normalize);
     tcase_add_test(tc, test_kmeans_refusals);
+    tcase_add_test(tc, test_kmeans_work_groups);
     suite_add_tcase(s, tc);
 
     tc = tcase_create("assign");

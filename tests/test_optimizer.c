@@ -465,6 +465,56 @@ START_TEST(test_adamw_ten_steps)
 }
 END_TEST
 
+/* The tuned work-group of the element-wise launches ("optimizer" WG):
+ * other sizes than the default 64, accumulate and update alike, still
+ * match the float64 AdamW (the odd sizes leave partial groups). */
+START_TEST(test_adamw_work_groups)
+{
+    enum { MICRO = 2 };
+    static const int wgs[] = {1, 16, 512};
+    atmoe_context *ctx = test_context();
+    for (size_t w = 0; w < sizeof wgs / sizeof wgs[0]; w++) {
+        char params[64];
+        snprintf(params, sizeof params, "{\"kernels\": {\"optimizer\": "
+                 "{\"WG\": %d}}}", wgs[w]);
+        ck_assert_status(atmoe_context_set_params(ctx, params), ctx);
+        fixture f;
+        fixture_make(&f, ctx, specs, NSPEC, 1);
+        test_rng rng;
+        test_rng_seed(&rng, 40 + w);
+        float *p0 = random_values(&rng, f.total, 1.0);
+        set_params(&f, p0);
+        atmoe_optimizer_config c = adamw_config();
+        c.accumulation = MICRO;
+        atmoe_optimizer *opt;
+        ck_assert_status(atmoe_optimizer_new(f.g, &c, &opt), ctx);
+        poison_buffer(ctx, opt->acc, opt->total);
+        host_opt h;
+        host_init(&h, &c, p0, f.total);
+        for (int s = 0; s < 2; s++) {
+            float *gin[MICRO];
+            for (int k = 0; k < MICRO; k++) {
+                gin[k] = random_values(&rng, f.total, 2.0);
+                compute_grad(&f, gin[k]);
+                ck_assert_status(atmoe_optimizer_accumulate(opt), ctx);
+            }
+            ck_assert_status(atmoe_optimizer_step(opt, 1.0f, NULL), ctx);
+            host_step(&h, (const float *const *)gin, MICRO);
+            char when[48];
+            snprintf(when, sizeof when, "WG %d, step %d", wgs[w], s + 1);
+            assert_params(&f, &h, when);
+            for (int k = 0; k < MICRO; k++)
+                free(gin[k]);
+        }
+        host_free(&h);
+        free(p0);
+        atmoe_optimizer_free(opt);
+        fixture_free(&f);
+    }
+    atmoe_context_free(ctx);
+}
+END_TEST
+
 START_TEST(test_sgd)
 {
     atmoe_context *ctx = test_context();
@@ -1165,6 +1215,7 @@ static Suite *optimizer_suite(void)
     TCase *tc = tcase_create("optimizer");
     tcase_add_test(tc, test_adamw_one_step);
     tcase_add_test(tc, test_adamw_ten_steps);
+    tcase_add_test(tc, test_adamw_work_groups);
     tcase_add_test(tc, test_sgd);
     tcase_add_test(tc, test_schedule);
     tcase_add_test(tc, test_not_finite_skips);

@@ -144,7 +144,7 @@ for prog in linear linear.f16 linear.bf16; do
     grep -q "^\"$prog\":" "$tmp/effort.blocks" ||
         fail "--effort test tuned no blocks for $prog"
 done
-grep -q '\[5/5\]' "$tmp/out" || fail "--effort shows no step count"
+grep -q '\[9/9\]' "$tmp/out" || fail "--effort shows no step count"
 grep -q 'left' "$tmp/out" || fail "--effort shows no time left"
 grep -q 'best so far' "$tmp/out" || fail "--effort shows no best so far"
 grep -q '"host"' "$edb" || fail "the entry does not say which host tuned it"
@@ -152,6 +152,12 @@ tr -d ' \n' < "$edb" | grep -Eq '"router":\{"WG":[0-9]+\}' ||
     fail "--effort test tuned no router work-group"
 tr -d ' \n' < "$edb" | grep -Eq '"mixture":\{"WG":[0-9]+\}' ||
     fail "--effort test tuned no mixture work-group"
+for prog in kmeans optimizer; do
+    tr -d ' \n' < "$edb" | grep -Eq "\"$prog\":\\{\"WG\":[0-9]+\\}" ||
+        fail "--effort test tuned no $prog work-group"
+done
+tr -d ' \n' < "$edb" | grep -Eq '"GROUP_SIZE":[0-9]+,"GROUP_ROWS":[0-9]+' ||
+    fail "--effort test tuned no group variant sizes"
 [ -e "$edb.progress" ] && fail "a finished search left its checkpoint"
 # the entry is used by a new context, and atmoe params says it was tuned
 # on this machine
@@ -184,7 +190,7 @@ if [ "$rc" -ne 0 ]; then
     fail "--resume exited $rc"
     cat "$tmp/out" "$tmp/err"
 fi
-grep -q 'resuming the test search at step 2 of 5' "$tmp/out" ||
+grep -q 'resuming the test search at step 2 of 9' "$tmp/out" ||
     { fail "--resume did not resume at step 2"; cat "$tmp/out"; }
 grep -q '\[1/5\]' "$tmp/out" && fail "--resume ran the first step again"
 tr -d ' \n' < "$rdb" | grep -q -F "$first" ||
@@ -203,7 +209,7 @@ expect 0 "nothing to resume" "--resume without a checkpoint" out
 # is skipped; the search goes on to the other steps
 hdb="$tmp/hang/tuning.json"
 ATMOE_TUNE_TEST_HANG=blocks.f16 ATMOE_TUNE_TEST_CRASH=blocks.bf16 \
-    ATMOE_TUNE_STEP_TIMEOUT_S=3 run --effort test --seed 3 --output "$hdb"
+    ATMOE_TUNE_STEP_TIMEOUT_S=8 run --effort test --seed 3 --output "$hdb"
 [ "$rc" -eq 0 ] || { fail "a search with a hung step exited $rc"; cat "$tmp/err"; }
 grep -q 'blocks.f16 skipped: it ran past its limit' "$tmp/err" ||
     { fail "the hung step was not reported skipped"; cat "$tmp/err"; }
@@ -212,6 +218,51 @@ grep -q 'blocks.bf16 skipped: it crashed' "$tmp/err" ||
 blocks_of "$hdb" > "$tmp/hang.blocks"
 grep -q '^"linear":' "$tmp/hang.blocks" || fail "the steps before the hang were lost"
 grep -q '^"linear.f16":' "$tmp/hang.blocks" && fail "the hung step saved blocks"
+
+# --- a candidate that crashes its process (abort) and one that hangs it
+# (test-only knobs) are journalled in the checkpoint, recorded there as
+# crashed and timed out, and skipped when their steps run again; the
+# search completes and writes a valid database that reports them
+cdb="$tmp/cand/tuning.json"
+ATMOE_TUNE_TEST_CANDIDATE_CRASH=router:1 ATMOE_TUNE_TEST_CANDIDATE_HANG=kmeans:1 \
+    ATMOE_TUNE_CANDIDATE_TIMEOUT_S=6 "$tool" --effort test --seed 3 \
+    --output "$cdb" > "$tmp/out" 2> "$tmp/err" &
+pid=$!
+# the checkpoint as it last was before the finished search removed it
+# (each version is written whole: a copy is one of them)
+while kill -0 "$pid" 2> /dev/null; do
+    cp "$cdb.progress" "$tmp/ckpt.new" 2> /dev/null && mv "$tmp/ckpt.new" "$tmp/ckpt"
+    sleep 0.2
+done
+wait "$pid"
+rc=$?
+tr -d ' \n' < "$tmp/ckpt" > "$tmp/ckpt.flat" 2> /dev/null
+grep -Eq '"step":"0router","candidate":"WG=[0-9]+","result":"crashed"' "$tmp/ckpt.flat" ||
+    { fail "the checkpoint does not record the crashed candidate"; cat "$tmp/ckpt"; }
+grep -Eq '"step":"0kmeans","candidate":"WG=[0-9]+","result":"timedout"' "$tmp/ckpt.flat" ||
+    { fail "the checkpoint does not record the hung candidate"; cat "$tmp/ckpt"; }
+[ "$rc" -eq 0 ] || { fail "a search with a lost candidate exited $rc"; cat "$tmp/err"; }
+grep -q 'router: candidate WG=[0-9]* skipped: it crashed' "$tmp/err" ||
+    { fail "the crashed candidate was not reported skipped"; cat "$tmp/err"; }
+grep -q 'kmeans: candidate WG=[0-9]* skipped: a candidate ran past its limit' \
+    "$tmp/err" || { fail "the hung candidate was not reported skipped"; cat "$tmp/err"; }
+grep -q 'skipped: it crashed an earlier run of this step' "$tmp/out" ||
+    fail "the rerun of the router step did not skip the crashed candidate"
+grep -q 'skipped: it timed out an earlier run of this step' "$tmp/out" ||
+    fail "the rerun of the kmeans step did not skip the hung candidate"
+grep -q 'skipped: .*the entry keeps' "$tmp/err" &&
+    fail "a step with a lost candidate was skipped"
+"$tool" --check "$cdb" > /dev/null 2>&1 || fail "--check refused the database"
+flat=$(tr -d ' \n' < "$cdb")
+echo "$flat" | grep -Eq '"lost_candidates":\{[^}]*"router":\[\{"candidate":"WG=[0-9]+","result":"crashed"\}\]' ||
+    { fail "the entry does not report the crashed candidate"; echo "$flat"; }
+echo "$flat" | grep -Eq '"kmeans":\[\{"candidate":"WG=[0-9]+","result":"timedout"\}\]' ||
+    fail "the entry does not report the hung candidate"
+for prog in router kmeans; do
+    echo "$flat" | grep -Eq "\"kernels\":.*\"$prog\":\\{\"WG\":[0-9]+\\}" ||
+        fail "the step with a lost candidate tuned no $prog work-group"
+done
+[ -e "$cdb.progress" ] && fail "the search left its checkpoint"
 
 # --- usage errors of --effort
 run --effort fast

@@ -326,7 +326,8 @@ START_TEST(test_malformed)
          "\"type\": \"CPU\", \"kernels\": {\"probe\": {\"A\": 1}}}]}",
          "'probe' is not a program with tuned parameters (linear, "
          "router, mixture, "
-         "linear.f32, linear.f16, linear.bf16, linear.q8)"},
+         "linear.f32, linear.f16, linear.bf16, linear.q8, kmeans, "
+         "optimizer)"},
         /* A typed program has the blocks alone: the boundary with
          * CLBlast is the untyped program's. */
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "

@@ -32,6 +32,12 @@ typedef enum atm_param {
     ATM_PARAM_LINEAR_GROUP_ROWS,
     /* "linear.q8": W in 8-bit blocks (base weights only). */
     ATM_PARAM_LINEAR_Q8_SR, ATM_PARAM_LINEAR_Q8_ST,
+    /* Work-group sizes (atm_param_work_group), default 64 as before:
+     * "kmeans" WG, the 1-D passes of cl/kmeans.cl (lib/moe/cluster.c; not
+     * partial_sums, whose groups of one spread the chunks); "optimizer"
+     * WG, the element-wise launches of cl/optimizer.cl (accumulate and
+     * the updates; the norm's reduction is compiled for its own size). */
+    ATM_PARAM_KMEANS_WG, ATM_PARAM_OPTIMIZER_WG,
     ATM_PARAM_COUNT_
 } atm_param;
 

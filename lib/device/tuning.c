@@ -354,6 +354,12 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_SR},
     [ATM_PARAM_LINEAR_Q8_ST] = {"linear.q8", "ST", 1, 256, 8, 8,
                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_ST},
+    /* The work-groups of k-means' passes and of the optimiser's
+     * element-wise updates: 64, what they always had. */
+    [ATM_PARAM_KMEANS_WG] = {"kmeans", "WG", 1, 1024, 64, 64, ATM_ENV_NONE,
+                             -1},
+    [ATM_PARAM_OPTIMIZER_WG] = {"optimizer", "WG", 1, 1024, 64, 64,
+                                ATM_ENV_NONE, -1},
 };
 
 static const param_row *find_param(const char *program, const char *name)

@@ -19,6 +19,7 @@
 
 #include "base/alloc.h"
 #include "device/program.h"
+#include "device/tuning.h"
 #include "tensor/tensor.h"
 
 #define PROGRAM "kmeans"
@@ -75,6 +76,16 @@ static atmoe_status kernel(atmoe_context *ctx, const char *name,
     return atm_kernel_get(ctx, PROGRAM, "", name, k);
 }
 
+/* A 1-D pass of cl/kmeans.cl over count items, in work-groups of the
+ * tuned "kmeans" WG (64 by default, as every pass had). */
+static atmoe_status launch(atmoe_context *ctx, cl_kernel k, size_t count,
+                           const char *name)
+{
+    return atm_launch_1d_local(ctx, k, count,
+                               atm_param_work_group(ctx, ATM_PARAM_KMEANS_WG),
+                               name, NULL);
+}
+
 static atmoe_status arg_fail(atmoe_context *ctx, const char *name)
 {
     return atm_fail(ctx, ATMOE_STATUS_OPENCL_ERROR,
@@ -114,7 +125,7 @@ static atmoe_status row_sqnorm(atmoe_context *ctx, cl_mem sq, cl_mem x,
     err |= SET_ARG(k, 4, d);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "row_sqnorm");
-    return atm_launch_1d(ctx, k, n, "row_sqnorm", NULL);
+    return launch(ctx, k, n, "row_sqnorm");
 }
 
 /* The squared norms of the rows of t [n, d] on the device (sq) and in host
@@ -163,7 +174,7 @@ static atmoe_status scale_rows(atmoe_context *ctx, cl_mem out,
     err |= SET_ARG(k, 6, d);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "scale_rows");
-    return atm_launch_1d(ctx, k, n * d, "scale_rows", NULL);
+    return launch(ctx, k, n * d, "scale_rows");
 }
 
 /* dst = src with unit rows; src is checked first, so a failure leaves dst
@@ -281,7 +292,7 @@ ATMOE_API atmoe_status atmoe_embeddings_pool(atmoe_context *ctx,
     err |= SET_ARG(k, 9, cd);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "pool_mean");
-    st = atm_launch_1d(ctx, k, n * d, "pool_mean", NULL);
+    st = launch(ctx, k, n * d, "pool_mean");
     return st != ATMOE_STATUS_OK ? st : atmoe_context_finish(ctx);
 }
 
@@ -310,7 +321,7 @@ static atmoe_status dots(atmoe_context *ctx, cl_mem out, cl_ulong out_off,
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "dots_blocked");
     size_t items = (n + 3) / 4 * ((k + 3) / 4);
-    return atm_launch_1d(ctx, kd, items, "dots_blocked", NULL);
+    return launch(ctx, kd, items, "dots_blocked");
 }
 
 /* The assignment in one pass (assign_blocked): assign [n] (i32, at
@@ -335,7 +346,7 @@ static atmoe_status assign_pass(atmoe_context *ctx, cl_kernel a,
     err |= SET_ARG(a, 10, d);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "assign_blocked");
-    return atm_launch_1d(ctx, a, (n + 3) / 4, "assign_blocked", NULL);
+    return launch(ctx, a, (n + 3) / 4, "assign_blocked");
 }
 
 /* SplitMix64 (Steele, Lea and Flood 2014), the generator documented in
@@ -476,7 +487,7 @@ static atmoe_status seed_pass(kmeans_work *w, size_t row, int first)
     err |= SET_ARG(k, 7, d);
     if (err != CL_SUCCESS)
         return arg_fail(w->ctx, "seed_distance");
-    return atm_launch_1d(w->ctx, k, w->n, "seed_distance", NULL);
+    return launch(w->ctx, k, w->n, "seed_distance");
 }
 
 /* k-means++ (Arthur and Vassilvitskii 2007), one draw per centroid. */
@@ -512,7 +523,7 @@ static atmoe_status assign_step(kmeans_work *w, double *objective)
     err |= SET_ARG(q, 4, d);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "row_sqnorm");
-    atmoe_status st = atm_launch_1d(ctx, q, w->k, "row_sqnorm", NULL);
+    atmoe_status st = launch(ctx, q, w->k, "row_sqnorm");
     if (st != ATMOE_STATUS_OK)
         return st;
     st = assign_pass(ctx, w->k_assign, w->assign, 0, w->dist, w->x,
@@ -565,7 +576,7 @@ static atmoe_status update_step(kmeans_work *w, size_t *reseeded)
     err |= SET_ARG(f, 6, chunks);
     if (err != CL_SUCCESS)
         return arg_fail(ctx, "finish_means");
-    st = atm_launch_1d(ctx, f, w->k * w->d, "finish_means", NULL);
+    st = launch(ctx, f, w->k * w->d, "finish_means");
     if (st == ATMOE_STATUS_OK)
         st = read_buffer(ctx, w->counts, 0, w->hcount,
                          w->k * sizeof(int32_t), w->fn);
@@ -837,8 +848,8 @@ ATMOE_API atmoe_status atmoe_kmeans_assign(atmoe_context *ctx,
             err |= SET_ARG(a, 11, ck);
             err |= SET_ARG(a, 12, cd);
             st = err != CL_SUCCESS ? arg_fail(ctx, "assign_nearest")
-                                   : atm_launch_1d(ctx, a, n,
-                                                   "assign_nearest", NULL);
+                                   : launch(ctx, a, n,
+                                                   "assign_nearest");
         }
     }
     if (!st)

@@ -9,6 +9,7 @@
 #include "base/alloc.h"
 #include "base/error.h"
 #include "device/program.h"
+#include "device/tuning.h"
 #include "train/optimizer.h"
 
 /* Work-items of a sum-of-squares group (SUMSQ_GROUP in the kernel) and the
@@ -310,6 +311,14 @@ static atmoe_status gradient_of(const atmoe_optimizer *opt,
 
 #define ARG(k, i, v) clSetKernelArg((k), (i), sizeof(v), &(v))
 
+/* The work-groups of the element-wise launches (accumulate, update): the
+ * tuned "optimizer" WG, 64 by default as they always had.  The norm's
+ * reduction keeps SUMSQ_GROUP, which its kernels are compiled for. */
+static size_t update_group(const atmoe_optimizer *opt)
+{
+    return atm_param_work_group(opt->ctx, ATM_PARAM_OPTIMIZER_WG);
+}
+
 /* Entries that follow each other in their weights' buffer, their
  * gradients' and the state (the A of consecutive experts in a stacked set,
  * with gradients in one node) are updated by one launch: a run. */
@@ -376,8 +385,8 @@ ATMOE_API atmoe_status atmoe_optimizer_accumulate(atmoe_optimizer *opt)
                      ARG(k, 5, first);
         if (err != CL_SUCCESS)
             return atm_fail_cl(opt->ctx, err, "optimizer_accumulate");
-        st = atm_launch_1d(opt->ctx, k, r.count, "optimizer_accumulate",
-                           NULL);
+        st = atm_launch_1d_local(opt->ctx, k, r.count, update_group(opt),
+                                 "optimizer_accumulate", NULL);
         if (st != ATMOE_STATUS_OK)
             return st;
     }
@@ -512,7 +521,8 @@ ATMOE_API atmoe_status atmoe_optimizer_step(atmoe_optimizer *opt, float loss,
         }
         if (err != CL_SUCCESS)
             return atm_fail_cl(opt->ctx, err, "optimizer update");
-        st = atm_launch_1d(opt->ctx, k, run.count, "optimizer update", NULL);
+        st = atm_launch_1d_local(opt->ctx, k, run.count, update_group(opt),
+                                 "optimizer update", NULL);
         if (st != ATMOE_STATUS_OK)
             return st;
     }
