@@ -963,6 +963,7 @@ typedef struct options {
     const char *plot; /* --plot FILE */
     const char *params; /* --params tuned|default, or NULL */
     atmoe_dtype w0_dtype; /* --dtype */
+    int profile;      /* --profile N: the top N nodes of each fused run */
 } options;
 
 static void usage(FILE *f)
@@ -996,6 +997,10 @@ static void usage(FILE *f)
         "  --params tuned|default  the tuning databases' kernel parameters\n"
         "                       (default) or CLBlast's built-in ones: run\n"
         "                       once with each to compare them\n"
+        "  --profile N          after each fused run, one more compute (or\n"
+        "                       training step) with per-node profiling: its\n"
+        "                       N costliest nodes, their share of the step,\n"
+        "                       FLOPs and bytes\n"
         "  --list-devices       list the OpenCL devices and exit\n"
         "  --check-json FILE    check that FILE holds every field of the JSON\n"
         "                       contract and exit (0 when it does)\n"
@@ -1639,6 +1644,69 @@ typedef struct samples {
     uint64_t host_allocations_max;
 } samples;
 
+/* --profile: one more compute (a training step for train-step) with
+ * per-node profiling, then its costliest nodes to stdout: device time, the
+ * share of the nodes' sum, and the FLOPs and bytes atmoe_graph_get_profile
+ * counts, with their rates, so that each node's floor is at hand.  The
+ * step's wall time is printed beside the nodes' sum: the rest is what runs
+ * outside the graph (the loss read, the optimiser's kernels) and the gaps
+ * between commands. */
+static int cmp_prof(const void *a, const void *b)
+{
+    double x = ((const atmoe_node_profile *)a)->ms;
+    double y = ((const atmoe_node_profile *)b)->ms;
+    return (x < y) - (x > y);
+}
+
+static int print_profile(atmoe_context *ctx, const wl_data *w, size_t T,
+                         const built *b, atmoe_optimizer *opt, int top)
+{
+    atmoe_status st = atmoe_graph_set_profiling(b->g, 1);
+    if (st != ATMOE_STATUS_OK)
+        return lib_error(ctx, st, "switching profiling on");
+    double t0 = now_s();
+    int rc = w->s.train ? train_once(ctx, b, opt) : compute_once(ctx, b->g);
+    double wall_ms = (now_s() - t0) * 1e3;
+    atmoe_graph_set_profiling(b->g, 0);
+    if (rc)
+        return rc;
+    size_t n = 0, cap = 64;
+    atmoe_node_profile *rows = xcalloc(cap, sizeof *rows);
+    double sum = 0.0;
+    for (size_t i = 0;; i++) {
+        atmoe_node_profile p;
+        st = atmoe_graph_get_profile(b->g, i, &p);
+        if (st == ATMOE_STATUS_OUT_OF_RANGE)
+            break;
+        if (st != ATMOE_STATUS_OK) {
+            free(rows);
+            return lib_error(ctx, st, "reading a node's profile");
+        }
+        if (p.ms <= 0.0 && p.flops == 0)
+            continue; /* inputs, parameters, views */
+        if (n == cap)
+            rows = xrealloc(rows, cap *= 2, sizeof *rows);
+        rows[n++] = p;
+        sum += p.ms;
+    }
+    qsort(rows, n, sizeof *rows, cmp_prof);
+    printf("\nprofile: %s T=%zu fused: %s %.2f ms wall, %.2f ms in %zu "
+           "nodes\n", w->s.name, T, w->s.train ? "step" : "compute",
+           wall_ms, sum, n);
+    printf("  %-34s %-18s %9s %6s %9s %9s %8s %7s\n", "node", "op", "ms", "%",
+           "MFLOP", "MB", "GFLOP/s", "GB/s");
+    for (size_t i = 0; i < n && i < (size_t)top; i++) {
+        const atmoe_node_profile *p = &rows[i];
+        double s = p->ms > 0.0 ? p->ms * 1e-3 : NAN;
+        printf("  %-34.34s %-18.18s %9.3f %6.1f %9.2f %9.2f %8.2f %7.2f\n",
+               p->name[0] ? p->name : "-", p->op, p->ms,
+               sum > 0.0 ? 100.0 * p->ms / sum : 0.0, p->flops * 1e-6,
+               p->bytes * 1e-6, p->flops * 1e-9 / s, p->bytes * 1e-9 / s);
+    }
+    free(rows);
+    return 0;
+}
+
 /* Times one variant: build, plan, warm up, then reps timed computes, and
  * compares the output with a reference.  ref (T x d floats) is the fused
  * variant's output: fused writes it, unfused is checked against it.  The
@@ -1710,6 +1778,11 @@ static int time_variant(atmoe_context *ctx, const wl_data *w, size_t T,
     }
     if (!w->s.train && read_output(ctx, &b, y, count))
         goto done;
+    if (o->profile && v == VARIANT_FUSED) {
+        progress_clear(prog);
+        if (print_profile(ctx, w, T, &b, opt, o->profile))
+            goto done;
+    }
     if (w->s.train && restore_weights(ctx, w))
         goto done;
     if (v == VARIANT_FUSED)
@@ -2426,7 +2499,8 @@ int main(int argc, char **argv)
     umask(mask);
     file_mode = 0666 & ~mask;
 
-    options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL, NULL, ATMOE_DTYPE_F32};
+    options o = {NULL, {0}, 0, 5, 2, NULL, NULL, 0, NULL, NULL, ATMOE_DTYPE_F32,
+                 0};
     for (size_t i = 0; i < N_WORKLOADS; i++)
         o.selected[i] = workloads[i].implemented &&
                         recipe_index(workloads[i].name) < 0;
@@ -2485,6 +2559,9 @@ int main(int argc, char **argv)
                                 "not '%s'\n", v);
                 return EXIT_USAGE;
             }
+        } else if ((v = opt_value(argc, argv, &i, "--profile"))) {
+            if (parse_count("--profile", v, 1, &o.profile))
+                return EXIT_USAGE;
         } else if ((v = opt_value(argc, argv, &i, "--params"))) {
             if (strcmp(v, "tuned") != 0 && strcmp(v, "default") != 0) {
                 fprintf(stderr, PROGRAM ": --params is tuned or default, "
