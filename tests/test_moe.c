@@ -1719,6 +1719,21 @@ START_TEST(test_every_batch_mixture_work_groups)
 }
 END_TEST
 
+/* The mix's work-items of VW channels by TPI tokens on the 15 channels
+ * of the test's experts: 16 x 8 (every item a short last chunk, batches
+ * ending inside an item's tokens), 4 x 3 (three whole vectors and a chunk
+ * of 3), 3 (rounded down to 2) x 64 (one row of items for every batch)
+ * and 8 x 5, on batches of 1 to 19 tokens. */
+START_TEST(test_every_batch_mix_items)
+{
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 16, \"TPI\": 8}}}");
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 4, \"TPI\": 3, "
+                "\"WG\": 16}}}");
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 3, \"TPI\": 64}}}");
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 8, \"TPI\": 5}}}");
+}
+END_TEST
+
 /* A tuned boundary: CLBlast past 16 tokens, as on a GPU. */
 START_TEST(test_every_batch_tuned_boundary)
 {
@@ -2715,6 +2730,7 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch_tuned_blocks);
     tcase_add_test(tc, test_every_batch_tuned_boundary);
     tcase_add_test(tc, test_every_batch_mixture_work_groups);
+    tcase_add_test(tc, test_every_batch_mix_items);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
     suite_add_tcase(s, tc);

@@ -32,6 +32,10 @@ typedef enum atm_param {
     ATM_PARAM_LINEAR_GROUP_ROWS,
     /* "linear.q8": W in 8-bit blocks (base weights only). */
     ATM_PARAM_LINEAR_Q8_SR, ATM_PARAM_LINEAR_Q8_ST,
+    /* The work-items of cl/mixture.cl's block and diagonal mixes: "mixture"
+     * VW rank channels (1, 2, 4, 8 or 16; others rounded down) of TPI
+     * tokens (1..64) each; default 1 x 1, an element an item. */
+    ATM_PARAM_MIXTURE_VW, ATM_PARAM_MIXTURE_TPI,
     ATM_PARAM_COUNT_
 } atm_param;
 

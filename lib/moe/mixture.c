@@ -248,6 +248,20 @@ static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
     return atm_linear_kernel(g, n, first, b, wt, bt, &mp->lin[k]);
 }
 
+/* The mix kernel's work-items in force (kernels.mixture.VW and TPI): VW
+ * rounded down to a vector width OpenCL has (1, 2, 4, 8, 16); the dense
+ * mix keeps an output an item. */
+static void mix_shape(const atmoe_context *ctx, mixture_params *mp)
+{
+    long vw = atm_param_get(ctx, ATM_PARAM_MIXTURE_VW);
+    mp->mix_vw = 1;
+    while (mp->mix_vw * 2 <= (unsigned long)vw && mp->mix_vw < 16)
+        mp->mix_vw *= 2;
+    mp->mix_tpi = (unsigned)atm_param_get(ctx, ATM_PARAM_MIXTURE_TPI);
+    if (mp->mix == ATMOE_MIX_DENSE)
+        mp->mix_vw = mp->mix_tpi = 1;
+}
+
 /* The routes and the kernels every batch up to the planned one may use. */
 static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
 {
@@ -273,7 +287,11 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
 
     const atmoe_experts *set = mp->experts;
     int at = atm_weight_type(set->a_dtype);
-    atmoe_status st = atm_node_kernel(g, n, K_MIX, "mixture", NULL,
+    mix_shape(g->ctx, mp);
+    char mix_options[32];
+    snprintf(mix_options, sizeof mix_options, "-DVW=%u -DTPI=%u", mp->mix_vw,
+             mp->mix_tpi);
+    atmoe_status st = atm_node_kernel(g, n, K_MIX, "mixture", mix_options,
                                       mix_name(mp->mix));
     static const size_t tile_batches[] = {1, 2, 3};
     for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
@@ -452,8 +470,11 @@ static atmoe_status mix(atmoe_graph *g, const atm_node *n, size_t T,
     atm_arg_ulong(&args, T);
     atm_arg_ulong(&args, set->total_rank);
     atm_arg_ulong(&args, gates->shape[0]);
-    return atm_node_launch_local(g, n, &args, mix_name(mp->mix),
-                                 T * z_width(set),
+    /* The block and diagonal mixes' items each cover mix_vw channels of
+     * mix_tpi tokens (the dense mix 1 x 1: an output an item). */
+    size_t chunks = (z_width(set) + mp->mix_vw - 1) / mp->mix_vw;
+    size_t items = (T + mp->mix_tpi - 1) / mp->mix_tpi * chunks;
+    return atm_node_launch_local(g, n, &args, mix_name(mp->mix), items,
                                  atm_param_work_group(g->ctx,
                                                       ATM_PARAM_MIXTURE_WG),
                                  NULL);

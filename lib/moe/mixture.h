@@ -22,6 +22,10 @@ typedef struct mixture_params {
     /* Routes: a batch of T tokens runs merged when T >= merge_from, and
      * through cl/linear.cl when T <= linear_upto (else CLBlast). */
     size_t merge_from, linear_upto;
+    /* The work-items of the block and diagonal mix kernel as built:
+     * mix_vw channels of mix_tpi tokens (kernels.mixture.VW, TPI); the
+     * dense mix has one output an item. */
+    unsigned mix_vw, mix_tpi;
 } mixture_params;
 
 extern const atm_op atm_op_mixture;
