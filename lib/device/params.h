@@ -36,6 +36,9 @@ typedef enum atm_param {
      * VW rank channels (1, 2, 4, 8 or 16; others rounded down) of TPI
      * tokens (1..64) each; default 1 x 1, an element an item. */
     ATM_PARAM_MIXTURE_VW, ATM_PARAM_MIXTURE_TPI,
+    /* "router" LPI: the logits of cl/router.cl that one pass over a row
+     * of h computes (1..64), default 1, a logit a pass. */
+    ATM_PARAM_ROUTER_LPI,
     ATM_PARAM_COUNT_
 } atm_param;
 

@@ -361,6 +361,11 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
     [ATM_PARAM_MIXTURE_VW] = {"mixture", "VW", 1, 16, 1, 1, ATM_ENV_NONE, -1},
     [ATM_PARAM_MIXTURE_TPI] = {"mixture", "TPI", 1, 64, 1, 1, ATM_ENV_NONE,
                                -1},
+    /* The router's logits a pass over h: 1, a pass (and a tree) a logit,
+     * as the kernel always had; more read h and the weights' rows once
+     * for several (moe/router.c keeps the partial sums within half the
+     * local memory). */
+    [ATM_PARAM_ROUTER_LPI] = {"router", "LPI", 1, 64, 1, 1, ATM_ENV_NONE, -1},
 };
 
 static const param_row *find_param(const char *program, const char *name)
