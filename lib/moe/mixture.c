@@ -284,7 +284,8 @@ static void fused_shape(const atmoe_context *ctx, size_t T,
     if (atm_param_get(ctx, ATM_PARAM_MIXTURE_VARIANT) != 1 ||
         mp->w0_dtype == ATMOE_DTYPE_Q8)
         return;
-    size_t upto = (size_t)atm_param_get(ctx, ATM_PARAM_MIXTURE_FUSED_MAX_TOKENS);
+    size_t upto =
+        (size_t)atm_param_get(ctx, ATM_PARAM_MIXTURE_FUSED_MAX_TOKENS);
     if (upto > mp->linear_upto)
         upto = mp->linear_upto;
     if (upto > T)
