@@ -21,12 +21,17 @@
  *   FORM    0 projected, 1 scaled     TOPK_G, TOPK_E  0 means keep all
  *   WG      work-group size: a work-group owns a row and its work-items
  *           split the d_in-long dot products (a power of two)
+ *   LPI     logits a pass over the row of h computes (kernels.router.LPI;
+ *           1 as the kernel always had: a pass, and a tree, a logit)
  *   GT, DT  storage types of w_g and of w_d (or v_d): 0 f32, 1 f16,
  *           2 bf16, as in cl/linear.cl; read as stored and widened in
  *           registers, every sum and logit in f32 (SPEC section 2) */
 
 #ifndef WG
 #define WG 64
+#endif
+#ifndef LPI
+#define LPI 1
 #endif
 #ifndef TOPK_G
 #define TOPK_G 0
@@ -121,6 +126,17 @@ inline void apply_fixed(float *v, const int *keep, __global const float *fixed,
     }
 }
 
+/* acc[j] += h[k] * w[at] for the count logits j of a pass over the
+ * items' elements k of the row of h, w of storage type t. */
+#define ROUTER_PASS(t, w, at, count)                                          \
+    do {                                                                      \
+        for (ulong k = lid; k < d_in; k += WG) {                              \
+            float hk = h[k];                                                  \
+            _Pragma("unroll") for (int j = 0; j < (count); j++)               \
+                acc[j] += hk * RLOAD(t, w, at);                               \
+        }                                                                     \
+    } while (0)
+
 /* h [rows, d_in]; w_g [d_in, NG]; w_d [d_in, NG*MMAX] (PROJECTED) or
  * v_d [NG, MMAX] (SCALED); counts [NG]; masks and fixed weights [NG] and
  * [NG*MMAX] (mask 0 = off; fixed NaN = free); slot_of_expert [E] maps the
@@ -139,7 +155,7 @@ grouped_router(__global const float *h, ulong h_offset, ulong d_in,
                __global float *d_out, ulong d_offset, __global float *w_out,
                ulong w_offset)
 {
-    __local float partial[WG];
+    __local float partial[LPI][WG];
     __local float logits[NL];
     const int lid = get_local_id(0);
     const ulong row = get_group_id(0);
@@ -148,24 +164,42 @@ grouped_router(__global const float *h, ulong h_offset, ulong d_in,
     w_d += w_d_offset;
 
     /* The dot products h . column for every logit: work-items split d_in,
-     * consecutive items on consecutive elements of h. */
-    for (int c = 0; c < NL; c++) {
-        float acc = 0.0f;
-        if (c < NG)
-            for (ulong k = lid; k < d_in; k += WG)
-                acc += h[k] * RLOAD(GT, w_g, k * NG + c);
+     * consecutive items on consecutive elements of h, LPI logits (columns
+     * of w_g, then of w_d) at a time, so that a pass over the row of h
+     * reads each of its elements once for LPI logits and LPI neighbouring
+     * elements of the weights' row.  Each logit's sum runs in the same
+     * order whatever LPI: the results do not depend on it. */
+    int n;
+    for (int c0 = 0; c0 < NL; c0 += n) {
+        /* A pass stays within w_g's columns or within w_d's. */
+        n = min(LPI, c0 < NG ? NG - c0 : NL - c0);
+        float acc[LPI];
+#pragma unroll
+        for (int j = 0; j < LPI; j++)
+            acc[j] = 0.0f;
+        /* Every pass's count is known to the compiler (the sums stay in
+         * registers): LPI, or the remainder of w_g's or w_d's columns. */
+        if (c0 < NG && n == LPI)
+            ROUTER_PASS(GT, w_g, k * NG + c0 + j, LPI);
+        else if (c0 < NG)
+            ROUTER_PASS(GT, w_g, k * NG + c0 + j, NG % LPI);
+        else if (n == LPI)
+            ROUTER_PASS(DT, w_d, k * (NG * MMAX) + (c0 - NG + j), LPI);
         else
-            for (ulong k = lid; k < d_in; k += WG)
-                acc += h[k] * RLOAD(DT, w_d, k * (NG * MMAX) + (c - NG));
-        partial[lid] = acc;
+            ROUTER_PASS(DT, w_d, k * (NG * MMAX) + (c0 - NG + j),
+                        (NL - NG) % LPI);
+        for (int j = 0; j < n; j++)
+            partial[j][lid] = acc[j];
         barrier(CLK_LOCAL_MEM_FENCE);
         for (int s = WG / 2; s > 0; s >>= 1) {
             if (lid < s)
-                partial[lid] += partial[lid + s];
+                for (int j = 0; j < n; j++)
+                    partial[j][lid] += partial[j][lid + s];
             barrier(CLK_LOCAL_MEM_FENCE);
         }
         if (lid == 0)
-            logits[c] = partial[0];
+            for (int j = 0; j < n; j++)
+                logits[c0 + j] = partial[j][0];
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     if (lid != 0)

@@ -561,53 +561,84 @@ START_TEST(test_router_projected)
 }
 END_TEST
 
+/* The router under the parameters params (built at planning), the
+ * projected form or the scaled one, against the float64 reference's
+ * weights, top-k and masks included, also when the parameters change
+ * after the graph was planned. */
+static void router_params_check(const char *params, atmoe_router_form form,
+                                unsigned seed)
+{
+    int projected = form == ATMOE_ROUTER_PROJECTED;
+    CTX = test_context();
+    OK(atmoe_context_set_params(CTX, params));
+    test_rng_seed(&RNG, seed);
+    const size_t T = 9;
+    model m;
+    model_s1(&m, 37, 29, NULL);
+    atmoe_experts *set = model_build(&m);
+    rcfg cfg;
+    atmoe_router *router = router_make(set, &cfg, form, 0.7f, 1.3f, 2, 1);
+    float *wg = alloc_uniform(37 * 3, -0.5, 0.5);
+    float *wd = alloc_uniform(projected ? 37 * 6 : 3 * 2, -0.5, 0.5);
+    float *w0 = alloc_uniform(29 * 37, -1, 1);
+    float *x = alloc_uniform(T * 37, -1, 1);
+    const rcfg *cfgs[1] = {&cfg};
+    rig r;
+    rig_build(&r, &m, set, 1, &router, cfgs, T, wg, projected ? wd : NULL,
+              projected ? NULL : wd, w0, NULL, 1.0f);
+    rig_check(&r, x, T, NULL);
+    /* Other parameters after planning: the planned kernel keeps the
+     * work-group and the passes it was built for. */
+    OK(atmoe_context_set_params(
+        CTX, "{\"kernels\": {\"router\": {\"WG\": 32, \"LPI\": 2}}}"));
+    ctl_mask(router, &cfg, 0, 1, 0);
+    rig_check(&r, x, T, NULL);
+    atmoe_graph_free(r.g);
+    atmoe_router_free(router);
+    atmoe_experts_free(set);
+    free(wg);
+    free(wd);
+    free(w0);
+    free(x);
+    model_free(&m);
+    atmoe_context_free(CTX);
+}
+
 /* The router's work-groups (kernels.router.WG): 1, 8, 100 (run as 64)
  * and 1024 (as many as the device allows, a power of two) share each
- * row's dot products over d_in = 37, a multiple of none of them, and give
- * the float64 reference's weights, top-k and masks included, also when
- * the parameters change after the graph was planned. */
+ * row's dot products over d_in = 37, a multiple of none of them. */
 START_TEST(test_router_work_groups)
 {
     static const int wgs[] = {1, 8, 100, 1024};
     for (size_t i = 0; i < sizeof wgs / sizeof wgs[0]; i++) {
-        CTX = test_context();
         char params[96];
         snprintf(params, sizeof params,
                  "{\"kernels\": {\"router\": {\"WG\": %d}}}", wgs[i]);
-        OK(atmoe_context_set_params(CTX, params));
-        test_rng_seed(&RNG, 111 + i);
-        const size_t T = 9;
-        model m;
-        model_s1(&m, 37, 29, NULL);
-        atmoe_experts *set = model_build(&m);
-        rcfg cfg;
-        atmoe_router *router = router_make(set, &cfg, ATMOE_ROUTER_PROJECTED,
-                                           0.7f, 1.3f, 2, 1);
-        float *wg = alloc_uniform(37 * 3, -0.5, 0.5);
-        float *wd = alloc_uniform(37 * 6, -0.5, 0.5);
-        float *w0 = alloc_uniform(29 * 37, -1, 1);
-        float *x = alloc_uniform(T * 37, -1, 1);
-        const rcfg *cfgs[1] = {&cfg};
-        rig r;
-        rig_build(&r, &m, set, 1, &router, cfgs, T, wg, wd, NULL, w0, NULL,
-                  1.0f);
-        rig_check(&r, x, T, NULL);
-        /* Other parameters after planning: the planned kernel keeps the
-         * work-group it was built for. */
-        OK(atmoe_context_set_params(
-            CTX, "{\"kernels\": {\"router\": {\"WG\": 32}}}"));
-        ctl_mask(router, &cfg, 0, 1, 0);
-        rig_check(&r, x, T, NULL);
-        atmoe_graph_free(r.g);
-        atmoe_router_free(router);
-        atmoe_experts_free(set);
-        free(wg);
-        free(wd);
-        free(w0);
-        free(x);
-        model_free(&m);
-        atmoe_context_free(CTX);
+        router_params_check(params, ATMOE_ROUTER_PROJECTED, 111 + (unsigned)i);
     }
+}
+END_TEST
+
+/* Several logits a pass over h (kernels.router.LPI) on the 3 groups' and
+ * 6 slots' columns: 4 (a short pass over w_g of 3, then 4 and 2 over
+ * w_d), 2 (whole passes; over w_g 2 and 1), 64 (run as 6: one pass each)
+ * and 5, in work-groups of 1, 8, 4 and 16, in both forms (the scaled one
+ * reads w_g alone). */
+START_TEST(test_router_logits_a_pass)
+{
+    static const int sets[][2] = {{1, 4}, {8, 2}, {4, 64}, {16, 5}};
+    for (size_t i = 0; i < sizeof sets / sizeof sets[0]; i++)
+        for (int f = 0; f < 2; f++) {
+            char params[96];
+            snprintf(params, sizeof params,
+                     "{\"kernels\": {\"router\": {\"WG\": %d, "
+                     "\"LPI\": %d}}}",
+                     sets[i][0], sets[i][1]);
+            router_params_check(params,
+                                f ? ATMOE_ROUTER_SCALED
+                                  : ATMOE_ROUTER_PROJECTED,
+                                131 + (unsigned)(2 * i) + (unsigned)f);
+        }
 }
 END_TEST
 
@@ -1719,6 +1750,21 @@ START_TEST(test_every_batch_mixture_work_groups)
 }
 END_TEST
 
+/* The mix's work-items of VW channels by TPI tokens on the 15 channels
+ * of the test's experts: 16 x 8 (every item a short last chunk, batches
+ * ending inside an item's tokens), 4 x 3 (three whole vectors and a chunk
+ * of 3), 3 (rounded down to 2) x 64 (one row of items for every batch)
+ * and 8 x 5, on batches of 1 to 19 tokens. */
+START_TEST(test_every_batch_mix_items)
+{
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 16, \"TPI\": 8}}}");
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 4, \"TPI\": 3, "
+                "\"WG\": 16}}}");
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 3, \"TPI\": 64}}}");
+    every_batch("{\"kernels\": {\"mixture\": {\"VW\": 8, \"TPI\": 5}}}");
+}
+END_TEST
+
 /* A tuned boundary: CLBlast past 16 tokens, as on a GPU. */
 START_TEST(test_every_batch_tuned_boundary)
 {
@@ -2696,6 +2742,7 @@ static Suite *moe_suite(void)
     tc = tcase_create("router");
     tcase_add_test(tc, test_router_projected);
     tcase_add_test(tc, test_router_work_groups);
+    tcase_add_test(tc, test_router_logits_a_pass);
     tcase_add_test(tc, test_router_scaled);
     tcase_add_test(tc, test_router_topk);
     tcase_add_test(tc, test_degenerate);
@@ -2715,6 +2762,7 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch_tuned_blocks);
     tcase_add_test(tc, test_every_batch_tuned_boundary);
     tcase_add_test(tc, test_every_batch_mixture_work_groups);
+    tcase_add_test(tc, test_every_batch_mix_items);
     tcase_add_test(tc, test_single_row);
     tcase_add_test(tc, test_gate_index_range);
     suite_add_tcase(s, tc);

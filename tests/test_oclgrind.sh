@@ -55,4 +55,28 @@ for prog in test_moe:oclgrind test_mor1e:layer; do
         fi
     done
 done
+# The mixture's own kernels under tests/oclgrind/mixture.json (the mix's
+# items of 4 channels by 3 tokens, the router's passes of 4 logits in
+# groups of 4, the fused variant's groups of 8 items over the fewest rows
+# it takes), on the group variant: with the three launches
+# (ATMOE_MIXTURE_VARIANT=0; oclgrind's device is a GPU, whose default, the
+# fused variant, the runs above took at up to 16 tokens) and fused (1).
+for variant in 0 1; do
+    log=tests/oclgrind-test_moe-mixture$variant.log
+    ATMOE_MIXTURE_VARIANT=$variant ATMOE_LINEAR_VARIANT=1 \
+        ATMOE_TUNING_SYSTEM_FILE=$srcdir/tests/oclgrind/mixture.json \
+        CK_RUN_CASE=oclgrind \
+        "$OCLGRIND" --data-races --check-api ./tests/.libs/test_moe \
+        > "$log" 2>&1
+    reports=$(grep -c -E 'data race|Invalid (read|write)|runtime error|out of bounds|divergence' "$log")
+    if ! grep -q -E '^100%: Checks: [0-9]+, Failures: 0, Errors: 0' "$log"; then
+        echo "FAIL: test_moe (oclgrind, mixture variant $variant): the suite failed under oclgrind (see $log)"
+        failed=1
+    elif [ "$reports" -ne 0 ]; then
+        echo "FAIL: test_moe (oclgrind, mixture variant $variant): oclgrind reported $reports errors (see $log)"
+        failed=1
+    else
+        echo "ok: test_moe (oclgrind, mixture variant $variant): $(grep -E '^100%' "$log"); no oclgrind report"
+    fi
+done
 exit "$failed"

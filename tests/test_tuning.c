@@ -366,6 +366,28 @@ START_TEST(test_malformed)
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"ROWS\": 2}}}]}",
          "no parameter 'ROWS'"},
+        /* The mix's items, the router's passes, the fused variant. */
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"mixture\": {\"VW\": 17}}}]}",
+         "kernels.mixture.VW = 17 is not an integer in [1, 16]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"mixture\": {\"TPI\": 0}}}]}",
+         "kernels.mixture.TPI = 0 is not an integer in [1, 64]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"router\": {\"LPI\": 65}}}]}",
+         "kernels.router.LPI = 65 is not an integer in [1, 64]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"mixture\": "
+         "{\"VARIANT\": 2}}}]}",
+         "kernels.mixture.VARIANT = 2 is not an integer in [0, 1]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"mixture\": "
+         "{\"FUSED_MAX_TOKENS\": 65}}}]}",
+         "kernels.mixture.FUSED_MAX_TOKENS = 65 is not an integer in [1, 64]"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"mixture\": {\"WGG\": 2}}}]}",
+         "kernels.mixture has no parameter 'WGG' (it has WG, VW, TPI, "
+         "VARIANT, FUSED_MAX_TOKENS, FUSED_ROWS, FUSED_GS)"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": 3}}]}",
          "kernels.linear is not an object"},
@@ -891,6 +913,33 @@ START_TEST(test_param_env)
     ck_assert_msg(strstr(logged, "ATMOE_LINEAR_VARIANT=2") &&
                   strstr(logged, "ignored"), "'2' not refused: '%s'", logged);
     ck_assert_int_eq(define_of(ctx, "linear", "VARIANT", NULL, 0),
+                     dev.type == ATMOE_DEVICE_TYPE_CPU ? 0 : 1);
+    atmoe_context_free(ctx);
+
+    /* ATMOE_MIXTURE_VARIANT likewise for the mixture's fused variant. */
+    setenv("ATMOE_MIXTURE_VARIANT", "1", 1);
+    ctx = test_context();
+    unsetenv("ATMOE_MIXTURE_VARIANT");
+    ck_assert_int_eq(define_of(ctx, "mixture", "VARIANT", NULL, 0), 1);
+    from_of(ctx, "mixture", "VARIANT", from, sizeof from);
+    ck_assert_str_eq(from, "ATMOE_MIXTURE_VARIANT");
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"mixture\": {\"VARIANT\": "
+                              "0, \"FUSED_GS\": 32}}}"), ctx);
+    ck_assert_int_eq(define_of(ctx, "mixture", "VARIANT", NULL, 0), 1);
+    ck_assert_int_eq(define_of(ctx, "mixture", "FUSED_GS", NULL, 0), 32);
+    atmoe_context_free(ctx);
+    logged[0] = '\0';
+    setenv("ATMOE_MIXTURE_VARIANT", "2", 1);
+    ctx = test_context();
+    unsetenv("ATMOE_MIXTURE_VARIANT");
+    ck_assert_msg(strstr(logged, "ATMOE_MIXTURE_VARIANT=2") &&
+                  strstr(logged, "ignored"), "'2' not refused: '%s'", logged);
+    /* A set naming the program lists its values, VARIANT the default. */
+    ck_assert_status(atmoe_context_set_params(
+                         ctx, "{\"kernels\": {\"mixture\": {\"WG\": 64}}}"),
+                     ctx);
+    ck_assert_int_eq(define_of(ctx, "mixture", "VARIANT", NULL, 0),
                      dev.type == ATMOE_DEVICE_TYPE_CPU ? 0 : 1);
     atmoe_context_free(ctx);
 

@@ -38,6 +38,22 @@ typedef enum atm_param {
      * WG, the element-wise launches of cl/optimizer.cl (accumulate and
      * the updates; the norm's reduction is compiled for its own size). */
     ATM_PARAM_KMEANS_WG, ATM_PARAM_OPTIMIZER_WG,
+    /* The work-items of cl/mixture.cl's block and diagonal mixes: "mixture"
+     * VW rank channels (1, 2, 4, 8 or 16; others rounded down) of TPI
+     * tokens (1..64) each; default 1 x 1, an element an item. */
+    ATM_PARAM_MIXTURE_VW, ATM_PARAM_MIXTURE_TPI,
+    /* "router" LPI: the logits of cl/router.cl that one pass over a row
+     * of h computes (1..64), default 1, a logit a pass. */
+    ATM_PARAM_ROUTER_LPI,
+    /* The mixture's variant at small batches (moe/mixture.c): "mixture"
+     * VARIANT 0 three launches (shrink, mix, base with the expand), 1 one
+     * launch of cl/mixture.cl's mixture_fused for batches of at most
+     * FUSED_MAX_TOKENS (1..64) tokens, u and z in local memory, a
+     * work-group of FUSED_GS items (a power of two) for every FUSED_ROWS
+     * rows of y (at least the total rank); env ATMOE_MIXTURE_VARIANT;
+     * default 0 on CPU devices, 1 elsewhere. */
+    ATM_PARAM_MIXTURE_VARIANT, ATM_PARAM_MIXTURE_FUSED_MAX_TOKENS,
+    ATM_PARAM_MIXTURE_FUSED_ROWS, ATM_PARAM_MIXTURE_FUSED_GS,
     ATM_PARAM_COUNT_
 } atm_param;
 

@@ -360,6 +360,36 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
                              -1},
     [ATM_PARAM_OPTIMIZER_WG] = {"optimizer", "WG", 1, 1024, 64, 64,
                                 ATM_ENV_NONE, -1},
+    /* The mix's work-items: VW channels (a vector; moe/mixture.c rounds
+     * it down to 1, 2, 4, 8 or 16) of TPI tokens.  1 x 1, an element an
+     * item, as the kernel always had; 16 x 8 ran it 2.6 times faster on
+     * PoCL at T = 512 (8 experts of rank 16). */
+    [ATM_PARAM_MIXTURE_VW] = {"mixture", "VW", 1, 16, 1, 1, ATM_ENV_NONE, -1},
+    [ATM_PARAM_MIXTURE_TPI] = {"mixture", "TPI", 1, 64, 1, 1, ATM_ENV_NONE,
+                               -1},
+    /* The router's logits a pass over h: 1, a pass (and a tree) a logit,
+     * as the kernel always had; more read h and the weights' rows once
+     * for several (moe/router.c keeps the partial sums within half the
+     * local memory). */
+    [ATM_PARAM_ROUTER_LPI] = {"router", "LPI", 1, 64, 1, 1, ATM_ENV_NONE, -1},
+    /* The fused mixture at small batches: one launch rather than three,
+     * u and z in local memory, on GPUs and other devices by default
+     * (where a launch costs microseconds; the group variant's shape), not
+     * on CPUs, where its work-group trees cost more than the launches it
+     * saves.  moe/mixture.c applies it within its limits: W0 not in
+     * 8-bit blocks, and u and z for FUSED_MAX_TOKENS tokens (and the
+     * trees' partial sums) within half the local memory.  Its groups of
+     * FUSED_GS items are 128 as the group variant's, 16 on CPUs (where it
+     * runs only forced, for tests: a driver loops over a group's items
+     * between barriers). */
+    [ATM_PARAM_MIXTURE_VARIANT] = {"mixture", "VARIANT", 0, 1, 0, 1,
+                                   ATM_ENV_MIXTURE_VARIANT, -1},
+    [ATM_PARAM_MIXTURE_FUSED_MAX_TOKENS] = {"mixture", "FUSED_MAX_TOKENS",
+                                            1, 64, 16, 16, ATM_ENV_NONE, -1},
+    [ATM_PARAM_MIXTURE_FUSED_ROWS] = {"mixture", "FUSED_ROWS", 1, 4096, 64,
+                                      64, ATM_ENV_NONE, -1},
+    [ATM_PARAM_MIXTURE_FUSED_GS] = {"mixture", "FUSED_GS", 1, 1024, 16, 128,
+                                    ATM_ENV_NONE, -1},
 };
 
 static const param_row *find_param(const char *program, const char *name)

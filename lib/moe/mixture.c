@@ -28,8 +28,13 @@ enum {
     K_SHRINK1, K_SHRINK2, K_SHRINK3,
     K_BASE1, K_BASE2, K_BASE3,
     K_MIX, K_FOLD, K_COPY, K_W0_F32,
-    K_MERGED1, K_MERGED2, K_MERGED3, K_A_F32
+    K_MERGED1, K_MERGED2, K_MERGED3, K_A_F32,
+    K_FUSED1, K_FUSED2, K_FUSED3
 };
+
+/* The fused variant's rows of registers (those of cl/linear_gpu.cl's
+ * default GROUP_ROWS). */
+#define FUSED_GR 4
 
 static const char *mix_name(atmoe_mix mix)
 {
@@ -248,6 +253,93 @@ static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
     return atm_linear_kernel(g, n, first, b, wt, bt, &mp->lin[k]);
 }
 
+/* The mix kernel's work-items in force (kernels.mixture.VW and TPI): VW
+ * rounded down to a vector width OpenCL has (1, 2, 4, 8, 16); the dense
+ * mix keeps an output an item. */
+static void mix_shape(const atmoe_context *ctx, mixture_params *mp)
+{
+    long vw = atm_param_get(ctx, ATM_PARAM_MIXTURE_VW);
+    mp->mix_vw = 1;
+    while (mp->mix_vw * 2 <= (unsigned long)vw && mp->mix_vw < 16)
+        mp->mix_vw *= 2;
+    mp->mix_tpi = (unsigned)atm_param_get(ctx, ATM_PARAM_MIXTURE_TPI);
+    if (mp->mix == ATMOE_MIX_DENSE)
+        mp->mix_vw = mp->mix_tpi = 1;
+}
+
+/* The fused variant's shape in force for a graph planned at T tokens
+ * (mp->fused_upto 0: the variant is off, or out of its limits): batches up
+ * to kernels.mixture.FUSED_MAX_TOKENS of the linear route, W0 not in
+ * 8-bit blocks (cl/mixture.cl reads f32, f16 and bf16), u and z of that
+ * many tokens within half the local memory with the partial sums of a
+ * group (FUSED_GS rounded down to a power of two the device allows,
+ * halved until they fit); each group at least R rows of y, so that the
+ * shrink it repeats reads no more of A_all than the group reads of W0. */
+static void fused_shape(const atmoe_context *ctx, size_t T,
+                        mixture_params *mp)
+{
+    const atmoe_device_info *dev = &ctx->device->info;
+    const atmoe_experts *set = mp->experts;
+    mp->fused_upto = 0;
+    if (atm_param_get(ctx, ATM_PARAM_MIXTURE_VARIANT) != 1 ||
+        mp->w0_dtype == ATMOE_DTYPE_Q8)
+        return;
+    size_t upto =
+        (size_t)atm_param_get(ctx, ATM_PARAM_MIXTURE_FUSED_MAX_TOKENS);
+    if (upto > mp->linear_upto)
+        upto = mp->linear_upto;
+    if (upto > T)
+        upto = T;
+    uint64_t half = dev->local_mem_bytes / 2;
+    uint64_t uz = (uint64_t)upto * (set->total_rank + z_width(set)) *
+                  sizeof(float);
+    long want = atm_param_get(ctx, ATM_PARAM_MIXTURE_FUSED_GS);
+    size_t gs = 1;
+    while (gs * 2 <= (size_t)want && gs * 2 <= dev->max_work_group_size)
+        gs *= 2;
+    while (gs > 1 && uz + (uint64_t)FUSED_GR * 4 * gs * sizeof(float) > half)
+        gs /= 2;
+    if (upto == 0 || uz + (uint64_t)FUSED_GR * 4 * gs * sizeof(float) > half)
+        return;
+    size_t rows = (size_t)atm_param_get(ctx, ATM_PARAM_MIXTURE_FUSED_ROWS);
+    if (rows < set->total_rank)
+        rows = set->total_rank;
+    mp->fused_rows = (rows + FUSED_GR - 1) / FUSED_GR * FUSED_GR;
+    mp->fused_gs = (unsigned)gs;
+    mp->fused_upto = upto;
+}
+
+/* The fused kernel for batches of b tokens (a tile of 1, 2 or 4) into
+ * its slot; a driver that runs fewer items a group of it than planned
+ * leaves the fused variant off (the three launches serve). */
+static atmoe_status fused_kernel(atmoe_graph *g, atm_node *n, size_t b)
+{
+    mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_experts *set = mp->experts;
+    char options[128];
+    snprintf(options, sizeof options,
+             "-DFUSED -DGS=%u -DGR=%d -DTB=%zu -DMIX=%d -DAT=%d -DWT=%d "
+             "-DBT=%d",
+             mp->fused_gs, FUSED_GR, b <= 2 ? b : (size_t)4,
+             mp->mix == ATMOE_MIX_BLOCK      ? 0
+             : mp->mix == ATMOE_MIX_DIAGONAL ? 1
+                                             : 2,
+             atm_weight_type(set->a_dtype), atm_weight_type(mp->w0_dtype),
+             atm_weight_type(set->b_dtype));
+    int slot = atm_linear_slot(K_FUSED1, b);
+    atmoe_status st =
+        atm_node_kernel(g, n, slot, "mixture", options, "mixture_fused");
+    if (st != ATMOE_STATUS_OK)
+        return st;
+    size_t most = 0;
+    cl_int err = clGetKernelWorkGroupInfo(n->kernel[slot], g->ctx->device->id,
+                                          CL_KERNEL_WORK_GROUP_SIZE,
+                                          sizeof most, &most, NULL);
+    if (err == CL_SUCCESS && most < mp->fused_gs)
+        mp->fused_upto = 0;
+    return ATMOE_STATUS_OK;
+}
+
 /* The routes and the kernels every batch up to the planned one may use. */
 static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
 {
@@ -273,7 +365,11 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
 
     const atmoe_experts *set = mp->experts;
     int at = atm_weight_type(set->a_dtype);
-    atmoe_status st = atm_node_kernel(g, n, K_MIX, "mixture", NULL,
+    mix_shape(g->ctx, mp);
+    char mix_options[32];
+    snprintf(mix_options, sizeof mix_options, "-DVW=%u -DTPI=%u", mp->mix_vw,
+             mp->mix_tpi);
+    atmoe_status st = atm_node_kernel(g, n, K_MIX, "mixture", mix_options,
                                       mix_name(mp->mix));
     static const size_t tile_batches[] = {1, 2, 3};
     for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
@@ -302,6 +398,10 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
         snprintf(options, sizeof options, "-DAT=%d", at);
         st = atm_node_kernel(g, n, K_FOLD, "mixture", options, "fold_gates");
     }
+    fused_shape(g->ctx, T, mp);
+    for (size_t b = 1; b <= 3 && b <= mp->fused_upto && st == ATMOE_STATUS_OK;
+         b++)
+        st = fused_kernel(g, n, b);
     if (st == ATMOE_STATUS_OK &&
         (n->src[2] != ATMOE_NODE_NONE || mp->merge_from <= T ||
          (mp->linear_upto > 0 && set->b_dtype == ATMOE_DTYPE_F32)))
@@ -452,8 +552,11 @@ static atmoe_status mix(atmoe_graph *g, const atm_node *n, size_t T,
     atm_arg_ulong(&args, T);
     atm_arg_ulong(&args, set->total_rank);
     atm_arg_ulong(&args, gates->shape[0]);
-    return atm_node_launch_local(g, n, &args, mix_name(mp->mix),
-                                 T * z_width(set),
+    /* The block and diagonal mixes' items each cover mix_vw channels of
+     * mix_tpi tokens (the dense mix 1 x 1: an output an item). */
+    size_t chunks = (z_width(set) + mp->mix_vw - 1) / mp->mix_vw;
+    size_t items = (T + mp->mix_tpi - 1) / mp->mix_tpi * chunks;
+    return atm_node_launch_local(g, n, &args, mix_name(mp->mix), items,
                                  atm_param_work_group(g->ctx,
                                                       ATM_PARAM_MIXTURE_WG),
                                  NULL);
@@ -518,6 +621,60 @@ static atmoe_status run_merged(atmoe_graph *g, atm_node *n, cl_event *first,
     return atm_graph_sgemm(g, &final, last);
 }
 
+/* y = x W0^T + bias + c B_all M(gates) A_all x in one launch of
+ * mixture_fused (u and z in its local memory). */
+static atmoe_status run_fused(atmoe_graph *g, const atm_node *n, size_t T,
+                              cl_event *first, cl_event *last)
+{
+    const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
+    const atmoe_experts *set = mp->experts;
+    const atmoe_tensor *x = atm_src_rt(g, n, 0), *w0 = atm_src_rt(g, n, 1);
+    const atmoe_tensor *bias = atm_src_rt(g, n, 2);
+    const atmoe_tensor *gates = atm_src_rt(g, n, 3);
+    const atmoe_tensor *index = atm_src_rt(g, n, 4);
+    /* One event for the node: its first command is its last. */
+    cl_event *ev = first ? first : last;
+    atm_args args = {n->kernel[atm_linear_slot(K_FUSED1, T)], 0, CL_SUCCESS};
+    atm_arg_tensor(&args, &n->rt);
+    atm_arg_tensor(&args, x);
+    atm_arg_tensor(&args, set->a);
+    atm_arg_tensor(&args, w0);
+    atm_arg_tensor(&args, set->b);
+    /* Unused buffers are bound to x: kernels need a valid cl_mem. */
+    atm_arg_tensor(&args, bias ? bias : x);
+    atm_arg_int(&args, bias != NULL);
+    atm_arg_tensor(&args, gates);
+    atm_arg_ulong(&args, set->dense_r2 ? set->total_rank * set->dense_r2
+                                       : gates->shape[1]);
+    atm_arg_tensor(&args, index ? index : gates);
+    atm_arg_int(&args, index ? 1 : mergeable(g, n) ? 2 : 0);
+    atm_arg_buffer(&args, set->chan_expert->buffer);
+    atm_arg_buffer(&args, set->chan_scale->buffer);
+    atm_arg_ulong(&args, T);
+    atm_arg_ulong(&args, set->d_in);
+    atm_arg_ulong(&args, set->d_out);
+    atm_arg_ulong(&args, gates->shape[0]);
+    atm_arg_ulong(&args, mp->fused_rows);
+    atm_arg_float(&args, mp->c);
+    atm_arg_ulong(&args, set->total_rank);
+    atm_arg_ulong(&args, z_width(set));
+    /* u and z of this batch in local memory (within the limit
+     * fused_shape checked for fused_upto tokens). */
+    atm_arg(&args, T * set->total_rank * sizeof(float), NULL);
+    atm_arg(&args, T * z_width(set) * sizeof(float), NULL);
+    size_t groups = (set->d_out + mp->fused_rows - 1) / mp->fused_rows;
+    atmoe_status st = atm_node_launch_local(g, n, &args, "mixture_fused",
+                                            groups * mp->fused_gs,
+                                            mp->fused_gs, ev);
+    if (st == ATMOE_STATUS_OK && first && last) {
+        /* Profiling reads the node's time from its first to its last
+         * event: both are the one launch. */
+        clRetainEvent(*first);
+        *last = *first;
+    }
+    return st;
+}
+
 /* u = x A_all^T, z = M u, then y = x W0^T + bias + c z B_all^T in one
  * pass over W0 and B_all. */
 static atmoe_status run_linear(atmoe_graph *g, atm_node *n, size_t T,
@@ -536,6 +693,8 @@ static atmoe_status run_linear(atmoe_graph *g, atm_node *n, size_t T,
                             atm_src_rt(g, n, 2), set->b, set->d_out,
                             set->d_in, z_width(set), mp->c};
     atmoe_status st;
+    if (T <= mp->fused_upto)
+        return run_fused(g, n, T, first, last);
     if ((st = linear(g, n, T, K_SHRINK1, &shrink, first)) !=
             ATMOE_STATUS_OK ||
         (st = mix(g, n, T, u_off, z_off)) != ATMOE_STATUS_OK)

@@ -22,6 +22,15 @@ typedef struct mixture_params {
     /* Routes: a batch of T tokens runs merged when T >= merge_from, and
      * through cl/linear.cl when T <= linear_upto (else CLBlast). */
     size_t merge_from, linear_upto;
+    /* The work-items of the block and diagonal mix kernel as built:
+     * mix_vw channels of mix_tpi tokens (kernels.mixture.VW, TPI); the
+     * dense mix has one output an item. */
+    unsigned mix_vw, mix_tpi;
+    /* The fused variant (kernels.mixture.VARIANT 1): batches of at most
+     * fused_upto tokens (0: none) run cl/mixture.cl's mixture_fused, a
+     * work-group of fused_gs items for every fused_rows rows of y. */
+    size_t fused_upto, fused_rows;
+    unsigned fused_gs;
 } mixture_params;
 
 extern const atm_op atm_op_mixture;

@@ -332,8 +332,9 @@ static void router_options(const atmoe_graph *g, const atm_node *n,
                            char *buf, size_t size)
 {
     const atmoe_router *r = ATM_NODE_PARAMS(router_params, n)->router;
-    snprintf(buf, size, "%s -DWG=%d -DGT=%d -DDT=%d", r->options,
+    snprintf(buf, size, "%s -DWG=%d -DLPI=%u -DGT=%d -DDT=%d", r->options,
              (int)ATM_NODE_PARAMS(router_params, n)->wg,
+             ATM_NODE_PARAMS(router_params, n)->lpi,
              atm_weight_type(g->nodes[n->src[1]].dtype),
              atm_weight_type(g->nodes[n->src[2]].dtype));
 }
@@ -343,7 +344,24 @@ static atmoe_status router_prepare(atmoe_graph *g, atm_node *n)
     char options[192];
     /* The launch uses the size the kernel was built for, whatever the
      * parameters in force later (reqd_work_group_size). */
-    ATM_NODE_PARAMS(router_params, n)->wg = ROUTER_WG(g);
+    router_params *rp = ATM_NODE_PARAMS(router_params, n);
+    rp->wg = ROUTER_WG(g);
+    /* kernels.router.LPI, at most the logits there are (a pass takes
+     * w_g's or w_d's columns, the larger count bounds it), halved until its
+     * partial sums (LPI x WG floats) take at most half the local
+     * memory. */
+    const atmoe_experts *set = rp->router->set;
+    size_t most = set->groups;
+    if (rp->router->form == ATMOE_ROUTER_PROJECTED &&
+        set->groups * set->max_group > most)
+        most = set->groups * set->max_group;
+    size_t lpi = (size_t)atm_param_get(g->ctx, ATM_PARAM_ROUTER_LPI);
+    if (lpi > most)
+        lpi = most;
+    while (lpi > 1 && lpi * rp->wg * sizeof(float) >
+                          g->ctx->device->info.local_mem_bytes / 2)
+        lpi /= 2;
+    rp->lpi = (unsigned)lpi;
     router_options(g, n, options, sizeof options);
     return atm_node_kernel(g, n, 0, "router", options, "grouped_router");
 }

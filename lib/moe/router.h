@@ -10,6 +10,7 @@
 typedef struct router_params {
     atmoe_router *router; /* a reference */
     size_t wg; /* the work-group its kernel was built for (prepare) */
+    unsigned lpi; /* the logits a pass computes, as built (prepare) */
 } router_params;
 
 extern const atm_op atm_op_router;
