@@ -32,6 +32,16 @@ typedef enum atm_param {
     ATM_PARAM_LINEAR_GROUP_ROWS,
     /* "linear.q8": W in 8-bit blocks (base weights only). */
     ATM_PARAM_LINEAR_Q8_SR, ATM_PARAM_LINEAR_Q8_ST,
+    /* The tile variant cl/linear_tile.cl (moe/linear.c): batches of at
+     * least "linear" TILE_MIN_TOKENS tokens (and at most MAX_TOKENS) run
+     * it, whatever VARIANT runs the smaller ones; env
+     * ATMOE_LINEAR_TILE_MIN_TOKENS; default: never (LONG_MAX) on CPU
+     * devices, 8 elsewhere.  Its tile: TILE_TOKENS x TILE_ROWS outputs a
+     * work-group, k staged through local memory TILE_K at a time, each
+     * work-item a TILE_WT x TILE_WR block (tokens x rows) of them. */
+    ATM_PARAM_LINEAR_TILE_MIN_TOKENS, ATM_PARAM_LINEAR_TILE_TOKENS,
+    ATM_PARAM_LINEAR_TILE_ROWS, ATM_PARAM_LINEAR_TILE_K,
+    ATM_PARAM_LINEAR_TILE_WT, ATM_PARAM_LINEAR_TILE_WR,
     ATM_PARAM_COUNT_
 } atm_param;
 

@@ -354,6 +354,30 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_SR},
     [ATM_PARAM_LINEAR_Q8_ST] = {"linear.q8", "ST", 1, 256, 8, 8,
                                 ATM_ENV_NONE, ATM_PARAM_LINEAR_ST},
+    /* The tile variant (cl/linear_tile.cl) from TILE_MIN_TOKENS tokens up
+     * to MAX_TOKENS: off on CPU devices, where cl/linear.cl's rows in
+     * registers run faster than staging through local memory (which a CPU
+     * driver keeps in the same caches); from 8 tokens elsewhere, where a
+     * work-group reading each element of W once per 64 tokens rather than
+     * once per output tile is what prefill needs.  The tile's sizes are
+     * untuned starting points: 64 x 64 outputs a group, 16 of k a chunk,
+     * 4 x 4 a work-item (256 work-items, 8.3 KB of local memory).
+     * moe/linear.c refuses, at planning, sizes whose work-item block does
+     * not divide the tile or whose group or local memory the device
+     * lacks. */
+    [ATM_PARAM_LINEAR_TILE_MIN_TOKENS] = {"linear", "TILE_MIN_TOKENS", 1,
+                                          LONG_MAX, LONG_MAX, 8,
+                                          ATM_ENV_LINEAR_TILE_MIN_TOKENS, -1},
+    [ATM_PARAM_LINEAR_TILE_TOKENS] = {"linear", "TILE_TOKENS", 1, 128, 64,
+                                      64, ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_ROWS] = {"linear", "TILE_ROWS", 1, 128, 64, 64,
+                                    ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_K] = {"linear", "TILE_K", 1, 64, 16, 16,
+                                 ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_WT] = {"linear", "TILE_WT", 1, 16, 4, 4,
+                                  ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_WR] = {"linear", "TILE_WR", 1, 16, 4, 4,
+                                  ATM_ENV_NONE, -1},
 };
 
 static const param_row *find_param(const char *program, const char *name)
