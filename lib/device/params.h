@@ -10,7 +10,7 @@
 typedef enum atm_param {
     ATM_PARAM_LINEAR_SR,         /* "linear" SR: rows-tiles per block, 1..256, default 8 */
     ATM_PARAM_LINEAR_ST,         /* "linear" ST: token-tiles per block, 1..256, default 8 */
-    ATM_PARAM_LINEAR_MAX_TOKENS, /* "linear" MAX_TOKENS: batches up to this run cl/linear.cl, beyond it CLBlast; env ATMOE_LINEAR_MAX_TOKENS; default: no limit (LONG_MAX) on CPU devices, 16 elsewhere; >= 1 */
+    ATM_PARAM_LINEAR_MAX_TOKENS, /* "linear" MAX_TOKENS: batches up to this run cl/linear.cl, beyond it CLBlast; env ATMOE_LINEAR_MAX_TOKENS; default: no limit (LONG_MAX) on CPU devices, 64 elsewhere; >= 1 */
     /* Work-group sizes (atm_param_work_group rounds them to a power of
      * two the device allows): "router" WG, the items that share a row's
      * dot products in cl/router.cl, default 64; "mixture" WG, the

@@ -310,9 +310,11 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
      * a CPU device it ran 4-5 times faster than CLBlast 1.5.3 with its
      * default parameters on PoCL 3.1, decode and prefill alike; elsewhere
      * reading the weights once bounds small batches, and GEMM tiling only
-     * adds to it, up to about 16 tokens. */
+     * adds to it, up to about 16 tokens; the tile variant (from
+     * TILE_MIN_TOKENS) reads them once a tile of tokens and fuses the
+     * expand, up to an untuned 64 tokens before CLBlast's tuned GEMMs. */
     [ATM_PARAM_LINEAR_MAX_TOKENS] = {"linear", "MAX_TOKENS", 1, LONG_MAX,
-                                     LONG_MAX, 16, ATM_ENV_LINEAR_MAX_TOKENS,
+                                     LONG_MAX, 64, ATM_ENV_LINEAR_MAX_TOKENS,
                                      -1},
     /* Work-group sizes, 64 as the library always had: the router's items
      * per row (a tree reduction over them), and the 1-D launches of the
