@@ -13,7 +13,11 @@
 #   - the tile variant on an odd tile (tests/oclgrind/tuning.json as the
 #     user database: 6 tokens x 9 rows, k by 5, 2 x 3 a work-item), so
 #     that the suites' shapes span several tiles with partial ones at every
-#     edge, over test_moe and test_mor1e.
+#     edge, over test_moe and test_mor1e;
+#   - the CPU-shaped variant's two vector widths (tests/linear/vw8.json
+#     and vw16.json as the user database: float8, 4 x 3 tiles, as on AVX2;
+#     float16, 4 x 4, as on AVX-512), whichever the device's native one
+#     is, over test_moe.
 # Exit 77 (a skip) when there is no OpenCL device, as theirs.
 set -u
 srcdir=${srcdir:-.}
@@ -39,4 +43,7 @@ run ATMOE_LINEAR_VARIANT=1 ./tests/test_moe ./tests/test_moe_layer \
 run ATMOE_LINEAR_TILE_MIN_TOKENS=2 ./tests/test_moe ./tests/test_moe_layer \
     ./tests/test_mor1e ./tests/test_moe_backward
 run "ATMOE_LINEAR_TILE_MIN_TOKENS=2 $odd" ./tests/test_moe ./tests/test_mor1e
+for w in 8 16; do
+    run "ATMOE_TUNING_FILE=$srcdir/tests/linear/vw$w.json" ./tests/test_moe
+done
 exit "$status"

@@ -340,7 +340,7 @@ START_TEST(test_malformed)
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SRR\": 4}}}]}",
          "no parameter 'SRR' (it has SR, ST, MAX_TOKENS, VARIANT, "
          "GROUP_SIZE, GROUP_ROWS, TILE_MIN_TOKENS, TILE_TOKENS, TILE_ROWS, "
-         "TILE_K, TILE_WT, TILE_WR)"},
+         "TILE_K, TILE_WT, TILE_WR, VECTOR_WIDTH)"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": "
          "{\"TILE_K\": 65}}}]}",

@@ -42,6 +42,9 @@ typedef enum atm_param {
     ATM_PARAM_LINEAR_TILE_MIN_TOKENS, ATM_PARAM_LINEAR_TILE_TOKENS,
     ATM_PARAM_LINEAR_TILE_ROWS, ATM_PARAM_LINEAR_TILE_K,
     ATM_PARAM_LINEAR_TILE_WT, ATM_PARAM_LINEAR_TILE_WR,
+    /* "linear" VECTOR_WIDTH: cl/linear.cl's vectors, 16 or 8 (below 16);
+     * 0, the default, the device's native float width. */
+    ATM_PARAM_LINEAR_VECTOR_WIDTH,
     ATM_PARAM_COUNT_
 } atm_param;
 

@@ -380,6 +380,12 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
                                   ATM_ENV_NONE, -1},
     [ATM_PARAM_LINEAR_TILE_WR] = {"linear", "TILE_WR", 1, 16, 4, 4,
                                   ATM_ENV_NONE, -1},
+    /* cl/linear.cl's vector width: 0 takes the device's native float
+     * width (CL_DEVICE_NATIVE_VECTOR_WIDTH_FLOAT: a CPU driver's SIMD
+     * registers), so that its tile of sums fits them; 16 or 8 (any value
+     * below 16) forces one. */
+    [ATM_PARAM_LINEAR_VECTOR_WIDTH] = {"linear", "VECTOR_WIDTH", 0, 16, 0, 0,
+                                       ATM_ENV_NONE, -1},
 };
 
 static const param_row *find_param(const char *program, const char *name)

@@ -30,13 +30,14 @@ int atm_base_weight_type(atmoe_dtype dtype);
  * 2^group_log2 work-items per group and rows per group, fitted to the
  * device's work-group size and local memory, and the tile variant's
  * smallest batch (UINT_MAX: none) and tile (tm tokens x tn rows a group, k
- * in chunks of tk, wm x wn a work-item).  Sixteen bytes: the mixture
- * keeps three in its node. */
+ * in chunks of tk, wm x wn a work-item), and the CPU variant's vector
+ * width (vw, 8 or 16).  Twenty bytes: the mixture keeps three in its
+ * node. */
 enum { ATM_LINEAR_CPU, ATM_LINEAR_GROUP };
 typedef struct atm_linear_tune {
     unsigned short sr, st;
     unsigned char variant, group_log2, group_rows;
-    unsigned char tm, tn, tk, wm, wn;
+    unsigned char tm, tn, tk, wm, wn, vw;
     unsigned tile_from;
 } atm_linear_tune;
 
