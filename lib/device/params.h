@@ -65,6 +65,11 @@ size_t atm_param_work_group(const atmoe_context *ctx, atm_param p);
 long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
                             int st);
 
+/* Whether p's value in force is its default (no variable, entry or
+ * explicit set gave it): a default that the device cannot run may give
+ * way where an asked-for value is refused. */
+int atm_param_is_default(const atmoe_context *ctx, atm_param p);
+
 /* What the context keeps of the tuning (tuning.c): embedded in it, so that
  * the values in force exist whatever happened when it was made. */
 typedef struct atm_tuning {

@@ -1027,6 +1027,12 @@ size_t atm_param_work_group(const atmoe_context *ctx, atm_param p)
     return wg;
 }
 
+int atm_param_is_default(const atmoe_context *ctx, atm_param p)
+{
+    return ctx->tuning.from[(unsigned)p < ATM_PARAM_COUNT_ ? p : 0] ==
+           FROM_DEFAULT;
+}
+
 long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
                             int st)
 {

@@ -22,6 +22,18 @@ int atm_weight_type(atmoe_dtype dtype)
     return -1;
 }
 
+static size_t tile_items(const atm_linear_tune *t);
+static size_t tile_local_bytes(const atm_linear_tune *t);
+
+/* Whether the tile divides into work-items' blocks and its work-group and
+ * local memory fit the device. */
+static int tile_fits(const atm_linear_tune *t, const atmoe_device_info *dev)
+{
+    return t->tm % t->wm == 0 && t->tn % t->wn == 0 &&
+           tile_items(t) <= dev->max_work_group_size &&
+           tile_local_bytes(t) <= dev->local_mem_bytes;
+}
+
 /* The group variant's shape on this device: GROUP_SIZE rounded down to a
  * power of two (its tree halves it) and to the device's work-group size,
  * then halved until the GROUP_ROWS x 4 x GROUP_SIZE floats of its largest
@@ -71,6 +83,14 @@ void atm_linear_tune_get(const atmoe_context *ctx, atmoe_dtype dtype,
     t->tk = (unsigned char)atm_param_get(ctx, ATM_PARAM_LINEAR_TILE_K);
     t->wm = (unsigned char)atm_param_get(ctx, ATM_PARAM_LINEAR_TILE_WT);
     t->wn = (unsigned char)atm_param_get(ctx, ATM_PARAM_LINEAR_TILE_WR);
+    /* The tile is on by default on GPUs: where that default tile does not
+     * fit the device, its batches stay on the variant of the smaller ones
+     * rather than fail to plan.  A tile asked for (TILE_MIN_TOKENS from a
+     * database, a set or the environment) is checked, and refused, when
+     * its kernel is built. */
+    if (atm_param_is_default(ctx, ATM_PARAM_LINEAR_TILE_MIN_TOKENS) &&
+        !tile_fits(t, dev))
+        t->tile_from = UINT_MAX;
 }
 
 int atm_base_weight_type(atmoe_dtype dtype)
