@@ -4,8 +4,8 @@
  * u = x A^T is the same product without the extras.
  *
  * One work-item owns ROWS consecutive rows of W and TB tokens, streams its
- * rows and tokens once in float16 loads, and keeps a ROWS x TB tile of
- * float16 partial sums in registers.  Work-items never share a reduction:
+ * rows and tokens once in vector loads (float16, or float8: VW), and keeps
+ * a ROWS x TB tile of vector partial sums in registers.  Work-items never share a reduction:
  * CPU OpenCL compilers vectorise within a work-item, not across work-items
  * that each run a reduction loop, and a GEMM library's kernels written for
  * GPUs run several times slower there.  With few tokens (decode) the
@@ -13,7 +13,7 @@
  * work-items keeps a block of SR x ST tiles' rows and tokens in cache.
  *
  * The expand (zw rank channels) is added in the same pass, so the layer's
- * output is written once.  ROWS, TB, SR and ST are build options, and so
+ * output is written once.  ROWS, TB, SR, ST and VW are build options, and so
  * are the storage types of W and B (WT, BT: 0 f32, 1 f16, 2 bf16, and for
  * W only 3 q8): the weights are read as stored and converted in registers,
  * x, z and every sum stay f32 (SPEC section 2).  bf16 is the upper half of
@@ -56,6 +56,29 @@
 #define LOAD1_1(i, p) vload_half((i), (p))
 #define LOAD1_2(i, p) as_float((uint)(p)[i] << 16)
 #define LOAD16_(t, kb, p) LOAD16_##t(kb, p)
+/* The width of the products' vectors (VW, 16 or 8; the 8-bit blocks' loop
+ * below stays at 16): the host takes the device's native float width, so
+ * that a tile of sums fits its registers: on AVX-512 a float16 is one of
+ * 32 registers; on AVX2 it is two of 16, and a 4 x 4 tile of float16 sums
+ * alone would take all of them (spilled, it ran at half the rate of a
+ * 4 x 3 tile of float8 sums on PoCL). */
+#ifndef VW
+#define VW 16
+#endif
+#if VW == 8
+#define floatV float8
+#define VLOADV(kb, p) vload8((kb), (p))
+#define LOADV_0(kb, p) vload8((kb), (p))
+#define LOADV_1(kb, p) vload_half8((kb), (p))
+#define LOADV_2(kb, p) as_float8(convert_uint8(vload8((kb), (p))) << 16)
+#else
+#define floatV float16
+#define VLOADV(kb, p) vload16((kb), (p))
+#define LOADV_0 LOAD16_0
+#define LOADV_1 LOAD16_1
+#define LOADV_2 LOAD16_2
+#endif
+#define LOADV_(t, kb, p) LOADV_##t(kb, p)
 #define LOAD1_(t, i, p) LOAD1_##t(i, p)
 
 inline float sum16(float16 v)
@@ -66,33 +89,45 @@ inline float sum16(float16 v)
     return c.x + c.y;
 }
 
+inline float sum8(float8 v)
+{
+    float4 b = v.lo + v.hi;
+    float2 c = b.lo + b.hi;
+    return c.x + c.y;
+}
+#if VW == 8
+#define sumV sum8
+#else
+#define sumV sum16
+#endif
+
 /* out[r][t] = the dot product of a's row r and v's row t, n elements from
- * the element offsets arow[r] and vrow[t]: float16 blocks into a register
- * tile, then the n % 16 tail; one function per storage type of a. */
+ * the element offsets arow[r] and vrow[t]: blocks of VW into a register
+ * tile, then the n % VW tail; one function per storage type of a. */
 #define DEFINE_TILE_DOT(name, T)                                              \
     inline void name(float out[ROWS][TB], __global const STORE(T) *a,         \
                      const ulong arow[ROWS], __global const float *v,         \
                      const ulong vrow[TB], ulong n)                           \
     {                                                                         \
-        float16 acc[ROWS][TB];                                                \
+        floatV acc[ROWS][TB];                                                 \
         _Pragma("unroll") for (int r = 0; r < ROWS; r++)                      \
             _Pragma("unroll") for (int t = 0; t < TB; t++)                    \
-                acc[r][t] = (float16)(0.0f);                                  \
-        ulong blocks = n / 16;                                                \
+                acc[r][t] = (floatV)(0.0f);                                   \
+        ulong blocks = n / VW;                                                \
         for (ulong kb = 0; kb < blocks; kb++) {                               \
-            float16 vv[TB];                                                   \
+            floatV vv[TB];                                                    \
             _Pragma("unroll") for (int t = 0; t < TB; t++)                    \
-                vv[t] = vload16(kb, v + vrow[t]);                             \
+                vv[t] = VLOADV(kb, v + vrow[t]);                              \
             _Pragma("unroll") for (int r = 0; r < ROWS; r++) {                \
-                float16 av = LOAD16_(T, kb, a + arow[r]);                     \
+                floatV av = LOADV_(T, kb, a + arow[r]);                       \
                 _Pragma("unroll") for (int t = 0; t < TB; t++)                \
                     acc[r][t] = fma(av, vv[t], acc[r][t]);                    \
             }                                                                 \
         }                                                                     \
         _Pragma("unroll") for (int r = 0; r < ROWS; r++)                      \
             _Pragma("unroll") for (int t = 0; t < TB; t++) {                  \
-                float s = sum16(acc[r][t]);                                   \
-                for (ulong i = blocks * 16; i < n; i++)                       \
+                float s = sumV(acc[r][t]);                                    \
+                for (ulong i = blocks * VW; i < n; i++)                       \
                     s = fma(LOAD1_(T, arow[r] + i, a), v[vrow[t] + i], s);    \
                 out[r][t] = s;                                                \
             }                                                                 \

@@ -1772,6 +1772,71 @@ START_TEST(test_every_batch_tuned_boundary)
 }
 END_TEST
 
+/* The tile variant (cl/linear_tile.cl) from 5 tokens and CLBlast past 16:
+ * batches 1 to 19 take the three routes of one graph.  On its default
+ * tile (64 x 64, k by 16: the shapes are a partial tile), on an odd one
+ * (5 tokens x 7 rows, k by 3: several tiles each way, partial ones at
+ * the edges, a work-item a whole column of 7 rows), and over W0 in 8-bit
+ * blocks (dequantised as staged). */
+START_TEST(test_every_batch_tile)
+{
+    every_batch("{\"kernels\": {\"linear\": {\"TILE_MIN_TOKENS\": 5, "
+                "\"MAX_TOKENS\": 16}}}");
+    every_batch("{\"kernels\": {\"linear\": {\"TILE_MIN_TOKENS\": 3, "
+                "\"TILE_TOKENS\": 5, \"TILE_ROWS\": 7, \"TILE_K\": 3, "
+                "\"TILE_WT\": 1, \"TILE_WR\": 7}}}");
+    every_batch_typed("{\"kernels\": {\"linear\": {\"TILE_MIN_TOKENS\": 4, "
+                      "\"TILE_TOKENS\": 8, \"TILE_ROWS\": 12, "
+                      "\"TILE_K\": 8, \"TILE_WT\": 2, \"TILE_WR\": 3}}}",
+                      ATMOE_DTYPE_Q8, ATMOE_DTYPE_F16, ATMOE_DTYPE_BF16);
+}
+END_TEST
+
+/* Tiles the kernel or the device cannot run are refused at planning, with
+ * the reason: a work-item's block that does not divide the tile, and a
+ * work-group larger than the device allows (128 x 128 items). */
+START_TEST(test_tile_refused)
+{
+    static const struct {
+        const char *params, *says;
+    } bad[] = {
+        {"{\"kernels\": {\"linear\": {\"TILE_MIN_TOKENS\": 2, "
+         "\"TILE_TOKENS\": 6, \"TILE_WT\": 4}}}",
+         "does not divide the tile"},
+        {"{\"kernels\": {\"linear\": {\"TILE_MIN_TOKENS\": 2, "
+         "\"TILE_TOKENS\": 128, \"TILE_ROWS\": 128, \"TILE_WT\": 1, "
+         "\"TILE_WR\": 1}}}",
+         "work-groups of 16384 work-items"},
+    };
+    CTX = test_context();
+    test_rng_seed(&RNG, 1515);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        OK(atmoe_context_set_params(CTX, bad[i].params));
+        model m;
+        model_s1(&m, 37, 29, NULL);
+        atmoe_experts *set = model_build(&m);
+        float *w0 = alloc_uniform(29 * 37, -1, 1);
+        atmoe_graph *g;
+        OK(atmoe_graph_new(CTX, &g));
+        atmoe_node nx = input2(g, "x", ATMOE_DTYPE_F32, 3, 37, 1);
+        atmoe_node ng = input2(g, "gates", ATMOE_DTYPE_F32, 3, m.n, 1);
+        atmoe_node nw0 = const2(g, ATMOE_DTYPE_F32, 29, 37, w0);
+        atmoe_node y;
+        OK(atmoe_graph_mixture(g, nx, nw0, ATMOE_NODE_NONE, set,
+                               ATMOE_MIX_BLOCK, ng, ATMOE_NODE_NONE, 1.0f,
+                               &y));
+        OK(atmoe_graph_mark_output(g, y));
+        FAILS(atmoe_graph_plan(g, 0), CTX, ATMOE_STATUS_NOT_SUPPORTED,
+              bad[i].says);
+        atmoe_graph_free(g);
+        atmoe_experts_free(set);
+        free(w0);
+        model_free(&m);
+    }
+    atmoe_context_free(CTX);
+}
+END_TEST
+
 /* The variable is read when the context is made. */
 START_TEST(test_every_batch_clblast)
 {
@@ -2761,6 +2826,8 @@ static Suite *moe_suite(void)
     tcase_add_test(tc, test_every_batch_clblast);
     tcase_add_test(tc, test_every_batch_tuned_blocks);
     tcase_add_test(tc, test_every_batch_tuned_boundary);
+    tcase_add_test(tc, test_every_batch_tile);
+    tcase_add_test(tc, test_tile_refused);
     tcase_add_test(tc, test_every_batch_mixture_work_groups);
     tcase_add_test(tc, test_every_batch_mix_items);
     tcase_add_test(tc, test_single_row);

@@ -4,11 +4,22 @@
 # "oclgrind" case of tests/test_moe: T = 11, 1 and 4 over d_in 97 and
 # d_out 41 with W0, A_all and B_all in f32, f16 and bf16, and a CLBlast and
 # merged route at 31 tokens; the "layer" case of tests/test_mor1e, whose
-# batches include 2 tokens).  Each runs with the CPU-shaped variant, the
-# group variant on its defaults (128 work-items, 4 rows a group) and the
-# group variant with 32 work-items and 3 rows (tests/oclgrind/tuning.json:
-# d_in is no multiple of the group, d_out none of the rows).  Oclgrind's
-# own platform is the only one its launcher shows the program.
+# batches include 2 tokens).  Each runs with
+#   cpu      the CPU-shaped variant,
+#   group    the group variant on its defaults (128 work-items, 4 rows a
+#            group),
+#   group32  the group variant with 32 work-items and 3 rows
+#            (tests/oclgrind/tuning.json: d_in is no multiple of the group,
+#            d_out none of the rows),
+# those three with the tile variant off, and
+#   tile     the tile variant for every batch on its default tile (64 x 64
+#            outputs a group, k by 16, 4 x 4 a work-item: each shape a
+#            partial tile),
+#   tile-odd the tile variant from 2 tokens on the odd tile of
+#            tests/oclgrind/tuning.json (6 tokens x 9 rows, k by 5, 2 x 3 a
+#            work-item: several tiles each way, partial ones at every
+#            edge), single tokens on the group variant of that file.
+# Oclgrind's own platform is the only one its launcher shows the program.
 #
 # Passes when every run's check suite passes and oclgrind reports nothing.
 # CLBlast releases its cached programs after oclgrind's runtime has gone,
@@ -31,16 +42,19 @@ failed=0
 for prog in test_moe:oclgrind test_mor1e:layer; do
     t=${prog%%:*}
     case_=${prog#*:}
-    for config in cpu group group32; do
+    for config in cpu group group32 tile tile-odd; do
         log=tests/oclgrind-$t-$config.log
         variant=1
+        tile=1000000000
         db=$srcdir/data/tuning.json
         case $config in
         cpu) variant=0 ;;
         group32) db=$srcdir/tests/oclgrind/tuning.json ;;
+        tile) tile=1 ;;
+        tile-odd) tile=2 db=$srcdir/tests/oclgrind/tuning.json ;;
         esac
-        ATMOE_LINEAR_VARIANT=$variant ATMOE_TUNING_SYSTEM_FILE=$db \
-            CK_RUN_CASE=$case_ \
+        ATMOE_LINEAR_VARIANT=$variant ATMOE_LINEAR_TILE_MIN_TOKENS=$tile \
+            ATMOE_TUNING_SYSTEM_FILE=$db CK_RUN_CASE=$case_ \
             "$OCLGRIND" --data-races --check-api "./tests/.libs/$t" \
             > "$log" 2>&1
         reports=$(grep -c -E 'data race|Invalid (read|write)|runtime error|out of bounds|divergence' "$log")

@@ -340,7 +340,12 @@ START_TEST(test_malformed)
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SRR\": 4}}}]}",
          "no parameter 'SRR' (it has SR, ST, MAX_TOKENS, VARIANT, "
-         "GROUP_SIZE, GROUP_ROWS)"},
+         "GROUP_SIZE, GROUP_ROWS, TILE_MIN_TOKENS, TILE_TOKENS, TILE_ROWS, "
+         "TILE_K, TILE_WT, TILE_WR, VECTOR_WIDTH)"},
+        {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
+         "\"type\": \"CPU\", \"kernels\": {\"linear\": "
+         "{\"TILE_K\": 65}}}]}",
+         "kernels.linear.TILE_K = 65 is not an integer in [1, 64]"},
         {"{\"atmoe_tuning\": 1, \"entries\": [{\"vendor\": \"PoCL\", "
          "\"type\": \"CPU\", \"kernels\": {\"linear\": {\"SR\": 0}}}]}",
          "kernels.linear.SR = 0 is not an integer in [1, 256]"},

@@ -24,6 +24,7 @@ static const char *const env_names[ATM_ENV_COUNT_] = {
     [ATM_ENV_HOME] = "HOME",
     [ATM_ENV_TEST_FAIL_ALLOC] = "ATMOE_TEST_FAIL_ALLOC",
     [ATM_ENV_MIXTURE_VARIANT] = "ATMOE_MIXTURE_VARIANT",
+    [ATM_ENV_LINEAR_TILE_MIN_TOKENS] = "ATMOE_LINEAR_TILE_MIN_TOKENS",
 };
 
 const char *atm_env_name(atm_env_var var)

@@ -25,6 +25,7 @@ typedef enum atm_env_var {
     ATM_ENV_HOME,
     ATM_ENV_TEST_FAIL_ALLOC,     /* ATMOE_TEST_FAIL_ALLOC: tests only */
     ATM_ENV_MIXTURE_VARIANT,     /* ATMOE_MIXTURE_VARIANT */
+    ATM_ENV_LINEAR_TILE_MIN_TOKENS, /* ATMOE_LINEAR_TILE_MIN_TOKENS */
     ATM_ENV_COUNT_
 } atm_env_var;
 

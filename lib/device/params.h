@@ -10,7 +10,7 @@
 typedef enum atm_param {
     ATM_PARAM_LINEAR_SR,         /* "linear" SR: rows-tiles per block, 1..256, default 8 */
     ATM_PARAM_LINEAR_ST,         /* "linear" ST: token-tiles per block, 1..256, default 8 */
-    ATM_PARAM_LINEAR_MAX_TOKENS, /* "linear" MAX_TOKENS: batches up to this run cl/linear.cl, beyond it CLBlast; env ATMOE_LINEAR_MAX_TOKENS; default: no limit (LONG_MAX) on CPU devices, 16 elsewhere; >= 1 */
+    ATM_PARAM_LINEAR_MAX_TOKENS, /* "linear" MAX_TOKENS: batches up to this run cl/linear.cl, beyond it CLBlast; env ATMOE_LINEAR_MAX_TOKENS; default: no limit (LONG_MAX) on CPU devices, 64 elsewhere; >= 1 */
     /* Work-group sizes (atm_param_work_group rounds them to a power of
      * two the device allows): "router" WG, the items that share a row's
      * dot products in cl/router.cl, default 64; "mixture" WG, the
@@ -54,6 +54,19 @@ typedef enum atm_param {
      * default 0 on CPU devices, 1 elsewhere. */
     ATM_PARAM_MIXTURE_VARIANT, ATM_PARAM_MIXTURE_FUSED_MAX_TOKENS,
     ATM_PARAM_MIXTURE_FUSED_ROWS, ATM_PARAM_MIXTURE_FUSED_GS,
+    /* The tile variant cl/linear_tile.cl (moe/linear.c): batches of at
+     * least "linear" TILE_MIN_TOKENS tokens (and at most MAX_TOKENS) run
+     * it, whatever VARIANT runs the smaller ones; env
+     * ATMOE_LINEAR_TILE_MIN_TOKENS; default: never (LONG_MAX) on CPU
+     * devices, 8 elsewhere.  Its tile: TILE_TOKENS x TILE_ROWS outputs a
+     * work-group, k staged through local memory TILE_K at a time, each
+     * work-item a TILE_WT x TILE_WR block (tokens x rows) of them. */
+    ATM_PARAM_LINEAR_TILE_MIN_TOKENS, ATM_PARAM_LINEAR_TILE_TOKENS,
+    ATM_PARAM_LINEAR_TILE_ROWS, ATM_PARAM_LINEAR_TILE_K,
+    ATM_PARAM_LINEAR_TILE_WT, ATM_PARAM_LINEAR_TILE_WR,
+    /* "linear" VECTOR_WIDTH: cl/linear.cl's vectors, 16 or 8 (below 16);
+     * 0, the default, the device's native float width. */
+    ATM_PARAM_LINEAR_VECTOR_WIDTH,
     ATM_PARAM_COUNT_
 } atm_param;
 
@@ -73,6 +86,11 @@ size_t atm_param_work_group(const atmoe_context *ctx, atm_param p);
  * (f32, f16, bf16 or q8; another reads the untyped one). */
 long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,
                             int st);
+
+/* Whether p's value in force is its default (no variable, entry or
+ * explicit set gave it): a default that the device cannot run may give
+ * way where an asked-for value is refused. */
+int atm_param_is_default(const atmoe_context *ctx, atm_param p);
 
 /* What the context keeps of the tuning (tuning.c): embedded in it, so that
  * the values in force exist whatever happened when it was made. */

@@ -310,9 +310,11 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
      * a CPU device it ran 4-5 times faster than CLBlast 1.5.3 with its
      * default parameters on PoCL 3.1, decode and prefill alike; elsewhere
      * reading the weights once bounds small batches, and GEMM tiling only
-     * adds to it, up to about 16 tokens. */
+     * adds to it, up to about 16 tokens; the tile variant (from
+     * TILE_MIN_TOKENS) reads them once a tile of tokens and fuses the
+     * expand, up to an untuned 64 tokens before CLBlast's tuned GEMMs. */
     [ATM_PARAM_LINEAR_MAX_TOKENS] = {"linear", "MAX_TOKENS", 1, LONG_MAX,
-                                     LONG_MAX, 16, ATM_ENV_LINEAR_MAX_TOKENS,
+                                     LONG_MAX, 64, ATM_ENV_LINEAR_MAX_TOKENS,
                                      -1},
     /* Work-group sizes, 64 as the library always had: the router's items
      * per row (a tree reduction over them), and the 1-D launches of the
@@ -390,6 +392,36 @@ static const param_row param_rows[ATM_PARAM_COUNT_] = {
                                       64, ATM_ENV_NONE, -1},
     [ATM_PARAM_MIXTURE_FUSED_GS] = {"mixture", "FUSED_GS", 1, 1024, 16, 128,
                                     ATM_ENV_NONE, -1},
+    /* The tile variant (cl/linear_tile.cl) from TILE_MIN_TOKENS tokens up
+     * to MAX_TOKENS: off on CPU devices, where cl/linear.cl's rows in
+     * registers run faster than staging through local memory (which a CPU
+     * driver keeps in the same caches); from 8 tokens elsewhere, where a
+     * work-group reading each element of W once per 64 tokens rather than
+     * once per output tile is what prefill needs.  The tile's sizes are
+     * untuned starting points: 64 x 64 outputs a group, 16 of k a chunk,
+     * 4 x 4 a work-item (256 work-items, 8.3 KB of local memory).
+     * moe/linear.c refuses, at planning, sizes whose work-item block does
+     * not divide the tile or whose group or local memory the device
+     * lacks. */
+    [ATM_PARAM_LINEAR_TILE_MIN_TOKENS] = {"linear", "TILE_MIN_TOKENS", 1,
+                                          LONG_MAX, LONG_MAX, 8,
+                                          ATM_ENV_LINEAR_TILE_MIN_TOKENS, -1},
+    [ATM_PARAM_LINEAR_TILE_TOKENS] = {"linear", "TILE_TOKENS", 1, 128, 64,
+                                      64, ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_ROWS] = {"linear", "TILE_ROWS", 1, 128, 64, 64,
+                                    ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_K] = {"linear", "TILE_K", 1, 64, 16, 16,
+                                 ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_WT] = {"linear", "TILE_WT", 1, 16, 4, 4,
+                                  ATM_ENV_NONE, -1},
+    [ATM_PARAM_LINEAR_TILE_WR] = {"linear", "TILE_WR", 1, 16, 4, 4,
+                                  ATM_ENV_NONE, -1},
+    /* cl/linear.cl's vector width: 0 takes the device's native float
+     * width (CL_DEVICE_NATIVE_VECTOR_WIDTH_FLOAT: a CPU driver's SIMD
+     * registers), so that its tile of sums fits them; 16 or 8 (any value
+     * below 16) forces one. */
+    [ATM_PARAM_LINEAR_VECTOR_WIDTH] = {"linear", "VECTOR_WIDTH", 0, 16, 0, 0,
+                                       ATM_ENV_NONE, -1},
 };
 
 static const param_row *find_param(const char *program, const char *name)
@@ -1029,6 +1061,12 @@ size_t atm_param_work_group(const atmoe_context *ctx, atm_param p)
     while (wg * 2 <= (size_t)v && wg * 2 <= max)
         wg *= 2;
     return wg;
+}
+
+int atm_param_is_default(const atmoe_context *ctx, atm_param p)
+{
+    return ctx->tuning.from[(unsigned)p < ATM_PARAM_COUNT_ ? p : 0] ==
+           FROM_DEFAULT;
 }
 
 long atm_param_linear_block(const atmoe_context *ctx, atmoe_dtype dtype,

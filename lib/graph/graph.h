@@ -10,8 +10,8 @@
 #define ATM_NODE_NAME_SIZE 64
 #define ATM_MAX_SRC 6 /* the router's backward reads six */
 /* Kernel handles a node keeps from planning on (the mixture uses most). */
-#define ATM_NODE_KERNELS 17
-#define ATM_NODE_USER_BYTES 96
+#define ATM_NODE_KERNELS 20
+#define ATM_NODE_USER_BYTES 160
 
 /* The parameters of node n as the struct `type` of its operation. */
 #define ATM_NODE_PARAMS(type, n)                                              \

@@ -18,23 +18,30 @@
 #include "moe/linear.h"
 
 
-/* Kernel slots: cl/linear.cl for 1, 2 and 3+ tokens (its tile) over the
- * experts' A (the shrink), over W0 (the base and expand), and over the
- * merged W' in f32 when A is stored in half precision (else the shrink's
- * serve), the mix, the fold of the merge path, the f32 copy, and the
- * copies of W0 and of A into f32 (for CLBlast and the merge path, when
- * they are stored in half precision). */
+/* Kernel slots: the linear route's (moe/linear.h: 1, 2 and 3+ tokens,
+ * then the tile) over the experts' A (the shrink), over W0 (the base and
+ * expand), and over the merged W' in f32 when A is stored in half
+ * precision (else the shrink's serve), the mix, the fold of the merge
+ * path, the f32 copy, and the copies of W0 and of A into f32 (for CLBlast
+ * and the merge path, when they are stored in half precision). */
 enum {
-    K_SHRINK1, K_SHRINK2, K_SHRINK3,
-    K_BASE1, K_BASE2, K_BASE3,
-    K_MIX, K_FOLD, K_COPY, K_W0_F32,
-    K_MERGED1, K_MERGED2, K_MERGED3, K_A_F32,
+    K_SHRINK1,
+    K_BASE1 = K_SHRINK1 + ATM_LINEAR_SLOTS,
+    K_MIX = K_BASE1 + ATM_LINEAR_SLOTS, K_FOLD, K_COPY, K_W0_F32,
+    K_MERGED1,
+    K_A_F32 = K_MERGED1 + ATM_LINEAR_SLOTS,
+    /* The fused variant's, for 1, 2 and 3+ tokens (fused_slot). */
     K_FUSED1, K_FUSED2, K_FUSED3
 };
 
 /* The fused variant's rows of registers (those of cl/linear_gpu.cl's
  * default GROUP_ROWS). */
 #define FUSED_GR 4
+
+static int fused_slot(size_t T)
+{
+    return K_FUSED1 + (T == 1 ? 0 : T == 2 ? 1 : 2);
+}
 
 static const char *mix_name(atmoe_mix mix)
 {
@@ -242,15 +249,16 @@ ATMOE_API atmoe_status atmoe_graph_mixture_set_merge(atmoe_graph *g,
 
 /* ---------------------------------------------------------------- plan */
 
-/* The kernel of cl/linear.cl for batches of b tokens into the slot of
+/* The linear route's kernels for every batch up to T into the slots of
  * first (K_SHRINK1, K_BASE1 or K_MERGED1), its W and B read as storage
- * types wt and bt, with the blocks of that product. */
-static atmoe_status linear_kernel(atmoe_graph *g, atm_node *n, int first,
-                                  size_t b, int wt, int bt)
+ * types wt and bt, with the parameters of that product. */
+static atmoe_status linear_kernels(atmoe_graph *g, atm_node *n, int first,
+                                   size_t T, int wt, int bt)
 {
     const mixture_params *mp = ATM_NODE_PARAMS(mixture_params, n);
     int k = block_of(first);
-    return atm_linear_kernel(g, n, first, b, wt, bt, &mp->lin[k]);
+    return atm_linear_kernels(g, n, first, T, mp->linear_upto, wt, bt,
+                              &mp->lin[k]);
 }
 
 /* The mix kernel's work-items in force (kernels.mixture.VW and TPI): VW
@@ -326,7 +334,7 @@ static atmoe_status fused_kernel(atmoe_graph *g, atm_node *n, size_t b)
                                              : 2,
              atm_weight_type(set->a_dtype), atm_weight_type(mp->w0_dtype),
              atm_weight_type(set->b_dtype));
-    int slot = atm_linear_slot(K_FUSED1, b);
+    int slot = fused_slot(b);
     atmoe_status st =
         atm_node_kernel(g, n, slot, "mixture", options, "mixture_fused");
     if (st != ATMOE_STATUS_OK)
@@ -371,20 +379,15 @@ static atmoe_status mixture_prepare(atmoe_graph *g, atm_node *n)
              mp->mix_tpi);
     atmoe_status st = atm_node_kernel(g, n, K_MIX, "mixture", mix_options,
                                       mix_name(mp->mix));
-    static const size_t tile_batches[] = {1, 2, 3};
-    for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
-        size_t b = tile_batches[i];
-        if (b > T || b > mp->linear_upto)
-            break;
-        /* The shrink reads A_all, the base W0 and B_all, each as stored. */
-        st = linear_kernel(g, n, K_SHRINK1, b, at, 0);
-        if (st == ATMOE_STATUS_OK)
-            st = linear_kernel(g, n, K_BASE1, b,
-                               atm_base_weight_type(mp->w0_dtype),
-                               atm_weight_type(set->b_dtype));
-        if (st == ATMOE_STATUS_OK && at != 0 && mp->merge_from <= T)
-            st = linear_kernel(g, n, K_MERGED1, b, 0, 0);
-    }
+    /* The shrink reads A_all, the base W0 and B_all, each as stored. */
+    if (st == ATMOE_STATUS_OK)
+        st = linear_kernels(g, n, K_SHRINK1, T, at, 0);
+    if (st == ATMOE_STATUS_OK)
+        st = linear_kernels(g, n, K_BASE1, T,
+                            atm_base_weight_type(mp->w0_dtype),
+                            atm_weight_type(set->b_dtype));
+    if (st == ATMOE_STATUS_OK && at != 0 && mp->merge_from <= T)
+        st = linear_kernels(g, n, K_MERGED1, T, 0, 0);
     if (st == ATMOE_STATUS_OK && mp->w0_dtype != ATMOE_DTYPE_F32 &&
         (mp->merge_from <= T || T > mp->linear_upto))
         st = atm_copy_kernel(g->ctx, ATMOE_DTYPE_F32, mp->w0_dtype,
@@ -634,7 +637,7 @@ static atmoe_status run_fused(atmoe_graph *g, const atm_node *n, size_t T,
     const atmoe_tensor *index = atm_src_rt(g, n, 4);
     /* One event for the node: its first command is its last. */
     cl_event *ev = first ? first : last;
-    atm_args args = {n->kernel[atm_linear_slot(K_FUSED1, T)], 0, CL_SUCCESS};
+    atm_args args = {n->kernel[fused_slot(T)], 0, CL_SUCCESS};
     atm_arg_tensor(&args, &n->rt);
     atm_arg_tensor(&args, x);
     atm_arg_tensor(&args, set->a);

@@ -60,7 +60,7 @@ typedef struct mixture_bw_params {
 enum { S_X, S_GATES, S_INDEX, S_DY };
 /* Kernel slots: the mix's adjoint and the gates' gradient, then
  * cl/linear.cl's for u and for dz, three each (batches of 1, 2, 3+). */
-enum { K_ADJOINT, K_GATES, K_U1, K_DZ1 = K_U1 + 3 };
+enum { K_ADJOINT, K_GATES, K_U1, K_DZ1 = K_U1 + ATM_LINEAR_SLOTS };
 
 static const atm_op atm_op_mixture_backward, atm_op_column_sum;
 static atmoe_status push(atmoe_graph *g, const atm_node *p, const char *name,
@@ -100,15 +100,12 @@ static atmoe_status bw_prepare(atmoe_graph *g, atm_node *n)
     atm_linear_tune_get(g->ctx, set->a_dtype, &bp->lin[0]);
     atm_linear_tune_get(g->ctx, ATMOE_DTYPE_F32, &bp->lin[1]);
     size_t T = g->nodes[n->src[S_X]].shape[0];
-    static const size_t tile_batches[] = {1, 2, 3};
-    for (size_t i = 0; i < 3 && st == ATMOE_STATUS_OK; i++) {
-        size_t b = tile_batches[i];
-        if (b > T || b > bp->linear_upto)
-            break;
-        st = atm_linear_kernel(g, n, K_U1, b, at, 0, &bp->lin[0]);
-        if (st == ATMOE_STATUS_OK)
-            st = atm_linear_kernel(g, n, K_DZ1, b, 0, 0, &bp->lin[1]);
-    }
+    if (st == ATMOE_STATUS_OK)
+        st = atm_linear_kernels(g, n, K_U1, T, bp->linear_upto, at, 0,
+                                &bp->lin[0]);
+    if (st == ATMOE_STATUS_OK)
+        st = atm_linear_kernels(g, n, K_DZ1, T, bp->linear_upto, 0, 0,
+                                &bp->lin[1]);
     return st;
 }
 

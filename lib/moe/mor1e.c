@@ -43,10 +43,10 @@ typedef atm_mor1e_route route_params;
 extern const atm_op atm_op_mor1e_shrink, atm_op_mor1e_route,
     atm_op_mor1e_expand, atm_op_mor1e_stats;
 
-/* Kernel slots of the expand (the shrink uses the first three): the three
- * tiles of cl/linear.cl, the bias's broadcast and W0's copy into f32 for
+/* Kernel slots of the expand (the shrink uses the first ones): the linear
+ * route's (moe/linear.h), the bias's broadcast and W0's copy into f32 for
  * CLBlast. */
-enum { K_LIN1, K_LIN2, K_LIN3, K_COPY, K_W0_F32 };
+enum { K_LIN1, K_COPY = K_LIN1 + ATM_LINEAR_SLOTS, K_W0_F32 };
 
 /* The blocks are those tuned for products over a weight stored as w. */
 static void linear_params_init(atmoe_graph *g, linear_params *lp,
@@ -57,18 +57,13 @@ static void linear_params_init(atmoe_graph *g, linear_params *lp,
     lp->linear_upto = upto >= 1 ? (size_t)upto : 0;
 }
 
-/* The kernels of cl/linear.cl for every batch up to T, W read as wt. */
+/* The linear route's kernels for every batch up to T, W read as wt. */
 static atmoe_status linear_kernels(atmoe_graph *g, atm_node *n, size_t T,
                                    int wt)
 {
     linear_params *lp = ATM_NODE_PARAMS(linear_params, n);
-    atmoe_status st = ATMOE_STATUS_OK;
-    for (size_t b = 1; b <= 3 && st == ATMOE_STATUS_OK; b++) {
-        if (b > T || b > lp->linear_upto)
-            break;
-        st = atm_linear_kernel(g, n, K_LIN1, b, wt, 0, &lp->lin);
-    }
-    return st;
+    return atm_linear_kernels(g, n, K_LIN1, T, lp->linear_upto, wt, 0,
+                              &lp->lin);
 }
 
 /* ---------------------------------------------------------------- shrink */
