@@ -4,15 +4,17 @@
 # to kernels.mixture.FUSED_MAX_TOKENS tokens, the default on GPUs), so that
 # a CPU device checks it against the float64 references of the mixture
 # cases of tests/test_moe (every batch of 1 to 19 tokens, every storage
-# type, the three mixes, gate rows per token, per sequence and for all)
+# type through the
+# mixture case's f32 weights, the three mixes, gate rows per token, per sequence and for all)
 # and of tests/test_moe_layer.  Exit 77 (a skip) when there is no OpenCL
 # device, as theirs.
 set -u
 ATMOE_MIXTURE_VARIANT=1
 export ATMOE_MIXTURE_VARIANT
 status=0
-for t in ./tests/test_moe:mixture ./tests/test_moe:typed \
-         ./tests/test_moe_layer:; do
+# (The typed case, every storage type again, is left to a run by hand:
+# CK_RUN_CASE=typed; it doubled this script's time on 2 cores.)
+for t in ./tests/test_moe:mixture ./tests/test_moe_layer:; do
     prog=${t%%:*}
     case_=${t#*:}
     echo "$prog ${case_:+(case $case_) }with ATMOE_MIXTURE_VARIANT=1"
