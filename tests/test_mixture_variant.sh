@@ -3,9 +3,8 @@
 # (ATMOE_MIXTURE_VARIANT=1: cl/mixture.cl's mixture_fused for batches of up
 # to kernels.mixture.FUSED_MAX_TOKENS tokens, the default on GPUs), so that
 # a CPU device checks it against the float64 references of the mixture
-# cases of tests/test_moe (every batch of 1 to 19 tokens, every storage
-# type through the
-# mixture case's f32 weights, the three mixes, gate rows per token, per sequence and for all)
+# cases of tests/test_moe (every batch of 1 to 19 tokens, the three
+# mixes, gate rows per token, per sequence and for all)
 # and of tests/test_moe_layer.  Exit 77 (a skip) when there is no OpenCL
 # device, as theirs.
 set -u
