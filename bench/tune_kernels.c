@@ -1,11 +1,14 @@
 /* atmoe-tune: the library's own tunable kernels, one row each, and the
  * search that every row gets (see tune_kernels.h):
  *
- *   router        "router" WG: the items that share a row's dot products
- *                 in cl/router.cl (the projected router over 8 experts)
- *   mixture       "mixture" WG: the work-groups of cl/mixture.cl's mix and
- *                 fold launches (the block mix of 8 experts of rank 16, and
- *                 its merge path, which folds them into W0)
+ *   router        "router" WG and LPI: the items that share a row's dot
+ *                 products in cl/router.cl and the logits each pass over
+ *                 the row computes (the projected router over 8 experts)
+ *   mixture       "mixture" WG, VW and TPI: the work-groups of
+ *                 cl/mixture.cl's mix and fold launches and the channels
+ *                 and tokens of a mix item (the block mix of 8 experts of
+ *                 rank 16 in a narrow layer, and its merge path, which
+ *                 folds them into W0)
  *   linear.group  "linear" GROUP_SIZE and GROUP_ROWS of the group variant,
  *                 cl/linear_gpu.cl (run as VARIANT 1 for every batch)
  *   kmeans        "kmeans" WG: the passes of cl/kmeans.cl (atmoe_kmeans)
@@ -52,6 +55,11 @@
 #define MIX_GROUPS 4
 #define MIX_RANK 16
 #define MIX_ALPHA (2.0f * MIX_RANK)
+/* The width of the mixture row's mix shapes, and the batch of its merged
+ * shapes, a decode's, where folding the experts into W0 is a good part of
+ * the work (see mix_setup_as). */
+#define MIX_NARROW 16
+#define MIX_MERGE_T 16
 
 static int quiet;
 
@@ -81,10 +89,10 @@ typedef struct mix_work {
     atmoe_context *ctx;
     int router; /* the router's graph, else the mixture's */
     int nd;
-    size_t d[2];
-    atmoe_tensor *w0[2], *wg[2], *wd[2];
-    atmoe_experts *set[2];
-    atmoe_router *rt[2];
+    size_t d[3];
+    atmoe_tensor *w0[3], *wg[3], *wd[3];
+    atmoe_experts *set[3];
+    atmoe_router *rt[3];
     struct {
         int k; /* its width's index */
         int merged; /* one gate row for every token, the merge path */
@@ -134,8 +142,13 @@ static atmoe_status random_tensor(const tk_env *env, int ndim,
     return st;
 }
 
-/* merge: a shape more per width, the largest T on the merge path (the
- * experts folded into a copy of W0 under one gate row, fold_gates). */
+/* merge: the mix's shapes (the row's batches) in a layer MIX_NARROW
+ * wide, where the mix kernel's own time is most of the layer's (its work
+ * is T x the total rank, whatever d: at d = 4096 the products around it
+ * take a thousand times longer and would drown its candidates' gains in
+ * their noise), and per width of the sizes a shape on the merge path at
+ * MIX_MERGE_T tokens (the experts folded into a copy of W0 under one gate
+ * row, fold_gates, which the same work-groups run). */
 static int mix_setup_as(const tk_env *env, const tk_kernel *row, void **state,
                         char names[][48], size_t *out_count, int router,
                         int merge)
@@ -146,6 +159,8 @@ static int mix_setup_as(const tk_env *env, const tk_kernel *row, void **state,
         return -1;
     w->ctx = env->ctx;
     w->router = router;
+    if (merge)
+        w->d[w->nd++] = MIX_NARROW;
     if (env->small)
         w->d[w->nd++] = 1024;
     if (env->full)
@@ -183,10 +198,13 @@ static int mix_setup_as(const tk_env *env, const tk_kernel *row, void **state,
                                        1.0f, 1.0f, 2, 0, &w->rt[k])))
                 return mix_fail(w, st, "making the router");
         }
-        for (int j = 0; j < row->nts + merge && w->ns < TK_MAX_SHAPES;
-             j++) {
+        /* With merge, the batches at the narrow width (k 0) and one
+         * merged shape at each other. */
+        int first = merge && k > 0 ? row->nts : 0;
+        int last = merge ? (k == 0 ? row->nts : row->nts + 1) : row->nts;
+        for (int j = first; j < last && w->ns < TK_MAX_SHAPES; j++) {
             int i = w->ns++, merged = j == row->nts;
-            size_t t = row->ts[merged ? row->nts - 1 : j];
+            size_t t = merged ? MIX_MERGE_T : row->ts[j];
             size_t rows = merged ? 1 : t;
             w->s[i].k = k;
             w->s[i].merged = merged;
@@ -304,7 +322,7 @@ static void mix_teardown(void *state)
         free(w->s[i].x);
         free(w->s[i].gates);
     }
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 3; k++) {
         atmoe_router_free(w->rt[k]);
         atmoe_experts_free(w->set[k]);
         atmoe_tensor_free(w->w0[k]);
@@ -581,28 +599,35 @@ static int fits_linear_group(const int *v, const atmoe_device_info *dev,
  * (the mixture's and the router's take the batches to time) and a
  * tolerance.  A variant of the products times on the mixture as
  * linear.group does, with its VARIANT in fixed. */
-static const size_t mix_ts[] = {64, 512};
+static const size_t router_ts[] = {64, 512};
+static const size_t mix_ts[] = {512, 4096};
 static const size_t group_ts[] = {16, 64};
 
 static const tk_kernel rows[] = {
-    {"router", "router", "the router's items per row (cl/router.cl)",
-     {{"WG", 64, 64, {16, 32, 128, 256}, POW2_TO_1024}},
-     NULL, fits_work_group, &router_work, mix_ts, 2, 1e-4, 0.2},
-    {"mixture", "mixture", "the mixture's mix and fold (cl/mixture.cl)",
-     {{"WG", 64, 64, {16, 32, 128, 256}, POW2_TO_1024}},
-     NULL, fits_work_group, &merge_work, mix_ts, 2, 1e-4, 0.2},
+    {"router", "router",
+     "the router's items per row and logits per pass (cl/router.cl)",
+     {{"WG", 64, 64, {1, 16, 64, 256}, POW2_TO_1024},
+      {"LPI", 1, 1, {1, 2, 4, 8}, {1, 2, 4, 8, 16, 32}}},
+     NULL, fits_work_group, &router_work, router_ts, 2, 1e-4, 0.2},
+    {"mixture", "mixture",
+     "the mix's work-groups, channels and tokens an item, and the fold's "
+     "work-groups (cl/mixture.cl)",
+     {{"WG", 64, 64, {64, 256}, POW2_TO_1024},
+      {"VW", 1, 1, {1, 4, 8, 16}, {1, 2, 4, 8, 16}},
+      {"TPI", 1, 1, {1, 4, 16}, {1, 2, 4, 8, 16, 32, 64}}},
+     NULL, fits_work_group, &merge_work, mix_ts, 2, 1e-4, 0.35},
     {"linear.group", "linear",
      "the group variant's work-groups (cl/linear_gpu.cl)",
      {{"GROUP_SIZE", 64, 128, {32, 64, 128, 256}, POW2_8_TO_512},
       {"GROUP_ROWS", 4, 4, {2, 4, 8}, {1, 2, 4, 8, 16}}},
      "{\"VARIANT\": 1, \"MAX_TOKENS\": 1048576}", fits_linear_group,
-     &mixture_work, group_ts, 2, 1e-4, 0.3},
+     &mixture_work, group_ts, 2, 1e-4, 0.2},
     {"kmeans", "kmeans", "k-means' passes (cl/kmeans.cl)",
      {{"WG", 64, 64, {16, 32, 128, 256}, POW2_TO_1024}},
-     NULL, fits_work_group, &kmeans_work, NULL, 0, 1e-5, 0.15},
+     NULL, fits_work_group, &kmeans_work, NULL, 0, 1e-5, 0.125},
     {"optimizer", "optimizer", "AdamW's updates (cl/optimizer.cl)",
      {{"WG", 64, 64, {16, 32, 128, 256}, POW2_TO_1024}},
-     NULL, fits_work_group, &optimizer_work, NULL, 0, 1e-6, 0.15},
+     NULL, fits_work_group, &optimizer_work, NULL, 0, 1e-6, 0.125},
 };
 
 int tk_count(void)

@@ -148,10 +148,11 @@ grep -q '\[9/9\]' "$tmp/out" || fail "--effort shows no step count"
 grep -q 'left' "$tmp/out" || fail "--effort shows no time left"
 grep -q 'best so far' "$tmp/out" || fail "--effort shows no best so far"
 grep -q '"host"' "$edb" || fail "the entry does not say which host tuned it"
-tr -d ' \n' < "$edb" | grep -Eq '"router":\{"WG":[0-9]+\}' ||
-    fail "--effort test tuned no router work-group"
-tr -d ' \n' < "$edb" | grep -Eq '"mixture":\{"WG":[0-9]+\}' ||
-    fail "--effort test tuned no mixture work-group"
+tr -d ' \n' < "$edb" | grep -Eq '"router":\{"WG":[0-9]+,"LPI":[0-9]+\}' ||
+    fail "--effort test tuned no router work-group and logits a pass"
+tr -d ' \n' < "$edb" |
+    grep -Eq '"mixture":\{"WG":[0-9]+,"VW":[0-9]+,"TPI":[0-9]+\}' ||
+    fail "--effort test tuned no mixture work-group, vector and tokens"
 for prog in kmeans optimizer; do
     tr -d ' \n' < "$edb" | grep -Eq "\"$prog\":\\{\"WG\":[0-9]+\\}" ||
         fail "--effort test tuned no $prog work-group"
@@ -237,12 +238,12 @@ done
 wait "$pid"
 rc=$?
 tr -d ' \n' < "$tmp/ckpt" > "$tmp/ckpt.flat" 2> /dev/null
-grep -Eq '"step":"0router","candidate":"WG=[0-9]+","result":"crashed"' "$tmp/ckpt.flat" ||
+grep -Eq '"step":"0router","candidate":"WG=[0-9]+,LPI=[0-9]+","result":"crashed"' "$tmp/ckpt.flat" ||
     { fail "the checkpoint does not record the crashed candidate"; cat "$tmp/ckpt"; }
 grep -Eq '"step":"0kmeans","candidate":"WG=[0-9]+","result":"timedout"' "$tmp/ckpt.flat" ||
     { fail "the checkpoint does not record the hung candidate"; cat "$tmp/ckpt"; }
 [ "$rc" -eq 0 ] || { fail "a search with a lost candidate exited $rc"; cat "$tmp/err"; }
-grep -q 'router: candidate WG=[0-9]* skipped: it crashed' "$tmp/err" ||
+grep -q 'router: candidate WG=[0-9]*,LPI=[0-9]* skipped: it crashed' "$tmp/err" ||
     { fail "the crashed candidate was not reported skipped"; cat "$tmp/err"; }
 grep -q 'kmeans: candidate WG=[0-9]* skipped: a candidate ran past its limit' \
     "$tmp/err" || { fail "the hung candidate was not reported skipped"; cat "$tmp/err"; }
@@ -254,12 +255,12 @@ grep -q 'skipped: .*the entry keeps' "$tmp/err" &&
     fail "a step with a lost candidate was skipped"
 "$tool" --check "$cdb" > /dev/null 2>&1 || fail "--check refused the database"
 flat=$(tr -d ' \n' < "$cdb")
-echo "$flat" | grep -Eq '"lost_candidates":\{[^}]*"router":\[\{"candidate":"WG=[0-9]+","result":"crashed"\}\]' ||
+echo "$flat" | grep -Eq '"lost_candidates":\{[^}]*"router":\[\{"candidate":"WG=[0-9]+,LPI=[0-9]+","result":"crashed"\}\]' ||
     { fail "the entry does not report the crashed candidate"; echo "$flat"; }
 echo "$flat" | grep -Eq '"kmeans":\[\{"candidate":"WG=[0-9]+","result":"timedout"\}\]' ||
     fail "the entry does not report the hung candidate"
 for prog in router kmeans; do
-    echo "$flat" | grep -Eq "\"kernels\":.*\"$prog\":\\{\"WG\":[0-9]+\\}" ||
+    echo "$flat" | grep -Eq "\"kernels\":.*\"$prog\":\\{\"WG\":[0-9]+[,}]" ||
         fail "the step with a lost candidate tuned no $prog work-group"
 done
 [ -e "$cdb.progress" ] && fail "the search left its checkpoint"
