@@ -719,6 +719,14 @@ static int timed(const timing *t)
     return t->out == RUN_OK || t->out == RUN_SLOW;
 }
 
+/* Whether r sends shape s to XgemmDirect. */
+static int routes_direct(const shape *s, const route *r)
+{
+    return r->own_threshold ? shape_mnk(s) < (double)r->threshold *
+                                                 r->threshold * r->threshold
+                            : s->base_direct;
+}
+
 /* Scores a routing: every shape must have a time on its path and be no
  * more than NO_HARM slower than the baseline, or the routing is out. */
 static int score_route(const tuner *tu, const result *indirect,
@@ -727,11 +735,8 @@ static int score_route(const tuner *tu, const result *indirect,
     r->logsum = 0;
     for (int i = 0; i < tu->nshapes; i++) {
         const shape *s = &tu->shapes[i];
-        int go_direct = r->own_threshold
-                            ? shape_mnk(s) < (double)r->threshold *
-                                                 r->threshold * r->threshold
-                            : s->base_direct;
-        const timing *t = go_direct ? &direct->t[i] : &indirect->t[i];
+        const timing *t = routes_direct(s, r) ? &direct->t[i]
+                                              : &indirect->t[i];
         if (!timed(t) || t->s > NO_HARM * s->base_s)
             return 0;
         r->logsum += log(s->base_s / t->s);
@@ -1710,8 +1715,19 @@ static int tune_clblast(tuner *tu, double budget_end, const json_t *prev_entry,
         say("no set keeps every shape within %.0f%% of CLBlast's own "
             "parameters\n", 100 * (NO_HARM - 1));
     } else {
-        json_t *cl = json_deep_copy(fixed);
+        /* The Xgemm set goes into the entry only when a measured shape
+         * runs it: else it would serve only the GEMMs larger than every
+         * shape timed (d = 4096 after --sizes small), where nothing
+         * showed it faster than CLBlast's own (the best of a sample that
+         * was slow on every shape is still the best). */
+        int uses_xgemm = 0;
+        for (int i = 0; i < tu->nshapes; i++)
+            uses_xgemm |= !routes_direct(&tu->shapes[i], &rt);
+        json_t *cl = uses_xgemm ? json_deep_copy(fixed) : json_object();
         json_decref(fixed);
+        if (!uses_xgemm)
+            say("no shape runs the Xgemm set: CLBlast's own stays for the "
+                "GEMMs the route sends indirect\n");
         if (rt.tuned_direct)
             json_object_set(cl, "XgemmDirect",
                             json_object_get(json_object_get(cr->best_d.set,
@@ -1737,8 +1753,14 @@ static int tune_clblast(tuner *tu, double budget_end, const json_t *prev_entry,
         json_decref(old);
     }
     cr->keep = NULL;
-    if (cr->final.valid && cr->final.score > MIN_GAIN)
+    /* Timed again, the final set must still slow no shape past NO_HARM
+     * (the routing was scored on the phases' times). */
+    if (cr->final.valid && cr->final.score > MIN_GAIN &&
+        harmless(tu, &cr->final))
         cr->keep = &cr->final;
+    else if (cr->final.valid && cr->final.score > MIN_GAIN)
+        say("the final set slows a shape by more than %.0f%% timed again: "
+            "CLBlast's own parameters stay\n", 100 * (NO_HARM - 1));
     if (cr->prev.valid &&
         cr->prev.score >= (cr->keep ? cr->keep->score : 1.0) &&
         harmless(tu, &cr->prev))
@@ -1800,7 +1822,7 @@ static int tune_table(tuner *tu, double budget_end, json_t *out)
 {
     tk_env env = {tu->ctx, tu->opt.runs, tu->opt.small, tu->opt.full,
                   tu->opt.full_space, &rng_state, clock_s, tu->kernels_base,
-                  tu->opt.quiet};
+                  tu->opt.quiet, tu->opt.step != NULL};
     int left = 0;
     for (int i = 0; i < tk_count(); i++)
         left += (tu->opt.rows >> i) & 1u;

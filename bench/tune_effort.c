@@ -3,12 +3,10 @@
  * --phases ... --output DB) in a child process:
  *
  *   blocks.f32   cl/linear.cl's blocks for f32 weights ("linear")
+ *   router, mixture, linear.group, mixture.fused, linear.tile, kmeans,
+ *   optimizer    the rows of tune_kernels.c's table, one step each
  *   clblast      CLBlast's Xgemm and XgemmDirect (not at --effort test)
  *   boundary     MAX_TOKENS, with the blocks and sets found before
- *   router, mixture, linear.group, kmeans, optimizer
- *                the rows of tune_kernels.c's table, one step each: the
- *                router's and the mixture's work-groups, the group
- *                variant's, k-means' and the optimiser's
  *   blocks.f16   the blocks for f16 weights ("linear.f16")
  *   blocks.bf16  the blocks for bf16 weights ("linear.bf16")
  *
@@ -154,24 +152,31 @@ typedef struct step_def {
 static int add_steps(step *steps, int n, const effort_def *e, size_t index,
                      const char *name)
 {
-    step_def defs[3 + 2 + 16] = {
+    step_def defs[4 + 2 + 16] = {
         {"blocks.f32", "blocks", "f32", e->blocks_s, 1},
-        {"clblast", "clblast", "f32", e->clblast_s, e->clblast},
-        {"boundary", "boundary", "f32", 0, 1},
     };
-    size_t nd = 3;
+    size_t nd = 1;
     /* The table's rows, each under its own name (a phase too), sharing
-     * kernels_s by their shares: a row added takes its part of it. */
+     * kernels_s by their shares: a row added takes its part of it.  They
+     * run before CLBlast's search, which compiles a program a candidate
+     * (seconds each on a CPU) and so overruns its budget most: the
+     * budgets left shrink after an overrun, and the rows' few candidates
+     * (the router's and the mix's gains are the largest of a quick
+     * search) should not pay for it.  The boundary needs CLBlast's sets,
+     * so it follows them. */
     double shares = 0;
     for (int r = 0; r < tk_count(); r++)
         shares += tk_at(r)->share;
-    for (int r = 0; r < tk_count() && nd < 3 + 16; r++, nd++) {
+    for (int r = 0; r < tk_count() && nd < 1 + 16; r++, nd++) {
         const tk_kernel *k = tk_at(r);
         defs[nd].name = defs[nd].phases = k->name;
         defs[nd].dtype = "f32";
         defs[nd].budget = shares > 0 ? e->kernels_s * k->share / shares : 0;
         defs[nd].on = 1;
     }
+    defs[nd++] = (step_def){"clblast", "clblast", "f32", e->clblast_s,
+                            e->clblast};
+    defs[nd++] = (step_def){"boundary", "boundary", "f32", 0, 1};
     defs[nd++] = (step_def){"blocks.f16", "blocks", "f16", e->half_s, 1};
     defs[nd++] = (step_def){"blocks.bf16", "blocks", "bf16", e->half_s, 1};
     for (size_t i = 0; i < nd; i++) {

@@ -11,6 +11,12 @@
  *                 folds them into W0)
  *   linear.group  "linear" GROUP_SIZE and GROUP_ROWS of the group variant,
  *                 cl/linear_gpu.cl (run as VARIANT 1 for every batch)
+ *   mixture.fused "mixture" FUSED_GS, FUSED_ROWS and FUSED_MAX_TOKENS of
+ *                 the fused small-batch variant (run as VARIANT 1)
+ *   linear.tile   "linear" TILE_TOKENS, TILE_ROWS, TILE_K, TILE_WT and
+ *                 TILE_WR of the tile variant, cl/linear_tile.cl (run for
+ *                 every batch); these two are skipped on CPU devices, whose
+ *                 defaults leave the variants off
  *   kmeans        "kmeans" WG: the passes of cl/kmeans.cl (atmoe_kmeans)
  *   optimizer     "optimizer" WG: the element-wise updates of
  *                 cl/optimizer.cl (an AdamW step)
@@ -46,7 +52,7 @@
 #define NO_HARM 1.10
 #define PRUNE_FACTOR 2.0
 #define MIN_SAMPLE_S 0.1
-#define MAX_CANDIDATES 256
+#define MAX_CANDIDATES 1024
 #define MAX_RUNS 64
 
 /* The mixture the router and mixture workloads run: 8 experts in 4
@@ -587,6 +593,28 @@ static int fits_linear_group(const int *v, const atmoe_device_info *dev,
     return -1;
 }
 
+/* The tile variant (moe/linear.c's tile_fits): a work-item's block
+ * divides the tile, its work-group and its two staging blocks of TILE_K
+ * rows fit the device (else planning refuses it). */
+static int fits_linear_tile(const int *v, const atmoe_device_info *dev,
+                            char *why, size_t size)
+{
+    int tm = v[0], tn = v[1], tk = v[2], wm = v[3], wn = v[4];
+    if (tm % wm != 0 || tn % wn != 0) {
+        snprintf(why, size, "a block of %d x %d does not divide a tile of "
+                 "%d x %d", wm, wn, tm, tn);
+        return -1;
+    }
+    size_t items = (size_t)(tm / wm) * (size_t)(tn / wn);
+    unsigned long long local = (unsigned long long)tk * (tm + 1 + tn + 1) *
+                               sizeof(float);
+    if (items <= dev->max_work_group_size && local <= dev->local_mem_bytes)
+        return 0;
+    snprintf(why, size, "%zu work-items and %llu bytes of local memory, more "
+             "than %s has", items, local, dev->name);
+    return -1;
+}
+
 /* ---------------------------------------------------------------- table */
 
 #define POW2_TO_1024 {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024}
@@ -602,32 +630,52 @@ static int fits_linear_group(const int *v, const atmoe_device_info *dev,
 static const size_t router_ts[] = {64, 512};
 static const size_t mix_ts[] = {512, 4096};
 static const size_t group_ts[] = {16, 64};
+static const size_t fused_ts[] = {1, 16, 32};
+static const size_t tile_ts[] = {64, 512};
 
 static const tk_kernel rows[] = {
     {"router", "router",
      "the router's items per row and logits per pass (cl/router.cl)",
      {{"WG", 64, 64, {1, 16, 64, 256}, POW2_TO_1024},
       {"LPI", 1, 1, {1, 2, 4, 8}, {1, 2, 4, 8, 16, 32}}},
-     NULL, fits_work_group, &router_work, router_ts, 2, 1e-4, 0.2},
+     NULL, fits_work_group, &router_work, router_ts, 2, 0, 1e-4, 0.2},
     {"mixture", "mixture",
      "the mix's work-groups, channels and tokens an item, and the fold's "
      "work-groups (cl/mixture.cl)",
      {{"WG", 64, 64, {64, 256}, POW2_TO_1024},
       {"VW", 1, 1, {1, 4, 8, 16}, {1, 2, 4, 8, 16}},
       {"TPI", 1, 1, {1, 4, 16}, {1, 2, 4, 8, 16, 32, 64}}},
-     NULL, fits_work_group, &merge_work, mix_ts, 2, 1e-4, 0.35},
+     NULL, fits_work_group, &merge_work, mix_ts, 2, 0, 1e-4, 0.35},
     {"linear.group", "linear",
      "the group variant's work-groups (cl/linear_gpu.cl)",
      {{"GROUP_SIZE", 64, 128, {32, 64, 128, 256}, POW2_8_TO_512},
       {"GROUP_ROWS", 4, 4, {2, 4, 8}, {1, 2, 4, 8, 16}}},
      "{\"VARIANT\": 1, \"MAX_TOKENS\": 1048576}", fits_linear_group,
-     &mixture_work, group_ts, 2, 1e-4, 0.2},
+     &mixture_work, group_ts, 2, 0, 1e-4, 0.2},
+    {"mixture.fused", "mixture",
+     "the fused small-batch variant's groups, rows a group and largest "
+     "batch (cl/mixture.cl's mixture_fused)",
+     {{"FUSED_GS", 16, 128, {32, 64, 128, 256}, POW2_8_TO_512},
+      {"FUSED_ROWS", 64, 64, {64, 256}, {64, 128, 256, 512, 1024}},
+      {"FUSED_MAX_TOKENS", 16, 16, {8, 16, 32}, {4, 8, 16, 32, 64}}},
+     "{\"VARIANT\": 1}", fits_work_group, &mixture_work, fused_ts, 3, 1,
+     1e-4, 0.15},
+    {"linear.tile", "linear",
+     "the tile variant's outputs a group, k a chunk and a work-item's "
+     "block (cl/linear_tile.cl)",
+     {{"TILE_TOKENS", 64, 64, {32, 64}, {16, 32, 64, 128}},
+      {"TILE_ROWS", 64, 64, {32, 64, 128}, {16, 32, 64, 128}},
+      {"TILE_K", 16, 16, {8, 16, 32}, {4, 8, 16, 32, 64}},
+      {"TILE_WT", 4, 4, {2, 4, 8}, {1, 2, 4, 8}},
+      {"TILE_WR", 4, 4, {2, 4, 8}, {1, 2, 4, 8}}},
+     "{\"TILE_MIN_TOKENS\": 1, \"MAX_TOKENS\": 1048576}", fits_linear_tile,
+     &mixture_work, tile_ts, 2, 1, 1e-4, 0.25},
     {"kmeans", "kmeans", "k-means' passes (cl/kmeans.cl)",
      {{"WG", 64, 64, {16, 32, 128, 256}, POW2_TO_1024}},
-     NULL, fits_work_group, &kmeans_work, NULL, 0, 1e-5, 0.125},
+     NULL, fits_work_group, &kmeans_work, NULL, 0, 0, 1e-5, 0.125},
     {"optimizer", "optimizer", "AdamW's updates (cl/optimizer.cl)",
      {{"WG", 64, 64, {16, 32, 128, 256}, POW2_TO_1024}},
-     NULL, fits_work_group, &optimizer_work, NULL, 0, 1e-6, 0.125},
+     NULL, fits_work_group, &optimizer_work, NULL, 0, 0, 1e-6, 0.125},
 };
 
 int tk_count(void)
@@ -946,6 +994,20 @@ int tk_tune(const tk_kernel *row, const tk_env *env, double deadline,
     atmoe_context_get_device(env->ctx, &dev);
     int np = nparams(row), ref[TK_MAX_PARAMS], kept[TK_MAX_PARAMS];
     int cpu = dev.type == ATMOE_DEVICE_TYPE_CPU;
+    if (cpu && row->off_on_cpus && env->effort_step) {
+        say("%s: skipped: %s runs on CPU devices only when forced, and "
+            "their defaults leave it off\n", row->name, row->what);
+        json_t *info = json_object_get(entry, "info");
+        if (!json_is_object(info)) {
+            info = json_object();
+            json_object_set_new(entry, "info", info);
+        }
+        json_object_set_new(info, row->name,
+                            json_pack("{s:s, s:s}", "program", row->program,
+                                      "skipped", "a variant CPU devices run "
+                                      "only when forced"));
+        return 0;
+    }
     for (int p = 0; p < np; p++)
         ref[p] = kept[p] = cpu ? row->params[p].def_cpu
                                : row->params[p].def_other;

@@ -15,7 +15,7 @@
 
 #include "atmoe.h"
 
-#define TK_MAX_PARAMS 4
+#define TK_MAX_PARAMS 5
 #define TK_MAX_VALUES 16
 #define TK_MAX_SHAPES 4
 
@@ -31,6 +31,9 @@ typedef struct tk_env {
      * row's own parameters replaced. */
     const json_t *kernels_base;
     int quiet;
+    /* A step of --effort: there a row that CPU devices leave off is
+     * skipped on them (asked for by --phases, it runs, forced). */
+    int effort_step;
 } tk_env;
 
 typedef struct tk_kernel tk_kernel;
@@ -78,6 +81,10 @@ struct tk_kernel {
     const tk_workload *work;
     const size_t *ts; /* the batches a mixture or router workload times */
     int nts;
+    /* The variant that fixed forces is one the library runs on CPU
+     * devices only when asked (tuning.c's defaults by device type): there
+     * --effort skips the row, its defaults kept. */
+    int off_on_cpus;
     double tol;   /* largest |y - ref| over the largest |ref| */
     double share; /* its weight in --effort's budget for the table's rows
                      (they share it in proportion) */

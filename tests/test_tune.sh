@@ -97,6 +97,23 @@ ATMOE_TUNING_FILE="$ldb" "$atmoe" params > "$tmp/params" 2>&1 ||
     fail "atmoe params failed on the linear phases' output"
 grep -q '"linear"' "$tmp/params" ||
     fail "a context does not use the saved linear macros"
+# --- the rows of the GPU variants, named by --phases, run on any device
+# (forced: the fused mixture and the tile variant), each candidate checked
+# against the reference configuration, and write their parameters
+vdb="$tmp/variants/tuning.json"
+run --phases mixture.fused,linear.tile --sizes small --budget-s 0 --runs 1 \
+    --seed 3 --clock cpu --output "$vdb"
+if [ "$rc" -ne 0 ]; then
+    fail "the variants' rows exited $rc"
+    cat "$tmp/out" "$tmp/err"
+fi
+grep -q 'WRONG' "$tmp/out" && { fail "a variant's candidate was wrong"; cat "$tmp/out"; }
+tr -d ' \n' < "$vdb" > "$tmp/flat"
+grep -Eq '"mixture":\{"FUSED_GS":[0-9]+,"FUSED_ROWS":[0-9]+,"FUSED_MAX_TOKENS":[0-9]+\}' \
+    "$tmp/flat" || fail "the fused row wrote no FUSED_GS, FUSED_ROWS, FUSED_MAX_TOKENS"
+grep -Eq '"TILE_TOKENS":[0-9]+,"TILE_ROWS":[0-9]+,"TILE_K":[0-9]+,"TILE_WT":[0-9]+,"TILE_WR":[0-9]+' \
+    "$tmp/flat" || fail "the tile row wrote no tile"
+
 run --phases sgemm
 [ "$rc" -eq 2 ] || fail "--phases sgemm exited $rc, not 2"
 
@@ -144,7 +161,11 @@ for prog in linear linear.f16 linear.bf16; do
     grep -q "^\"$prog\":" "$tmp/effort.blocks" ||
         fail "--effort test tuned no blocks for $prog"
 done
-grep -q '\[9/9\]' "$tmp/out" || fail "--effort shows no step count"
+grep -q '\[11/11\]' "$tmp/out" || fail "--effort shows no step count"
+for row in mixture.fused linear.tile; do
+    grep -Eq "^$row: (skipped|[A-Z_]+=)" "$tmp/out" ||
+        fail "--effort neither tuned nor skipped $row"
+done
 grep -q 'left' "$tmp/out" || fail "--effort shows no time left"
 grep -q 'best so far' "$tmp/out" || fail "--effort shows no best so far"
 grep -q '"host"' "$edb" || fail "the entry does not say which host tuned it"
@@ -191,9 +212,9 @@ if [ "$rc" -ne 0 ]; then
     fail "--resume exited $rc"
     cat "$tmp/out" "$tmp/err"
 fi
-grep -q 'resuming the test search at step 2 of 9' "$tmp/out" ||
+grep -q 'resuming the test search at step 2 of 11' "$tmp/out" ||
     { fail "--resume did not resume at step 2"; cat "$tmp/out"; }
-grep -q '\[1/5\]' "$tmp/out" && fail "--resume ran the first step again"
+grep -q '\[1/11\]' "$tmp/out" && fail "--resume ran the first step again"
 tr -d ' \n' < "$rdb" | grep -q -F "$first" ||
     fail "--resume lost the first step's result ($first)"
 blocks_of "$rdb" | sed 's/":{.*//' > "$tmp/resumed.progs"
