@@ -1755,12 +1755,14 @@ static int tune_clblast(tuner *tu, double budget_end, const json_t *prev_entry,
     cr->keep = NULL;
     /* Timed again, the final set must still slow no shape past NO_HARM
      * (the routing was scored on the phases' times). */
-    if (cr->final.valid && cr->final.score > MIN_GAIN &&
-        harmless(tu, &cr->final))
-        cr->keep = &cr->final;
-    else if (cr->final.valid && cr->final.score > MIN_GAIN)
-        say("the final set slows a shape by more than %.0f%% timed again: "
-            "CLBlast's own parameters stay\n", 100 * (NO_HARM - 1));
+    if (cr->final.valid && cr->final.score > MIN_GAIN) {
+        if (harmless(tu, &cr->final))
+            cr->keep = &cr->final;
+        else
+            say("the final set slows a shape by more than %.0f%% timed "
+                "again: CLBlast's own parameters stay\n",
+                100 * (NO_HARM - 1));
+    }
     if (cr->prev.valid &&
         cr->prev.score >= (cr->keep ? cr->keep->score : 1.0) &&
         harmless(tu, &cr->prev))

@@ -66,6 +66,8 @@
  * the work (see mix_setup_as). */
 #define MIX_NARROW 16
 #define MIX_MERGE_T 16
+/* The widths a workload holds at most: the narrow one and the sizes'. */
+#define MIX_WIDTHS 3
 
 static int quiet;
 
@@ -95,10 +97,10 @@ typedef struct mix_work {
     atmoe_context *ctx;
     int router; /* the router's graph, else the mixture's */
     int nd;
-    size_t d[3];
-    atmoe_tensor *w0[3], *wg[3], *wd[3];
-    atmoe_experts *set[3];
-    atmoe_router *rt[3];
+    size_t d[MIX_WIDTHS];
+    atmoe_tensor *w0[MIX_WIDTHS], *wg[MIX_WIDTHS], *wd[MIX_WIDTHS];
+    atmoe_experts *set[MIX_WIDTHS];
+    atmoe_router *rt[MIX_WIDTHS];
     struct {
         int k; /* its width's index */
         int merged; /* one gate row for every token, the merge path */
@@ -205,9 +207,10 @@ static int mix_setup_as(const tk_env *env, const tk_kernel *row, void **state,
                 return mix_fail(w, st, "making the router");
         }
         /* With merge, the batches at the narrow width (k 0) and one
-         * merged shape at each other. */
-        int first = merge && k > 0 ? row->nts : 0;
-        int last = merge ? (k == 0 ? row->nts : row->nts + 1) : row->nts;
+         * merged shape (j = nts) at each other. */
+        int merged_only = merge && k > 0;
+        int first = merged_only ? row->nts : 0;
+        int last = merged_only ? row->nts + 1 : row->nts;
         for (int j = first; j < last && w->ns < TK_MAX_SHAPES; j++) {
             int i = w->ns++, merged = j == row->nts;
             size_t t = merged ? MIX_MERGE_T : row->ts[j];
@@ -328,7 +331,7 @@ static void mix_teardown(void *state)
         free(w->s[i].x);
         free(w->s[i].gates);
     }
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < MIX_WIDTHS; k++) {
         atmoe_router_free(w->rt[k]);
         atmoe_experts_free(w->set[k]);
         atmoe_tensor_free(w->w0[k]);
@@ -726,6 +729,18 @@ static void label_of(const tk_kernel *row, const int *v, char *out,
                                row->params[p].name, v[p]);
 }
 
+/* parent's object member key, made empty when it is missing or not an
+ * object. */
+static json_t *member_object(json_t *parent, const char *key)
+{
+    json_t *o = json_object_get(parent, key);
+    if (!json_is_object(o)) {
+        o = json_object();
+        json_object_set_new(parent, key, o);
+    }
+    return o;
+}
+
 /* Applies the entry's kernels with row's parameters at v (and its fixed
  * macros). */
 static atmoe_status apply(const tk_kernel *row, const tk_env *env,
@@ -733,11 +748,7 @@ static atmoe_status apply(const tk_kernel *row, const tk_env *env,
 {
     json_t *k = env->kernels_base ? json_deep_copy(env->kernels_base)
                                   : json_object();
-    json_t *prog = json_object_get(k, row->program);
-    if (!json_is_object(prog)) {
-        prog = json_object();
-        json_object_set_new(k, row->program, prog);
-    }
+    json_t *prog = member_object(k, row->program);
     if (row->fixed) {
         json_t *f = json_loads(row->fixed, 0, NULL);
         json_object_update(prog, f);
@@ -948,27 +959,15 @@ static void into_entry(const search *s, const int *kept, double gain,
                        json_t *entry)
 {
     const tk_kernel *row = s->row;
-    json_t *kernels = json_object_get(entry, "kernels");
-    if (!json_is_object(kernels)) {
-        kernels = json_object();
-        json_object_set_new(entry, "kernels", kernels);
-    }
-    json_t *prog = json_object_get(kernels, row->program);
-    if (!json_is_object(prog)) {
-        prog = json_object();
-        json_object_set_new(kernels, row->program, prog);
-    }
+    json_t *prog = member_object(member_object(entry, "kernels"),
+                                 row->program);
     json_t *values = json_object();
     for (int p = 0; p < nparams(row); p++) {
         json_object_set_new(prog, row->params[p].name, json_integer(kept[p]));
         json_object_set_new(values, row->params[p].name,
                             json_integer(kept[p]));
     }
-    json_t *info = json_object_get(entry, "info");
-    if (!json_is_object(info)) {
-        info = json_object();
-        json_object_set_new(entry, "info", info);
-    }
+    json_t *info = member_object(entry, "info");
     json_t *shapes = json_object();
     for (int i = 0; i < s->ns; i++)
         json_object_set_new(shapes, s->names[i],
@@ -997,12 +996,7 @@ int tk_tune(const tk_kernel *row, const tk_env *env, double deadline,
     if (cpu && row->off_on_cpus && env->effort_step) {
         say("%s: skipped: %s runs on CPU devices only when forced, and "
             "their defaults leave it off\n", row->name, row->what);
-        json_t *info = json_object_get(entry, "info");
-        if (!json_is_object(info)) {
-            info = json_object();
-            json_object_set_new(entry, "info", info);
-        }
-        json_object_set_new(info, row->name,
+        json_object_set_new(member_object(entry, "info"), row->name,
                             json_pack("{s:s, s:s}", "program", row->program,
                                       "skipped", "a variant CPU devices run "
                                       "only when forced"));
