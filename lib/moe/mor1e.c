@@ -332,7 +332,10 @@ static atmoe_status expand_run(atmoe_graph *g, atm_node *n, cl_event *first,
                              n->rt.offset, w0->offset, z->offset, x, bias,
                              b, n->rt.shape[1], x->shape[1], z->shape[1],
                              1.0f};
-        return atm_linear_run(g, n, T, K_LIN1, &lp->lin, &c, first);
+        /* The node's only command: with profiling, its event is the
+         * first's, or the last's after the marker that opens the node. */
+        return atm_linear_run(g, n, T, K_LIN1, &lp->lin, &c,
+                              first ? first : last);
     }
     /* CLBlast: y = bias (broadcast), y += x W0^T, y += z B^T. */
     if (bias) {
