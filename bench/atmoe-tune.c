@@ -71,7 +71,7 @@
 #define EXIT_RUNTIME 1
 #define EXIT_USAGE 2
 
-#define MAX_SHAPES 6
+#define MAX_SHAPES 8
 #define MAX_MIX 12
 #define MAX_TRIED 4096
 #define SAMPLE_CHECKS 64
@@ -1525,13 +1525,26 @@ static long pick_max_tokens(const json_t *points)
 /* The run                                                                   */
 /* ------------------------------------------------------------------------ */
 
+/* The GEMMs timed: T = 16, 64 and 512 at each width --sizes asks for,
+ * and decode's T = 1 and 16 at the SPEC's d = 4096.  CLBlast routes by the
+ * volume m n k alone and Xgemm pads T to whole tiles, so a threshold that
+ * sends T = 16 at d = 1024 indirect sends T = 1 at d = 4096 (the same
+ * volume) there too: a quick run's routing, timed at d = 1024 only, made
+ * the decode GEMMs 2x slower. */
 static int setup_shapes(tuner *tu)
 {
-    static const size_t ts[] = {16, 64, 512};
-    size_t ds[2];
+    static const size_t wide[] = {1, 16, 64, 512}, narrow[] = {16, 64, 512},
+                        decode[] = {1, 16};
+    size_t ds[3];
     int nd = tuned_widths(tu, ds);
+    if (ds[nd - 1] != 4096)
+        ds[nd++] = 4096;
     for (int k = 0; k < nd; k++) {
         size_t d = ds[k], shp[2] = {d, d};
+        const size_t *ts = d != 4096 ? narrow
+                           : tu->opt.full ? wide
+                                          : decode;
+        int nt = d != 4096 ? 3 : tu->opt.full ? 4 : 2, first = tu->nshapes;
         float *w = malloc(d * d * sizeof *w), *wt = NULL;
         atmoe_tensor *tw = NULL, *twt = NULL;
         atmoe_status st;
@@ -1560,7 +1573,7 @@ static int setup_shapes(tuner *tu)
             }
             free(wt);
         }
-        for (int j = 0; j < 3; j++) {
+        for (int j = 0; j < nt; j++) {
             shape *s = &tu->shapes[tu->nshapes++];
             memset(s, 0, sizeof *s);
             s->t = ts[j];
@@ -1579,7 +1592,7 @@ static int setup_shapes(tuner *tu)
         /* The baseline is the reference, so it is checked against float64
          * first (on sampled elements; a full float64 GEMM at d = 4096 would
          * take minutes). */
-        for (int j = tu->nshapes - 3; j < tu->nshapes; j++) {
+        for (int j = first; j < tu->nshapes; j++) {
             shape *s = &tu->shapes[j];
             timing t = run_shape(tu->ctx, s, 1, tu->opt.runs, 0);
             if (t.out != RUN_OK) {
